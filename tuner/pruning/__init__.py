@@ -1,0 +1,31 @@
+"""Visual-token pruning on stock transformers VLMs: `apply_pruning`, the methods and their registry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from tuner.config import PruningConfig
+from tuner.models.families import adapter_for
+from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.hooks import PruningHandle, RequestStats
+from tuner.pruning.registry import available_methods, get_method_class, register_method
+
+
+def apply_pruning(model: torch.nn.Module, config: PruningConfig | Any, *,
+                  vision_token_ids: Sequence[int] | None = None) -> PruningHandle:
+    """Attach pruning hooks to a loaded model and return the handle (a context manager; `.remove()`).
+
+    `config` is a `PruningConfig` or anything holding one as `.config` (a preset). `vision_token_ids`
+    overrides the ids read from the model config, and lets a plain decoder-only LM be pruned (benchmarks).
+    """
+    pruning_config = config if isinstance(config, PruningConfig) else getattr(config, "config", None)
+    if not isinstance(pruning_config, PruningConfig):
+        raise TypeError(f"apply_pruning expects a PruningConfig or a preset, got {type(config).__name__}")
+    return PruningHandle(model, pruning_config, adapter_for(model, vision_token_ids))
+
+
+__all__ = ["PruningConfig", "PruningHandle", "PruningMethod", "RequestStats", "Selection", "SelectionContext",
+           "apply_pruning", "available_methods", "get_method_class", "register_method"]

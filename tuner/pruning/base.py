@@ -1,0 +1,69 @@
+"""The one interface every pruning method implements, and what it is given to choose from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from tuner.config import PruningConfig
+
+
+@dataclass
+class SelectionContext:
+    """Everything a method may look at when it chooses, taken at the input of layer K during prefill."""
+
+    hidden_states: torch.Tensor  # [B, N, D] output of layer K-1
+    vision_mask: torch.Tensor  # [B, N] bool, True on (non-padding) vision tokens
+    attention_mask: torch.Tensor  # [B, N] bool, False on padding
+    input_ids: torch.Tensor  # [B, N]
+    budgets: list[int]  # vision tokens to keep per row, from keep_ratio / budget
+    final_norm: torch.nn.Module  # the text model's final norm (DART measures duplication after it)
+    keys: torch.Tensor | None = None  # [B, N, H*d] layer K-1 keys after RoPE, if the method asked
+    last_row_attention: torch.Tensor | None = None  # [B, H, N] layer K-1 attention of the last token
+
+    def vision_positions(self, row: int) -> torch.Tensor:
+        """Ascending positions of the vision tokens of one row."""
+        return self.vision_mask[row].nonzero().squeeze(1)
+
+
+@dataclass
+class Selection:
+    """A method's answer: kept vision positions per row (ascending) and, optionally, new states for them.
+
+    `new_states[row]` ([k, D], aligned with `kept_vision[row]`) replaces the hidden states of the kept
+    tokens (average pooling does this); positions, and so RoPE, stay those of the kept tokens.
+    """
+
+    kept_vision: list[torch.Tensor]
+    new_states: list[torch.Tensor] | None = None
+
+
+class PruningMethod:
+    """Base class: a method is a name, the layer K-1 states it needs, its options and one `select()`."""
+
+    name: ClassVar[str]
+    needs_keys: ClassVar[bool] = False
+    needs_last_row_attention: ClassVar[bool] = False
+    needs_amount: ClassVar[bool] = True  # whether keep_ratio or budget must be given
+    option_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: PruningConfig) -> None:
+        self.config = config
+        self.options = {**self.option_defaults, **config.options}
+
+    @classmethod
+    def validate(cls, config: PruningConfig) -> None:
+        """Reject unknown options and a missing amount; subclasses check their options' values."""
+        unknown = sorted(set(config.options) - set(cls.option_defaults))
+        if unknown:
+            allowed = ", ".join(sorted(cls.option_defaults)) or "none"
+            raise ValueError(f"unknown option(s) {unknown} for method {cls.name!r}; allowed: {allowed}")
+        if cls.needs_amount and config.keep_ratio is None and config.budget is None:
+            raise ValueError(f"method {cls.name!r} needs keep_ratio (in (0, 1]) or budget (>= 1)")
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        """Choose the vision tokens to keep in every row."""
+        raise NotImplementedError

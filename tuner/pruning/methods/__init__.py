@@ -1,0 +1,10 @@
+"""Bundled pruning methods; importing this package registers them."""
+
+from tuner.pruning.methods.avgpool import AvgPool
+from tuner.pruning.methods.dart import DART
+from tuner.pruning.methods.fastv import FastV
+from tuner.pruning.methods.keep_all import KeepAll
+from tuner.pruning.methods.pooling import Pooling
+from tuner.pruning.methods.random import RandomPruning
+
+__all__ = ["DART", "AvgPool", "FastV", "KeepAll", "Pooling", "RandomPruning"]

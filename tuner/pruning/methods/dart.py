@@ -1,0 +1,83 @@
+"""`dart`: duplication-aware token reduction (Wen et al., 2025), via `tuner.pruning.dart.dart_select`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.dart import PIVOT_METRICS, QUOTA_RULES, dart_select, reference_quota
+from tuner.pruning.registry import register_method
+
+if TYPE_CHECKING:
+    from tuner.config import PruningConfig
+
+
+@register_method("dart")
+class DART(PruningMethod):
+    """Keeps the vision tokens least similar to a few key-norm pivots; duplication over importance.
+
+    Options: `pivot_metric` (l1 | l2 | l1_min | l2_min), and for the official code's counts either a fixed
+    `quota` per pivot or a `quota_rule` (llava15 | llava_next | qwen) with `max_num_trunction` and
+    `retain_tokens` as in the reference. Without them, exactly the config's budget is kept.
+    """
+
+    needs_keys = True
+    option_defaults = {"pivot_metric": "l1", "quota": None, "quota_rule": None,
+                       "max_num_trunction": 128, "retain_tokens": 320}
+
+    @classmethod
+    def validate(cls, config: PruningConfig) -> None:
+        options = config.options
+        reference_mode = options.get("quota") is not None or options.get("quota_rule") is not None
+        if not reference_mode:
+            super().validate(config)
+            _check_option("pivot_metric", options.get("pivot_metric", "l1"), PIVOT_METRICS)
+            return
+        unknown = sorted(set(options) - set(cls.option_defaults))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for method 'dart'; "
+                             f"allowed: {', '.join(sorted(cls.option_defaults))}")
+        _check_option("pivot_metric", options.get("pivot_metric", "l1"), PIVOT_METRICS)
+        if options.get("quota") is not None and options.get("quota_rule") is not None:
+            raise ValueError("dart options: give quota or quota_rule, not both")
+        if config.budget is not None:
+            raise ValueError("dart: budget keeps an exact count; it cannot be combined with quota/quota_rule")
+        quota = options.get("quota")
+        if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 0):
+            raise ValueError(f"dart option quota must be an int >= 0, got {quota!r}")
+        rule = options.get("quota_rule")
+        if rule is not None:
+            _check_option("quota_rule", rule, QUOTA_RULES)
+            ratio_needed = rule == "qwen" or (rule == "llava15" and options.get("max_num_trunction", 128) is None)
+            if ratio_needed and config.keep_ratio is None:
+                raise ValueError(f"dart quota_rule {rule!r} derives the quota from keep_ratio; set keep_ratio")
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        with torch.no_grad():
+            norm_states = ctx.final_norm(ctx.hidden_states)
+        common = dict(n_image_pivots=self.config.n_image_pivots, n_text_pivots=self.config.n_text_pivots,
+                      pivot_order=self.config.pivot_order, pivot_metric=self.options["pivot_metric"])
+        if self.options["quota"] is None and self.options["quota_rule"] is None:
+            return Selection(dart_select(norm_states, ctx.keys, ctx.vision_mask, budget=ctx.budgets,
+                                         attention_mask=ctx.attention_mask, **common))
+        kept = []  # reference mode: the quota depends on each row's vision count, so rows go one by one
+        for row in range(len(ctx.budgets)):
+            quota = self._quota(int(ctx.vision_mask[row].sum()))
+            kept += dart_select(norm_states[row:row + 1], ctx.keys[row:row + 1], ctx.vision_mask[row:row + 1],
+                                quota=quota, attention_mask=ctx.attention_mask[row:row + 1], **common)
+        return Selection(kept)
+
+    def _quota(self, n_vision: int) -> int:
+        if self.options["quota"] is not None:
+            return self.options["quota"]
+        return max(0, reference_quota(
+            self.options["quota_rule"], n_vision, n_image_pivots=self.config.n_image_pivots,
+            n_text_pivots=self.config.n_text_pivots, keep_ratio=self.config.keep_ratio,
+            max_num_trunction=self.options["max_num_trunction"], retain_tokens=self.options["retain_tokens"]))
+
+
+def _check_option(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"dart option {name} must be one of {allowed}, got {value!r}")
