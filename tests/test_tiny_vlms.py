@@ -1,11 +1,6 @@
 """Checks that the tiny test VLMs save, reload and generate, and that ``row_inputs`` reproduces batch rows."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +8,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 import tiny_vlms
+from conftest import Loader
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 NEW_TOKENS = 3
@@ -22,32 +18,6 @@ EXPECTED_CLASSES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
 }
-
-Loader = Callable[[str, str], tuple[PreTrainedModel, ProcessorMixin]]
-
-
-@pytest.fixture(scope="session")
-def saved_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Build and save every family once per session."""
-    root = tmp_path_factory.mktemp("tiny_vlms")
-    for family in tiny_vlms.FAMILIES:
-        tiny_vlms.build_and_save(family, root / family)
-    return {family: root / family for family in tiny_vlms.FAMILIES}
-
-
-@pytest.fixture(scope="session")
-def loaded(saved_dirs: dict[str, Path]) -> Loader:
-    """Reload each (family, attention implementation) pair once per session and share it between tests."""
-    cache: dict[tuple[str, str], tuple[PreTrainedModel, ProcessorMixin]] = {}
-
-    def get(family: str, attn_implementation: str) -> tuple[PreTrainedModel, ProcessorMixin]:
-        key = (family, attn_implementation)
-        if key not in cache:
-            cache[key] = tiny_vlms.load(family, saved_dirs[family], attn_implementation=attn_implementation)
-        return cache[key]
-
-    return get
-
 
 def greedy(model: PreTrainedModel, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy-generate NEW_TOKENS tokens; return the new tokens [B, T] and the per-step logits [B, T, V]."""

@@ -128,7 +128,9 @@ def _select_row(
     if budget is not None and budget <= len(image_pivots):
         return torch.tensor(sorted(image_pivots[:budget]), dtype=torch.long, device=vision_pos.device)
 
-    pivots = _visiting_order(image_pivots, text_pivots, scores, pivot_order)
+    # Positions as in the unpadded prompt: the reference order depends on the integer values.
+    padding = int(valid.int().argmax())
+    pivots = _visiting_order(image_pivots, text_pivots, scores, pivot_order, padding)
     if not pivots:  # no image pivots asked for and no text after the image: nothing can pick
         return vision_pos[:0]
     if budget is not None:
@@ -164,10 +166,14 @@ def _top(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _visiting_order(image_pivots: list[int], text_pivots: list[int], scores: torch.Tensor,
-                    order: str) -> list[int]:
-    """Order in which pivots take their quotas; `reference` is the official code's CPython set order."""
+                    order: str, padding: int) -> list[int]:
+    """Order in which pivots take their quotas; `reference` is the official code's CPython set order.
+
+    The set is built from positions in the unpadded prompt (what the batch-1 reference saw), so left
+    padding cannot change the order.
+    """
     if order == "reference":
-        return list(set(image_pivots + text_pivots))
+        return [p + padding for p in set(p - padding for p in image_pivots + text_pivots)]
     unique = list(dict.fromkeys(image_pivots + text_pivots))
     if order == "position":
         return sorted(unique)

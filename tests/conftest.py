@@ -1,0 +1,43 @@
+"""Shared fixtures: offline environment and tiny VLMs of every family, saved once and reloaded per attention."""
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import PreTrainedModel, ProcessorMixin  # noqa: E402
+
+import tiny_vlms  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+Loader = Callable[[str, str], tuple[PreTrainedModel, ProcessorMixin]]
+
+
+@pytest.fixture(scope="session")
+def saved_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Build and save every family once per session."""
+    root = tmp_path_factory.mktemp("tiny_vlms")
+    for family in tiny_vlms.FAMILIES:
+        tiny_vlms.build_and_save(family, root / family)
+    return {family: root / family for family in tiny_vlms.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def loaded(saved_dirs: dict[str, Path]) -> Loader:
+    """Reload each (family, attention implementation) pair once per session and share it between tests."""
+    cache: dict[tuple[str, str], tuple[PreTrainedModel, ProcessorMixin]] = {}
+
+    def get(family: str, attn_implementation: str) -> tuple[PreTrainedModel, ProcessorMixin]:
+        key = (family, attn_implementation)
+        if key not in cache:
+            cache[key] = tiny_vlms.load(family, saved_dirs[family], attn_implementation=attn_implementation)
+        return cache[key]
+
+    return get

@@ -1,0 +1,273 @@
+"""Properties the hook mechanics must hold on every family and attention implementation (DART.md §6)."""
+
+import sys
+
+import pytest
+import torch
+from transformers.masking_utils import create_causal_mask
+
+import tiny_vlms
+import tuner
+from conftest import Loader
+from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
+from tuner.pruning.capture import AttentionCapture
+from tuner.pruning.dart import dart_select
+
+ATTN = ("sdpa", "eager")
+K = 2
+NEW_TOKENS = 4
+ATOL = 1e-4
+PRUNING_METHODS = ("dart", "random", "pooling", "fastv", "avgpool")
+
+
+@register_method("test_fixed")
+class FixedSelection(PruningMethod):
+    """Test-only method keeping given vision positions, so cached and uncached runs keep the same set."""
+
+    needs_amount = False
+    option_defaults = {"positions": None}
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        return Selection([torch.tensor(p, dtype=torch.long, device=ctx.hidden_states.device)
+                          for p in self.options["positions"]])
+
+
+def config(method: str, **kwargs) -> tuner.PruningConfig:
+    if method not in ("keep_all", "test_fixed") and "budget" not in kwargs:
+        kwargs.setdefault("keep_ratio", 0.3)
+    return tuner.PruningConfig(method=method, layer=K, **kwargs)
+
+
+def greedy(model, inputs, new_tokens: int = NEW_TOKENS):
+    """Greedy generate: (new tokens [B, T], per-step logits [B, T, V], cache)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1), out.past_key_values
+
+
+def vision_mask(model, inputs) -> torch.Tensor:
+    ids = [model.config.image_token_id] + ([model.config.video_token_id]
+                                           if getattr(model.config, "video_token_id", None) is not None else [])
+    return torch.isin(inputs["input_ids"], torch.tensor(ids)) & inputs["attention_mask"].bool()
+
+
+def kept_vision(handle, vision: torch.Tensor, row: int) -> torch.Tensor:
+    kept = handle.last_kept[row]
+    return kept[vision[row, kept]]
+
+
+@pytest.mark.parametrize("batch", (1, 2))
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
+@pytest.mark.parametrize("cfg", [dict(method="keep_all"), dict(method="dart", keep_ratio=1.0)], ids=str)
+def test_keeping_everything_equals_unhooked_model(family, attn, batch, cfg, loaded: Loader):
+    model, processor = loaded(family, attn)
+    inputs = tiny_vlms.make_inputs(family, processor, batch=batch)
+    ref_tokens, ref_logits, _ = greedy(model, inputs)
+    with tuner.apply_pruning(model, config(**cfg)) as handle:
+        tokens, logits, _ = greedy(model, inputs)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=ATOL)
+    assert handle.requests[0].n_kept_vision == handle.requests[0].n_vision
+
+
+@pytest.mark.parametrize("batch", (1, 2))
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
+@pytest.mark.parametrize("method", PRUNING_METHODS)
+def test_pruned_generate_changes_logits_and_shortens_cache(family, attn, batch, method, loaded: Loader):
+    model, processor = loaded(family, attn)
+    inputs = tiny_vlms.make_inputs(family, processor, batch=batch)
+    _, ref_logits, _ = greedy(model, inputs)
+    with tuner.apply_pruning(model, config(method)) as handle:
+        tokens, logits, cache = greedy(model, inputs)
+    assert tokens.shape == (batch, NEW_TOKENS)
+    assert (logits[:, 0] - ref_logits[:, 0]).abs().max() > 1e-3  # a hook that does nothing fails here
+    stats = handle.requests[0]
+    assert len(handle.requests) == 1  # one pruning event per generate call, in the prefill only
+    if method != "avgpool":
+        assert stats.n_kept_vision == [max(1, round(0.3 * n)) for n in stats.n_vision]
+    assert all(k < n for k, n in zip(stats.n_kept_vision, stats.n_vision))
+    prompt_length = inputs["input_ids"].shape[1]
+    width = max(stats.n_kept)
+    lengths = [cache.get_seq_length(i) for i in range(len(model.get_decoder().layers))]
+    assert lengths == [prompt_length + NEW_TOKENS - 1 if i < K else width + NEW_TOKENS - 1
+                       for i in range(len(lengths))]
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
+def test_pruned_prefill_equals_manual_recomputation(family, attn, loaded: Loader):
+    """Layers K.. run by hand on the gathered states, rotary from gathered position ids, a fresh mask."""
+    model, processor = loaded(family, attn)
+    inputs = tiny_vlms.make_inputs(family, processor)
+    text_model = model.get_decoder()
+    seen = {}
+    hooks = [
+        text_model.register_forward_pre_hook(lambda m, a, kw: seen.update(pos=kw.get("position_ids")),
+                                             with_kwargs=True),
+        text_model.layers[K].register_forward_pre_hook(lambda m, a, kw: seen.update(hidden=a[0] if a else
+                                                                                      kw["hidden_states"]),
+                                                       with_kwargs=True),
+    ]
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    with tuner.apply_pruning(model, config("random")) as handle, torch.no_grad():
+        pruned = model(**inputs).logits
+    kept = handle.last_kept[0]
+    assert kept.numel() < inputs["input_ids"].shape[1]
+
+    positions = seen["pos"]
+    n_tokens = inputs["input_ids"].shape[1]
+    if positions is None:
+        positions = torch.arange(n_tokens)[None]
+    if positions.dim() == 3:  # Qwen M-RoPE: [3 or 4, B, N]; the last three rows are t/h/w
+        positions = positions[-3:][:, :, kept]
+    else:
+        positions = positions[:, kept]
+    with torch.no_grad():
+        hidden = seen["hidden"][:, kept]
+        rotary = text_model.rotary_emb(hidden, positions)
+        mask = create_causal_mask(config=text_model.config, inputs_embeds=hidden, attention_mask=None,
+                                  past_key_values=None)
+        for layer in text_model.layers[K:]:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=None)
+        manual = model.lm_head(text_model.norm(hidden))
+    torch.testing.assert_close(pruned, manual, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
+def test_cached_decode_equals_no_cache_recompute(family, attn, loaded: Loader):
+    model, processor = loaded(family, attn)
+    inputs = tiny_vlms.make_inputs(family, processor)
+    vision = vision_mask(model, inputs)
+    with tuner.apply_pruning(model, config("dart")) as handle, torch.no_grad():
+        model(**inputs)
+    fixed = config("test_fixed", options={"positions": [kept_vision(handle, vision, 0).tolist()]})
+    with tuner.apply_pruning(model, fixed) as handle:
+        tokens, cached_logits, _ = greedy(model, inputs)
+        sequence = torch.cat([inputs["input_ids"], tokens], 1)
+        prompt_length = inputs["input_ids"].shape[1]
+        for step in range(NEW_TOKENS):
+            recompute = dict(inputs, input_ids=sequence[:, :prompt_length + step],
+                             attention_mask=torch.ones(1, prompt_length + step, dtype=torch.long))
+            if "mm_token_type_ids" in inputs:
+                recompute["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
+            if hasattr(model.model, "rope_deltas"):
+                model.model.rope_deltas = None  # Qwen caches M-RoPE offsets between calls
+            with torch.no_grad():
+                full = model(**recompute, use_cache=False).logits[0, -1]
+            torch.testing.assert_close(full, cached_logits[0, step], rtol=0, atol=ATOL)
+    assert all(r.n_kept_vision == handle.requests[0].n_kept_vision for r in handle.requests)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
+@pytest.mark.parametrize("method", ("dart", "random", "fastv"))
+def test_left_padded_batch_equals_rows_alone(family, attn, method, loaded: Loader):
+    model, processor = loaded(family, attn)
+    inputs = tiny_vlms.make_inputs(family, processor, batch=2)
+    vision = vision_mask(model, inputs)
+    with tuner.apply_pruning(model, config(method)) as handle:
+        batch_tokens, batch_logits, _ = greedy(model, inputs)
+    stats = handle.requests[0]
+    assert stats.n_kept[0] != stats.n_kept[1]  # rows keep different counts: the short one is re-padded
+    for row in range(2):
+        alone = tiny_vlms.row_inputs(family, inputs, row)
+        with tuner.apply_pruning(model, config(method)) as row_handle:
+            tokens, logits, _ = greedy(model, alone)
+        padding = int((inputs["attention_mask"][row] == 0).sum())
+        assert torch.equal(kept_vision(handle, vision, row) - padding, kept_vision(
+            row_handle, vision_mask(model, alone), 0))
+        assert torch.equal(tokens[0], batch_tokens[row])
+        torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=ATOL)
+
+
+def _reference_states(model, inputs):
+    """Unhooked run: layer K-1 output and its post-RoPE keys, recomputed from k_proj and the rotary tables."""
+    text_model = model.get_decoder()
+    attention = text_model.layers[K - 1].self_attn
+    seen = {}
+    hooks = [
+        attention.k_proj.register_forward_hook(lambda m, a, out: seen.update(k=out)),
+        text_model.layers[K - 1].register_forward_pre_hook(
+            lambda m, a, kw: seen.update(rotary=kw["position_embeddings"]), with_kwargs=True),
+        text_model.layers[K].register_forward_pre_hook(
+            lambda m, a, kw: seen.update(hidden=a[0] if a else kw["hidden_states"]), with_kwargs=True),
+    ]
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    batch, length, _ = seen["k"].shape
+    keys = seen["k"].view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+    keys = rotate(keys, keys, *seen["rotary"])[1]
+    return seen["hidden"], keys.transpose(1, 2).reshape(batch, length, -1)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
+def test_dart_select_on_unhooked_states_equals_hooked_selection(family, attn, loaded: Loader):
+    model, processor = loaded(family, attn)
+    inputs = tiny_vlms.make_inputs(family, processor, batch=2)
+    hidden, keys = _reference_states(model, inputs)
+    vision = vision_mask(model, inputs)
+    cfg = config("dart")
+    with torch.no_grad():
+        expected = dart_select(model.get_decoder().norm(hidden), keys, vision,
+                               budget=[cfg.budget_for(int(n)) for n in vision.sum(1)],
+                               attention_mask=inputs["attention_mask"])
+    with tuner.apply_pruning(model, cfg) as handle, torch.no_grad():
+        model(**inputs)
+    for row in range(2):
+        assert torch.equal(kept_vision(handle, vision, row), expected[row])
+
+
+@pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
+def test_capture_matches_eager_attention_and_keys(family, loaded: Loader):
+    """Layer K-1 capture on an sdpa model equals eager attention weights; keys equal k_proj + RoPE."""
+    eager_model, processor = loaded(family, "eager")
+    sdpa_model, _ = loaded(family, "sdpa")
+    inputs = tiny_vlms.make_inputs(family, processor, batch=2)
+    with torch.no_grad():
+        weights = eager_model(**inputs, output_attentions=True).attentions[K - 1][:, :, -1, :]
+    _, keys = _reference_states(sdpa_model, inputs)
+    capture = AttentionCapture(sdpa_model.get_decoder().layers[K - 1].self_attn, keys=True, last_row_attention=True)
+    try:
+        with torch.no_grad():
+            sdpa_model(**inputs)
+        torch.testing.assert_close(capture.last_row_attention, weights, rtol=0, atol=1e-5)
+        torch.testing.assert_close(capture.take_keys(), keys, rtol=0, atol=1e-5)
+    finally:
+        capture.remove()
+    assert sdpa_model.get_decoder().layers[K - 1].self_attn.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
+def test_removing_hooks_restores_the_model_exactly(family, loaded: Loader):
+    model, processor = loaded(family, "sdpa")
+    inputs = tiny_vlms.make_inputs(family, processor)
+    layers = model.get_decoder().layers
+    before_config = layers[K - 1].self_attn.config
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(**inputs).logits
+    handle = tuner.apply_pruning(model, config("fastv"))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    handle.remove()  # idempotent
+    with pytest.raises(RuntimeError, match="boom"), tuner.apply_pruning(model, config("dart")):
+        raise RuntimeError("boom")  # an exception inside the block still removes the hooks
+    assert not handle.active
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert layers[K - 1].self_attn.config is before_config
+    assert not hasattr(layers[K - 1].self_attn, "_dart_tuner_capture")
+    assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
