@@ -1,0 +1,195 @@
+"""Method-specific behaviour on hand-made selection contexts, config validation, and bad input to the hooks."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import tiny_vlms
+import tuner
+from conftest import Loader
+from tuner.models.attention import resolve_attn_implementation
+from tuner.pruning import get_method_class
+from tuner.pruning.base import SelectionContext
+
+
+def context(n_vision=(16,), hidden_size=4, prefix=2, suffix=3, budgets=None, seed=0) -> SelectionContext:
+    """Rows of [prefix text, vision block, suffix text], left-padded to one length."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [prefix + n + suffix for n in n_vision]
+    width = max(lengths)
+    vision = torch.zeros(len(n_vision), width, dtype=torch.bool)
+    attention = torch.zeros_like(vision)
+    for row, (n, length) in enumerate(zip(n_vision, lengths)):
+        start = width - length
+        attention[row, start:] = True
+        vision[row, start + prefix:start + prefix + n] = True
+    return SelectionContext(
+        hidden_states=torch.randn(len(n_vision), width, hidden_size, generator=generator),
+        vision_mask=vision, attention_mask=attention,
+        input_ids=torch.randint(5, 100, (len(n_vision), width), generator=generator),
+        budgets=budgets or [max(1, n // 4) for n in n_vision], final_norm=torch.nn.Identity())
+
+
+def select(method: str, ctx: SelectionContext, **config):
+    cfg = tuner.PruningConfig(method=method, keep_ratio=0.25, **config)
+    return get_method_class(method)(cfg).select(ctx)
+
+
+def test_random_is_seeded_by_config_and_content():
+    ctx = context(n_vision=(32, 32))
+    first, again = select("random", ctx), select("random", ctx)
+    assert all(torch.equal(a, b) for a, b in zip(first.kept_vision, again.kept_vision))
+    other_seed = select("random", ctx, seed=1)
+    assert not torch.equal(first.kept_vision[0], other_seed.kept_vision[0])
+    assert not torch.equal(first.kept_vision[0], first.kept_vision[1])  # rows differ in content
+    for row, kept in enumerate(first.kept_vision):
+        assert kept.numel() == 8 and bool(ctx.vision_mask[row, kept].all())
+        assert torch.equal(kept, kept.sort().values)
+
+
+def test_pooling_keeps_evenly_spaced_tokens():
+    ctx = context(n_vision=(16,), budgets=[4])
+    (kept,) = select("pooling", ctx).kept_vision
+    start = int(ctx.vision_positions(0)[0])
+    assert (kept - start).tolist() == [2, 6, 10, 14]  # centres of four slices of four
+
+
+def test_fastv_keeps_the_most_attended_vision_tokens():
+    ctx = context(n_vision=(10,), budgets=[3])
+    attention = torch.zeros(1, 2, ctx.vision_mask.shape[1])
+    vision = ctx.vision_positions(0)
+    attention[0, 0, vision[[7, 2, 5]]] = torch.tensor([0.9, 0.5, 0.3])
+    attention[0, 1, vision[9]] = 0.2  # mean over heads 0.1: below the three above (0.45, 0.25, 0.15)
+    attention[0, :, -1] = 5.0  # the text token attended most is never a candidate
+    ctx.last_row_attention = attention
+    (kept,) = select("fastv", ctx).kept_vision
+    assert kept.tolist() == vision[[2, 5, 7]].tolist()
+
+
+def test_avgpool_pools_square_grids_in_2x2_windows():
+    ctx = context(n_vision=(16,), budgets=[4])
+    selection = select("avgpool", ctx)
+    (kept,), (states,) = selection.kept_vision, selection.new_states
+    vision = ctx.vision_positions(0)
+    grid = vision.view(4, 4)
+    assert kept.tolist() == grid[::2, ::2].reshape(-1).tolist()  # window top-left tokens
+    top_left_window = ctx.hidden_states[0, grid[:2, :2].reshape(-1)].mean(0)
+    torch.testing.assert_close(states[0], top_left_window)
+
+
+def test_avgpool_pools_non_square_runs_in_groups():
+    ctx = context(n_vision=(10,), budgets=[3])
+    selection = select("avgpool", ctx, options={"stride": 2})
+    vision = ctx.vision_positions(0)
+    assert selection.kept_vision[0].tolist() == vision[[0, 4, 8]].tolist()
+    torch.testing.assert_close(selection.new_states[0][2], ctx.hidden_states[0, vision[8:10]].mean(0))
+
+
+@pytest.mark.parametrize("rule, kwargs, expected", [
+    ("llava15", {}, 4 + 8 * 16),  # max_num_trunction 128 -> quota 16 -> 132 kept of 576
+    ("llava15", {"max_num_trunction": 64}, 4 + 8 * 8),
+    ("qwen", {}, 4 + 8 * int(576 * 0.25 / 8)),
+])
+def test_dart_reference_quota_rules_through_the_config(rule, kwargs, expected):
+    ctx = context(n_vision=(576,), hidden_size=8, suffix=12)
+    ctx.keys = torch.randn(ctx.hidden_states.shape)
+    (kept,) = select("dart", ctx, options={"quota_rule": rule, **kwargs}).kept_vision
+    assert kept.numel() == expected
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(layer=0, keep_ratio=0.5), "layer"),
+    (dict(keep_ratio=0.0), "keep_ratio"),
+    (dict(keep_ratio=1.01), "keep_ratio"),
+    (dict(keep_ratio=float("nan")), "keep_ratio"),
+    (dict(budget=0), "budget"),
+    (dict(keep_ratio=0.5, budget=8), "not both"),
+    (dict(), "needs keep_ratio"),
+    (dict(method="dartt", keep_ratio=0.5), "unknown pruning method 'dartt'.*avgpool, dart, fastv"),
+    (dict(keep_ratio=0.5, n_image_pivots=-1), "n_image_pivots"),
+    (dict(keep_ratio=0.5, n_text_pivots=2.5), "n_text_pivots"),
+    (dict(keep_ratio=0.5, n_image_pivots=0, n_text_pivots=0), "pivots must be >= 1"),
+    (dict(keep_ratio=0.5, pivot_order="random"), "pivot_order"),
+    (dict(keep_ratio=0.5, options={"pivot_metrik": "l2"}), "unknown option.*pivot_metrik.*allowed"),
+    (dict(keep_ratio=0.5, options={"pivot_metric": "cos"}), "pivot_metric"),
+    (dict(budget=64, options={"quota_rule": "llava15"}), "cannot be combined"),
+    (dict(options={"quota_rule": "qwen"}), "set keep_ratio"),
+    (dict(method="avgpool", keep_ratio=0.5, options={"stride": 0}), "stride"),
+    (dict(method="random", keep_ratio=0.5, options={"stride": 2}), "unknown option"),
+])
+def test_bad_configs_name_the_culprit(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tuner.PruningConfig(**kwargs)
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = tuner.PruningConfig(method="dart", layer=3, budget=64, n_text_pivots=2, options={"pivot_metric": "l2"})
+    assert tuner.PruningConfig(**cfg.to_dict()) == cfg
+    assert tuner.PruningConfig(method="keep_all").budget_for(10) == 10
+
+
+@pytest.mark.parametrize("layer", (4, 7))
+def test_layer_beyond_the_model_is_rejected(layer, loaded: Loader):
+    model, _ = loaded("llava", "sdpa")
+    with pytest.raises(ValueError, match=r"K must be in 1\.\.3"):
+        tuner.apply_pruning(model, tuner.PruningConfig(layer=layer, keep_ratio=0.5))
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_prompt_without_vision_tokens_fails_before_any_compute(loaded: Loader):
+    model, processor = loaded("llava", "sdpa")
+    text_only = processor.tokenizer(["USER: what colour is the sky? ASSISTANT:"], return_tensors="pt")
+    calls = []
+    probe = model.get_decoder().embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with tuner.apply_pruning(model, tuner.PruningConfig(keep_ratio=0.5)):
+            with pytest.raises(ValueError, match="no vision tokens in the prompt"):
+                model(**text_only)
+        assert calls == []
+        with torch.no_grad():
+            expected = model(**text_only).logits
+        with tuner.apply_pruning(model, tuner.PruningConfig(keep_ratio=0.5, require_vision=False)) as handle:
+            with torch.no_grad():
+                assert torch.equal(model(**text_only).logits, expected)
+        assert handle.requests == []
+    finally:
+        probe.remove()
+
+
+def test_more_image_pivots_than_vision_tokens_is_rejected(loaded: Loader):
+    model, processor = loaded("llava", "sdpa")
+    inputs = tiny_vlms.make_inputs("llava", processor)
+    with tuner.apply_pruning(model, tuner.PruningConfig(keep_ratio=0.5, n_image_pivots=100)):
+        with pytest.raises(ValueError, match="n_image_pivots=100 exceeds the 64 vision tokens"):
+            model(**inputs)
+
+
+def test_unsupported_model_class_is_named_with_the_supported_ones():
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=64))
+    with pytest.raises(ValueError, match="unsupported model class LlamaForCausalLM.*LlavaForConditionalGeneration"):
+        tuner.apply_pruning(lm, tuner.PruningConfig(keep_ratio=0.5))
+    ids = torch.cat([torch.randint(3, 60, (1, 3)), torch.full((1, 20), 63), torch.randint(3, 60, (1, 5))], 1)
+    with tuner.apply_pruning(lm, tuner.PruningConfig(keep_ratio=0.5), vision_token_ids=[63]) as handle:
+        lm(ids)  # a plain LM is accepted with explicit vision ids (how the benchmark runs)
+    assert handle.requests[0].n_kept_vision == [10]
+
+
+def test_inputs_embeds_only_and_double_application_are_refused(loaded: Loader):
+    model, processor = loaded("llava", "sdpa")
+    inputs = tiny_vlms.make_inputs("llava", processor)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with tuner.apply_pruning(model, tuner.PruningConfig(keep_ratio=0.5)):
+        with pytest.raises(ValueError, match="needs input_ids"):
+            model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        with pytest.raises(RuntimeError, match="already has pruning applied"):
+            tuner.apply_pruning(model, tuner.PruningConfig(method="random", keep_ratio=0.5))
+
+
+def test_attention_implementation_choice():
+    assert resolve_attn_implementation("auto", device="cpu") == "sdpa"
+    assert resolve_attn_implementation("eager", device="cpu") == "eager"
+    with pytest.raises(ValueError, match="flash_attention_2.*CUDA"):
+        resolve_attn_implementation("flash_attention_2", device="cpu")
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_attn_implementation("flash", device="cpu")
