@@ -271,3 +271,23 @@ def test_removing_hooks_restores_the_model_exactly(family, loaded: Loader):
     assert all(torch.equal(before_state[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, before)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", ("llava", "qwen2_vl"))
+def test_static_cache_and_beam_search_agree_with_dynamic_cache(family, attn, loaded: Loader):
+    model, processor = loaded(family, attn)
+    inputs = tiny_vlms.make_inputs(family, processor, batch=2)
+    with tuner.apply_pruning(model, config("dart")) as handle:
+        tokens, logits, _ = greedy(model, inputs)
+        with torch.no_grad():
+            static = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                    do_sample=False, cache_implementation="static", output_logits=True,
+                                    return_dict_in_generate=True)
+            beams = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                   do_sample=False, num_beams=2)
+    assert torch.equal(static.sequences[:, inputs["input_ids"].shape[1]:], tokens)
+    torch.testing.assert_close(torch.stack(static.logits, 1), logits, rtol=0, atol=ATOL)
+    assert beams.shape == (2, inputs["input_ids"].shape[1] + NEW_TOKENS)
+    beam_stats = handle.requests[-1]  # beams are expanded before the prefill: each copy keeps its prompt's set
+    assert beam_stats.n_kept_vision == [n for n in handle.requests[0].n_kept_vision for _ in range(2)]

@@ -143,8 +143,11 @@ class PruningHandle:
         if input_ids is None:
             raise ValueError("pruning needs input_ids to locate the vision tokens; "
                              "call the model with input_ids rather than inputs_embeds")
-        attention = (self._attention_2d if self._attention_2d is not None
-                     else torch.ones_like(input_ids, dtype=torch.bool))
+        attention = self._attention_2d
+        if attention is None:
+            attention = _padding_from_prebuilt_mask(mask, input_ids.shape[1])
+        if attention is None:
+            attention = torch.ones_like(input_ids, dtype=torch.bool)
         if self._vision_ids is None or self._vision_ids.device != input_ids.device:
             self._vision_ids = torch.tensor(self.adapter.vision_token_ids, device=input_ids.device)
         vision = torch.isin(input_ids, self._vision_ids) & attention
@@ -273,6 +276,20 @@ class PruningHandle:
                 config=self.adapter.text_model.config, inputs_embeds=hidden, attention_mask=mask_2d,
                 past_key_values=cache, position_ids=None, layer_idx=first)
         return masks
+
+
+def _padding_from_prebuilt_mask(mask: Any, length: int) -> torch.Tensor | None:
+    """The [B, N] padding mask behind a prebuilt 4D prefill mask (generate builds one for static caches).
+
+    Under left padding the last query is a real token, and its causal row attends exactly to the
+    non-padding prompt tokens.
+    """
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return None
+    last_row = mask[:, 0, -1, :length]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
 
 
 def _bind_layer(hook, index: int):
