@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedModel, ProcessorMixin
+from transformers import PreTrainedModel
 
 import tiny_vlms
 from conftest import Loader
@@ -18,6 +18,7 @@ EXPECTED_CLASSES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
 }
+
 
 def greedy(model: PreTrainedModel, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy-generate NEW_TOKENS tokens; return the new tokens [B, T] and the per-step logits [B, T, V]."""

@@ -85,7 +85,7 @@ def run_benchmark(*, layer: int = 2, budgets: tuple[int, ...] = (64, 128, 192),
                                   repeats=repeats, warmup=warmup)
     base = timings["no hooks"].median_ms
     rows = []
-    for name, (cfg, kept) in configs.items():
+    for name, (_, kept) in configs.items():
         after_k = n_tokens - N_VISION + kept
         bound = layers * n_tokens / (layer * n_tokens + (layers - layer) * after_k)
         timing = timings[name]

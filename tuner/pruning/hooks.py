@@ -225,9 +225,9 @@ class PruningHandle:
             capture.clear()
 
         keep = prompt.attention & ~prompt.vision
-        rows = torch.cat([torch.full_like(k, row) for row, k in enumerate(selection.kept_vision)])
         cols = torch.cat(list(selection.kept_vision)).to(hidden.device)
-        rows = rows.to(hidden.device)
+        rows = torch.cat([torch.full((len(k),), row, device=hidden.device)
+                          for row, k in enumerate(selection.kept_vision)])
         if not bool(prompt.vision[rows, cols].all()):
             raise RuntimeError(f"method {self.config.method!r} selected a position that is not a vision token")
         keep[rows, cols] = True
