@@ -1,0 +1,55 @@
+"""Analytic FLOPs and KV-cache bytes against numbers worked out by hand for a small config."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from tuner.cost import TextDims, kv_cache_bytes, layer_flops, prefill_flops
+
+# hidden 8, intermediate 16, 4 layers, 2 query heads and 1 KV head of dim 4, vocab 10
+DIMS = TextDims.from_config(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=4,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=10))
+
+
+def test_dims_are_read_from_the_config():
+    assert DIMS == TextDims(hidden=8, intermediate=16, layers=4, heads=2, kv_heads=1, head_dim=4, vocab=10)
+
+
+def test_layer_flops_by_hand():
+    # n = 3: projections 2*3*8*(8 + 4 + 4 + 8) = 1152; attention 2*2*2*4 * (3*4/2 = 6 pairs) = 192;
+    # gated MLP 2*3*8*16*3 = 2304; total 3648
+    assert layer_flops(DIMS, 3) == 1152 + 192 + 2304
+
+
+def test_prefill_flops_split_at_k():
+    # K = 1: one layer at n = 3, three at n = 2, plus the LM head 2*8*10 = 160
+    # n = 2: projections 2*2*8*24 = 768, attention 32 * 3 pairs = 96, MLP 2*2*8*16*3 = 1536 -> 2400
+    assert prefill_flops(DIMS, 3, kept_tokens=2, layer=1) == 3648 + 3 * 2400 + 160
+    assert prefill_flops(DIMS, 3) == 4 * 3648 + 160
+    assert prefill_flops(DIMS, 600, 150, layer=2) < prefill_flops(DIMS, 600)
+
+
+def test_kv_cache_bytes_by_hand():
+    # per token and layer: keys + values, 1 KV head of dim 4, fp16 -> 2 * 4 * 2 = 16 bytes
+    assert kv_cache_bytes(DIMS, 10, kept_tokens=4, layer=1) == 16 * (1 * 10 + 3 * 4)
+    assert kv_cache_bytes(DIMS, 10, dtype=torch.float32) == 32 * 4 * 10
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(kept_tokens=11), "kept_tokens"), (dict(layer=5), "layer")])
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        prefill_flops(DIMS, 10, **kwargs)
+
+
+def test_matmul_flops_equal_twice_the_weights_of_a_real_layer():
+    """Projections + MLP are 2 FLOPs per weight per token: a real Llama layer's Linear weights agree."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=10)
+    dims = TextDims.from_config(config)
+    weights = sum(m.weight.numel() for m in LlamaDecoderLayer(config, 0).modules()
+                  if isinstance(m, torch.nn.Linear))
+    n = 5
+    attention = 2 * 2 * dims.heads * dims.head_dim * (n * (n + 1) // 2)
+    assert layer_flops(dims, n) - attention == 2 * n * weights
