@@ -145,14 +145,16 @@ def _select_row(
     available = torch.ones(n_vision, dtype=torch.bool, device=vision_pos.device)
     available[torch.searchsorted(vision_pos, torch.tensor(image_pivots, dtype=torch.long,
                                                          device=vision_pos.device))] = False
+    remaining = n_vision - len(image_pivots)
     picked = []
     for row, take in zip(similarity, quotas):
-        take = min(take, int(available.sum()))
+        take = min(take, remaining)  # a dry pool gives what is left, never an error
         if take <= 0:
             continue
         # Stable ascending sort: ties go to the lower position, unavailable tokens sort last.
         order = torch.sort(row.masked_fill(~available, math.inf), stable=True).indices[:take]
         available[order] = False
+        remaining -= take
         picked.append(order)
     kept = torch.tensor(image_pivots, dtype=torch.long, device=vision_pos.device)
     if picked:

@@ -48,6 +48,7 @@ class _Prompt:
     input_ids: torch.Tensor  # [B, N]
     vision: torch.Tensor  # [B, N] bool, padding excluded
     attention: torch.Tensor  # [B, N] bool
+    n_vision: list[int]  # per row
 
 
 @dataclass
@@ -164,7 +165,7 @@ class PruningHandle:
                 if 0 < n < self.config.n_image_pivots:
                     raise ValueError(f"n_image_pivots={self.config.n_image_pivots} exceeds the {n} vision "
                                      f"tokens of batch row {row}")
-        self._prompt = _Prompt(input_ids, vision, attention)
+        self._prompt = _Prompt(input_ids, vision, attention, n_vision)
 
     def _on_layer_k(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Layer K pre-hook: select in prefill, rebuild masks in decode, then substitute."""
@@ -210,11 +211,10 @@ class PruningHandle:
         if prompt.vision.shape != hidden.shape[:2]:
             raise RuntimeError(f"layer {self.config.layer} received {tuple(hidden.shape[:2])} tokens but the "
                                f"prompt had {tuple(prompt.vision.shape)}; inputs_embeds-only calls are unsupported")
-        n_vision = prompt.vision.sum(1).tolist()
         capture = self._capture
         context = SelectionContext(
             hidden_states=hidden, vision_mask=prompt.vision, attention_mask=prompt.attention,
-            input_ids=prompt.input_ids, budgets=[self.config.budget_for(n) for n in n_vision],
+            input_ids=prompt.input_ids, budgets=[self.config.budget_for(n) for n in prompt.n_vision],
             final_norm=self.adapter.text_model.norm,
             keys=capture.take_keys() if capture is not None else None,
             last_row_attention=capture.last_row_attention if capture is not None else None,
@@ -232,14 +232,15 @@ class PruningHandle:
             raise RuntimeError(f"method {self.config.method!r} selected a position that is not a vision token")
         keep[rows, cols] = True
         n_kept = keep.sum(1)
-        width = int(n_kept.max())
-        batch, length = keep.shape
+        kept_counts = n_kept.tolist()
+        width = max(kept_counts)
+        length = keep.shape[1]
         # Stable sort on the keep flag puts each row's kept positions last, in order: a left-padded gather.
         gather_index = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, length - width:]
         slots_valid = torch.arange(width, device=keep.device) >= (width - n_kept)[:, None]
-        self.last_kept = [gather_index[row, width - int(n):] for row, n in enumerate(n_kept)]
+        self.last_kept = [gather_index[row, width - n:] for row, n in enumerate(kept_counts)]
         self.requests.append(RequestStats(
-            n_tokens=prompt.attention.sum(1).tolist(), n_vision=n_vision,
+            n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
             n_kept_vision=[int(k.numel()) for k in selection.kept_vision]))
         if width == length and selection.new_states is None:
             return None  # nothing removed, no padding to drop: the unmodified forward is exact
