@@ -309,11 +309,8 @@ def test_repeated_kv_heads_do_not_change_selection():
 
 
 def test_position_order_option_matches_oracle():
-    try:
-        for seed in range(10):
-            _compare_random(300 + seed, torch.float32, "quota", pivot_order="position")
-    except ValueError:
-        pytest.skip("pivot_order='position' not offered")
+    for seed in range(10):
+        _compare_random(300 + seed, torch.float32, "quota", pivot_order="position")
 
 
 @pytest.mark.parametrize("n_img,n_txt", [(3, 0), (0, 3)])
@@ -321,11 +318,7 @@ def test_zero_pivots_of_one_kind(n_img, n_txt):
     """Image-only or text-only pivots (paper Fig. 7 ablation) follow the same rules."""
     # (a row without text after its image has no pivot at all for (0, 3): it keeps nothing)
     norm, keys, vmask, amask = make_batch(400, batch=3, pad_with_text=True)
-    try:
-        got = call(norm, keys, vmask, attention_mask=amask, quota=2,
-                   n_image_pivots=n_img, n_text_pivots=n_txt)
-    except ValueError:
-        pytest.skip("zero pivots of one kind rejected")
+    got = call(norm, keys, vmask, attention_mask=amask, quota=2, n_image_pivots=n_img, n_text_pivots=n_txt)
     want = _oracle_batch(norm, keys, vmask, amask, quota=2,
                          n_image_pivots=n_img, n_text_pivots=n_txt)
     for (exp, margin), g in zip(want, got):
@@ -497,20 +490,12 @@ def test_hand_c_visiting_order_reference_vs_rank():
     assert _oracle_sel(_base(), quota=1, pivot_order="rank") == [3, 4, 7]
     assert _sel(_base(), quota=1) == [3, 5, 7]  # default is "reference"
     assert _sel(_base(), quota=1, pivot_order="reference") == [3, 5, 7]
-    try:
-        rank = _sel(_base(), quota=1, pivot_order="rank")
-    except ValueError:
-        pytest.skip("pivot_order='rank' not offered")
-    assert rank == [3, 4, 7]
+    assert _sel(_base(), quota=1, pivot_order="rank") == [3, 4, 7]
 
 
 def test_hand_c_position_order():
     # position order visits [7, 9] like rank here -> [3, 4, 7].
-    try:
-        got = _sel(_base(), quota=1, pivot_order="position")
-    except ValueError:
-        pytest.skip("pivot_order='position' not offered")
-    assert got == [3, 4, 7]
+    assert _sel(_base(), quota=1, pivot_order="position") == [3, 4, 7]
 
 
 def test_hand_d_quota_count():
