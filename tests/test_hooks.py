@@ -38,12 +38,8 @@ def config(method: str, **kwargs) -> tuner.PruningConfig:
     return tuner.PruningConfig(method=method, layer=K, **kwargs)
 
 
-def greedy(model, inputs, new_tokens: int = NEW_TOKENS):
-    """Greedy generate: (new tokens [B, T], per-step logits [B, T, V], cache)."""
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1), out.past_key_values
+def greedy(model, inputs):
+    return tiny_vlms.greedy(model, inputs, NEW_TOKENS)
 
 
 def vision_mask(model, inputs) -> torch.Tensor:

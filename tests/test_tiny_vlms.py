@@ -20,14 +20,6 @@ EXPECTED_CLASSES = {
 }
 
 
-def greedy(model: PreTrainedModel, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy-generate NEW_TOKENS tokens; return the new tokens [B, T] and the per-step logits [B, T, V]."""
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, dim=1)
-
-
 def image_tokens_per_row(model: PreTrainedModel, inputs: dict) -> list[int]:
     """Number of image placeholder tokens in each row of ``inputs``."""
     return (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
@@ -65,7 +57,7 @@ def test_generate(family: str, attn_implementation: str, batch: int, loaded: Loa
     assert model.config._attn_implementation == attn_implementation
     inputs = tiny_vlms.make_inputs(family, processor, batch=batch)
     assert all(n > 0 for n in image_tokens_per_row(model, inputs))
-    tokens, logits = greedy(model, inputs)
+    tokens, logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
     assert tokens.shape == (batch, NEW_TOKENS)
     assert torch.isfinite(logits).all()
 
@@ -96,11 +88,11 @@ def test_llava_image_tokens_form_square_grid(loaded: Loader) -> None:
 def test_row_inputs_match_batch_rows(family: str, attn_implementation: str, loaded: Loader) -> None:
     model, processor = loaded(family, attn_implementation)
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
-    batch_tokens, batch_logits = greedy(model, inputs)
+    batch_tokens, batch_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
     for row in range(2):
         alone = tiny_vlms.row_inputs(family, inputs, row)
         assert alone["attention_mask"].shape[0] == 1 and bool(alone["attention_mask"].all())
         assert image_tokens_per_row(model, alone) == image_tokens_per_row(model, inputs)[row : row + 1]
-        tokens, logits = greedy(model, alone)
+        tokens, logits, _ = tiny_vlms.greedy(model, alone, NEW_TOKENS)
         assert torch.equal(tokens[0], batch_tokens[row])
         torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=1e-4)

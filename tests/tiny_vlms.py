@@ -359,3 +359,11 @@ def row_inputs(family: str, batch_inputs: BatchFeature, row: int) -> dict[str, t
         if "image_sizes" in batch_inputs:
             out["image_sizes"] = batch_inputs["image_sizes"][row : row + 1]
     return out
+
+
+def greedy(model: PreTrainedModel, inputs: dict, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Greedy-generate exactly `new_tokens`: (new tokens [B, T], per-step logits [B, T, V], the cache)."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1), out.past_key_values
