@@ -116,10 +116,18 @@ def test_dart_reference_quota_rules_through_the_config(rule, kwargs, expected):
     (dict(options={"quota_rule": "qwen"}), "set keep_ratio"),
     (dict(method="avgpool", keep_ratio=0.5, options={"stride": 0}), "stride"),
     (dict(method="random", keep_ratio=0.5, options={"stride": 2}), "unknown option"),
+    (dict(method="avgpool"), "'avgpool' needs keep_ratio"),
+    (dict(options={"quota": 4, "quota_rule": "qwen"}, keep_ratio=0.5), "not both"),
 ])
 def test_bad_configs_name_the_culprit(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tuner.PruningConfig(**kwargs)
+
+
+def test_options_that_fix_the_amount_need_no_keep_ratio():
+    tuner.PruningConfig(method="avgpool", options={"stride": 2})
+    tuner.PruningConfig(method="dart", options={"quota": 16})
+    tuner.PruningConfig(method="dart", options={"quota_rule": "llava15"})
 
 
 def test_config_round_trips_through_a_dict():

@@ -61,8 +61,13 @@ class PruningMethod:
         if unknown:
             allowed = ", ".join(sorted(cls.option_defaults)) or "none"
             raise ValueError(f"unknown option(s) {unknown} for method {cls.name!r}; allowed: {allowed}")
-        if cls.needs_amount and config.keep_ratio is None and config.budget is None:
+        if cls.requires_amount(config) and config.keep_ratio is None and config.budget is None:
             raise ValueError(f"method {cls.name!r} needs keep_ratio (in (0, 1]) or budget (>= 1)")
+
+    @classmethod
+    def requires_amount(cls, config: PruningConfig) -> bool:
+        """Whether this config must say how much to keep (some options fix the amount themselves)."""
+        return cls.needs_amount
 
     def select(self, ctx: SelectionContext) -> Selection:
         """Choose the vision tokens to keep in every row."""

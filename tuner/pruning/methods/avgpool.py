@@ -23,15 +23,16 @@ class AvgPool(PruningMethod):
     (its position, hence RoPE, is kept). `stride` s defaults to round(sqrt(n_vision / budget)).
     """
 
-    needs_amount = False
     option_defaults = {"stride": None}
+
+    @classmethod
+    def requires_amount(cls, config: PruningConfig) -> bool:
+        return config.options.get("stride") is None
 
     @classmethod
     def validate(cls, config: PruningConfig) -> None:
         super().validate(config)
         stride = config.options.get("stride")
-        if stride is None and config.keep_ratio is None and config.budget is None:
-            raise ValueError("avgpool needs a stride option, keep_ratio or budget")
         if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
             raise ValueError(f"avgpool option stride must be an int >= 1, got {stride!r}")
 

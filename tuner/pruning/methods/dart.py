@@ -28,18 +28,16 @@ class DART(PruningMethod):
                        "max_num_trunction": 128, "retain_tokens": 320}
 
     @classmethod
+    def requires_amount(cls, config: PruningConfig) -> bool:
+        return not _reference_mode(config.options)
+
+    @classmethod
     def validate(cls, config: PruningConfig) -> None:
+        super().validate(config)
         options = config.options
-        reference_mode = options.get("quota") is not None or options.get("quota_rule") is not None
-        if not reference_mode:
-            super().validate(config)
-            _check_option("pivot_metric", options.get("pivot_metric", "l1"), PIVOT_METRICS)
-            return
-        unknown = sorted(set(options) - set(cls.option_defaults))
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for method 'dart'; "
-                             f"allowed: {', '.join(sorted(cls.option_defaults))}")
         _check_option("pivot_metric", options.get("pivot_metric", "l1"), PIVOT_METRICS)
+        if not _reference_mode(options):
+            return
         if options.get("quota") is not None and options.get("quota_rule") is not None:
             raise ValueError("dart options: give quota or quota_rule, not both")
         if config.budget is not None:
@@ -59,7 +57,7 @@ class DART(PruningMethod):
             norm_states = ctx.final_norm(ctx.hidden_states)
         common = dict(n_image_pivots=self.config.n_image_pivots, n_text_pivots=self.config.n_text_pivots,
                       pivot_order=self.config.pivot_order, pivot_metric=self.options["pivot_metric"])
-        if self.options["quota"] is None and self.options["quota_rule"] is None:
+        if not _reference_mode(self.options):
             return Selection(dart_select(norm_states, ctx.keys, ctx.vision_mask, budget=ctx.budgets,
                                          attention_mask=ctx.attention_mask, **common))
         kept = []  # reference mode: the quota depends on each row's vision count, so rows go one by one
@@ -76,6 +74,11 @@ class DART(PruningMethod):
             self.options["quota_rule"], n_vision, n_image_pivots=self.config.n_image_pivots,
             n_text_pivots=self.config.n_text_pivots, keep_ratio=self.config.keep_ratio,
             max_num_trunction=self.options["max_num_trunction"], retain_tokens=self.options["retain_tokens"]))
+
+
+def _reference_mode(options: dict) -> bool:
+    """Whether the options ask for the official code's per-pivot quotas instead of an exact budget."""
+    return options.get("quota") is not None or options.get("quota_rule") is not None
 
 
 def _check_option(name: str, value: object, allowed: tuple[str, ...]) -> None:
