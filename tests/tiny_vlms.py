@@ -31,14 +31,14 @@ from transformers import (
     ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from tuner.models.processors import IMAGE_ONLY_PROCESSORS, ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen2VLProcessor
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
@@ -87,33 +87,7 @@ _IMAGE_SIZES = {
 }
 
 
-class _ImageOnlyProcessorMixin:
-    """Builds a Qwen processor without its video processor, which needs torchvision (absent on CPU CI).
-
-    ``ProcessorMixin`` derives the sub-processors from the ``__init__`` signature, so leaving
-    ``video_processor`` out of it skips the class check that crashes for ``video_processor=None``, and its
-    ``from_pretrained`` loads just the tokenizer and the image processor. The Qwen ``__init__`` still
-    passes a positional ``None`` on to ``ProcessorMixin.__init__``, which zips positional arguments with the
-    sub-processor names and so drops it. No transformers code is patched.
-    """
-
-    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class ImageOnlyQwen2VLProcessor(_ImageOnlyProcessorMixin, Qwen2VLProcessor):
-    """Qwen2-VL processor for images only (see ``_ImageOnlyProcessorMixin``)."""
-
-
-class ImageOnlyQwen2_5_VLProcessor(_ImageOnlyProcessorMixin, Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor for images only (see ``_ImageOnlyProcessorMixin``)."""
-
-
-_QWEN_PROCESSORS: dict[str, type[ProcessorMixin]] = {
-    "qwen2_vl": ImageOnlyQwen2VLProcessor,
-    "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
-}
+_QWEN_PROCESSORS = IMAGE_ONLY_PROCESSORS
 
 
 def _check_family(family: str) -> None:
