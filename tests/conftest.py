@@ -2,11 +2,15 @@
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# datasets caches the bundled task's JSON here, not in ~/.cache (set before anything imports datasets).
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="dart_tuner_hf_home_")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

@@ -58,3 +58,128 @@ def bench_pruning(
         json_path.write_text(json.dumps({"rows": rows_as_dicts(rows), "dart_selection_ms": selection,
                                          "keep_all_overhead": overhead, "torch": torch.__version__,
                                          "threads": threads, "layer": layer}, indent=1))
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print a one-line error (no traceback: the message names the culprit) and return the exit to raise."""
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+def _parse_options(pairs: list[str]) -> dict[str, object]:
+    """`--option key=value` pairs as a dict; values parsed as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects key=value, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(..., "--model", "-m", help="Hugging Face hub id or local folder of a supported VLM."),
+    task: list[str] = typer.Option(..., "--task", "-t", help="lmms-eval task name, or the bundled 'dart_shapes'. "
+                                                             "Repeat for several tasks."),
+    preset: Path | None = typer.Option(None, help="Preset file to evaluate (instead of --method ...)."),
+    method: str | None = typer.Option(None, help="Pruning method: dart, random, pooling, avgpool, fastv, keep_all."),
+    layer: int = typer.Option(2, help="Prune before decoder layer K."),
+    keep_ratio: float | None = typer.Option(None, help="Fraction of vision tokens kept, in (0, 1]."),
+    budget: int | None = typer.Option(None, help="Vision tokens kept per image prompt (instead of --keep-ratio)."),
+    image_pivots: int = typer.Option(4, help="DART image pivots."),
+    text_pivots: int = typer.Option(4, help="DART text pivots."),
+    option: list[str] = typer.Option([], help="Method option key=value (repeatable)."),
+    limit: int | None = typer.Option(None, min=1, help="Documents per task: a seeded subset, stratified by "
+                                                       "category (not a prefix)."),
+    seed: int = typer.Option(0, help="Seed of the subset."),
+    include_path: list[Path] = typer.Option([], help="Extra folder of lmms-eval task YAMLs (repeatable)."),
+    batch_size: int = typer.Option(1, min=1, help="Requests per generate() call (left padding)."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    attn_implementation: str = typer.Option("auto", "--attn", help="auto, sdpa, eager or flash_attention_2."),
+    new_tokens: int = typer.Option(8, min=2, help="Tokens generated per latency run (decode = the ones after "
+                                                  "the first)."),
+    repeats: int = typer.Option(5, min=1, help="Timed latency rounds (every configuration once per round)."),
+    warmup: int = typer.Option(1, min=0, help="Discarded latency rounds."),
+    max_failures: int = typer.Option(0, min=0, help="Empty generations tolerated before the run counts as failed."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write every number and per-sample result here."),
+) -> None:
+    """Accuracy, kept tokens, prefill and decode latency, FLOPs and KV bytes: a configuration next to the unpruned
+    baseline."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tuner.config import PruningConfig
+    from tuner.evaluation.lmms_compat import LmmsEvalUnavailable
+    from tuner.models.loading import ModelLoadError
+    from tuner.presets import PresetError, load_preset
+
+    console = Console()
+    try:
+        if preset is not None and method is not None:
+            raise ValueError("give --preset or --method, not both")
+        if preset is not None:
+            configs = {"preset": load_preset(preset).config}
+        elif method is not None:
+            configs = {method: PruningConfig(method=method, layer=layer, keep_ratio=keep_ratio, budget=budget,
+                                             n_image_pivots=image_pivots, n_text_pivots=text_pivots,
+                                             options=_parse_options(option))}
+        else:
+            configs = {}
+        from tuner.evaluation.compare import BASELINE, compare_configs
+        from tuner.evaluation.tasks import TaskNotFoundError, load_tasks
+        from tuner.models import load_model
+
+        with console.status(f"Loading {model} and {', '.join(task)}..."):
+            loaded = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
+            for config in configs.values():
+                if config.layer >= len(loaded.adapter.layers):
+                    raise ValueError(f"layer K={config.layer} is not below the model's "
+                                     f"{len(loaded.adapter.layers)} decoder layers")
+            tasks = load_tasks(task, subset_size=limit, seed=seed, include_paths=include_path)
+        n_requests = sum(t.subset.size for t in tasks)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            bars = {name: progress.add_task(f"accuracy: {name}", total=n_requests)
+                    for name in [BASELINE, *configs]}
+            latency_bar = progress.add_task("latency (interleaved)", total=1)
+
+            def advance(stage: str, n: int) -> None:
+                if stage == "latency":
+                    progress.update(latency_bar, description=f"latency: {len(bars)} configurations x "
+                                                             f"{warmup + repeats} rounds")
+                else:
+                    progress.advance(bars[stage], n)
+
+            reports = compare_configs(loaded, tasks, configs, batch_size=batch_size, max_failures=max_failures,
+                                      new_tokens=new_tokens, repeats=repeats, warmup=warmup, on_progress=advance)
+            progress.advance(latency_bar, 1)
+    except (ModelLoadError, TaskNotFoundError, PresetError, LmmsEvalUnavailable, ValueError) as error:
+        raise _fail(str(error)) from None
+    _print_and_save_eval(console, reports, loaded, tasks, json_path)
+
+
+def _print_and_save_eval(console: Console, reports: list, loaded: object, tasks: list, json_path: Path | None) -> None:
+    """The eval table, the subset line, and the JSON file when asked for."""
+    from tuner.evaluation.table import comparison_table
+    from tuner.provenance import environment
+
+    subsets = ", ".join(f"{t.name}: {t.subset.size}/{t.subset.total} docs (seed {t.subset.seed}, "
+                        f"stratified by {t.subset.stratified_by}, hash {t.subset.hash[:12]})" for t in tasks)
+    timing = reports[0].latency
+    title = (f"{loaded.model_id} ({loaded.family}, {loaded.provenance()['dtype']}, {loaded.attn_implementation}, "
+             f"{loaded.provenance()['device']})")
+    console.print(comparison_table(reports, title))
+    console.print(f"subset: {subsets}")
+    console.print(f"latency: {reports[0].cost.n_tokens} prompt tokens, {timing.new_tokens} new tokens, median of "
+                  f"{timing.prefill.repeats} interleaved rounds; GFLOPs and KV bytes are analytic (text model, "
+                  "same inputs)")
+    if json_path is not None:
+        payload = {"model": loaded.provenance(), "environment": environment(),
+                   "tasks": [{"name": t.name, "primary_metric": t.primary_metric, "subset": t.subset.to_dict()}
+                             for t in tasks],
+                   "rows": [r.to_dict(with_samples=True) for r in reports]}
+        json_path.write_text(json.dumps(payload, indent=1, default=str))
+        console.print(f"wrote {json_path}")

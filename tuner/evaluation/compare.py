@@ -1,0 +1,154 @@
+"""One configuration (or several) next to the unpruned baseline: accuracy, kept tokens, latency, FLOPs, KV bytes.
+
+Accuracy comes from `Evaluator`; latency from the protocol in `tuner.latency`, on fixed inputs (the first
+documents of the first task's subset) with every configuration interleaved with the baseline in one run; FLOPs
+and KV bytes from `tuner.cost` for those same inputs and the kept-token counts the hooks reported on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import BatchFeature
+
+from tuner.config import PruningConfig
+from tuner.cost import TextDims, kv_cache_bytes, prefill_flops
+from tuner.evaluation.inputs import as_images, build_inputs
+from tuner.evaluation.runner import EvalResult, Evaluator
+from tuner.evaluation.tasks import PreparedTask
+from tuner.latency import GenerationTiming, measure_generation_interleaved
+from tuner.models.loading import LoadedModel
+from tuner.pruning import apply_pruning
+
+BASELINE = "unpruned"
+
+
+@dataclass(frozen=True)
+class CostOnInputs:
+    """Token counts and analytic cost of one configuration on the latency inputs (summed over the batch)."""
+
+    n_tokens: int
+    n_vision: int
+    n_kept_vision: int
+    prefill_flops: int
+    kv_cache_bytes: int
+
+
+@dataclass
+class ConfigReport:
+    """Everything measured for one configuration."""
+
+    name: str
+    config: PruningConfig | None
+    accuracy: EvalResult | None
+    latency: GenerationTiming
+    cost: CostOnInputs
+
+    def to_dict(self, *, with_samples: bool = False) -> dict[str, Any]:
+        return {"name": self.name, "config": self.config.to_dict() if self.config else None,
+                "accuracy": self.accuracy.to_dict(with_samples=with_samples) if self.accuracy else None,
+                "latency": self.latency.to_dict(), "cost": self.cost.__dict__.copy()}
+
+
+def latency_inputs(loaded: LoadedModel, task: PreparedTask, n_docs: int = 1) -> BatchFeature:
+    """The fixed inputs every configuration is timed on: the first `n_docs` documents of the task's subset."""
+    docs = task.task.eval_docs
+    if len(docs) < n_docs:
+        raise ValueError(f"task {task.name} has {len(docs)} documents in its subset, fewer than {n_docs}")
+    texts, images = [], []
+    for position in range(n_docs):
+        doc = docs[position]
+        texts.append(task.task.doc_to_text(doc))
+        images.append(as_images(task.task.doc_to_visual(doc), f"task {task.name}, doc {position}"))
+    return build_inputs(loaded, texts, images)
+
+
+def _cost(loaded: LoadedModel, inputs: BatchFeature, config: PruningConfig | None, kept: list[int]) -> CostOnInputs:
+    dims = TextDims.from_config(loaded.model.config)
+    vision_ids = set(loaded.adapter.vision_token_ids)
+    mask = inputs["attention_mask"].bool()
+    flops = kv = n_tokens = n_vision = 0
+    for row in range(inputs["input_ids"].shape[0]):
+        ids = inputs["input_ids"][row][mask[row]].tolist()
+        row_vision = sum(token in vision_ids for token in ids)
+        kept_tokens = len(ids) - row_vision + kept[row]
+        layer = config.layer if config else 0
+        flops += prefill_flops(dims, len(ids), kept_tokens, layer)
+        kv += kv_cache_bytes(dims, len(ids), kept_tokens, layer, loaded.dtype)
+        n_tokens += len(ids)
+        n_vision += row_vision
+    return CostOnInputs(n_tokens=n_tokens, n_vision=n_vision, n_kept_vision=sum(kept), prefill_flops=flops,
+                        kv_cache_bytes=kv)
+
+
+class _RecordingSetup:
+    """A setup factory for the latency protocol that applies `config` and keeps the last handle's counts."""
+
+    def __init__(self, model: Any, config: PruningConfig | None) -> None:
+        self.model, self.config = model, config
+        self.kept: list[int] | None = None
+
+    def __call__(self) -> AbstractContextManager:
+        if self.config is None:
+            return nullcontext()
+        return _Recorder(self)
+
+
+class _Recorder:
+    def __init__(self, setup: _RecordingSetup) -> None:
+        self.setup = setup
+
+    def __enter__(self) -> None:
+        self.handle = apply_pruning(self.setup.model, self.setup.config)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle.requests:
+            self.setup.kept = list(self.handle.requests[0].n_kept_vision)
+        self.handle.remove()
+
+
+def measure_latency(loaded: LoadedModel, inputs: BatchFeature, configs: Mapping[str, PruningConfig | None], *,
+                    new_tokens: int = 8, repeats: int = 5, warmup: int = 1
+                    ) -> dict[str, tuple[GenerationTiming, CostOnInputs]]:
+    """Interleaved prefill/decode timing of every configuration on the same inputs, with its analytic cost."""
+    setups = {name: _RecordingSetup(loaded.model, config) for name, config in configs.items()}
+    timings = measure_generation_interleaved(loaded.model, inputs, setups, new_tokens=new_tokens, repeats=repeats,
+                                             warmup=warmup, device=loaded.device)
+    vision_ids = set(loaded.adapter.vision_token_ids)
+    mask = inputs["attention_mask"].bool()
+    all_vision = [sum(t in vision_ids for t in inputs["input_ids"][row][mask[row]].tolist())
+                  for row in range(inputs["input_ids"].shape[0])]
+    out = {}
+    for name, setup in setups.items():
+        kept = setup.kept if setup.kept is not None else all_vision
+        out[name] = (timings[name], _cost(loaded, inputs, setup.config, kept))
+    return out
+
+
+def compare_configs(loaded: LoadedModel, tasks: list[PreparedTask], configs: Mapping[str, PruningConfig | None], *,
+                    batch_size: int = 1, max_failures: int = 0, new_tokens: int = 8, repeats: int = 5,
+                    warmup: int = 1, latency_docs: int = 1, skip_accuracy: bool = False,
+                    on_progress: Callable[[str, int], None] | None = None) -> list[ConfigReport]:
+    """Accuracy of each configuration, then one interleaved latency run of all of them; the baseline comes first.
+
+    `on_progress(stage, n)` is told about answered requests (stage = configuration name) and latency rounds.
+    """
+    ordered: dict[str, PruningConfig | None] = {BASELINE: None}
+    ordered.update({name: config for name, config in configs.items() if name != BASELINE})
+    evaluator = Evaluator(loaded, tasks, batch_size=batch_size, max_failures=max_failures)
+    accuracy: dict[str, EvalResult | None] = {}
+    for name, config in ordered.items():
+        if skip_accuracy:
+            accuracy[name] = None
+            continue
+        callback = (lambda n, stage=name: on_progress(stage, n)) if on_progress else None
+        accuracy[name] = evaluator.evaluate(config, on_progress=callback)
+    if on_progress:
+        on_progress("latency", 0)
+    inputs = latency_inputs(loaded, tasks[0], latency_docs)
+    measured = measure_latency(loaded, inputs, ordered, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
+    return [ConfigReport(name=name, config=config, accuracy=accuracy[name], latency=measured[name][0],
+                         cost=measured[name][1]) for name, config in ordered.items()]
