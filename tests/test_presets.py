@@ -1,0 +1,68 @@
+"""Preset files: round trip, and a clear error naming the file for every way one can be broken."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuner import PruningConfig
+from tuner.presets import SCHEMA_VERSION, Preset, PresetError, load_preset, save_preset
+
+
+def test_round_trip_keeps_config_metrics_and_provenance(tmp_path: Path) -> None:
+    """Saving then loading must give back the same config (options included), metrics and provenance."""
+    preset = Preset(config=PruningConfig(method="dart", layer=3, keep_ratio=0.25, n_image_pivots=2,
+                                         n_text_pivots=6, options={"pivot_metric": "l2"}),
+                    metrics={"accuracy": 0.9, "prefill_ms_median": 12.5},
+                    provenance={"model_id": "m", "family": "llava"})
+    loaded = load_preset(save_preset(preset, tmp_path / "p.yaml"))
+    assert loaded == preset
+    assert yaml.safe_load((tmp_path / "p.yaml").read_text())["schema_version"] == SCHEMA_VERSION
+
+
+def _write(tmp_path: Path, content: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("config: [unclosed", "not valid YAML"),
+    ("- just\n- a list\n", "must be a YAML mapping"),
+    ("config: {method: dart, keep_ratio: 0.5}\n", "schema_version"),
+    ("schema_version: 99\nconfig: {method: dart, keep_ratio: 0.5}\n", "newer than this dart-tuner"),
+    ("schema_version: 1\n", "has no 'config'"),
+    ("schema_version: 1\nconfig: {method: dart, keep_ratio: 0.5}\nextra: 1\n", "unknown top-level key"),
+    ("schema_version: 1\nconfig: {method: nosuch, keep_ratio: 0.5}\n", "nosuch"),
+    ("schema_version: 1\nconfig: {method: dart, keep_ratio: 1.5}\n", "keep_ratio"),
+    ("schema_version: 1\nconfig: {method: dart, keep_ratio: 0.5, colour: red}\n", "colour"),
+    ("schema_version: 1\nconfig: dart\n", "'config' must be a mapping"),
+    ("schema_version: 1\nconfig: {method: dart, keep_ratio: 0.5}\nmetrics: [1]\n", "'metrics' must be a mapping"),
+])
+def test_malformed_presets_are_rejected_by_name(tmp_path: Path, content: str, message: str) -> None:
+    """Each defect gets its own message, and every message names the file."""
+    path = _write(tmp_path, content)
+    with pytest.raises(PresetError, match=message) as error:
+        load_preset(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_preset_names_the_path(tmp_path: Path) -> None:
+    """An unreadable file is a PresetError naming it, not a bare FileNotFoundError."""
+    with pytest.raises(PresetError, match="missing.yaml"):
+        load_preset(tmp_path / "missing.yaml")
+
+
+def test_apply_pruning_accepts_a_preset(loaded) -> None:
+    """`apply_pruning(model, preset)` prunes with the preset's config."""
+    import tiny_vlms
+    from tuner import apply_pruning
+
+    model, processor = loaded("llava", "sdpa")
+    preset = Preset(config=PruningConfig(method="random", layer=1, keep_ratio=0.25))
+    inputs = tiny_vlms.make_inputs("llava", processor)
+    with apply_pruning(model, preset) as handle:
+        tiny_vlms.greedy(model, inputs, 2)
+    assert handle.requests[0].n_kept_vision == [preset.config.budget_for(handle.requests[0].n_vision[0])]
