@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -58,6 +60,26 @@ def bench_pruning(
         json_path.write_text(json.dumps({"rows": rows_as_dicts(rows), "dart_selection_ms": selection,
                                          "keep_all_overhead": overhead, "torch": torch.__version__,
                                          "threads": threads, "layer": layer}, indent=1))
+
+
+def _quiet_libraries() -> None:
+    """Keep lmms-eval's debug logs out of the rich output; its warnings still go to stderr."""
+    import sys
+
+    try:
+        from loguru import logger  # lmms-eval's logger
+    except ImportError:
+        return
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+def _hide_library_progress_bars() -> contextlib.AbstractContextManager:
+    """lmms-eval draws a tqdm bar per evaluation on sys.stderr; the rich bar on stdout replaces them.
+
+    loguru's sink (set up in `_quiet_libraries`) holds the real stderr, so lmms-eval warnings still show.
+    """
+    return contextlib.redirect_stderr(io.StringIO())
 
 
 def _fail(message: str) -> typer.Exit:
@@ -117,6 +139,7 @@ def eval_command(
     from tuner.presets import PresetError, load_preset
 
     console = Console()
+    _quiet_libraries()
     try:
         if preset is not None and method is not None:
             raise ValueError("give --preset or --method, not both")
@@ -132,7 +155,7 @@ def eval_command(
         from tuner.evaluation.tasks import TaskNotFoundError, load_tasks
         from tuner.models import load_model
 
-        with console.status(f"Loading {model} and {', '.join(task)}..."):
+        with console.status(f"Loading {model} and {', '.join(task)}..."), _hide_library_progress_bars():
             loaded = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
             for config in configs.values():
                 if config.layer >= len(loaded.adapter.layers):
@@ -153,8 +176,10 @@ def eval_command(
                 else:
                     progress.advance(bars[stage], n)
 
-            reports = compare_configs(loaded, tasks, configs, batch_size=batch_size, max_failures=max_failures,
-                                      new_tokens=new_tokens, repeats=repeats, warmup=warmup, on_progress=advance)
+            with _hide_library_progress_bars():
+                reports = compare_configs(loaded, tasks, configs, batch_size=batch_size, max_failures=max_failures,
+                                          new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                                          on_progress=advance)
             progress.advance(latency_bar, 1)
     except (ModelLoadError, TaskNotFoundError, PresetError, LmmsEvalUnavailable, ValueError) as error:
         raise _fail(str(error)) from None
