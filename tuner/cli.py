@@ -135,6 +135,7 @@ def eval_command(
 
     from tuner.config import PruningConfig
     from tuner.evaluation.lmms_compat import LmmsEvalUnavailable
+    from tuner.evaluation.tasks import TaskNotFoundError, load_tasks
     from tuner.models.loading import ModelLoadError
     from tuner.presets import PresetError, load_preset
 
@@ -152,7 +153,6 @@ def eval_command(
         else:
             configs = {}
         from tuner.evaluation.compare import BASELINE, compare_configs
-        from tuner.evaluation.tasks import TaskNotFoundError, load_tasks
         from tuner.models import load_model
 
         with console.status(f"Loading {model} and {', '.join(task)}..."), _hide_library_progress_bars():
