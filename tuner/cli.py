@@ -238,3 +238,107 @@ def train_tiny(
     final = history.evaluations[-1]["val_accuracy"] if history.evaluations else float("nan")
     console.print(f"done in {history.seconds:.0f} s: validation accuracy {final:.3f} (first answer token, "
                   f"{config.eval_docs} held-out questions); checkpoint in {out}")
+
+
+@app.command("tune")
+def tune(
+    space_path: Path = typer.Option(..., "--space", "-s", help="Search-space YAML (see search_spaces/)."),
+    model: str | None = typer.Option(None, help="Override the space's model (hub id or folder)."),
+    task: list[str] = typer.Option([], help="Override the space's tasks (repeatable)."),
+    trials: int | None = typer.Option(None, min=1, help="Complete trials the study should hold (all workers)."),
+    timeout: float | None = typer.Option(None, min=1, help="Stop starting trials after this many seconds."),
+    storage: str = typer.Option("sqlite:///dart_tuner.db", help="SQLAlchemy URL of the Optuna storage "
+                                                                "(postgresql+psycopg://... for many machines)."),
+    study: str | None = typer.Option(None, help="Study name (default: the space's `study`, else its file name)."),
+    sampler: str | None = typer.Option(None, help="tpe, nsga2, gp, random or grid (default: the space's)."),
+    limit: int | None = typer.Option(None, min=1, help="Override the subset size (documents per task)."),
+    seed: int | None = typer.Option(None, help="Override the subset seed."),
+    allow_mixed: bool = typer.Option(False, help="Add trials to a study whose provenance differs from this run."),
+    heartbeat_interval: int = typer.Option(30, min=1, help="Seconds between a running trial's heartbeats; a trial "
+                                                           "silent for 2x this is marked failed and re-queued."),
+) -> None:
+    """Create or resume an Optuna study over a search space: unpruned baseline first, then (accuracy, prefill ms)
+    trials; prints the Pareto front."""
+    import dataclasses
+    import time
+
+    import optuna
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tuner.evaluation.lmms_compat import LmmsEvalUnavailable
+    from tuner.evaluation.tasks import TaskNotFoundError
+    from tuner.models.loading import ModelLoadError
+    from tuner.reporting import pareto_table, trial_label
+    from tuner.space import SAMPLERS, SamplerSpec, SpaceError, load_space
+    from tuner.study import ProvenanceMismatch, Tuner, pareto_trials
+
+    console = Console()
+    _quiet_libraries()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say the same, once
+    try:
+        space = load_space(space_path)
+        if sampler is not None:
+            if sampler not in SAMPLERS:
+                raise SpaceError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+            space = dataclasses.replace(space, sampler=SamplerSpec(sampler, space.sampler.seed,
+                                                                   space.sampler.options if sampler ==
+                                                                   space.sampler.name else {}))
+            if sampler == "grid":
+                space.grid()  # a range that cannot be gridded fails here, naming the parameter
+        space = space.with_overrides(model=model, tasks=tuple(task) or None, subset_size=limit, subset_seed=seed,
+                                     trials=trials, timeout_s=timeout)
+        with console.status(f"Loading {space.model} and {', '.join(space.tasks)}..."), \
+                _hide_library_progress_bars():
+            tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
+                           heartbeat_interval=heartbeat_interval)
+    except (SpaceError, ModelLoadError, TaskNotFoundError, LmmsEvalUnavailable, ProvenanceMismatch,
+            ValueError) as error:
+        raise _fail(str(error)) from None
+    target = space.trials
+    console.print(f"study {tuner_.study_name!r} in {storage}: {tuner_.n_complete()} complete trials stored; "
+                  f"target {target if target else 'unbounded'}"
+                  f"{f', timeout {space.timeout_s:.0f} s' if space.timeout_s else ''}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        trials_bar = progress.add_task("trials", total=target, completed=tuner_.n_complete())
+        requests_bar = progress.add_task("current trial", total=tuner_.evaluator.n_requests)
+        started = [time.perf_counter()]
+        tuner_.on_request = lambda n: progress.advance(requests_bar, n)
+
+        def after_trial(study_: object, trial: object) -> None:
+            seconds = time.perf_counter() - started[0]
+            started[0] = time.perf_counter()
+            method, layer, pivots, amount = trial_label(trial)
+            if trial.state.name == "COMPLETE":
+                line = (f"trial {trial.number}: {method} K={layer} p={pivots} keep={amount}: accuracy "
+                        f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms")
+            else:
+                line = f"trial {trial.number} {trial.state.name.lower()}: {trial.user_attrs.get('failure', '')}"
+            progress.console.print(f"{line}  [{seconds:.1f} s; Pareto set: {len(pareto_trials(tuner_.study))}]")
+            progress.update(trials_bar, completed=tuner_.n_complete())
+            progress.reset(requests_bar)
+
+        try:
+            with _hide_library_progress_bars():
+                tuner_.run(target, space.timeout_s, callbacks=[after_trial])
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(f"[yellow]interrupted[/]: {tuner_.n_complete()} complete trials are stored in {storage}; "
+                          "the interrupted one is queued again. Run the same command to resume.")
+            raise typer.Exit(130) from None
+    console.print(pareto_table(tuner_.study))
+    console.print(f"{tuner_.n_complete()} complete trials in {storage}, study {tuner_.study_name!r}. "
+                  f"List studies: dart-tuner studies --storage {storage}")
+
+
+@app.command("studies")
+def studies(storage: str = typer.Option("sqlite:///dart_tuner.db", help="SQLAlchemy URL of the Optuna storage.")
+            ) -> None:
+    """Every study in a storage: trial counts, the unpruned baseline, the most accurate and fastest Pareto points."""
+    from tuner.reporting import studies_table
+
+    try:
+        table = studies_table(storage)
+    except Exception as error:  # sqlalchemy / optuna errors: bad URL, no such database, ...
+        raise _fail(f"cannot read storage {storage!r}: {type(error).__name__}: {error}") from None
+    Console().print(table)

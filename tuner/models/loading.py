@@ -20,6 +20,9 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_5_vl",
 }
+# Checkpoints shipped inside the package, named as `embedded:<name>`.
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS: dict[str, Path] = {"tiny-llava-shapes": Path(__file__).parents[1] / "tiny" / "checkpoint"}
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -84,6 +87,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def resolve_embedded(name: str) -> Path:
+    """Folder of a checkpoint shipped in the package (`embedded:tiny-llava-shapes`)."""
+    key = name.removeprefix(EMBEDDED_PREFIX)
+    if key not in EMBEDDED_MODELS:
+        raise ModelLoadError(f"unknown embedded model {name!r}; embedded: "
+                             f"{', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS)}")
+    folder = EMBEDDED_MODELS[key]
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(f"embedded model {name!r} is missing from this installation ({folder}); "
+                             f"re-create it with `dart-tuner train-tiny --out {folder}`")
+    return folder
+
+
 def _load_config(model: str, revision: str | None, trust_remote_code: bool) -> Any:
     looks_local = model.startswith((".", "/", "~")) or Path(model).expanduser().exists()
     if looks_local and not Path(model).expanduser().is_dir():
@@ -107,7 +123,9 @@ def load_model(model: str | Path, *, dtype: str | torch.dtype | None = "auto",
     a second with the list of supported ones.
     """
     model_id = str(model)
-    config = _load_config(model_id, revision, trust_remote_code)
+    if model_id.startswith(EMBEDDED_PREFIX):
+        model = resolve_embedded(model_id)
+    config = _load_config(str(model), revision, trust_remote_code)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(f"model {model_id!r} is a {model_type!r} model, which dart-tuner does not support; "
@@ -119,7 +137,7 @@ def load_model(model: str | Path, *, dtype: str | torch.dtype | None = "auto",
         attn = resolve_attn_implementation(attn_implementation, torch_device)
     except ValueError as error:
         raise ModelLoadError(str(error)) from error
-    path = Path(model_id).expanduser() if Path(model_id).expanduser().is_dir() else model_id
+    path = Path(model).expanduser() if Path(model).expanduser().is_dir() else model_id
     loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
                                                          revision=revision, trust_remote_code=trust_remote_code)
     loaded.to(torch_device)

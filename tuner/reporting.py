@@ -1,0 +1,97 @@
+"""Tables of stored studies (rich): a study's Pareto front, and every study in a storage with its best points."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.table import Table
+
+from tuner.study import accuracy_relative, config_of, is_baseline, pareto_trials
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def trial_label(trial: FrozenTrial) -> tuple[str, str, str, str]:
+    """(method, K, pivots, amount) of a stored trial; the baseline reads 'unpruned'."""
+    config = config_of(trial)
+    if config is None:
+        return ("unpruned" if is_baseline(trial) else "?", "-", "-", "all")
+    pivots = f"{config.n_image_pivots}+{config.n_text_pivots}" if config.method == "dart" else "-"
+    amount = f"{config.keep_ratio:.3g}" if config.keep_ratio is not None else (
+        f"{config.budget} tok" if config.budget is not None else "all")
+    return config.method, str(config.layer), pivots, amount
+
+
+def speedup(trial: FrozenTrial, study: optuna.Study) -> float:
+    """Prefill speed-up over the baseline measured in the same trial (robust to machine drift), else the
+    study's baseline."""
+    same_run = trial.user_attrs.get("speedup_same_run")
+    if same_run:
+        return float(same_run)
+    baseline = study.user_attrs.get("baseline") or {}
+    return baseline.get("prefill_ms", math.nan) / trial.values[1] if trial.values else math.nan
+
+
+def pareto_table(study: optuna.Study) -> Table:
+    """The feasible Pareto front, fastest first, with the baseline for reference."""
+    table = Table(title=f"Pareto front of {study.study_name} (feasible trials; accuracy up, prefill down)")
+    for column in ("trial", "method", "K", "pivots", "keep", "kept vision", "accuracy", "rel. acc", "prefill ms",
+                   "speed-up"):
+        table.add_column(column, justify="left" if column in ("method",) else "right")
+    for trial in pareto_trials(study):
+        method, layer, pivots, amount = trial_label(trial)
+        kept = trial.user_attrs.get("kept_vision_mean")
+        vision = trial.user_attrs.get("vision_mean")
+        table.add_row(str(trial.number), method, layer, pivots, amount,
+                      f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}", _fmt(trial.values[0], ".3f"),
+                      _fmt(accuracy_relative(trial, study), ".1%"), _fmt(trial.values[1], ".1f"),
+                      _fmt(speedup(trial, study), ".2f") + "x")
+    return table
+
+
+def study_rows(storage: str | optuna.storages.BaseStorage) -> list[dict]:
+    """One summary per study: trial counts by state, baseline, most accurate and fastest feasible points."""
+    rows = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        trials = study.get_trials(deepcopy=False)
+        counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+        baseline = study.user_attrs.get("baseline") or {}
+        front = pareto_trials(study) if len(study.directions) == 2 else []
+        best_acc = max(front, key=lambda t: t.values[0], default=None)
+        fastest = min(front, key=lambda t: t.values[1], default=None)
+        provenance = study.user_attrs.get("provenance") or {}
+        rows.append({"study": summary.study_name, "model": provenance.get("model_id"),
+                     "tasks": ",".join(t["name"] for t in provenance.get("tasks", [])),
+                     "device": provenance.get("device"), "counts": counts,
+                     "baseline_accuracy": baseline.get("accuracy"), "baseline_prefill_ms": baseline.get("prefill_ms"),
+                     "most_accurate": best_acc, "fastest": fastest, "pareto_size": len(front), "study_obj": study})
+    return rows
+
+
+def _point(trial: FrozenTrial | None, study: optuna.Study) -> str:
+    if trial is None:
+        return "-"
+    method, layer, pivots, amount = trial_label(trial)
+    return (f"#{trial.number} {method} K={layer} {amount}: {trial.values[0]:.3f} @ {trial.values[1]:.1f} ms "
+            f"({speedup(trial, study):.2f}x)")
+
+
+def studies_table(storage: str | optuna.storages.BaseStorage) -> Table:
+    """Every study in the storage with its trial counts, baseline and best points."""
+    table = Table(title="Studies")
+    for column in ("study", "model", "tasks", "device", "complete", "failed", "running", "baseline",
+                   "most accurate (Pareto)", "fastest (Pareto)"):
+        table.add_column(column)
+    for row in study_rows(storage):
+        counts = row["counts"]
+        baseline = (f"{row['baseline_accuracy']:.3f} @ {row['baseline_prefill_ms']:.1f} ms"
+                    if row["baseline_accuracy"] is not None else "-")
+        table.add_row(row["study"], str(row["model"]), row["tasks"], str(row["device"]), str(counts["complete"]),
+                      str(counts["fail"]), str(counts["running"] + counts["waiting"]), baseline,
+                      _point(row["most_accurate"], row["study_obj"]), _point(row["fastest"], row["study_obj"]))
+    return table

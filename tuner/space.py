@@ -1,0 +1,346 @@
+"""Search spaces: a YAML file validated into a typed `SearchSpace` that suggests `PruningConfig`s to Optuna trials.
+
+Every error names the file, the key and what is allowed, so a typo in a space fails before a model is loaded.
+A parameter is either a range (`{low: 1, high: 4}`, floats may add `log: true`) or a list of values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tuner.config import PruningConfig
+from tuner.pruning.registry import available_methods
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
+ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "n_image_pivots",
+              "n_text_pivots", "keep_ratio", "budget", "attn_implementation", "dtype", "device", "batch_size",
+              "constraints", "sampler", "trials", "timeout_s", "latency", "max_failures"}
+PAPER_DEFAULT = {"method": "dart", "layer": 2, "n_image_pivots": 4, "n_text_pivots": 4}
+
+
+class SpaceError(ValueError):
+    """A search space that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class IntParam:
+    """Integers in [low, high] (step 1), or a fixed list of values."""
+
+    low: int | None = None
+    high: int | None = None
+    values: tuple[int, ...] | None = None
+
+    def choices(self) -> list[int]:
+        return list(self.values) if self.values is not None else list(range(self.low, self.high + 1))
+
+    def contains(self, value: int) -> bool:
+        return value in self.choices()
+
+    def suggest(self, trial: Any, name: str) -> int:
+        if self.values is not None:
+            return trial.suggest_categorical(name, list(self.values))
+        return trial.suggest_int(name, self.low, self.high)
+
+
+@dataclass(frozen=True)
+class FloatParam:
+    """Floats in [low, high] (optionally log-uniform), or a fixed list of values."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    values: tuple[float, ...] | None = None
+
+    def contains(self, value: float) -> bool:
+        if self.values is not None:
+            return value in self.values
+        return self.low <= value <= self.high
+
+    def suggest(self, trial: Any, name: str) -> float:
+        if self.values is not None:
+            return trial.suggest_categorical(name, list(self.values))
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Feasibility: accuracy floors (absolute, or a fraction of the unpruned baseline) and a prefill ceiling."""
+
+    min_accuracy: float | None = None
+    min_relative_accuracy: float | None = None
+    max_prefill_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str = "tpe"
+    seed: int | None = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    new_tokens: int = 8
+    repeats: int = 5
+    warmup: int = 1
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What to tune (model, tasks, subset), over which parameters, under which constraints, for how long."""
+
+    study: str
+    model: str
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...]
+    layer: IntParam
+    n_image_pivots: IntParam
+    n_text_pivots: IntParam
+    keep_ratio: FloatParam | None = None
+    budget: IntParam | None = None
+    include_paths: tuple[str, ...] = ()
+    subset_size: int | None = None
+    subset_seed: int = 0
+    attn_implementation: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int = 1
+    max_failures: int = 0
+    constraints: Constraints = Constraints()
+    sampler: SamplerSpec = SamplerSpec()
+    trials: int | None = 20
+    timeout_s: float | None = None
+    latency: LatencySpec = LatencySpec()
+    source: str | None = None
+
+    def suggest(self, trial: Any) -> PruningConfig:
+        """The configuration for one trial. DART's pivot counts are only suggested for DART trials (conditional
+        parameters), except under the grid sampler, which needs every parameter in every trial."""
+        method = trial.suggest_categorical("method", list(self.methods))
+        layer = self.layer.suggest(trial, "layer")
+        amount: dict[str, Any] = {}
+        if method != "keep_all":
+            if self.keep_ratio is not None:
+                amount["keep_ratio"] = self.keep_ratio.suggest(trial, "keep_ratio")
+            else:
+                amount["budget"] = self.budget.suggest(trial, "budget")
+        pivots: dict[str, int] = {}
+        if method == "dart" or self.sampler.name == "grid":
+            pivots = {"n_image_pivots": self.n_image_pivots.suggest(trial, "n_image_pivots"),
+                      "n_text_pivots": self.n_text_pivots.suggest(trial, "n_text_pivots")}
+        return PruningConfig(method=method, layer=layer, **amount, **(pivots if method == "dart" else {}))
+
+    def grid(self) -> dict[str, list]:
+        """The full grid for Optuna's GridSampler (every parameter must be a list or an integer range)."""
+        grid: dict[str, list] = {"method": list(self.methods), "layer": self.layer.choices(),
+                                 "n_image_pivots": self.n_image_pivots.choices(),
+                                 "n_text_pivots": self.n_text_pivots.choices()}
+        if self.keep_ratio is not None:
+            if self.keep_ratio.values is None:
+                raise SpaceError(f"{self.source}: keep_ratio: the grid sampler needs a list of values, "
+                                 f"not a range")
+            grid["keep_ratio"] = list(self.keep_ratio.values)
+        else:
+            grid["budget"] = self.budget.choices()
+        return grid
+
+    def paper_default(self) -> dict[str, Any] | None:
+        """DART's paper setting (K=2, 4+4 pivots) as trial params, when the space contains it."""
+        if "dart" not in self.methods or not self.layer.contains(2) or not self.n_image_pivots.contains(4) \
+                or not self.n_text_pivots.contains(4):
+            return None
+        params = dict(PAPER_DEFAULT)
+        if self.keep_ratio is not None:
+            options = self.keep_ratio.values or (max(self.keep_ratio.low, min(self.keep_ratio.high, 0.25)),)
+            params["keep_ratio"] = min(options, key=lambda v: abs(v - 0.25))
+        else:
+            choices = self.budget.choices()
+            params["budget"] = min(choices, key=lambda v: abs(v - 128))
+        return params
+
+    def with_overrides(self, **overrides: Any) -> SearchSpace:
+        """A copy with command-line overrides (None values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class _Reader:
+    """Validation helpers that know the file name, so every message says where the problem is."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> SpaceError:
+        return SpaceError(f"{self.source}: {key}: {problem}")
+
+    def number(self, key: str, value: Any, *, integer: bool, low: float | None = None,
+               high: float | None = None, low_open: bool = False) -> Any:
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise self.fail(key, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise self.fail(key, f"must be {'>' if low_open else '>='} {low}, got {value!r}")
+        if high is not None and value > high:
+            raise self.fail(key, f"must be <= {high}, got {value!r}")
+        return value
+
+    def choice(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
+        if value not in allowed:
+            raise self.fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def mapping(self, key: str, value: Any, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a mapping with keys {sorted(allowed)}, got {type(value).__name__}")
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise self.fail(key, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        return value
+
+    def int_param(self, key: str, value: Any, *, low: int, high: int | None = None) -> IntParam:
+        if isinstance(value, list):
+            if not value:
+                raise self.fail(key, "the list of values is empty")
+            values = tuple(self.number(f"{key}[{i}]", v, integer=True, low=low, high=high) for i, v in enumerate(value))
+            return IntParam(values=tuple(dict.fromkeys(values)))
+        if isinstance(value, int) and not isinstance(value, bool):
+            return IntParam(values=(self.number(key, value, integer=True, low=low, high=high),))
+        spec = self.mapping(key, value, {"low", "high"})
+        if set(spec) != {"low", "high"}:
+            raise self.fail(key, "a range needs both low and high (or give a list of values)")
+        lo = self.number(f"{key}.low", spec["low"], integer=True, low=low, high=high)
+        hi = self.number(f"{key}.high", spec["high"], integer=True, low=low, high=high)
+        if lo > hi:
+            raise self.fail(key, f"low ({lo}) is above high ({hi})")
+        return IntParam(low=lo, high=hi)
+
+    def float_param(self, key: str, value: Any) -> FloatParam:
+        if isinstance(value, list):
+            if not value:
+                raise self.fail(key, "the list of values is empty")
+            values = tuple(float(self.number(f"{key}[{i}]", v, integer=False, low=0, high=1, low_open=True))
+                           for i, v in enumerate(value))
+            return FloatParam(values=tuple(dict.fromkeys(values)))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return FloatParam(values=(float(self.number(key, value, integer=False, low=0, high=1, low_open=True)),))
+        spec = self.mapping(key, value, {"low", "high", "log"})
+        if not {"low", "high"} <= set(spec):
+            raise self.fail(key, "a range needs both low and high (or give a list of values)")
+        lo = float(self.number(f"{key}.low", spec["low"], integer=False, low=0, high=1, low_open=True))
+        hi = float(self.number(f"{key}.high", spec["high"], integer=False, low=0, high=1, low_open=True))
+        if lo > hi:
+            raise self.fail(key, f"low ({lo}) is above high ({hi})")
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise self.fail(f"{key}.log", f"must be true or false, got {log!r}")
+        return FloatParam(low=lo, high=hi, log=log)
+
+
+def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
+    """Validate plain data (a parsed YAML document) into a SearchSpace."""
+    r = _Reader(source)
+    if not isinstance(data, dict):
+        raise SpaceError(f"{source}: must be a YAML mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - _TOP_LEVEL)
+    if unknown:
+        raise SpaceError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(_TOP_LEVEL)}")
+    for key in ("model", "tasks", "methods", "layer"):
+        if key not in data:
+            raise r.fail(key, "is required")
+    if not isinstance(data["model"], str) or not data["model"]:
+        raise r.fail("model", f"must be a hub id or a folder path, got {data['model']!r}")
+    tasks = data["tasks"] if isinstance(data["tasks"], list) else [data["tasks"]]
+    if not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise r.fail("tasks", f"must be a task name or a list of task names, got {data['tasks']!r}")
+    methods = data["methods"] if isinstance(data["methods"], list) else [data["methods"]]
+    if not methods:
+        raise r.fail("methods", "the list is empty")
+    for i, method in enumerate(methods):
+        r.choice(f"methods[{i}]", method, tuple(available_methods()))
+    layer = r.int_param("layer", data["layer"], low=1)
+    pivots = {key: r.int_param(key, data.get(key, 4), low=0) for key in ("n_image_pivots", "n_text_pivots")}
+    if min(pivots["n_image_pivots"].choices()) + min(pivots["n_text_pivots"].choices()) < 1:
+        raise r.fail("n_image_pivots", "with n_text_pivots it allows 0 + 0 pivots; DART needs at least one "
+                                       "(raise one of the lower bounds to 1)")
+    if ("keep_ratio" in data) == ("budget" in data) and any(m != "keep_all" for m in methods):
+        raise r.fail("keep_ratio", "give exactly one of keep_ratio and budget")
+    keep_ratio = r.float_param("keep_ratio", data["keep_ratio"]) if "keep_ratio" in data else None
+    budget = r.int_param("budget", data["budget"], low=1) if "budget" in data else None
+    subset = r.mapping("subset", data.get("subset"), {"size", "seed"})
+    size = subset.get("size")
+    if size is not None:
+        r.number("subset.size", size, integer=True, low=1)
+    constraints = r.mapping("constraints", data.get("constraints"),
+                            {f.name for f in dataclasses.fields(Constraints)})
+    if "min_accuracy" in constraints:
+        r.number("constraints.min_accuracy", constraints["min_accuracy"], integer=False)
+    if "min_relative_accuracy" in constraints:
+        r.number("constraints.min_relative_accuracy", constraints["min_relative_accuracy"], integer=False, low=0,
+                 high=1.5)
+    if "max_prefill_ms" in constraints:
+        r.number("constraints.max_prefill_ms", constraints["max_prefill_ms"], integer=False, low=0, low_open=True)
+    sampler = r.mapping("sampler", data.get("sampler"), {"name", "seed", "options"})
+    sampler_name = r.choice("sampler.name", sampler.get("name", "tpe"), SAMPLERS)
+    if sampler.get("seed") is not None:
+        r.number("sampler.seed", sampler["seed"], integer=True, low=0)
+    options = sampler.get("options") or {}
+    if not isinstance(options, dict):
+        raise r.fail("sampler.options", f"must be a mapping of sampler keyword arguments, got {options!r}")
+    latency = r.mapping("latency", data.get("latency"), {"new_tokens", "repeats", "warmup"})
+    for key, low in (("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
+        if key in latency:
+            r.number(f"latency.{key}", latency[key], integer=True, low=low)
+    trials = data.get("trials", 20)
+    if trials is not None:
+        r.number("trials", trials, integer=True, low=1)
+    timeout = data.get("timeout_s")
+    if timeout is not None:
+        r.number("timeout_s", timeout, integer=False, low=0, low_open=True)
+    for key in ("batch_size",):
+        if key in data:
+            r.number(key, data[key], integer=True, low=1)
+    if "max_failures" in data:
+        r.number("max_failures", data["max_failures"], integer=True, low=0)
+    include = data.get("include_paths") or []
+    if not isinstance(include, list) or not all(isinstance(p, str) for p in include):
+        raise r.fail("include_paths", f"must be a list of folders, got {include!r}")
+    base = Path(source).parent if source and not source.startswith("<") else Path(".")
+    model = data["model"]
+    if model.startswith("./") or model.startswith("../"):
+        model = str((base / model).resolve())  # relative to the space file, like lmms-eval's data_files
+    space = SearchSpace(
+        study=str(data.get("study") or Path(source).stem), model=model, tasks=tuple(tasks), methods=tuple(methods),
+        layer=layer, n_image_pivots=pivots["n_image_pivots"], n_text_pivots=pivots["n_text_pivots"],
+        keep_ratio=keep_ratio, budget=budget,
+        include_paths=tuple(str((base / p).resolve()) if not Path(p).is_absolute() else p for p in include),
+        subset_size=size, subset_seed=int(subset.get("seed", 0)),
+        attn_implementation=r.choice("attn_implementation", data.get("attn_implementation", "auto"), ATTN_CHOICES),
+        dtype=r.choice("dtype", data.get("dtype", "auto"), DTYPE_CHOICES), device=str(data.get("device", "auto")),
+        batch_size=int(data.get("batch_size", 1)), max_failures=int(data.get("max_failures", 0)),
+        constraints=Constraints(**constraints), sampler=SamplerSpec(sampler_name, sampler.get("seed", 0), options),
+        trials=trials, timeout_s=timeout, latency=LatencySpec(**latency), source=source)
+    if sampler_name == "grid":
+        space.grid()  # fails now, naming the parameter, if a range cannot be gridded
+    return space
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SpaceError(f"cannot read search space {str(path)!r}: {error.strerror or error}") from error
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpaceError(f"{path}: not valid YAML: {error}") from error
+    return parse_space(data, str(path))

@@ -1,0 +1,286 @@
+"""The tuning service: an Optuna multi-objective study (accuracy up, measured prefill latency down) in any
+SQLAlchemy storage, with the unpruned baseline first and nothing ever lost.
+
+- Every trial stores its configuration, metrics and failure reason as user attributes (nothing only in memory).
+- Heartbeats mark a trial whose worker died as failed, and `RetryFailedTrialCallback` queues it again.
+- A trial that raises is stored as failed with its reason; the study goes on.
+- The study's provenance (model, tasks and subset, hardware, attention implementation, versions) is stored on
+  creation; a later worker with a different one is refused unless told to mix them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from tuner.config import PruningConfig
+from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency
+from tuner.evaluation.runner import EvalResult, Evaluator
+from tuner.evaluation.tasks import PreparedTask, load_tasks
+from tuner.models.loading import LoadedModel, load_model
+from tuner.provenance import environment
+from tuner.space import SearchSpace
+
+logger = logging.getLogger(__name__)
+
+DIRECTIONS = ("maximize", "minimize")
+OBJECTIVES = ("accuracy", "prefill_ms")
+ROLE_ATTR = "role"  # user attribute of enqueued special trials: "baseline" or "paper_default"
+# Provenance fields that must match for two workers' trials to be comparable.
+MATCHED_PROVENANCE = ("model_id", "revision", "family", "dtype", "attn_implementation", "device", "tasks")
+DEFAULT_STORAGE = "sqlite:///dart_tuner.db"
+
+
+class ProvenanceMismatch(ValueError):
+    """The study was created on another model / task subset / machine; the message lists each difference."""
+
+
+def make_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int | None = None,
+                 max_retry: int = 2) -> RDBStorage:
+    """RDBStorage with heartbeats and retry of trials whose worker died (SQLite waits on locks up to 60 s)."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                      grace_period=grace_period, failed_trial_callback=RetryFailedTrialCallback(max_retry=max_retry))
+
+
+def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """The sampler the space names, seeded, with its options passed through."""
+    spec = space.sampler
+    options = dict(spec.options)
+    try:
+        if spec.name == "tpe":
+            options.setdefault("multivariate", True)
+            options.setdefault("group", True)  # pivots exist only for DART trials
+            return optuna.samplers.TPESampler(seed=spec.seed, **options)
+        if spec.name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=spec.seed, **options)
+        if spec.name == "gp":
+            return optuna.samplers.GPSampler(seed=spec.seed, **options)
+        if spec.name == "random":
+            return optuna.samplers.RandomSampler(seed=spec.seed, **options)
+        return optuna.samplers.GridSampler(space.grid(), seed=spec.seed, **options)
+    except TypeError as error:
+        raise ValueError(f"{space.source}: sampler.options: {error}") from error
+
+
+def provenance_of(loaded: LoadedModel, tasks: Sequence[PreparedTask], space: SearchSpace) -> dict[str, Any]:
+    """What a study's numbers depend on: stored once per study, compared for every later worker."""
+    return {**loaded.provenance(),
+            "tasks": [{"name": t.name, "primary_metric": t.primary_metric, **t.subset.to_dict()} for t in tasks],
+            "latency": {"new_tokens": space.latency.new_tokens, "repeats": space.latency.repeats,
+                        "warmup": space.latency.warmup},
+            "versions": environment()}
+
+
+def provenance_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One line per matched field that differs."""
+    return [f"{key}: study has {stored.get(key)!r}, this run has {current.get(key)!r}"
+            for key in MATCHED_PROVENANCE if stored.get(key) != current.get(key)]
+
+
+def config_of(trial: FrozenTrial) -> PruningConfig | None:
+    """The PruningConfig a finished trial ran (None for the unpruned baseline)."""
+    data = trial.user_attrs.get("config")
+    return PruningConfig(**data) if data else None
+
+
+def is_baseline(trial: FrozenTrial) -> bool:
+    return trial.user_attrs.get(ROLE_ATTR) == "baseline"
+
+
+@dataclass
+class TrialOutcome:
+    """What one trial measured (also written to the trial's user attributes)."""
+
+    config: PruningConfig | None
+    accuracy: float
+    prefill_ms: float
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class Tuner:
+    """Runs trials of one search space against one study; the model and tasks are loaded once per worker."""
+
+    def __init__(self, space: SearchSpace, storage: str | RDBStorage = DEFAULT_STORAGE, *,
+                 study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
+                 grace_period: int | None = None, loaded: LoadedModel | None = None,
+                 tasks: list[PreparedTask] | None = None) -> None:
+        self.space = space
+        self.storage = storage if isinstance(storage, RDBStorage) else make_storage(
+            storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        self.study_name = study_name or space.study
+        self.loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
+                                           attn_implementation=space.attn_implementation)
+        n_layers = len(self.loaded.adapter.layers)
+        if max(space.layer.choices()) >= n_layers:
+            raise ValueError(f"{space.source}: layer: K must be below the model's {n_layers} decoder layers, "
+                             f"the space allows up to {max(space.layer.choices())}")
+        self.tasks = tasks or load_tasks(space.tasks, subset_size=space.subset_size, seed=space.subset_seed,
+                                         include_paths=space.include_paths)
+        self.evaluator = Evaluator(self.loaded, self.tasks, batch_size=space.batch_size,
+                                   max_failures=space.max_failures)
+        self.inputs = latency_inputs(self.loaded, self.tasks[0])
+        self.provenance = provenance_of(self.loaded, self.tasks, space)
+        self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
+                                         directions=list(DIRECTIONS), sampler=make_sampler(space),
+                                         load_if_exists=True)
+        self._check_provenance(allow_mixed)
+        self._local_baseline: EvalResult | None = None
+        self.on_request: Callable[[int], None] | None = None  # progress of the running trial's evaluation
+
+    def _check_provenance(self, allow_mixed: bool) -> None:
+        stored = self.study.user_attrs.get("provenance")
+        if stored is None:
+            self.study.set_user_attr("provenance", self.provenance)
+            self.study.set_user_attr("objectives", list(OBJECTIVES))
+            self.study.set_user_attr("space", self.space.source)
+            self.study.set_user_attr("constraints", self.space.constraints.__dict__)
+            self._enqueue_first_trials()
+            return
+        differences = provenance_differences(stored, self.provenance)
+        if differences and not allow_mixed:
+            raise ProvenanceMismatch(f"study {self.study_name!r} was measured on another setup; refusing to mix "
+                                     "its trials with this run's (pass --allow-mixed to do it anyway, or use "
+                                     "another --study):\n  " + "\n  ".join(differences))
+        if differences:
+            logger.warning("mixing trials from another setup into %s: %s", self.study_name, "; ".join(differences))
+
+    def _enqueue_first_trials(self) -> None:
+        """The unpruned baseline is trial 0; DART's paper setting (K=2, 4+4 pivots) follows when in the space."""
+        if self.study.trials:
+            return
+        self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"})
+        paper = self.space.paper_default()
+        if paper is not None:
+            self.study.enqueue_trial(paper, user_attrs={ROLE_ATTR: "paper_default"})
+
+    # -- one trial ------------------------------------------------------------------------------------------
+
+    def baseline_accuracy(self) -> float:
+        """From the study once the baseline trial completed; before that, evaluated here (deterministic)."""
+        stored = self.study.user_attrs.get("baseline")
+        if stored:
+            return float(stored["accuracy"])
+        if self._local_baseline is None:
+            self._local_baseline = self.evaluator.evaluate(None)
+        return self._local_baseline.accuracy
+
+    def _constraints(self, accuracy: float, prefill_ms: float) -> dict[str, float]:
+        """Constraint values (feasible when <= 0) for the space's constraints."""
+        c = self.space.constraints
+        values: dict[str, float] = {}
+        if c.min_accuracy is not None:
+            values["min_accuracy"] = c.min_accuracy - accuracy
+        if c.min_relative_accuracy is not None:
+            values["min_relative_accuracy"] = c.min_relative_accuracy * self.baseline_accuracy() - accuracy
+        if c.max_prefill_ms is not None:
+            values["max_prefill_ms"] = prefill_ms - c.max_prefill_ms
+        return values
+
+    def measure(self, config: PruningConfig | None) -> TrialOutcome:
+        """Accuracy on the subset, then latency interleaved with the unpruned baseline on the fixed inputs."""
+        result = self.evaluator.evaluate(config, on_progress=self.on_request)
+        lat = self.space.latency
+        setups = {BASELINE: None} if config is None else {BASELINE: None, "candidate": config}
+        measured = measure_latency(self.loaded, self.inputs, setups, new_tokens=lat.new_tokens,
+                                   repeats=lat.repeats, warmup=lat.warmup)
+        timing, cost = measured["candidate" if config is not None else BASELINE]
+        base_timing, base_cost = measured[BASELINE]
+        attrs: dict[str, Any] = {
+            "config": config.to_dict() if config else None,
+            "accuracy": result.accuracy, "metrics": result.metrics, "n_samples": result.n_samples,
+            "accuracy_by_category": result.accuracy_by_category(), **result.kept_vision_stats(),
+            "prefill_ms": timing.prefill.median_ms, "prefill_iqr_ms": timing.prefill.iqr_ms,
+            "prefill_repeats": timing.prefill.repeats, "decode_ms_per_token": timing.decode.median_ms,
+            "decode_iqr_ms": timing.decode.iqr_ms, "end_to_end_ms": timing.total.median_ms,
+            "peak_memory_bytes": timing.peak_memory_bytes,
+            "baseline_prefill_ms_same_run": base_timing.prefill.median_ms,
+            "speedup_same_run": base_timing.prefill.median_ms / timing.prefill.median_ms,
+            "prefill_flops": cost.prefill_flops, "kv_cache_bytes": cost.kv_cache_bytes,
+            "flops_ratio": cost.prefill_flops / base_cost.prefill_flops,
+            "latency_input_tokens": cost.n_tokens, "latency_input_kept_vision": cost.n_kept_vision,
+            "samples": [[s.doc_index, s.score, s.n_kept_vision] for s in result.samples],
+            "eval_seconds": result.seconds,
+        }
+        return TrialOutcome(config=config, accuracy=result.accuracy, prefill_ms=timing.prefill.median_ms,
+                            attrs=attrs)
+
+    def objective(self, trial: Trial) -> tuple[float, float]:
+        """Optuna objective: (accuracy, prefill median ms); every number also goes into the trial's attributes."""
+        baseline = trial.user_attrs.get(ROLE_ATTR) == "baseline"
+        try:
+            config = None if baseline else self.space.suggest(trial)
+            outcome = self.measure(config)
+        except Exception as error:
+            trial.set_user_attr("failure", f"{type(error).__name__}: {error}")
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("failure", "interrupted (Ctrl-C); queued again for the next run")
+            raise
+        for key, value in outcome.attrs.items():
+            trial.set_user_attr(key, value)
+        for key, value in self._constraints(outcome.accuracy, outcome.prefill_ms).items():
+            trial.set_constraint(key, value)
+        if baseline:
+            self.study.set_user_attr("baseline", {"trial": trial.number, "accuracy": outcome.accuracy,
+                                                  "prefill_ms": outcome.prefill_ms,
+                                                  "decode_ms_per_token": outcome.attrs["decode_ms_per_token"]})
+        return outcome.accuracy, outcome.prefill_ms
+
+    # -- running -------------------------------------------------------------------------------------------
+
+    def n_complete(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def run(self, n_trials: int | None, timeout_s: float | None = None,
+            callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> optuna.Study:
+        """Run trials until the study holds `n_trials` complete ones (counting other workers') or time is up.
+
+        An interrupted trial (Ctrl-C) is queued again with its parameters before the interrupt propagates, so the
+        next run of the same command re-measures it.
+        """
+        all_callbacks = list(callbacks)
+        if n_trials is not None:
+            all_callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)))
+            if self.n_complete() >= n_trials:
+                return self.study
+        try:
+            # MaxTrialsCallback stops at n_trials complete trials; the cap only bounds a run of failing trials.
+            self.study.optimize(self.objective, n_trials=None if n_trials is None else n_trials * 4,
+                                timeout=timeout_s, callbacks=all_callbacks, catch=(Exception,),
+                                gc_after_trial=False)
+        except KeyboardInterrupt:
+            self._requeue_interrupted()
+            raise
+        return self.study
+
+    def _requeue_interrupted(self) -> None:
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            if str(trial.user_attrs.get("failure", "")).startswith("interrupted") \
+                    and not trial.system_attrs.get("requeued"):
+                self.study._storage.set_trial_system_attr(trial._trial_id, "requeued", True)
+                user_attrs = {k: v for k, v in trial.user_attrs.items() if k == ROLE_ATTR}
+                self.study.enqueue_trial(trial.params, user_attrs=user_attrs, skip_if_exists=False)
+
+
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The feasible Pareto set (Optuna excludes infeasible trials), fastest first."""
+    return sorted(study.best_trials, key=lambda t: t.values[1])
+
+
+def accuracy_relative(trial: FrozenTrial, study: optuna.Study) -> float:
+    baseline = study.user_attrs.get("baseline")
+    if not baseline or not baseline.get("accuracy"):
+        return math.nan
+    return trial.values[0] / baseline["accuracy"]
