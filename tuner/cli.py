@@ -342,3 +342,45 @@ def studies(storage: str = typer.Option("sqlite:///dart_tuner.db", help="SQLAlch
     except Exception as error:  # sqlalchemy / optuna errors: bad URL, no such database, ...
         raise _fail(f"cannot read storage {storage!r}: {type(error).__name__}: {error}") from None
     Console().print(table)
+
+
+@app.command("export")
+def export(
+    study: str = typer.Option(..., help="Study name (see `dart-tuner studies`)."),
+    storage: str = typer.Option("sqlite:///dart_tuner.db", help="SQLAlchemy URL of the Optuna storage."),
+    trial: int | None = typer.Option(None, help="Export this trial number."),
+    min_accuracy: float | None = typer.Option(None, help="The fastest trial with at least this accuracy."),
+    min_relative_accuracy: float | None = typer.Option(None, help="The fastest trial with at least this fraction "
+                                                                  "of the baseline's accuracy (0.95 = 95%)."),
+    max_latency_ms: float | None = typer.Option(None, help="The most accurate trial with prefill at most this "
+                                                           "(with a minimum accuracy: the fastest meeting both)."),
+    output: Path = typer.Option(Path("preset.yaml"), "--output", "-o", help="Preset file to write."),
+) -> None:
+    """Write the chosen trial of a study as a preset: its PruningConfig, metrics and provenance."""
+    import optuna
+
+    from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
+    from tuner.presets import save_preset
+    from tuner.reporting import trial_label
+
+    try:
+        rule = Rule(trial=trial, min_accuracy=min_accuracy, min_relative_accuracy=min_relative_accuracy,
+                    max_prefill_ms=max_latency_ms)
+        try:
+            loaded_study = optuna.load_study(study_name=study, storage=storage)
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+            raise ValueError(f"no study {study!r} in {storage}; studies there: {', '.join(names) or 'none'}") \
+                from None
+        chosen = choose_trial(loaded_study, rule)
+        preset = preset_from_trial(loaded_study, chosen)
+    except (NoTrialQualifies, ValueError) as error:
+        raise _fail(str(error)) from None
+    except Exception as error:  # sqlalchemy: unreachable database, bad URL
+        raise _fail(f"cannot read storage {storage!r}: {type(error).__name__}: {error}") from None
+    save_preset(preset, output)
+    method, layer, pivots, amount = trial_label(chosen)
+    metrics = preset.metrics
+    Console().print(f"{rule.describe()}: trial {chosen.number} ({method} K={layer} pivots {pivots} keep {amount}), "
+                    f"accuracy {metrics['accuracy']:.3f} (baseline {metrics['baseline_accuracy']}), prefill "
+                    f"{metrics['prefill_ms_median']:.1f} ms ({metrics['speedup'] or float('nan'):.2f}x) -> {output}")

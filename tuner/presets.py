@@ -11,10 +11,12 @@ provenance: {model_id: ..., family: ..., torch: ..., ...}    # optional
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from tuner.config import PruningConfig
@@ -25,6 +27,10 @@ _TOP_LEVEL_KEYS = {"schema_version", "config", "metrics", "provenance"}
 
 class PresetError(ValueError):
     """A preset file that cannot be used; the message names the file and what is wrong."""
+
+
+class PresetMismatchWarning(UserWarning):
+    """A preset applied on a stack that differs from the one it was measured on."""
 
 
 @dataclass(frozen=True)
@@ -90,5 +96,69 @@ def load_preset(path: str | Path) -> Preset:
         if not isinstance(data.get(key) or {}, dict):
             raise PresetError(f"preset {str(path)!r}: {key!r} must be a mapping")
     config = config_from_dict(data["config"], f"preset {str(path)!r}")
+    family = (data.get("provenance") or {}).get("family")
+    if family is not None:
+        from tuner.models.families import SUPPORTED_CLASSES
+
+        if family not in set(SUPPORTED_CLASSES.values()):
+            raise PresetError(f"preset {str(path)!r} was made for model family {family!r}, which this dart-tuner "
+                              f"does not know (known: {', '.join(sorted(set(SUPPORTED_CLASSES.values())))})")
     return Preset(config=config, metrics=dict(data.get("metrics") or {}),
                   provenance=dict(data.get("provenance") or {}), schema_version=version)
+
+
+def _current_versions() -> dict[str, str | None]:
+    from tuner.provenance import environment
+
+    return environment()
+
+
+def _model_identity(model_id: str | None) -> str | None:
+    """Embedded names resolve to their folder, so a preset made on `embedded:x` matches the loaded folder."""
+    if model_id and model_id.startswith("embedded:"):
+        from tuner.models.loading import EMBEDDED_MODELS
+
+        folder = EMBEDDED_MODELS.get(model_id.removeprefix("embedded:"))
+        return str(folder.resolve()) if folder else model_id
+    if model_id and Path(model_id).expanduser().is_dir():
+        return str(Path(model_id).expanduser().resolve())
+    return model_id
+
+
+def preset_differences(model: torch.nn.Module, preset: Preset) -> list[str]:
+    """One line per way the loaded model and this environment differ from the preset's provenance."""
+    from tuner.models.families import detect_family
+    from tuner.models.loading import device_name
+
+    stored = preset.provenance
+    if not stored:
+        return []
+    config = getattr(model, "config", None)
+    parameter = next(model.parameters(), None)
+    current = {
+        "model_id": _model_identity(getattr(config, "_name_or_path", None)),
+        "family": detect_family(model) if config is not None else None,
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "dtype": str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
+        "device": device_name(parameter.device) if parameter is not None else None,
+    }
+    lines = []
+    for key, value in current.items():
+        expected = _model_identity(stored.get(key)) if key == "model_id" else stored.get(key)
+        if expected is not None and value is not None and expected != value:
+            lines.append(f"{key}: preset {stored.get(key)!r}, here {value!r}")
+    versions = _current_versions()
+    for key, expected in (stored.get("versions") or {}).items():
+        if expected is not None and versions.get(key) is not None and versions.get(key) != expected:
+            lines.append(f"{key} version: preset {expected}, here {versions.get(key)}")
+    return lines
+
+
+def warn_on_mismatch(model: torch.nn.Module, preset: Preset) -> list[str]:
+    """Warn once, naming every difference, when a preset is applied off its measured stack; returns them."""
+    lines = preset_differences(model, preset)
+    if lines:
+        where = f"study {preset.provenance.get('study')!r} trial {preset.provenance.get('trial')}"
+        warnings.warn(f"preset from {where} was measured on a different stack; its accuracy and speed-up may not "
+                      "hold here:\n  " + "\n  ".join(lines), PresetMismatchWarning, stacklevel=3)
+    return lines

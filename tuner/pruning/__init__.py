@@ -24,6 +24,10 @@ def apply_pruning(model: torch.nn.Module, config: PruningConfig | Any, *,
     pruning_config = config if isinstance(config, PruningConfig) else getattr(config, "config", None)
     if not isinstance(pruning_config, PruningConfig):
         raise TypeError(f"apply_pruning expects a PruningConfig or a preset, got {type(config).__name__}")
+    if pruning_config is not config and getattr(config, "provenance", None):
+        from tuner.presets import warn_on_mismatch  # presets import the models package, which imports this one
+
+        warn_on_mismatch(model, config)
     return PruningHandle(model, pruning_config, adapter_for(model, vision_token_ids))
 
 

@@ -1,0 +1,144 @@
+"""Choosing a study's trial the way a deployer thinks, and turning it into a preset with its evidence.
+
+Rules: a trial number; the fastest trial with accuracy at least X (absolute) or a fraction of the baseline; the
+most accurate trial under a prefill latency of Y ms; or both bounds at once (then the fastest that meets both).
+The unpruned baseline and failed trials are never chosen. When nothing qualifies, the error shows the closest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner import __version__
+from tuner.presets import SCHEMA_VERSION, Preset
+from tuner.study import config_of, is_baseline
+
+
+class NoTrialQualifies(ValueError):
+    """No stored trial meets the rule; the message lists the closest ones."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to pick a trial: by number, or by accuracy floor and/or latency ceiling."""
+
+    trial: int | None = None
+    min_accuracy: float | None = None
+    min_relative_accuracy: float | None = None
+    max_prefill_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        bounds = (self.min_accuracy, self.min_relative_accuracy, self.max_prefill_ms)
+        if self.trial is None and all(b is None for b in bounds):
+            raise ValueError("choose a trial: give a trial number, a minimum accuracy (absolute or relative to the "
+                             "baseline) or a maximum prefill latency")
+        if self.trial is not None and any(b is not None for b in bounds):
+            raise ValueError("give a trial number or accuracy/latency bounds, not both")
+        if self.min_accuracy is not None and self.min_relative_accuracy is not None:
+            raise ValueError("give an absolute or a relative minimum accuracy, not both")
+
+    def describe(self) -> str:
+        if self.trial is not None:
+            return f"trial {self.trial}"
+        parts = []
+        if self.min_accuracy is not None:
+            parts.append(f"accuracy >= {self.min_accuracy:g}")
+        if self.min_relative_accuracy is not None:
+            parts.append(f"accuracy >= {self.min_relative_accuracy:.1%} of the baseline")
+        if self.max_prefill_ms is not None:
+            parts.append(f"prefill <= {self.max_prefill_ms:g} ms")
+        goal = "most accurate" if self.max_prefill_ms is not None and len(parts) == 1 else "fastest"
+        return f"{goal} trial with {' and '.join(parts)}"
+
+
+def candidates(study: optuna.Study) -> list[FrozenTrial]:
+    """Complete, pruned (non-baseline) trials: what a preset can be made from."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if not is_baseline(t) and config_of(t) is not None]
+
+
+def baseline_accuracy(study: optuna.Study) -> float:
+    baseline = study.user_attrs.get("baseline")
+    if not baseline:
+        raise NoTrialQualifies(f"study {study.study_name!r} has no completed baseline trial, so a relative "
+                               "accuracy bound cannot be evaluated")
+    return float(baseline["accuracy"])
+
+
+def _label(trial: FrozenTrial) -> str:
+    config = config_of(trial)
+    amount = f"keep {config.keep_ratio:.3g}" if config.keep_ratio is not None else f"budget {config.budget}"
+    return (f"#{trial.number} {config.method} K={config.layer} {amount}: accuracy {trial.values[0]:.3f}, "
+            f"prefill {trial.values[1]:.1f} ms")
+
+
+def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
+    """The trial `rule` selects, or NoTrialQualifies naming the closest trials."""
+    pool = candidates(study)
+    if rule.trial is not None:
+        matches = [t for t in study.get_trials(deepcopy=False) if t.number == rule.trial]
+        if not matches:
+            raise NoTrialQualifies(f"study {study.study_name!r} has no trial {rule.trial} "
+                                   f"(trials 0..{len(study.trials) - 1})")
+        trial = matches[0]
+        if trial.state != TrialState.COMPLETE:
+            raise NoTrialQualifies(f"trial {rule.trial} is {trial.state.name.lower()}, not complete"
+                                   f"{': ' + trial.user_attrs['failure'] if 'failure' in trial.user_attrs else ''}")
+        if is_baseline(trial) or config_of(trial) is None:
+            raise NoTrialQualifies(f"trial {rule.trial} is the unpruned baseline; there is nothing to deploy")
+        return trial
+    floor = rule.min_accuracy
+    if rule.min_relative_accuracy is not None:
+        floor = rule.min_relative_accuracy * baseline_accuracy(study)
+    qualifying = [t for t in pool if (floor is None or t.values[0] >= floor)
+                  and (rule.max_prefill_ms is None or t.values[1] <= rule.max_prefill_ms)]
+    if qualifying:
+        if floor is None:  # only a latency ceiling: the most accurate, then the faster
+            return max(qualifying, key=lambda t: (t.values[0], -t.values[1]))
+        return min(qualifying, key=lambda t: (t.values[1], -t.values[0]))
+    if not pool:
+        raise NoTrialQualifies(f"study {study.study_name!r} has no complete pruned trial yet")
+
+    def shortfall(t: FrozenTrial) -> float:
+        accuracy_gap = max(0.0, (floor - t.values[0]) / max(abs(floor), 1e-9)) if floor is not None else 0.0
+        latency_gap = max(0.0, (t.values[1] - rule.max_prefill_ms) / rule.max_prefill_ms) \
+            if rule.max_prefill_ms is not None else 0.0
+        return accuracy_gap + latency_gap
+
+    closest = sorted(pool, key=shortfall)[:3]
+    bound = f" (accuracy floor {floor:.3f})" if floor is not None else ""
+    raise NoTrialQualifies(f"no trial of {study.study_name!r} meets: {rule.describe()}{bound}. Closest:\n  "
+                           + "\n  ".join(_label(t) for t in closest))
+
+
+def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:
+    """A preset holding the trial's config, its metrics next to the baseline's, and the study's provenance."""
+    config = config_of(trial)
+    if config is None:
+        raise NoTrialQualifies(f"trial {trial.number} is the unpruned baseline; there is nothing to deploy")
+    attrs = trial.user_attrs
+    baseline = study.user_attrs.get("baseline") or {}
+    metrics = {
+        "accuracy": trial.values[0], "baseline_accuracy": baseline.get("accuracy"),
+        "prefill_ms_median": attrs.get("prefill_ms"), "prefill_ms_iqr": attrs.get("prefill_iqr_ms"),
+        "prefill_repeats": attrs.get("prefill_repeats"), "baseline_prefill_ms": baseline.get("prefill_ms"),
+        "speedup": attrs.get("speedup_same_run"), "decode_ms_per_token": attrs.get("decode_ms_per_token"),
+        "decode_ms_iqr": attrs.get("decode_iqr_ms"), "kept_vision_mean": attrs.get("kept_vision_mean"),
+        "vision_mean": attrs.get("vision_mean"), "keep_ratio_achieved": attrs.get("keep_ratio_achieved"),
+        "prefill_flops": attrs.get("prefill_flops"), "kv_cache_bytes": attrs.get("kv_cache_bytes"),
+        "n_samples": attrs.get("n_samples"),
+    }
+    stored = study.user_attrs.get("provenance") or {}
+    versions = dict(stored.get("versions") or {})
+    provenance = {key: stored.get(key) for key in ("model_id", "revision", "family", "dtype", "attn_implementation",
+                                                    "device")}
+    provenance.update({
+        "versions": {key: versions.get(key) for key in ("torch", "transformers", "lmms_eval", "optuna",
+                                                        "dart_tuner")},
+        "tasks": stored.get("tasks"), "study": study.study_name, "trial": trial.number,
+        "exported_by": f"dart-tuner {__version__}",
+    })
+    return Preset(config=config, metrics=metrics, provenance=provenance, schema_version=SCHEMA_VERSION)
