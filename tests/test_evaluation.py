@@ -338,7 +338,7 @@ def test_eval_cli_compares_config_with_baseline(saved_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     base, pruned = data["rows"]
-    assert [base["name"], pruned["name"]] == ["unpruned", "dart"]
+    assert [base["name"], pruned["name"]] == ["unpruned", "dart 0.25"]
     assert base["config"] is None and pruned["config"]["keep_ratio"] == 0.25
     assert base["cost"]["n_tokens"] == pruned["cost"]["n_tokens"]
     assert base["cost"]["n_kept_vision"] == base["cost"]["n_vision"] > 0

@@ -23,7 +23,7 @@ def environment() -> dict[str, Any]:
     import torch
 
     versions: dict[str, Any] = {key: package_version(dist) for key, dist in _PACKAGES.items()}
-    versions["torch"] = torch.__version__  # the local build tag (+cpu, +cu130) matters for timings
+    versions["torch"] = str(torch.__version__)  # the local build tag (+cpu, +cu130) matters for timings
     versions["cuda"] = torch.version.cuda
     versions["python"] = platform.python_version()
     versions["platform"] = platform.platform()

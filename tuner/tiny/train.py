@@ -151,6 +151,10 @@ def train(config: TrainConfig, out_dir: str | Path | None = None,
             if log:
                 log(f"step {done}/{config.steps}  loss {sum(recent) / len(recent):.4f}  "
                     f"val accuracy {accuracy:.3f}  {elapsed:.0f} s")
+            if out_dir is not None:  # a long run that is stopped keeps its latest evaluated checkpoint
+                history.seconds = elapsed
+                save(model, processor, config, history, out_dir)
+                model.train()
     history.seconds = time.perf_counter() - start
     model.eval()
     if out_dir is not None:
