@@ -75,6 +75,29 @@ def _label(trial: FrozenTrial) -> str:
             f"prefill {trial.values[1]:.1f} ms")
 
 
+def accuracy_floor(study: optuna.Study, rule: Rule) -> float | None:
+    """The absolute accuracy a bounds rule requires (a relative bound times the baseline's), or None."""
+    if rule.min_relative_accuracy is not None:
+        return rule.min_relative_accuracy * baseline_accuracy(study)
+    return rule.min_accuracy
+
+
+def qualifying_trials(study: optuna.Study, rule: Rule) -> list[FrozenTrial]:
+    """The candidates meeting a bounds rule, best first (the first is what `choose_trial` picks).
+
+    With an accuracy floor the fastest comes first (ties: the more accurate); with only a latency ceiling the most
+    accurate comes first (ties: the faster).
+    """
+    if rule.trial is not None:
+        raise ValueError("qualifying_trials takes accuracy/latency bounds, not a trial number")
+    floor = accuracy_floor(study, rule)
+    qualifying = [t for t in candidates(study) if (floor is None or t.values[0] >= floor)
+                  and (rule.max_prefill_ms is None or t.values[1] <= rule.max_prefill_ms)]
+    if floor is None:
+        return sorted(qualifying, key=lambda t: (-t.values[0], t.values[1]))
+    return sorted(qualifying, key=lambda t: (t.values[1], -t.values[0]))
+
+
 def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
     """The trial `rule` selects, or NoTrialQualifies naming the closest trials."""
     pool = candidates(study)
@@ -90,15 +113,10 @@ def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
         if is_baseline(trial) or config_of(trial) is None:
             raise NoTrialQualifies(f"trial {rule.trial} is the unpruned baseline; there is nothing to deploy")
         return trial
-    floor = rule.min_accuracy
-    if rule.min_relative_accuracy is not None:
-        floor = rule.min_relative_accuracy * baseline_accuracy(study)
-    qualifying = [t for t in pool if (floor is None or t.values[0] >= floor)
-                  and (rule.max_prefill_ms is None or t.values[1] <= rule.max_prefill_ms)]
+    floor = accuracy_floor(study, rule)
+    qualifying = qualifying_trials(study, rule)
     if qualifying:
-        if floor is None:  # only a latency ceiling: the most accurate, then the faster
-            return max(qualifying, key=lambda t: (t.values[0], -t.values[1]))
-        return min(qualifying, key=lambda t: (t.values[1], -t.values[0]))
+        return qualifying[0]
     if not pool:
         raise NoTrialQualifies(f"study {study.study_name!r} has no complete pruned trial yet")
 

@@ -47,10 +47,15 @@ class Preset:
                 "metrics": dict(self.metrics), "provenance": dict(self.provenance)}
 
 
+def preset_to_yaml(preset: Preset) -> str:
+    """The text of a preset file (keys in a stable order): what `save_preset` writes."""
+    return yaml.safe_dump(preset.to_dict(), sort_keys=False)
+
+
 def save_preset(preset: Preset, path: str | Path) -> Path:
     """Write `preset` as YAML (keys in a stable order) and return the path."""
     path = Path(path)
-    path.write_text(yaml.safe_dump(preset.to_dict(), sort_keys=False))
+    path.write_text(preset_to_yaml(preset))
     return path
 
 
