@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+import sqlalchemy.exc
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig
@@ -36,6 +38,7 @@ ROLE_ATTR = "role"  # user attribute of enqueued special trials: "baseline" or "
 # Provenance fields that must match for two workers' trials to be comparable.
 MATCHED_PROVENANCE = ("model_id", "revision", "family", "dtype", "attn_implementation", "device", "tasks")
 DEFAULT_STORAGE = "sqlite:///dart_tuner.db"
+_SCHEMA_ATTEMPTS = 5
 
 
 class ProvenanceMismatch(ValueError):
@@ -44,14 +47,25 @@ class ProvenanceMismatch(ValueError):
 
 def make_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int | None = None,
                  max_retry: int = 2) -> RDBStorage:
-    """RDBStorage with heartbeats and retry of trials whose worker died (SQLite waits on locks up to 60 s)."""
+    """RDBStorage with heartbeats and retry of trials whose worker died (SQLite waits on locks up to 60 s).
+
+    Workers started together on a new database race to create its schema; the loser retries and finds it made.
+    """
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_pre_ping"] = True
-    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                      grace_period=grace_period, failed_trial_callback=RetryFailedTrialCallback(max_retry=max_retry))
+    for attempt in range(_SCHEMA_ATTEMPTS):
+        try:
+            return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                              grace_period=grace_period,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
+            if attempt == _SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -160,10 +174,12 @@ class Tuner:
         """The unpruned baseline is trial 0; DART's paper setting (K=2, 4+4 pivots) follows when in the space."""
         if self.study.trials:
             return
-        self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"})
+        # Two workers starting at once may both get here: skip_if_exists narrows the race and objective() prunes
+        # a baseline that another worker already runs, so a study never holds two.
+        self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"}, skip_if_exists=True)
         paper = self.space.paper_default()
         if paper is not None:
-            self.study.enqueue_trial(paper, user_attrs={ROLE_ATTR: "paper_default"})
+            self.study.enqueue_trial(paper, user_attrs={ROLE_ATTR: "paper_default"}, skip_if_exists=True)
 
     # -- one trial ------------------------------------------------------------------------------------------
 
@@ -219,6 +235,11 @@ class Tuner:
     def objective(self, trial: Trial) -> tuple[float, float]:
         """Optuna objective: (accuracy, prefill median ms); every number also goes into the trial's attributes."""
         baseline = trial.user_attrs.get(ROLE_ATTR) == "baseline"
+        if baseline:
+            earlier = self._earlier_baseline(trial.number)
+            if earlier is not None:
+                trial.set_user_attr("duplicate_of", earlier)
+                raise optuna.TrialPruned(f"trial {earlier} already measures the baseline")
         try:
             config = None if baseline else self.space.suggest(trial)
             outcome = self.measure(config)
@@ -237,6 +258,13 @@ class Tuner:
                                                   "prefill_ms": outcome.prefill_ms,
                                                   "decode_ms_per_token": outcome.attrs["decode_ms_per_token"]})
         return outcome.accuracy, outcome.prefill_ms
+
+    def _earlier_baseline(self, number: int) -> int | None:
+        """A baseline trial before `number` that is running or complete (a racing worker enqueued a second one)."""
+        for other in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+            if other.number < number and is_baseline(other):
+                return other.number
+        return None
 
     # -- running -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,163 @@
+"""Search spaces: the shipped YAML files load, every malformed file fails naming the file and the key, and a
+space suggests only the parameters a method uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from tuner.space import PAPER_DEFAULT, SearchSpace, SpaceError, load_space, parse_space
+
+SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
+MINIMAL = {"model": "m", "tasks": ["dart_shapes"], "methods": ["dart", "random"], "layer": {"low": 1, "high": 3},
+           "keep_ratio": {"low": 0.1, "high": 0.5}}
+
+
+def _space(**changes: object) -> SearchSpace:
+    data = {**MINIMAL, **changes}
+    return parse_space({k: v for k, v in data.items() if v is not None}, "test.yaml")
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_shipped_spaces_load(path: Path) -> None:
+    """A shipped space with a typo would fail for every user who starts from it."""
+    space = load_space(path)
+    assert space.tasks and space.methods and space.trials
+    assert space.study
+
+
+def test_demo_space_uses_the_embedded_model() -> None:
+    assert load_space(Path(__file__).parent.parent / "search_spaces" / "demo.yaml").model.startswith("embedded:")
+
+
+# (change to MINIMAL, words the message must contain); None removes the key.
+BAD = [
+    ({"model": None}, "model: is required"),
+    ({"tasks": []}, "tasks"),
+    ({"methods": ["dartt"]}, "methods[0]: must be one of"),
+    ({"layer": {"low": 3, "high": 1}}, "layer: low (3) is above high (1)"),
+    ({"layer": {"low": 0, "high": 2}}, "layer.low: must be >= 1"),
+    ({"layer": {"low": 1}}, "layer: a range needs both low and high"),
+    ({"layer": "two"}, "layer: must be a mapping"),
+    ({"keep_ratio": {"low": 0.0, "high": 0.5}}, "keep_ratio.low: must be > 0"),
+    ({"keep_ratio": {"low": 0.1, "high": 1.5}}, "keep_ratio.high: must be <= 1"),
+    ({"keep_ratio": {"low": 0.1, "high": 0.5, "log": "yes"}}, "keep_ratio.log: must be true or false"),
+    ({"keep_ratio": [0.1, 0.2], "budget": 64}, "give exactly one of keep_ratio and budget"),
+    ({"keep_ratio": None}, "give exactly one of keep_ratio and budget"),
+    ({"n_image_pivots": 0, "n_text_pivots": 0}, "at least one"),
+    ({"keep_ration": 0.2}, "unknown key(s) ['keep_ration']"),
+    ({"constraints": {"min_acc": 0.5}}, "constraints: unknown key(s) ['min_acc']"),
+    ({"constraints": {"max_prefill_ms": -1}}, "constraints.max_prefill_ms: must be > 0"),
+    ({"sampler": {"name": "cmaes"}}, "sampler.name: must be one of"),
+    ({"sampler": {"name": "grid"}}, "keep_ratio: the grid sampler needs a list of values"),
+    ({"latency": {"new_tokens": 1}}, "latency.new_tokens: must be >= 2"),
+    ({"trials": 0}, "trials: must be >= 1"),
+    ({"batch_size": "8"}, "batch_size: must be an integer"),
+    ({"attn_implementation": "flash"}, "attn_implementation: must be one of"),
+    ({"subset": {"size": 0}}, "subset.size: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("change", "words"), BAD, ids=[w for _, w in BAD])
+def test_bad_space_names_file_and_key(tmp_path: Path, change: dict, words: str) -> None:
+    """The message must point at the culprit, so the user fixes it before a model is loaded."""
+    data = {**MINIMAL, **change}
+    data = {k: v for k, v in data.items() if v is not None}
+    path = tmp_path / "my_space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpaceError) as error:
+        load_space(path)
+    assert str(path) in str(error.value)
+    assert words in str(error.value)
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(SpaceError, match="cannot read search space"):
+        load_space(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(SpaceError, match="broken.yaml: not valid YAML"):
+        load_space(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(SpaceError, match="must be a YAML mapping"):
+        load_space(listed)
+
+
+def test_relative_model_and_include_paths_resolve_next_to_the_file(tmp_path: Path) -> None:
+    """`./model` in a space means next to the space file, not the current directory of whoever runs it."""
+    path = tmp_path / "sub" / "space.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({**MINIMAL, "model": "./ckpt", "include_paths": ["tasks"]}))
+    space = load_space(path)
+    assert space.model == str((tmp_path / "sub" / "ckpt").resolve())
+    assert space.include_paths == (str((tmp_path / "sub" / "tasks").resolve()),)
+    assert space.study == "space"
+
+
+def test_pivots_are_suggested_only_for_dart() -> None:
+    """Non-DART trials carrying pivot params would make TPE model parameters that did nothing."""
+    space = _space(methods=["dart", "random", "pooling"])
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        config = space.suggest(trial)
+        seen.add(config.method)
+        assert config.method == trial.params["method"]
+        assert 1 <= config.layer <= 3 and 0.1 <= config.keep_ratio <= 0.5
+        assert ("n_image_pivots" in trial.params) == (config.method == "dart")
+        study.tell(trial, [0.5, 1.0])
+    assert seen == {"dart", "random", "pooling"}
+
+
+def test_fixed_values_and_budget() -> None:
+    space = _space(keep_ratio=None, budget=[32, 64], layer=2, methods="dart", n_image_pivots=[2, 8])
+    config = space.suggest(optuna.trial.FixedTrial({"method": "dart", "layer": 2, "budget": 64,
+                                                    "n_image_pivots": 8, "n_text_pivots": 4}))
+    assert (config.budget, config.keep_ratio, config.n_image_pivots) == (64, None, 8)
+
+
+def test_grid_enumerates_every_configuration() -> None:
+    """The grid sampler must visit each combination once (pivots included, even for non-DART methods)."""
+    space = _space(keep_ratio=[0.25, 0.5], layer=[1, 2], n_image_pivots=[4], n_text_pivots=[2, 4],
+                   sampler={"name": "grid"})
+    grid = space.grid()
+    assert grid == {"method": ["dart", "random"], "layer": [1, 2], "n_image_pivots": [4], "n_text_pivots": [2, 4],
+                    "keep_ratio": [0.25, 0.5]}
+    from tuner.study import make_sampler
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(space))
+    configs = []
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        configs.append(json.dumps(space.suggest(trial).to_dict(), sort_keys=True))
+        return 0.5, 1.0
+
+    study.optimize(objective, n_trials=100)  # the grid sampler stops the study when the grid is done
+    assert len(study.trials) == 16
+    assert len(set(configs)) == 2 * 2 * 2 + 2 * 2  # random trials differ only in layer and keep ratio
+
+
+def test_paper_default_when_the_space_contains_it() -> None:
+    assert _space().paper_default() == {**PAPER_DEFAULT, "keep_ratio": 0.25}
+
+
+def test_paper_default_clamps_or_is_absent() -> None:
+    """K=2 with 4+4 pivots only when the space allows it; the keep ratio is the closest allowed to 0.25."""
+    assert _space(keep_ratio={"low": 0.3, "high": 0.6}).paper_default()["keep_ratio"] == 0.3
+    assert _space(keep_ratio=[0.1, 0.3]).paper_default()["keep_ratio"] == 0.3
+    assert _space(keep_ratio=None, budget=[64, 100, 200]).paper_default()["budget"] == 100
+    assert _space(layer={"low": 3, "high": 5}).paper_default() is None
+    assert _space(methods=["random"]).paper_default() is None
+    assert _space(n_image_pivots=[8]).paper_default() is None
+
+
+def test_overrides_ignore_none() -> None:
+    space = _space()
+    assert space.with_overrides(model=None, trials=7).model == "m"
+    assert space.with_overrides(model=None, trials=7).trials == 7

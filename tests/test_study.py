@@ -1,0 +1,259 @@
+"""The tuning service on a tiny LLaVA: what a study stores, constraints, failures, resuming, provenance, a worker
+killed mid-trial, and several workers on one study (SQLite, and PostgreSQL where CI provides one)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from tuner.cli import app
+from tuner.evaluation.tasks import load_tasks
+from tuner.models.loading import load_model
+from tuner.space import PAPER_DEFAULT, parse_space
+from tuner.study import ProvenanceMismatch, Tuner, is_baseline, make_storage, pareto_trials
+
+TASK = "dart_shapes"
+DART_TUNER = str(Path(sys.executable).parent / "dart-tuner")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _space_data(model: Path, **changes: object) -> dict:
+    data = {"study": "tiny", "model": str(model), "tasks": [TASK], "subset": {"size": 6, "seed": 0},
+            "methods": ["dart", "random"], "layer": [1, 2], "keep_ratio": [0.25, 0.5],
+            "n_image_pivots": [4], "n_text_pivots": [4], "attn_implementation": "sdpa", "dtype": "float32",
+            "device": "cpu", "batch_size": 3, "max_failures": 100, "sampler": {"name": "random", "seed": 0},
+            "trials": 3, "latency": {"new_tokens": 2, "repeats": 1, "warmup": 0}}
+    return {**data, **changes}
+
+
+@pytest.fixture(scope="module")
+def model_and_tasks(saved_dirs: dict[str, Path]) -> tuple:
+    """Load the tiny LLaVA and the task subset once for every in-process study of this module."""
+    loaded = load_model(str(saved_dirs["llava"]), dtype="float32", device="cpu", attn_implementation="sdpa")
+    return loaded, load_tasks([TASK], subset_size=6, seed=0)
+
+
+def _tuner(saved_dirs: dict[str, Path], model_and_tasks: tuple, storage: str, **changes: object) -> Tuner:
+    loaded, tasks = model_and_tasks
+    space = parse_space(_space_data(saved_dirs["llava"], **changes), "tiny.yaml")
+    return Tuner(space, storage, loaded=loaded, tasks=tasks, heartbeat_interval=1)
+
+
+def test_study_stores_baseline_first_and_every_number(saved_dirs, model_and_tasks, tmp_path) -> None:
+    """Catches a baseline that is not trial 0, objectives that differ from the stored attributes, and a
+    provenance that is not stored."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = _tuner(saved_dirs, model_and_tasks, storage).run(3)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 3
+    assert is_baseline(trials[0]) and trials[0].number == 0 and trials[0].params == {}
+    assert trials[1].user_attrs["role"] == "paper_default"
+    assert {k: trials[1].params[k] for k in PAPER_DEFAULT} == PAPER_DEFAULT
+    for trial in trials:
+        assert trial.values == [trial.user_attrs["accuracy"], trial.user_attrs["prefill_ms"]]
+        assert len(trial.user_attrs["samples"]) == 6
+        assert trial.user_attrs["prefill_flops"] > 0 and trial.user_attrs["kv_cache_bytes"] > 0
+    base, pruned = trials[0].user_attrs, trials[1].user_attrs
+    assert pruned["kept_vision_mean"] < base["kept_vision_mean"]
+    assert pruned["flops_ratio"] < 1.0 == base["flops_ratio"]
+    assert pruned["config"]["keep_ratio"] == 0.25 and base["config"] is None
+    reloaded = optuna.load_study(study_name="tiny", storage=storage)
+    provenance = reloaded.user_attrs["provenance"]
+    assert provenance["family"] == "llava" and provenance["tasks"][0]["name"] == TASK
+    assert provenance["tasks"][0]["size"] == 6 and provenance["versions"]["torch"]
+    assert reloaded.user_attrs["baseline"]["trial"] == 0
+
+
+def test_infeasible_trials_stay_out_of_the_pareto_set(saved_dirs, model_and_tasks, tmp_path) -> None:
+    """A latency ceiling no trial meets: every trial is stored, none is offered as a Pareto point."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = _tuner(saved_dirs, model_and_tasks, storage, constraints={"max_prefill_ms": 1e-6}).run(2)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    assert pareto_trials(study) == []
+    relaxed = _tuner(saved_dirs, model_and_tasks, f"sqlite:///{tmp_path / 'r.db'}").run(2)
+    assert pareto_trials(relaxed)
+
+
+def test_a_failing_trial_is_stored_with_its_reason(saved_dirs, model_and_tasks, tmp_path, monkeypatch) -> None:
+    """A trial that raises (an out-of-memory, say) is kept as failed with the reason, and the study goes on."""
+    tuner = _tuner(saved_dirs, model_and_tasks, f"sqlite:///{tmp_path / 's.db'}")
+    real = tuner.evaluator.evaluate
+
+    def fail_for_dart(config, on_progress=None):
+        if config is not None and config.method == "dart":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(config, on_progress=on_progress)
+
+    monkeypatch.setattr(tuner.evaluator, "evaluate", fail_for_dart)
+    study = tuner.run(2)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert failed and failed[0].number == 1  # the paper default is a DART trial
+    assert failed[0].user_attrs["failure"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+
+
+def test_resume_continues_numbering_and_keeps_one_baseline(saved_dirs, model_and_tasks, tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    _tuner(saved_dirs, model_and_tasks, storage).run(2)
+    study = _tuner(saved_dirs, model_and_tasks, storage).run(4)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert [t.number for t in study.trials] == list(range(len(study.trials)))
+    assert len(complete) == 4
+    assert sum(is_baseline(t) for t in study.trials) == 1
+
+
+def test_another_setup_is_refused_unless_mixing_is_asked_for(saved_dirs, model_and_tasks, tmp_path) -> None:
+    """Trials measured on another task subset are not comparable; the error lists what differs."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    _tuner(saved_dirs, model_and_tasks, storage).run(1)
+    loaded, _ = model_and_tasks
+    other_tasks = load_tasks([TASK], subset_size=6, seed=1)
+    space = parse_space(_space_data(saved_dirs["llava"], subset={"size": 6, "seed": 1}), "tiny.yaml")
+    with pytest.raises(ProvenanceMismatch, match="tasks: study has"):
+        Tuner(space, storage, loaded=loaded, tasks=other_tasks)
+    Tuner(space, storage, loaded=loaded, tasks=other_tasks, allow_mixed=True)
+
+
+def test_a_duplicate_baseline_from_a_racing_worker_is_pruned(saved_dirs, model_and_tasks, tmp_path) -> None:
+    """Two workers creating the study at once may both enqueue the baseline; only one may be measured."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    tuner = _tuner(saved_dirs, model_and_tasks, storage)
+    tuner.study.add_trial(optuna.create_trial(state=TrialState.WAITING, user_attrs={"role": "baseline"},
+                                              system_attrs={"fixed_params": {}}))
+    study = tuner.run(3)
+    baselines = [t for t in study.trials if is_baseline(t)]
+    assert [t.state for t in baselines] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert baselines[1].user_attrs["duplicate_of"] == baselines[0].number
+
+
+def _write_space(tmp_path: Path, model: Path, **changes: object) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(_space_data(model, **changes)))
+    return path
+
+
+def _worker(space: Path, storage: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([DART_TUNER, "tune", "--space", str(space), "--storage", storage, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _running_trial(storage: str, study: str, deadline: float) -> int:
+    while time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name=study, storage=storage).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:  # the worker has not created the study yet
+            trials = []
+        if trials:
+            return trials[0].number
+        time.sleep(0.2)
+    raise AssertionError("no trial started within the deadline")
+
+
+def test_a_killed_worker_s_trial_is_failed_and_retried(saved_dirs, model_and_tasks, tmp_path) -> None:
+    """SIGKILL mid-trial: the heartbeat marks the trial failed and it is measured again by the next worker,
+    keeping its role (a killed baseline is retried as the baseline)."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    worker = _worker(_write_space(tmp_path, saved_dirs["llava"]), storage, "--heartbeat-interval", "1")
+    try:
+        killed = _running_trial(storage, "tiny", time.monotonic() + 120)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    time.sleep(2.5)  # past the grace period (2 heartbeats)
+    study = _tuner(saved_dirs, model_and_tasks, storage).run(3)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[killed].state == TrialState.FAIL
+    retries = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].user_attrs.get("role") == by_number[killed].user_attrs.get("role")
+    assert sum(is_baseline(t) and t.state == TrialState.COMPLETE for t in study.trials) == 1
+
+
+def _two_workers(space: Path, storage: str, study: str, trials: int) -> optuna.Study:
+    workers = [_worker(space, storage, "--study", study, "--trials", str(trials)) for _ in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output
+    return optuna.load_study(study_name=study, storage=storage)
+
+
+def _check_shared_study(study: optuna.Study, trials: int) -> None:
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert trials <= len(complete) <= trials + 1  # each worker checks the target after its own trial
+    assert sum(is_baseline(t) for t in complete) == 1
+    assert not study.get_trials(states=(TrialState.FAIL,))
+    assert all("accuracy" in t.user_attrs and "prefill_ms" in t.user_attrs for t in complete)
+
+
+def test_two_workers_share_a_sqlite_study(saved_dirs, tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    _check_shared_study(_two_workers(_write_space(tmp_path, saved_dirs["llava"]), storage, "shared", 5), 5)
+
+
+def test_two_workers_share_a_postgresql_study(saved_dirs, tmp_path) -> None:
+    url = os.environ.get("DART_TUNER_TEST_POSTGRES")
+    if not url:
+        if os.environ.get("DART_TUNER_REQUIRE_POSTGRES") == "1":
+            pytest.fail("DART_TUNER_REQUIRE_POSTGRES=1 but DART_TUNER_TEST_POSTGRES is not set")
+        pytest.skip("set DART_TUNER_TEST_POSTGRES=postgresql+psycopg://... to run (.ci/run starts one)")
+    study = f"pg-{uuid.uuid4().hex[:8]}"
+    _check_shared_study(_two_workers(_write_space(tmp_path, saved_dirs["llava"]), url, study, 5), 5)
+
+
+def test_cli_tune_prints_the_pareto_front_and_studies_lists_it(saved_dirs, tmp_path) -> None:
+    runner = CliRunner()
+    storage = f"sqlite:///{tmp_path / 'cli.db'}"
+    space = _write_space(tmp_path, saved_dirs["llava"])
+    result = runner.invoke(app, ["tune", "--space", str(space), "--storage", storage, "--trials", "2"])
+    assert result.exit_code == 0, result.output
+    assert "trial 0" in result.output and "trial 1: dart K=2" in result.output
+    assert "Pareto" in result.output
+    listed = runner.invoke(app, ["studies", "--storage", storage])
+    assert listed.exit_code == 0 and "tiny" in listed.output
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--space", "missing.yaml"], "cannot read search space"),
+    (["--sampler", "cmaes"], "--sampler must be one of"),
+    (["--model", "/no/such/model"], "/no/such/model"),
+    (["--task", "dart_shapez"], "dart_shapes"),  # the suggestion
+])
+def test_cli_tune_errors_name_the_culprit(saved_dirs, tmp_path, args: list[str], words: str) -> None:
+    space = _write_space(tmp_path, saved_dirs["llava"], layer=[1, 2])
+    base = ["tune", "--space", str(space), "--storage", f"sqlite:///{tmp_path / 'e.db'}"]
+    if args[0] == "--space":
+        base = base[:1] + [args[0], str(tmp_path / args[1])] + base[3:]
+    else:
+        base += args
+    result = CliRunner().invoke(app, base)
+    assert result.exit_code == 2, result.output
+    assert words in result.output
+
+
+def test_cli_tune_refuses_a_layer_beyond_the_model(saved_dirs, tmp_path) -> None:
+    space = _write_space(tmp_path, saved_dirs["llava"], layer=[1, 9])
+    result = CliRunner().invoke(app, ["tune", "--space", str(space), "--storage", f"sqlite:///{tmp_path / 'e.db'}"])
+    assert result.exit_code == 2 and "layer" in result.output and "4 decoder layers" in result.output
+
+
+def test_studies_on_a_bad_storage_is_a_clear_error() -> None:
+    result = CliRunner().invoke(app, ["studies", "--storage", "notadb://x"])
+    assert result.exit_code == 2 and "cannot read storage 'notadb://x'" in result.output
+
+
+def test_storage_retries_at_most_twice(tmp_path) -> None:
+    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1)
+    assert storage.heartbeat_interval == 1 and storage.heartbeat_stale_trial_callback._max_retry == 2
