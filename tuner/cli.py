@@ -384,3 +384,59 @@ def export(
     Console().print(f"{rule.describe()}: trial {chosen.number} ({method} K={layer} pivots {pivots} keep {amount}), "
                     f"accuracy {metrics['accuracy']:.3f} (baseline {metrics['baseline_accuracy']}), prefill "
                     f"{metrics['prefill_ms_median']:.1f} ms ({metrics['speedup'] or float('nan'):.2f}x) -> {output}")
+
+
+def dashboard_app_path() -> Path | None:
+    """`dashboard/app.py` of the checkout this package runs from (None in a non-editable install)."""
+    path = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    return path if path.is_file() else None
+
+
+def dashboard_command(app_path: Path, storage: str, port: int, address: str) -> list[str]:
+    """The `streamlit run` command line that serves the dashboard headless on `address:port`."""
+    import sys
+
+    return [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.headless", "true",
+            "--server.port", str(port), "--server.address", address, "--browser.gatherUsageStats", "false",
+            "--", "--storage", storage]
+
+
+@app.command("dashboard")
+def dashboard(
+    storage: str = typer.Option("sqlite:///dart_tuner.db", help="SQLAlchemy URL of the Optuna storage (another one "
+                                                                "can be typed into the app)."),
+    port: int = typer.Option(8501, min=1, max=65535, help="Port to serve on."),
+    address: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 to reach it from other machines)."),
+) -> None:
+    """Serve the Streamlit dashboard: Pareto fronts, choosing a point under bounds, downloading its preset."""
+    import importlib.util
+    import signal
+    import subprocess
+
+    missing = [name for name in ("streamlit", "plotly") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise _fail(f"the dashboard needs {' and '.join(missing)}: pip install 'dart-tuner[dashboard]'")
+    app_path = dashboard_app_path()
+    if app_path is None:
+        raise _fail("dashboard/app.py is not next to this tuner package: install dart-tuner from a checkout "
+                    "(pip install -e '.[dashboard]'), or run `streamlit run <checkout>/dashboard/app.py -- "
+                    "--storage URL`")
+    from tuner.dashboard_data import StorageProblem, open_storage
+
+    try:
+        open_storage(storage)
+    except StorageProblem as problem:
+        raise _fail(str(problem)) from None
+    Console().print(f"dart-tuner dashboard on http://{address}:{port} for {storage} (Ctrl-C stops it)")
+    server = subprocess.Popen(dashboard_command(app_path, storage, port, address))
+    previous = signal.signal(signal.SIGTERM, lambda *_: server.terminate())  # stopping us stops the server
+    try:
+        code = server.wait()
+        code = 128 - code if code < 0 else code  # killed by a signal: the shell convention
+    except KeyboardInterrupt:
+        server.terminate()
+        server.wait()
+        code = 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise typer.Exit(code)
