@@ -348,4 +348,4 @@ def test_dashboard_command(storage: str, monkeypatch: pytest.MonkeyPatch) -> Non
     assert command[-3:] == ["--", "--storage", storage]
     flags = dict(zip(command[5:-3:2], command[6:-3:2]))
     assert flags == {"--server.headless": "true", "--server.port": "8765", "--server.address": "0.0.0.0",
-                     "--browser.gatherUsageStats": "false"}
+                     "--browser.gatherUsageStats": "false", "--client.toolbarMode": "viewer"}

@@ -398,7 +398,7 @@ def dashboard_command(app_path: Path, storage: str, port: int, address: str) -> 
 
     return [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.headless", "true",
             "--server.port", str(port), "--server.address", address, "--browser.gatherUsageStats", "false",
-            "--", "--storage", storage]
+            "--client.toolbarMode", "viewer", "--", "--storage", storage]
 
 
 @app.command("dashboard")
