@@ -223,15 +223,22 @@ def train_tiny(
     seed: int = typer.Option(0, help="Seed of the weights and of the training scenes."),
     eval_every: int = typer.Option(200, min=0, help="Steps between validation accuracies (0: only at the end)."),
     threads: int = typer.Option(2, min=1, help="torch CPU threads."),
+    init_from: Path | None = typer.Option(None, help="Continue from this checkpoint's weights (new schedule)."),
+    first_image: int = typer.Option(0, min=0, help="First training scene; when continuing, the images seen so far "
+                                                   "(steps x batch size) so none is repeated."),
 ) -> None:
-    """Train the embedded tiny LLaVA from scratch on generated dart_shapes scenes (seeded, reproducible)."""
+    """Train the embedded tiny LLaVA from scratch on generated dart_shapes scenes (seeded, reproducible), or
+    continue a run from its checkpoint."""
     import torch
 
     from tuner.tiny.train import TrainConfig, train
 
     torch.set_num_threads(threads)
     config = TrainConfig(steps=steps, batch_size=batch_size, turns_per_image=turns_per_image, lr=lr, seed=seed,
-                         eval_every=eval_every or steps)
+                         eval_every=eval_every or steps, init_from=str(init_from) if init_from else None,
+                         first_image=first_image)
+    if init_from is not None and not (init_from / "config.json").exists():
+        raise _fail(f"--init-from {str(init_from)!r} is not a checkpoint folder (no config.json)")
     console = Console()
     console.print(f"training {steps} steps x {batch_size} images into {out}")
     _, _, history = train(config, out_dir=out, log=console.print)

@@ -38,6 +38,8 @@ class TrainConfig:
     eval_every: int = 250
     eval_docs: int = 300
     shape: TinyShape = field(default_factory=TinyShape)
+    init_from: str | None = None  # continue from this checkpoint's weights (a new optimizer and schedule)
+    first_image: int = 0  # index of the first training scene; a continued run starts after the images seen
 
 
 @dataclass
@@ -120,7 +122,13 @@ def train(config: TrainConfig, out_dir: str | Path | None = None,
     """Train from scratch; save model + processor + `training.json` to `out_dir` when given."""
     torch.manual_seed(config.seed)
     processor = build_processor(config.shape)
-    model = build_model(processor.tokenizer, config.shape)
+    if config.init_from is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(config.init_from, dtype=torch.float32)
+        if model.config.text_config.vocab_size != len(processor.tokenizer):
+            raise ValueError(f"{config.init_from} has a vocabulary of {model.config.text_config.vocab_size} tokens, "
+                             f"the tiny tokenizer {len(processor.tokenizer)}: not a tiny-llava-shapes checkpoint")
+    else:
+        model = build_model(processor.tokenizer, config.shape)
     model.train()
     seqs = Sequences(processor, config.shape.n_vision_tokens)
     val_docs = list(shapes.generate_docs("val", config.eval_docs, seed=config.seed))
@@ -132,7 +140,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None,
     history = TrainLog()
     start = time.perf_counter()
     for step in range(config.steps):
-        batch = training_batch(seqs, step * config.batch_size, config)
+        batch = training_batch(seqs, config.first_image + step * config.batch_size, config)
         logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
         optimizer.zero_grad(set_to_none=True)
