@@ -33,6 +33,12 @@ def study_for(url: str, name: str) -> optuna.Study:
     return dd.load_study(storage_for(url), name)
 
 
+@st.cache_data(show_spinner=False, ttl=15, max_entries=32)
+def studies_in(url: str) -> list[dd.StudyChoice]:
+    """The picker's studies (counting trials reads them all, so at most every 15 s or on Refresh)."""
+    return dd.list_studies(storage_for(url))
+
+
 @st.cache_data(show_spinner="Estimating parameter importance...", max_entries=64)
 def importance_for(url: str, name: str, n_complete: int, params: tuple[str, ...]) -> object:
     """fANOVA importance figure, recomputed only when the study has new complete trials."""
@@ -53,18 +59,22 @@ with st.sidebar:
     url = st.text_input("Optuna storage (SQLAlchemy URL)", value=dd.storage_from_argv(sys.argv[1:]), key="storage",
                         help="sqlite:///dart_tuner.db, or postgresql+psycopg://user@host/db for many workers")
     try:
-        storage = storage_for(url)
-        choices = [c for c in dd.list_studies(storage) if c.dart_tuner]
+        choices = [c for c in studies_in(url) if c.dart_tuner]
     except dd.StorageProblem as problem:
         st.error(str(problem))
         st.stop()
     if not choices:
         st.info(f"No dart-tuner study in {url} yet. Start one with `dart-tuner tune --space "
                 f"search_spaces/demo.yaml --storage {url}`, then refresh.")
-        st.button("Refresh", key="refresh_empty")
+        if st.button("Refresh", key="refresh_empty"):
+            studies_in.clear()
+            st.rerun()
         st.stop()
     labels = {c.name: c.label for c in choices}
     name = st.selectbox("Study", list(labels), format_func=labels.get, key="study", on_change=reset_bounds)
+    if st.button("Refresh", key="refresh", help="Read the storage again (new studies, new trials)"):
+        studies_in.clear()
+        study_for.clear()
     try:
         study = study_for(url, name)
     except dd.StorageProblem as problem:
@@ -72,7 +82,6 @@ with st.sidebar:
         st.stop()
     trials = study.get_trials(deepcopy=False)
     running = dd.is_running(trials)
-    st.button("Refresh", key="refresh", help="Read the study again (new trials from running workers)")
     auto = st.toggle("Refresh every 10 s while trials run", value=running, key="auto_refresh")
     if running:
         st.caption(f"{dd.state_counts(trials)['running']} trial(s) running")
@@ -190,7 +199,7 @@ with params_tab:
     try:
         st.plotly_chart(importance_for(url, name, len(done), tuple(params)), key="importance")
     except (ValueError, RuntimeError) as error:
-        st.info(f"Parameter importance needs more trials: {error}")
+        st.info(f"Parameter importance cannot be estimated from these trials yet: {error}")
     st.plotly_chart(dd.parameter_figure(frame), key="parameters")
     st.caption("Crosses: infeasible trials. Pivot counts exist only for DART trials.")
 with compare_tab:

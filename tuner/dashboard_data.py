@@ -122,15 +122,16 @@ class StudyChoice:
 
 
 def list_studies(storage: optuna.storages.BaseStorage) -> list[StudyChoice]:
-    """Every study in the storage with a label (model, tasks, device, trial count), most recent first."""
+    """Every study in the storage with a label (model, tasks, device, trial count), by name."""
     choices = []
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        provenance = summary.user_attrs.get("provenance") or {}
+    for study in storage.get_all_studies():
+        provenance = study.user_attrs.get("provenance") or {}
         tasks = ",".join(t.get("name", "?") for t in provenance.get("tasks") or [])
         details = [str(v) for v in (provenance.get("model_id"), tasks, provenance.get("device")) if v]
-        ours = [d.name for d in summary.directions] == ["MAXIMIZE", "MINIMIZE"]
-        label = f"{summary.study_name} ({', '.join(details + [f'{summary.n_trials} trials'])})"
-        choices.append(StudyChoice(summary.study_name, summary.n_trials, label, ours, provenance.get("model_id")))
+        ours = [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+        n_trials = storage.get_n_trials(storage.get_study_id_from_name(study.study_name))
+        label = f"{study.study_name} ({', '.join(details + [f'{n_trials} trials'])})"
+        choices.append(StudyChoice(study.study_name, n_trials, label, ours, provenance.get("model_id")))
     return sorted(choices, key=lambda c: c.name)
 
 
