@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from tuner.evaluation import shapes
-from tuner.tiny.model import POST_PROMPT, TinyShape, build_model, build_processor
+from tuner.tiny.model import TinyShape, build_model, build_processor, full_prompt
 
 IGNORE = -100
 
@@ -59,16 +59,15 @@ class Sequences:
         self.ids = tokenizer.convert_tokens_to_ids
         self.processor = processor
         self.n_vision = n_vision
-        self.post = self.ids(POST_PROMPT.strip())
         self.prefix = [self.ids("USER:")] + [self.ids("<image>")] * n_vision
-        self.assistant, self.eos = self.ids("ASSISTANT:"), tokenizer.eos_token_id
+        self.eos = tokenizer.eos_token_id
 
     def question(self, question: str) -> list[int]:
-        """The tokens after the image for one question, ending where the answer starts."""
-        token = self.ids(question)
+        """The tokens after the image for one question, ending where the answer starts (one compound token)."""
+        token = self.ids(full_prompt(question))
         if token == self.processor.tokenizer.unk_token_id:
             raise ValueError(f"question {question!r} is not in the tiny vocabulary")
-        return [token, self.post, self.assistant]
+        return [token]
 
     def pixels(self, images: list) -> torch.Tensor:
         return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
