@@ -162,6 +162,7 @@ def _running_trial(storage: str, study: str, deadline: float) -> int:
     raise AssertionError("no trial started within the deadline")
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_killed_worker_s_trial_is_failed_and_retried(saved_dirs, model_and_tasks, tmp_path) -> None:
     """SIGKILL mid-trial: the heartbeat marks the trial failed and it is measured again by the next worker,
     keeping its role (a killed baseline is retried as the baseline)."""
