@@ -182,3 +182,16 @@ def test_export_command(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "Closest" in result.output
     result = runner.invoke(app, ["export", "--storage", storage, "--study", "nope", "--trial", "1"])
     assert result.exit_code == 2 and "hand" in result.output
+
+
+@pytest.mark.parametrize("rule", [Rule(trial=3), Rule(min_accuracy=0.72), Rule(min_relative_accuracy=0.95),
+                                  Rule(max_prefill_ms=45), Rule(min_accuracy=0.65, max_prefill_ms=35)])
+def test_rule_cli_options_pick_the_same_trial_from_the_command_line(tmp_path: Path, rule: Rule) -> None:
+    """The dashboard prints `rule.cli_options()`; pasted into `dart-tuner export` it must choose the same trial."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = _study(storage)
+    out = tmp_path / "preset.yaml"
+    result = CliRunner().invoke(app, ["export", "--storage", storage, "--study", "hand", *rule.cli_options().split(),
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_preset(out).provenance["trial"] == choose_trial(study, rule).number

@@ -364,21 +364,16 @@ def export(
     output: Path = typer.Option(Path("preset.yaml"), "--output", "-o", help="Preset file to write."),
 ) -> None:
     """Write the chosen trial of a study as a preset: its PruningConfig, metrics and provenance."""
-    import optuna
 
     from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
     from tuner.presets import save_preset
     from tuner.reporting import trial_label
+    from tuner.study import open_study
 
     try:
         rule = Rule(trial=trial, min_accuracy=min_accuracy, min_relative_accuracy=min_relative_accuracy,
                     max_prefill_ms=max_latency_ms)
-        try:
-            loaded_study = optuna.load_study(study_name=study, storage=storage)
-        except KeyError:
-            names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-            raise ValueError(f"no study {study!r} in {storage}; studies there: {', '.join(names) or 'none'}") \
-                from None
+        loaded_study = open_study(storage, study)
         chosen = choose_trial(loaded_study, rule)
         preset = preset_from_trial(loaded_study, chosen)
     except (NoTrialQualifies, ValueError) as error:

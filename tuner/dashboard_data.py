@@ -27,8 +27,15 @@ from plotly.subplots import make_subplots
 
 from tuner.export import NoTrialQualifies, Rule, accuracy_floor, choose_trial, preset_from_trial, qualifying_trials
 from tuner.presets import preset_to_yaml
-from tuner.reporting import speedup
-from tuner.study import DEFAULT_STORAGE, accuracy_relative, config_of, is_baseline
+from tuner.reporting import describe_trial, speedup
+from tuner.study import (
+    DEFAULT_STORAGE,
+    StudyNotFound,
+    accuracy_relative,
+    config_of,
+    is_baseline,
+    open_study,
+)
 
 STORAGE_ENV = "DART_TUNER_STORAGE"
 METHOD_COLORS = {"dart": "#1f77b4", "random": "#ff7f0e", "pooling": "#2ca02c", "avgpool": "#9467bd",
@@ -138,11 +145,9 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[StudyChoice]:
 def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
     """The named study; StorageProblem naming the studies there when it does not exist or is not dart-tuner's."""
     try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        names = [c.name for c in list_studies(storage)]
-        raise StorageProblem(f"no study {name!r} in this storage; studies there: {', '.join(names) or 'none'}") \
-            from None
+        study = open_study(storage, name)
+    except StudyNotFound as error:
+        raise StorageProblem(str(error)) from None
     if [d.name for d in study.directions] != ["MAXIMIZE", "MINIMIZE"]:
         raise StorageProblem(f"study {name!r} has directions {[d.name.lower() for d in study.directions]}, not "
                              "(maximize accuracy, minimize prefill latency): it was not made by dart-tuner tune")
@@ -265,21 +270,6 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
     return "<br>".join(lines)
 
 
-def trial_label(trial: FrozenTrial) -> str:
-    """Method, K, pivots and amount in a few words ('unpruned baseline' for the baseline)."""
-    config = config_of(trial)
-    if config is None:
-        return "unpruned baseline" if is_baseline(trial) else "no configuration"
-    parts = [config.method, f"K={config.layer}"]
-    if config.method == "dart":
-        parts.append(f"pivots {config.n_image_pivots}+{config.n_text_pivots}")
-    if config.keep_ratio is not None:
-        parts.append(f"keep {config.keep_ratio:.3g}")
-    elif config.budget is not None:
-        parts.append(f"budget {config.budget}")
-    return " ".join(parts)
-
-
 TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ratio", "budget", "n_image_pivots",
                  "n_text_pivots", "accuracy", "relative_accuracy", "prefill_ms", "prefill_iqr_ms", "speedup",
                  "decode_ms_per_token", "kept_vision_mean", "kept_vision_min", "kept_vision_max", "vision_mean",
@@ -301,7 +291,7 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
         row = {
             "number": trial.number, "state": trial.state.name.lower(), "role": attrs.get("role", ""),
             "method": config.method if config else ("unpruned" if is_baseline(trial) else "?"),
-            "label": trial_label(trial),
+            "label": describe_trial(trial),
             "layer": config.layer if config else math.nan,
             "keep_ratio": _num(config.keep_ratio) if config else math.nan,
             "budget": _num(config.budget) if config else math.nan,
@@ -375,17 +365,7 @@ def recommend(study: optuna.Study, *, min_accuracy: float | None = None,
 
 def export_rule_args(recommendation: Recommendation) -> str:
     """The `dart-tuner export` options that pick the same trial from the command line."""
-    rule = recommendation.rule
-    if rule is None:
-        return ""
-    parts = []
-    if rule.min_accuracy is not None:
-        parts.append(f"--min-accuracy {rule.min_accuracy:g}")
-    if rule.min_relative_accuracy is not None:
-        parts.append(f"--min-relative-accuracy {rule.min_relative_accuracy:g}")
-    if rule.max_prefill_ms is not None:
-        parts.append(f"--max-latency-ms {rule.max_prefill_ms:g}")
-    return " ".join(parts)
+    return recommendation.rule.cli_options() if recommendation.rule is not None else ""
 
 
 def candidate_numbers(frame: pd.DataFrame) -> list[int]:

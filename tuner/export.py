@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__
 from tuner.presets import SCHEMA_VERSION, Preset
+from tuner.reporting import describe_trial
 from tuner.study import config_of, is_baseline
 
 
@@ -39,6 +40,14 @@ class Rule:
             raise ValueError("give a trial number or accuracy/latency bounds, not both")
         if self.min_accuracy is not None and self.min_relative_accuracy is not None:
             raise ValueError("give an absolute or a relative minimum accuracy, not both")
+
+    def cli_options(self) -> str:
+        """The `dart-tuner export` options that select by this rule."""
+        if self.trial is not None:
+            return f"--trial {self.trial}"
+        options = {"--min-accuracy": self.min_accuracy, "--min-relative-accuracy": self.min_relative_accuracy,
+                   "--max-latency-ms": self.max_prefill_ms}
+        return " ".join(f"{flag} {value:g}" for flag, value in options.items() if value is not None)
 
     def describe(self) -> str:
         if self.trial is not None:
@@ -69,10 +78,7 @@ def baseline_accuracy(study: optuna.Study) -> float:
 
 
 def _label(trial: FrozenTrial) -> str:
-    config = config_of(trial)
-    amount = f"keep {config.keep_ratio:.3g}" if config.keep_ratio is not None else f"budget {config.budget}"
-    return (f"#{trial.number} {config.method} K={config.layer} {amount}: accuracy {trial.values[0]:.3f}, "
-            f"prefill {trial.values[1]:.1f} ms")
+    return f"#{trial.number} {describe_trial(trial)}: accuracy {trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms"
 
 
 def accuracy_floor(study: optuna.Study, rule: Rule) -> float | None:

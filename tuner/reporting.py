@@ -26,6 +26,21 @@ def trial_label(trial: FrozenTrial) -> tuple[str, str, str, str]:
     return config.method, str(config.layer), pivots, amount
 
 
+def describe_trial(trial: FrozenTrial) -> str:
+    """Method, K, pivots and amount in a few words ('unpruned baseline' for the baseline)."""
+    config = config_of(trial)
+    if config is None:
+        return "unpruned baseline" if is_baseline(trial) else "no configuration"
+    parts = [config.method, f"K={config.layer}"]
+    if config.method == "dart":
+        parts.append(f"pivots {config.n_image_pivots}+{config.n_text_pivots}")
+    if config.keep_ratio is not None:
+        parts.append(f"keep {config.keep_ratio:.3g}")
+    elif config.budget is not None:
+        parts.append(f"budget {config.budget}")
+    return " ".join(parts)
+
+
 def speedup(trial: FrozenTrial, study: optuna.Study) -> float:
     """Prefill speed-up over the baseline measured in the same trial (robust to machine drift), else the
     study's baseline."""

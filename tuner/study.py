@@ -42,6 +42,20 @@ DEFAULT_STORAGE = "sqlite:///dart_tuner.db"
 _SCHEMA_ATTEMPTS = 5
 
 
+class StudyNotFound(ValueError):
+    """No study of that name in the storage; the message lists the ones there."""
+
+
+def open_study(storage: str | optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    """Load an existing study, or raise StudyNotFound naming the studies the storage holds."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+        raise StudyNotFound(f"no study {name!r} in this storage; studies there: {', '.join(names) or 'none'}") \
+            from None
+
+
 class ProvenanceMismatch(ValueError):
     """The study was created on another model / task subset / machine; the message lists each difference."""
 
