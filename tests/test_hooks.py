@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import torch
-from transformers.masking_utils import create_causal_mask
 
 import tiny_vlms
 import tuner
@@ -12,6 +11,8 @@ from conftest import Loader
 from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.dart import dart_select
+from tuner.models.families import adapter_for
+from tuner.transformers_compat import build_mask, positions_from_mask
 
 ATTN = ("sdpa", "eager")
 K = 2
@@ -127,8 +128,8 @@ def test_pruned_prefill_equals_manual_recomputation(family, attn, loaded: Loader
     with torch.no_grad():
         hidden = seen["hidden"][:, kept]
         rotary = text_model.rotary_emb(hidden, positions)
-        mask = create_causal_mask(config=text_model.config, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=None)
+        mask = build_mask("full_attention", config=text_model.config, inputs_embeds=hidden, attention_mask=None,
+                          cache=None, layer_idx=0)
         for layer in text_model.layers[K:]:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=None)
         manual = model.lm_head(text_model.norm(hidden))
@@ -183,6 +184,27 @@ def test_left_padded_batch_equals_rows_alone(family, attn, method, loaded: Loade
         torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
+@pytest.mark.parametrize("method", ("dart", "fastv"))
+def test_plain_forward_left_padded_batch_equals_rows_alone(family, attn, method, loaded: Loader):
+    """`model(**inputs)` without position_ids: padding must not shift the positions that rank DART's pivots."""
+    model, processor = loaded(family, attn)
+    inputs = tiny_vlms.make_inputs(family, processor, batch=2)
+    assert not bool(inputs["attention_mask"].all())  # row 1 is left-padded
+    vision = vision_mask(model, inputs)
+    with tuner.apply_pruning(model, config(method)) as handle, torch.no_grad():
+        batch_logits = model(**inputs).logits[:, -1]
+    for row in range(2):
+        alone = tiny_vlms.row_inputs(family, inputs, row)
+        with tuner.apply_pruning(model, config(method)) as row_handle, torch.no_grad():
+            row_logits = model(**alone).logits[:, -1]
+        padding = int((inputs["attention_mask"][row] == 0).sum())
+        assert torch.equal(kept_vision(handle, vision, row) - padding,
+                           kept_vision(row_handle, vision_mask(model, alone), 0))
+        torch.testing.assert_close(row_logits[0], batch_logits[row], rtol=0, atol=ATOL)
+
+
 def _reference_states(model, inputs):
     """Unhooked run: layer K-1 output and its post-RoPE keys, recomputed from k_proj and the rotary tables."""
     text_model = model.get_decoder()
@@ -211,7 +233,10 @@ def _reference_states(model, inputs):
 def test_dart_select_on_unhooked_states_equals_hooked_selection(family, attn, loaded: Loader):
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
-    hidden, keys = _reference_states(model, inputs)
+    reference_inputs = dict(inputs)
+    if adapter_for(model).positions_ignore_padding:  # the hooks number each row from its first real token
+        reference_inputs["position_ids"] = positions_from_mask(inputs["attention_mask"], inputs["input_ids"].shape[1])
+    hidden, keys = _reference_states(model, reference_inputs)
     vision = vision_mask(model, inputs)
     cfg = config("dart")
     with torch.no_grad():

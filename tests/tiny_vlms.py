@@ -38,6 +38,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from tuner.transformers_compat import cache_from_output
 from tuner.models.processors import IMAGE_ONLY_PROCESSORS, ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen2VLProcessor
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
@@ -340,4 +341,4 @@ def greedy(model: PreTrainedModel, inputs: dict, new_tokens: int) -> tuple[torch
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1), out.past_key_values
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1), cache_from_output(out)

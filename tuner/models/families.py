@@ -14,6 +14,8 @@ SUPPORTED_CLASSES: dict[str, str] = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
+# Families whose top-level forward derives (M-RoPE) positions from the attention mask when given none.
+_MASK_AWARE_POSITIONS = frozenset({"qwen2_vl", "qwen2_5_vl"})
 _VISION_ID_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
 
@@ -28,6 +30,11 @@ class FamilyAdapter:
     @property
     def layers(self) -> torch.nn.ModuleList:
         return self.text_model.layers
+
+    @property
+    def positions_ignore_padding(self) -> bool:
+        """Whether a call without `position_ids` numbers positions 0..N-1 straight across left padding."""
+        return self.family not in _MASK_AWARE_POSITIONS
 
     @property
     def layer_types(self) -> list[str]:

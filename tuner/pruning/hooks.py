@@ -16,15 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
 from tuner.config import PruningConfig
 from tuner.models.families import FamilyAdapter
 from tuner.pruning.base import SelectionContext
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.registry import get_method_class
-
-_MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+from tuner.transformers_compat import build_mask, cache_from_kwargs, positions_from_mask
 
 
 @dataclass(frozen=True)
@@ -132,13 +129,14 @@ class PruningHandle:
         self.remove()
 
     # -- hooks -----------------------------------------------------------------------------------
-    def _on_model_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_model_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Top-level pre-hook: find the vision tokens of a new prompt, validate, before any compute."""
         mask = kwargs.get("attention_mask")
         self._attention_2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        cache = kwargs.get("past_key_values")
+        substituted = self._number_positions_per_row(args, kwargs)
+        cache = cache_from_kwargs(kwargs)
         if cache is not None and cache.get_seq_length(self.config.layer) > 0:
-            return  # decode / continuation of the pruned prompt
+            return substituted  # decode / continuation of the pruned prompt
         self._pruned_prompt = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -159,18 +157,38 @@ class PruningHandle:
                                  f"{list(self.adapter.vision_token_ids)} appear in input_ids); set "
                                  "PruningConfig(require_vision=False) to let text-only prompts through")
             self._prompt = None
-            return
+            return substituted
         if self.method.needs_keys:  # DART's image pivots must exist in every row that has vision tokens
             for row, n in enumerate(n_vision):
                 if 0 < n < self.config.n_image_pivots:
                     raise ValueError(f"n_image_pivots={self.config.n_image_pivots} exceeds the {n} vision "
                                      f"tokens of batch row {row}")
         self._prompt = _Prompt(input_ids, vision, attention, n_vision)
+        return substituted
+
+    def _number_positions_per_row(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Give a left-padded call without `position_ids` the positions generate() would give it.
+
+        Left alone, transformers numbers 1-D positions from 0 across the padding. The unpruned model does not
+        care (RoPE attention sees relative positions only), but the selection does: the L1 norm of post-RoPE
+        keys, which ranks DART's pivots, depends on absolute position, so a padded row would keep another set
+        than the same row alone. Families that derive their positions from the mask themselves are left alone.
+        """
+        if (not self.adapter.positions_ignore_padding or kwargs.get("position_ids") is not None
+                or self._attention_2d is None or bool(self._attention_2d.all())):
+            return None
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            return None
+        kwargs["position_ids"] = positions_from_mask(self._attention_2d, tokens.shape[1])
+        return args, kwargs
 
     def _on_layer_k(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Layer K pre-hook: select in prefill, rebuild masks in decode, then substitute."""
         hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         if cache is None or cache.get_seq_length(index) == 0:
             self._plan = self._prune(hidden, cache) if self._prompt is not None else None
         else:
@@ -273,9 +291,8 @@ class PruningHandle:
         masks = {}
         for layer_type in dict.fromkeys(self._layer_types[self.config.layer:]):
             first = self._layer_types.index(layer_type, self.config.layer)
-            masks[layer_type] = _MASK_BUILDERS[layer_type](
-                config=self.adapter.text_model.config, inputs_embeds=hidden, attention_mask=mask_2d,
-                past_key_values=cache, position_ids=None, layer_idx=first)
+            masks[layer_type] = build_mask(layer_type, config=self.adapter.text_model.config, inputs_embeds=hidden,
+                                           attention_mask=mask_2d, cache=cache, layer_idx=first)
         return masks
 
 
