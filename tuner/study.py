@@ -3,7 +3,8 @@ SQLAlchemy storage, with the unpruned baseline first and nothing ever lost.
 
 - Every trial stores its configuration, metrics and failure reason as user attributes (nothing only in memory).
 - Heartbeats mark a trial whose worker died as failed, and `RetryFailedTrialCallback` queues it again.
-- A trial that raises is stored as failed with its reason; the study goes on.
+- A trial that raises is stored as failed with its reason; the study goes on, unless the baseline failed (no
+  trial can be scored without it) or several trials in a row failed the same way: then it stops, saying why.
 - The study's provenance (model, tasks and subset, hardware, attention implementation, versions) is stored on
   creation; a later worker with a different one is refused unless told to mix them.
 """
@@ -54,6 +55,10 @@ def open_study(storage: str | optuna.storages.BaseStorage, name: str) -> optuna.
         names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
         raise StudyNotFound(f"no study {name!r} in this storage; studies there: {', '.join(names) or 'none'}") \
             from None
+
+
+class TuningStopped(RuntimeError):
+    """The study cannot make progress (its baseline failed, or every trial fails the same way); says why."""
 
 
 class ProvenanceMismatch(ValueError):
@@ -131,6 +136,43 @@ def is_baseline(trial: FrozenTrial) -> bool:
 
 
 @dataclass
+class FailureGuard:
+    """Optuna callback that stops the study when going on cannot help, and remembers why.
+
+    A failed baseline leaves nothing to score the other trials against; `max_same_failures` trials in a row
+    failing with the same exception type mean a broken setup (a missing module, a wrong task), not a bad
+    configuration. Interrupted trials (Ctrl-C) are not failures of the setup.
+    """
+
+    max_same_failures: int = 3
+    reason: str | None = None
+    _streak: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_same_failures < 1:
+            raise ValueError(f"max_same_failures must be at least 1, got {self.max_same_failures}")
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.COMPLETE:
+            self._streak.clear()
+        error_type = trial.user_attrs.get("failure_type")
+        if trial.state != TrialState.FAIL or error_type is None:
+            return
+        failure = trial.user_attrs.get("failure", error_type)
+        if is_baseline(trial):
+            self.reason = (f"the unpruned baseline (trial {trial.number}) failed, so no trial can be scored: "
+                           f"{failure}")
+        else:
+            if self._streak and self._streak[-1] != error_type:
+                self._streak.clear()
+            self._streak.append(error_type)
+            if len(self._streak) < self.max_same_failures:
+                return
+            self.reason = f"{len(self._streak)} trials in a row failed with {error_type}; the last: {failure}"
+        study.stop()
+
+
+@dataclass
 class TrialOutcome:
     """What one trial measured (also written to the trial's user attributes)."""
 
@@ -186,6 +228,13 @@ class Tuner:
                                      "another --study):\n  " + "\n  ".join(differences))
         if differences:
             logger.warning("mixing trials from another setup into %s: %s", self.study_name, "; ".join(differences))
+        self._ensure_baseline()
+
+    def _ensure_baseline(self) -> None:
+        """Queue the baseline again when no trial holds or will hold it (it failed, or its worker was killed)."""
+        alive = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+        if not any(is_baseline(t) for t in self.study.get_trials(deepcopy=False, states=alive)):
+            self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"}, skip_if_exists=False)
 
     def _enqueue_first_trials(self) -> None:
         """The unpruned baseline is trial 0; DART's paper setting (K=2, 4+4 pivots) follows when in the space."""
@@ -262,6 +311,7 @@ class Tuner:
             outcome = self.measure(config)
         except Exception as error:
             trial.set_user_attr("failure", f"{type(error).__name__}: {error}")
+            trial.set_user_attr("failure_type", type(error).__name__)
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("failure", "interrupted (Ctrl-C); queued again for the next run")
@@ -289,13 +339,17 @@ class Tuner:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
     def run(self, n_trials: int | None, timeout_s: float | None = None,
-            callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()) -> optuna.Study:
+            callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (), *,
+            max_same_failures: int = 3) -> optuna.Study:
         """Run trials until the study holds `n_trials` complete ones (counting other workers') or time is up.
 
+        Raises TuningStopped when the baseline fails or `max_same_failures` trials in a row fail with the same
+        exception type; the failed trials stay stored with their reasons, and the next run resumes the study.
         An interrupted trial (Ctrl-C) is queued again with its parameters before the interrupt propagates, so the
         next run of the same command re-measures it.
         """
-        all_callbacks = list(callbacks)
+        guard = FailureGuard(max_same_failures)
+        all_callbacks = [*callbacks, guard]
         if n_trials is not None:
             all_callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)))
             if self.n_complete() >= n_trials:
@@ -308,6 +362,9 @@ class Tuner:
         except KeyboardInterrupt:
             self._requeue_interrupted()
             raise
+        if guard.reason is not None:
+            raise TuningStopped(f"study {self.study_name!r} stopped: {guard.reason}. Fix the cause and run the same "
+                                "command again to resume")
         return self.study
 
     def _requeue_interrupted(self) -> None:
