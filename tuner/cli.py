@@ -219,7 +219,7 @@ def _print_and_save_eval(console: Console, reports: list, loaded: object, tasks:
 @app.command("train-tiny")
 def train_tiny(
     out: Path = typer.Option(Path("artifacts/tiny-llava-shapes"), help="Checkpoint folder to write."),
-    steps: int = typer.Option(2600, min=1, help="Optimizer steps (about 3.7 s each at batch 16 on 2 CPU cores)."),
+    steps: int = typer.Option(2600, min=1, help="Optimizer steps (about 1.3 s each on 2 CPU cores)."),
     batch_size: int = typer.Option(32, min=1, help="Images per step."),
     turns_per_image: int = typer.Option(12, min=1, help="Question/answer turns after each image."),
     lr: float = typer.Option(3e-3, help="Peak learning rate (warm-up, then cosine to 5%)."),
