@@ -128,10 +128,11 @@ def test_pruned_prefill_equals_manual_recomputation(family, attn, loaded: Loader
     with torch.no_grad():
         hidden = seen["hidden"][:, kept]
         rotary = text_model.rotary_emb(hidden, positions)
-        mask = build_mask("full_attention", config=text_model.config, inputs_embeds=hidden, attention_mask=None,
-                          cache=None, layer_idx=0)
-        for layer in text_model.layers[K:]:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=None)
+        layer_types = getattr(text_model.config, "layer_types", None) or ["full_attention"] * len(text_model.layers)
+        masks = {kind: build_mask(kind, config=text_model.config, inputs_embeds=hidden, attention_mask=None,
+                                  cache=None, layer_idx=0) for kind in set(layer_types)}
+        for layer, kind in zip(text_model.layers[K:], layer_types[K:]):
+            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary, position_ids=None)
         manual = model.lm_head(text_model.norm(hidden))
     torch.testing.assert_close(pruned, manual, rtol=0, atol=ATOL)
 

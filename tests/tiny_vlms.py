@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
+    Qwen2Config,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -41,7 +42,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from tuner.transformers_compat import cache_from_output
 from tuner.models.processors import IMAGE_ONLY_PROCESSORS, ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen2VLProcessor
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+# Test models by name: the four families, plus "llava_local", LLaVA-1.5 over a Qwen2 text model whose layers
+# alternate sliding-window and full attention (the embedded model's text model has sliding-window layers too).
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_local")
 
 _SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 _EXTRA_SPECIAL_TOKENS = [
@@ -82,6 +85,7 @@ _QUESTIONS = (
 # (width, height) per family for batch rows 0 and 1; batch 1 uses row 0's image.
 _IMAGE_SIZES = {
     "llava": ((160, 120), (120, 160)),
+    "llava_local": ((160, 120), (120, 160)),
     "llava_next": ((200, 120), (120, 180)),
     "qwen2_vl": ((252, 196), (168, 140)),
     "qwen2_5_vl": ((252, 196), (168, 140)),
@@ -148,10 +152,11 @@ def _llava_processor_kwargs() -> dict[str, Any]:
     return {"patch_size": _CLIP_PATCH, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
 
 
-def _build_llava(tokenizer: PreTrainedTokenizerFast, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """LLaVA-1.5 layout: one 112 px crop -> 8x8 image tokens."""
+def _build_llava(tokenizer: PreTrainedTokenizerFast, layers: int,
+                 text_config: Any = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """LLaVA-1.5 layout: one 112 px crop -> 8x8 image tokens (over a Llama text model unless given another)."""
     config = LlavaConfig(
-        vision_config=_clip_vision_config(), text_config=_llama_text_config(tokenizer, layers),
+        vision_config=_clip_vision_config(), text_config=text_config or _llama_text_config(tokenizer, layers),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=(_CLIP_IMAGE_SIZE // _CLIP_PATCH) ** 2,
         vision_feature_select_strategy="default", vision_feature_layer=-2,
@@ -162,6 +167,22 @@ def _build_llava(tokenizer: PreTrainedTokenizerFast, layers: int) -> tuple[PreTr
     )
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, **_llava_processor_kwargs())
     return LlavaForConditionalGeneration(config), processor
+
+
+# Sliding window of the "llava_local" test model: far shorter than its 64 image tokens, so it really limits.
+_LOCAL_WINDOW = 8
+
+
+def _build_llava_local(tokenizer: PreTrainedTokenizerFast, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """LLaVA-1.5 layout over a Qwen2 text model alternating sliding-window and full-attention layers, so that
+    pruning at K = 2 meets both kinds before and after K."""
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=_TEXT_HIDDEN, intermediate_size=2 * _TEXT_HIDDEN,
+        num_hidden_layers=layers, num_attention_heads=_TEXT_HEADS, num_key_value_heads=_TEXT_KV_HEADS,
+        max_position_embeddings=2048, use_sliding_window=True, sliding_window=_LOCAL_WINDOW,
+        layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)], **_token_ids(tokenizer),
+    )
+    return _build_llava(tokenizer, layers, text)
 
 
 def _build_llava_next(tokenizer: PreTrainedTokenizerFast, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -236,6 +257,7 @@ def _build_qwen2_5_vl(tokenizer: PreTrainedTokenizerFast, layers: int) -> tuple[
 
 _BUILDERS = {
     "llava": _build_llava,
+    "llava_local": _build_llava_local,
     "llava_next": _build_llava_next,
     "qwen2_vl": _build_qwen2_vl,
     "qwen2_5_vl": _build_qwen2_5_vl,
