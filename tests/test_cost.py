@@ -53,3 +53,25 @@ def test_matmul_flops_equal_twice_the_weights_of_a_real_layer():
     n = 5
     attention = 2 * 2 * dims.heads * dims.head_dim * (n * (n + 1) // 2)
     assert layer_flops(dims, n) - attention == 2 * n * weights
+
+
+def test_sliding_window_layers_count_the_key_pairs_transformers_masks_allow():
+    """A sliding-window layer's attention FLOPs follow the query-key pairs of transformers' own sliding mask,
+    and only the layers the config marks as sliding get the window."""
+    from transformers import Qwen2Config
+
+    from tuner.transformers_compat import build_mask
+
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=10, use_sliding_window=True, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    config._attn_implementation = "eager"
+    dims = TextDims.from_config(config)
+    assert dims.windows == (4, None, 4)
+    n = 11
+    mask = build_mask("sliding_attention", config=config, inputs_embeds=torch.zeros(1, n, 32),
+                      attention_mask=torch.ones(1, n, dtype=torch.long), cache=None, layer_idx=0)
+    allowed = int((mask[0, 0] == 0).sum()) if mask.dtype.is_floating_point else int(mask[0, 0].sum())
+    per_pair = 2 * 2 * dims.heads * dims.head_dim
+    assert layer_flops(dims, n) - layer_flops(dims, n, window=4) == per_pair * (n * (n + 1) // 2 - allowed)
+    assert prefill_flops(dims, n) == (2 * layer_flops(dims, n, 4) + layer_flops(dims, n) + 2 * 32 * 10)
