@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tuner.tiny.recipe import TrainConfig
+
 app = typer.Typer(help="Find and apply the best visual-token pruning configuration for a multimodal LLM.",
                   no_args_is_help=True, add_completion=False)
 
@@ -216,20 +218,27 @@ def _print_and_save_eval(console: Console, reports: list, loaded: object, tasks:
         console.print(f"wrote {json_path}")
 
 
+_TRAIN = TrainConfig()
+
+
 @app.command("train-tiny")
 def train_tiny(
     out: Path = typer.Option(Path("artifacts/tiny-llava-shapes"), help="Checkpoint folder to write."),
-    steps: int = typer.Option(2600, min=1, help="Optimizer steps (about 1.3 s each on 2 CPU cores)."),
-    batch_size: int = typer.Option(32, min=1, help="Images per step."),
-    turns_per_image: int = typer.Option(12, min=1, help="Question/answer turns after each image."),
-    lr: float = typer.Option(3e-3, help="Peak learning rate (warm-up, then cosine to 5%)."),
-    warmup_steps: int = typer.Option(100, min=0, help="Linear warm-up steps."),
+    steps: int = typer.Option(_TRAIN.steps, min=1, help="Optimizer steps (about 1.7 s each on 2 CPU cores)."),
+    batch_size: int = typer.Option(_TRAIN.batch_size, min=1, help="Images per step."),
+    turns_per_image: int = typer.Option(_TRAIN.turns_per_image, min=1, help="Question/answer turns after each image."),
+    lr: float = typer.Option(_TRAIN.lr, help="Peak learning rate (warm-up, then cosine to 5%)."),
+    warmup_steps: int = typer.Option(_TRAIN.warmup_steps, min=0, help="Linear warm-up steps."),
     seed: int = typer.Option(0, help="Seed of the weights and of the training scenes."),
-    eval_every: int = typer.Option(200, min=0, help="Steps between validation accuracies (0: only at the end)."),
+    eval_every: int = typer.Option(_TRAIN.eval_every, min=0, help="Steps between validation accuracies (0: only at the end)."),
     threads: int = typer.Option(2, min=1, help="torch CPU threads."),
     init_from: Path | None = typer.Option(None, help="Continue from this checkpoint's weights (new schedule)."),
     first_image: int = typer.Option(0, min=0, help="First training scene; when continuing, the images seen so far "
                                                    "(steps x batch size) so none is repeated."),
+    bf16: bool = typer.Option(_TRAIN.bf16, help="bfloat16 autocast (weights and optimizer stay fp32)."),
+    guidance: float = typer.Option(_TRAIN.guidance, min=0.0, help="Weight of the attention-guidance loss (0: none)."),
+    guidance_steps: int = typer.Option(_TRAIN.guidance_steps, min=0, help="Steps over which that weight falls linearly to 0."),
+    resume: bool = typer.Option(False, help="Go on from the last evaluation saved in --out (same settings)."),
 ) -> None:
     """Train the embedded tiny LLaVA from scratch on generated dart_shapes scenes (seeded, reproducible), or
     continue a run from its checkpoint."""
@@ -241,12 +250,18 @@ def train_tiny(
     config = TrainConfig(steps=steps, batch_size=batch_size, turns_per_image=turns_per_image, lr=lr, seed=seed,
                          warmup_steps=warmup_steps, eval_every=eval_every or steps,
                          init_from=str(init_from) if init_from else None,
-                         first_image=first_image)
+                         first_image=first_image, bf16=bf16, guidance=guidance, guidance_steps=guidance_steps)
+    if resume and not (out / "trainer_state.pt").is_file():
+        raise _fail(f"--resume: {str(out)!r} holds no trainer_state.pt to resume from (it is saved at each "
+                    "evaluation and removed when a run finishes)")
     if init_from is not None and not (init_from / "config.json").exists():
         raise _fail(f"--init-from {str(init_from)!r} is not a checkpoint folder (no config.json)")
     console = Console()
     console.print(f"training {steps} steps x {batch_size} images into {out}")
-    _, _, history = train(config, out_dir=out, log=console.print)
+    try:
+        _, _, history = train(config, out_dir=out, log=console.print, resume=resume)
+    except ValueError as error:
+        raise _fail(str(error)) from None
     final = history.evaluations[-1]["val_accuracy"] if history.evaluations else float("nan")
     console.print(f"done in {history.seconds:.0f} s: validation accuracy {final:.3f} (first answer token, "
                   f"{config.eval_docs} held-out questions); checkpoint in {out}")
