@@ -182,6 +182,10 @@ def test_export_command(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "Closest" in result.output
     result = runner.invoke(app, ["export", "--storage", storage, "--study", "nope", "--trial", "1"])
     assert result.exit_code == 2 and "hand" in result.output
+    result = runner.invoke(app, ["export", "--storage", storage, "--study", "hand", "--trial", "1",
+                                 "-o", str(tmp_path / "nowhere" / "p.yaml")])
+    assert result.exit_code == 2 and "cannot write preset" in result.output and "Traceback" not in result.output
+    assert result.output.strip().count("\n") <= 1, result.output
 
 
 @pytest.mark.parametrize("rule", [Rule(trial=3), Rule(min_accuracy=0.72), Rule(min_relative_accuracy=0.95),

@@ -40,6 +40,12 @@ def _write(tmp_path: Path, content: str) -> Path:
     ("schema_version: 1\nconfig: {method: dart, keep_ratio: 0.5, colour: red}\n", "colour"),
     ("schema_version: 1\nconfig: dart\n", "'config' must be a mapping"),
     ("schema_version: 1\nconfig: {method: dart, keep_ratio: 0.5}\nmetrics: [1]\n", "'metrics' must be a mapping"),
+    # nine levels of nine aliases expand to 9**9 strings: refused before expansion, not after gigabytes
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+     + "schema_version: 1\nconfig: {method: dart, keep_ratio: 0.5}\n", "alias \\*a is not allowed"),
+    ("schema_version: 1\n" + "# padding\n" * 120_000 + "config: {method: dart, keep_ratio: 0.5}\n",
+     "over 1 MiB"),
 ])
 def test_malformed_presets_are_rejected_by_name(tmp_path: Path, content: str, message: str) -> None:
     """Each defect gets its own message, and every message names the file."""
@@ -47,6 +53,49 @@ def test_malformed_presets_are_rejected_by_name(tmp_path: Path, content: str, me
     with pytest.raises(PresetError, match=message) as error:
         load_preset(path)
     assert str(path) in str(error.value)
+
+
+def test_binary_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(PresetError, match="weights.bin.*not a UTF-8 text file"):
+        load_preset(path)
+
+
+def _preset() -> Preset:
+    shared = ["dart_shapes"]  # one object referenced twice: yaml would write an alias unless told not to
+    return Preset(config=PruningConfig(method="random", layer=2, keep_ratio=0.5),
+                  provenance={"tasks": shared, "requested_tasks": shared, "family": "llava"})
+
+
+def test_saved_presets_have_no_aliases_and_load_back(tmp_path: Path) -> None:
+    """The reader refuses aliases, so the writer must never emit one."""
+    path = save_preset(_preset(), tmp_path / "p.yaml")
+    assert "&" not in path.read_text() and "*" not in path.read_text()
+    assert load_preset(path) == _preset()
+
+
+def test_a_failed_write_leaves_the_previous_preset_intact(tmp_path: Path, monkeypatch) -> None:
+    """A full disk (or a stop) midway must not leave a truncated file where a good preset was, nor a temp file."""
+    import errno
+    import os
+
+    path = save_preset(_preset(), tmp_path / "p.yaml")
+    before = path.read_bytes()
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    other = Preset(config=PruningConfig(method="dart", layer=1, keep_ratio=0.1))
+    with pytest.raises(PresetError, match="cannot write preset .*p.yaml.*No space left"):
+        save_preset(other, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["p.yaml"]
+
+
+def test_writing_into_a_missing_folder_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(PresetError, match="cannot write preset .*nowhere/p.yaml"):
+        save_preset(_preset(), tmp_path / "nowhere" / "p.yaml")
 
 
 def test_missing_preset_names_the_path(tmp_path: Path) -> None:

@@ -398,7 +398,7 @@ def export(
     """Write the chosen trial of a study as a preset: its PruningConfig, metrics and provenance."""
 
     from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
-    from tuner.presets import save_preset
+    from tuner.presets import PresetError, save_preset
     from tuner.reporting import trial_label
     from tuner.study import open_study
 
@@ -412,7 +412,10 @@ def export(
         raise _fail(str(error)) from None
     except Exception as error:  # sqlalchemy: unreachable database, bad URL
         raise _fail(f"cannot read storage {storage!r}: {type(error).__name__}: {error}") from None
-    save_preset(preset, output)
+    try:
+        save_preset(preset, output)
+    except PresetError as error:
+        raise _fail(str(error)) from None
     method, layer, pivots, amount = trial_label(chosen)
     metrics = preset.metrics
     Console().print(f"{rule.describe()}: trial {chosen.number} ({method} K={layer} pivots {pivots} keep {amount}), "

@@ -11,6 +11,8 @@ provenance: {model_id: ..., family: ..., torch: ..., ...}    # optional
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from tuner.config import PruningConfig
 
 SCHEMA_VERSION = 1
 _TOP_LEVEL_KEYS = {"schema_version", "config", "metrics", "provenance"}
+MAX_PRESET_BYTES = 1 << 20  # a preset is a few kB; a larger file is not one, and reading it could exhaust memory
 
 
 class PresetError(ValueError):
@@ -47,15 +50,46 @@ class Preset:
                 "metrics": dict(self.metrics), "provenance": dict(self.provenance)}
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes repeated values out in full: preset files never contain aliases, so readers may refuse them."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases, whose nested expansion ("billion laughs") can take gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} is not allowed in a preset",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def preset_to_yaml(preset: Preset) -> str:
     """The text of a preset file (keys in a stable order): what `save_preset` writes."""
-    return yaml.safe_dump(preset.to_dict(), sort_keys=False)
+    return yaml.dump(preset.to_dict(), Dumper=_PlainDumper, sort_keys=False)
 
 
 def save_preset(preset: Preset, path: str | Path) -> Path:
-    """Write `preset` as YAML (keys in a stable order) and return the path."""
+    """Write `preset` as YAML and return the path. The file is replaced atomically: a stop or a full disk midway
+    leaves the previous file intact, never a truncated one. Failures are PresetErrors naming the path."""
     path = Path(path)
-    path.write_text(preset_to_yaml(preset))
+    text = preset_to_yaml(preset)
+    temporary = None
+    try:
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        raise PresetError(f"cannot write preset {str(path)!r}: {error.strerror or error}") from None
     return path
 
 
@@ -77,11 +111,18 @@ def load_preset(path: str | Path) -> Preset:
     """Read and validate a preset file; every problem is a PresetError naming the file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as file:
+            raw = file.read(MAX_PRESET_BYTES + 1)
     except OSError as error:
         raise PresetError(f"cannot read preset {str(path)!r}: {error.strerror or error}") from error
+    if len(raw) > MAX_PRESET_BYTES:
+        raise PresetError(f"preset {str(path)!r} is over {MAX_PRESET_BYTES >> 20} MiB; a preset is a few kB")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PresetError(f"preset {str(path)!r} is not a UTF-8 text file") from None
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)
     except yaml.YAMLError as error:
         raise PresetError(f"preset {str(path)!r} is not valid YAML: {error}") from error
     if not isinstance(data, dict):
