@@ -258,3 +258,38 @@ def test_studies_on_a_bad_storage_is_a_clear_error() -> None:
 def test_storage_retries_at_most_twice(tmp_path) -> None:
     storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1)
     assert storage.heartbeat_interval == 1 and storage.heartbeat_stale_trial_callback._max_retry == 2
+
+
+def test_workers_draw_different_configurations_and_a_seed_reproduces_them() -> None:
+    """Two workers starting on one study with the space's seed used to sample identical configurations; the
+    per-trial seed stream gives each trial number its own draw, and the same seed gives the same sequence."""
+    from tuner.study import make_sampler
+
+    space = parse_space(_space_data(Path("unused"), keep_ratio={"low": 0.05, "high": 0.9},
+                                    sampler={"name": "tpe", "seed": 3}), "tiny.yaml")
+
+    def draws(storage: optuna.storages.BaseStorage, workers: int, n: int) -> list[dict]:
+        studies = [optuna.create_study(storage=storage, study_name="s", directions=["maximize", "minimize"],
+                                       sampler=make_sampler(space), load_if_exists=True) for _ in range(workers)]
+        trials = [studies[i % workers].ask() for i in range(n)]  # all asked before any is told: no history
+        return [space.suggest(trial).__dict__ for trial in trials]
+
+    two_workers = draws(optuna.storages.InMemoryStorage(), 2, 6)
+    assert len({str(d) for d in two_workers}) == 6
+    assert draws(optuna.storages.InMemoryStorage(), 1, 6) == two_workers  # worker count does not change draws
+
+
+def test_a_complete_configuration_is_not_measured_again(saved_dirs, model_and_tasks, tmp_path) -> None:
+    """A space with one pruned configuration: after it is measured, further proposals are pruned as duplicates
+    naming the trial that holds it, unless repeats are asked for."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    one_config = {"methods": ["random"], "layer": [2], "keep_ratio": [0.5]}
+    study = _tuner(saved_dirs, model_and_tasks, storage, **one_config).run(3)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    skipped = study.get_trials(states=(TrialState.PRUNED,))
+    assert len(complete) == 2 and is_baseline(complete[0])
+    assert skipped and {t.user_attrs["duplicate_of"] for t in skipped} == {complete[1].number}
+    loaded, tasks = model_and_tasks
+    space = parse_space(_space_data(saved_dirs["llava"], **one_config), "tiny.yaml")
+    again = Tuner(space, storage, loaded=loaded, tasks=tasks, allow_repeats=True).run(3)
+    assert len(again.get_trials(states=(TrialState.COMPLETE,))) == 3

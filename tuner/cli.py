@@ -281,6 +281,8 @@ def tune(
     limit: int | None = typer.Option(None, min=1, help="Override the subset size (documents per task)."),
     seed: int | None = typer.Option(None, help="Override the subset seed."),
     allow_mixed: bool = typer.Option(False, help="Add trials to a study whose provenance differs from this run."),
+    allow_repeats: bool = typer.Option(False, help="Measure a configuration again although a complete trial of "
+                                                   "the study already holds it (default: such trials are pruned)."),
     heartbeat_interval: int = typer.Option(30, min=1, help="Seconds between a running trial's heartbeats; a trial "
                                                            "silent for 2x this is marked failed and re-queued."),
     max_same_failures: int = typer.Option(3, min=1, help="Stop after this many trials in a row fail with the same "
@@ -320,7 +322,7 @@ def tune(
         with console.status(f"Loading {space.model} and {', '.join(space.tasks)}..."), \
                 _hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
-                           heartbeat_interval=heartbeat_interval)
+                           heartbeat_interval=heartbeat_interval, allow_repeats=allow_repeats)
     except (SpaceError, ModelLoadError, TaskNotFoundError, LmmsEvalUnavailable, ProvenanceMismatch,
             ValueError) as error:
         raise _fail(str(error)) from None
@@ -345,6 +347,8 @@ def tune(
             if trial.state.name == "COMPLETE":
                 line = (f"trial {trial.number}: {method} K={layer} p={pivots} keep={amount}: accuracy "
                         f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms")
+            elif "duplicate_of" in trial.user_attrs:
+                line = f"trial {trial.number} skipped: trial {trial.user_attrs['duplicate_of']} measured that configuration"
             else:
                 line = f"trial {trial.number} {trial.state.name.lower()}: {trial.user_attrs.get('failure', '')}"
             progress.console.print(f"{line}  [{seconds:.1f} s; Pareto set: {len(pareto_trials(tuner_.study))}]")

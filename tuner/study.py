@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -91,23 +92,76 @@ def make_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int | 
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """The sampler the space names, seeded, with its options passed through."""
+    """The sampler the space names, with its options passed through, seeded per trial (`TrialSeededSampler`).
+
+    The grid sampler keeps the space's seed: it shuffles the grid with it, so every worker must share it. Two
+    workers that take the same grid point at once are caught by the duplicate check (`Tuner.allow_repeats`).
+    """
+    if space.sampler.name == "grid":
+        return _build_sampler(space, space.sampler.seed)
+    return TrialSeededSampler(lambda seed: _build_sampler(space, seed), space.sampler.seed)
+
+
+def _build_sampler(space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
     spec = space.sampler
     options = dict(spec.options)
     try:
         if spec.name == "tpe":
             options.setdefault("multivariate", True)
             options.setdefault("group", True)  # pivots exist only for DART trials
-            return optuna.samplers.TPESampler(seed=spec.seed, **options)
+            return optuna.samplers.TPESampler(seed=seed, **options)
         if spec.name == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=spec.seed, **options)
+            return optuna.samplers.NSGAIISampler(seed=seed, **options)
         if spec.name == "gp":
-            return optuna.samplers.GPSampler(seed=spec.seed, **options)
+            return optuna.samplers.GPSampler(seed=seed, **options)
         if spec.name == "random":
-            return optuna.samplers.RandomSampler(seed=spec.seed, **options)
-        return optuna.samplers.GridSampler(space.grid(), seed=spec.seed, **options)
+            return optuna.samplers.RandomSampler(seed=seed, **options)
+        return optuna.samplers.GridSampler(space.grid(), seed=seed, **options)
     except TypeError as error:
         raise ValueError(f"{space.source}: sampler.options: {error}") from error
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """An Optuna sampler rebuilt for every trial with a seed drawn from (the space's seed, the trial number).
+
+    Optuna's samplers keep their state in the storage, except for the random generator. With one seed per worker,
+    workers that start together (or a restarted one) draw the same configurations. Trial numbers are unique across
+    workers, so this gives every trial its own stream, and a study is still reproducible from its seed.
+    """
+
+    def __init__(self, build: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None) -> None:
+        self._build, self._seed = build, seed
+        self._first = build(seed)  # fails now on bad options, before any trial
+        self._open: dict[int, optuna.samplers.BaseSampler] = {}  # by trial number, while the trial runs
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._open:
+            seed = None if self._seed is None else int(
+                np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0])
+            self._open[trial.number] = self._build(seed)
+        return self._open[trial.number]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: Any) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+        self._open.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:
+        for sampler in [self._first, *self._open.values()]:
+            sampler.reseed_rng()
 
 
 def provenance_of(loaded: LoadedModel, tasks: Sequence[PreparedTask], space: SearchSpace) -> dict[str, Any]:
@@ -173,6 +227,25 @@ class FailureGuard:
 
 
 @dataclass
+class RepeatGuard:
+    """Optuna callback that ends a run when the sampler keeps proposing configurations that are already complete
+    (a small space that is used up): `limit` such trials in a row, each pruned without being measured."""
+
+    limit: int = 20
+    _streak: int = 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.PRUNED and "duplicate_of" in trial.user_attrs and not is_baseline(trial):
+            self._streak += 1
+        elif trial.state == TrialState.COMPLETE:
+            self._streak = 0
+        if self._streak >= self.limit:
+            logger.warning("%s: the last %d proposed configurations were all measured already; the space looks "
+                           "used up, stopping", study.study_name, self._streak)
+            study.stop()
+
+
+@dataclass
 class TrialOutcome:
     """What one trial measured (also written to the trial's user attributes)."""
 
@@ -188,8 +261,9 @@ class Tuner:
     def __init__(self, space: SearchSpace, storage: str | RDBStorage = DEFAULT_STORAGE, *,
                  study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
                  grace_period: int | None = None, loaded: LoadedModel | None = None,
-                 tasks: list[PreparedTask] | None = None) -> None:
+                 tasks: list[PreparedTask] | None = None, allow_repeats: bool = False) -> None:
         self.space = space
+        self.allow_repeats = allow_repeats  # measure a configuration again although a complete trial holds it
         self.storage = storage if isinstance(storage, RDBStorage) else make_storage(
             storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         self.study_name = study_name or space.study
@@ -308,7 +382,14 @@ class Tuner:
                 raise optuna.TrialPruned(f"trial {earlier} already measures the baseline")
         try:
             config = None if baseline else self.space.suggest(trial)
+            if config is not None and not self.allow_repeats:
+                earlier = self._complete_with(config)
+                if earlier is not None:
+                    trial.set_user_attr("duplicate_of", earlier)
+                    raise optuna.TrialPruned(f"trial {earlier} already measured this configuration")
             outcome = self.measure(config)
+        except optuna.TrialPruned:
+            raise
         except Exception as error:
             trial.set_user_attr("failure", f"{type(error).__name__}: {error}")
             trial.set_user_attr("failure_type", type(error).__name__)
@@ -325,6 +406,13 @@ class Tuner:
                                                   "prefill_ms": outcome.prefill_ms,
                                                   "decode_ms_per_token": outcome.attrs["decode_ms_per_token"]})
         return outcome.accuracy, outcome.prefill_ms
+
+    def _complete_with(self, config: PruningConfig) -> int | None:
+        """The first complete trial that ran exactly `config`, if any."""
+        for other in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if config_of(other) == config:
+                return other.number
+        return None
 
     def _earlier_baseline(self, number: int) -> int | None:
         """A baseline trial before `number` that is running or complete (a racing worker enqueued a second one)."""
@@ -349,7 +437,7 @@ class Tuner:
         next run of the same command re-measures it.
         """
         guard = FailureGuard(max_same_failures)
-        all_callbacks = [*callbacks, guard]
+        all_callbacks = [*callbacks, guard, RepeatGuard()]
         if n_trials is not None:
             all_callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)))
             if self.n_complete() >= n_trials:
