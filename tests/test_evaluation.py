@@ -303,6 +303,23 @@ def test_load_model_rejects_unsupported_architecture(tmp_path):
     assert "'llama'" in message and all(model_type in message for model_type in SUPPORTED_MODEL_TYPES)
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_missing_or_corrupt_weights_are_one_clear_error(saved_dirs, tmp_path, damage: str):
+    """A model folder whose weights are gone or cut short must be a ModelLoadError naming the folder (one line on
+    the command line), not a safetensors traceback."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_dirs["llava"], folder)
+    weights = folder / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=f"cannot load the weights of model '{folder}'"):
+        load_model(folder, device="cpu")
+
+
 def test_load_model_unknown_hub_id_fails_fast_offline():
     """Catches hub look-ups that hang or raise raw OSErrors when offline."""
     start = time.perf_counter()

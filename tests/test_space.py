@@ -59,6 +59,13 @@ BAD = [
     ({"batch_size": "8"}, "batch_size: must be an integer"),
     ({"attn_implementation": "flash"}, "attn_implementation: must be one of"),
     ({"subset": {"size": 0}}, "subset.size: must be >= 1"),
+    ({"subset": {"seed": "abc"}}, "subset.seed: must be an integer"),
+    ({"keep_ratio": float("nan")}, "keep_ratio: must be a finite number"),
+    ({"keep_ratio": {"low": 0.1, "high": float("nan")}}, "keep_ratio.high: must be a finite number"),
+    ({"constraints": {"min_relative_accuracy": float("nan")}}, "min_relative_accuracy: must be a finite number"),
+    ({"timeout_s": float("inf")}, "timeout_s: must be a finite number"),
+    ({"study": 5}, "study: must be a study name"),
+    ({"study": ""}, "study: must be a study name"),
 ]
 
 
@@ -73,6 +80,13 @@ def test_bad_space_names_file_and_key(tmp_path: Path, change: dict, words: str) 
         load_space(path)
     assert str(path) in str(error.value)
     assert words in str(error.value)
+
+
+def test_a_binary_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(SpaceError, match="weights.safetensors: not a text file"):
+        load_space(path)
 
 
 def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:

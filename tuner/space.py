@@ -7,6 +7,7 @@ A parameter is either a range (`{low: 1, high: 4}`, floats may add `log: true`) 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,8 @@ class _Reader:
         kind = int if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise self.fail(key, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every comparison below, and no setting is infinite
+            raise self.fail(key, f"must be a finite number, got {value!r}")
         if low is not None and (value < low or (low_open and value == low)):
             raise self.fail(key, f"must be {'>' if low_open else '>='} {low}, got {value!r}")
         if high is not None and value > high:
@@ -278,6 +281,10 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
     size = subset.get("size")
     if size is not None:
         r.number("subset.size", size, integer=True, low=1)
+    if "seed" in subset:
+        r.number("subset.seed", subset["seed"], integer=True, low=0)
+    if "study" in data and (not isinstance(data["study"], str) or not data["study"].strip()):
+        raise r.fail("study", f"must be a study name (a non-empty string), got {data['study']!r}")
     constraints = r.mapping("constraints", data.get("constraints"),
                             {f.name for f in dataclasses.fields(Constraints)})
     if "min_accuracy" in constraints:
@@ -339,6 +346,8 @@ def load_space(path: str | Path) -> SearchSpace:
         text = path.read_text()
     except OSError as error:
         raise SpaceError(f"cannot read search space {str(path)!r}: {error.strerror or error}") from error
+    except UnicodeDecodeError:
+        raise SpaceError(f"{path}: not a text file (not UTF-8); a search space is YAML") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

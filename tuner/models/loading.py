@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel, ProcessorMixin
 
 from tuner.models.attention import resolve_attn_implementation
@@ -138,8 +139,13 @@ def load_model(model: str | Path, *, dtype: str | torch.dtype | None = "auto",
     except ValueError as error:
         raise ModelLoadError(str(error)) from error
     path = Path(model).expanduser() if Path(model).expanduser().is_dir() else model_id
-    loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
-                                                         revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
+                                                             revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, SafetensorError) as error:  # missing, truncated or mismatched weight files
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ModelLoadError(f"cannot load the weights of model {model_id!r}: {type(error).__name__}: "
+                             f"{first_line}") from error
     loaded.to(torch_device)
     loaded.eval()
     family = detect_family(loaded)
