@@ -251,9 +251,6 @@ def train_tiny(
                          warmup_steps=warmup_steps, eval_every=eval_every or steps,
                          init_from=str(init_from) if init_from else None,
                          first_image=first_image, bf16=bf16, guidance=guidance, guidance_steps=guidance_steps)
-    if resume and not (out / "trainer_state.pt").is_file():
-        raise _fail(f"--resume: {str(out)!r} holds no trainer_state.pt to resume from (it is saved at each "
-                    "evaluation and removed when a run finishes)")
     if init_from is not None and not (init_from / "config.json").exists():
         raise _fail(f"--init-from {str(init_from)!r} is not a checkpoint folder (no config.json)")
     console = Console()

@@ -143,7 +143,7 @@ def load_model(model: str | Path, *, dtype: str | torch.dtype | None = "auto",
         loaded = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn,
                                                              revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError) as error:  # missing, truncated or mismatched weight files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        first_line = next(iter(str(error).strip().splitlines()), "")
         raise ModelLoadError(f"cannot load the weights of model {model_id!r}: {type(error).__name__}: "
                              f"{first_line}") from error
     loaded.to(torch_device)

@@ -8,13 +8,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class TinyShape:
-    """Sizes of the tiny LLaVA: 128 px images in 8 px patches give 256 vision tokens (LLaVA-1.5 has 576).
-
-    The first `local_layers` text layers attend only within a window of `local_window` tokens (Qwen2's sliding
-    window, as Gemma 3 and Mistral use it): there the image tokens mix with their neighbours, but the question
-    cannot reach the image yet, so every answer is read from the image in the later, full-attention layers, as in
-    real VLMs, and pruning at K = `local_layers` costs accuracy (README, "The embedded model").
-    """
+    """Sizes of the tiny LLaVA: 128 px images in 8 px patches give 256 vision tokens (LLaVA-1.5 has 576). The first
+    `local_layers` text layers use a sliding window of `local_window` tokens; why is in `tuner.tiny.model`'s doc."""
 
     image_size: int = 128
     patch_size: int = 8

@@ -44,6 +44,7 @@ class Sequences:
         self.processor = processor
         self.n_vision = n_vision
         self.prefix = [self.ids("USER:")] + [self.ids("<image>")] * n_vision
+        self.first_vision = 1  # the image's tokens follow the role tag
         self.eos = tokenizer.eos_token_id
 
     def question(self, question: str) -> list[int]:
@@ -189,10 +190,13 @@ def train(config: TrainConfig, out_dir: str | Path | None = None,
             log(f"resuming {out_dir} at step {first_step}/{config.steps}")
     start = time.perf_counter() - history.seconds
     guided_layer = config.shape.local_layers  # the first layer where the question can reach the image
+    guiding = None  # whether the model is set up for guidance (eager attention, which returns its weights)
     for step in range(first_step, config.steps):
         batch = training_batch(seqs, config.first_image + step * config.batch_size, config)
         weight = config.guidance * max(0.0, 1 - step / config.guidance_steps) if config.guidance_steps else 0.0
-        model.set_attn_implementation("eager" if weight else "sdpa")
+        if guiding != bool(weight):
+            guiding = bool(weight)
+            model.set_attn_implementation("eager" if guiding else "sdpa")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
             output = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                            output_attentions=bool(weight))
@@ -200,8 +204,7 @@ def train(config: TrainConfig, out_dir: str | Path | None = None,
                                       batch["labels"][:, 1:].flatten(), ignore_index=IGNORE)
         loss = answer_loss
         if weight:
-            loss = loss + weight * guidance_loss(output.attentions[guided_layer], batch["guide"], len(seqs.prefix)
-                                                 - seqs.n_vision)
+            loss = loss + weight * guidance_loss(output.attentions[guided_layer], batch["guide"], seqs.first_vision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -218,14 +221,14 @@ def train(config: TrainConfig, out_dir: str | Path | None = None,
             if log:
                 log(f"step {done}/{config.steps}  loss {sum(recent) / len(recent):.4f}  "
                     f"val accuracy {accuracy:.3f}  {elapsed:.0f} s")
-            if out_dir is not None:  # a long run that is stopped keeps its latest evaluated checkpoint
+            if out_dir is not None and done < config.steps:  # a stopped run keeps its last evaluated checkpoint
                 history.seconds = elapsed
                 save(model, processor, config, history, out_dir)
                 _save_state(out_dir, config, done, history, optimizer, scheduler)
                 model.train()
     history.seconds = time.perf_counter() - start
     model.eval()
-    if out_dir is not None:
+    if out_dir is not None:  # the final checkpoint, written once
         save(model, processor, config, history, out_dir)
         (Path(out_dir) / STATE_FILE).unlink(missing_ok=True)  # finished: nothing to resume, nothing to ship
     return model, processor, history
