@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from tuner.cli import app
 from tuner.evaluation.runner import Evaluator
-from tuner.study import FailureGuard, is_baseline
+from tuner.study import FailureGuard, RepeatGuard, is_baseline
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -100,6 +100,7 @@ def _complete(number: int):
 
 class _Study:
     stopped = False
+    study_name = "s"
 
     def stop(self) -> None:
         self.stopped = True
@@ -131,3 +132,20 @@ def test_failure_guard_ignores_interrupted_and_rejects_a_zero_limit():
     assert not study.stopped
     with pytest.raises(ValueError, match="max_same_failures"):
         FailureGuard(0)
+
+
+def _skipped(number: int, baseline: bool = False):
+    attrs = {"duplicate_of": 1, **({"role": "baseline"} if baseline else {})}
+    trial = create_trial(state=TrialState.PRUNED, user_attrs=attrs)
+    trial.number = number
+    return trial
+
+
+def test_repeat_guard_stops_only_after_a_run_of_skipped_repeats():
+    """A used-up space must end the run; a measured trial in between, or skipped baselines, must not count."""
+    guard, study = RepeatGuard(limit=3), _Study()
+    for item in [_skipped(2), _skipped(3), _complete(4), _skipped(5), _skipped(6, baseline=True), _skipped(7)]:
+        guard(study, item)
+    assert not study.stopped
+    guard(study, _skipped(8))
+    assert study.stopped
