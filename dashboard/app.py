@@ -13,6 +13,7 @@ import optuna
 import streamlit as st
 
 from tuner import dashboard_data as dd
+from tuner.storage import StorageError, open_for_reading
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 STUDY_KEYS = ("acc_mode", "min_rel_pct", "min_abs", "limit_latency", "max_ms", "export_trial", "compare")
@@ -24,7 +25,7 @@ st.set_page_config(page_title="dart-tuner dashboard", layout="wide")
 @st.cache_resource(show_spinner=False)
 def storage_for(url: str) -> optuna.storages.RDBStorage:
     """One storage (one connection pool) per URL for every session."""
-    return dd.open_storage(url)
+    return open_for_reading(url)
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -60,7 +61,7 @@ with st.sidebar:
                         help="sqlite:///dart_tuner.db, or postgresql+psycopg://user@host/db for many workers")
     try:
         choices = [c for c in studies_in(url) if c.dart_tuner]
-    except dd.StorageProblem as problem:
+    except StorageError as problem:
         st.error(str(problem))
         st.stop()
     if not choices:
@@ -77,7 +78,7 @@ with st.sidebar:
         study_for.clear()
     try:
         study = study_for(url, name)
-    except dd.StorageProblem as problem:
+    except StorageError as problem:
         st.error(str(problem))
         st.stop()
     trials = study.get_trials(deepcopy=False)

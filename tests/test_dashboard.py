@@ -22,6 +22,7 @@ from tuner import load_preset
 from tuner.cli import app, dashboard_app_path
 from tuner.evaluation.runner import EvalResult
 from tuner.export import Rule, choose_trial
+from tuner.storage import open_for_reading
 from tuner.study import Tuner, config_of
 
 pytest.importorskip("streamlit")
@@ -311,8 +312,8 @@ def test_single_objective_studies_are_not_offered(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv(dd.STORAGE_ENV, url)
     at = AppTest.from_file(str(APP), default_timeout=60).run()
     assert not at.exception and "No dart-tuner study" in at.info[0].value
-    with pytest.raises(dd.StorageProblem, match="not made by dart-tuner"):
-        dd.load_study(dd.open_storage(url), "someone_elses")
+    with pytest.raises(dd.StorageError, match="not made by dart-tuner"):
+        dd.load_study(open_for_reading(url), "someone_elses")
 
 
 # -- starting it -----------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from tuner.cli import app
 from tuner.evaluation.tasks import load_tasks
 from tuner.models.loading import load_model
 from tuner.space import PAPER_DEFAULT, parse_space
-from tuner.study import ProvenanceMismatch, Tuner, is_baseline, make_storage, pareto_trials
+from tuner.storage import open_for_tuning
+from tuner.study import ProvenanceMismatch, Tuner, is_baseline, pareto_trials
 
 TASK = "dart_shapes"
 DART_TUNER = str(Path(sys.executable).parent / "dart-tuner")
@@ -252,11 +253,11 @@ def test_cli_tune_refuses_a_layer_beyond_the_model(saved_dirs, tmp_path) -> None
 
 def test_studies_on_a_bad_storage_is_a_clear_error() -> None:
     result = CliRunner().invoke(app, ["studies", "--storage", "notadb://x"])
-    assert result.exit_code == 2 and "cannot read storage 'notadb://x'" in result.output
+    assert result.exit_code == 2 and "storage 'notadb://x': unknown database scheme" in result.output
 
 
 def test_storage_retries_at_most_twice(tmp_path) -> None:
-    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1)
+    storage = open_for_tuning(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1)
     assert storage.heartbeat_interval == 1 and storage.heartbeat_stale_trial_callback._max_retry == 2
 
 

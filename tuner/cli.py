@@ -9,8 +9,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from tuner.storage import DEFAULT_STORAGE
 from tuner.tiny.recipe import TrainConfig
 
 app = typer.Typer(help="Find and apply the best visual-token pruning configuration for a multimodal LLM.",
@@ -89,8 +91,33 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
     Exit code 2 means bad input (the command never started); 1 means it ran and failed.
     """
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _log_to(console: Console, name: str) -> None:
+    """Print the warnings of logger `name` on `console` as one yellow line each."""
+    import logging
+
+    class ConsoleHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            console.print(f"[yellow]warning:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+    logger = logging.getLogger(name)
+    logger.handlers = [ConsoleHandler(logging.WARNING)]
+    logger.propagate = False
+
+
+def _storage_fail(url: str, error: Exception, code: int = 1) -> typer.Exit:
+    """One line and exit 1 for a storage that failed while tuning (lost for longer than the worker waits, turned
+    read-only, ...); any other error is a bug and keeps its traceback. The next worker re-queues the trial."""
+    from tuner.storage import StorageError, describe, storage_failure
+
+    failure = storage_failure(error)
+    if failure is None:
+        raise error
+    message = str(failure) if isinstance(failure, StorageError) else describe(url, failure)
+    return _fail(f"{message}; the trials stored so far are kept", code=code)
 
 
 def _parse_options(pairs: list[str]) -> dict[str, object]:
@@ -271,7 +298,7 @@ def tune(
     task: list[str] = typer.Option([], help="Override the space's tasks (repeatable)."),
     trials: int | None = typer.Option(None, min=1, help="Complete trials the study should hold (all workers)."),
     timeout: float | None = typer.Option(None, min=1, help="Stop starting trials after this many seconds."),
-    storage: str = typer.Option("sqlite:///dart_tuner.db", help="SQLAlchemy URL of the Optuna storage "
+    storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage "
                                                                 "(postgresql+psycopg://... for many machines)."),
     study: str | None = typer.Option(None, help="Study name (default: the space's `study`, else its file name)."),
     sampler: str | None = typer.Option(None, help="tpe, nsga2, gp, random or grid (default: the space's)."),
@@ -289,6 +316,7 @@ def tune(
     trials; prints the Pareto front. Exits non-zero when the baseline fails, when trials keep failing the same
     way, or when no trial completed."""
     import dataclasses
+    import logging
     import time
 
     import optuna
@@ -303,7 +331,10 @@ def tune(
 
     console = Console()
     _quiet_libraries()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines below say the same, once
+    _log_to(console, "tuner.storage")  # "storage lost, retrying" must show, also inside the hidden stderr
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs every failed trial with its traceback; the per-trial line below says the same in one line.
+    logging.getLogger("optuna.study._optimize").addFilter(lambda record: " failed " not in record.getMessage())
     try:
         space = load_space(space_path)
         if sampler is not None:
@@ -321,8 +352,13 @@ def tune(
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
                            heartbeat_interval=heartbeat_interval, allow_repeats=allow_repeats)
     except (SpaceError, ModelLoadError, TaskNotFoundError, LmmsEvalUnavailable, ProvenanceMismatch,
-            ValueError) as error:
+            ValueError) as error:  # StorageError is a ValueError: a storage that cannot be opened
         raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/] while loading; no trial was started")
+        raise typer.Exit(130) from None
+    except Exception as error:
+        raise _storage_fail(storage, error, code=2) from error
     target = space.trials
     console.print(f"study {tuner_.study_name!r} in {storage}: {tuner_.n_complete()} complete trials stored; "
                   f"target {target if target else 'unbounded'}"
@@ -357,12 +393,17 @@ def tune(
                 tuner_.run(target, space.timeout_s, callbacks=[after_trial], max_same_failures=max_same_failures)
         except KeyboardInterrupt:
             progress.stop()
+            requeued = (f"trial {tuner_.requeued} queued again in place of the interrupted one"
+                        if tuner_.requeued is not None else "no trial was running")
             console.print(f"[yellow]interrupted[/]: {tuner_.n_complete()} complete trials are stored in {storage}; "
-                          "the interrupted one is queued again. Run the same command to resume.")
+                          f"{requeued}. Run the same command to resume.")
             raise typer.Exit(130) from None
         except TuningStopped as error:
             progress.stop()
             raise _fail(str(error), code=1) from None
+        except Exception as error:
+            progress.stop()
+            raise _storage_fail(storage, error) from error
     if tuner_.n_complete() == complete_before and (ran[0] or not complete_before):
         raise _fail(f"no trial completed in study {tuner_.study_name!r}: {ran[0]} ran and failed (their reasons "
                     "are printed above and stored in the study)", code=1)
@@ -372,22 +413,25 @@ def tune(
 
 
 @app.command("studies")
-def studies(storage: str = typer.Option("sqlite:///dart_tuner.db", help="SQLAlchemy URL of the Optuna storage.")
+def studies(storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage.")
             ) -> None:
     """Every study in a storage: trial counts, the unpruned baseline, the most accurate and fastest Pareto points."""
     from tuner.reporting import studies_table
+    from tuner.storage import StorageError, describe, open_for_reading
 
     try:
-        table = studies_table(storage)
-    except Exception as error:  # sqlalchemy / optuna errors: bad URL, no such database, ...
-        raise _fail(f"cannot read storage {storage!r}: {type(error).__name__}: {error}") from None
+        table = studies_table(open_for_reading(storage))
+    except StorageError as error:
+        raise _fail(str(error)) from None
+    except Exception as error:  # sqlalchemy / optuna errors while reading the studies
+        raise _fail(describe(storage, error, "cannot read")) from None
     Console().print(table)
 
 
 @app.command("export")
 def export(
     study: str = typer.Option(..., help="Study name (see `dart-tuner studies`)."),
-    storage: str = typer.Option("sqlite:///dart_tuner.db", help="SQLAlchemy URL of the Optuna storage."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage."),
     trial: int | None = typer.Option(None, help="Export this trial number."),
     min_accuracy: float | None = typer.Option(None, help="The fastest trial with at least this accuracy."),
     min_relative_accuracy: float | None = typer.Option(None, help="The fastest trial with at least this fraction "
@@ -401,18 +445,19 @@ def export(
     from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
     from tuner.presets import PresetError, save_preset
     from tuner.reporting import trial_label
+    from tuner.storage import describe, open_for_reading
     from tuner.study import open_study
 
     try:
         rule = Rule(trial=trial, min_accuracy=min_accuracy, min_relative_accuracy=min_relative_accuracy,
                     max_prefill_ms=max_latency_ms)
-        loaded_study = open_study(storage, study)
+        loaded_study = open_study(open_for_reading(storage), study)
         chosen = choose_trial(loaded_study, rule)
         preset = preset_from_trial(loaded_study, chosen)
-    except (NoTrialQualifies, ValueError) as error:
+    except (NoTrialQualifies, ValueError) as error:  # StorageError and StudyNotFound are ValueErrors
         raise _fail(str(error)) from None
-    except Exception as error:  # sqlalchemy: unreachable database, bad URL
-        raise _fail(f"cannot read storage {storage!r}: {type(error).__name__}: {error}") from None
+    except Exception as error:  # sqlalchemy / optuna errors while reading the study
+        raise _fail(describe(storage, error, "cannot read")) from None
     try:
         save_preset(preset, output)
     except PresetError as error:
@@ -441,7 +486,7 @@ def dashboard_command(app_path: Path, storage: str, port: int, address: str) -> 
 
 @app.command("dashboard")
 def dashboard(
-    storage: str = typer.Option("sqlite:///dart_tuner.db", help="SQLAlchemy URL of the Optuna storage (another one "
+    storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage (another one "
                                                                 "can be typed into the app)."),
     port: int = typer.Option(8501, min=1, max=65535, help="Port to serve on."),
     address: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 to reach it from other machines)."),
@@ -459,11 +504,11 @@ def dashboard(
         raise _fail("dashboard/app.py is not next to this tuner package: install dart-tuner from a checkout "
                     "(pip install -e '.[dashboard]'), or run `streamlit run <checkout>/dashboard/app.py -- "
                     "--storage URL`")
-    from tuner.dashboard_data import StorageProblem, open_storage
+    from tuner.storage import StorageError, open_for_reading
 
     try:
-        open_storage(storage)
-    except StorageProblem as problem:
+        open_for_reading(storage)
+    except StorageError as problem:
         raise _fail(str(problem)) from None
     Console().print(f"dart-tuner dashboard on http://{address}:{port} for {storage} (Ctrl-C stops it)")
     server = subprocess.Popen(dashboard_command(app_path, storage, port, address))

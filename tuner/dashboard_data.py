@@ -15,21 +15,19 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 
 from tuner.export import NoTrialQualifies, Rule, accuracy_floor, choose_trial, preset_from_trial, qualifying_trials
 from tuner.presets import preset_to_yaml
 from tuner.reporting import describe_trial, speedup
+from tuner.storage import DEFAULT_STORAGE, StorageError
 from tuner.study import (
-    DEFAULT_STORAGE,
     StudyNotFound,
     accuracy_relative,
     config_of,
@@ -50,10 +48,6 @@ PARAMETER_TITLES = {"keep_ratio": "keep ratio", "budget": "token budget", "layer
                     "n_image_pivots": "image pivots", "n_text_pivots": "text pivots"}
 
 
-class StorageProblem(ValueError):
-    """A storage URL the dashboard cannot read; the message says why and what to do."""
-
-
 # -- storage and studies ----------------------------------------------------------------------------------------
 
 
@@ -65,56 +59,6 @@ def storage_from_argv(argv: Sequence[str], environ: Mapping[str, str] | None = N
     known, _ = parser.parse_known_args(list(argv))
     environ = os.environ if environ is None else environ
     return known.storage or environ.get(STORAGE_ENV) or DEFAULT_STORAGE
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    seen = set()
-    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return error
-
-
-def open_storage(url: str) -> RDBStorage:
-    """A read-only view of an Optuna RDB storage; StorageProblem (never a traceback) when it cannot be read.
-
-    Unlike `optuna.load_study`, a missing SQLite file is an error here rather than a new empty database.
-    """
-    import sqlalchemy
-    from sqlalchemy.engine import make_url
-
-    url = (url or "").strip()
-    example = "e.g. sqlite:///dart_tuner.db or postgresql+psycopg://user@host/db"
-    if not url:
-        raise StorageProblem(f"give a storage URL ({example})")
-    try:
-        parsed = make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise StorageProblem(f"{url!r} is not a SQLAlchemy database URL ({example})") from None
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if not database or database == ":memory:":
-            raise StorageProblem(f"{url!r} is an in-memory SQLite database, which holds no studies; give a file "
-                                 "(sqlite:///path/to/dart_tuner.db)")
-        if not Path(database).is_file():
-            raise StorageProblem(f"no SQLite file {database!r} (looked in {Path(database).resolve().parent}); run "
-                                 f"`dart-tuner tune --storage {url}` first, or give the file that holds your study")
-    engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 30}} if parsed.get_backend_name() == "sqlite" \
-        else {"pool_pre_ping": True}
-    try:
-        storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True)
-        storage.get_all_studies()
-    except Exception as error:  # sqlalchemy, the DB driver, Optuna's schema check: all end up as one message
-        cause = _root_cause(error)
-        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        if isinstance(cause, ModuleNotFoundError):
-            hint = " (install the database driver, e.g. pip install 'dart-tuner[postgres]')"
-        elif "no such table" in text:
-            hint = " (the file is not an Optuna storage: it has no Optuna tables)"
-        else:
-            hint = ""
-        raise StorageProblem(f"cannot read Optuna storage {url!r}: {type(cause).__name__}: {text}{hint}") from None
-    return storage
 
 
 @dataclass(frozen=True)
@@ -143,13 +87,13 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[StudyChoice]:
 
 
 def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
-    """The named study; StorageProblem naming the studies there when it does not exist or is not dart-tuner's."""
+    """The named study; StorageError naming the studies there when it does not exist or is not dart-tuner's."""
     try:
         study = open_study(storage, name)
     except StudyNotFound as error:
-        raise StorageProblem(str(error)) from None
+        raise StorageError(str(error)) from None
     if [d.name for d in study.directions] != ["MAXIMIZE", "MINIMIZE"]:
-        raise StorageProblem(f"study {name!r} has directions {[d.name.lower() for d in study.directions]}, not "
+        raise StorageError(f"study {name!r} has directions {[d.name.lower() for d in study.directions]}, not "
                              "(maximize accuracy, minimize prefill latency): it was not made by dart-tuner tune")
     return study
 

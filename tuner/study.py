@@ -11,18 +11,18 @@ SQLAlchemy storage, with the unpruned baseline first and nothing ever lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import time
-import warnings
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import optuna
-import sqlalchemy.exc
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig
@@ -32,16 +32,17 @@ from tuner.evaluation.tasks import PreparedTask, load_tasks
 from tuner.models.loading import LoadedModel, load_model
 from tuner.provenance import environment
 from tuner.space import SearchSpace
+from tuner.storage import DEFAULT_STORAGE, open_for_tuning
 
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("maximize", "minimize")
 OBJECTIVES = ("accuracy", "prefill_ms")
 ROLE_ATTR = "role"  # user attribute of enqueued special trials: "baseline" or "paper_default"
+REQUEUED_FROM_ATTR = "requeued_from"  # user attribute of a trial queued again after an interrupt: the old number
+INTERRUPTED = "interrupted (Ctrl-C); queued again for the next run"
 # Provenance fields that must match for two workers' trials to be comparable.
 MATCHED_PROVENANCE = ("model_id", "revision", "family", "dtype", "attn_implementation", "device", "tasks")
-DEFAULT_STORAGE = "sqlite:///dart_tuner.db"
-_SCHEMA_ATTEMPTS = 5
 
 
 class StudyNotFound(ValueError):
@@ -64,31 +65,6 @@ class TuningStopped(RuntimeError):
 
 class ProvenanceMismatch(ValueError):
     """The study was created on another model / task subset / machine; the message lists each difference."""
-
-
-def make_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int | None = None,
-                 max_retry: int = 2) -> RDBStorage:
-    """RDBStorage with heartbeats and retry of trials whose worker died (SQLite waits on locks up to 60 s).
-
-    Workers started together on a new database race to create its schema; the loser retries and finds it made.
-    """
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-    for attempt in range(_SCHEMA_ATTEMPTS):
-        try:
-            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; they are the point here
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                  grace_period=grace_period,
-                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
-            if attempt == _SCHEMA_ATTEMPTS - 1:
-                raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -264,7 +240,7 @@ class Tuner:
                  tasks: list[PreparedTask] | None = None, allow_repeats: bool = False) -> None:
         self.space = space
         self.allow_repeats = allow_repeats  # measure a configuration again although a complete trial holds it
-        self.storage = storage if isinstance(storage, RDBStorage) else make_storage(
+        self.storage = storage if isinstance(storage, RDBStorage) else open_for_tuning(
             storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         self.study_name = study_name or space.study
         self.loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
@@ -284,6 +260,8 @@ class Tuner:
                                          load_if_exists=True)
         self._check_provenance(allow_mixed)
         self._local_baseline: EvalResult | None = None
+        self._running: Trial | None = None  # the trial objective() runs now, to queue again on Ctrl-C
+        self.requeued: int | None = None  # the trial queued again by the last interrupted run()
         self.on_request: Callable[[int], None] | None = None  # progress of the running trial's evaluation
 
     def _check_provenance(self, allow_mixed: bool) -> None:
@@ -373,7 +351,18 @@ class Tuner:
                             attrs=attrs)
 
     def objective(self, trial: Trial) -> tuple[float, float]:
-        """Optuna objective: (accuracy, prefill median ms); every number also goes into the trial's attributes."""
+        """Optuna objective: (accuracy, prefill median ms); every number also goes into the trial's attributes.
+
+        A Ctrl-C anywhere in it marks the trial as interrupted, so `run` queues it again.
+        """
+        self._running = trial
+        try:
+            return self._measure_trial(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("failure", INTERRUPTED)
+            raise
+
+    def _measure_trial(self, trial: Trial) -> tuple[float, float]:
         baseline = trial.user_attrs.get(ROLE_ATTR) == "baseline"
         if baseline:
             earlier = self._earlier_baseline(trial.number)
@@ -393,9 +382,6 @@ class Tuner:
         except Exception as error:
             trial.set_user_attr("failure", f"{type(error).__name__}: {error}")
             trial.set_user_attr("failure_type", type(error).__name__)
-            raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("failure", "interrupted (Ctrl-C); queued again for the next run")
             raise
         for key, value in outcome.attrs.items():
             trial.set_user_attr(key, value)
@@ -448,20 +434,45 @@ class Tuner:
                                 timeout=timeout_s, callbacks=all_callbacks, catch=(Exception,),
                                 gc_after_trial=False)
         except KeyboardInterrupt:
-            self._requeue_interrupted()
+            with _sigint_ignored():
+                self.requeued = self._requeue_interrupted()
             raise
         if guard.reason is not None:
             raise TuningStopped(f"study {self.study_name!r} stopped: {guard.reason}. Fix the cause and run the same "
                                 "command again to resume")
         return self.study
 
-    def _requeue_interrupted(self) -> None:
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if str(trial.user_attrs.get("failure", "")).startswith("interrupted") \
-                    and not trial.system_attrs.get("requeued"):
-                self.study._storage.set_trial_system_attr(trial._trial_id, "requeued", True)
-                user_attrs = {k: v for k, v in trial.user_attrs.items() if k == ROLE_ATTR}
-                self.study.enqueue_trial(trial.params, user_attrs=user_attrs, skip_if_exists=False)
+    def _requeue_interrupted(self) -> int | None:
+        """Fail the trial this worker was running when interrupted, if Optuna had not yet, and queue it again with
+        its parameters and role (the re-queued trial names it in `requeued_from`). Returns the new trial's number,
+        or None when no trial was running (the interrupt came between trials)."""
+        trial, self._running = self._running, None
+        if trial is None:
+            return None
+        stored = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+        if stored.state == TrialState.RUNNING:  # interrupted inside Optuna's own bookkeeping, after the objective
+            trial.set_user_attr("failure", INTERRUPTED)
+            self.study.tell(trial, state=TrialState.FAIL)
+        elif stored.state != TrialState.FAIL or stored.user_attrs.get("failure") != INTERRUPTED:
+            return None  # it finished before the interrupt: nothing was lost
+        role = {ROLE_ATTR: stored.user_attrs[ROLE_ATTR]} if ROLE_ATTR in stored.user_attrs else {}
+        self.study.enqueue_trial(stored.params, user_attrs={**role, REQUEUED_FROM_ATTR: trial.number},
+                                 skip_if_exists=False)
+        return next(t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                    if t.user_attrs.get(REQUEUED_FROM_ATTR) == trial.number)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Let a second Ctrl-C not cut short the re-queueing of an interrupted trial (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:

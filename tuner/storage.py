@@ -1,0 +1,293 @@
+"""Where studies live: the one recipe for opening an Optuna RDB storage, for tuning workers and for readers.
+
+- `open_for_tuning` (workers): heartbeats, a stale trial failed with its reason and queued again, and a database
+  that goes away for a while (a PostgreSQL restart, a locked SQLite file) waited out with back-off instead of
+  killing the worker.
+- `open_for_reading` (`studies`, `export`, the dashboard): never creates a database file or tables.
+- Whatever cannot be opened or reached is a `StorageError` whose one-line message names the URL and the cause.
+
+Torch-free and evaluation-free: reading a study needs none of that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy
+import sqlalchemy.exc
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import URL, make_url
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = "sqlite:///dart_tuner.db"
+SQLITE_LOCK_TIMEOUT_S = 60  # how long a SQLite writer waits for another worker's lock
+RECONNECT_S = 60.0  # how long a worker waits out an unreachable database before giving up
+HEARTBEAT_FAILURE = "worker stopped sending heartbeats (killed, or lost its machine); queued again"
+_EXAMPLE = "e.g. sqlite:///dart_tuner.db or postgresql+psycopg://user@host/db"
+# Messages of OperationalError that waiting will not cure.
+_PERMANENT = ("readonly", "read-only", "unable to open database file", "no such table", "authentication failed",
+              "does not exist", "permission denied", "disk i/o error", "database disk image is malformed")
+_T = TypeVar("_T")
+
+
+class StorageError(ValueError):
+    """A storage that cannot be opened, read or written; the one-line message names the URL and the cause."""
+
+
+# -- URLs and messages ----------------------------------------------------------------------------------------
+
+
+def check_url(url: str, *, writing: bool) -> URL:
+    """Parse and check a storage URL before touching it: scheme, driver, and for SQLite the file or its folder.
+
+    Readers need an existing file (a mistyped path must not become a new empty database); writers need a folder
+    that exists and a file they may write.
+    """
+    url = (url or "").strip()
+    if not url:
+        raise StorageError(f"give a storage URL ({_EXAMPLE})")
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError:  # a subclass of ArgumentError
+        raise StorageError(f"storage {url!r}: unknown database scheme {parsed.drivername!r} ({_EXAMPLE})") from None
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageError(f"{url!r} is not a SQLAlchemy database URL ({_EXAMPLE})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        raise StorageError(f"storage {url!r}: the database driver is not installed ({error}); for PostgreSQL use "
+                           "postgresql+psycopg://... with pip install 'dart-tuner[postgres]'") from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and parsed.query.get("uri") == "true" and database.startswith("file:"):
+            database = database.removeprefix("file:").partition("?")[0]  # sqlite:///file:x.db?mode=ro&uri=true
+        _check_sqlite_file(url, database, writing=writing)
+    return parsed
+
+
+def _check_sqlite_file(url: str, database: str | None, *, writing: bool) -> None:
+    if not database or database == ":memory:":
+        raise StorageError(f"{url!r} is an in-memory SQLite database, which keeps no study; give a file "
+                           "(sqlite:///path/to/dart_tuner.db)")
+    path = Path(database)
+    if not writing:
+        if not path.is_file():
+            raise StorageError(f"no SQLite file {database!r} (looked in {path.resolve().parent}); run "
+                               f"`dart-tuner tune --storage {url}` first, or give the file that holds your study")
+        return
+    if not path.parent.resolve().is_dir():
+        raise StorageError(f"storage {url!r}: no folder {str(path.parent.resolve())!r} for the SQLite file; "
+                           "create it first")
+    target = path if path.exists() else path.parent.resolve()
+    if not os.access(target, os.W_OK):
+        raise StorageError(f"storage {url!r}: {str(target)!r} is read-only; tuning writes every trial there")
+
+
+def engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine options: SQLite waits on other workers' locks; server databases test pooled connections
+    before use, so a restarted server costs a reconnect, not an error."""
+    if make_url(url).get_backend_name() == "sqlite":
+        return {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}}
+    return {"pool_pre_ping": True}
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (the driver's error under SQLAlchemy's and Optuna's wrappers)."""
+    seen = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def describe(url: str, error: BaseException, doing: str = "cannot use") -> str:
+    """One line for a storage failure: URL, the root cause's type and first line, and a hint where one helps."""
+    cause = root_cause(error)
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(cause, ModuleNotFoundError):
+        hint = " (install the database driver, e.g. pip install 'dart-tuner[postgres]')"
+    elif "no such table" in text:
+        hint = " (the file is not an Optuna storage: it has no Optuna tables)"
+    elif "readonly" in text or "read-only" in text:
+        hint = " (tuning writes every trial there: give a writable database)"
+    else:
+        hint = ""
+    return f"{doing} Optuna storage {url!r}: {type(cause).__name__}: {text}{hint}"
+
+
+def storage_failure(error: BaseException) -> BaseException | None:
+    """The storage error somewhere in `error`'s chain (SQLAlchemy's, Optuna's storage error, or ours), if any.
+
+    Optuna can mask a storage error raised while it records a trial with an error of its own, so the whole chain
+    is searched.
+    """
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (StorageError, StorageInternalError, sqlalchemy.exc.SQLAlchemyError)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether waiting may cure a storage error: a lost or refused connection, a server starting or stopping, a
+    locked SQLite file. A read-only file, a missing table or a wrong password are not."""
+    cause = error.__cause__ if isinstance(error, StorageInternalError) and error.__cause__ else error
+    if isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated:
+        return True
+    if not isinstance(cause, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+        return False
+    text = str(cause).lower()
+    return not any(word in text for word in _PERMANENT)
+
+
+# -- workers --------------------------------------------------------------------------------------------------
+
+
+class RequeueStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a trial whose worker stopped sending heartbeats, without carrying the stale trial's
+    failure reason over to the fresh copy."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("failure", "failure_type")}
+        super().__call__(study, trial)
+
+
+class ResilientRDBStorage(RDBStorage):
+    """RDBStorage that waits out a database that is briefly unreachable, and stores why a stale trial failed.
+
+    Every storage call that fails with a transient error (`is_transient`) is tried again with exponential back-off
+    for up to `reconnect_s` seconds, then raised as a StorageError. A trial whose heartbeats stopped gets the
+    user attribute `failure` before Optuna fails it, so the stored study says what happened to it.
+
+    A write whose commit reached the server just before the connection broke is ambiguous: a state change found
+    already made is taken as done; a new trial created twice would show up as an extra waiting trial.
+    """
+
+    def __init__(self, url: str, *, reconnect_s: float = RECONNECT_S, **kwargs: Any) -> None:
+        self.reconnect_s = reconnect_s
+        super().__init__(url, **kwargs)
+
+    def _retrying(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        deadline, delay, warned = time.monotonic() + self.reconnect_s, 0.5, False
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except (StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
+                if not is_transient(error):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StorageError(describe(self.url, error, f"gave up after {self.reconnect_s:.0f} s on")) \
+                        from error
+                if not warned:
+                    logger.warning("%s; retrying for up to %.0f s", describe(self.url, error, "lost"),
+                                   self.reconnect_s)
+                    warned = True
+                time.sleep(delay)
+                delay = min(2 * delay, 8.0)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState,
+                               values: Any = None) -> bool:
+        attempts = [0]
+
+        def attempt() -> bool:
+            attempts[0] += 1
+            try:
+                return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+            except UpdateFinishedTrialError:
+                # A retry after an ambiguous commit: the first attempt's change is already there.
+                if attempts[0] > 1 and RDBStorage.get_trial(self, trial_id).state == state:
+                    return True
+                raise
+
+        return self._retrying(attempt)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = self._retrying(RDBStorage._get_stale_trial_ids, self, study_id)
+        for trial_id in stale:
+            try:
+                self.set_trial_user_attr(trial_id, "failure", HEARTBEAT_FAILURE)
+            except UpdateFinishedTrialError:  # another worker failed it first
+                pass
+        return stale
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    method = getattr(RDBStorage, name)
+
+    def call(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._retrying(method, self, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = method.__doc__
+    return call
+
+
+# Every storage call Optuna makes while a study runs (reads, writes, heartbeats) waits out a transient outage; the
+# private ones are those Optuna's own cache in front of an RDBStorage calls instead of the public ones.
+for _name in ("_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials",
+              "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+              "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+              "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
+              "create_new_trial", "set_trial_param", "get_trial_param", "set_trial_intermediate_value",
+              "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
+              "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat"):
+    setattr(ResilientRDBStorage, _name, _retried(_name))
+
+
+def open_for_tuning(url: str, *, heartbeat_interval: int = 30, grace_period: int | None = None,
+                    max_retry: int = 2, reconnect_s: float = RECONNECT_S) -> ResilientRDBStorage:
+    """The storage a tuning worker writes to: heartbeats, stale trials failed with a reason and queued again (at
+    most `max_retry` times), transient outages waited out for `reconnect_s` seconds. StorageError when it cannot
+    be opened.
+
+    Workers started together on a new database race to create its schema; the loser retries and finds it made.
+    """
+    check_url(url, writing=True)
+    deadline, delay = time.monotonic() + min(reconnect_s, 10.0), 0.5
+    while True:
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; they are the point here
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return ResilientRDBStorage(url, reconnect_s=reconnect_s, engine_kwargs=engine_kwargs(url),
+                                           heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                           heartbeat_stale_trial_callback=RequeueStaleTrial(max_retry=max_retry))
+        except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as error:
+            schema_race = isinstance(error, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError))
+            if not (schema_race or is_transient(error)) or time.monotonic() + delay > deadline:
+                raise StorageError(describe(url, error, "cannot open")) from None
+            time.sleep(delay)
+            delay *= 2
+        except Exception as error:  # Optuna's schema-version check, a driver's own error type
+            raise StorageError(describe(url, error, "cannot open")) from None
+
+
+# -- readers --------------------------------------------------------------------------------------------------
+
+
+def open_for_reading(url: str) -> RDBStorage:
+    """A storage to read studies from, checked by listing them; never creates a database or tables.
+
+    StorageError (one line) when the URL is bad, the file or server is missing, or it is not an Optuna storage.
+    """
+    check_url(url, writing=False)
+    url = url.strip()
+    try:
+        storage = RDBStorage(url, engine_kwargs=engine_kwargs(url), skip_table_creation=True)
+        storage.get_all_studies()
+    except Exception as error:  # sqlalchemy, the DB driver, Optuna's schema check: all end up as one message
+        raise StorageError(describe(url, error, "cannot read")) from None
+    return storage
