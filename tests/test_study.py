@@ -22,7 +22,7 @@ from tuner.cli import app
 from tuner.evaluation.tasks import load_tasks
 from tuner.models.loading import load_model
 from tuner.space import PAPER_DEFAULT, parse_space
-from tuner.storage import open_for_tuning
+from tuner.storage import HEARTBEAT_FAILURE, open_for_tuning
 from tuner.study import ProvenanceMismatch, Tuner, is_baseline, pareto_trials
 
 TASK = "dart_shapes"
@@ -165,8 +165,8 @@ def _running_trial(storage: str, study: str, deadline: float) -> int:
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_killed_worker_s_trial_is_failed_and_retried(saved_dirs, model_and_tasks, tmp_path) -> None:
-    """SIGKILL mid-trial: the heartbeat marks the trial failed and it is measured again by the next worker,
-    keeping its role (a killed baseline is retried as the baseline)."""
+    """SIGKILL mid-trial: the heartbeat marks the trial failed, with that reason, and it is measured again by the
+    next worker, keeping its role (a killed baseline is retried as the baseline)."""
     storage = f"sqlite:///{tmp_path / 's.db'}"
     worker = _worker(_write_space(tmp_path, saved_dirs["llava"]), storage, "--heartbeat-interval", "1")
     try:
@@ -178,8 +178,10 @@ def test_a_killed_worker_s_trial_is_failed_and_retried(saved_dirs, model_and_tas
     study = _tuner(saved_dirs, model_and_tasks, storage).run(3)
     by_number = {t.number: t for t in study.trials}
     assert by_number[killed].state == TrialState.FAIL
+    assert by_number[killed].user_attrs["failure"] == HEARTBEAT_FAILURE  # the stored study says what happened
     retries = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert "failure" not in retries[0].user_attrs  # the retry does not inherit the reason
     assert retries[0].user_attrs.get("role") == by_number[killed].user_attrs.get("role")
     assert sum(is_baseline(t) and t.state == TrialState.COMPLETE for t in study.trials) == 1
 

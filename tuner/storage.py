@@ -103,11 +103,12 @@ def engine_kwargs(url: str) -> dict[str, Any]:
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """The innermost exception of a chain (the driver's error under SQLAlchemy's and Optuna's wrappers)."""
+    """The driver's error under SQLAlchemy's and Optuna's wrappers: the end of the explicit `raise ... from` chain
+    (not of the implicit one, which wanders into whatever the driver was cleaning up)."""
     seen = set()
-    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+    while error.__cause__ is not None and id(error) not in seen:
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return error
 
 
