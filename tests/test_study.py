@@ -253,6 +253,25 @@ def test_cli_tune_refuses_a_layer_beyond_the_model(saved_dirs, tmp_path) -> None
     assert result.exit_code == 2 and "layer" in result.output and "4 decoder layers" in result.output
 
 
+@pytest.mark.parametrize(("changes", "key"), [
+    ({"budget": {"low": 8, "high": 5000}, "keep_ratio": None}, "budget"),
+    ({"n_image_pivots": [4, 5000]}, "n_image_pivots"),
+])
+def test_cli_tune_refuses_more_tokens_than_the_prompt_has(saved_dirs, tmp_path, changes, key) -> None:
+    """A budget or an image-pivot count above the vision tokens the latency is measured on: one line naming the
+    file, the key and both numbers, and no trial stored."""
+    data = {k: v for k, v in _space_data(saved_dirs["llava"], **changes).items() if v is not None}
+    space = tmp_path / "tokens.yaml"
+    space.write_text(yaml.safe_dump(data))
+    db = tmp_path / "e.db"
+    result = CliRunner().invoke(app, ["tune", "--space", str(space), "--storage", f"sqlite:///{db}"])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"tokens.yaml: {key}: the space allows up to 5000, more than the" in message
+    assert "vision tokens of the latency prompt (dart_shapes, first document)" in message
+    assert not optuna.get_all_study_summaries(f"sqlite:///{db}")
+
+
 def test_studies_on_a_bad_storage_is_a_clear_error() -> None:
     result = CliRunner().invoke(app, ["studies", "--storage", "notadb://x"])
     assert result.exit_code == 2 and "storage 'notadb://x': unknown database scheme" in result.output

@@ -26,12 +26,12 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig
-from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency
+from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency, vision_counts
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask, load_tasks
 from tuner.models.loading import LoadedModel, load_model
 from tuner.provenance import environment
-from tuner.space import SearchSpace
+from tuner.space import SearchSpace, SpaceError
 from tuner.storage import DEFAULT_STORAGE, open_for_tuning
 
 logger = logging.getLogger(__name__)
@@ -254,6 +254,7 @@ class Tuner:
         self.evaluator = Evaluator(self.loaded, self.tasks, batch_size=space.batch_size,
                                    max_failures=space.max_failures)
         self.inputs = latency_inputs(self.loaded, self.tasks[0])
+        self._check_token_counts(min(vision_counts(self.loaded, self.inputs)))
         self.provenance = provenance_of(self.loaded, self.tasks, space)
         self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
                                          directions=list(DIRECTIONS), sampler=make_sampler(space),
@@ -263,6 +264,18 @@ class Tuner:
         self._running: Trial | None = None  # the trial objective() runs now, to queue again on Ctrl-C
         self.requeued: int | None = None  # the trial queued again by the last interrupted run()
         self.on_request: Callable[[int], None] | None = None  # progress of the running trial's evaluation
+
+    def _check_token_counts(self, n_vision: int) -> None:
+        """Refuse, before any trial, a space whose budgets or image pivots exceed the vision tokens of the prompt
+        every trial's latency is measured on: such trials keep every token (or cannot pick their pivots)."""
+        where = f"the {n_vision} vision tokens of the latency prompt ({self.tasks[0].name}, first document)"
+        checks = [("budget", self.space.budget)]
+        if "dart" in self.space.methods:
+            checks.append(("n_image_pivots", self.space.n_image_pivots))
+        for key, param in checks:
+            if param is not None and max(param.choices()) > n_vision:
+                raise SpaceError(f"{self.space.source}: {key}: the space allows up to {max(param.choices())}, "
+                                 f"more than {where}")
 
     def _check_provenance(self, allow_mixed: bool) -> None:
         stored = self.study.user_attrs.get("provenance")

@@ -66,14 +66,20 @@ def latency_inputs(loaded: LoadedModel, task: PreparedTask, n_docs: int = 1) -> 
     return build_inputs(loaded, texts, images)
 
 
-def _cost(loaded: LoadedModel, inputs: BatchFeature, config: PruningConfig | None, kept: list[int]) -> CostOnInputs:
-    dims = TextDims.from_config(loaded.model.config)
+def vision_counts(loaded: LoadedModel, inputs: BatchFeature) -> list[int]:
+    """Vision tokens in each row of processed inputs (padding excluded)."""
     vision_ids = set(loaded.adapter.vision_token_ids)
     mask = inputs["attention_mask"].bool()
+    return [sum(token in vision_ids for token in inputs["input_ids"][row][mask[row]].tolist())
+            for row in range(inputs["input_ids"].shape[0])]
+
+
+def _cost(loaded: LoadedModel, inputs: BatchFeature, config: PruningConfig | None, kept: list[int]) -> CostOnInputs:
+    dims = TextDims.from_config(loaded.model.config)
+    mask = inputs["attention_mask"].bool()
     flops = kv = n_tokens = n_vision = 0
-    for row in range(inputs["input_ids"].shape[0]):
+    for row, row_vision in enumerate(vision_counts(loaded, inputs)):
         ids = inputs["input_ids"][row][mask[row]].tolist()
-        row_vision = sum(token in vision_ids for token in ids)
         kept_tokens = len(ids) - row_vision + kept[row]
         layer = config.layer if config else 0
         flops += prefill_flops(dims, len(ids), kept_tokens, layer)
@@ -117,10 +123,7 @@ def measure_latency(loaded: LoadedModel, inputs: BatchFeature, configs: Mapping[
     setups = {name: _RecordingSetup(loaded.model, config) for name, config in configs.items()}
     timings = measure_generation_interleaved(loaded.model, inputs, setups, new_tokens=new_tokens, repeats=repeats,
                                              warmup=warmup, device=loaded.device)
-    vision_ids = set(loaded.adapter.vision_token_ids)
-    mask = inputs["attention_mask"].bool()
-    all_vision = [sum(t in vision_ids for t in inputs["input_ids"][row][mask[row]].tolist())
-                  for row in range(inputs["input_ids"].shape[0])]
+    all_vision = vision_counts(loaded, inputs)
     out = {}
     for name, setup in setups.items():
         kept = setup.kept if setup.kept is not None else all_vision
