@@ -164,6 +164,8 @@ if rec.trial is not None:
                    delta_color="off", delta_arrow="off")
     st.caption(f"{rec.message}. Same choice on the command line: `dart-tuner export --storage {url} --study {name} "
                f"{dd.export_rule_args(rec)} -o preset.yaml`")
+    if rec.latency_warning:
+        st.warning(f"{rec.latency_warning}.")
 else:
     st.warning(rec.message)
 

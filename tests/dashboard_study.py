@@ -64,6 +64,8 @@ def trial_attrs(config: PruningConfig | None, accuracy: float, prefill_ms: float
         "prefill_ms": prefill_ms, "prefill_iqr_ms": 0.04 * prefill_ms, "prefill_repeats": 5,
         "decode_ms_per_token": 12.0, "decode_iqr_ms": 0.3, "end_to_end_ms": prefill_ms + 36.0,
         "peak_memory_bytes": None, "baseline_prefill_ms_same_run": base_ms, "speedup_same_run": base_ms / prefill_ms,
+        "speedup_low": 0.95 * base_ms / prefill_ms, "speedup_high": 1.05 * base_ms / prefill_ms, "latency_noisy": False,
+        "latency_warning": "",
         "prefill_flops": flops, "kv_cache_bytes": int(BASE_KV * (0.2 + 0.8 * keep)), "flops_ratio": flops / BASE_FLOPS,
         "latency_input_tokens": 130, "latency_input_kept_vision": int(kept),
         "samples": [[i, 1.0 if i < accuracy * 10 else 0.0, int(kept)] for i in range(10)],

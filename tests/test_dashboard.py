@@ -22,6 +22,8 @@ from tuner import load_preset
 from tuner.cli import app, dashboard_app_path
 from tuner.evaluation.runner import EvalResult
 from tuner.export import Rule, choose_trial
+from tuner.latency import Timing, speedup_spread
+from tuner.reporting import noise_warning
 from tuner.storage import open_for_reading
 from tuner.study import Tuner, config_of
 
@@ -94,6 +96,7 @@ def test_hand_built_trials_carry_the_tuners_attributes() -> None:
                  if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "attrs")
     keys = {k.value for k in attrs.keys if isinstance(k, ast.Constant)}
     keys |= set(EvalResult(config=None, accuracy=0.0, metrics={}).kept_vision_stats())
+    keys |= set(speedup_spread(Timing((1.0,)), Timing((1.0,))).to_attrs())
     assert set(dashboard_study.trial_attrs(None, 0.5, 10.0, 20.0)) == keys
 
 
@@ -253,6 +256,24 @@ def test_refresh_shows_new_trials(storage: str, monkeypatch: pytest.MonkeyPatch)
     worker.add_trial(dashboard_study.pruned_trial("dart", 2, 0.07, 2, 2, accuracy=0.75, ms=20.0))
     at.button(key="refresh").click().run()
     assert _recommended(at) == 13
+
+
+def test_a_noisy_recommendation_carries_exports_warning(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recommended trial whose speed-up is within its latency spread gets export's warning on the page; the clean
+    recommendation before it got none."""
+    at = _app(storage, monkeypatch)
+    assert dd.recommend(_study(storage), min_relative_accuracy=0.9).latency_warning == ""
+    assert not [w for w in at.warning if "latency" in w.value]
+    noisy = dashboard_study.pruned_trial("dart", 2, 0.07, 2, 2, accuracy=0.75, ms=20.0)
+    noisy.user_attrs = {**noisy.user_attrs, "speedup_low": 0.8, "speedup_high": 7.0, "latency_noisy": True,
+                        "latency_warning": "the candidate's prefill IQR (15.0 ms) is 75% of its median (20.0 ms)"}
+    _study(storage).add_trial(noisy)
+    at.button(key="refresh").click().run()
+    recommendation = dd.recommend(_study(storage), min_relative_accuracy=0.9)
+    assert _recommended(at) == recommendation.trial.number == 13
+    assert recommendation.latency_warning == noise_warning(recommendation.trial, _study(storage))
+    assert "not distinguishable from the latency spread: the candidate's prefill IQR" in recommendation.latency_warning
+    assert [w.value for w in at.warning] == [recommendation.latency_warning + "."]
 
 
 # -- storages the dashboard cannot use -------------------------------------------------------------------------

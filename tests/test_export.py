@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from optuna.distributions import CategoricalDistribution
+from rich.console import Console
 from typer.testing import CliRunner
 
 import tiny_vlms
@@ -21,6 +22,7 @@ from tuner.models.families import detect_family
 from tuner.models.loading import device_name
 from tuner.presets import Preset, PresetError, PresetMismatchWarning, preset_differences
 from tuner.provenance import environment
+from tuner.reporting import NOISY_FOOTNOTE, pareto_table
 
 # (accuracy, prefill ms, keep ratio) of the pruned trials 1..5; trial 0 is the baseline (0.80, 100 ms).
 POINTS = [(0.78, 60.0, 0.5), (0.74, 40.0, 0.3), (0.70, 30.0, 0.2), (0.60, 20.0, 0.1), (0.79, 90.0, 0.7)]
@@ -186,6 +188,67 @@ def test_export_command(tmp_path: Path) -> None:
                                  "-o", str(tmp_path / "nowhere" / "p.yaml")])
     assert result.exit_code == 2 and "cannot write preset" in result.output and "Traceback" not in result.output
     assert result.output.strip().count("\n") <= 1, result.output
+
+
+# A trial measured on a busy machine: its prefill is the baseline's, but the baseline's rounds of that trial were
+# slow, so the speed-up reads 4.79x; and a clean 2x trial. Trials 1..5 of `_study` predate these attributes.
+NOISY = {"speedup_same_run": 4.79, "speedup_low": 0.9, "speedup_high": 6.1, "latency_noisy": True,
+         "latency_warning": "the baseline's prefill IQR (390.0 ms) is 81% of its median (479.0 ms)"}
+CLEAN = {"speedup_same_run": 2.0, "speedup_low": 1.9, "speedup_high": 2.1, "latency_noisy": False,
+         "latency_warning": ""}
+
+
+def _study_with_spread(storage: str) -> optuna.Study:
+    """`_study` plus a noisy trial 7 (0.795 at 99 ms) and a clean trial 8 (0.75 at 50 ms), both on the front."""
+    study = _study(storage)
+    for accuracy, ms, attrs in ((0.795, 99.0, NOISY), (0.75, 50.0, CLEAN)):
+        config = PruningConfig(method="random", layer=2, keep_ratio=0.4)
+        study.add_trial(optuna.create_trial(values=[accuracy, ms], user_attrs={
+            "config": config.to_dict(), "prefill_ms": ms, "prefill_iqr_ms": 3.0, "prefill_repeats": 10, **attrs}))
+    return study
+
+
+def _export(storage: str, trial: int, out: Path) -> str:
+    result = CliRunner().invoke(app, ["export", "--storage", storage, "--study", "hand", "--trial", str(trial),
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_export_warns_when_the_spread_hides_the_speedup(tmp_path: Path) -> None:
+    """A noisy trial exports with a warning line and its interval in the preset; a clean one exports silently."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    _study_with_spread(storage)
+    output = _export(storage, 7, tmp_path / "noisy.yaml")
+    warning = " ".join(output[output.index("warning:"):].split())
+    assert "(4.79x)" in output and warning.startswith("warning: trial 7's prefill speed-up 4.79x (interval "
+                                                      "0.90-6.10x) is not distinguishable from the latency spread: "
+                                                      "the baseline's prefill IQR")
+    assert "Re-measure it with more repeats on an idle machine: dart-tuner eval --preset" in warning
+    assert "--model m --task dart_shapes --repeats 20" in warning
+    metrics = load_preset(tmp_path / "noisy.yaml").metrics
+    assert (metrics["speedup"], metrics["speedup_low"], metrics["speedup_high"], metrics["latency_noisy"]) == \
+        (4.79, 0.9, 6.1, True) and metrics["latency_warning"] == NOISY["latency_warning"]
+    output = _export(storage, 8, tmp_path / "clean.yaml")
+    assert "warning" not in output and "(2.00x)" in output
+    metrics = load_preset(tmp_path / "clean.yaml").metrics
+    assert (metrics["speedup_low"], metrics["speedup_high"], metrics["latency_noisy"]) == (1.9, 2.1, False)
+
+
+def test_trials_stored_before_the_noise_check_export_and_print_as_before(tmp_path: Path) -> None:
+    """Old trials (no interval, no flag) are unknown, not noisy: no warning, None in the preset, no mark."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = _study_with_spread(storage)
+    output = _export(storage, 2, tmp_path / "old.yaml")
+    assert "warning" not in output and "(2.50x)" in output
+    metrics = load_preset(tmp_path / "old.yaml").metrics
+    assert [metrics[key] for key in ("speedup_low", "speedup_high", "latency_noisy", "latency_warning")] == [None] * 4
+    console = Console(width=200, record=True)
+    console.print(pareto_table(study))
+    lines = console.export_text().splitlines()
+    rows = {line.split("│")[1].strip(): line for line in lines if line.count("│") > 2}
+    assert "4.79x*" in rows["7"] and "2.50x │" in rows["2"] and "2.00x │" in rows["8"]
+    assert lines[-1].strip() == NOISY_FOOTNOTE  # one line under the table
 
 
 @pytest.mark.parametrize("rule", [Rule(trial=3), Rule(min_accuracy=0.72), Rule(min_relative_accuracy=0.95),

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from tuner.cli import app
 from tuner.evaluation.tasks import load_tasks
 from tuner.models.loading import load_model
+from tuner.reporting import NOISY_FOOTNOTE
 from tuner.space import PAPER_DEFAULT, parse_space
 from tuner.storage import HEARTBEAT_FAILURE, open_for_tuning
 from tuner.study import ProvenanceMismatch, Tuner, is_baseline, pareto_trials
@@ -67,6 +68,10 @@ def test_study_stores_baseline_first_and_every_number(saved_dirs, model_and_task
         assert len(trial.user_attrs["samples"]) == 6
         assert trial.user_attrs["prefill_flops"] > 0 and trial.user_attrs["kv_cache_bytes"] > 0
     base, pruned = trials[0].user_attrs, trials[1].user_attrs
+    assert base["speedup_same_run"] == base["speedup_low"] == base["speedup_high"] == 1.0  # timed against itself
+    for attrs in (base, pruned):  # the space times 1 round: too few to bound a speed-up
+        assert attrs["speedup_low"] <= attrs["speedup_same_run"] <= attrs["speedup_high"]
+        assert attrs["latency_noisy"] is True and attrs["latency_warning"].startswith("only 1 timed round")
     assert pruned["kept_vision_mean"] < base["kept_vision_mean"]
     assert pruned["flops_ratio"] < 1.0 == base["flops_ratio"]
     assert pruned["config"]["keep_ratio"] == 0.25 and base["config"] is None
@@ -225,6 +230,9 @@ def test_cli_tune_prints_the_pareto_front_and_studies_lists_it(saved_dirs, tmp_p
     assert result.exit_code == 0, result.output
     assert "trial 0" in result.output and "trial 1: dart K=2" in result.output
     assert "Pareto" in result.output
+    words = " ".join(result.output.split())  # rich wraps at the runner's 80 columns
+    assert "x*), noisy latency: only 1 timed round" in words  # the per-trial line (the space times 1 round)
+    assert " ".join(NOISY_FOOTNOTE.split()) in words  # the front's footnote
     listed = runner.invoke(app, ["studies", "--storage", storage])
     assert listed.exit_code == 0 and "tiny" in listed.output
 

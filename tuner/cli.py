@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -14,6 +15,9 @@ from rich.table import Table
 
 from tuner.storage import DEFAULT_STORAGE
 from tuner.tiny.recipe import TrainConfig
+
+if TYPE_CHECKING:
+    from tuner.presets import Preset
 
 app = typer.Typer(help="Find and apply the best visual-token pruning configuration for a multimodal LLM.",
                   no_args_is_help=True, add_completion=False)
@@ -320,12 +324,13 @@ def tune(
     import time
 
     import optuna
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tuner.evaluation.lmms_compat import LmmsEvalUnavailable
     from tuner.evaluation.tasks import TaskNotFoundError
     from tuner.models.loading import ModelLoadError
-    from tuner.reporting import pareto_table, trial_label
+    from tuner.reporting import latency_noise, pareto_table, speedup_text, trial_label
     from tuner.space import SAMPLERS, SamplerSpec, SpaceError, load_space
     from tuner.study import ProvenanceMismatch, Tuner, TuningStopped, pareto_trials
 
@@ -378,8 +383,11 @@ def tune(
             ran[0] += 1
             method, layer, pivots, amount = trial_label(trial)
             if trial.state.name == "COMPLETE":
+                noise = latency_noise(trial)
                 line = (f"trial {trial.number}: {method} K={layer} p={pivots} keep={amount}: accuracy "
-                        f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms")
+                        f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms "
+                        f"({speedup_text(trial, tuner_.study)})"
+                        + (f", [yellow]noisy latency[/]: {escape(noise)}" if noise else ""))
             elif "duplicate_of" in trial.user_attrs:
                 line = f"trial {trial.number} skipped: trial {trial.user_attrs['duplicate_of']} measured that configuration"
             else:
@@ -442,9 +450,11 @@ def export(
 ) -> None:
     """Write the chosen trial of a study as a preset: its PruningConfig, metrics and provenance."""
 
+    from rich.markup import escape
+
     from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
     from tuner.presets import PresetError, save_preset
-    from tuner.reporting import trial_label
+    from tuner.reporting import noise_warning, trial_label
     from tuner.storage import describe, open_for_reading
     from tuner.study import open_study
 
@@ -464,9 +474,27 @@ def export(
         raise _fail(str(error)) from None
     method, layer, pivots, amount = trial_label(chosen)
     metrics = preset.metrics
-    Console().print(f"{rule.describe()}: trial {chosen.number} ({method} K={layer} pivots {pivots} keep {amount}), "
-                    f"accuracy {metrics['accuracy']:.3f} (baseline {metrics['baseline_accuracy']}), prefill "
-                    f"{metrics['prefill_ms_median']:.1f} ms ({metrics['speedup'] or float('nan'):.2f}x) -> {output}")
+    console = Console()
+    console.print(f"{rule.describe()}: trial {chosen.number} ({method} K={layer} pivots {pivots} keep {amount}), "
+                  f"accuracy {metrics['accuracy']:.3f} (baseline {metrics['baseline_accuracy']}), prefill "
+                  f"{metrics['prefill_ms_median']:.1f} ms ({metrics['speedup'] or float('nan'):.2f}x) -> {output}")
+    warning = noise_warning(chosen, loaded_study)
+    if warning:
+        console.print(f"[yellow]warning:[/] {escape(warning + _remeasure_command(preset, output))}", highlight=False,
+                      soft_wrap=True)
+
+
+def _remeasure_command(preset: Preset, output: Path) -> str:
+    """': dart-tuner eval ...' timing the exported preset again with more rounds, on the study's model and task
+    subset ('' when the preset does not name the model)."""
+    model = preset.provenance.get("model_id")
+    if not model:
+        return ""
+    tasks = [task for task in preset.provenance.get("tasks") or [] if task.get("name")]
+    options = [f"--task {task['name']}" for task in tasks]
+    if tasks and tasks[0].get("size") is not None:
+        options.append(f"--limit {tasks[0]['size']} --seed {tasks[0].get('seed') or 0}")
+    return ": " + " ".join(["dart-tuner eval --preset", str(output), "--model", str(model), *options, "--repeats 20"])
 
 
 def dashboard_app_path() -> Path | None:

@@ -25,7 +25,7 @@ from plotly.subplots import make_subplots
 
 from tuner.export import NoTrialQualifies, Rule, accuracy_floor, choose_trial, preset_from_trial, qualifying_trials
 from tuner.presets import preset_to_yaml
-from tuner.reporting import describe_trial, speedup
+from tuner.reporting import describe_trial, latency_noise, noise_warning, speedup
 from tuner.storage import DEFAULT_STORAGE, StorageError
 from tuner.study import (
     StudyNotFound,
@@ -207,6 +207,9 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
                      f"ratio {row['keep_ratio_achieved']:.3f})")
         lines.append(f"prefill GFLOPs {row['prefill_gflops']:.3g} ({row['flops_ratio']:.0%} of baseline), "
                      f"KV cache {row['kv_cache_mb']:.3g} MB")
+        noise = latency_noise(trial)
+        if noise:
+            lines.append(f"noisy latency: {noise}")
         lines.append("infeasible: " + row["violations"] if not row["feasible"] else
                      ("on the Pareto front" if row["pareto"] else "dominated"))
     elif row["failure"]:
@@ -284,6 +287,7 @@ class Recommendation:
     trial: FrozenTrial | None = None
     qualifying: list[FrozenTrial] = field(default_factory=list)
     message: str = ""
+    latency_warning: str = ""  # the chosen trial's speed-up is hidden by its latency spread (`noise_warning`)
 
 
 def recommend(study: optuna.Study, *, min_accuracy: float | None = None,
@@ -304,7 +308,8 @@ def recommend(study: optuna.Study, *, min_accuracy: float | None = None,
     except NoTrialQualifies as error:
         return Recommendation(rule=rule, floor=floor, max_prefill_ms=max_prefill_ms, message=str(error))
     return Recommendation(rule=rule, floor=floor, max_prefill_ms=max_prefill_ms, trial=trial, qualifying=qualifying,
-                          message=f"{rule.describe()}: trial {trial.number}")
+                          message=f"{rule.describe()}: trial {trial.number}",
+                          latency_warning=noise_warning(trial, study) or "")
 
 
 def export_rule_args(recommendation: Recommendation) -> str:

@@ -139,7 +139,8 @@ def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
 
 
 def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:
-    """A preset holding the trial's config, its metrics next to the baseline's, and the study's provenance."""
+    """A preset holding the trial's config, its metrics next to the baseline's (with the speed-up's interval and
+    noise flag; None for trials stored before them), and the study's provenance."""
     config = config_of(trial)
     if config is None:
         raise NoTrialQualifies(f"trial {trial.number} is the unpruned baseline; there is nothing to deploy")
@@ -149,7 +150,9 @@ def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:
         "accuracy": trial.values[0], "baseline_accuracy": baseline.get("accuracy"),
         "prefill_ms_median": attrs.get("prefill_ms"), "prefill_ms_iqr": attrs.get("prefill_iqr_ms"),
         "prefill_repeats": attrs.get("prefill_repeats"), "baseline_prefill_ms": baseline.get("prefill_ms"),
-        "speedup": attrs.get("speedup_same_run"), "decode_ms_per_token": attrs.get("decode_ms_per_token"),
+        "speedup": attrs.get("speedup_same_run"), "speedup_low": attrs.get("speedup_low"),
+        "speedup_high": attrs.get("speedup_high"), "latency_noisy": attrs.get("latency_noisy"),
+        "latency_warning": attrs.get("latency_warning"), "decode_ms_per_token": attrs.get("decode_ms_per_token"),
         "decode_ms_iqr": attrs.get("decode_iqr_ms"), "kept_vision_mean": attrs.get("kept_vision_mean"),
         "vision_mean": attrs.get("vision_mean"), "keep_ratio_achieved": attrs.get("keep_ratio_achieved"),
         "prefill_flops": attrs.get("prefill_flops"), "kv_cache_bytes": attrs.get("kv_cache_bytes"),

@@ -3,12 +3,15 @@
 Every configuration is timed once per round and the order rotates between rounds, so a slow spell of
 the machine hits all configurations alike instead of one block of them.
 
+`speedup_spread` says how far a speed-up taken from such paired rounds can be trusted.
+
 Generation latency (`measure_generation_interleaved`) splits each greedy `generate()` into prefill (time to
 the first token) and decode (ms per later token) with a clock that `generate` calls once per step.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +44,67 @@ class Timing:
     @property
     def repeats(self) -> int:
         return len(self.samples_ms)
+
+
+# -- how far a speed-up can be trusted ---------------------------------------------------------------------------
+
+CONFIDENCE = 0.90  # least coverage of the speed-up interval (distribution-free, for the median per-round ratio)
+MIN_ROUNDS = 5  # fewest rounds whose min..max interval reaches CONFIDENCE: 1 - 2 / 2**5 = 93.75%
+SPREAD_LIMIT = 0.5  # an IQR at least half its median: the rounds spread as much as the value they estimate
+CLAIM_MARGIN = 1.1  # a speed-up within 10% of 1.00x claims no change (the README's run-to-run drift on 2 cores)
+
+
+@dataclass(frozen=True)
+class SpeedupSpread:
+    """A speed-up (baseline median / candidate median), its interval, and whether the spread hides it."""
+
+    speedup: float
+    low: float
+    high: float
+    noisy: bool
+    warning: str  # why it is noisy, in a few words; "" when it is not
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The trial user attributes and preset metrics that carry it."""
+        return {"speedup_low": self.low, "speedup_high": self.high, "latency_noisy": self.noisy,
+                "latency_warning": self.warning}
+
+
+def _median_interval_rank(n: int) -> int:
+    """The largest k with P(x_(k) <= median < x_(n-k+1)) >= CONFIDENCE (binomial, p = 1/2); 1 below MIN_ROUNDS."""
+    rank = 1
+    for k in range(1, (n + 1) // 2 + 1):
+        if 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2 ** n >= CONFIDENCE:
+            rank = k
+    return rank
+
+
+def speedup_spread(baseline: Timing, candidate: Timing) -> SpeedupSpread:
+    """The speed-up of `candidate` over `baseline`, timed in the same interleaved rounds, and how sure it is.
+
+    Interval: the order statistics x_(k), x_(n-k+1) of the per-round ratios baseline/candidate, a distribution-free
+    interval holding their median with at least CONFIDENCE (min..max below MIN_ROUNDS rounds), widened to include
+    the speed-up shown (the ratio of the medians) so it never excludes the number it qualifies. Noisy: fewer than
+    MIN_ROUNDS rounds, either prefill's IQR at least SPREAD_LIMIT of its median, or an interval that holds 1.0
+    although the speed-up is CLAIM_MARGIN or more away from it.
+    """
+    if baseline.repeats != candidate.repeats or baseline.repeats < 1:
+        raise ValueError(f"paired timings need the same number of rounds, got {baseline.repeats} and "
+                         f"{candidate.repeats}")
+    ratios = sorted(b / c for b, c in zip(baseline.samples_ms, candidate.samples_ms))
+    n, rank = len(ratios), _median_interval_rank(len(ratios))
+    point = baseline.median_ms / candidate.median_ms
+    low, high = min(ratios[rank - 1], point), max(ratios[n - rank], point)
+    reasons = []
+    if n < MIN_ROUNDS:
+        reasons.append(f"only {n} timed round{'s' if n != 1 else ''} ({MIN_ROUNDS} are needed to bound the speed-up)")
+    for name, timing in (("candidate", candidate), ("baseline", baseline)):
+        if timing.iqr_ms >= SPREAD_LIMIT * timing.median_ms:
+            reasons.append(f"the {name}'s prefill IQR ({timing.iqr_ms:.1f} ms) is "
+                           f"{timing.iqr_ms / timing.median_ms:.0%} of its median ({timing.median_ms:.1f} ms)")
+    if low <= 1.0 <= high and not 1 / CLAIM_MARGIN < point < CLAIM_MARGIN:
+        reasons.append(f"its interval {low:.2f}-{high:.2f}x holds 1.00x")
+    return SpeedupSpread(speedup=point, low=low, high=high, noisy=bool(reasons), warning="; ".join(reasons))
 
 
 def synchronize(device: torch.device | str | None = None) -> None:

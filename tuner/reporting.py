@@ -10,6 +10,9 @@ from rich.table import Table
 
 from tuner.study import accuracy_relative, config_of, is_baseline, pareto_trials
 
+NOISY_MARK = "*"
+NOISY_FOOTNOTE = f"{NOISY_MARK} noisy latency: speed-up within its timed rounds' spread; re-measure on an idle machine"
+
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
@@ -51,20 +54,46 @@ def speedup(trial: FrozenTrial, study: optuna.Study) -> float:
     return baseline.get("prefill_ms", math.nan) / trial.values[1] if trial.values else math.nan
 
 
+def latency_noise(trial: FrozenTrial) -> str | None:
+    """Why the trial's speed-up is hidden by its latency spread; None when it is not, or was never judged (trials
+    stored before `latency_noisy` existed)."""
+    if trial.user_attrs.get("latency_noisy") is not True:
+        return None
+    return str(trial.user_attrs.get("latency_warning") or "its rounds spread too widely")
+
+
+def speedup_text(trial: FrozenTrial, study: optuna.Study) -> str:
+    """The speed-up as tables print it ('1.27x'), marked with NOISY_MARK when the spread hides it."""
+    return _fmt(speedup(trial, study), ".2f") + "x" + (NOISY_MARK if latency_noise(trial) else "")
+
+
+def noise_warning(trial: FrozenTrial, study: optuna.Study) -> str | None:
+    """One sentence for whoever deploys a noisy trial: its speed-up, interval and why it cannot be told apart."""
+    reason = latency_noise(trial)
+    if reason is None:
+        return None
+    low, high = trial.user_attrs.get("speedup_low"), trial.user_attrs.get("speedup_high")
+    interval = f" (interval {low:.2f}-{high:.2f}x)" if low is not None and high is not None else ""
+    return (f"trial {trial.number}'s prefill speed-up {speedup(trial, study):.2f}x{interval} is not distinguishable "
+            f"from the latency spread: {reason}. Re-measure it with more repeats on an idle machine")
+
+
 def pareto_table(study: optuna.Study) -> Table:
     """The feasible Pareto front, fastest first, with the baseline for reference."""
     table = Table(title=f"Pareto front of {study.study_name} (feasible trials; accuracy up, prefill down)")
     for column in ("trial", "method", "K", "pivots", "keep", "kept vision", "accuracy", "rel. acc", "prefill ms",
                    "speed-up"):
         table.add_column(column, justify="left" if column in ("method",) else "right")
-    for trial in pareto_trials(study):
+    front = pareto_trials(study)
+    for trial in front:
         method, layer, pivots, amount = trial_label(trial)
         kept = trial.user_attrs.get("kept_vision_mean")
         vision = trial.user_attrs.get("vision_mean")
         table.add_row(str(trial.number), method, layer, pivots, amount,
                       f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}", _fmt(trial.values[0], ".3f"),
                       _fmt(accuracy_relative(trial, study), ".1%"), _fmt(trial.values[1], ".1f"),
-                      _fmt(speedup(trial, study), ".2f") + "x")
+                      speedup_text(trial, study))
+    table.caption = NOISY_FOOTNOTE if any(latency_noise(t) for t in front) else None
     return table
 
 
@@ -93,7 +122,7 @@ def _point(trial: FrozenTrial | None, study: optuna.Study) -> str:
         return "-"
     method, layer, pivots, amount = trial_label(trial)
     return (f"#{trial.number} {method} K={layer} {amount}: {trial.values[0]:.3f} @ {trial.values[1]:.1f} ms "
-            f"({speedup(trial, study):.2f}x)")
+            f"({speedup_text(trial, study)})")
 
 
 def studies_table(storage: str | optuna.storages.BaseStorage) -> Table:
@@ -102,11 +131,14 @@ def studies_table(storage: str | optuna.storages.BaseStorage) -> Table:
     for column in ("study", "model", "tasks", "device", "complete", "failed", "running", "baseline",
                    "most accurate (Pareto)", "fastest (Pareto)"):
         table.add_column(column)
-    for row in study_rows(storage):
+    rows = study_rows(storage)
+    for row in rows:
         counts = row["counts"]
         baseline = (f"{row['baseline_accuracy']:.3f} @ {row['baseline_prefill_ms']:.1f} ms"
                     if row["baseline_accuracy"] is not None else "-")
         table.add_row(row["study"], str(row["model"]), row["tasks"], str(row["device"]), str(counts["complete"]),
                       str(counts["fail"]), str(counts["running"] + counts["waiting"]), baseline,
                       _point(row["most_accurate"], row["study_obj"]), _point(row["fastest"], row["study_obj"]))
+    shown = [t for row in rows for t in (row["most_accurate"], row["fastest"]) if t is not None]
+    table.caption = NOISY_FOOTNOTE if any(latency_noise(t) for t in shown) else None
     return table

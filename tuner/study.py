@@ -29,6 +29,7 @@ from tuner.config import PruningConfig
 from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency, vision_counts
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask, load_tasks
+from tuner.latency import speedup_spread
 from tuner.models.loading import LoadedModel, load_model
 from tuner.provenance import environment
 from tuner.space import SearchSpace, SpaceError
@@ -336,7 +337,8 @@ class Tuner:
         return values
 
     def measure(self, config: PruningConfig | None) -> TrialOutcome:
-        """Accuracy on the subset, then latency interleaved with the unpruned baseline on the fixed inputs."""
+        """Accuracy on the subset, then latency interleaved with the unpruned baseline on the fixed inputs (with the
+        speed-up's interval and noise flag, `tuner.latency.speedup_spread`)."""
         result = self.evaluator.evaluate(config, on_progress=self.on_request)
         lat = self.space.latency
         setups = {BASELINE: None} if config is None else {BASELINE: None, "candidate": config}
@@ -344,6 +346,7 @@ class Tuner:
                                    repeats=lat.repeats, warmup=lat.warmup)
         timing, cost = measured["candidate" if config is not None else BASELINE]
         base_timing, base_cost = measured[BASELINE]
+        spread = speedup_spread(base_timing.prefill, timing.prefill)
         attrs: dict[str, Any] = {
             "config": config.to_dict() if config else None,
             "accuracy": result.accuracy, "metrics": result.metrics, "n_samples": result.n_samples,
@@ -353,7 +356,7 @@ class Tuner:
             "decode_iqr_ms": timing.decode.iqr_ms, "end_to_end_ms": timing.total.median_ms,
             "peak_memory_bytes": timing.peak_memory_bytes,
             "baseline_prefill_ms_same_run": base_timing.prefill.median_ms,
-            "speedup_same_run": base_timing.prefill.median_ms / timing.prefill.median_ms,
+            "speedup_same_run": spread.speedup, **spread.to_attrs(),
             "prefill_flops": cost.prefill_flops, "kv_cache_bytes": cost.kv_cache_bytes,
             "flops_ratio": cost.prefill_flops / base_cost.prefill_flops,
             "latency_input_tokens": cost.n_tokens, "latency_input_kept_vision": cost.n_kept_vision,
