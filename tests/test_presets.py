@@ -28,7 +28,8 @@ def _write(tmp_path: Path, content: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("content", "message"), [
+# (file content, words the message must contain); `.ci/drill.py` feeds these to the CLI too.
+MALFORMED = [
     ("config: [unclosed", "not valid YAML"),
     ("- just\n- a list\n", "must be a YAML mapping"),
     ("config: {method: dart, keep_ratio: 0.5}\n", "schema_version"),
@@ -46,7 +47,10 @@ def _write(tmp_path: Path, content: str) -> Path:
      + "schema_version: 1\nconfig: {method: dart, keep_ratio: 0.5}\n", "alias \\*a is not allowed"),
     ("schema_version: 1\n" + "# padding\n" * 120_000 + "config: {method: dart, keep_ratio: 0.5}\n",
      "over 1 MiB"),
-])
+]
+
+
+@pytest.mark.parametrize(("content", "message"), MALFORMED)
 def test_malformed_presets_are_rejected_by_name(tmp_path: Path, content: str, message: str) -> None:
     """Each defect gets its own message, and every message names the file."""
     path = _write(tmp_path, content)
