@@ -56,7 +56,7 @@ def test_malformed_presets_are_rejected_by_name(tmp_path: Path, content: str, me
     path = _write(tmp_path, content)
     with pytest.raises(PresetError, match=message) as error:
         load_preset(path)
-    assert str(path) in str(error.value)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_binary_file_names_the_path(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from tuner.config import PruningConfig
+from tuner.yaml_errors import yaml_problem
 
 SCHEMA_VERSION = 1
 _TOP_LEVEL_KEYS = {"schema_version", "config", "metrics", "provenance"}
@@ -124,7 +125,7 @@ def load_preset(path: str | Path) -> Preset:
     try:
         data = yaml.load(text, Loader=_NoAliasLoader)
     except yaml.YAMLError as error:
-        raise PresetError(f"preset {str(path)!r} is not valid YAML: {error}") from error
+        raise PresetError(f"preset {str(path)!r} is not valid YAML: {yaml_problem(error)}") from error
     if not isinstance(data, dict):
         raise PresetError(f"preset {str(path)!r} must be a YAML mapping with a 'config' key")
     version = data.get("schema_version")

@@ -16,6 +16,7 @@ import yaml
 
 from tuner.config import PruningConfig
 from tuner.pruning.registry import available_methods
+from tuner.yaml_errors import yaml_problem
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -351,5 +352,5 @@ def load_space(path: str | Path) -> SearchSpace:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise SpaceError(f"{path}: not valid YAML: {error}") from error
+        raise SpaceError(f"{path}: not valid YAML: {yaml_problem(error)}") from error
     return parse_space(data, str(path))
