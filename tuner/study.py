@@ -2,7 +2,8 @@
 SQLAlchemy storage, with the unpruned baseline first and nothing ever lost.
 
 - Every trial stores its configuration, metrics and failure reason as user attributes (nothing only in memory).
-- Heartbeats mark a trial whose worker died as failed, and `RetryFailedTrialCallback` queues it again.
+- Heartbeats mark a trial whose worker died as failed, with that reason, and queue it again; a database that goes
+  away for a while is waited out (`tuner.storage`). A Ctrl-C queues the interrupted trial again.
 - A trial that raises is stored as failed with its reason; the study goes on, unless the baseline failed (no
   trial can be scored without it) or several trials in a row failed the same way: then it stops, saying why.
 - The study's provenance (model, tasks and subset, hardware, attention implementation, versions) is stored on
