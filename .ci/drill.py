@@ -97,12 +97,16 @@ def workers_drill(folder: Path, n_workers: int, kills: int, trials: int, seed: i
             continue
         event = events.pop(0)
         workers[index].send_signal(signal.SIGKILL if event == "SIGKILL" else signal.SIGINT)
-        workers[index].communicate(timeout=120)
+        output = workers[index].communicate(timeout=120)[0]
         codes[f"{event} -> exit {workers[index].returncode}"] += 1
+        if event == "SIGINT":
+            print(f"  SIGINT: {' '.join(output.strip().splitlines()[-2:])}")
         workers[index] = start_worker(space, storage, trials)  # the operator starts it again
     for worker in workers:
-        worker.communicate(timeout=1800)
+        output = worker.communicate(timeout=1800)[0]
         codes[f"finished -> exit {worker.returncode}"] += 1
+        if worker.returncode != 0:
+            print(f"  a worker failed: {output.strip()[-1500:]}")
     print(f"\n## {n_workers} SQLite workers, {kills} SIGKILLs and 1 SIGINT, target {trials} complete trials "
           f"({time.monotonic() - started:.0f} s)")
     print(f"  exit codes: {dict(codes)}")
@@ -124,6 +128,9 @@ def postgres_drill(folder: Path, url: str, stop: str, start: str, trials: int) -
     print(f"\n## 2 PostgreSQL workers, server stopped for 6 s mid-trial, target {trials} complete trials")
     print(f"  exit codes: {[w.returncode for w in workers]}; workers that waited it out: "
           f"{sum('retrying for up to' in out for out in outputs)}")
+    for worker, output in zip(workers, outputs):
+        if worker.returncode != 0:
+            print(f"  a worker failed: {output.strip()[-1500:]}")
     for key, value in study_figures(url, study).items():
         print(f"  {key}: {value}")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -189,6 +189,35 @@ def test_a_killed_worker_s_trial_is_failed_and_retried(saved_dirs, model_and_tas
     assert "failure" not in retries[0].user_attrs  # the retry does not inherit the reason
     assert retries[0].user_attrs.get("role") == by_number[killed].user_attrs.get("role")
     assert sum(is_baseline(t) and t.state == TrialState.COMPLETE for t in study.trials) == 1
+
+
+def test_a_worker_whose_trial_was_taken_over_goes_on(saved_dirs, model_and_tasks, tmp_path, monkeypatch) -> None:
+    """While the database is away for longer than the grace period, another worker may find this worker's
+    heartbeats stale, fail its trial and queue a retry. This worker then cannot record its result: it must drop
+    it and go on, not crash, and the retry measures the configuration."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    tuner = _tuner(saved_dirs, model_and_tasks, storage)
+    real, taken = tuner.measure, []
+
+    def measure_while_taken_over(config):  # noqa: ANN001
+        outcome = real(config)
+        if config is not None and not taken:  # the other worker's stale-trial check finds this trial stale
+            other = optuna.load_study(study_name="tiny", storage=open_for_tuning(storage, heartbeat_interval=1))
+            stale_id = tuner._running._trial_id
+            with monkeypatch.context() as patch:
+                patch.setattr(RDBStorage, "_get_stale_trial_ids", lambda self, study_id: [stale_id])
+                optuna.storages.fail_stale_trials(other)  # fails it with the reason and queues the retry
+            taken.append(tuner._running.number)
+        return outcome
+
+    monkeypatch.setattr(tuner, "measure", measure_while_taken_over)
+    study = tuner.run(3)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[taken[0]].state == TrialState.FAIL
+    assert by_number[taken[0]].user_attrs["failure"] == HEARTBEAT_FAILURE
+    retries = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == taken[0]]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
 
 
 def _two_workers(space: Path, storage: str, study: str, trials: int) -> optuna.Study:

@@ -336,7 +336,7 @@ def tune(
 
     console = Console()
     _quiet_libraries()
-    _log_to(console, "tuner.storage")  # "storage lost, retrying" must show, also inside the hidden stderr
+    _log_to(console, "tuner")  # e.g. "storage lost, retrying" must show, also inside the hidden stderr
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Optuna logs every failed trial with its traceback; the per-trial line below says the same in one line.
     logging.getLogger("optuna.study._optimize").addFilter(lambda record: " failed " not in record.getMessage())

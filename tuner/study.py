@@ -17,6 +17,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from tuner.latency import speedup_spread
 from tuner.models.loading import LoadedModel, load_model
 from tuner.provenance import environment
 from tuner.space import SearchSpace, SpaceError
-from tuner.storage import DEFAULT_STORAGE, open_for_tuning
+from tuner.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, open_for_tuning
 
 logger = logging.getLogger(__name__)
 
@@ -445,19 +446,40 @@ class Tuner:
             all_callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)))
             if self.n_complete() >= n_trials:
                 return self.study
-        try:
-            # MaxTrialsCallback stops at n_trials complete trials; the cap only bounds a run of failing trials.
-            self.study.optimize(self.objective, n_trials=None if n_trials is None else n_trials * 4,
-                                timeout=timeout_s, callbacks=all_callbacks, catch=(Exception,),
-                                gc_after_trial=False)
-        except KeyboardInterrupt:
-            with _sigint_ignored():
-                self.requeued = self._requeue_interrupted()
-            raise
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                # MaxTrialsCallback stops at n_trials complete trials; the cap only bounds a run of failing trials.
+                self.study.optimize(self.objective, n_trials=None if n_trials is None else n_trials * 4,
+                                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
+                                    callbacks=all_callbacks, catch=(Exception,), gc_after_trial=False)
+            except KeyboardInterrupt:
+                with _sigint_ignored():
+                    self.requeued = self._requeue_interrupted()
+                raise
+            except Exception:
+                if not self._taken_over():
+                    raise
+                continue  # Optuna could not record a trial that another worker already failed and queued again
+            break
         if guard.reason is not None:
             raise TuningStopped(f"study {self.study_name!r} stopped: {guard.reason}. Fix the cause and run the same "
                                 "command again to resume")
         return self.study
+
+    def _taken_over(self) -> bool:
+        """Whether the trial this worker ran was failed meanwhile by another worker that found its heartbeats stale
+        (they could not reach a database that was away for longer than the grace period). Its retry is queued, so
+        this worker drops its measurement and goes on."""
+        trial, self._running = self._running, None
+        if trial is None:
+            return False
+        stored = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+        if stored.state != TrialState.FAIL or stored.user_attrs.get("failure") != HEARTBEAT_FAILURE:
+            return False
+        logger.warning("trial %d was failed by another worker while this one could not reach the storage; its "
+                       "measurement is dropped and the retry queued for it will measure it again", trial.number)
+        return True
 
     def _requeue_interrupted(self) -> int | None:
         """Fail the trial this worker was running when interrupted, if Optuna had not yet, and queue it again with
