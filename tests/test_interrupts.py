@@ -106,3 +106,16 @@ def test_an_interrupt_between_trials_queues_nothing(saved_dirs, tmp_path) -> Non
         tuner.run(2, callbacks=[interrupt])
     assert tuner.requeued is None
     assert [t.state for t in tuner.study.get_trials()] == [TrialState.COMPLETE]
+
+
+def test_ctrl_c_while_loading_is_one_line_and_exit_130(saved_dirs, tmp_path) -> None:
+    """Before any trial (libraries importing, the model loading): exit 130 with one line, no traceback, no trial."""
+    space = tmp_path / "ctrlc.yaml"
+    space.write_text(yaml.safe_dump(_space_data(saved_dirs["llava"])))
+    storage = f"sqlite:///{tmp_path / 'c.db'}"
+    worker = _tune(space, storage, "--trials", "3")
+    time.sleep(3)  # past the interpreter's own start-up, before the first trial
+    worker.send_signal(signal.SIGINT)
+    output = worker.communicate(timeout=120)[0]
+    assert worker.returncode == 130 and "Traceback" not in output, output
+    assert "interrupted" in output

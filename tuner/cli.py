@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,6 +126,21 @@ def _storage_fail(url: str, error: Exception, code: int = 1) -> typer.Exit:
     return _fail(f"{message}; the trials stored so far are kept", code=code)
 
 
+def _interruptible(command: Callable[..., None]) -> Callable[..., None]:
+    """A Ctrl-C that the command does not handle itself (while it imports its libraries, say) ends it with one
+    line and the shell's exit code 130, instead of Click's "Aborted!" and exit 1."""
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> None:
+        try:
+            command(*args, **kwargs)
+        except KeyboardInterrupt:
+            Console(stderr=True).print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return run
+
+
 def _parse_options(pairs: list[str]) -> dict[str, object]:
     """`--option key=value` pairs as a dict; values parsed as YAML scalars (numbers, booleans, strings)."""
     import yaml
@@ -138,6 +155,7 @@ def _parse_options(pairs: list[str]) -> dict[str, object]:
 
 
 @app.command("eval")
+@_interruptible
 def eval_command(
     model: str = typer.Option(..., "--model", "-m", help="Hugging Face hub id or local folder of a supported VLM."),
     task: list[str] = typer.Option(..., "--task", "-t", help="lmms-eval task name, or the bundled 'dart_shapes'. "
@@ -253,6 +271,7 @@ _TRAIN = TrainConfig()
 
 
 @app.command("train-tiny")
+@_interruptible
 def train_tiny(
     out: Path = typer.Option(Path("artifacts/tiny-llava-shapes"), help="Checkpoint folder to write."),
     steps: int = typer.Option(_TRAIN.steps, min=1, help="Optimizer steps (about 1.7 s each on 2 CPU cores)."),
@@ -296,6 +315,7 @@ def train_tiny(
 
 
 @app.command("tune")
+@_interruptible
 def tune(
     space_path: Path = typer.Option(..., "--space", "-s", help="Search-space YAML (see search_spaces/)."),
     model: str | None = typer.Option(None, help="Override the space's model (hub id or folder)."),
