@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,10 +49,27 @@ def drill_space(folder: Path, study: str) -> Path:
     return path
 
 
-def start_worker(space: Path, storage: str, trials: int) -> subprocess.Popen:
-    return subprocess.Popen([DART_TUNER, "tune", "--space", str(space), "--storage", storage, "--trials", str(trials),
-                             "--heartbeat-interval", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+class Worker:
+    """A `dart-tuner tune` process whose output is collected by a thread (so the drill knows when it has loaded)."""
+
+    def __init__(self, space: Path, storage: str, trials: int) -> None:
+        self.process = subprocess.Popen(
+            [DART_TUNER, "tune", "--space", str(space), "--storage", storage, "--trials", str(trials),
+             "--heartbeat-interval", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def loaded(self) -> bool:
+        """Past loading: it printed the study line and now runs trials."""
+        return any(line.startswith("study '") for line in self.lines)
+
+    def wait(self, timeout: float) -> str:
+        self.process.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return "".join(self.lines)
 
 
 def running_trials(storage: str, study: str) -> list[int]:
@@ -84,31 +102,30 @@ def workers_drill(folder: Path, n_workers: int, kills: int, trials: int, seed: i
     storage, study = f"sqlite:///{folder / 'drill.db'}", "drill"
     space = drill_space(folder, study)
     rng = random.Random(seed)
-    workers = [start_worker(space, storage, trials) for _ in range(n_workers)]
+    workers = [Worker(space, storage, trials) for _ in range(n_workers)]
     events = ["SIGKILL"] * kills + ["SIGINT"]
     codes: Counter = Counter()
     started = time.monotonic()
     while events and time.monotonic() - started < 900:
-        time.sleep(rng.uniform(3, 8))
-        if not running_trials(storage, study):
-            continue
-        index = rng.randrange(len(workers))
-        if workers[index].poll() is not None:
-            continue
+        time.sleep(rng.uniform(2, 6))
+        live = [w for w in workers if w.process.poll() is None and w.loaded]
+        if not live or len(running_trials(storage, study)) < len(live):
+            continue  # signal only while every loaded worker is in a trial, so the signal lands mid-trial
+        victim = rng.choice(live)
         event = events.pop(0)
-        workers[index].send_signal(signal.SIGKILL if event == "SIGKILL" else signal.SIGINT)
-        output = workers[index].communicate(timeout=120)[0]
-        codes[f"{event} -> exit {workers[index].returncode}"] += 1
+        victim.process.send_signal(signal.SIGKILL if event == "SIGKILL" else signal.SIGINT)
+        output = victim.wait(timeout=120)
+        codes[f"{event} -> exit {victim.process.returncode}"] += 1
         if event == "SIGINT":
             print(f"  SIGINT: {' '.join(output.strip().splitlines()[-2:])}")
-        workers[index] = start_worker(space, storage, trials)  # the operator starts it again
+        workers[workers.index(victim)] = Worker(space, storage, trials)  # the operator starts it again
     for worker in workers:
-        output = worker.communicate(timeout=1800)[0]
-        codes[f"finished -> exit {worker.returncode}"] += 1
-        if worker.returncode != 0:
+        output = worker.wait(timeout=1800)
+        codes[f"finished -> exit {worker.process.returncode}"] += 1
+        if worker.process.returncode != 0:
             print(f"  a worker failed: {output.strip()[-1500:]}")
-    print(f"\n## {n_workers} SQLite workers, {kills} SIGKILLs and 1 SIGINT, target {trials} complete trials "
-          f"({time.monotonic() - started:.0f} s)")
+    print(f"\n## {n_workers} SQLite workers, {kills} SIGKILLs and 1 SIGINT mid-trial, target {trials} complete "
+          f"trials ({time.monotonic() - started:.0f} s)")
     print(f"  exit codes: {dict(codes)}")
     for key, value in study_figures(storage, study).items():
         print(f"  {key}: {value}")
@@ -117,19 +134,19 @@ def workers_drill(folder: Path, n_workers: int, kills: int, trials: int, seed: i
 def postgres_drill(folder: Path, url: str, stop: str, start: str, trials: int) -> None:
     study = f"drill-pg-{os.getpid()}"
     space = drill_space(folder, study)
-    workers = [start_worker(space, url, trials) for _ in range(2)]
+    workers = [Worker(space, url, trials) for _ in range(2)]
     deadline = time.monotonic() + 300
     while not [n for n in running_trials(url, study) if n >= 1] and time.monotonic() < deadline:
         time.sleep(0.2)
     subprocess.run(shlex.split(stop), check=True, capture_output=True)
     time.sleep(6)
     subprocess.run(shlex.split(start), check=True, capture_output=True)
-    outputs = [w.communicate(timeout=1800)[0] for w in workers]
+    outputs = [w.wait(timeout=1800) for w in workers]
     print(f"\n## 2 PostgreSQL workers, server stopped for 6 s mid-trial, target {trials} complete trials")
-    print(f"  exit codes: {[w.returncode for w in workers]}; workers that waited it out: "
+    print(f"  exit codes: {[w.process.returncode for w in workers]}; workers that waited it out: "
           f"{sum('retrying for up to' in out for out in outputs)}")
     for worker, output in zip(workers, outputs):
-        if worker.returncode != 0:
+        if worker.process.returncode != 0:
             print(f"  a worker failed: {output.strip()[-1500:]}")
     for key, value in study_figures(url, study).items():
         print(f"  {key}: {value}")
