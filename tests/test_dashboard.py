@@ -24,8 +24,9 @@ from tuner.evaluation.runner import EvalResult
 from tuner.export import Rule, choose_trial
 from tuner.latency import Timing, speedup_spread
 from tuner.reporting import noise_warning
+from tuner.results import config_of
 from tuner.storage import open_for_reading
-from tuner.study import Tuner, config_of
+from tuner.study import Tuner
 
 pytest.importorskip("streamlit")
 pytest.importorskip("plotly")

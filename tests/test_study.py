@@ -22,9 +22,10 @@ from tuner.cli import app
 from tuner.evaluation.tasks import load_tasks
 from tuner.models.loading import load_model
 from tuner.reporting import NOISY_FOOTNOTE
+from tuner.results import is_baseline, pareto_trials
 from tuner.space import PAPER_DEFAULT, parse_space
 from tuner.storage import HEARTBEAT_FAILURE, open_for_tuning
-from tuner.study import ProvenanceMismatch, Tuner, is_baseline, pareto_trials
+from tuner.study import ProvenanceMismatch, Tuner
 
 TASK = "dart_shapes"
 DART_TUNER = str(Path(sys.executable).parent / "dart-tuner")

@@ -351,8 +351,9 @@ def tune(
     from tuner.evaluation.tasks import TaskNotFoundError
     from tuner.models.loading import ModelLoadError
     from tuner.reporting import latency_noise, pareto_table, speedup_text, trial_label
+    from tuner.results import pareto_trials
     from tuner.space import SAMPLERS, SamplerSpec, SpaceError, load_space
-    from tuner.study import ProvenanceMismatch, Tuner, TuningStopped, pareto_trials
+    from tuner.study import ProvenanceMismatch, Tuner, TuningStopped
 
     console = Console()
     _quiet_libraries()
@@ -475,8 +476,8 @@ def export(
     from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
     from tuner.presets import PresetError, save_preset
     from tuner.reporting import noise_warning, trial_label
+    from tuner.results import open_study
     from tuner.storage import describe, open_for_reading
-    from tuner.study import open_study
 
     try:
         rule = Rule(trial=trial, min_accuracy=min_accuracy, min_relative_accuracy=min_relative_accuracy,

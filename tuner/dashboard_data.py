@@ -26,14 +26,8 @@ from plotly.subplots import make_subplots
 from tuner.export import NoTrialQualifies, Rule, accuracy_floor, choose_trial, preset_from_trial, qualifying_trials
 from tuner.presets import preset_to_yaml
 from tuner.reporting import describe_trial, latency_noise, noise_warning, speedup
+from tuner.results import StudyNotFound, accuracy_relative, config_of, is_baseline, open_study
 from tuner.storage import DEFAULT_STORAGE, StorageError
-from tuner.study import (
-    StudyNotFound,
-    accuracy_relative,
-    config_of,
-    is_baseline,
-    open_study,
-)
 
 STORAGE_ENV = "DART_TUNER_STORAGE"
 METHOD_COLORS = {"dart": "#1f77b4", "random": "#ff7f0e", "pooling": "#2ca02c", "avgpool": "#9467bd",

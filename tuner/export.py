@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner import __version__
 from tuner.presets import SCHEMA_VERSION, Preset
 from tuner.reporting import describe_trial
-from tuner.study import config_of, is_baseline
+from tuner.results import config_of, is_baseline
 
 
 class NoTrialQualifies(ValueError):

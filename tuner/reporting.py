@@ -8,7 +8,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from tuner.study import accuracy_relative, config_of, is_baseline, pareto_trials
+from tuner.results import accuracy_relative, config_of, is_baseline, pareto_trials
 
 NOISY_MARK = "*"
 NOISY_FOOTNOTE = f"{NOISY_MARK} noisy latency: speed-up within its timed rounds' spread; re-measure on an idle machine"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import threading
 import time
@@ -34,6 +33,7 @@ from tuner.evaluation.tasks import PreparedTask, load_tasks
 from tuner.latency import speedup_spread
 from tuner.models.loading import LoadedModel, load_model
 from tuner.provenance import environment
+from tuner.results import ROLE_ATTR, config_of, is_baseline
 from tuner.space import SearchSpace, SpaceError
 from tuner.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, open_for_tuning
 
@@ -41,25 +41,10 @@ logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("maximize", "minimize")
 OBJECTIVES = ("accuracy", "prefill_ms")
-ROLE_ATTR = "role"  # user attribute of enqueued special trials: "baseline" or "paper_default"
 REQUEUED_FROM_ATTR = "requeued_from"  # user attribute of a trial queued again after an interrupt: the old number
 INTERRUPTED = "interrupted (Ctrl-C); queued again for the next run"
 # Provenance fields that must match for two workers' trials to be comparable.
 MATCHED_PROVENANCE = ("model_id", "revision", "family", "dtype", "attn_implementation", "device", "tasks")
-
-
-class StudyNotFound(ValueError):
-    """No study of that name in the storage; the message lists the ones there."""
-
-
-def open_study(storage: str | optuna.storages.BaseStorage, name: str) -> optuna.Study:
-    """Load an existing study, or raise StudyNotFound naming the studies the storage holds."""
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
-        raise StudyNotFound(f"no study {name!r} in this storage; studies there: {', '.join(names) or 'none'}") \
-            from None
 
 
 class TuningStopped(RuntimeError):
@@ -156,16 +141,6 @@ def provenance_differences(stored: dict[str, Any], current: dict[str, Any]) -> l
     """One line per matched field that differs."""
     return [f"{key}: study has {stored.get(key)!r}, this run has {current.get(key)!r}"
             for key in MATCHED_PROVENANCE if stored.get(key) != current.get(key)]
-
-
-def config_of(trial: FrozenTrial) -> PruningConfig | None:
-    """The PruningConfig a finished trial ran (None for the unpruned baseline)."""
-    data = trial.user_attrs.get("config")
-    return PruningConfig(**data) if data else None
-
-
-def is_baseline(trial: FrozenTrial) -> bool:
-    return trial.user_attrs.get(ROLE_ATTR) == "baseline"
 
 
 @dataclass
@@ -512,15 +487,3 @@ def _sigint_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The feasible Pareto set (Optuna excludes infeasible trials), fastest first."""
-    return sorted(study.best_trials, key=lambda t: t.values[1])
-
-
-def accuracy_relative(trial: FrozenTrial, study: optuna.Study) -> float:
-    baseline = study.user_attrs.get("baseline")
-    if not baseline or not baseline.get("accuracy"):
-        return math.nan
-    return trial.values[0] / baseline["accuracy"]
