@@ -189,7 +189,7 @@ def eval_command(
     baseline."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tuner.config import PruningConfig
+    from tuner.config import PruningConfig, check_layer
     from tuner.evaluation.lmms_compat import LmmsEvalUnavailable
     from tuner.evaluation.tasks import TaskNotFoundError, load_tasks
     from tuner.models.loading import ModelLoadError
@@ -215,9 +215,7 @@ def eval_command(
         with console.status(f"Loading {model} and {', '.join(task)}..."), _hide_library_progress_bars():
             loaded = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
             for config in configs.values():
-                if config.layer >= len(loaded.adapter.layers):
-                    raise ValueError(f"layer K={config.layer} is not below the model's "
-                                     f"{len(loaded.adapter.layers)} decoder layers")
+                check_layer(config.layer, len(loaded.adapter.layers))
             tasks = load_tasks(task, subset_size=limit, seed=seed, include_paths=include_path)
         n_requests = sum(t.subset.size for t in tasks)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -69,6 +69,13 @@ class PruningConfig:
         return min(n_vision, max(1, round(self.keep_ratio * n_vision)))
 
 
+def check_layer(layer: int, n_layers: int) -> None:
+    """Raise a ValueError unless K = `layer` is a decoder layer a pruning stage can start at (1..n_layers - 1)."""
+    if not 1 <= layer <= n_layers - 1:
+        raise ValueError(f"layer K={layer} is out of range: the model has {n_layers} decoder layers, so K must be "
+                         f"in 1..{n_layers - 1}")
+
+
 def _check_int(name: str, value: Any, *, low: int) -> None:
     """Raise a ValueError naming `name` unless it is an int >= low."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -12,13 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 
 from tuner.config import PruningConfig
 from tuner.pruning.registry import available_methods
 from tuner.yaml_errors import yaml_problem
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
+# The samplers a space may name, each an Optuna class (`tuner.study.make_sampler` builds them).
+SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
+    "tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler,
+    "random": optuna.samplers.RandomSampler, "grid": optuna.samplers.GridSampler}
+SAMPLERS = tuple(SAMPLER_CLASSES)
 ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 _TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "n_image_pivots",

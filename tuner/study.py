@@ -26,7 +26,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from tuner.config import PruningConfig
+from tuner.config import PruningConfig, check_layer
 from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency, vision_counts
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask, load_tasks
@@ -34,7 +34,7 @@ from tuner.latency import speedup_spread
 from tuner.models.loading import LoadedModel, load_model
 from tuner.provenance import environment
 from tuner.results import ROLE_ATTR, config_of, is_baseline
-from tuner.space import SearchSpace, SpaceError
+from tuner.space import SAMPLER_CLASSES, SearchSpace, SpaceError
 from tuner.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, open_for_tuning
 
 logger = logging.getLogger(__name__)
@@ -69,18 +69,12 @@ def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
 def _build_sampler(space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
     spec = space.sampler
     options = dict(spec.options)
+    if spec.name == "tpe":
+        options.setdefault("multivariate", True)
+        options.setdefault("group", True)  # pivots exist only for DART trials
+    grid = (space.grid(),) if spec.name == "grid" else ()
     try:
-        if spec.name == "tpe":
-            options.setdefault("multivariate", True)
-            options.setdefault("group", True)  # pivots exist only for DART trials
-            return optuna.samplers.TPESampler(seed=seed, **options)
-        if spec.name == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed, **options)
-        if spec.name == "gp":
-            return optuna.samplers.GPSampler(seed=seed, **options)
-        if spec.name == "random":
-            return optuna.samplers.RandomSampler(seed=seed, **options)
-        return optuna.samplers.GridSampler(space.grid(), seed=seed, **options)
+        return SAMPLER_CLASSES[spec.name](*grid, seed=seed, **options)
     except TypeError as error:
         raise ValueError(f"{space.source}: sampler.options: {error}") from error
 
@@ -223,10 +217,11 @@ class Tuner:
         self.study_name = study_name or space.study
         self.loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
                                            attn_implementation=space.attn_implementation)
-        n_layers = len(self.loaded.adapter.layers)
-        if max(space.layer.choices()) >= n_layers:
-            raise ValueError(f"{space.source}: layer: K must be below the model's {n_layers} decoder layers, "
-                             f"the space allows up to {max(space.layer.choices())}")
+        try:
+            check_layer(max(space.layer.choices()), len(self.loaded.adapter.layers))
+        except ValueError as error:
+            raise SpaceError(f"{space.source}: layer: the space allows up to {max(space.layer.choices())}; "
+                             f"{error}") from None
         self.tasks = tasks or load_tasks(space.tasks, subset_size=space.subset_size, seed=space.subset_seed,
                                          include_paths=space.include_paths)
         self.evaluator = Evaluator(self.loaded, self.tasks, batch_size=space.batch_size,

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tuner.config import PruningConfig
+from tuner.config import PruningConfig, check_layer
 from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.lmms_compat import import_lmms_eval
 from tuner.models.loading import LoadedModel, load_model
@@ -119,9 +119,8 @@ class DartTunerLMM(lmms):
             config = getattr(config, "config", config)
             if not isinstance(config, PruningConfig):
                 raise TypeError(f"expected a PruningConfig, a preset or None, got {type(config).__name__}")
-        if config is not None and config.layer >= len(self.loaded.adapter.layers):
-            raise ValueError(f"layer K={config.layer} is not below the model's "
-                             f"{len(self.loaded.adapter.layers)} decoder layers")
+        if config is not None:
+            check_layer(config.layer, len(self.loaded.adapter.layers))
         self._config = config
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tuner.config import PruningConfig
+from tuner.config import PruningConfig, check_layer
 from tuner.models.families import FamilyAdapter
 from tuner.pruning.base import SelectionContext
 from tuner.pruning.capture import AttentionCapture
@@ -66,10 +66,7 @@ class PruningHandle:
     """
 
     def __init__(self, model: torch.nn.Module, config: PruningConfig, adapter: FamilyAdapter) -> None:
-        n_layers = len(adapter.layers)
-        if not 1 <= config.layer <= n_layers - 1:
-            raise ValueError(f"layer K={config.layer} is out of range for {type(model).__name__}: it has "
-                             f"{n_layers} decoder layers, so K must be in 1..{n_layers - 1}")
+        check_layer(config.layer, len(adapter.layers))
         if getattr(model, "_dart_tuner_handle", None) is not None:
             raise RuntimeError("this model already has pruning applied; remove that handle first")
         self.model = model
