@@ -69,6 +69,14 @@ class PruningConfig:
         return min(n_vision, max(1, round(self.keep_ratio * n_vision)))
 
 
+def as_pruning_config(value: Any) -> PruningConfig:
+    """`value` itself when it is a PruningConfig, or the one it holds as `.config` (a preset); TypeError otherwise."""
+    config = value if isinstance(value, PruningConfig) else getattr(value, "config", None)
+    if not isinstance(config, PruningConfig):
+        raise TypeError(f"expected a PruningConfig or a preset, got {type(value).__name__}")
+    return config
+
+
 def check_layer(layer: int, n_layers: int) -> None:
     """Raise a ValueError unless K = `layer` is a decoder layer a pruning stage can start at (1..n_layers - 1)."""
     if not 1 <= layer <= n_layers - 1:

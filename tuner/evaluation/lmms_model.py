@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tuner.config import PruningConfig, check_layer
+from tuner.config import PruningConfig, as_pruning_config, check_layer
 from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.lmms_compat import import_lmms_eval
 from tuner.models.loading import LoadedModel, load_model
@@ -115,11 +115,8 @@ class DartTunerLMM(lmms):
 
     def set_config(self, config: PruningConfig | Any | None) -> None:
         """Switch the pruning configuration for the following requests (a preset's config, or None = unpruned)."""
-        if config is not None and not isinstance(config, PruningConfig):
-            config = getattr(config, "config", config)
-            if not isinstance(config, PruningConfig):
-                raise TypeError(f"expected a PruningConfig, a preset or None, got {type(config).__name__}")
         if config is not None:
+            config = as_pruning_config(config)
             check_layer(config.layer, len(self.loaded.adapter.layers))
         self._config = config
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tuner.config import PruningConfig
+from tuner.config import PruningConfig, as_pruning_config
 from tuner.models.families import adapter_for
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.hooks import PruningHandle, RequestStats
@@ -21,9 +21,7 @@ def apply_pruning(model: torch.nn.Module, config: PruningConfig | Any, *,
     `config` is a `PruningConfig` or anything holding one as `.config` (a preset). `vision_token_ids`
     overrides the ids read from the model config, and lets a plain decoder-only LM be pruned (benchmarks).
     """
-    pruning_config = config if isinstance(config, PruningConfig) else getattr(config, "config", None)
-    if not isinstance(pruning_config, PruningConfig):
-        raise TypeError(f"apply_pruning expects a PruningConfig or a preset, got {type(config).__name__}")
+    pruning_config = as_pruning_config(config)
     if pruning_config is not config and getattr(config, "provenance", None):
         from tuner.presets import warn_on_mismatch  # presets import the models package, which imports this one
 
