@@ -16,6 +16,8 @@ import optuna
 import yaml
 
 from tuner.config import PruningConfig
+from tuner.models.attention import ATTN_IMPLEMENTATIONS
+from tuner.models.loading import DTYPES
 from tuner.pruning.registry import available_methods
 from tuner.yaml_errors import yaml_problem
 
@@ -24,8 +26,6 @@ SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
     "tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler,
     "random": optuna.samplers.RandomSampler, "grid": optuna.samplers.GridSampler}
 SAMPLERS = tuple(SAMPLER_CLASSES)
-ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 _TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "n_image_pivots",
               "n_text_pivots", "keep_ratio", "budget", "attn_implementation", "dtype", "device", "batch_size",
               "constraints", "sampler", "trials", "timeout_s", "latency", "max_failures"}
@@ -335,8 +335,9 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         keep_ratio=keep_ratio, budget=budget,
         include_paths=tuple(str((base / p).resolve()) if not Path(p).is_absolute() else p for p in include),
         subset_size=size, subset_seed=int(subset.get("seed", 0)),
-        attn_implementation=r.choice("attn_implementation", data.get("attn_implementation", "auto"), ATTN_CHOICES),
-        dtype=r.choice("dtype", data.get("dtype", "auto"), DTYPE_CHOICES), device=str(data.get("device", "auto")),
+        attn_implementation=r.choice("attn_implementation", data.get("attn_implementation", "auto"),
+                                     ATTN_IMPLEMENTATIONS),
+        dtype=r.choice("dtype", data.get("dtype", "auto"), ("auto", *DTYPES)), device=str(data.get("device", "auto")),
         batch_size=int(data.get("batch_size", 1)), max_failures=int(data.get("max_failures", 0)),
         constraints=Constraints(**constraints), sampler=SamplerSpec(sampler_name, sampler.get("seed", 0), options),
         trials=trials, timeout_s=timeout, latency=LatencySpec(**latency), source=source)
