@@ -348,7 +348,7 @@ def tune(
     from tuner.evaluation.lmms_compat import LmmsEvalUnavailable
     from tuner.evaluation.tasks import TaskNotFoundError
     from tuner.models.loading import ModelLoadError
-    from tuner.reporting import latency_noise, pareto_table, speedup_text, trial_label
+    from tuner.reporting import describe_trial, latency_noise, pareto_table, speedup_text
     from tuner.results import pareto_trials
     from tuner.space import SAMPLERS, SamplerSpec, SpaceError, load_space
     from tuner.study import ProvenanceMismatch, Tuner, TuningStopped
@@ -400,10 +400,9 @@ def tune(
             seconds = time.perf_counter() - started[0]
             started[0] = time.perf_counter()
             ran[0] += 1
-            method, layer, pivots, amount = trial_label(trial)
             if trial.state.name == "COMPLETE":
                 noise = latency_noise(trial)
-                line = (f"trial {trial.number}: {method} K={layer} p={pivots} keep={amount}: accuracy "
+                line = (f"trial {trial.number}: {describe_trial(trial)}: accuracy "
                         f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms "
                         f"({speedup_text(trial, tuner_.study)})"
                         + (f", [yellow]noisy latency[/]: {escape(noise)}" if noise else ""))
@@ -473,7 +472,7 @@ def export(
 
     from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
     from tuner.presets import PresetError, save_preset
-    from tuner.reporting import noise_warning, trial_label
+    from tuner.reporting import describe_trial, noise_warning
     from tuner.results import open_study
     from tuner.storage import describe, open_for_reading
 
@@ -491,10 +490,9 @@ def export(
         save_preset(preset, output)
     except PresetError as error:
         raise _fail(str(error)) from None
-    method, layer, pivots, amount = trial_label(chosen)
     metrics = preset.metrics
     console = Console()
-    console.print(f"{rule.describe()}: trial {chosen.number} ({method} K={layer} pivots {pivots} keep {amount}), "
+    console.print(f"{rule.describe()}: trial {chosen.number} ({describe_trial(chosen)}), "
                   f"accuracy {metrics['accuracy']:.3f} (baseline {metrics['baseline_accuracy']}), prefill "
                   f"{metrics['prefill_ms_median']:.1f} ms ({metrics['speedup'] or float('nan'):.2f}x) -> {output}")
     warning = noise_warning(chosen, loaded_study)
