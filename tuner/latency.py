@@ -17,10 +17,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -135,17 +137,28 @@ def measure_interleaved(
     Each round enters every setup once, in an order rotated by one per round; warm-up rounds are
     discarded. The same `fn` (same inputs) runs under every setup.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    samples = _run_interleaved(setups, lambda: time_once(fn, device), repeats=repeats, warmup=warmup)
+    return {name: Timing(tuple(values)) for name, values in samples.items()}
+
+
+def _run_interleaved(setups: Mapping[str, Callable[[], AbstractContextManager] | None], measure: Callable[[], _T],
+                     *, repeats: int, warmup: int) -> dict[str, list[_T]]:
+    """`measure()` under each named setup once per round, the order rotated per round; warm-up rounds dropped."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if not setups:
+        raise ValueError("setups must name at least one configuration")
     names = list(setups)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, list[_T]] = {name: [] for name in names}
     for round_index, name in _interleaved(names, warmup + repeats):
         setup = setups[name]
         with setup() if setup is not None else nullcontext():
-            elapsed = time_once(fn, device)
+            value = measure()
         if round_index >= warmup:
-            samples[name].append(elapsed)
-    return {name: Timing(tuple(values)) for name, values in samples.items()}
+            results[name].append(value)
+    return results
 
 
 def _interleaved(names: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
@@ -304,20 +317,8 @@ def measure_generation_interleaved(
     rotated by one per round; warm-up rounds are discarded. Each run is one `time_generate` call.
     """
     _check_new_tokens(new_tokens)
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    if not setups:
-        raise ValueError("setups must name at least one configuration")
-    names = list(setups)
-    runs: dict[str, list[_GenerationRun]] = {name: [] for name in names}
-    for round_index, name in _interleaved(names, warmup + repeats):
-        setup = setups[name]
-        with setup() if setup is not None else nullcontext():
-            run = _timed_generate(model, inputs, new_tokens, device)
-        if round_index >= warmup:
-            runs[name].append(run)
+    runs = _run_interleaved(setups, lambda: _timed_generate(model, inputs, new_tokens, device), repeats=repeats,
+                            warmup=warmup)
     return {name: _summarise(name_runs, new_tokens) for name, name_runs in runs.items()}
 
 
