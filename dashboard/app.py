@@ -1,7 +1,7 @@
 """dart-tuner dashboard: look at a study, choose a point under a deployer's bounds, leave with its preset.
 
 Start it with `dart-tuner dashboard --storage URL`, or `streamlit run dashboard/app.py -- --storage URL`.
-Layout only: every number, table and figure comes from `tuner.dashboard_data`.
+Layout only: every number, table and figure comes from the `tuner.dashboard_data` package (one module per job).
 """
 
 from __future__ import annotations

@@ -1,0 +1,131 @@
+"""The trial frame: one row per trial with its hover text, method colours, and tables drawn from it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.reporting import describe_trial, latency_noise, speedup
+from tuner.results import accuracy_relative, config_of, is_baseline
+
+METHOD_COLORS = {"dart": "#1f77b4", "random": "#ff7f0e", "pooling": "#2ca02c", "avgpool": "#9467bd",
+                 "fastv": "#d62728", "keep_all": "#8c564b"}
+_EXTRA_COLORS = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+
+def _config_text(trial: FrozenTrial) -> str:
+    data = trial.user_attrs.get("config")
+    if not data:
+        return "unpruned baseline (no pruning)" if is_baseline(trial) else "no configuration stored"
+    return ", ".join(f"{key}={value}" for key, value in data.items() if value not in (None, {}, ""))
+
+
+def _violations(trial: FrozenTrial) -> str:
+    return ", ".join(f"{name} by {value:.3g}" for name, value in trial.constraints.items() if value > 0)
+
+
+def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
+    lines = [f"<b>trial {row['number']}</b>: {row['label']}", f"config: {_config_text(trial)}"]
+    if row["state"] == "complete":
+        relative = f" ({row['relative_accuracy']:.1%} of baseline)" if not math.isnan(row["relative_accuracy"]) else ""
+        lines.append(f"accuracy {row['accuracy']:.3f}{relative}")
+        lines.append(f"prefill {row['prefill_ms']:.1f} ms (IQR {row['prefill_iqr_ms']:.1f}), "
+                     f"speed-up {row['speedup']:.2f}x, decode {row['decode_ms_per_token']:.1f} ms/token")
+        lines.append(f"kept vision tokens {row['kept_vision_mean']:.1f} of {row['vision_mean']:.0f} "
+                     f"(min {row['kept_vision_min']:.0f}, max {row['kept_vision_max']:.0f}; "
+                     f"ratio {row['keep_ratio_achieved']:.3f})")
+        lines.append(f"prefill GFLOPs {row['prefill_gflops']:.3g} ({row['flops_ratio']:.0%} of baseline), "
+                     f"KV cache {row['kv_cache_mb']:.3g} MB")
+        noise = latency_noise(trial)
+        if noise:
+            lines.append(f"noisy latency: {noise}")
+        lines.append("infeasible: " + row["violations"] if not row["feasible"] else
+                     ("on the Pareto front" if row["pareto"] else "dominated"))
+    elif row["failure"]:
+        lines.append(f"{row['state']}: {row['failure']}")
+    return "<br>".join(lines)
+
+
+TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ratio", "budget", "n_image_pivots",
+                 "n_text_pivots", "accuracy", "relative_accuracy", "prefill_ms", "prefill_iqr_ms", "speedup",
+                 "decode_ms_per_token", "kept_vision_mean", "kept_vision_min", "kept_vision_max", "vision_mean",
+                 "keep_ratio_achieved", "prefill_gflops", "flops_ratio", "kv_cache_mb", "n_samples", "feasible",
+                 "violations", "pareto", "failure", "hover")
+
+
+def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> pd.DataFrame:
+    """One row per trial: configuration, objectives, kept tokens, cost, feasibility and Pareto membership."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    complete = {t.number for t in trials if t.state == TrialState.COMPLETE and t.values is not None}
+    feasible = {t.number for t in trials if t.number in complete and all(v <= 0 for v in t.constraints.values())}
+    pareto = {t.number for t in study.best_trials} if feasible else set()  # Optuna's feasible Pareto set
+    rows = []
+    for trial in trials:
+        attrs = trial.user_attrs
+        config = config_of(trial)
+        done = trial.number in complete
+        row = {
+            "number": trial.number, "state": trial.state.name.lower(), "role": attrs.get("role", ""),
+            "method": config.method if config else ("unpruned" if is_baseline(trial) else "?"),
+            "label": describe_trial(trial),
+            "layer": config.layer if config else math.nan,
+            "keep_ratio": _num(config.keep_ratio) if config else math.nan,
+            "budget": _num(config.budget) if config else math.nan,
+            "n_image_pivots": config.n_image_pivots if config and config.method == "dart" else math.nan,
+            "n_text_pivots": config.n_text_pivots if config and config.method == "dart" else math.nan,
+            "accuracy": trial.values[0] if done else math.nan,
+            "relative_accuracy": accuracy_relative(trial, study) if done else math.nan,
+            "prefill_ms": trial.values[1] if done else math.nan,
+            "prefill_iqr_ms": _num(attrs.get("prefill_iqr_ms")),
+            "speedup": speedup(trial, study) if done else math.nan,
+            "decode_ms_per_token": _num(attrs.get("decode_ms_per_token")),
+            "kept_vision_mean": _num(attrs.get("kept_vision_mean")),
+            "kept_vision_min": _num(attrs.get("kept_vision_min")),
+            "kept_vision_max": _num(attrs.get("kept_vision_max")),
+            "vision_mean": _num(attrs.get("vision_mean")),
+            "keep_ratio_achieved": _num(attrs.get("keep_ratio_achieved")),
+            "prefill_gflops": _num(attrs.get("prefill_flops")) / 1e9,
+            "flops_ratio": _num(attrs.get("flops_ratio")),
+            "kv_cache_mb": _num(attrs.get("kv_cache_bytes")) / 1e6,
+            "n_samples": _num(attrs.get("n_samples")),
+            "feasible": trial.number in feasible, "violations": _violations(trial) if done else "",
+            "pareto": trial.number in pareto, "failure": str(attrs.get("failure") or ""),
+        }
+        row["hover"] = _hover(row, trial)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
+
+
+def method_color(method: str) -> str:
+    """A fixed colour per method, so every plot and study agrees."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
+
+
+def candidate_numbers(frame: pd.DataFrame) -> list[int]:
+    """Trial numbers a preset can be made from (complete and pruned), fastest first."""
+    rows = frame[(frame["state"] == "complete") & (frame["role"] != "baseline") & (frame["method"] != "?")]
+    return [int(n) for n in rows.sort_values(["prefill_ms", "number"])["number"]]
+
+
+def table_of(frame: pd.DataFrame, numbers: Sequence[int]) -> pd.DataFrame:
+    """The given trials in the given order, with the columns a deployer compares."""
+    by_number = frame.set_index("number")
+    rows = by_number.loc[list(numbers)].reset_index() if len(numbers) else frame.iloc[0:0]
+    table = pd.DataFrame({
+        "trial": rows["number"], "configuration": rows["label"],
+        "accuracy": rows["accuracy"].round(4), "% of baseline": (100 * rows["relative_accuracy"]).round(1),
+        "prefill ms": rows["prefill_ms"].round(2), "speed-up": rows["speedup"].round(2),
+        "kept vision tokens": rows["kept_vision_mean"].round(1), "GFLOPs": rows["prefill_gflops"].round(4),
+        "feasible": rows["feasible"], "Pareto": rows["pareto"]})
+    return table.reset_index(drop=True)
