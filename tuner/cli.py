@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tuner.errors import DartTunerError
 from tuner.storage import DEFAULT_STORAGE
 from tuner.tiny.recipe import TrainConfig
 
@@ -114,16 +115,20 @@ def _log_to(console: Console, name: str) -> None:
     logger.propagate = False
 
 
-def _storage_fail(url: str, error: Exception, code: int = 1) -> typer.Exit:
-    """One line and exit 1 for a storage that failed while tuning (lost for longer than the worker waits, turned
-    read-only, ...); any other error is a bug and keeps its traceback. The next worker re-queues the trial."""
+def _storage_line(url: str, error: Exception, doing: str = "cannot use") -> str:
+    """The one line for a storage error found in `error`'s chain; any other error is a bug and is raised again."""
     from tuner.storage import StorageError, describe, storage_failure
 
     failure = storage_failure(error)
     if failure is None:
         raise error
-    message = str(failure) if isinstance(failure, StorageError) else describe(url, failure)
-    return _fail(f"{message}; the trials stored so far are kept", code=code)
+    return str(failure) if isinstance(failure, StorageError) else describe(url, failure, doing)
+
+
+def _storage_fail(url: str, error: Exception, code: int = 1) -> typer.Exit:
+    """One line for a storage that failed while tuning (lost for longer than the worker waits, turned read-only,
+    ...). The next worker re-queues the trial it was running."""
+    return _fail(f"{_storage_line(url, error)}; the trials stored so far are kept", code=code)
 
 
 def _interruptible(command: Callable[..., None]) -> Callable[..., None]:
@@ -190,10 +195,8 @@ def eval_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tuner.config import PruningConfig, check_layer
-    from tuner.evaluation.lmms_compat import LmmsEvalUnavailable
-    from tuner.evaluation.tasks import TaskNotFoundError, load_tasks
-    from tuner.models.loading import ModelLoadError
-    from tuner.presets import PresetError, load_preset
+    from tuner.evaluation.tasks import load_tasks
+    from tuner.presets import load_preset
 
     console = Console()
     _quiet_libraries()
@@ -236,7 +239,7 @@ def eval_command(
                                           new_tokens=new_tokens, repeats=repeats, warmup=warmup,
                                           on_progress=advance)
             progress.advance(latency_bar, 1)
-    except (ModelLoadError, TaskNotFoundError, PresetError, LmmsEvalUnavailable, ValueError) as error:
+    except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and check_layer name the bad field
         raise _fail(str(error)) from None
     _print_and_save_eval(console, reports, loaded, tasks, json_path)
 
@@ -345,13 +348,10 @@ def tune(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tuner.evaluation.lmms_compat import LmmsEvalUnavailable
-    from tuner.evaluation.tasks import TaskNotFoundError
-    from tuner.models.loading import ModelLoadError
     from tuner.reporting import describe_trial, latency_noise, pareto_table, speedup_text
     from tuner.results import pareto_trials
     from tuner.space import SAMPLERS, SamplerSpec, SpaceError, load_space
-    from tuner.study import ProvenanceMismatch, Tuner, TuningStopped
+    from tuner.study import Tuner, TuningStopped
 
     console = Console()
     _quiet_libraries()
@@ -375,8 +375,7 @@ def tune(
                 _hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
                            heartbeat_interval=heartbeat_interval, allow_repeats=allow_repeats)
-    except (SpaceError, ModelLoadError, TaskNotFoundError, LmmsEvalUnavailable, ProvenanceMismatch,
-            ValueError) as error:  # StorageError is a ValueError: a storage that cannot be opened
+    except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and check_layer name the bad field
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/] while loading; no trial was started")
@@ -443,14 +442,14 @@ def studies(storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of
             ) -> None:
     """Every study in a storage: trial counts, the unpruned baseline, the most accurate and fastest Pareto points."""
     from tuner.reporting import studies_table
-    from tuner.storage import StorageError, describe, open_for_reading
+    from tuner.storage import open_for_reading
 
     try:
         table = studies_table(open_for_reading(storage))
-    except StorageError as error:
+    except DartTunerError as error:
         raise _fail(str(error)) from None
-    except Exception as error:  # sqlalchemy / optuna errors while reading the studies
-        raise _fail(describe(storage, error, "cannot read")) from None
+    except Exception as error:  # a storage error while reading the studies; anything else keeps its traceback
+        raise _fail(_storage_line(storage, error, "cannot read")) from None
     Console().print(table)
 
 
@@ -470,11 +469,11 @@ def export(
 
     from rich.markup import escape
 
-    from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
-    from tuner.presets import PresetError, save_preset
+    from tuner.export import Rule, choose_trial, preset_from_trial
+    from tuner.presets import save_preset
     from tuner.reporting import describe_trial, noise_warning
     from tuner.results import open_study
-    from tuner.storage import describe, open_for_reading
+    from tuner.storage import open_for_reading
 
     try:
         rule = Rule(trial=trial, min_accuracy=min_accuracy, min_relative_accuracy=min_relative_accuracy,
@@ -482,13 +481,13 @@ def export(
         loaded_study = open_study(open_for_reading(storage), study)
         chosen = choose_trial(loaded_study, rule)
         preset = preset_from_trial(loaded_study, chosen)
-    except (NoTrialQualifies, ValueError) as error:  # StorageError and StudyNotFound are ValueErrors
+    except (DartTunerError, ValueError) as error:  # ValueError: Rule names the conflicting options
         raise _fail(str(error)) from None
-    except Exception as error:  # sqlalchemy / optuna errors while reading the study
-        raise _fail(describe(storage, error, "cannot read")) from None
+    except Exception as error:  # a storage error while reading the study; anything else keeps its traceback
+        raise _fail(_storage_line(storage, error, "cannot read")) from None
     try:
         save_preset(preset, output)
-    except PresetError as error:
+    except DartTunerError as error:
         raise _fail(str(error)) from None
     metrics = preset.metrics
     console = Console()

@@ -13,12 +13,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__
+from tuner.errors import DartTunerError
 from tuner.presets import SCHEMA_VERSION, Preset
 from tuner.reporting import describe_trial
 from tuner.results import config_of, is_baseline
 
 
-class NoTrialQualifies(ValueError):
+class NoTrialQualifies(DartTunerError, ValueError):
     """No stored trial meets the rule; the message lists the closest ones."""
 
 

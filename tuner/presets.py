@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from tuner.config import PruningConfig
+from tuner.errors import DartTunerError
 from tuner.yaml_errors import yaml_problem
 
 SCHEMA_VERSION = 1
@@ -29,7 +30,7 @@ _TOP_LEVEL_KEYS = {"schema_version", "config", "metrics", "provenance"}
 MAX_PRESET_BYTES = 1 << 20  # a preset is a few kB; a larger file is not one, and reading it could exhaust memory
 
 
-class PresetError(ValueError):
+class PresetError(DartTunerError, ValueError):
     """A preset file that cannot be used; the message names the file and what is wrong."""
 
 

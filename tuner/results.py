@@ -12,11 +12,12 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from tuner.config import PruningConfig
+from tuner.errors import DartTunerError
 
 ROLE_ATTR = "role"  # user attribute of enqueued special trials: "baseline" or "paper_default"
 
 
-class StudyNotFound(ValueError):
+class StudyNotFound(DartTunerError, ValueError):
     """No study of that name in the storage; the message lists the ones there."""
 
 

@@ -16,6 +16,7 @@ import optuna
 import yaml
 
 from tuner.config import PruningConfig
+from tuner.errors import DartTunerError
 from tuner.models.attention import ATTN_IMPLEMENTATIONS
 from tuner.models.loading import DTYPES
 from tuner.pruning.registry import available_methods
@@ -32,7 +33,7 @@ _TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "
 PAPER_DEFAULT = {"method": "dart", "layer": 2, "n_image_pivots": 4, "n_text_pivots": 4}
 
 
-class SpaceError(ValueError):
+class SpaceError(DartTunerError, ValueError):
     """A search space that cannot be used; the message names the file and the key."""
 
 

@@ -27,6 +27,8 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL, make_url
 
+from tuner.errors import DartTunerError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///dart_tuner.db"
@@ -40,7 +42,7 @@ _PERMANENT = ("readonly", "read-only", "unable to open database file", "no such 
 _T = TypeVar("_T")
 
 
-class StorageError(ValueError):
+class StorageError(DartTunerError, ValueError):
     """A storage that cannot be opened, read or written; the one-line message names the URL and the cause."""
 
 

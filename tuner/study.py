@@ -27,6 +27,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig, check_layer
+from tuner.errors import DartTunerError
 from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency, vision_counts
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask, load_tasks
@@ -47,11 +48,11 @@ INTERRUPTED = "interrupted (Ctrl-C); queued again for the next run"
 MATCHED_PROVENANCE = ("model_id", "revision", "family", "dtype", "attn_implementation", "device", "tasks")
 
 
-class TuningStopped(RuntimeError):
+class TuningStopped(DartTunerError, RuntimeError):
     """The study cannot make progress (its baseline failed, or every trial fails the same way); says why."""
 
 
-class ProvenanceMismatch(ValueError):
+class ProvenanceMismatch(DartTunerError, ValueError):
     """The study was created on another model / task subset / machine; the message lists each difference."""
 
 

@@ -6,10 +6,12 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from tuner.errors import DartTunerError
+
 INSTALL_HINT = "pip install 'dart-tuner[eval]' with torch pinned as a constraint (see the README)"
 
 
-class LmmsEvalUnavailable(ImportError):
+class LmmsEvalUnavailable(DartTunerError, ImportError):
     """lmms-eval cannot be used in this environment; the message says why and how to fix it."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuner.errors import DartTunerError
 from tuner.evaluation.lmms_compat import import_lmms_eval
 
 BUNDLED_TASKS_DIR = Path(__file__).parent / "bundled_tasks"
@@ -25,7 +26,7 @@ BUNDLED_TASKS = ("dart_shapes",)
 CATEGORY_FIELDS = ("category", "question_type", "l2-category", "subtask", "type")
 
 
-class TaskNotFoundError(ValueError):
+class TaskNotFoundError(DartTunerError, ValueError):
     """A task name no index knows; the message suggests close names."""
 
 

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel, ProcessorMixin
 
+from tuner.errors import DartTunerError
 from tuner.models.attention import resolve_attn_implementation
 from tuner.models.families import SUPPORTED_CLASSES, FamilyAdapter, adapter_for, detect_family
 from tuner.models.processors import load_processor
@@ -27,7 +28,7 @@ EMBEDDED_MODELS: dict[str, Path] = {"tiny-llava-shapes": Path(__file__).parents[
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(DartTunerError, ValueError):
     """A model that cannot be loaded or is not supported, with the reason in the message."""
 
 

@@ -1,0 +1,41 @@
+"""One error base: every error a user can cause or cure is a DartTunerError the CLI prints as one line; anything
+else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+import tuner.reporting
+from tuner.cli import app
+from tuner.errors import DartTunerError
+from tuner.evaluation.lmms_compat import LmmsEvalUnavailable
+from tuner.evaluation.tasks import TaskNotFoundError
+from tuner.export import NoTrialQualifies
+from tuner.models.loading import ModelLoadError
+from tuner.presets import PresetError
+from tuner.results import StudyNotFound
+from tuner.space import SpaceError
+from tuner.storage import StorageError
+from tuner.study import ProvenanceMismatch, TuningStopped
+
+
+@pytest.mark.parametrize("error", [SpaceError, PresetError, ModelLoadError, StorageError, NoTrialQualifies,
+                                   ProvenanceMismatch, StudyNotFound, TaskNotFoundError, LmmsEvalUnavailable,
+                                   TuningStopped])
+def test_user_facing_errors_share_one_base(error: type) -> None:
+    assert issubclass(error, DartTunerError)
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch) -> None:
+    """`studies` turns storage errors into one line, but must not hide a bug behind one."""
+    path = tmp_path / "s.db"
+    optuna.create_study(storage=f"sqlite:///{path}", study_name="s")
+
+    def broken(storage):  # noqa: ANN001
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(tuner.reporting, "studies_table", broken)
+    result = CliRunner().invoke(app, ["studies", "--storage", f"sqlite:///{path}"])
+    assert isinstance(result.exception, ZeroDivisionError)
