@@ -395,3 +395,11 @@ def test_eval_cli_invalid_method_exits_2_naming_it(saved_dirs):
                       "--keep-ratio", "0.5"])
     assert result.exit_code == 2, repr(result.exception)
     assert "no_such_method" in result.output and "Traceback" not in result.output
+
+
+def test_eval_cli_layer_beyond_the_model_exits_2_before_any_evaluation(saved_dirs):
+    """K at or past the decoder's layer count: one line naming K and the count, before the baseline is scored."""
+    result = _invoke(["eval", "--model", str(saved_dirs["llava"]), "--task", TASK, "--method", "dart",
+                      "--keep-ratio", "0.5", "--layer", "9", "--limit", "2"])
+    assert result.exit_code == 2, repr(result.exception)
+    assert "layer K=9 is out of range: the model has 4 decoder layers" in " ".join(result.output.split())

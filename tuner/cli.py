@@ -194,7 +194,7 @@ def eval_command(
     baseline."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tuner.config import PruningConfig, check_layer
+    from tuner.config import PruningConfig
     from tuner.evaluation.tasks import load_tasks
     from tuner.presets import load_preset
 
@@ -217,8 +217,6 @@ def eval_command(
 
         with console.status(f"Loading {model} and {', '.join(task)}..."), _hide_library_progress_bars():
             loaded = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
-            for config in configs.values():
-                check_layer(config.layer, len(loaded.adapter.layers))
             tasks = load_tasks(task, subset_size=limit, seed=seed, include_paths=include_path)
         n_requests = sum(t.subset.size for t in tasks)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -340,7 +338,6 @@ def tune(
     """Create or resume an Optuna study over a search space: unpruned baseline first, then (accuracy, prefill ms)
     trials; prints the Pareto front. Exits non-zero when the baseline fails, when trials keep failing the same
     way, or when no trial completed."""
-    import dataclasses
     import logging
     import time
 
@@ -350,7 +347,7 @@ def tune(
 
     from tuner.reporting import describe_trial, latency_noise, pareto_table, speedup_text
     from tuner.results import pareto_trials
-    from tuner.space import SAMPLERS, SamplerSpec, SpaceError, load_space
+    from tuner.space import load_space
     from tuner.study import Tuner, TuningStopped
 
     console = Console()
@@ -362,13 +359,7 @@ def tune(
     try:
         space = load_space(space_path)
         if sampler is not None:
-            if sampler not in SAMPLERS:
-                raise SpaceError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-            space = dataclasses.replace(space, sampler=SamplerSpec(sampler, space.sampler.seed,
-                                                                   space.sampler.options if sampler ==
-                                                                   space.sampler.name else {}))
-            if sampler == "grid":
-                space.grid()  # a range that cannot be gridded fails here, naming the parameter
+            space = space.with_sampler(sampler)
         space = space.with_overrides(model=model, tasks=tuple(task) or None, subset_size=limit, subset_seed=seed,
                                      trials=trials, timeout_s=timeout)
         with console.status(f"Loading {space.model} and {', '.join(space.tasks)}..."), \

@@ -177,6 +177,17 @@ class SearchSpace:
         """A copy with command-line overrides (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def with_sampler(self, name: str) -> SearchSpace:
+        """A copy that uses another sampler (`--sampler`): same seed, and the space's sampler options only when
+        the name is the same. SpaceError for an unknown name, or a space the grid sampler cannot enumerate."""
+        if name not in SAMPLERS:
+            raise SpaceError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+        options = self.sampler.options if name == self.sampler.name else {}
+        space = dataclasses.replace(self, sampler=SamplerSpec(name, self.sampler.seed, options))
+        if name == "grid":
+            space.grid()  # a range that cannot be gridded fails here, naming the parameter
+        return space
+
 
 class _Reader:
     """Validation helpers that know the file name, so every message says where the problem is."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import BatchFeature
 
-from tuner.config import PruningConfig
+from tuner.config import PruningConfig, check_layer
 from tuner.cost import TextDims, kv_cache_bytes, prefill_flops
 from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.runner import EvalResult, Evaluator
@@ -141,6 +141,9 @@ def compare_configs(loaded: LoadedModel, tasks: list[PreparedTask], configs: Map
     """
     ordered: dict[str, PruningConfig | None] = {BASELINE: None}
     ordered.update({name: config for name, config in configs.items() if name != BASELINE})
+    for config in ordered.values():  # before any evaluation, not when the hooks meet it
+        if config is not None:
+            check_layer(config.layer, len(loaded.adapter.layers))
     evaluator = Evaluator(loaded, tasks, batch_size=batch_size, max_failures=max_failures)
     accuracy: dict[str, EvalResult | None] = {}
     for name, config in ordered.items():
