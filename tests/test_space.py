@@ -144,7 +144,7 @@ def test_grid_enumerates_every_configuration() -> None:
     grid = space.grid()
     assert grid == {"method": ["dart", "random"], "layer": [1, 2], "n_image_pivots": [4], "n_text_pivots": [2, 4],
                     "keep_ratio": [0.25, 0.5]}
-    from tuner.study import make_sampler
+    from tuner.samplers import make_sampler
 
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(space))
     configs = []

@@ -323,7 +323,7 @@ def test_storage_retries_at_most_twice(tmp_path) -> None:
 def test_workers_draw_different_configurations_and_a_seed_reproduces_them() -> None:
     """Two workers starting on one study with the space's seed used to sample identical configurations; the
     per-trial seed stream gives each trial number its own draw, and the same seed gives the same sequence."""
-    from tuner.study import make_sampler
+    from tuner.samplers import make_sampler
 
     space = parse_space(_space_data(Path("unused"), keep_ratio={"low": 0.05, "high": 0.9},
                                     sampler={"name": "tpe", "seed": 3}), "tiny.yaml")

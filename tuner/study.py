@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -31,11 +30,13 @@ from tuner.errors import DartTunerError
 from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency, vision_counts
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask, load_tasks
+from tuner.guards import FailureGuard, RepeatGuard
 from tuner.latency import speedup_spread
 from tuner.models.loading import LoadedModel, load_model
 from tuner.provenance import environment
 from tuner.results import ROLE_ATTR, config_of, is_baseline
-from tuner.space import SAMPLER_CLASSES, SearchSpace, SpaceError
+from tuner.samplers import make_sampler
+from tuner.space import SearchSpace, SpaceError
 from tuner.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, open_for_tuning
 
 logger = logging.getLogger(__name__)
@@ -56,73 +57,6 @@ class ProvenanceMismatch(DartTunerError, ValueError):
     """The study was created on another model / task subset / machine; the message lists each difference."""
 
 
-def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """The sampler the space names, with its options passed through, seeded per trial (`TrialSeededSampler`).
-
-    The grid sampler keeps the space's seed: it shuffles the grid with it, so every worker must share it. Two
-    workers that take the same grid point at once are caught by the duplicate check (`Tuner.allow_repeats`).
-    """
-    if space.sampler.name == "grid":
-        return _build_sampler(space, space.sampler.seed)
-    return TrialSeededSampler(lambda seed: _build_sampler(space, seed), space.sampler.seed)
-
-
-def _build_sampler(space: SearchSpace, seed: int | None) -> optuna.samplers.BaseSampler:
-    spec = space.sampler
-    options = dict(spec.options)
-    if spec.name == "tpe":
-        options.setdefault("multivariate", True)
-        options.setdefault("group", True)  # pivots exist only for DART trials
-    grid = (space.grid(),) if spec.name == "grid" else ()
-    try:
-        return SAMPLER_CLASSES[spec.name](*grid, seed=seed, **options)
-    except TypeError as error:
-        raise ValueError(f"{space.source}: sampler.options: {error}") from error
-
-
-class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """An Optuna sampler rebuilt for every trial with a seed drawn from (the space's seed, the trial number).
-
-    Optuna's samplers keep their state in the storage, except for the random generator. With one seed per worker,
-    workers that start together (or a restarted one) draw the same configurations. Trial numbers are unique across
-    workers, so this gives every trial its own stream, and a study is still reproducible from its seed.
-    """
-
-    def __init__(self, build: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None) -> None:
-        self._build, self._seed = build, seed
-        self._first = build(seed)  # fails now on bad options, before any trial
-        self._open: dict[int, optuna.samplers.BaseSampler] = {}  # by trial number, while the trial runs
-
-    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
-        if trial.number not in self._open:
-            seed = None if self._seed is None else int(
-                np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0])
-            self._open[trial.number] = self._build(seed)
-        return self._open[trial.number]
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._for(trial).before_trial(study, trial)
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
-        return self._for(trial).infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict:
-        return self._for(trial).sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: Any) -> Any:
-        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
-        self._for(trial).after_trial(study, trial, state, values)
-        self._open.pop(trial.number, None)
-
-    def reseed_rng(self) -> None:
-        for sampler in [self._first, *self._open.values()]:
-            sampler.reseed_rng()
-
-
 def provenance_of(loaded: LoadedModel, tasks: Sequence[PreparedTask], space: SearchSpace) -> dict[str, Any]:
     """What a study's numbers depend on: stored once per study, compared for every later worker."""
     return {**loaded.provenance(),
@@ -136,62 +70,6 @@ def provenance_differences(stored: dict[str, Any], current: dict[str, Any]) -> l
     """One line per matched field that differs."""
     return [f"{key}: study has {stored.get(key)!r}, this run has {current.get(key)!r}"
             for key in MATCHED_PROVENANCE if stored.get(key) != current.get(key)]
-
-
-@dataclass
-class FailureGuard:
-    """Optuna callback that stops the study when going on cannot help, and remembers why.
-
-    A failed baseline leaves nothing to score the other trials against; `max_same_failures` trials in a row
-    failing with the same exception type mean a broken setup (a missing module, a wrong task), not a bad
-    configuration. Interrupted trials (Ctrl-C) are not failures of the setup.
-    """
-
-    max_same_failures: int = 3
-    reason: str | None = None
-    _streak: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.max_same_failures < 1:
-            raise ValueError(f"max_same_failures must be at least 1, got {self.max_same_failures}")
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.COMPLETE:
-            self._streak.clear()
-        error_type = trial.user_attrs.get("failure_type")
-        if trial.state != TrialState.FAIL or error_type is None:
-            return
-        failure = trial.user_attrs.get("failure", error_type)
-        if is_baseline(trial):
-            self.reason = (f"the unpruned baseline (trial {trial.number}) failed, so no trial can be scored: "
-                           f"{failure}")
-        else:
-            if self._streak and self._streak[-1] != error_type:
-                self._streak.clear()
-            self._streak.append(error_type)
-            if len(self._streak) < self.max_same_failures:
-                return
-            self.reason = f"{len(self._streak)} trials in a row failed with {error_type}; the last: {failure}"
-        study.stop()
-
-
-@dataclass
-class RepeatGuard:
-    """Optuna callback that ends a run when the sampler keeps proposing configurations that are already complete
-    (a small space that is used up): `limit` such trials in a row, each pruned without being measured."""
-
-    limit: int = 20
-    _streak: int = 0
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.PRUNED and "duplicate_of" in trial.user_attrs and not is_baseline(trial):
-            self._streak += 1
-        elif trial.state == TrialState.COMPLETE:
-            self._streak = 0
-        if self._streak >= self.limit:
-            logger.warning("%s: the last %d proposed configurations were all measured already; the space looks "
-                           "used up, stopping", study.study_name, self._streak)
-            study.stop()
 
 
 @dataclass
