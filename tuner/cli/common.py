@@ -1,0 +1,106 @@
+"""What every `dart-tuner` command shares: the typer app, one-line errors, Ctrl-C handling and quiet libraries."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+from collections.abc import Callable
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+app = typer.Typer(help="Find and apply the best visual-token pruning configuration for a multimodal LLM.",
+                  no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def main() -> None:
+    """dart-tuner: DART visual-token pruning, tuned per model, task and hardware."""
+
+
+def quiet_libraries() -> None:
+    """Keep lmms-eval's debug logs out of the rich output; its warnings still go to stderr."""
+    import sys
+
+    try:
+        from loguru import logger  # lmms-eval's logger
+    except ImportError:
+        return
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+def hide_library_progress_bars() -> contextlib.AbstractContextManager:
+    """lmms-eval draws a tqdm bar per evaluation on sys.stderr; the rich bar on stdout replaces them.
+
+    loguru's sink (set up in `quiet_libraries`) holds the real stderr, so lmms-eval warnings still show.
+    """
+    return contextlib.redirect_stderr(io.StringIO())
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error (no traceback: the message names the culprit) and return the exit to raise.
+
+    Exit code 2 means bad input (the command never started); 1 means it ran and failed.
+    """
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def log_to(console: Console, name: str) -> None:
+    """Print the warnings of logger `name` on `console` as one yellow line each."""
+    import logging
+
+    class ConsoleHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            console.print(f"[yellow]warning:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+    logger = logging.getLogger(name)
+    logger.handlers = [ConsoleHandler(logging.WARNING)]
+    logger.propagate = False
+
+
+def storage_line(url: str, error: Exception, doing: str = "cannot use") -> str:
+    """The one line for a storage error found in `error`'s chain; any other error is a bug and is raised again."""
+    from tuner.storage import StorageError, describe, storage_failure
+
+    failure = storage_failure(error)
+    if failure is None:
+        raise error
+    return str(failure) if isinstance(failure, StorageError) else describe(url, failure, doing)
+
+
+def storage_fail(url: str, error: Exception, code: int = 1) -> typer.Exit:
+    """One line for a storage that failed while tuning (lost for longer than the worker waits, turned read-only,
+    ...). The next worker re-queues the trial it was running."""
+    return fail(f"{storage_line(url, error)}; the trials stored so far are kept", code=code)
+
+
+def interruptible(command: Callable[..., None]) -> Callable[..., None]:
+    """A Ctrl-C that the command does not handle itself (while it imports its libraries, say) ends it with one
+    line and the shell's exit code 130, instead of Click's "Aborted!" and exit 1."""
+
+    @functools.wraps(command)
+    def run(*args: object, **kwargs: object) -> None:
+        try:
+            command(*args, **kwargs)
+        except KeyboardInterrupt:
+            Console(stderr=True).print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return run
+
+
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """`--option key=value` pairs as a dict; values parsed as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects key=value, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options

@@ -1,0 +1,212 @@
+"""Commands that run a model: `bench-pruning`, `eval` and `train-tiny`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, parse_options, quiet_libraries
+from tuner.errors import DartTunerError
+from tuner.tiny.recipe import TrainConfig
+
+
+@app.command("bench-pruning")
+def bench_pruning(
+    layer: int = typer.Option(2, help="Prune before decoder layer K."),
+    repeats: int = typer.Option(7, min=1, help="Timed rounds; every configuration runs once per round."),
+    warmup: int = typer.Option(2, min=0, help="Discarded rounds before timing."),
+    threads: int = typer.Option(2, min=1, help="torch CPU threads."),
+    hidden: int = typer.Option(1024, help="Hidden size of the Llama-shaped text model."),
+    layers: int = typer.Option(8, help="Decoder layers."),
+    attn_implementation: str = typer.Option("sdpa", help="sdpa or eager."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the rows here."),
+) -> None:
+    """Prefill time of no hooks, keep_all, and DART / random / FastV at 64, 128, 192 kept vision tokens."""
+    import torch
+
+    from tuner.bench_pruning import N_VISION, TEXT_AFTER, TEXT_BEFORE, rows_as_dicts, run_benchmark
+
+    torch.set_num_threads(threads)
+    console = Console()
+    with console.status(f"Timing {repeats} interleaved rounds of 11 configurations..."):
+        rows, selection = run_benchmark(layer=layer, repeats=repeats, warmup=warmup, hidden=hidden, layers=layers,
+                                        attn_implementation=attn_implementation)
+    n_tokens = N_VISION + TEXT_BEFORE + TEXT_AFTER
+    table = Table(title=f"Prefill, Llama-shaped hidden {hidden} x {layers} layers, fp32, {threads} threads, "
+                        f"{attn_implementation}; {N_VISION} vision + {n_tokens - N_VISION} text tokens, K={layer}")
+    for column in ("config", "tokens after K", "median ms", "IQR ms", "speed-up", "bound", "of bound"):
+        table.add_column(column, justify="left" if column == "config" else "right")
+    for row in rows:
+        table.add_row(row.name, str(row.tokens_after_k), f"{row.median_ms:.1f}", f"{row.iqr_ms:.1f}",
+                      f"{row.speedup:.2f}x", f"{row.bound:.2f}x", f"{100 * row.fraction_of_bound:.0f}%")
+    console.print(table)
+    by_name = {row.name: row for row in rows}
+    overhead = by_name["keep_all"].median_ms / by_name["no hooks"].median_ms - 1
+    console.print(f"keep_all overhead over no hooks: {100 * overhead:+.1f}%")
+    for name, ms in selection.items():
+        console.print(f"{name}: selection alone {ms:.2f} ms = {100 * ms / by_name[name].median_ms:.2f}% "
+                      "of its pruned prefill")
+    if json_path is not None:
+        json_path.write_text(json.dumps({"rows": rows_as_dicts(rows), "dart_selection_ms": selection,
+                                         "keep_all_overhead": overhead, "torch": torch.__version__,
+                                         "threads": threads, "layer": layer}, indent=1))
+
+
+@app.command("eval")
+@interruptible
+def eval_command(
+    model: str = typer.Option(..., "--model", "-m", help="Hugging Face hub id or local folder of a supported VLM."),
+    task: list[str] = typer.Option(..., "--task", "-t", help="lmms-eval task name, or the bundled 'dart_shapes'. "
+                                                             "Repeat for several tasks."),
+    preset: Path | None = typer.Option(None, help="Preset file to evaluate (instead of --method ...)."),
+    method: list[str] = typer.Option([], help="Pruning method: dart, random, pooling, avgpool, fastv, keep_all. "
+                                              "Repeat to compare several."),
+    layer: int = typer.Option(2, help="Prune before decoder layer K."),
+    keep_ratio: list[float] = typer.Option([], help="Fraction of vision tokens kept, in (0, 1]. Repeat to compare "
+                                                    "several (every method x every ratio)."),
+    budget: int | None = typer.Option(None, help="Vision tokens kept per image prompt (instead of --keep-ratio)."),
+    image_pivots: int = typer.Option(4, help="DART image pivots."),
+    text_pivots: int = typer.Option(4, help="DART text pivots."),
+    option: list[str] = typer.Option([], help="Method option key=value (repeatable)."),
+    limit: int | None = typer.Option(None, min=1, help="Documents per task: a seeded subset, stratified by "
+                                                       "category (not a prefix)."),
+    seed: int = typer.Option(0, help="Seed of the subset."),
+    include_path: list[Path] = typer.Option([], help="Extra folder of lmms-eval task YAMLs (repeatable)."),
+    batch_size: int = typer.Option(1, min=1, help="Requests per generate() call (left padding)."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    attn_implementation: str = typer.Option("auto", "--attn", help="auto, sdpa, eager or flash_attention_2."),
+    new_tokens: int = typer.Option(8, min=2, help="Tokens generated per latency run (decode = the ones after "
+                                                  "the first)."),
+    repeats: int = typer.Option(5, min=1, help="Timed latency rounds (every configuration once per round)."),
+    warmup: int = typer.Option(1, min=0, help="Discarded latency rounds."),
+    max_failures: int = typer.Option(0, min=0, help="Empty generations tolerated before the run counts as failed."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write every number and per-sample result here."),
+) -> None:
+    """Accuracy, kept tokens, prefill and decode latency, FLOPs and KV bytes: a configuration next to the unpruned
+    baseline."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tuner.config import PruningConfig
+    from tuner.evaluation.tasks import load_tasks
+    from tuner.presets import load_preset
+
+    console = Console()
+    quiet_libraries()
+    try:
+        if preset is not None and method:
+            raise ValueError("give --preset or --method, not both")
+        if preset is not None:
+            configs = {"preset": load_preset(preset).config}
+        else:
+            options = parse_options(option)
+            ratios: list[float | None] = list(keep_ratio) or [None]
+            configs = {f"{name} {ratio}": PruningConfig(method=name, layer=layer, keep_ratio=ratio, budget=budget,
+                                                        n_image_pivots=image_pivots, n_text_pivots=text_pivots,
+                                                        options=options)
+                       for name in method for ratio in ratios}
+        from tuner.evaluation.compare import BASELINE, compare_configs
+        from tuner.models import load_model
+
+        with console.status(f"Loading {model} and {', '.join(task)}..."), hide_library_progress_bars():
+            loaded = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
+            tasks = load_tasks(task, subset_size=limit, seed=seed, include_paths=include_path)
+        n_requests = sum(t.subset.size for t in tasks)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            bars = {name: progress.add_task(f"accuracy: {name}", total=n_requests)
+                    for name in [BASELINE, *configs]}
+            latency_bar = progress.add_task("latency (interleaved)", total=1)
+
+            def advance(stage: str, n: int) -> None:
+                if stage == "latency":
+                    progress.update(latency_bar, description=f"latency: {len(bars)} configurations x "
+                                                             f"{warmup + repeats} rounds")
+                else:
+                    progress.advance(bars[stage], n)
+
+            with hide_library_progress_bars():
+                reports = compare_configs(loaded, tasks, configs, batch_size=batch_size, max_failures=max_failures,
+                                          new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                                          on_progress=advance)
+            progress.advance(latency_bar, 1)
+    except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and check_layer name the bad field
+        raise fail(str(error)) from None
+    _print_and_save_eval(console, reports, loaded, tasks, json_path)
+
+
+def _print_and_save_eval(console: Console, reports: list, loaded: object, tasks: list, json_path: Path | None) -> None:
+    """The eval table, the subset line, and the JSON file when asked for."""
+    from tuner.evaluation.table import comparison_table
+    from tuner.provenance import environment
+
+    subsets = ", ".join(f"{t.name}: {t.subset.size}/{t.subset.total} docs (seed {t.subset.seed}, "
+                        f"stratified by {t.subset.stratified_by}, hash {t.subset.hash[:12]})" for t in tasks)
+    timing = reports[0].latency
+    title = (f"{loaded.model_id} ({loaded.family}, {loaded.provenance()['dtype']}, {loaded.attn_implementation}, "
+             f"{loaded.provenance()['device']})")
+    console.print(comparison_table(reports, title))
+    console.print(f"subset: {subsets}")
+    console.print(f"latency: {reports[0].cost.n_tokens} prompt tokens, {timing.new_tokens} new tokens, median of "
+                  f"{timing.prefill.repeats} interleaved rounds; GFLOPs and KV bytes are analytic (text model, "
+                  "same inputs)")
+    if json_path is not None:
+        payload = {"model": loaded.provenance(), "environment": environment(),
+                   "tasks": [{"name": t.name, "primary_metric": t.primary_metric, "subset": t.subset.to_dict()}
+                             for t in tasks],
+                   "rows": [r.to_dict(with_samples=True) for r in reports]}
+        json_path.write_text(json.dumps(payload, indent=1, default=str))
+        console.print(f"wrote {json_path}")
+
+
+_TRAIN = TrainConfig()
+
+
+@app.command("train-tiny")
+@interruptible
+def train_tiny(
+    out: Path = typer.Option(Path("artifacts/tiny-llava-shapes"), help="Checkpoint folder to write."),
+    steps: int = typer.Option(_TRAIN.steps, min=1, help="Optimizer steps (about 1.7 s each on 2 CPU cores)."),
+    batch_size: int = typer.Option(_TRAIN.batch_size, min=1, help="Images per step."),
+    turns_per_image: int = typer.Option(_TRAIN.turns_per_image, min=1, help="Question/answer turns after each image."),
+    lr: float = typer.Option(_TRAIN.lr, help="Peak learning rate (warm-up, then cosine to 5%)."),
+    warmup_steps: int = typer.Option(_TRAIN.warmup_steps, min=0, help="Linear warm-up steps."),
+    seed: int = typer.Option(0, help="Seed of the weights and of the training scenes."),
+    eval_every: int = typer.Option(_TRAIN.eval_every, min=0,
+                                   help="Steps between validation accuracies (0: only at the end)."),
+    threads: int = typer.Option(2, min=1, help="torch CPU threads."),
+    init_from: Path | None = typer.Option(None, help="Continue from this checkpoint's weights (new schedule)."),
+    first_image: int = typer.Option(0, min=0, help="First training scene; when continuing, the images seen so far "
+                                                   "(steps x batch size) so none is repeated."),
+    bf16: bool = typer.Option(_TRAIN.bf16, help="bfloat16 autocast (weights and optimizer stay fp32)."),
+    guidance: float = typer.Option(_TRAIN.guidance, min=0.0, help="Weight of the attention-guidance loss (0: none)."),
+    guidance_steps: int = typer.Option(_TRAIN.guidance_steps, min=0,
+                                       help="Steps over which that weight falls linearly to 0."),
+    resume: bool = typer.Option(False, help="Go on from the last evaluation saved in --out (same settings)."),
+) -> None:
+    """Train the embedded tiny LLaVA from scratch on generated dart_shapes scenes (seeded, reproducible), or
+    continue a run from its checkpoint."""
+    import torch
+
+    from tuner.tiny.train import TrainConfig, train
+
+    torch.set_num_threads(threads)
+    config = TrainConfig(steps=steps, batch_size=batch_size, turns_per_image=turns_per_image, lr=lr, seed=seed,
+                         warmup_steps=warmup_steps, eval_every=eval_every or steps,
+                         init_from=str(init_from) if init_from else None,
+                         first_image=first_image, bf16=bf16, guidance=guidance, guidance_steps=guidance_steps)
+    if init_from is not None and not (init_from / "config.json").exists():
+        raise fail(f"--init-from {str(init_from)!r} is not a checkpoint folder (no config.json)")
+    console = Console()
+    console.print(f"training {steps} steps x {batch_size} images into {out}")
+    try:
+        _, _, history = train(config, out_dir=out, log=console.print, resume=resume)
+    except ValueError as error:
+        raise fail(str(error)) from None
+    final = history.evaluations[-1]["val_accuracy"] if history.evaluations else float("nan")
+    console.print(f"done in {history.seconds:.0f} s: validation accuracy {final:.3f} (first answer token, "
+                  f"{config.eval_docs} held-out questions); checkpoint in {out}")

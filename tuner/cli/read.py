@@ -1,0 +1,148 @@
+"""Commands that read stored studies: `studies`, `export` and `dashboard` (no evaluation stack needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+
+from tuner.cli.common import app, fail, storage_line
+from tuner.errors import DartTunerError
+from tuner.storage import DEFAULT_STORAGE
+
+if TYPE_CHECKING:
+    from tuner.presets import Preset
+
+
+@app.command("studies")
+def studies(storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage.")
+            ) -> None:
+    """Every study in a storage: trial counts, the unpruned baseline, the most accurate and fastest Pareto points."""
+    from tuner.reporting import studies_table
+    from tuner.storage import open_for_reading
+
+    try:
+        table = studies_table(open_for_reading(storage))
+    except DartTunerError as error:
+        raise fail(str(error)) from None
+    except Exception as error:  # a storage error while reading the studies; anything else keeps its traceback
+        raise fail(storage_line(storage, error, "cannot read")) from None
+    Console().print(table)
+
+
+@app.command("export")
+def export(
+    study: str = typer.Option(..., help="Study name (see `dart-tuner studies`)."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage."),
+    trial: int | None = typer.Option(None, help="Export this trial number."),
+    min_accuracy: float | None = typer.Option(None, help="The fastest trial with at least this accuracy."),
+    min_relative_accuracy: float | None = typer.Option(None, help="The fastest trial with at least this fraction "
+                                                                  "of the baseline's accuracy (0.95 = 95%)."),
+    max_latency_ms: float | None = typer.Option(None, help="The most accurate trial with prefill at most this "
+                                                           "(with a minimum accuracy: the fastest meeting both)."),
+    output: Path = typer.Option(Path("preset.yaml"), "--output", "-o", help="Preset file to write."),
+) -> None:
+    """Write the chosen trial of a study as a preset: its PruningConfig, metrics and provenance."""
+
+    from rich.markup import escape
+
+    from tuner.export import Rule, choose_trial, preset_from_trial
+    from tuner.presets import save_preset
+    from tuner.reporting import describe_trial, noise_warning
+    from tuner.results import open_study
+    from tuner.storage import open_for_reading
+
+    try:
+        rule = Rule(trial=trial, min_accuracy=min_accuracy, min_relative_accuracy=min_relative_accuracy,
+                    max_prefill_ms=max_latency_ms)
+        loaded_study = open_study(open_for_reading(storage), study)
+        chosen = choose_trial(loaded_study, rule)
+        preset = preset_from_trial(loaded_study, chosen)
+    except (DartTunerError, ValueError) as error:  # ValueError: Rule names the conflicting options
+        raise fail(str(error)) from None
+    except Exception as error:  # a storage error while reading the study; anything else keeps its traceback
+        raise fail(storage_line(storage, error, "cannot read")) from None
+    try:
+        save_preset(preset, output)
+    except DartTunerError as error:
+        raise fail(str(error)) from None
+    metrics = preset.metrics
+    console = Console()
+    console.print(f"{rule.describe()}: trial {chosen.number} ({describe_trial(chosen)}), "
+                  f"accuracy {metrics['accuracy']:.3f} (baseline {metrics['baseline_accuracy']}), prefill "
+                  f"{metrics['prefill_ms_median']:.1f} ms ({metrics['speedup'] or float('nan'):.2f}x) -> {output}")
+    warning = noise_warning(chosen, loaded_study)
+    if warning:
+        console.print(f"[yellow]warning:[/] {escape(warning + _remeasure_command(preset, output))}", highlight=False,
+                      soft_wrap=True)
+
+
+def _remeasure_command(preset: Preset, output: Path) -> str:
+    """': dart-tuner eval ...' timing the exported preset again with more rounds, on the study's model and task
+    subset ('' when the preset does not name the model)."""
+    model = preset.provenance.get("model_id")
+    if not model:
+        return ""
+    tasks = [task for task in preset.provenance.get("tasks") or [] if task.get("name")]
+    options = [f"--task {task['name']}" for task in tasks]
+    if tasks and tasks[0].get("size") is not None:
+        options.append(f"--limit {tasks[0]['size']} --seed {tasks[0].get('seed') or 0}")
+    return ": " + " ".join(["dart-tuner eval --preset", str(output), "--model", str(model), *options, "--repeats 20"])
+
+
+def dashboard_app_path() -> Path | None:
+    """`dashboard/app.py` of the checkout this package runs from (None in a non-editable install)."""
+    path = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+    return path if path.is_file() else None
+
+
+def dashboard_command(app_path: Path, storage: str, port: int, address: str) -> list[str]:
+    """The `streamlit run` command line that serves the dashboard headless on `address:port`."""
+    import sys
+
+    return [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.headless", "true",
+            "--server.port", str(port), "--server.address", address, "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "viewer", "--", "--storage", storage]
+
+
+@app.command("dashboard")
+def dashboard(
+    storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage (another one "
+                                                                "can be typed into the app)."),
+    port: int = typer.Option(8501, min=1, max=65535, help="Port to serve on."),
+    address: str = typer.Option("127.0.0.1", help="Address to bind (0.0.0.0 to reach it from other machines)."),
+) -> None:
+    """Serve the Streamlit dashboard: Pareto fronts, choosing a point under bounds, downloading its preset."""
+    import importlib.util
+    import signal
+    import subprocess
+
+    missing = [name for name in ("streamlit", "plotly") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise fail(f"the dashboard needs {' and '.join(missing)}: pip install 'dart-tuner[dashboard]'")
+    app_path = dashboard_app_path()
+    if app_path is None:
+        raise fail("dashboard/app.py is not next to this tuner package: install dart-tuner from a checkout "
+                    "(pip install -e '.[dashboard]'), or run `streamlit run <checkout>/dashboard/app.py -- "
+                    "--storage URL`")
+    from tuner.storage import StorageError, open_for_reading
+
+    try:
+        open_for_reading(storage)
+    except StorageError as problem:
+        raise fail(str(problem)) from None
+    Console().print(f"dart-tuner dashboard on http://{address}:{port} for {storage} (Ctrl-C stops it)")
+    server = subprocess.Popen(dashboard_command(app_path, storage, port, address))
+    previous = signal.signal(signal.SIGTERM, lambda *_: server.terminate())  # stopping us stops the server
+    try:
+        code = server.wait()
+        code = 128 - code if code < 0 else code  # killed by a signal: the shell convention
+    except KeyboardInterrupt:
+        server.terminate()
+        server.wait()
+        code = 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    raise typer.Exit(code)

@@ -1,0 +1,128 @@
+"""The `tune` command: create or resume a study, show each trial as it ends, print the Pareto front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, log_to, quiet_libraries, storage_fail
+from tuner.errors import DartTunerError
+from tuner.storage import DEFAULT_STORAGE
+
+
+@app.command("tune")
+@interruptible
+def tune(
+    space_path: Path = typer.Option(..., "--space", "-s", help="Search-space YAML (see search_spaces/)."),
+    model: str | None = typer.Option(None, help="Override the space's model (hub id or folder)."),
+    task: list[str] = typer.Option([], help="Override the space's tasks (repeatable)."),
+    trials: int | None = typer.Option(None, min=1, help="Complete trials the study should hold (all workers)."),
+    timeout: float | None = typer.Option(None, min=1, help="Stop starting trials after this many seconds."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage "
+                                                                "(postgresql+psycopg://... for many machines)."),
+    study: str | None = typer.Option(None, help="Study name (default: the space's `study`, else its file name)."),
+    sampler: str | None = typer.Option(None, help="tpe, nsga2, gp, random or grid (default: the space's)."),
+    limit: int | None = typer.Option(None, min=1, help="Override the subset size (documents per task)."),
+    seed: int | None = typer.Option(None, help="Override the subset seed."),
+    allow_mixed: bool = typer.Option(False, help="Add trials to a study whose provenance differs from this run."),
+    allow_repeats: bool = typer.Option(False, help="Measure a configuration again although a complete trial of "
+                                                   "the study already holds it (default: such trials are pruned)."),
+    heartbeat_interval: int = typer.Option(30, min=1, help="Seconds between a running trial's heartbeats; a trial "
+                                                           "silent for 2x this is marked failed and re-queued."),
+    max_same_failures: int = typer.Option(3, min=1, help="Stop after this many trials in a row fail with the same "
+                                                         "exception type (a broken setup, not a bad configuration)."),
+) -> None:
+    """Create or resume an Optuna study over a search space: unpruned baseline first, then (accuracy, prefill ms)
+    trials; prints the Pareto front. Exits non-zero when the baseline fails, when trials keep failing the same
+    way, or when no trial completed."""
+    import logging
+    import time
+
+    import optuna
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tuner.reporting import describe_trial, latency_noise, pareto_table, speedup_text
+    from tuner.results import pareto_trials
+    from tuner.space import load_space
+    from tuner.study import Tuner, TuningStopped
+
+    console = Console()
+    quiet_libraries()
+    log_to(console, "tuner")  # e.g. "storage lost, retrying" must show, also inside the hidden stderr
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs every failed trial with its traceback; the per-trial line below says the same in one line.
+    logging.getLogger("optuna.study._optimize").addFilter(lambda record: " failed " not in record.getMessage())
+    try:
+        space = load_space(space_path)
+        if sampler is not None:
+            space = space.with_sampler(sampler)
+        space = space.with_overrides(model=model, tasks=tuple(task) or None, subset_size=limit, subset_seed=seed,
+                                     trials=trials, timeout_s=timeout)
+        with console.status(f"Loading {space.model} and {', '.join(space.tasks)}..."), \
+                hide_library_progress_bars():
+            tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
+                           heartbeat_interval=heartbeat_interval, allow_repeats=allow_repeats)
+    except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and check_layer name the bad field
+        raise fail(str(error)) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/] while loading; no trial was started")
+        raise typer.Exit(130) from None
+    except Exception as error:
+        raise storage_fail(storage, error, code=2) from error
+    target = space.trials
+    console.print(f"study {tuner_.study_name!r} in {storage}: {tuner_.n_complete()} complete trials stored; "
+                  f"target {target if target else 'unbounded'}"
+                  f"{f', timeout {space.timeout_s:.0f} s' if space.timeout_s else ''}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        trials_bar = progress.add_task("trials", total=target, completed=tuner_.n_complete())
+        requests_bar = progress.add_task("current trial", total=tuner_.evaluator.n_requests)
+        started = [time.perf_counter()]
+        ran = [0]
+        complete_before = tuner_.n_complete()
+        tuner_.on_request = lambda n: progress.advance(requests_bar, n)
+
+        def after_trial(study_: object, trial: object) -> None:
+            seconds = time.perf_counter() - started[0]
+            started[0] = time.perf_counter()
+            ran[0] += 1
+            if trial.state.name == "COMPLETE":
+                noise = latency_noise(trial)
+                line = (f"trial {trial.number}: {describe_trial(trial)}: accuracy "
+                        f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms "
+                        f"({speedup_text(trial, tuner_.study)})"
+                        + (f", [yellow]noisy latency[/]: {escape(noise)}" if noise else ""))
+            elif "duplicate_of" in trial.user_attrs:
+                line = (f"trial {trial.number} skipped: trial {trial.user_attrs['duplicate_of']} measured that "
+                        "configuration")
+            else:
+                line = f"trial {trial.number} {trial.state.name.lower()}: {trial.user_attrs.get('failure', '')}"
+            progress.console.print(f"{line}  [{seconds:.1f} s; Pareto set: {len(pareto_trials(tuner_.study))}]")
+            progress.update(trials_bar, completed=tuner_.n_complete())
+            progress.reset(requests_bar)
+
+        try:
+            with hide_library_progress_bars():
+                tuner_.run(target, space.timeout_s, callbacks=[after_trial], max_same_failures=max_same_failures)
+        except KeyboardInterrupt:
+            progress.stop()
+            requeued = (f"trial {tuner_.requeued} queued again in place of the interrupted one"
+                        if tuner_.requeued is not None else "no trial was running")
+            console.print(f"[yellow]interrupted[/]: {tuner_.n_complete()} complete trials are stored in {storage}; "
+                          f"{requeued}. Run the same command to resume.")
+            raise typer.Exit(130) from None
+        except TuningStopped as error:
+            progress.stop()
+            raise fail(str(error), code=1) from None
+        except Exception as error:
+            progress.stop()
+            raise storage_fail(storage, error) from error
+    if tuner_.n_complete() == complete_before and (ran[0] or not complete_before):
+        raise fail(f"no trial completed in study {tuner_.study_name!r}: {ran[0]} ran and failed (their reasons "
+                    "are printed above and stored in the study)", code=1)
+    console.print(pareto_table(tuner_.study))
+    console.print(f"{tuner_.n_complete()} complete trials in {storage}, study {tuner_.study_name!r}. "
+                  f"List studies: dart-tuner studies --storage {storage}")
