@@ -68,10 +68,7 @@ def latency_inputs(loaded: LoadedModel, task: PreparedTask, n_docs: int = 1) -> 
 
 def vision_counts(loaded: LoadedModel, inputs: BatchFeature) -> list[int]:
     """Vision tokens in each row of processed inputs (padding excluded)."""
-    vision_ids = set(loaded.adapter.vision_token_ids)
-    mask = inputs["attention_mask"].bool()
-    return [sum(token in vision_ids for token in inputs["input_ids"][row][mask[row]].tolist())
-            for row in range(inputs["input_ids"].shape[0])]
+    return loaded.adapter.vision_mask(inputs["input_ids"], inputs["attention_mask"]).sum(1).tolist()
 
 
 def _cost(loaded: LoadedModel, inputs: BatchFeature, config: PruningConfig | None, kept: list[int]) -> CostOnInputs:

@@ -100,8 +100,6 @@ class DartTunerLMM(lmms):
         self.on_progress: Callable[[int], None] | None = None  # called with the number of requests just answered
         tokenizer = self.loaded.processor.tokenizer
         self._pad_token_id = tokenizer.pad_token_id
-        vision_ids = self.loaded.adapter.vision_token_ids
-        self._vision_ids = torch.tensor(vision_ids, device=self.loaded.device)
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, config: PruningConfig | None = None, *, batch_size: int = 1,
@@ -148,8 +146,7 @@ class DartTunerLMM(lmms):
         return kwargs, until
 
     def _vision_counts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
-        vision = torch.isin(input_ids, self._vision_ids) & attention_mask.bool()
-        return vision.sum(-1).tolist()
+        return self.loaded.adapter.vision_mask(input_ids, attention_mask).sum(-1).tolist()
 
     def _answer_batch(self, batch: Sequence[Any], handle: Any) -> list[str]:
         contexts, image_lists = [], []

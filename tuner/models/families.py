@@ -36,6 +36,11 @@ class FamilyAdapter:
         """Whether a call without `position_ids` numbers positions 0..N-1 straight across left padding."""
         return self.family not in _MASK_AWARE_POSITIONS
 
+    def vision_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Where each row's vision tokens are: ids among `vision_token_ids`, padding excluded."""
+        ids = torch.as_tensor(self.vision_token_ids, device=input_ids.device)
+        return torch.isin(input_ids, ids) & attention_mask.bool()
+
     @property
     def layer_types(self) -> list[str]:
         """Attention type per decoder layer; configs without `layer_types` are all full attention."""

@@ -76,7 +76,6 @@ class PruningHandle:
         self.last_kept: list[torch.Tensor] = []
         self.requests: list[RequestStats] = []
         self._layer_types = adapter.layer_types
-        self._vision_ids: torch.Tensor | None = None
         self._prompt: _Prompt | None = None
         self._attention_2d: torch.Tensor | None = None
         self._pruned_prompt: tuple[torch.Tensor, int] | None = None  # (kept 2D mask [B, P], prompt length N)
@@ -144,9 +143,7 @@ class PruningHandle:
             attention = _padding_from_prebuilt_mask(mask, input_ids.shape[1])
         if attention is None:
             attention = torch.ones_like(input_ids, dtype=torch.bool)
-        if self._vision_ids is None or self._vision_ids.device != input_ids.device:
-            self._vision_ids = torch.tensor(self.adapter.vision_token_ids, device=input_ids.device)
-        vision = torch.isin(input_ids, self._vision_ids) & attention
+        vision = self.adapter.vision_mask(input_ids, attention)
         n_vision = vision.sum(1).tolist()
         if not any(n_vision):
             if self.config.require_vision:
