@@ -85,7 +85,7 @@ def test_bad_space_names_file_and_key(tmp_path: Path, change: dict, words: str) 
 def test_a_binary_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "weights.safetensors"
     path.write_bytes(bytes(range(256)) * 8)
-    with pytest.raises(SpaceError, match="weights.safetensors: not a text file"):
+    with pytest.raises(SpaceError, match="weights.safetensors' is not a UTF-8 text file"):
         load_space(path)
 
 
@@ -94,13 +94,21 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
         load_space(tmp_path / "missing.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
-    with pytest.raises(SpaceError, match="broken.yaml: not valid YAML: line 2, column 1: ") as error:
+    with pytest.raises(SpaceError, match="broken.yaml' is not valid YAML: line 2, column 1: ") as error:
         load_space(broken)
     assert "\n" not in str(error.value)  # one line, not PyYAML's excerpt with carets
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n- b\n")
     with pytest.raises(SpaceError, match="must be a YAML mapping"):
         load_space(listed)
+
+
+def test_a_space_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    """Read with the presets' reader (tuner.yaml_files): a huge file is refused before it is parsed."""
+    big = tmp_path / "big.yaml"
+    big.write_text("model: m\n" + "# padding\n" * 120_000)
+    with pytest.raises(SpaceError, match="big.yaml' is over 1 MiB"):
+        load_space(big)
 
 
 def test_relative_model_and_include_paths_resolve_next_to_the_file(tmp_path: Path) -> None:

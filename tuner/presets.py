@@ -23,11 +23,10 @@ import yaml
 
 from tuner.config import PruningConfig
 from tuner.errors import DartTunerError
-from tuner.yaml_errors import yaml_problem
+from tuner.yaml_files import read_yaml
 
 SCHEMA_VERSION = 1
 _TOP_LEVEL_KEYS = {"schema_version", "config", "metrics", "provenance"}
-MAX_PRESET_BYTES = 1 << 20  # a preset is a few kB; a larger file is not one, and reading it could exhaust memory
 
 
 class PresetError(DartTunerError, ValueError):
@@ -112,21 +111,7 @@ def config_from_dict(data: Any, where: str) -> PruningConfig:
 def load_preset(path: str | Path) -> Preset:
     """Read and validate a preset file; every problem is a PresetError naming the file."""
     path = Path(path)
-    try:
-        with path.open("rb") as file:
-            raw = file.read(MAX_PRESET_BYTES + 1)
-    except OSError as error:
-        raise PresetError(f"cannot read preset {str(path)!r}: {error.strerror or error}") from error
-    if len(raw) > MAX_PRESET_BYTES:
-        raise PresetError(f"preset {str(path)!r} is over {MAX_PRESET_BYTES >> 20} MiB; a preset is a few kB")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PresetError(f"preset {str(path)!r} is not a UTF-8 text file") from None
-    try:
-        data = yaml.load(text, Loader=_NoAliasLoader)
-    except yaml.YAMLError as error:
-        raise PresetError(f"preset {str(path)!r} is not valid YAML: {yaml_problem(error)}") from error
+    data = read_yaml(path, kind="preset", error=PresetError, loader=_NoAliasLoader)
     if not isinstance(data, dict):
         raise PresetError(f"preset {str(path)!r} must be a YAML mapping with a 'config' key")
     version = data.get("schema_version")

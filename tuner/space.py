@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
 from tuner.config import PruningConfig
 from tuner.errors import DartTunerError
 from tuner.models.attention import ATTN_IMPLEMENTATIONS
 from tuner.models.loading import DTYPES
 from tuner.pruning.registry import available_methods
-from tuner.yaml_errors import yaml_problem
+from tuner.yaml_files import read_yaml
 
 # The samplers a space may name, each an Optuna class (`tuner.study.make_sampler` builds them).
 SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
@@ -361,14 +360,4 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise SpaceError(f"cannot read search space {str(path)!r}: {error.strerror or error}") from error
-    except UnicodeDecodeError:
-        raise SpaceError(f"{path}: not a text file (not UTF-8); a search space is YAML") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise SpaceError(f"{path}: not valid YAML: {yaml_problem(error)}") from error
-    return parse_space(data, str(path))
+    return parse_space(read_yaml(path, kind="search space", error=SpaceError), str(path))
