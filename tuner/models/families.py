@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,14 +39,19 @@ class FamilyAdapter:
 
     def vision_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Where each row's vision tokens are: ids among `vision_token_ids`, padding excluded."""
-        ids = torch.as_tensor(self.vision_token_ids, device=input_ids.device)
-        return torch.isin(input_ids, ids) & attention_mask.bool()
+        return torch.isin(input_ids, _ids_on(self.vision_token_ids, input_ids.device)) & attention_mask.bool()
 
     @property
     def layer_types(self) -> list[str]:
         """Attention type per decoder layer; configs without `layer_types` are all full attention."""
         types = getattr(self.text_model.config, "layer_types", None)
         return list(types) if types else ["full_attention"] * len(self.layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _ids_on(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The token ids as a tensor on `device`, made once: the hooks ask on every prefill."""
+    return torch.tensor(ids, device=device)
 
 
 def detect_family(model: torch.nn.Module) -> str:
