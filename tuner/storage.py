@@ -25,7 +25,7 @@ import sqlalchemy.exc
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 
 from tuner.errors import DartTunerError
 
@@ -49,7 +49,7 @@ class StorageError(DartTunerError, ValueError):
 # -- URLs and messages ----------------------------------------------------------------------------------------
 
 
-def check_url(url: str, *, writing: bool) -> URL:
+def check_url(url: str, *, writing: bool) -> None:
     """Parse and check a storage URL before touching it: scheme, driver, and for SQLite the file or its folder.
 
     Readers need an existing file (a mistyped path must not become a new empty database); writers need a folder
@@ -75,7 +75,6 @@ def check_url(url: str, *, writing: bool) -> URL:
         if database and parsed.query.get("uri") == "true" and database.startswith("file:"):
             database = database.removeprefix("file:").partition("?")[0]  # sqlite:///file:x.db?mode=ro&uri=true
         _check_sqlite_file(url, database, writing=writing)
-    return parsed
 
 
 def _check_sqlite_file(url: str, database: str | None, *, writing: bool) -> None:

@@ -316,14 +316,21 @@ class Tuner:
                                 "command again to resume")
         return self.study
 
+    def _take_running(self) -> tuple[Trial, FrozenTrial] | None:
+        """The trial objective() last ran and its stored state, forgotten here so that it is looked at once."""
+        trial, self._running = self._running, None
+        if trial is None:
+            return None
+        return trial, next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+
     def _taken_over(self) -> bool:
         """Whether the trial this worker ran was failed meanwhile by another worker that found its heartbeats stale
         (they could not reach a database that was away for longer than the grace period). Its retry is queued, so
         this worker drops its measurement and goes on."""
-        trial, self._running = self._running, None
-        if trial is None:
+        taken = self._take_running()
+        if taken is None:
             return False
-        stored = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+        trial, stored = taken
         if stored.state != TrialState.FAIL or stored.user_attrs.get("failure") != HEARTBEAT_FAILURE:
             return False
         logger.warning("trial %d was failed by another worker while this one could not reach the storage; its "
@@ -334,10 +341,10 @@ class Tuner:
         """Fail the trial this worker was running when interrupted, if Optuna had not yet, and queue it again with
         its parameters and role (the re-queued trial names it in `requeued_from`). Returns the new trial's number,
         or None when no trial was running (the interrupt came between trials)."""
-        trial, self._running = self._running, None
-        if trial is None:
+        taken = self._take_running()
+        if taken is None:
             return None
-        stored = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+        trial, stored = taken
         if stored.state == TrialState.RUNNING:  # interrupted inside Optuna's own bookkeeping, after the objective
             trial.set_user_attr("failure", INTERRUPTED)
             self.study.tell(trial, state=TrialState.FAIL)

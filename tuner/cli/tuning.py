@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
@@ -10,6 +11,11 @@ from rich.console import Console
 from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, log_to, quiet_libraries, storage_fail
 from tuner.errors import DartTunerError
 from tuner.storage import DEFAULT_STORAGE
+
+
+def _no_failed_trial_logs(record: logging.LogRecord) -> bool:
+    """Drop Optuna's log of a failed trial (with its traceback): tune's per-trial line says the same in one line."""
+    return " failed " not in record.getMessage()
 
 
 @app.command("tune")
@@ -37,7 +43,6 @@ def tune(
     """Create or resume an Optuna study over a search space: unpruned baseline first, then (accuracy, prefill ms)
     trials; prints the Pareto front. Exits non-zero when the baseline fails, when trials keep failing the same
     way, or when no trial completed."""
-    import logging
     import time
 
     import optuna
@@ -53,8 +58,7 @@ def tune(
     quiet_libraries()
     log_to(console, "tuner")  # e.g. "storage lost, retrying" must show, also inside the hidden stderr
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Optuna logs every failed trial with its traceback; the per-trial line below says the same in one line.
-    logging.getLogger("optuna.study._optimize").addFilter(lambda record: " failed " not in record.getMessage())
+    logging.getLogger("optuna.study._optimize").addFilter(_no_failed_trial_logs)  # one object: added only once
     try:
         space = load_space(space_path)
         if sampler is not None:
@@ -67,9 +71,6 @@ def tune(
                            heartbeat_interval=heartbeat_interval, allow_repeats=allow_repeats)
     except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and check_layer name the bad field
         raise fail(str(error)) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/] while loading; no trial was started")
-        raise typer.Exit(130) from None
     except Exception as error:
         raise storage_fail(storage, error, code=2) from error
     target = space.trials
