@@ -23,7 +23,8 @@ from tuner.evaluation.lmms_model import DartTunerLMM, GenerationFailure
 from tuner.evaluation.runner import Evaluator
 from tuner.evaluation.tasks import TaskNotFoundError, load_tasks
 from tuner.models import load_model
-from tuner.models.loading import SUPPORTED_MODEL_TYPES, ModelLoadError
+from tuner.models.families import supported_model_types
+from tuner.models.loading import ModelLoadError
 from tuner.presets import Preset, PresetError, load_preset, save_preset
 
 simple_evaluate = import_lmms_eval("evaluator").evaluator.simple_evaluate
@@ -300,7 +301,7 @@ def test_load_model_rejects_unsupported_architecture(tmp_path):
     with pytest.raises(ModelLoadError) as caught:
         load_model(tmp_path / "llama", device="cpu")
     message = str(caught.value)
-    assert "'llama'" in message and all(model_type in message for model_type in SUPPORTED_MODEL_TYPES)
+    assert "'llama'" in message and all(model_type in message for model_type in supported_model_types())
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])

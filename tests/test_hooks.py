@@ -8,10 +8,10 @@ import torch
 import tiny_vlms
 import tuner
 from conftest import Loader
+from tuner.models.families import adapter_for
 from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.dart import dart_select
-from tuner.models.families import adapter_for
 from tuner.transformers_compat import build_mask, positions_from_mask
 
 ATTN = ("sdpa", "eager")

@@ -33,7 +33,11 @@ class TextDims:
 
     @classmethod
     def from_config(cls, config) -> TextDims:
-        """Read a transformers config (a VLM's text config is found through `get_text_config()`)."""
+        """Read a decoder's transformers config: the standard field names every supported text model uses.
+
+        For a VLM, ask its family (`Family.text_dims`), which knows where the text config is and what
+        differs; here a config with `get_text_config()` is read through it.
+        """
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads

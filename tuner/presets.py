@@ -131,11 +131,11 @@ def load_preset(path: str | Path) -> Preset:
     config = config_from_dict(data["config"], f"preset {str(path)!r}")
     family = (data.get("provenance") or {}).get("family")
     if family is not None:
-        from tuner.models.families import SUPPORTED_CLASSES
+        from tuner.models.families import family_names
 
-        if family not in set(SUPPORTED_CLASSES.values()):
+        if family not in family_names():
             raise PresetError(f"preset {str(path)!r} was made for model family {family!r}, which this dart-tuner "
-                              f"does not know (known: {', '.join(sorted(set(SUPPORTED_CLASSES.values())))})")
+                              f"does not know (known: {', '.join(sorted(family_names()))})")
     return Preset(config=config, metrics=dict(data.get("metrics") or {}),
                   provenance=dict(data.get("provenance") or {}), schema_version=version)
 

@@ -15,7 +15,7 @@ from typing import Any
 from transformers import BatchFeature
 
 from tuner.config import PruningConfig, check_layer
-from tuner.cost import TextDims, kv_cache_bytes, prefill_flops
+from tuner.cost import kv_cache_bytes, prefill_flops
 from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask
@@ -72,7 +72,7 @@ def vision_counts(loaded: LoadedModel, inputs: BatchFeature) -> list[int]:
 
 
 def _cost(loaded: LoadedModel, inputs: BatchFeature, config: PruningConfig | None, kept: list[int]) -> CostOnInputs:
-    dims = TextDims.from_config(loaded.model.config)
+    dims = loaded.adapter.spec.text_dims(loaded.model.config)
     mask = inputs["attention_mask"].bool()
     flops = kv = n_tokens = n_vision = 0
     for row, row_vision in enumerate(vision_counts(loaded, inputs)):

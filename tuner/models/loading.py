@@ -12,16 +12,16 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedMode
 
 from tuner.errors import DartTunerError
 from tuner.models.attention import resolve_attn_implementation
-from tuner.models.families import SUPPORTED_CLASSES, FamilyAdapter, adapter_for, detect_family
+from tuner.models.families import (
+    FamilyAdapter,
+    adapter_for,
+    detect_family,
+    family_for_model_type,
+    supported_classes,
+    supported_model_types,
+)
 from tuner.models.processors import load_processor
 
-# config.model_type -> family, checked before any weights are read.
-SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llava": "llava",
-    "llava_next": "llava_next",
-    "qwen2_vl": "qwen2_vl",
-    "qwen2_5_vl": "qwen2_5_vl",
-}
 # Checkpoints shipped inside the package, named as `embedded:<name>`.
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS: dict[str, Path] = {"tiny-llava-shapes": Path(__file__).parents[1] / "tiny" / "checkpoint"}
@@ -129,10 +129,10 @@ def load_model(model: str | Path, *, dtype: str | torch.dtype | None = "auto",
         model = resolve_embedded(model_id)
     config = _load_config(str(model), revision, trust_remote_code)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if family_for_model_type(model_type) is None:  # checked before any weights are read
         raise ModelLoadError(f"model {model_id!r} is a {model_type!r} model, which dart-tuner does not support; "
-                             f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)} "
-                             f"({', '.join(SUPPORTED_CLASSES)})")
+                             f"supported model types: {', '.join(supported_model_types())} "
+                             f"({', '.join(supported_classes())})")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from tuner.config import PruningConfig, check_layer
-from tuner.models.families import FamilyAdapter
+from tuner.models.families import FamilyAdapter, PrunedPrefill
 from tuner.pruning.base import SelectionContext
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.registry import get_method_class
-from tuner.transformers_compat import build_mask, cache_from_kwargs, positions_from_mask
+from tuner.transformers_compat import cache_from_kwargs, positions_from_mask
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class _Prompt:
     vision: torch.Tensor  # [B, N] bool, padding excluded
     attention: torch.Tensor  # [B, N] bool
     n_vision: list[int]  # per row
+    state: Any = None  # the family's per-token extras (Family.prompt_state)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class _ForwardPlan:
     gather_index: torch.Tensor | None = None  # [B, P] prefill only
     hidden_states: torch.Tensor | None = None  # [B, P, D] prefill only
     gathered_rotary: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    pruned: PrunedPrefill | None = None  # prefill only
 
 
 class PruningHandle:
@@ -96,6 +99,7 @@ class PruningHandle:
                 self._capture = AttentionCapture(
                     self.adapter.layers[self.config.layer - 1].self_attn,
                     keys=self.method.needs_keys, last_row_attention=self.method.needs_last_row_attention)
+            self._hooks.extend(self.adapter.spec.extra_hooks(self.adapter.text_model, self._current_prefill))
             self.model._dart_tuner_handle = self
         except BaseException:
             self.remove()
@@ -127,6 +131,7 @@ class PruningHandle:
     # -- hooks -----------------------------------------------------------------------------------
     def _on_model_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Top-level pre-hook: find the vision tokens of a new prompt, validate, before any compute."""
+        self._plan = None  # a plan lives for one forward
         mask = kwargs.get("attention_mask")
         self._attention_2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         substituted = self._number_positions_per_row(args, kwargs)
@@ -157,7 +162,8 @@ class PruningHandle:
                 if 0 < n < self.config.n_image_pivots:
                     raise ValueError(f"n_image_pivots={self.config.n_image_pivots} exceeds the {n} vision "
                                      f"tokens of batch row {row}")
-        self._prompt = _Prompt(input_ids, vision, attention, n_vision)
+        self._prompt = _Prompt(input_ids, vision, attention, n_vision,
+                               state=self.adapter.spec.prompt_state(kwargs, input_ids))
         return substituted
 
     def _number_positions_per_row(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -262,8 +268,10 @@ class PruningHandle:
             hidden[rows, cols] = torch.cat(list(selection.new_states)).to(hidden.dtype)
         gathered = hidden.gather(1, gather_index[..., None].expand(-1, -1, hidden.shape[-1]))
         self._pruned_prompt = (slots_valid, length)
-        return _ForwardPlan(masks=self._masks(gathered, slots_valid, cache), gather_index=gather_index,
-                            hidden_states=gathered)
+        pruned = PrunedPrefill(gather_index=gather_index, valid=slots_valid, length=length)
+        kept_state = None if prompt.state is None else self.adapter.spec.gather_state(prompt.state, pruned)
+        return _ForwardPlan(masks=self._masks(gathered, slots_valid, cache, kept_state), gather_index=gather_index,
+                            hidden_states=gathered, pruned=pruned)
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode_plan(self, hidden: torch.Tensor, cache: Any) -> _ForwardPlan:
@@ -279,15 +287,21 @@ class PruningHandle:
             tail = torch.ones(batch, n_appended, dtype=torch.bool, device=hidden.device)
         return _ForwardPlan(masks=self._masks(hidden, torch.cat([kept_2d, tail], 1), cache))
 
-    def _masks(self, hidden: torch.Tensor, mask_2d: torch.Tensor, cache: Any) -> dict[str, Any]:
-        """One mask per attention type, sized against the first pruned layer of that type."""
+    def _masks(self, hidden: torch.Tensor, mask_2d: torch.Tensor, cache: Any,
+               kept_state: Any = None) -> dict[str, Any]:
+        """One mask per attention type, sized against the first pruned layer of that type, as the family builds it."""
         mask_2d = None if bool(mask_2d.all()) else mask_2d  # lets sdpa take its is_causal fast path
         masks = {}
         for layer_type in dict.fromkeys(self._layer_types[self.config.layer:]):
             first = self._layer_types.index(layer_type, self.config.layer)
-            masks[layer_type] = build_mask(layer_type, config=self.adapter.text_model.config, inputs_embeds=hidden,
-                                           attention_mask=mask_2d, cache=cache, layer_idx=first)
+            masks[layer_type] = self.adapter.spec.layer_mask(
+                layer_type, config=self.adapter.text_model.config, hidden=hidden, mask_2d=mask_2d, cache=cache,
+                layer_idx=first, kept_state=kept_state)
         return masks
+
+    def _current_prefill(self) -> PrunedPrefill | None:
+        """The pruning of the prefill now running, for the family's extra hooks (None in decode or unpruned)."""
+        return None if self._plan is None else self._plan.pruned
 
 
 def _padding_from_prebuilt_mask(mask: Any, length: int) -> torch.Tensor | None:

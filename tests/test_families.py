@@ -1,0 +1,53 @@
+"""The family registry: every registered family is complete, found by class and model type, and documented."""
+
+from pathlib import Path
+
+import pytest
+import transformers
+
+import tiny_vlms
+from tuner.models.families import (
+    adapter_for,
+    detect_family,
+    family_for_model_type,
+    family_names,
+    get_family,
+    registered_families,
+)
+from tuner.space import load_space
+
+ROOT = Path(__file__).parents[1]
+FAMILIES = registered_families()
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+def test_family_declares_its_facts(family):
+    assert family.model_types and family.class_names and family.hub_id
+    assert all(hasattr(transformers, name) for name in family.class_names)
+    assert family_for_model_type(family.model_types[0]) is family
+    space = load_space(ROOT / "search_spaces" / family.search_space)
+    assert space.model == family.hub_id
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+def test_the_readme_support_table_has_a_row_per_family(family):
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `")]
+    assert any(f"`{family.class_names[0]}`" in row for row in rows), family.name
+
+
+@pytest.mark.parametrize("name", tiny_vlms.FAMILIES)
+def test_tiny_model_is_detected_and_adapted(name, loaded):
+    model, _ = loaded(name, "sdpa")
+    family = tiny_vlms.family_of(name)
+    assert detect_family(model) == family.name
+    adapter = adapter_for(model)
+    assert adapter.spec is family and len(adapter.layers) == model.config.get_text_config().num_hidden_layers
+    assert set(adapter.vision_token_ids) <= {getattr(model.config, field, None) for field in (
+        "image_token_id", "image_token_index", "video_token_id", "video_token_index")}
+
+
+def test_unknown_family_names_fail_with_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model family 'nope'.*llava"):
+        get_family("nope")
+    assert family_for_model_type("llama") is None
+    assert len(set(family_names())) == len(FAMILIES)

@@ -1,0 +1,201 @@
+"""`Family`: everything dart-tuner knows about one VLM family, and `FamilyAdapter`: a family bound to a loaded model.
+
+A family file subclasses `Family`, sets its facts as class attributes, overrides the few methods where its
+models differ (prompt format, masks, extra per-token tensors, processor fallback) and registers itself with
+`@register_family`. Nothing outside `tuner/models/families/` names a family.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import BatchFeature, PretrainedConfig, PreTrainedModel, ProcessorMixin
+
+from tuner.cost import TextDims
+from tuner.transformers_compat import build_mask
+
+VISION_ID_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+
+
+@dataclass(frozen=True)
+class PrunedPrefill:
+    """How the current prefill was pruned, as the extra hooks of a family need it.
+
+    `gather_index` [B, P] holds each row's kept positions, left-padded (`valid` [B, P] is False on the
+    padding slots); `length` is the prompt length N before pruning.
+    """
+
+    gather_index: torch.Tensor
+    valid: torch.Tensor
+    length: int
+
+
+class Family:
+    """One VLM family's facts and behaviour; subclass once per family file and register it.
+
+    Class attributes are the facts; the methods have defaults that fit LLaVA-style models (vision tokens
+    marked by an id in the config, one decoder with `.layers` and `.norm`, plain causal masks).
+    """
+
+    name: ClassVar[str]
+    """Family name stored in studies and presets, e.g. "qwen2_vl"."""
+    model_types: ClassVar[tuple[str, ...]]
+    """`config.model_type` values of this family, checked before any weights are read."""
+    class_names: ClassVar[tuple[str, ...]]
+    """Top-level transformers classes, e.g. ("Qwen2VLForConditionalGeneration",)."""
+    vision_tokens: ClassVar[str] = "the image placeholder id of the config, repeated once per visual token"
+    """How its vision tokens are found, in words (README support table)."""
+    positions: ClassVar[str] = "1-D RoPE"
+    """The position scheme, in words."""
+    positions_from_mask: ClassVar[bool] = False
+    """Whether the top-level forward derives positions from the attention mask when given none (M-RoPE)."""
+    reference_quota_rule: ClassVar[str | None] = None
+    """The DART reference code's per-pivot quota rule for this family (`tuner.pruning.dart.QUOTA_RULES`)."""
+    image_placeholder: ClassVar[str] = "<image>"
+    """The text a prompt holds where an image goes, when the processor does not say."""
+    image_only_processor: ClassVar[type[ProcessorMixin] | None] = None
+    """A processor class built without a video processor, for when torchvision is missing."""
+    hub_id: ClassVar[str] = ""
+    """The checkpoint users would pick."""
+    search_space: ClassVar[str] = ""
+    """Its default search space, a file in `search_spaces/` (for `hub_id`)."""
+    special: ClassVar[str] = ""
+    """What is special about the family for pruning, in words (README support table)."""
+
+    # -- the loaded model ---------------------------------------------------------------------------
+    def vision_token_ids(self, config: PretrainedConfig) -> tuple[int, ...]:
+        """Ids that mark vision tokens in `input_ids`, read from the top-level config."""
+        ids = tuple(dict.fromkeys(value for name in VISION_ID_FIELDS
+                                  if isinstance(value := getattr(config, name, None), int)))
+        if not ids:
+            raise ValueError(f"{type(config).__name__} defines none of {VISION_ID_FIELDS}")
+        return ids
+
+    def decoder(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The decoder stack (with `.layers` and a final `.norm`) that the pruning hooks attach to."""
+        return model.get_decoder()
+
+    def text_config(self, config: PretrainedConfig) -> PretrainedConfig:
+        """The text model's config."""
+        return config.get_text_config()
+
+    def text_dims(self, config: PretrainedConfig) -> TextDims:
+        """The decoder sizes the cost model (`tuner.cost`) reads, from the top-level config."""
+        return TextDims.from_config(self.text_config(config))
+
+    # -- prompts and processors ---------------------------------------------------------------------
+    def fallback_prompt(self, text: str, n_images: int) -> str:
+        """One user turn in the family's documented format, for processors without a chat template."""
+        return f"USER: {self.image_placeholder * n_images}\n{text} ASSISTANT:"
+
+    # -- hooks: what differs per family during a pruned forward -------------------------------------
+    def prompt_state(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> Any:
+        """Per-token data a family's masks need, noted at the top-level call of a prefill (None: nothing)."""
+        return None
+
+    def gather_state(self, state: Any, pruned: PrunedPrefill) -> Any:
+        """`prompt_state` at the kept positions (padding slots get a neutral value)."""
+        return None
+
+    def layer_mask(self, layer_type: str, *, config: PretrainedConfig, hidden: torch.Tensor,
+                   mask_2d: torch.Tensor | None, cache: Any, layer_idx: int, kept_state: Any) -> Any:
+        """The attention mask for the pruned layers of `layer_type`, first of which is `layer_idx`.
+
+        `kept_state` is `gather_state` in a pruned prefill and None in decode. The default is the causal
+        (or sliding-window causal) mask transformers builds from a 2D padding mask.
+        """
+        return build_mask(layer_type, config=config, inputs_embeds=hidden, attention_mask=mask_2d, cache=cache,
+                          layer_idx=layer_idx)
+
+    def extra_hooks(self, text_model: torch.nn.Module,
+                    pruned: Callable[[], PrunedPrefill | None]) -> list[Any]:
+        """Hooks beyond the decoder layers' pre-hooks (each with `.remove()`); `pruned()` is the live prefill."""
+        return []
+
+    # -- tiny test models ---------------------------------------------------------------------------
+    tiny_image_sizes: ClassVar[tuple[tuple[int, int], tuple[int, int]]] = ((160, 120), (120, 160))
+    """(width, height) of the test images of batch rows 0 and 1."""
+
+    def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+        """A tiny random-weight model of this family and its processor over `tokenizer` (tests)."""
+        raise NotImplementedError(f"family {self.name!r} has no tiny test model")
+
+    def row_images(self, batch: BatchFeature, row: int) -> dict[str, torch.Tensor]:
+        """The image inputs of batch row `row` alone (each row holds one image)."""
+        out = {"pixel_values": batch["pixel_values"][row:row + 1]}
+        for key in ("image_sizes", "pixel_attention_mask"):
+            if key in batch:
+                out[key] = batch[key][row:row + 1]
+        return out
+
+    def save_processor(self, processor: ProcessorMixin, path: Any) -> None:
+        """Save a processor the way a real checkpoint ships it."""
+        if self.image_only_processor is not None:  # a checkpoint's layout minus the video processor
+            processor.tokenizer.save_pretrained(path)
+            processor.image_processor.save_pretrained(path)
+        else:
+            processor.save_pretrained(path)
+
+    # -- published sizes ----------------------------------------------------------------------------
+    def published_config(self) -> PretrainedConfig:
+        """The config of `hub_id` at its published size, built offline (random weights are never made)."""
+        raise NotImplementedError(f"family {self.name!r} has no published-size config")
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """A family bound to one loaded model: where pruning hooks go and how to spot its vision tokens."""
+
+    family: str
+    text_model: torch.nn.Module  # the decoder stack (LlamaModel, Qwen2VLTextModel, ...)
+    vision_token_ids: tuple[int, ...]
+    spec: Family
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.text_model.layers
+
+    @property
+    def positions_ignore_padding(self) -> bool:
+        """Whether a call without `position_ids` numbers positions 0..N-1 straight across left padding."""
+        return not self.spec.positions_from_mask
+
+    def vision_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Where each row's vision tokens are: ids among `vision_token_ids`, padding excluded."""
+        return torch.isin(input_ids, _ids_on(self.vision_token_ids, input_ids.device)) & attention_mask.bool()
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Attention type per decoder layer; configs without `layer_types` are all full attention."""
+        types = getattr(self.text_model.config, "layer_types", None)
+        return list(types) if types else ["full_attention"] * len(self.layers)
+
+
+@functools.lru_cache(maxsize=64)
+def _ids_on(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The token ids as a tensor on `device`, made once: the hooks ask on every prefill."""
+    return torch.tensor(ids, device=device)
+
+
+def bind(spec: Family, model: torch.nn.Module, vision_token_ids: Sequence[int] | None = None) -> FamilyAdapter:
+    """`spec` bound to `model`, with the decoder checked; explicit `vision_token_ids` override the config's."""
+    ids = tuple(int(i) for i in vision_token_ids) if vision_token_ids is not None else \
+        spec.vision_token_ids(model.config)
+    if not ids:
+        raise ValueError("vision_token_ids must name at least one token id")
+    try:
+        text_model = spec.decoder(model)
+    except (AttributeError, NotImplementedError):
+        text_model = None
+    if text_model is None or not isinstance(getattr(text_model, "layers", None), torch.nn.ModuleList):
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (model.get_decoder().layers)")
+    if not hasattr(text_model, "norm"):
+        raise ValueError(f"{type(text_model).__name__} has no final norm (`.norm`), which DART needs")
+    return FamilyAdapter(family=spec.name, text_model=text_model, vision_token_ids=ids, spec=spec)

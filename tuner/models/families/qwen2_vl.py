@@ -1,0 +1,111 @@
+"""Qwen2-VL (`Qwen2VLForConditionalGeneration`): dynamic resolution, 2x2-merged patches, 3-D M-RoPE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (
+    BatchFeature,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from tuner.models.families import register_family, tiny
+from tuner.models.families.base import Family
+
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# 14 px patches merged 2x2: one image token per 28x28 px; images are resized to multiples of 28.
+TINY_PATCH, TINY_MERGE = 14, 2
+
+
+class ImageOnlyProcessorMixin:
+    """A Qwen processor built without its video processor, for where torchvision cannot be installed.
+
+    Qwen processors carry a video processor that transformers only builds with torchvision, which cannot
+    be installed next to a CPU torch (see the README); pruning and evaluation use images only.
+    `ProcessorMixin` derives the sub-processors from the `__init__` signature, so leaving `video_processor`
+    out of it skips the class check that fails for `video_processor=None`, and `from_pretrained` loads just
+    the tokenizer and the image processor. The Qwen `__init__` passes a positional `None` for the video
+    processor on to `ProcessorMixin.__init__`, which zips positional arguments with the sub-processor names
+    and so drops it. Nothing in transformers is patched.
+    """
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen2VLProcessor(ImageOnlyProcessorMixin, Qwen2VLProcessor):
+    """Qwen2-VL processor for images only (see `ImageOnlyProcessorMixin`)."""
+
+
+class QwenFamily(Family):
+    """What the Qwen-VL families share: `<|image_pad|>` tokens, ChatML prompts, positions from the mask."""
+
+    vision_tokens = "`image_token_id` (and `video_token_id`), one per 2x2 merge of 14 px patches"
+    positions = "M-RoPE (t, h, w) from `image_grid_thw`"
+    positions_from_mask = True
+    reference_quota_rule = "qwen"
+    image_placeholder = "<|image_pad|>"
+    tiny_image_sizes = ((252, 196), (168, 140))
+
+    def fallback_prompt(self, text: str, n_images: int) -> str:
+        return f"<|im_start|>user\n{QWEN_IMAGE * n_images}{text}<|im_end|>\n<|im_start|>assistant\n"
+
+    def row_images(self, batch: BatchFeature, row: int) -> dict[str, torch.Tensor]:
+        """Patches are concatenated over images: row r's are the r-th block of `image_grid_thw` products."""
+        grid = batch["image_grid_thw"]
+        bounds = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)]).tolist()
+        return {"pixel_values": batch["pixel_values"][bounds[row]:bounds[row + 1]],
+                "image_grid_thw": grid[row:row + 1]}
+
+    # Tiny models -------------------------------------------------------------------------------------
+    def tiny_text_config(self, tokenizer: Any, layers: int) -> dict[str, Any]:
+        """Qwen text settings: the shared sizes with M-RoPE."""
+        return {**tiny.text_sizes(tokenizer, layers),
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                    "mrope_section": tiny.MROPE_SECTION}}
+
+    @staticmethod
+    def tiny_vision_ids(tokenizer: Any) -> dict[str, int]:
+        """Vision placeholder and delimiter ids in the tiny vocabulary."""
+        ids = tokenizer.convert_tokens_to_ids
+        return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+                "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
+
+    @staticmethod
+    def tiny_image_processor() -> Qwen2VLImageProcessorPil:
+        """Qwen image processor limited to 4..256 image tokens per image."""
+        unit = TINY_PATCH * TINY_MERGE
+        return Qwen2VLImageProcessorPil(min_pixels=4 * unit * unit, max_pixels=256 * unit * unit,
+                                        patch_size=TINY_PATCH, merge_size=TINY_MERGE, temporal_patch_size=2)
+
+
+@register_family
+class Qwen2VL(QwenFamily):
+    """Qwen2-VL."""
+
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    class_names = ("Qwen2VLForConditionalGeneration",)
+    image_only_processor = ImageOnlyQwen2VLProcessor
+    hub_id = "Qwen/Qwen2-VL-7B-Instruct"
+    search_space = "qwen2_vl.yaml"
+    special = "image tokens vary with resolution; kept tokens keep their (t, h, w) positions"
+
+    def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+        """Qwen2-VL with a two-block vision tower."""
+        config = Qwen2VLConfig(
+            text_config=self.tiny_text_config(tokenizer, layers),
+            vision_config={"depth": 2, "embed_dim": 64, "hidden_size": tiny.TEXT_HIDDEN, "num_heads": 4,
+                           "mlp_ratio": 2, "patch_size": TINY_PATCH, "spatial_merge_size": TINY_MERGE,
+                           "temporal_patch_size": 2},
+            **self.tiny_vision_ids(tokenizer),
+        )
+        processor = ImageOnlyQwen2VLProcessor(image_processor=self.tiny_image_processor(), tokenizer=tokenizer)
+        return Qwen2VLForConditionalGeneration(config), processor
