@@ -142,8 +142,12 @@ class Family:
 
     # -- published sizes ----------------------------------------------------------------------------
     def published_config(self) -> PretrainedConfig:
-        """The config of `hub_id` at its published size, built offline (random weights are never made)."""
+        """The config of `hub_id` at its published size, built offline from its published values."""
         raise NotImplementedError(f"family {self.name!r} has no published-size config")
+
+    def published_processor(self, tokenizer: Any) -> ProcessorMixin:
+        """A processor with `hub_id`'s image settings over `tokenizer` (which must know the family's tokens)."""
+        raise NotImplementedError(f"family {self.name!r} has no published-size processor")
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
