@@ -6,6 +6,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tuner.method_catalog import method_class
+
+PIVOT_ORDERS = ("reference", "rank", "position")  # how DART visits its pivots (DART.md §3)
+
 
 @dataclass(frozen=True)
 class PruningConfig:
@@ -29,10 +33,7 @@ class PruningConfig:
     require_vision: bool = True
 
     def __post_init__(self) -> None:
-        from tuner.pruning.dart import PIVOT_ORDERS  # imported here: tuner.pruning imports this module
-        from tuner.pruning.registry import get_method_class
-
-        method_cls = get_method_class(self.method)
+        method_cls = method_class(self.method)
         _check_int("layer", self.layer, low=1)
         if self.keep_ratio is not None and self.budget is not None:
             raise ValueError(f"give keep_ratio or budget, not both (got keep_ratio={self.keep_ratio}, "

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-PIVOT_ORDERS = ("reference", "rank", "position")
+from tuner.config import PIVOT_ORDERS
+
 PIVOT_METRICS = ("l1", "l2", "l1_min", "l2_min")
 QUOTA_RULES = ("llava15", "llava_next", "qwen")
 

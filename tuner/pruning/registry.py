@@ -1,22 +1,23 @@
-"""Method registry: maps a method name (a categorical search parameter) to its class."""
+"""Method registry: maps a method name (a categorical search parameter) to its class.
+
+The names live in `tuner.method_catalog`, which `PruningConfig` validates against without importing torch;
+this module is its typed face for method classes.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from tuner.method_catalog import add_method, method_class, method_names
 from tuner.pruning.base import PruningMethod
-
-_METHODS: dict[str, type[PruningMethod]] = {}
 
 
 def register_method(name: str) -> Callable[[type[PruningMethod]], type[PruningMethod]]:
-    """Class decorator that makes a method available under `name`."""
+    """Class decorator that makes a method available under `name` (and checks configs with its `validate`)."""
 
     def decorate(cls: type[PruningMethod]) -> type[PruningMethod]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"pruning method {name!r} is already registered by {_METHODS[name].__name__}")
+        add_method(name, cls)
         cls.name = name
-        _METHODS[name] = cls
         return cls
 
     return decorate
@@ -24,19 +25,9 @@ def register_method(name: str) -> Callable[[type[PruningMethod]], type[PruningMe
 
 def available_methods() -> tuple[str, ...]:
     """Names of all registered methods, sorted."""
-    _load_builtin_methods()
-    return tuple(sorted(_METHODS))
+    return method_names()
 
 
 def get_method_class(name: str) -> type[PruningMethod]:
     """The class registered under `name`, or a ValueError listing the known ones."""
-    _load_builtin_methods()
-    try:
-        return _METHODS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(sorted(_METHODS))}") from None
-
-
-def _load_builtin_methods() -> None:
-    """Import the bundled methods so their decorators run (once; imports are cached)."""
-    import tuner.pruning.methods  # noqa: F401
+    return method_class(name)
