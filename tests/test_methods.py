@@ -8,7 +8,7 @@ import tiny_vlms
 import tuner
 from conftest import Loader
 from tuner.models.attention import resolve_attn_implementation
-from tuner.pruning import get_method_class
+from tuner.pruning import PruningMethod, get_method_class, register_method
 from tuner.pruning.base import SelectionContext
 
 
@@ -122,6 +122,23 @@ def test_dart_reference_quota_rules_through_the_config(rule, kwargs, expected):
 def test_bad_configs_name_the_culprit(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tuner.PruningConfig(**kwargs)
+
+
+def test_a_method_registered_later_validates_configs_at_construction():
+    @register_method("test_even_budget")
+    class EvenBudget(PruningMethod):
+        @classmethod
+        def validate(cls, config):
+            super().validate(config)
+            if config.budget is not None and config.budget % 2:
+                raise ValueError(f"{cls.name} needs an even budget")
+
+    assert "test_even_budget" in tuner.available_methods() and get_method_class("test_even_budget") is EvenBudget
+    tuner.PruningConfig(method="test_even_budget", budget=4)
+    with pytest.raises(ValueError, match="test_even_budget needs an even budget"):
+        tuner.PruningConfig(method="test_even_budget", budget=3)
+    with pytest.raises(ValueError, match="'test_even_budget' is already registered by EvenBudget"):
+        register_method("test_even_budget")(type("Other", (PruningMethod,), {}))
 
 
 def test_options_that_fix_the_amount_need_no_keep_ratio():
