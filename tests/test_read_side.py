@@ -4,6 +4,7 @@ without the `eval` extra."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import dashboard_study
 
-APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+REPO = Path(__file__).resolve().parent.parent
+APP = REPO / "dashboard" / "app.py"
 
 # Run first in the child: any import of lmms_eval or tuner.evaluation fails as a missing module would.
 _BLOCK = """
@@ -30,8 +32,10 @@ sys.meta_path.insert(0, _NoEvaluationStack())
 def _run_without_evaluation(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     script = tmp_path / "child.py"
     script.write_text(_BLOCK + textwrap.dedent(code))
+    # The child runs in tmp_path, so put this checkout's `tuner` first, not whichever one is installed.
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": path})
 
 
 def test_studies_export_and_dashboard_need_no_evaluation_stack(tmp_path: Path) -> None:
@@ -74,3 +78,18 @@ def test_the_blocker_really_blocks(tmp_path: Path) -> None:
         import tuner.study
     """, tmp_path)
     assert result.returncode != 0 and "blocked: the read side must not need it" in result.stderr
+
+
+def test_the_read_side_and_config_import_no_torch(tmp_path: Path) -> None:
+    """Importing config, results, export and the dashboard's data loads neither torch nor the pruning package
+    (a config imports its method only when one is built)."""
+    result = _run_without_evaluation("""
+        import tuner.config
+        heavy = [n for n in sys.modules if n == "torch" or n.startswith(("torch.", "tuner.pruning"))]
+        assert not heavy, ("tuner.config", heavy)
+        import tuner.dashboard_data, tuner.export, tuner.results
+        heavy = [n for n in sys.modules if n == "torch" or n.startswith(("torch.", "tuner.pruning"))]
+        assert not heavy, ("read side", heavy)
+        print("light OK")
+    """, tmp_path)
+    assert result.returncode == 0 and "light OK" in result.stdout, result.stdout + result.stderr

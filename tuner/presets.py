@@ -16,14 +16,16 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from tuner.config import PruningConfig
 from tuner.errors import DartTunerError
 from tuner.yaml_files import read_yaml
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 _TOP_LEVEL_KEYS = {"schema_version", "config", "metrics", "provenance"}
