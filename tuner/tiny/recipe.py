@@ -44,5 +44,6 @@ class TrainConfig:
     init_from: str | None = None  # continue from this checkpoint's weights (a new optimizer and schedule)
     first_image: int = 0  # index of the first training scene; a continued run starts after the images seen
     bf16: bool = True  # bfloat16 autocast (fp32 weights and optimizer): 1.3x faster on AVX512-BF16 CPUs
-    guidance: float = 1.0  # weight of the attention-guidance loss at the first full-attention layer (`train.guidance_loss`)
+    # weight of the attention-guidance loss at the first full-attention layer (`train.guidance_loss`)
+    guidance: float = 1.0
     guidance_steps: int = 1200  # the guidance weight falls linearly to 0 over these steps
