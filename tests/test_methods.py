@@ -218,3 +218,29 @@ def test_attention_implementation_choice():
         resolve_attn_implementation("flash_attention_2", device="cpu")
     with pytest.raises(ValueError, match="must be one of"):
         resolve_attn_implementation("flash", device="cpu")
+
+
+@pytest.mark.parametrize("family, explicit", [("llava", "llava15"), ("qwen2_vl", "qwen")])
+def test_dart_family_quota_rule_is_the_families_reference_rule(family, explicit, loaded):
+    model, processor = loaded(family, "sdpa")
+    inputs = tiny_vlms.make_inputs(family, processor, batch=2)
+    kept = {}
+    for rule in ("family", explicit):
+        config = tuner.PruningConfig(method="dart", layer=2, keep_ratio=0.5,
+                                     options={"quota_rule": rule, "max_num_trunction": 16})
+        with tuner.apply_pruning(model, config) as handle, torch.no_grad():
+            model(**inputs)
+        kept[rule] = [k.tolist() for k in handle.last_kept]
+    assert kept["family"] == kept[explicit]
+
+
+def test_dart_family_quota_rule_fails_before_compute_where_it_cannot_resolve(loaded):
+    model, _ = loaded("qwen2_vl", "sdpa")
+    with pytest.raises(ValueError, match="quota_rule 'qwen' derives the quota from keep_ratio"):
+        tuner.apply_pruning(model, tuner.PruningConfig(method="dart", options={"quota_rule": "family"}))
+    assert not getattr(model, "_dart_tuner_handle", None)
+    text_model = model.get_decoder()
+    with pytest.raises(ValueError, match="custom family has no reference quota rule"):
+        tuner.apply_pruning(text_model, tuner.PruningConfig(method="dart", keep_ratio=0.5,
+                                                            options={"quota_rule": "family"}),
+                            vision_token_ids=[model.config.image_token_id])

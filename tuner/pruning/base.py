@@ -69,6 +69,9 @@ class PruningMethod:
         """Whether this config must say how much to keep (some options fix the amount themselves)."""
         return cls.needs_amount
 
+    def bind_family(self, family: Any) -> None:
+        """Settle anything that depends on the model family (a `tuner.models.families.Family`), before any compute."""
+
     def select(self, ctx: SelectionContext) -> Selection:
         """Choose the vision tokens to keep in every row."""
         raise NotImplementedError

@@ -76,6 +76,7 @@ class PruningHandle:
         self.config = config
         self.adapter = adapter
         self.method = get_method_class(config.method)(config)
+        self.method.bind_family(adapter.spec)
         self.last_kept: list[torch.Tensor] = []
         self.requests: list[RequestStats] = []
         self._layer_types = adapter.layer_types

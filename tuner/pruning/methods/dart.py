@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,13 +14,17 @@ if TYPE_CHECKING:
     from tuner.config import PruningConfig
 
 
+FAMILY_RULE = "family"  # quota_rule value: the loaded model family's reference rule
+
+
 @register_method("dart")
 class DART(PruningMethod):
     """Keeps the vision tokens least similar to a few key-norm pivots; duplication over importance.
 
     Options: `pivot_metric` (l1 | l2 | l1_min | l2_min), and for the official code's counts either a fixed
-    `quota` per pivot or a `quota_rule` (llava15 | llava_next | qwen) with `max_num_trunction` and
-    `retain_tokens` as in the reference. Without them, exactly the config's budget is kept.
+    `quota` per pivot or a `quota_rule` (llava15 | llava_next | qwen, or `family`: the model family's own,
+    `Family.reference_quota_rule`) with `max_num_trunction` and `retain_tokens` as in the reference.
+    Without them, exactly the config's budget is kept.
     """
 
     needs_keys = True
@@ -47,10 +51,19 @@ class DART(PruningMethod):
             raise ValueError(f"dart option quota must be an int >= 0, got {quota!r}")
         rule = options.get("quota_rule")
         if rule is not None:
-            _check_option("quota_rule", rule, QUOTA_RULES)
-            ratio_needed = rule == "qwen" or (rule == "llava15" and options.get("max_num_trunction", 128) is None)
-            if ratio_needed and config.keep_ratio is None:
-                raise ValueError(f"dart quota_rule {rule!r} derives the quota from keep_ratio; set keep_ratio")
+            _check_option("quota_rule", rule, (*QUOTA_RULES, FAMILY_RULE))
+            _check_ratio(rule, config)
+
+    def bind_family(self, family: Any) -> None:
+        """Resolve `quota_rule: family` to the family's reference rule (an error if it has none)."""
+        if self.options["quota_rule"] != FAMILY_RULE:
+            return
+        rule = family.reference_quota_rule
+        if rule is None:
+            raise ValueError(f"dart quota_rule 'family': the {family.name} family has no reference quota rule; "
+                             f"give one of {QUOTA_RULES}")
+        _check_ratio(rule, self.config)
+        self.options["quota_rule"] = rule
 
     def select(self, ctx: SelectionContext) -> Selection:
         with torch.no_grad():
@@ -79,6 +92,13 @@ class DART(PruningMethod):
 def _reference_mode(options: dict) -> bool:
     """Whether the options ask for the official code's per-pivot quotas instead of an exact budget."""
     return options.get("quota") is not None or options.get("quota_rule") is not None
+
+
+def _check_ratio(rule: str, config: PruningConfig) -> None:
+    """The rules that derive the quota from keep_ratio need one."""
+    ratio_needed = rule == "qwen" or (rule == "llava15" and config.options.get("max_num_trunction", 128) is None)
+    if ratio_needed and config.keep_ratio is None:
+        raise ValueError(f"dart quota_rule {rule!r} derives the quota from keep_ratio; set keep_ratio")
 
 
 def _check_option(name: str, value: object, allowed: tuple[str, ...]) -> None:
