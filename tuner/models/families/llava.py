@@ -10,6 +10,13 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from tuner.models.families import register_family, tiny
 from tuner.models.families.base import Family
 
+# CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-1.5 and LLaVA-NeXT (their config.json "vision_config").
+CLIP_L336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+             "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+             "projection_dim": 768}
+# Their processor_config.json: 24x24 patches + the CLS token, which the "default" strategy drops.
+CLIP_L336_PROCESSOR = {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+
 
 @register_family
 class Llava(Family):
@@ -39,3 +46,18 @@ class Llava(Family):
         processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                    **tiny.llava_processor_kwargs())
         return LlavaForConditionalGeneration(config), processor
+
+    def published_config(self) -> LlavaConfig:
+        """llava-hf/llava-1.5-7b-hf: Vicuna-7B v1.5 (Llama-2 7B sizes) behind CLIP ViT-L/14-336."""
+        return LlavaConfig(
+            text_config={"model_type": "llama", "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008,
+                         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "pad_token_id": 32001},
+            vision_config=CLIP_L336, image_token_index=32000, image_seq_length=576, projector_hidden_act="gelu",
+            vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False,
+        )
+
+    def published_processor(self, tokenizer: Any) -> LlavaProcessor:
+        """One 336 px center crop (shortest edge resized to 336)."""
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+        return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, **CLIP_L336_PROCESSOR)

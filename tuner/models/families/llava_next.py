@@ -15,9 +15,12 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 
 from tuner.models.families import register_family, tiny
 from tuner.models.families.base import Family
+from tuner.models.families.llava import CLIP_L336, CLIP_L336_PROCESSOR
 
 # Anyres grids ([height, width]) of the tiny model: a base crop plus two high-res crops per image.
 _TINY_GRID_PINPOINTS = [[112, 224], [224, 112]]
+# llava-v1.6 checkpoints: a 336 px base crop plus 2-4 tiles of 336 px.
+_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
 @register_family
@@ -49,3 +52,23 @@ class LlavaNext(Family):
         processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                        **tiny.llava_processor_kwargs())
         return LlavaNextForConditionalGeneration(config), processor
+
+    def published_config(self) -> LlavaNextConfig:
+        """llava-hf/llava-v1.6-mistral-7b-hf: Mistral-7B-Instruct v0.2 behind CLIP ViT-L/14-336."""
+        return LlavaNextConfig(
+            text_config={"model_type": "mistral", "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 14336,
+                         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                         "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                         "sliding_window": None},
+            vision_config=CLIP_L336, image_token_index=32000, image_grid_pinpoints=_GRID_PINPOINTS,
+            projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+            use_image_newline_parameter=True, tie_word_embeddings=False,
+        )
+
+    def published_processor(self, tokenizer: Any) -> LlavaNextProcessor:
+        """336 px base crop and anyres tiles over the published pinpoints, padded."""
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+            image_grid_pinpoints=_GRID_PINPOINTS, do_pad=True,
+        )
+        return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, **CLIP_L336_PROCESSOR)

@@ -13,7 +13,14 @@ from transformers import (
 )
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.qwen2_vl import TINY_MERGE, TINY_PATCH, ImageOnlyProcessorMixin, QwenFamily
+from tuner.models.families.qwen2_vl import (
+    QWEN_7B_TEXT,
+    QWEN_IDS,
+    TINY_MERGE,
+    TINY_PATCH,
+    ImageOnlyProcessorMixin,
+    QwenFamily,
+)
 
 
 class ImageOnlyQwen2_5_VLProcessor(ImageOnlyProcessorMixin, Qwen2_5_VLProcessor):
@@ -44,3 +51,14 @@ class Qwen2_5_VL(QwenFamily):
         )
         processor = ImageOnlyQwen2_5_VLProcessor(image_processor=self.tiny_image_processor(), tokenizer=tokenizer)
         return Qwen2_5_VLForConditionalGeneration(config), processor
+
+    def published_config(self) -> Qwen2_5_VLConfig:
+        """Qwen/Qwen2.5-VL-7B-Instruct: 32 SwiGLU ViT blocks, windowed except blocks 7, 15, 23, 31."""
+        return Qwen2_5_VLConfig(
+            text_config={**QWEN_7B_TEXT, "max_position_embeddings": 128000},
+            vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                           "out_hidden_size": 3584, "hidden_act": "silu", "patch_size": 14, "spatial_merge_size": 2,
+                           "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                           "tokens_per_second": 2},
+            **QWEN_IDS,
+        )

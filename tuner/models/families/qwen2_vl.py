@@ -21,6 +21,13 @@ from tuner.models.families.base import Family
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # 14 px patches merged 2x2: one image token per 28x28 px; images are resized to multiples of 28.
 TINY_PATCH, TINY_MERGE = 14, 2
+# The 7B checkpoints' text model (config.json; Qwen2-7B sizes) and vision token ids.
+QWEN_7B_TEXT = {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                "num_attention_heads": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "use_sliding_window": False,
+                "max_window_layers": 28, "bos_token_id": 151643, "eos_token_id": 151645,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
+QWEN_IDS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+            "vision_end_token_id": 151653}
 
 
 class ImageOnlyProcessorMixin:
@@ -85,6 +92,13 @@ class QwenFamily(Family):
         return Qwen2VLImageProcessorPil(min_pixels=4 * unit * unit, max_pixels=256 * unit * unit,
                                         patch_size=TINY_PATCH, merge_size=TINY_MERGE, temporal_patch_size=2)
 
+    # Published sizes ---------------------------------------------------------------------------------
+    def published_processor(self, tokenizer: Any) -> ProcessorMixin:
+        """preprocessor_config.json of the 7B checkpoints: 4..16384 tokens of 28x28 px per image."""
+        image_processor = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056, patch_size=14, merge_size=2,
+                                                   temporal_patch_size=2)
+        return self.image_only_processor(image_processor=image_processor, tokenizer=tokenizer)
+
 
 @register_family
 class Qwen2VL(QwenFamily):
@@ -109,3 +123,12 @@ class Qwen2VL(QwenFamily):
         )
         processor = ImageOnlyQwen2VLProcessor(image_processor=self.tiny_image_processor(), tokenizer=tokenizer)
         return Qwen2VLForConditionalGeneration(config), processor
+
+    def published_config(self) -> Qwen2VLConfig:
+        """Qwen/Qwen2-VL-7B-Instruct: a 675M-parameter ViT (32 blocks of 1280) merged 2x2 into Qwen2-7B."""
+        return Qwen2VLConfig(
+            text_config={**QWEN_7B_TEXT, "max_position_embeddings": 32768},
+            vision_config={"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16, "mlp_ratio": 4,
+                           "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+            **QWEN_IDS,
+        )
