@@ -66,6 +66,32 @@ def test_fastv_keeps_the_most_attended_vision_tokens():
     assert kept.tolist() == vision[[2, 5, 7]].tolist()
 
 
+@pytest.mark.parametrize("alpha, budget, expected", [
+    (1.0, 2, [0, 3]),  # plain FastV: the two most attended
+    (0.6, 2, [0, 3]),  # scores 0.6, 0.35, 0.4, 0.5086
+    (0.3, 3, [1, 2, 3]),  # scores 0.3, 0.425, 0.7, 0.3275: v0, attended most, is dropped
+    (0.0, 2, [1, 2]),  # pure uniqueness: the least similar to the last token
+])
+def test_fastv_alpha_mixes_min_max_normalised_importance_and_uniqueness(alpha, budget, expected):
+    """Hand-worked: attention 0.8, 0.2, 0, 0.6 -> 1, 0.25, 0, 0.75; the last token's state is (1, 0), so
+    -cos of (1, 0), (0, 1), (-1, 0), (1, 1) is -1, 0, 1, -0.7071 -> 0, 0.5, 1, 0.1464."""
+    ctx = context(n_vision=(4,), hidden_size=2, budgets=[budget])
+    vision = ctx.vision_positions(0)
+    ctx.hidden_states[0, vision] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0]])
+    ctx.hidden_states[0, -1] = torch.tensor([1.0, 0.0])
+    attention = torch.zeros(1, 2, ctx.vision_mask.shape[1])
+    attention[0, :, vision] = torch.tensor([0.8, 0.2, 0.0, 0.6])
+    ctx.last_row_attention = attention
+    (kept,) = select("fastv", ctx, options={"alpha": alpha}).kept_vision
+    assert kept.tolist() == vision[expected].tolist()
+
+
+@pytest.mark.parametrize("alpha", (-0.1, 1.5, float("nan"), "high", True))
+def test_fastv_alpha_outside_0_1_is_refused(alpha):
+    with pytest.raises(ValueError, match="fastv option alpha must be a number in \\[0, 1\\]"):
+        tuner.PruningConfig(method="fastv", keep_ratio=0.5, options={"alpha": alpha})
+
+
 def test_avgpool_pools_square_grids_in_2x2_windows():
     ctx = context(n_vision=(16,), budgets=[4])
     selection = select("avgpool", ctx)

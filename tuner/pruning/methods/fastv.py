@@ -1,6 +1,17 @@
-"""`fastv`: the vision tokens the last prompt token attends to most at layer K-1 (Chen et al., 2024)."""
+"""`fastv`: the vision tokens the last prompt token attends to most at layer K-1 (Chen et al., 2024).
+
+With `alpha` < 1 it becomes the importance/duplication mix of the DART companion analysis (Wen et al., 2025,
+arXiv 2502.11501): score = alpha * importance + (1 - alpha) * uniqueness, both min-max normalised over a row's
+vision tokens, where importance is FastV's attention and uniqueness the negative cosine similarity to the
+last token. Perception tasks preferred alpha near 0-0.1 there, knowledge tasks near 0.8-0.9.
+"""
 
 from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
 
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
@@ -10,16 +21,45 @@ from tuner.pruning.registry import register_method
 class FastV(PruningMethod):
     """Top-`budget` vision tokens by layer K-1 attention from the last prompt token, averaged over heads.
 
-    The attention row is captured for layer K-1 only, so the model keeps its sdpa / flash kernels.
+    The attention row is captured for layer K-1 only, so the model keeps its sdpa / flash kernels. Option
+    `alpha` in [0, 1] (default 1: plain FastV) mixes in uniqueness, measured on the hidden states entering
+    layer K; 0 keeps the vision tokens least similar to the last token.
     """
 
     needs_last_row_attention = True
+    option_defaults = {"alpha": 1.0}
+
+    @classmethod
+    def validate(cls, config) -> None:
+        super().validate(config)
+        alpha = config.options.get("alpha", 1.0)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+                or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"fastv option alpha must be a number in [0, 1], got {alpha!r}")
 
     def select(self, ctx: SelectionContext) -> Selection:
         scores = ctx.last_row_attention.float().mean(1)  # [B, N]
+        alpha = float(self.options["alpha"])
         kept = []
         for row, budget in enumerate(ctx.budgets):
             vision = ctx.vision_positions(row)
-            top = scores[row, vision].topk(budget).indices
+            if alpha == 1.0:
+                top = scores[row, vision].topk(budget).indices
+            else:
+                mixed = mix_scores(scores[row, vision], ctx.hidden_states[row, vision], ctx.hidden_states[row, -1],
+                                   alpha)
+                top = torch.sort(mixed, descending=True, stable=True).indices[:budget]
             kept.append(vision[top].sort().values)
         return Selection(kept)
+
+
+def mix_scores(attention: torch.Tensor, states: torch.Tensor, last: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * minmax(attention) + (1 - alpha) * minmax(-cos(states, last)), over one row's vision tokens."""
+    uniqueness = -F.cosine_similarity(states.float(), last.float()[None], dim=-1)
+    return alpha * _min_max(attention.float()) + (1 - alpha) * _min_max(uniqueness)
+
+
+def _min_max(values: torch.Tensor) -> torch.Tensor:
+    """Scaled to [0, 1]; a constant vector is all zeros (it cannot rank anything)."""
+    low, high = values.min(), values.max()
+    return torch.zeros_like(values) if high == low else (values - low) / (high - low)
