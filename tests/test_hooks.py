@@ -102,7 +102,7 @@ def test_pruned_prefill_equals_manual_recomputation(family, attn, loaded: Loader
     text_model = model.get_decoder()
     seen = {}
     hooks = [
-        text_model.register_forward_pre_hook(lambda m, a, kw: seen.update(pos=kw.get("position_ids")),
+        text_model.register_forward_pre_hook(lambda m, a, kw: seen.update(pos=kw.get("position_ids"), kwargs=kw),
                                              with_kwargs=True),
         text_model.layers[K].register_forward_pre_hook(lambda m, a, kw: seen.update(hidden=a[0] if a else
                                                                                       kw["hidden_states"]),
@@ -131,8 +131,10 @@ def test_pruned_prefill_equals_manual_recomputation(family, attn, loaded: Loader
         layer_types = getattr(text_model.config, "layer_types", None) or ["full_attention"] * len(text_model.layers)
         masks = {kind: build_mask(kind, config=text_model.config, inputs_embeds=hidden, attention_mask=None,
                                   cache=None, layer_idx=0) for kind in set(layer_types)}
-        for layer, kind in zip(text_model.layers[K:], layer_types[K:]):
+        family = adapter_for(model).spec
+        for index, (layer, kind) in enumerate(zip(text_model.layers[K:], layer_types[K:]), start=K):
             hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary, position_ids=None)
+            hidden = family.reference_after_layer(text_model, index, hidden, seen["kwargs"], kept)
         manual = model.lm_head(text_model.norm(hidden))
     torch.testing.assert_close(pruned, manual, rtol=0, atol=ATOL)
 

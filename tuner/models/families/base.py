@@ -124,6 +124,11 @@ class Family:
         """A tiny random-weight model of this family and its processor over `tokenizer` (tests)."""
         raise NotImplementedError(f"family {self.name!r} has no tiny test model")
 
+    def reference_after_layer(self, text_model: torch.nn.Module, index: int, hidden: torch.Tensor,
+                              text_kwargs: dict[str, Any], kept: torch.Tensor) -> torch.Tensor:
+        """Tests' hand-run: what the text model adds after layer `index` beyond it, at row 0's kept positions."""
+        return hidden
+
     def row_images(self, batch: BatchFeature, row: int) -> dict[str, torch.Tensor]:
         """The image inputs of batch row `row` alone (each row holds one image)."""
         out = {"pixel_values": batch["pixel_values"][row:row + 1]}
