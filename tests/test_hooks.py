@@ -209,12 +209,16 @@ def test_plain_forward_left_padded_batch_equals_rows_alone(family, attn, method,
 
 
 def _reference_states(model, inputs):
-    """Unhooked run: layer K-1 output and its post-RoPE keys, recomputed from k_proj and the rotary tables."""
+    """Unhooked run: layer K-1 output and its post-RoPE keys, recomputed from k_proj and the rotary tables.
+
+    Attention that normalises its keys before RoPE (`k_norm`: Qwen3, Gemma 3) is read after the norm.
+    """
     text_model = model.get_decoder()
     attention = text_model.layers[K - 1].self_attn
+    key_source = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
     seen = {}
     hooks = [
-        attention.k_proj.register_forward_hook(lambda m, a, out: seen.update(k=out)),
+        key_source.register_forward_hook(lambda m, a, out: seen.update(k=out)),
         text_model.layers[K - 1].register_forward_pre_hook(
             lambda m, a, kw: seen.update(rotary=kw["position_embeddings"]), with_kwargs=True),
         text_model.layers[K].register_forward_pre_hook(
@@ -224,8 +228,8 @@ def _reference_states(model, inputs):
         model(**inputs)
     for hook in hooks:
         hook.remove()
-    batch, length, _ = seen["k"].shape
-    keys = seen["k"].view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    batch, length = seen["k"].shape[:2]
+    keys = seen["k"].reshape(batch, length, -1, attention.head_dim).transpose(1, 2)
     rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
     keys = rotate(keys, keys, *seen["rotary"])[1]
     return seen["hidden"], keys.transpose(1, 2).reshape(batch, length, -1)
