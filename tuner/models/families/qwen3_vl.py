@@ -153,9 +153,9 @@ class Qwen3VL(QwenFamily):
     @staticmethod
     def tiny_image_processor() -> Qwen2VLImageProcessorPil:
         """Qwen3-VL image processor limited to 4..256 image tokens per image."""
-        unit = PATCH * MERGE
+        pixels = (PATCH * MERGE) ** 2
         return Qwen2VLImageProcessorPil(**{**PUBLISHED_IMAGE_PROCESSOR,
-                                           "size": {"shortest_edge": 4 * unit * unit, "longest_edge": 256 * unit * unit}})
+                                           "size": {"shortest_edge": 4 * pixels, "longest_edge": 256 * pixels}})
 
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
         """Qwen3-VL with a three-block vision tower and three DeepStack entries."""
