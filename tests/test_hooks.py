@@ -1,5 +1,6 @@
 """Properties the hook mechanics must hold on every family and attention implementation (DART.md §6)."""
 
+import inspect
 import sys
 
 import pytest
@@ -8,11 +9,11 @@ import torch
 import tiny_vlms
 import tuner
 from conftest import Loader
-from tuner.models.families import adapter_for
+from tuner.models.families import PrunedPrefill, adapter_for
 from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.dart import dart_select
-from tuner.transformers_compat import build_mask, positions_from_mask
+from tuner.transformers_compat import positions_from_mask
 
 ATTN = ("sdpa", "eager")
 K = 2
@@ -125,16 +126,23 @@ def test_pruned_prefill_equals_manual_recomputation(family, attn, loaded: Loader
         positions = positions[-3:][:, :, kept]
     else:
         positions = positions[:, kept]
+    # The family's per-token mask state (Gemma 3's image blocks), noted on the full prompt, at the kept positions.
+    spec = adapter_for(model).spec
+    state = spec.prompt_state(dict(inputs), inputs["input_ids"])
+    kept_state = None if state is None else spec.gather_state(state, PrunedPrefill(
+        gather_index=kept[None], valid=torch.ones(1, kept.numel(), dtype=torch.bool), length=n_tokens))
     with torch.no_grad():
         hidden = seen["hidden"][:, kept]
-        rotary = text_model.rotary_emb(hidden, positions)
         layer_types = getattr(text_model.config, "layer_types", None) or ["full_attention"] * len(text_model.layers)
-        masks = {kind: build_mask(kind, config=text_model.config, inputs_embeds=hidden, attention_mask=None,
-                                  cache=None, layer_idx=0) for kind in set(layer_types)}
-        family = adapter_for(model).spec
+        # Rotary tables per layer type where the model has several (Gemma 3: one RoPE base per type).
+        per_type = "layer_type" in inspect.signature(text_model.rotary_emb.forward).parameters
+        rotary = {kind: text_model.rotary_emb(hidden, positions, **({"layer_type": kind} if per_type else {}))
+                  for kind in set(layer_types)}
+        masks = {kind: spec.layer_mask(kind, config=text_model.config, hidden=hidden, mask_2d=None, cache=None,
+                                       layer_idx=0, kept_state=kept_state) for kind in set(layer_types)}
         for index, (layer, kind) in enumerate(zip(text_model.layers[K:], layer_types[K:]), start=K):
-            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary, position_ids=None)
-            hidden = family.reference_after_layer(text_model, index, hidden, seen["kwargs"], kept)
+            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary[kind], position_ids=None)
+            hidden = spec.reference_after_layer(text_model, index, hidden, seen["kwargs"], kept)
         manual = model.lm_head(text_model.norm(hidden))
     torch.testing.assert_close(pruned, manual, rtol=0, atol=ATOL)
 
