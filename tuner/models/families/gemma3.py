@@ -70,7 +70,8 @@ class Gemma3(Family):
     name = "gemma3"
     model_types = ("gemma3",)
     class_names = ("Gemma3ForConditionalGeneration",)
-    vision_tokens = "`image_token_id` (`<image_soft_token>`), 256 per image between `<start_of_image>` and `<end_of_image>`"
+    vision_tokens = ("`image_token_id` (`<image_soft_token>`), 256 per image between `<start_of_image>` and "
+                     "`<end_of_image>`")
     positions = "1-D RoPE, two bases (local 10k on sliding layers, global 1M)"
     image_placeholder = IMAGE_TOKENS["boi_token"]
     hub_id = "google/gemma-3-4b-it"
