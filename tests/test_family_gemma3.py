@@ -8,6 +8,7 @@ above K, and both kinds below K hold the whole prompt in the cache when the prun
 
 import pytest
 import torch
+from tokenizers.processors import TemplateProcessing
 from transformers import DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
@@ -19,6 +20,7 @@ from tuner.cost import TextDims, layer_flops, prefill_flops
 from tuner.evaluation.inputs import build_inputs
 from tuner.models import load_model
 from tuner.models.families import adapter_for, get_family
+from tuner.models.prompts import build_prompt
 from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 from tuner.transformers_compat import positions_from_mask
 
@@ -247,3 +249,27 @@ def test_cost_counts_the_sliding_window_layers():
         2 * dims.hidden * dims.vocab
     assert prefill_flops(dims, n) < prefill_flops(full, n)
     assert prefill_flops(dims, 1000) == prefill_flops(full, 1000)  # under the window nothing differs
+
+
+# A Gemma-style chat template: it writes the BOS token itself, as google/gemma-3-*-it's does.
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\\n' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{{ '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def test_chat_template_prompts_get_one_bos():
+    """Gemma's template writes `<bos>` and its tokenizer adds one too: the prompt must tokenize to a single one."""
+    tokenizer = get_family(FAMILY).published_processor(tiny_vlms._make_tokenizer()).tokenizer
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    processor = get_family(FAMILY).published_processor(tokenizer)
+    processor.chat_template = _GEMMA_TEMPLATE
+    prompt = build_prompt(processor, FAMILY, "What is it?", 1)
+    assert prompt.startswith("<start_of_turn>user\n<start_of_image>What is it?")
+    ids = processor(text=[prompt], images=[[tiny_vlms._make_image(64, 64, 0)]], return_tensors="pt")["input_ids"][0]
+    assert ids[0] == bos and int((ids == bos).sum()) == 1
+    tokenizer.backend_tokenizer.post_processor = None  # a tokenizer that adds no BOS keeps the template's
+    assert build_prompt(processor, FAMILY, "What is it?", 1).startswith("<s><start_of_turn>user\n")
