@@ -160,17 +160,22 @@ def test_kept_image_tokens_see_each_other_both_ways_in_every_layer_type(attn, lo
 
 
 @pytest.mark.parametrize("attn", ATTN)
-def test_static_cache_agrees_with_dynamic_cache(attn, loaded: Loader):
-    """A static cache sizes the full layers' masks to its capacity, so the kept image blocks are padded to it."""
+def test_static_cache_and_beam_search_agree_with_dynamic_cache(attn, loaded: Loader):
+    """A static cache sizes the full layers' masks to its capacity, so the kept image blocks are padded to it;
+    beam search expands `token_type_ids` with the prompt, and each beam keeps its prompt's set."""
     model, processor = loaded(FAMILY, attn)
     inputs = tiny_vlms.make_inputs(FAMILY, processor, batch=2)
-    with tuner.apply_pruning(model, tuner.PruningConfig(method="dart", layer=K, keep_ratio=0.3)):
+    with tuner.apply_pruning(model, tuner.PruningConfig(method="dart", layer=K, keep_ratio=0.3)) as handle:
         tokens, logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
         with torch.no_grad():
             static = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                                     cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+            beams = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                   num_beams=2)
     assert torch.equal(static.sequences[:, inputs["input_ids"].shape[1]:], tokens)
     torch.testing.assert_close(torch.stack(static.logits, 1), logits, rtol=0, atol=ATOL)
+    assert beams.shape == (2, inputs["input_ids"].shape[1] + NEW_TOKENS)
+    assert handle.requests[-1].n_kept_vision == [n for n in handle.requests[0].n_kept_vision for _ in range(2)]
 
 
 @pytest.mark.parametrize("cache_kind", ("dynamic", "static"))
