@@ -75,3 +75,25 @@ def test_sliding_window_layers_count_the_key_pairs_transformers_masks_allow():
     per_pair = 2 * 2 * dims.heads * dims.head_dim
     assert layer_flops(dims, n) - layer_flops(dims, n, window=4) == per_pair * (n * (n + 1) // 2 - allowed)
     assert prefill_flops(dims, n) == (2 * layer_flops(dims, n, 4) + layer_flops(dims, n) + 2 * 32 * 10)
+
+
+def test_sliding_window_layers_hold_what_transformers_sliding_cache_keeps():
+    """After a prefill, a sliding layer's cache holds its last W - 1 tokens: read off a real DynamicCache."""
+    from transformers import DynamicCache, Qwen2Config, Qwen2Model
+
+    from tuner.transformers_compat import CACHE_KWARG, cache_from_output
+
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=10, use_sliding_window=True, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    dims = TextDims.from_config(config)
+    n = 11
+    with torch.no_grad():
+        output = Qwen2Model(config).eval()(input_ids=torch.zeros(1, n, dtype=torch.long), use_cache=True,
+                                           **{CACHE_KWARG: DynamicCache(config=config)})
+    cache = cache_from_output(output)
+    held = sum(layer.keys.shape[-2] for layer in cache.layers)
+    per_token = 2 * dims.kv_heads * dims.head_dim * 2
+    assert held == 3 + n + 3
+    assert kv_cache_bytes(dims, n) == per_token * held
+    assert kv_cache_bytes(dims, n, kept_tokens=2, layer=1) == per_token * (3 + 2 + 2)

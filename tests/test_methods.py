@@ -244,6 +244,11 @@ def test_attention_implementation_choice():
         resolve_attn_implementation("flash_attention_2", device="cpu")
     with pytest.raises(ValueError, match="must be one of"):
         resolve_attn_implementation("flash", device="cpu")
+    from transformers import Gemma3ForConditionalGeneration
+
+    with pytest.raises(ValueError, match="Gemma3ForConditionalGeneration does not support it"):
+        resolve_attn_implementation("flash_attention_2", device="cpu", model_class=Gemma3ForConditionalGeneration)
+    assert resolve_attn_implementation("auto", device="cpu", model_class=Gemma3ForConditionalGeneration) == "sdpa"
 
 
 @pytest.mark.parametrize("family, explicit", [("llava", "llava15"), ("qwen2_vl", "qwen")])

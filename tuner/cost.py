@@ -73,11 +73,18 @@ def prefill_flops(dims: TextDims, n_tokens: int, kept_tokens: int | None = None,
 
 def kv_cache_bytes(dims: TextDims, n_tokens: int, kept_tokens: int | None = None, layer: int = 0,
                    dtype: torch.dtype = torch.float16) -> int:
-    """Bytes of keys and values after the prefill: N tokens in layers < K, P tokens in layers >= K."""
+    """Bytes of keys and values after the prefill: N tokens in layers < K, P tokens in layers >= K.
+
+    A sliding-window layer of window W keeps at most its last W - 1 tokens, as transformers' sliding cache does.
+    """
     kept = n_tokens if kept_tokens is None else kept_tokens
     _check(dims, n_tokens, kept, layer)
     per_token = 2 * dims.kv_heads * dims.head_dim * torch.empty((), dtype=dtype).element_size()
-    return per_token * (layer * n_tokens + (dims.layers - layer) * kept)
+    held = 0
+    for index in range(dims.layers):
+        tokens, window = (n_tokens if index < layer else kept), dims.window(index)
+        held += tokens if window is None else min(tokens, window - 1)
+    return per_token * held
 
 
 def _check(dims: TextDims, n_tokens: int, kept: int, layer: int) -> None:

@@ -129,14 +129,15 @@ def load_model(model: str | Path, *, dtype: str | torch.dtype | None = "auto",
         model = resolve_embedded(model_id)
     config = _load_config(str(model), revision, trust_remote_code)
     model_type = getattr(config, "model_type", None)
-    if family_for_model_type(model_type) is None:  # checked before any weights are read
+    family = family_for_model_type(model_type)
+    if family is None:  # checked before any weights are read
         raise ModelLoadError(f"model {model_id!r} is a {model_type!r} model, which dart-tuner does not support; "
                              f"supported model types: {', '.join(supported_model_types())} "
                              f"({', '.join(supported_classes())})")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:
-        attn = resolve_attn_implementation(attn_implementation, torch_device)
+        attn = resolve_attn_implementation(attn_implementation, torch_device, family.transformers_class())
     except ValueError as error:
         raise ModelLoadError(str(error)) from error
     path = Path(model).expanduser() if Path(model).expanduser().is_dir() else model_id

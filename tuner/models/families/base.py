@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import transformers
 from transformers import BatchFeature, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
 from tuner.cost import TextDims
@@ -67,6 +68,10 @@ class Family:
     """What is special about the family for pruning, in words (README support table)."""
 
     # -- the loaded model ---------------------------------------------------------------------------
+    def transformers_class(self) -> type[PreTrainedModel]:
+        """The transformers class of `class_names[0]` (what `AutoModelForImageTextToText` loads)."""
+        return getattr(transformers, self.class_names[0])
+
     def vision_token_ids(self, config: PretrainedConfig) -> tuple[int, ...]:
         """Ids that mark vision tokens in `input_ids`, read from the top-level config."""
         ids = tuple(dict.fromkeys(value for name in VISION_ID_FIELDS
