@@ -24,7 +24,7 @@ def load_processor(path: str | Path, family: str, *, revision: str | None = None
     fallback = get_family(family).image_only_processor
     try:
         processor = AutoProcessor.from_pretrained(path, **kwargs)
-    except ImportError as error:
+    except (ImportError, ValueError) as error:  # a missing video processor class, or none mapped without torchvision
         if fallback is None or not _needs_torchvision(error):
             raise
         logger.info("torchvision is not installed: loading %s's processor for images only", path)
