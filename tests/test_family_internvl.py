@@ -1,4 +1,4 @@
-"""InternVL: dynamic tiles split per image, one pool of vision tokens per image, the processor's tokens per tile saved."""
+"""InternVL: tiles split per image, one pool of vision tokens per image, the tokens per tile saved."""
 
 import torch
 
