@@ -8,8 +8,10 @@ models differ (prompt format, masks, extra per-token tensors, processor fallback
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -147,6 +149,13 @@ class Family:
         if self.image_only_processor is not None:  # a checkpoint's layout minus the video processor
             processor.tokenizer.save_pretrained(path)
             processor.image_processor.save_pretrained(path)
+            # The processor's own settings (tokens per image, ...), under the transformers class they belong to.
+            settings = {k: v for k, v in processor.to_dict().items()
+                        if k not in (*processor.get_attributes(), "processor_class")}
+            if settings:
+                settings["processor_class"] = next(c.__name__ for c in type(processor).__mro__
+                                                   if c.__module__.startswith("transformers."))
+                (Path(path) / "processor_config.json").write_text(json.dumps(settings, indent=2, sort_keys=True))
         else:
             processor.save_pretrained(path)
 

@@ -8,8 +8,6 @@ config's `image_token_id`) carries image features, so the tiles of one image for
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +38,8 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 class ImageOnlyInternVLProcessor(ImageOnlyProcessorMixin, InternVLProcessor):
     """InternVL processor for images only (its video processor needs torchvision; see `ImageOnlyProcessorMixin`).
 
-    `image_seq_length` is named in the signature: `from_pretrained` passes on only the settings it names.
+    `image_seq_length` is named in the signature: `from_pretrained` passes on, and `to_dict` saves, only the
+    settings it names.
     """
 
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, image_seq_length: int = 256,
@@ -93,12 +92,6 @@ class InternVL(Family):
         per_tile = int(per_row.sum()) // batch["pixel_values"].shape[0]
         bounds = torch.cat([per_row.new_zeros(1), (per_row // per_tile).cumsum(0)]).tolist()
         return {"pixel_values": batch["pixel_values"][bounds[row]:bounds[row + 1]]}
-
-    def save_processor(self, processor: ProcessorMixin, path: Any) -> None:
-        """Tokenizer, image processor and `processor_config.json` (tokens per tile), as the checkpoints ship them."""
-        super().save_processor(processor, path)
-        settings = {"image_seq_length": processor.image_seq_length, "processor_class": InternVLProcessor.__name__}
-        (Path(path) / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
     # Tiny test model --------------------------------------------------------------------------------
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
