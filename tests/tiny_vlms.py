@@ -155,8 +155,8 @@ def make_inputs(family: str, processor: ProcessorMixin, *, batch: int = 1, seed:
     sizes = family_of(family).tiny_image_sizes[:batch]
     images = [_make_image(width, height, seed + row) for row, (width, height) in enumerate(sizes)]
     texts = [_prompt(family, question) for question in _QUESTIONS[:batch]]
-    # One image list per row: every family's processor takes that, and Gemma 3's needs it for a batch.
-    return processor(images=[[image] for image in images], text=texts, return_tensors="pt", padding=True)
+    return processor(images=family_of(family).processor_images([[image] for image in images]), text=texts,
+                     return_tensors="pt", padding=True)
 
 
 def row_inputs(family: str, batch_inputs: BatchFeature, row: int) -> dict[str, torch.Tensor]:

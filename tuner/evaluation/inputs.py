@@ -8,6 +8,7 @@ from typing import Any
 from PIL import Image
 from transformers import BatchFeature
 
+from tuner.models.families import get_family
 from tuner.models.loading import LoadedModel
 from tuner.models.prompts import build_prompt
 
@@ -31,9 +32,8 @@ def build_inputs(loaded: LoadedModel, texts: Sequence[str], images: Sequence[Seq
     if len(texts) != len(images):
         raise ValueError(f"got {len(texts)} texts but {len(images)} image lists")
     prompts = [build_prompt(loaded.processor, loaded.family, text, len(row)) for text, row in zip(texts, images)]
-    # Images as one list per prompt: every family's processor takes that, and some (Gemma 3) need it in a batch.
-    per_row = [list(row) for row in images] if any(images) else None
-    inputs = loaded.processor(text=prompts, images=per_row, return_tensors="pt", padding=True)
+    batch_images = get_family(loaded.family).processor_images(images) if any(images) else None
+    inputs = loaded.processor(text=prompts, images=batch_images, return_tensors="pt", padding=True)
     inputs = inputs.to(loaded.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)

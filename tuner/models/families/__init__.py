@@ -96,7 +96,8 @@ def adapter_for(model: torch.nn.Module, vision_token_ids: Sequence[int] | None =
 
 # The bundled families register themselves on import; the order is the README's.
 from tuner.models.families import (  # noqa: E402, F401, I001
-    llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, internvl,
+    llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, internvl, idefics3,
+    smolvlm,
 )
 
 __all__ = ["Family", "FamilyAdapter", "PrunedPrefill", "adapter_for", "detect_family", "family_names",

@@ -99,6 +99,10 @@ class Family:
         """One user turn in the family's documented format, for processors without a chat template."""
         return f"USER: {self.image_placeholder * n_images}\n{text} ASSISTANT:"
 
+    def processor_images(self, images: Sequence[Sequence[Any]]) -> list[Any]:
+        """A batch's images as its processor takes them, from one list per prompt (default: one flat list)."""
+        return [image for row in images for image in row]
+
     # -- hooks: what differs per family during a pruned forward -------------------------------------
     def prompt_state(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> Any:
         """Per-token data a family's masks need, noted at the top-level call of a prefill (None: nothing)."""

@@ -8,6 +8,7 @@ same composition over the kept tokens, with each token's image block noted on th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -81,6 +82,10 @@ class Gemma3(Family):
     tiny_image_sizes = ((160, 120), (120, 160))
 
     # -- prompts ------------------------------------------------------------------------------------
+    def processor_images(self, images: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """One list per prompt: Gemma3Processor counts a flat list of a batch's images against one prompt."""
+        return [list(row) for row in images]
+
     def fallback_prompt(self, text: str, n_images: int) -> str:
         return f"<start_of_turn>user\n{self.image_placeholder * n_images}{text}<end_of_turn>\n<start_of_turn>model\n"
 
