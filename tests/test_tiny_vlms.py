@@ -20,6 +20,11 @@ EXPECTED_CLASSES = {
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor"),
+    "internvl": ("InternVLForConditionalGeneration", "InternVLProcessor"),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor"),
+    "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor"),
+    "smolvlm": ("SmolVLMForConditionalGeneration", "SmolVLMProcessor"),
+    "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor"),
 }
 
 

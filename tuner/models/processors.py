@@ -13,8 +13,9 @@ from tuner.models.families import get_family
 logger = logging.getLogger(__name__)
 
 
-def _needs_torchvision(error: Exception) -> bool:
-    return "torchvision" in str(error).lower()
+def _needs_video_dependency(error: Exception) -> bool:
+    """Whether loading failed on what only video needs: torchvision, or num2words (SmolVLM's frame prompts)."""
+    return any(name in str(error).lower() for name in ("torchvision", "num2words"))
 
 
 def load_processor(path: str | Path, family: str, *, revision: str | None = None,
@@ -25,9 +26,9 @@ def load_processor(path: str | Path, family: str, *, revision: str | None = None
     try:
         processor = AutoProcessor.from_pretrained(path, **kwargs)
     except (ImportError, ValueError) as error:  # a missing video processor class, or none mapped without torchvision
-        if fallback is None or not _needs_torchvision(error):
+        if fallback is None or not _needs_video_dependency(error):
             raise
-        logger.info("torchvision is not installed: loading %s's processor for images only", path)
+        logger.info("torchvision or num2words is missing: loading %s's processor for images only", path)
         processor = fallback.from_pretrained(path, **kwargs)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or getattr(processor, "image_processor", None) is None:
