@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -95,6 +97,16 @@ class Idefics3(Family):
                          "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
             scale_factor=2, image_token_id=128257, pad_token_id=128002, tie_word_embeddings=False,
         )
+
+    def published_vision_tokens(self, config: Any, image_inputs: dict[str, torch.Tensor]) -> int:
+        """Sub-images x the tokens the connector makes of one: (image_size / patch)^2 / scale_factor^2.
+
+        The model's vision path drops all-zero filler sub-images by testing the pixel values (`nonzero`), which
+        cannot run on the meta device; every sub-image of a single image is real, so all of them count.
+        """
+        vision = config.vision_config
+        n_sub_images = image_inputs["pixel_values"].shape[0] * image_inputs["pixel_values"].shape[1]
+        return n_sub_images * (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
 
     def published_processor(self, tokenizer: Any) -> ProcessorMixin:
         """Idefics3's image settings: longest edge 4 x 364 px, 364 px sub-images, 169 tokens each."""
