@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
