@@ -17,6 +17,7 @@ import optuna
 from tuner.config import PruningConfig
 from tuner.errors import DartTunerError
 from tuner.models.attention import ATTN_IMPLEMENTATIONS
+from tuner.models.feature_cache import DEFAULT_FEATURE_CACHE_MB
 from tuner.models.loading import DTYPES
 from tuner.pruning.registry import available_methods
 from tuner.yaml_files import read_yaml
@@ -28,7 +29,7 @@ SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
 SAMPLERS = tuple(SAMPLER_CLASSES)
 _TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "n_image_pivots",
               "n_text_pivots", "keep_ratio", "budget", "attn_implementation", "dtype", "device", "batch_size",
-              "constraints", "sampler", "trials", "timeout_s", "latency", "max_failures"}
+              "constraints", "sampler", "trials", "timeout_s", "latency", "max_failures", "feature_cache_mb"}
 PAPER_DEFAULT = {"method": "dart", "layer": 2, "n_image_pivots": 4, "n_text_pivots": 4}
 
 
@@ -120,6 +121,7 @@ class SearchSpace:
     device: str = "auto"
     batch_size: int = 1
     max_failures: int = 0
+    feature_cache_mb: int = DEFAULT_FEATURE_CACHE_MB  # image features kept across trials (MiB of host memory; 0 = off)
     constraints: Constraints = Constraints()
     sampler: SamplerSpec = SamplerSpec()
     trials: int | None = 20
@@ -333,6 +335,8 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
             r.number(key, data[key], integer=True, low=1)
     if "max_failures" in data:
         r.number("max_failures", data["max_failures"], integer=True, low=0)
+    if "feature_cache_mb" in data:
+        r.number("feature_cache_mb", data["feature_cache_mb"], integer=True, low=0)
     include = data.get("include_paths") or []
     if not isinstance(include, list) or not all(isinstance(p, str) for p in include):
         raise r.fail("include_paths", f"must be a list of folders, got {include!r}")
@@ -350,6 +354,7 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
                                      ATTN_IMPLEMENTATIONS),
         dtype=r.choice("dtype", data.get("dtype", "auto"), ("auto", *DTYPES)), device=str(data.get("device", "auto")),
         batch_size=int(data.get("batch_size", 1)), max_failures=int(data.get("max_failures", 0)),
+        feature_cache_mb=int(data.get("feature_cache_mb", DEFAULT_FEATURE_CACHE_MB)),
         constraints=Constraints(**constraints), sampler=SamplerSpec(sampler_name, sampler.get("seed", 0), options),
         trials=trials, timeout_s=timeout, latency=LatencySpec(**latency), source=source)
     if sampler_name == "grid":

@@ -32,6 +32,7 @@ from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask, load_tasks
 from tuner.guards import FailureGuard, RepeatGuard
 from tuner.latency import speedup_spread
+from tuner.models.feature_cache import CacheStats, FeatureCache
 from tuner.models.loading import LoadedModel, load_model
 from tuner.provenance import environment
 from tuner.results import ROLE_ATTR, config_of, is_baseline
@@ -103,8 +104,9 @@ class Tuner:
                              f"{error}") from None
         self.tasks = tasks or load_tasks(space.tasks, subset_size=space.subset_size, seed=space.subset_seed,
                                          include_paths=space.include_paths)
+        self.feature_cache = FeatureCache.from_mb(space.feature_cache_mb)  # this worker's image features; None: off
         self.evaluator = Evaluator(self.loaded, self.tasks, batch_size=space.batch_size,
-                                   max_failures=space.max_failures)
+                                   max_failures=space.max_failures, feature_cache=self.feature_cache)
         self.inputs = latency_inputs(self.loaded, self.tasks[0])
         self._check_token_counts(min(vision_counts(self.loaded, self.inputs)))
         self.provenance = provenance_of(self.loaded, self.tasks, space)
@@ -190,8 +192,10 @@ class Tuner:
     def measure(self, config: PruningConfig | None) -> TrialOutcome:
         """Accuracy on the subset, then latency interleaved with the unpruned baseline on the fixed inputs (with the
         speed-up's interval and noise flag, `tuner.latency.speedup_spread`)."""
+        cache_before = self.feature_cache_stats()
         result = self.evaluator.evaluate(config, on_progress=self.on_request)
-        lat = self.space.latency
+        cache_attrs = (self.feature_cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
+        lat = self.space.latency  # latency is measured outside the feature cache: it includes the vision tower
         setups = {BASELINE: None} if config is None else {BASELINE: None, "candidate": config}
         measured = measure_latency(self.loaded, self.inputs, setups, new_tokens=lat.new_tokens,
                                    repeats=lat.repeats, warmup=lat.warmup)
@@ -212,10 +216,14 @@ class Tuner:
             "flops_ratio": cost.prefill_flops / base_cost.prefill_flops,
             "latency_input_tokens": cost.n_tokens, "latency_input_kept_vision": cost.n_kept_vision,
             "samples": [[s.doc_index, s.score, s.n_kept_vision] for s in result.samples],
-            "eval_seconds": result.seconds,
+            "eval_seconds": result.seconds, **cache_attrs,
         }
         return TrialOutcome(config=config, accuracy=result.accuracy, prefill_ms=timing.prefill.median_ms,
                             attrs=attrs)
+
+    def feature_cache_stats(self) -> CacheStats:
+        """This worker's feature-cache counters so far (all zero when the cache is off)."""
+        return self.feature_cache.stats() if self.feature_cache else CacheStats()
 
     def objective(self, trial: Trial) -> tuple[float, float]:
         """Optuna objective: (accuracy, prefill median ms); every number also goes into the trial's attributes.

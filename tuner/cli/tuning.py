@@ -32,6 +32,9 @@ def tune(
     sampler: str | None = typer.Option(None, help="tpe, nsga2, gp, random or grid (default: the space's)."),
     limit: int | None = typer.Option(None, min=1, help="Override the subset size (documents per task)."),
     seed: int | None = typer.Option(None, help="Override the subset seed."),
+    feature_cache_mb: int | None = typer.Option(None, min=0, help="MiB of host memory for image features kept "
+                                                "across trials (exact; never used while timing); 0 = off "
+                                                "(default: the space's `feature_cache_mb`, else 2048)."),
     allow_mixed: bool = typer.Option(False, help="Add trials to a study whose provenance differs from this run."),
     allow_repeats: bool = typer.Option(False, help="Measure a configuration again although a complete trial of "
                                                    "the study already holds it (default: such trials are pruned)."),
@@ -64,7 +67,7 @@ def tune(
         if sampler is not None:
             space = space.with_sampler(sampler)
         space = space.with_overrides(model=model, tasks=tuple(task) or None, subset_size=limit, subset_seed=seed,
-                                     trials=trials, timeout_s=timeout)
+                                     trials=trials, timeout_s=timeout, feature_cache_mb=feature_cache_mb)
         with console.status(f"Loading {space.model} and {', '.join(space.tasks)}..."), \
                 hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
@@ -125,5 +128,8 @@ def tune(
         raise fail(f"no trial completed in study {tuner_.study_name!r}: {ran[0]} ran and failed (their reasons "
                     "are printed above and stored in the study)", code=1)
     console.print(pareto_table(tuner_.study))
+    cache = tuner_.feature_cache
+    console.print(f"feature cache of this worker: {cache.stats().describe(cache.max_bytes)}" if cache else
+                  "feature cache: off (--feature-cache-mb 0)")
     console.print(f"{tuner_.n_complete()} complete trials in {storage}, study {tuner_.study_name!r}. "
                   f"List studies: dart-tuner studies --storage {storage}")

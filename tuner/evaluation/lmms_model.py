@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 from tuner.config import PruningConfig, as_pruning_config, check_layer
 from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.lmms_compat import import_lmms_eval
+from tuner.models.feature_cache import FeatureCache
 from tuner.models.loading import LoadedModel, load_model
 from tuner.presets import config_from_dict, load_preset
 from tuner.pruning import apply_pruning
@@ -98,14 +99,17 @@ class DartTunerLMM(lmms):
         self.set_config(config if config is not None else from_args)
         self.records: dict[tuple[str, int], SampleRecord] = {}
         self.on_progress: Callable[[int], None] | None = None  # called with the number of requests just answered
+        self.feature_cache: FeatureCache | None = None  # image features served from it while answering requests
         tokenizer = self.loaded.processor.tokenizer
         self._pad_token_id = tokenizer.pad_token_id
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel, config: PruningConfig | None = None, *, batch_size: int = 1,
-                    max_failures: int = 0) -> DartTunerLMM:
+                    max_failures: int = 0, feature_cache: FeatureCache | None = None) -> DartTunerLMM:
         """Wrap an already loaded model (a study loads it once and reuses it for every trial)."""
-        return cls(loaded=loaded, config=config, batch_size=batch_size, max_failures=max_failures)
+        lm = cls(loaded=loaded, config=config, batch_size=batch_size, max_failures=max_failures)
+        lm.feature_cache = feature_cache
+        return lm
 
     @property
     def config(self) -> PruningConfig | None:
@@ -130,6 +134,12 @@ class DartTunerLMM(lmms):
             return
         with apply_pruning(self.loaded.model, self._config) as handle:
             yield handle
+
+    def _cached_features(self) -> AbstractContextManager:
+        """The feature cache attached to the model while requests are answered (latency runs never see it)."""
+        if self.feature_cache is None:
+            return nullcontext()
+        return self.feature_cache.attach(self.loaded.model, self.loaded.adapter.spec)
 
     def _generation_kwargs(self, gen_kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         until = gen_kwargs.get("until") or []
@@ -187,7 +197,7 @@ class DartTunerLMM(lmms):
             key = json.dumps(request.args[1], sort_keys=True, default=str)
             groups.setdefault(key, []).append(index)
         answers: list[str | None] = [None] * len(requests)
-        with self._pruning() as handle:
+        with self._pruning() as handle, self._cached_features():
             for indices in groups.values():
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start:start + self.batch_size]

@@ -17,6 +17,7 @@ from tuner.config import PruningConfig
 from tuner.evaluation.lmms_compat import import_lmms_eval
 from tuner.evaluation.lmms_model import DartTunerLMM, GenerationFailure
 from tuner.evaluation.tasks import PreparedTask
+from tuner.models.feature_cache import FeatureCache
 from tuner.models.loading import LoadedModel
 
 
@@ -96,12 +97,13 @@ class Evaluator:
     """Scores pruning configurations on fixed task subsets with one loaded model."""
 
     def __init__(self, loaded: LoadedModel, tasks: Sequence[PreparedTask], *, batch_size: int = 1,
-                 max_failures: int = 0) -> None:
+                 max_failures: int = 0, feature_cache: FeatureCache | None = None) -> None:
         if not tasks:
             raise ValueError("Evaluator needs at least one prepared task")
         self.loaded = loaded
         self.tasks = list(tasks)
-        self.lm = DartTunerLMM.from_loaded(loaded, batch_size=batch_size, max_failures=max_failures)
+        self.lm = DartTunerLMM.from_loaded(loaded, batch_size=batch_size, max_failures=max_failures,
+                                           feature_cache=feature_cache)  # image features computed once per document
         self._evaluator = import_lmms_eval("evaluator").evaluator
 
     @property

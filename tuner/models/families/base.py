@@ -94,6 +94,18 @@ class Family:
         """The decoder sizes the cost model (`tuner.cost`) reads, from the top-level config."""
         return TextDims.from_config(self.text_config(config))
 
+    image_features_method: ClassVar[str] = "get_image_features"
+    """The method of `image_features_owner` that runs the vision tower and projector (the feature cache wraps it)."""
+
+    def image_features_owner(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module whose `image_features_method` makes the image features: the inner model (`model.base_model`).
+
+        In transformers 5 both `generate` (which encodes the images before the prefill) and the inner model's
+        forward call `base_model.get_image_features`; the top-level one only delegates. Falls back to `model`.
+        """
+        inner = getattr(model, "base_model", model)
+        return inner if callable(getattr(inner, self.image_features_method, None)) else model
+
     # -- prompts and processors ---------------------------------------------------------------------
     def fallback_prompt(self, text: str, n_images: int) -> str:
         """One user turn in the family's documented format, for processors without a chat template."""
