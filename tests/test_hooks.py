@@ -223,10 +223,9 @@ def _reference_states(model, inputs):
     """
     text_model = model.get_decoder()
     attention = text_model.layers[K - 1].self_attn
-    key_source = attention.k_norm if hasattr(attention, "k_norm") else attention.k_proj
     seen = {}
     hooks = [
-        key_source.register_forward_hook(lambda m, a, out: seen.update(k=out)),
+        attention.k_proj.register_forward_hook(lambda m, a, out: seen.update(k=out)),
         text_model.layers[K - 1].register_forward_pre_hook(
             lambda m, a, kw: seen.update(rotary=kw["position_embeddings"]), with_kwargs=True),
         text_model.layers[K].register_forward_pre_hook(
@@ -238,6 +237,8 @@ def _reference_states(model, inputs):
         hook.remove()
     batch, length = seen["k"].shape[:2]
     keys = seen["k"].reshape(batch, length, -1, attention.head_dim).transpose(1, 2)
+    if getattr(attention, "k_norm", None) is not None:  # per-head key norm (over head_dim) before RoPE
+        keys = attention.k_norm(keys)
     rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
     keys = rotate(keys, keys, *seen["rotary"])[1]
     return seen["hidden"], keys.transpose(1, 2).reshape(batch, length, -1)

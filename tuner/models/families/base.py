@@ -52,6 +52,8 @@ class Family:
     """Top-level transformers classes, e.g. ("Qwen2VLForConditionalGeneration",)."""
     vision_tokens: ClassVar[str] = "the image placeholder id of the config, repeated once per visual token"
     """How its vision tokens are found, in words (README support table)."""
+    fixed_image_tokens: ClassVar[bool] = False
+    """Whether every image becomes the same number of vision tokens, whatever its size (one resized crop)."""
     positions: ClassVar[str] = "1-D RoPE"
     """The position scheme, in words."""
     positions_from_mask: ClassVar[bool] = False

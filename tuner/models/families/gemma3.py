@@ -69,6 +69,7 @@ class Gemma3(Family):
     """Gemma 3: 256 pooled SigLIP tokens per image, bidirectional within an image, 5:1 sliding/global layers."""
 
     name = "gemma3"
+    fixed_image_tokens = True
     model_types = ("gemma3",)
     class_names = ("Gemma3ForConditionalGeneration",)
     vision_tokens = ("`image_token_id` (`<image_soft_token>`), 256 per image between `<start_of_image>` and "

@@ -23,6 +23,7 @@ class Llava(Family):
     """LLaVA-1.5: the image placeholder repeated once per CLIP patch, plain causal masks, 1-D RoPE."""
 
     name = "llava"
+    fixed_image_tokens = True
     model_types = ("llava",)
     class_names = ("LlavaForConditionalGeneration",)
     reference_quota_rule = "llava15"
