@@ -166,6 +166,9 @@ if rec.trial is not None:
                f"{dd.export_rule_args(rec)} -o preset.yaml`")
     if rec.latency_warning:
         st.warning(f"{rec.latency_warning}.")
+    if row["indistinct"]:
+        st.info(f"Trial {rec.trial.number} is not distinguishable from trial {row['indistinct']}: their 95% "
+                "intervals overlap on both accuracy and prefill latency.")
 else:
     st.warning(rec.message)
 
@@ -183,7 +186,8 @@ with pareto_tab:
                                      show_infeasible=show_infeasible, floor=rec.floor, max_prefill_ms=max_ms,
                                      recommended=recommended, qualifying=qualifying), key="pareto")
     st.caption("Filled markers: the feasible Pareto front; faded: dominated; grey crosses: trials that violate the "
-               "study's constraints; star: the unpruned baseline. Dashed lines: your bounds; green rings: the "
+               "study's constraints; star: the unpruned baseline. Error bars: 95% intervals (accuracy: Wilson or "
+               "bootstrap; prefill: the median's). Dashed lines: your bounds; green rings: the "
                "trials meeting them; the magenta ring: the recommended one. Hover a point for its configuration.")
 with cost_tab:
     x = st.radio("Against", ["prefill_gflops", "kept_vision_mean"], format_func=dd.X_AXES.get, horizontal=True,

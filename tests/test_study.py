@@ -73,6 +73,15 @@ def test_study_stores_baseline_first_and_every_number(saved_dirs, model_and_task
     for attrs in (base, pruned):  # the space times 1 round: too few to bound a speed-up
         assert attrs["speedup_low"] <= attrs["speedup_same_run"] <= attrs["speedup_high"]
         assert attrs["latency_noisy"] is True and attrs["latency_warning"].startswith("only 1 timed round")
+    for attrs in (base, pruned):  # the uncertainty stored with every trial (tuner.evidence)
+        assert attrs["accuracy_low"] <= attrs["accuracy"] <= attrs["accuracy_high"]
+        assert attrs["accuracy_interval"] == "wilson" and attrs["sample_tasks"] == [[TASK, 6]]
+        assert attrs["prefill_ms_low"] <= attrs["prefill_ms"] <= attrs["prefill_ms_high"]
+    assert "accuracy_diff" not in base and pruned["n_paired"] == 6  # paired with the baseline's stored scores
+    wrong_right = sum(1 for (_, b, _), (_, p, _) in zip(base["samples"], pruned["samples"]) if p > b)
+    assert pruned["discordant_improved"] == wrong_right
+    assert pruned["accuracy_diff"] == pytest.approx(pruned["accuracy"] - base["accuracy"])
+    assert 0 < pruned["mcnemar_p"] <= 1
     assert pruned["kept_vision_mean"] < base["kept_vision_mean"]
     assert pruned["flops_ratio"] < 1.0 == base["flops_ratio"]
     assert pruned["config"]["keep_ratio"] == 0.25 and base["config"] is None

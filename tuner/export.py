@@ -18,6 +18,11 @@ from tuner.presets import SCHEMA_VERSION, Preset
 from tuner.reporting import describe_trial
 from tuner.results import config_of, is_baseline
 
+# The uncertainty `tuner.evidence` stores with a trial, carried into the preset (None for older trials).
+EVIDENCE_METRICS = ("accuracy_low", "accuracy_high", "accuracy_interval", "accuracy_diff", "accuracy_diff_low",
+                    "accuracy_diff_high", "accuracy_diff_method", "mcnemar_p", "prefill_ms_low", "prefill_ms_high",
+                    "prefill_ms_coverage")
+
 
 class NoTrialQualifies(DartTunerError, ValueError):
     """No stored trial meets the rule; the message lists the closest ones."""
@@ -158,6 +163,7 @@ def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:
         "vision_mean": attrs.get("vision_mean"), "keep_ratio_achieved": attrs.get("keep_ratio_achieved"),
         "prefill_flops": attrs.get("prefill_flops"), "kv_cache_bytes": attrs.get("kv_cache_bytes"),
         "n_samples": attrs.get("n_samples"),
+        **{key: attrs.get(key) for key in EVIDENCE_METRICS},
     }
     stored = study.user_attrs.get("provenance") or {}
     versions = dict(stored.get("versions") or {})

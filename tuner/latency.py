@@ -11,7 +11,6 @@ the first token) and decode (ms per later token) with a clock that `generate` ca
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +20,8 @@ from typing import Any, TypeVar
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
+
+from tuner.stats import median_rank
 
 _T = TypeVar("_T")
 
@@ -72,15 +73,6 @@ class SpeedupSpread:
                 "latency_warning": self.warning}
 
 
-def _median_interval_rank(n: int) -> int:
-    """The largest k with P(x_(k) <= median < x_(n-k+1)) >= CONFIDENCE (binomial, p = 1/2); 1 below MIN_ROUNDS."""
-    rank = 1
-    for k in range(1, (n + 1) // 2 + 1):
-        if 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2 ** n >= CONFIDENCE:
-            rank = k
-    return rank
-
-
 def speedup_spread(baseline: Timing, candidate: Timing) -> SpeedupSpread:
     """The speed-up of `candidate` over `baseline`, timed in the same interleaved rounds, and how sure it is.
 
@@ -94,7 +86,7 @@ def speedup_spread(baseline: Timing, candidate: Timing) -> SpeedupSpread:
         raise ValueError(f"paired timings need the same number of rounds, got {baseline.repeats} and "
                          f"{candidate.repeats}")
     ratios = sorted(b / c for b, c in zip(baseline.samples_ms, candidate.samples_ms))
-    n, rank = len(ratios), _median_interval_rank(len(ratios))
+    n, rank = len(ratios), median_rank(len(ratios), CONFIDENCE)
     point = baseline.median_ms / candidate.median_ms
     low, high = min(ratios[rank - 1], point), max(ratios[n - rank], point)
     reasons = []

@@ -8,9 +8,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
+from tuner.evidence import indistinct_from, interval_text, versus_baseline_text
 from tuner.results import accuracy_relative, config_of, is_baseline, pareto_trials
 
 NOISY_MARK = "*"
+INTERVAL_FOOTNOTE = ("[95%]: accuracy Wilson (0/1 scores) or bootstrap; vs baseline: paired on the same samples, "
+                     "exact McNemar p; prefill: distribution-free interval of the median. Not distinguishable: "
+                     "intervals overlap on both axes; '-' = unknown or none")
 NOISY_FOOTNOTE = f"{NOISY_MARK} noisy latency: speed-up within its timed rounds' spread; re-measure on an idle machine"
 
 
@@ -78,22 +82,35 @@ def noise_warning(trial: FrozenTrial, study: optuna.Study) -> str | None:
             f"from the latency spread: {reason}. Re-measure it with more repeats on an idle machine")
 
 
+def with_interval(trial: FrozenTrial, name: str, value: float | None, spec: str) -> str:
+    """'0.733 [0.61-0.83]': a value and its stored 95% interval (just the value when the interval is unknown)."""
+    text = interval_text(trial, name, spec)
+    return _fmt(value, spec) + (f" {text}" if text else "")
+
+
 def pareto_table(study: optuna.Study) -> Table:
-    """The feasible Pareto front, fastest first, with the baseline for reference."""
+    """The feasible Pareto front, fastest first, with 95% intervals, the paired comparison with the baseline and
+    the front's trials each one cannot be told apart from."""
     table = Table(title=f"Pareto front of {study.study_name} (feasible trials; accuracy up, prefill down)")
-    for column in ("trial", "method", "K", "pivots", "keep", "kept vision", "accuracy", "rel. acc", "prefill ms",
-                   "speed-up"):
+    for column in ("trial", "method", "K", "pivots", "keep", "kept vision", "accuracy [95%]", "rel. acc",
+                   "vs baseline [95%] p", "prefill ms [95%]", "speed-up", "not distinguishable from"):
         table.add_column(column, justify="left" if column in ("method",) else "right")
     front = pareto_trials(study)
     for trial in front:
         method, layer, pivots, amount = trial_label(trial)
         kept = trial.user_attrs.get("kept_vision_mean")
         vision = trial.user_attrs.get("vision_mean")
+        indistinct = ", ".join(f"#{n}" for n in indistinct_from(trial, front)) or "-"
         table.add_row(str(trial.number), method, layer, pivots, amount,
-                      f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}", _fmt(trial.values[0], ".3f"),
-                      _fmt(accuracy_relative(trial, study), ".1%"), _fmt(trial.values[1], ".1f"),
-                      speedup_text(trial, study))
-    table.caption = NOISY_FOOTNOTE if any(latency_noise(t) for t in front) else None
+                      f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}", with_interval(trial, "accuracy", trial.values[0],
+                                                                                  ".3f"),
+                      _fmt(accuracy_relative(trial, study), ".1%"), versus_baseline_text(trial),
+                      with_interval(trial, "prefill_ms", trial.values[1], ".1f"), speedup_text(trial, study),
+                      indistinct)
+    notes = [INTERVAL_FOOTNOTE]
+    if any(latency_noise(t) for t in front):
+        notes.append(NOISY_FOOTNOTE)
+    table.caption = "\n".join(notes)
     return table
 
 
@@ -121,8 +138,8 @@ def _point(trial: FrozenTrial | None, study: optuna.Study) -> str:
     if trial is None:
         return "-"
     method, layer, pivots, amount = trial_label(trial)
-    return (f"#{trial.number} {method} K={layer} {amount}: {trial.values[0]:.3f} @ {trial.values[1]:.1f} ms "
-            f"({speedup_text(trial, study)})")
+    return (f"#{trial.number} {method} K={layer} {amount}: {with_interval(trial, 'accuracy', trial.values[0], '.3f')}"
+            f" @ {with_interval(trial, 'prefill_ms', trial.values[1], '.1f')} ms ({speedup_text(trial, study)})")
 
 
 def studies_table(storage: str | optuna.storages.BaseStorage) -> Table:

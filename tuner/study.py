@@ -30,6 +30,7 @@ from tuner.errors import DartTunerError
 from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency, vision_counts
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask, load_tasks
+from tuner.evidence import accuracy_evidence, latency_evidence, stored_scores
 from tuner.guards import FailureGuard, RepeatGuard
 from tuner.latency import speedup_spread
 from tuner.models.feature_cache import CacheStats, FeatureCache
@@ -177,6 +178,16 @@ class Tuner:
             self._local_baseline = self.evaluator.evaluate(None)
         return self._local_baseline.accuracy
 
+    def _baseline_scores(self) -> list[tuple[str, int, float]] | None:
+        """The baseline's per-sample scores: from its stored trial, else this worker's own evaluation (None if
+        neither exists yet)."""
+        stored = self.study.user_attrs.get("baseline")
+        if stored:
+            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                if trial.number == stored.get("trial"):
+                    return stored_scores(trial.user_attrs)
+        return self._local_baseline.scores() if self._local_baseline is not None else None
+
     def _constraints(self, accuracy: float, prefill_ms: float) -> dict[str, float]:
         """Constraint values (feasible when <= 0) for the space's constraints."""
         c = self.space.constraints
@@ -216,8 +227,11 @@ class Tuner:
             "flops_ratio": cost.prefill_flops / base_cost.prefill_flops,
             "latency_input_tokens": cost.n_tokens, "latency_input_kept_vision": cost.n_kept_vision,
             "samples": [[s.doc_index, s.score, s.n_kept_vision] for s in result.samples],
-            "eval_seconds": result.seconds, **cache_attrs,
+            "eval_seconds": result.seconds, **cache_attrs, **latency_evidence(timing.prefill.samples_ms),
         }
+        scores = result.scores()
+        if scores is not None:
+            attrs.update(accuracy_evidence(scores, None if config is None else self._baseline_scores()))
         return TrialOutcome(config=config, accuracy=result.accuracy, prefill_ms=timing.prefill.median_ms,
                             attrs=attrs)
 

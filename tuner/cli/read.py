@@ -48,9 +48,10 @@ def export(
 
     from rich.markup import escape
 
+    from tuner.evidence import versus_baseline_text
     from tuner.export import Rule, choose_trial, preset_from_trial
     from tuner.presets import save_preset
-    from tuner.reporting import describe_trial, noise_warning
+    from tuner.reporting import describe_trial, noise_warning, with_interval
     from tuner.results import open_study
     from tuner.storage import open_for_reading
 
@@ -71,8 +72,10 @@ def export(
     metrics = preset.metrics
     console = Console()
     console.print(f"{rule.describe()}: trial {chosen.number} ({describe_trial(chosen)}), "
-                  f"accuracy {metrics['accuracy']:.3f} (baseline {metrics['baseline_accuracy']}), prefill "
-                  f"{metrics['prefill_ms_median']:.1f} ms ({metrics['speedup'] or float('nan'):.2f}x) -> {output}")
+                  f"accuracy {with_interval(chosen, 'accuracy', metrics['accuracy'], '.3f')} (baseline "
+                  f"{metrics['baseline_accuracy']}; vs baseline {versus_baseline_text(chosen)}), prefill "
+                  f"{with_interval(chosen, 'prefill_ms', metrics['prefill_ms_median'], '.1f')} ms "
+                  f"({metrics['speedup'] or float('nan'):.2f}x) -> {output}", highlight=False, soft_wrap=True)
     warning = noise_warning(chosen, loaded_study)
     if warning:
         console.print(f"[yellow]warning:[/] {escape(warning + _remeasure_command(preset, output))}", highlight=False,

@@ -35,12 +35,21 @@ def _front_line(points: pd.DataFrame, x: str, y: str, x_lower_is_better: bool = 
     return xs, ys
 
 
+def error_bar(rows: pd.DataFrame, column: str) -> dict | None:
+    """Plotly error bars from a column's stored 95% interval (`<column>_low`/`_high`); None when the column has
+    none (GFLOPs, kept tokens). Trials without an interval get no bar (NaN)."""
+    if f"{column}_low" not in rows:
+        return None
+    return {"type": "data", "symmetric": False, "array": (rows[f"{column}_high"] - rows[column]).tolist(),
+            "arrayminus": (rows[column] - rows[f"{column}_low"]).tolist(), "thickness": 1, "width": 3}
+
+
 def pareto_figure(frame: pd.DataFrame, *, x: str = "prefill_ms", show_dominated: bool = True,
                   show_infeasible: bool = True, floor: float | None = None, max_prefill_ms: float | None = None,
                   recommended: int | None = None, qualifying: Sequence[int] = (), title: str | None = None
                   ) -> go.Figure:
-    """Accuracy against `x` (prefill ms, GFLOPs or kept tokens): methods by colour, baseline as a star,
-    infeasible trials as grey crosses, dominated ones faded, the deployer's bounds as dashed lines."""
+    """Accuracy against `x` (prefill ms, GFLOPs or kept tokens): methods by colour with 95% error bars, baseline
+    as a star, infeasible trials as grey crosses, dominated ones faded, the deployer's bounds as dashed lines."""
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     done = frame[frame["state"] == "complete"]
@@ -53,6 +62,7 @@ def pareto_figure(frame: pd.DataFrame, *, x: str = "prefill_ms", show_dominated:
         rows = feasible[feasible["method"] == method]
         fig.add_trace(go.Scatter(
             x=rows[x], y=rows["accuracy"], mode="markers", name=method, hovertext=rows["hover"],
+            error_y=error_bar(rows, "accuracy"), error_x=error_bar(rows, x),
             hovertemplate="%{hovertext}<extra></extra>", customdata=rows["number"],
             marker={"color": method_color(method), "size": [13 if p else 9 for p in rows["pareto"]],
                     "opacity": [1.0 if p else 0.45 for p in rows["pareto"]],
@@ -73,6 +83,7 @@ def pareto_figure(frame: pd.DataFrame, *, x: str = "prefill_ms", show_dominated:
     if len(baseline):
         fig.add_trace(go.Scatter(
             x=baseline[x], y=baseline["accuracy"], mode="markers", name="unpruned baseline",
+            error_y=error_bar(baseline, "accuracy"), error_x=error_bar(baseline, x),
             hovertext=baseline["hover"], hovertemplate="%{hovertext}<extra></extra>",
             customdata=baseline["number"],
             marker={"symbol": "star", "size": 18, "color": "#111", "line": {"width": 1, "color": "#fff"}}))

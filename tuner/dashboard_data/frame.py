@@ -10,6 +10,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.evidence import indistinct_from, interval_text, versus_baseline_text
 from tuner.reporting import describe_trial, latency_noise, speedup
 from tuner.results import accuracy_relative, config_of, is_baseline
 
@@ -37,8 +38,13 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
     lines = [f"<b>trial {row['number']}</b>: {row['label']}", f"config: {_config_text(trial)}"]
     if row["state"] == "complete":
         relative = f" ({row['relative_accuracy']:.1%} of baseline)" if not math.isnan(row["relative_accuracy"]) else ""
-        lines.append(f"accuracy {row['accuracy']:.3f}{relative}")
-        lines.append(f"prefill {row['prefill_ms']:.1f} ms (IQR {row['prefill_iqr_ms']:.1f}), "
+        accuracy_ci = interval_text(trial, "accuracy", ".3f")
+        lines.append(f"accuracy {row['accuracy']:.3f}{' 95% ' + accuracy_ci if accuracy_ci else ''}{relative}")
+        if row["role"] != "baseline":
+            lines.append(f"vs baseline (paired, 95%): {versus_baseline_text(trial)}")
+        prefill_ci = interval_text(trial, "prefill_ms", ".1f")
+        lines.append(f"prefill {row['prefill_ms']:.1f} ms{' 95% ' + prefill_ci if prefill_ci else ''} "
+                     f"(IQR {row['prefill_iqr_ms']:.1f}), "
                      f"speed-up {row['speedup']:.2f}x, decode {row['decode_ms_per_token']:.1f} ms/token")
         lines.append(f"kept vision tokens {row['kept_vision_mean']:.1f} of {row['vision_mean']:.0f} "
                      f"(min {row['kept_vision_min']:.0f}, max {row['kept_vision_max']:.0f}; "
@@ -50,6 +56,8 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
             lines.append(f"noisy latency: {noise}")
         lines.append("infeasible: " + row["violations"] if not row["feasible"] else
                      ("on the Pareto front" if row["pareto"] else "dominated"))
+        if row["indistinct"]:
+            lines.append(f"not distinguishable from trial {row['indistinct']} (95% intervals overlap on both axes)")
     elif row["failure"]:
         lines.append(f"{row['state']}: {row['failure']}")
     return "<br>".join(lines)
@@ -59,7 +67,9 @@ TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ra
                  "n_text_pivots", "accuracy", "relative_accuracy", "prefill_ms", "prefill_iqr_ms", "speedup",
                  "decode_ms_per_token", "kept_vision_mean", "kept_vision_min", "kept_vision_max", "vision_mean",
                  "keep_ratio_achieved", "prefill_gflops", "flops_ratio", "kv_cache_mb", "n_samples", "feasible",
-                 "violations", "pareto", "failure", "hover")
+                 "violations", "pareto", "failure", "accuracy_low", "accuracy_high", "prefill_ms_low",
+                 "prefill_ms_high", "accuracy_diff", "accuracy_diff_low", "accuracy_diff_high", "mcnemar_p",
+                 "indistinct", "hover")
 
 
 def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> pd.DataFrame:
@@ -67,7 +77,8 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     complete = {t.number for t in trials if t.state == TrialState.COMPLETE and t.values is not None}
     feasible = {t.number for t in trials if t.number in complete and all(v <= 0 for v in t.constraints.values())}
-    pareto = {t.number for t in study.best_trials} if feasible else set()  # Optuna's feasible Pareto set
+    front = study.best_trials if feasible else []  # Optuna's feasible Pareto set
+    pareto = {t.number for t in front}
     rows = []
     for trial in trials:
         attrs = trial.user_attrs
@@ -99,6 +110,10 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
             "n_samples": _num(attrs.get("n_samples")),
             "feasible": trial.number in feasible, "violations": _violations(trial) if done else "",
             "pareto": trial.number in pareto, "failure": str(attrs.get("failure") or ""),
+            **{key: _num(attrs.get(key)) for key in ("accuracy_low", "accuracy_high", "prefill_ms_low",
+                                                     "prefill_ms_high", "accuracy_diff", "accuracy_diff_low",
+                                                     "accuracy_diff_high", "mcnemar_p")},
+            "indistinct": ", ".join(str(n) for n in indistinct_from(trial, front)) if trial.number in pareto else "",
         }
         row["hover"] = _hover(row, trial)
         rows.append(row)
@@ -126,6 +141,7 @@ def table_of(frame: pd.DataFrame, numbers: Sequence[int]) -> pd.DataFrame:
         "trial": rows["number"], "configuration": rows["label"],
         "accuracy": rows["accuracy"].round(4), "% of baseline": (100 * rows["relative_accuracy"]).round(1),
         "prefill ms": rows["prefill_ms"].round(2), "speed-up": rows["speedup"].round(2),
+        "accuracy 95% low": rows["accuracy_low"].round(3), "accuracy 95% high": rows["accuracy_high"].round(3),
         "kept vision tokens": rows["kept_vision_mean"].round(1), "GFLOPs": rows["prefill_gflops"].round(4),
         "feasible": rows["feasible"], "Pareto": rows["pareto"]})
     return table.reset_index(drop=True)

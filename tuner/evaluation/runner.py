@@ -49,6 +49,12 @@ class EvalResult:
     def n_samples(self) -> int:
         return len(self.samples)
 
+    def scores(self) -> list[tuple[str, int, float]] | None:
+        """(task, doc index, score) per sample, for intervals; None when a task does not score documents singly."""
+        if not self.samples or any(s.score is None for s in self.samples):
+            return None
+        return [(s.task, s.doc_index, float(s.score)) for s in self.samples]
+
     def kept_vision_stats(self) -> dict[str, float]:
         """Kept vision tokens per sample (mean, min, max) and the keep ratio achieved over all samples."""
         kept = [s.n_kept_vision for s in self.samples]

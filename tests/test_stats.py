@@ -1,0 +1,90 @@
+"""The interval arithmetic of `tuner.stats` against values computed by hand (no model, milliseconds)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tuner import stats
+
+Z95 = 1.959963984540054
+
+
+@pytest.mark.parametrize(("successes", "n", "low", "high"), [
+    (0, 10, 0.0, Z95**2 / (10 + Z95**2)),  # closed form at 0 successes: z^2 / (n + z^2)
+    (10, 10, 10 / (10 + Z95**2), 1.0),
+    (5, 10, 0.236593, 0.763407),           # the textbook half-and-half case
+    (1, 4, 0.045587, 0.699358),            # p=0.25: centre 0.372471, half-width 0.326886
+])
+def test_wilson_on_small_counts(successes: int, n: int, low: float, high: float) -> None:
+    """Catches a Wald interval, a one-sided z, or a centre that is not pulled towards 1/2."""
+    got = stats.wilson_interval(successes, n)
+    assert got == pytest.approx((low, high), abs=1e-6)
+
+
+def test_mcnemar_exact_p_on_a_hand_built_table() -> None:
+    """2x2 table: 20 both right, 2 only the candidate, 9 only the baseline, 5 neither. Exact two-sided p is
+    2 * P(Bin(11, 1/2) <= 2) = 2 * (1 + 11 + 55) / 2048; the concordant cells must not matter."""
+    assert stats.mcnemar_exact_p(2, 9) == pytest.approx(134 / 2048, abs=1e-15)
+    assert stats.mcnemar_exact_p(9, 2) == stats.mcnemar_exact_p(2, 9)
+    assert stats.mcnemar_exact_p(0, 0) == 1.0
+    assert stats.mcnemar_exact_p(3, 3) == 1.0  # the two-sided tail doubled past 1 is capped
+    candidate = [1] * 20 + [1] * 2 + [0] * 9 + [0] * 5
+    baseline = [1] * 20 + [0] * 2 + [1] * 9 + [0] * 5
+    paired = stats.paired_difference(candidate, baseline)
+    assert (paired.improved, paired.worsened) == (2, 9)
+    assert paired.p_value == pytest.approx(134 / 2048, abs=1e-15)
+    assert paired.diff == pytest.approx((22 - 29) / 36)
+    assert paired.method == "newcombe" and paired.low < paired.diff < paired.high < 0.1
+
+
+def test_newcombe_interval_is_antisymmetric_and_reduces_without_correlation() -> None:
+    """Swapping who wins the discordant pairs mirrors the interval; with a zero margin (phi = 0) it is the
+    square-and-add of the two Wilson intervals."""
+    low, high = stats.newcombe_paired_interval(20, 2, 9, 5)
+    mirrored = stats.newcombe_paired_interval(20, 9, 2, 5)
+    assert mirrored == pytest.approx((-high, -low))
+    # neither = 0 and worsened = 0: a zero margin, so phi = 0
+    both, improved = 6, 4
+    n = both + improved
+    l1, u1 = stats.wilson_interval(10, n)
+    l2, u2 = stats.wilson_interval(6, n)
+    diff = 1.0 - 0.6
+    expected = (diff - math.hypot(1.0 - l1, u2 - 0.6), diff + math.hypot(u1 - 1.0, 0.6 - l2))
+    assert stats.newcombe_paired_interval(both, improved, 0, 0) == pytest.approx(expected)
+
+
+def test_median_interval_has_its_exact_binomial_coverage() -> None:
+    """5 rounds: min..max holds the median with 1 - 2/32 = 93.75% (below 95%, and says so); 20 rounds: the 6th and
+    15th values, coverage 1 - 2 * P(Bin(20, 1/2) <= 5) = 0.9586."""
+    assert stats.median_interval([5.0, 1.0, 4.0, 2.0, 3.0]) == (1.0, 5.0, 0.9375)
+    low, high, coverage = stats.median_interval([float(v) for v in range(1, 21)])
+    assert (low, high) == (6.0, 15.0)
+    assert coverage == pytest.approx(1 - 2 * sum(math.comb(20, j) for j in range(6)) / 2**20)
+    assert stats.median_rank(20, 0.95) == 6 and stats.median_rank(5, 0.95) == 1
+
+
+def test_non_binary_scores_get_a_seeded_bootstrap() -> None:
+    """Fractional scores are bootstrapped, the same seed gives the same interval, and the interval holds the mean."""
+    scores = [0.0, 0.25, 0.5, 1.0, 0.75, 0.5] * 5
+    first, again = stats.mean_interval(scores), stats.mean_interval(scores)
+    assert first == again and first.method == "bootstrap"
+    assert first.value == pytest.approx(0.5) and first.low < first.value < first.high
+
+
+def test_several_tasks_average_their_means() -> None:
+    """Two tasks of different sizes: the point is the mean of the task means (not of the pooled samples)."""
+    scores = [1.0] * 10 + [0.0, 1.0]
+    groups = ["a"] * 10 + ["b"] * 2
+    interval = stats.mean_interval(scores, groups)
+    assert interval.value == pytest.approx((1.0 + 0.5) / 2) and interval.method == "bootstrap"
+
+
+def test_one_sided_lower_bound_is_the_low_end_of_a_wider_two_sided_interval() -> None:
+    """A 97.5% one-sided bound of 0/1 scores is the low end of the 95% Wilson interval."""
+    scores = [1.0] * 8 + [0.0] * 2
+    assert stats.lower_bound(scores, 0.975) == pytest.approx(stats.wilson_interval(8, 10)[0])
+    assert stats.lower_bound(scores, 0.5) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="confidence"):
+        stats.lower_bound(scores, 1.0)
