@@ -138,6 +138,11 @@ with col_value:
             defaults["value"] * baseline["accuracy"] if baseline else float(done["accuracy"].median()))
         min_abs = st.number_input("Minimum accuracy (absolute)", value=round(start, 4), step=0.01, format="%.4f",
                                   key="min_abs")
+    confidence = None
+    if mode != "none" and st.checkbox("Require confidence", value=False, key="use_confidence",
+                                      help="Judge the floor by each trial's one-sided lower confidence bound on "
+                                           "accuracy instead of its measured value (export --confidence)."):
+        confidence = st.slider("Confidence (one-sided)", 0.5, 0.99, value=0.9, step=0.01, key="confidence")
 with col_lat:
     limit = st.checkbox("Limit prefill latency", value=defaults["max_prefill_ms"] is not None, key="limit_latency")
     max_ms = None
@@ -147,7 +152,8 @@ with col_lat:
                            value=float(min(max(start, lat_low), lat_high)),
                            step=0.1 if lat_high - lat_low < 50 else 1.0, key="max_ms")
 
-rec = dd.recommend(study, min_accuracy=min_abs, min_relative_accuracy=min_rel, max_prefill_ms=max_ms)
+rec = dd.recommend(study, min_accuracy=min_abs, min_relative_accuracy=min_rel, max_prefill_ms=max_ms,
+                   confidence=confidence)
 by_number = frame.set_index("number")
 if rec.trial is not None:
     row = by_number.loc[rec.trial.number]

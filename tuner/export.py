@@ -2,11 +2,15 @@
 
 Rules: a trial number; the fastest trial with accuracy at least X (absolute) or a fraction of the baseline; the
 most accurate trial under a prefill latency of Y ms; or both bounds at once (then the fastest that meets both).
-The unpruned baseline and failed trials are never chosen. When nothing qualifies, the error shows the closest.
+With a confidence C, an accuracy floor is met by the one-sided C lower confidence bound of the trial's accuracy
+(from its stored per-sample scores, `tuner.evidence.accuracy_lower_bound`), not by its point value.
+The unpruned baseline and failed trials are never chosen. When nothing qualifies, the error
+shows the closest.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import optuna
@@ -14,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__
 from tuner.errors import DartTunerError
+from tuner.evidence import accuracy_lower_bound
 from tuner.presets import SCHEMA_VERSION, Preset
 from tuner.reporting import describe_trial
 from tuner.results import config_of, is_baseline
@@ -36,14 +41,22 @@ class Rule:
     min_accuracy: float | None = None
     min_relative_accuracy: float | None = None
     max_prefill_ms: float | None = None
+    confidence: float | None = None  # one-sided level of the accuracy floor's lower bound; None: the point value
 
     def __post_init__(self) -> None:
         bounds = (self.min_accuracy, self.min_relative_accuracy, self.max_prefill_ms)
+        if self.trial is not None and any(b is not None for b in (*bounds, self.confidence)):
+            raise ValueError("give a trial number or accuracy/latency bounds (and --confidence), not both")
+        if self.confidence is not None:
+            if self.min_accuracy is None and self.min_relative_accuracy is None:
+                raise ValueError("--confidence bounds an accuracy floor: give --min-accuracy or "
+                                 "--min-relative-accuracy with it")
+            if not 0.5 <= self.confidence < 1:
+                raise ValueError(f"--confidence must be at least 0.5 and below 1 (a one-sided level such as 0.9), "
+                                 f"got {self.confidence:g}")
         if self.trial is None and all(b is None for b in bounds):
             raise ValueError("choose a trial: give a trial number, a minimum accuracy (absolute or relative to the "
                              "baseline) or a maximum prefill latency")
-        if self.trial is not None and any(b is not None for b in bounds):
-            raise ValueError("give a trial number or accuracy/latency bounds, not both")
         if self.min_accuracy is not None and self.min_relative_accuracy is not None:
             raise ValueError("give an absolute or a relative minimum accuracy, not both")
 
@@ -52,17 +65,18 @@ class Rule:
         if self.trial is not None:
             return f"--trial {self.trial}"
         options = {"--min-accuracy": self.min_accuracy, "--min-relative-accuracy": self.min_relative_accuracy,
-                   "--max-latency-ms": self.max_prefill_ms}
+                   "--max-latency-ms": self.max_prefill_ms, "--confidence": self.confidence}
         return " ".join(f"{flag} {value:g}" for flag, value in options.items() if value is not None)
 
     def describe(self) -> str:
         if self.trial is not None:
             return f"trial {self.trial}"
         parts = []
+        subject = "accuracy" if self.confidence is None else f"accuracy's {self.confidence:.0%} lower bound"
         if self.min_accuracy is not None:
-            parts.append(f"accuracy >= {self.min_accuracy:g}")
+            parts.append(f"{subject} >= {self.min_accuracy:g}")
         if self.min_relative_accuracy is not None:
-            parts.append(f"accuracy >= {self.min_relative_accuracy:.1%} of the baseline")
+            parts.append(f"{subject} >= {self.min_relative_accuracy:.1%} of the baseline")
         if self.max_prefill_ms is not None:
             parts.append(f"prefill <= {self.max_prefill_ms:g} ms")
         goal = "most accurate" if self.max_prefill_ms is not None and len(parts) == 1 else "fastest"
@@ -73,6 +87,14 @@ def candidates(study: optuna.Study) -> list[FrozenTrial]:
     """Complete, pruned (non-baseline) trials: what a preset can be made from."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if not is_baseline(t) and config_of(t) is not None]
+
+
+def floor_evidence(trial: FrozenTrial, rule: Rule) -> float | None:
+    """The accuracy a rule's floor is compared with: the point value, or with a confidence its lower bound (None
+    when the trial stored no per-sample scores to bound)."""
+    if rule.confidence is None:
+        return trial.values[0]
+    return accuracy_lower_bound(trial, rule.confidence)
 
 
 def baseline_accuracy(study: optuna.Study) -> float:
@@ -103,7 +125,7 @@ def qualifying_trials(study: optuna.Study, rule: Rule) -> list[FrozenTrial]:
     if rule.trial is not None:
         raise ValueError("qualifying_trials takes accuracy/latency bounds, not a trial number")
     floor = accuracy_floor(study, rule)
-    qualifying = [t for t in candidates(study) if (floor is None or t.values[0] >= floor)
+    qualifying = [t for t in candidates(study) if (floor is None or (floor_evidence(t, rule) or -math.inf) >= floor)
                   and (rule.max_prefill_ms is None or t.values[1] <= rule.max_prefill_ms)]
     if floor is None:
         return sorted(qualifying, key=lambda t: (-t.values[0], t.values[1]))
@@ -133,7 +155,9 @@ def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
         raise NoTrialQualifies(f"study {study.study_name!r} has no complete pruned trial yet")
 
     def shortfall(t: FrozenTrial) -> float:
-        accuracy_gap = max(0.0, (floor - t.values[0]) / max(abs(floor), 1e-9)) if floor is not None else 0.0
+        evidence = floor_evidence(t, rule)
+        evidence = t.values[0] if evidence is None else evidence
+        accuracy_gap = max(0.0, (floor - evidence) / max(abs(floor), 1e-9)) if floor is not None else 0.0
         latency_gap = max(0.0, (t.values[1] - rule.max_prefill_ms) / rule.max_prefill_ms) \
             if rule.max_prefill_ms is not None else 0.0
         return accuracy_gap + latency_gap
@@ -141,7 +165,16 @@ def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
     closest = sorted(pool, key=shortfall)[:3]
     bound = f" (accuracy floor {floor:.3f})" if floor is not None else ""
     raise NoTrialQualifies(f"no trial of {study.study_name!r} meets: {rule.describe()}{bound}. Closest:\n  "
-                           + "\n  ".join(_label(t) for t in closest))
+                           + "\n  ".join(_label(t) + _bound_label(t, rule) for t in closest))
+
+
+def _bound_label(trial: FrozenTrial, rule: Rule) -> str:
+    """', 90% lower bound 0.712' for a confidence rule ('no per-sample scores' when it cannot be bounded)."""
+    if rule.confidence is None:
+        return ""
+    bound = accuracy_lower_bound(trial, rule.confidence)
+    return f", {rule.confidence:.0%} lower bound " + ("unknown (no per-sample scores)" if bound is None
+                                                      else f"{bound:.3f}")
 
 
 def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:

@@ -42,6 +42,9 @@ def export(
                                                                   "of the baseline's accuracy (0.95 = 95%)."),
     max_latency_ms: float | None = typer.Option(None, help="The most accurate trial with prefill at most this "
                                                            "(with a minimum accuracy: the fastest meeting both)."),
+    confidence: float | None = typer.Option(None, help="Judge the accuracy floor by the trial's one-sided lower "
+                                                       "confidence bound at this level (0.9 = 90%) instead of its "
+                                                       "measured accuracy."),
     output: Path = typer.Option(Path("preset.yaml"), "--output", "-o", help="Preset file to write."),
 ) -> None:
     """Write the chosen trial of a study as a preset: its PruningConfig, metrics and provenance."""
@@ -57,7 +60,7 @@ def export(
 
     try:
         rule = Rule(trial=trial, min_accuracy=min_accuracy, min_relative_accuracy=min_relative_accuracy,
-                    max_prefill_ms=max_latency_ms)
+                    max_prefill_ms=max_latency_ms, confidence=confidence)
         loaded_study = open_study(open_for_reading(storage), study)
         chosen = choose_trial(loaded_study, rule)
         preset = preset_from_trial(loaded_study, chosen)

@@ -28,11 +28,12 @@ class Recommendation:
 
 
 def recommend(study: optuna.Study, *, min_accuracy: float | None = None,
-              min_relative_accuracy: float | None = None, max_prefill_ms: float | None = None) -> Recommendation:
+              min_relative_accuracy: float | None = None, max_prefill_ms: float | None = None,
+              confidence: float | None = None) -> Recommendation:
     """What `dart-tuner export` would pick with the same bounds (the same Rule through `choose_trial`)."""
     try:
         rule = Rule(min_accuracy=min_accuracy, min_relative_accuracy=min_relative_accuracy,
-                    max_prefill_ms=max_prefill_ms)
+                    max_prefill_ms=max_prefill_ms, confidence=confidence)
     except ValueError as error:
         return Recommendation(rule=None, max_prefill_ms=max_prefill_ms, message=str(error))
     try:
