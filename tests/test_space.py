@@ -56,6 +56,8 @@ BAD = [
     ({"sampler": {"name": "grid"}}, "keep_ratio: the grid sampler needs a list of values"),
     ({"latency": {"new_tokens": 1}}, "latency.new_tokens: must be >= 2"),
     ({"trials": 0}, "trials: must be >= 1"),
+    ({"early_stopping": {"chunk_size": 0}}, "early_stopping.chunk_size: must be >= 1"),
+    ({"early_stopping": {"chunk": 5}}, "early_stopping: unknown key(s) ['chunk']"),
     ({"batch_size": "8"}, "batch_size: must be an integer"),
     ({"attn_implementation": "flash"}, "attn_implementation: must be one of"),
     ({"subset": {"size": 0}}, "subset.size: must be >= 1"),

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from tuner.cli import app
 from tuner.evaluation.tasks import load_tasks
+from tuner.export import NoTrialQualifies, Rule, choose_trial
 from tuner.models.loading import load_model
 from tuner.reporting import NOISY_FOOTNOTE
 from tuner.results import is_baseline, pareto_trials
@@ -100,6 +101,29 @@ def test_infeasible_trials_stay_out_of_the_pareto_set(saved_dirs, model_and_task
     assert pareto_trials(study) == []
     relaxed = _tuner(saved_dirs, model_and_tasks, f"sqlite:///{tmp_path / 'r.db'}").run(2)
     assert pareto_trials(relaxed)
+
+
+def test_a_hopeless_trial_stops_after_its_first_chunk(saved_dirs, model_and_tasks, tmp_path) -> None:
+    """An accuracy floor no score can reach (1.5) with chunks of 2 documents: the pruned trial stops after its first
+    chunk, stored complete but infeasible with its 2 scores, its bound as accuracy and the reason; the baseline runs
+    its whole subset; export never offers the stopped trial."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = _tuner(saved_dirs, model_and_tasks, storage, constraints={"min_accuracy": 1.5},
+                   early_stopping={"chunk_size": 2}).run(2)
+    base, stopped = study.get_trials(states=(TrialState.COMPLETE,))
+    assert "stopped_early" not in base.user_attrs and base.user_attrs["n_samples"] == 6
+    attrs = stopped.user_attrs
+    assert attrs["stopped_early"] is True and attrs["n_samples"] == len(attrs["samples"]) == 2
+    assert attrs["stop_reason"].startswith("stopped after 2 of 6 documents")
+    right = sum(score for _, score, _ in attrs["samples"])
+    assert stopped.values[0] == attrs["accuracy_upper_bound"] == pytest.approx((right + 4) / 6)
+    assert attrs["accuracy_partial"] == pytest.approx(right / 2)
+    assert stopped.constraints["min_accuracy"] == pytest.approx(1.5 - stopped.values[0]) and stopped.values[0] < 1.5
+    assert pareto_trials(study) == []
+    with pytest.raises(NoTrialQualifies, match="stopped early"):
+        choose_trial(study, Rule(trial=stopped.number))
+    with pytest.raises(NoTrialQualifies, match="no complete pruned trial"):
+        choose_trial(study, Rule(min_accuracy=0.0))
 
 
 def test_a_failing_trial_is_stored_with_its_reason(saved_dirs, model_and_tasks, tmp_path, monkeypatch) -> None:

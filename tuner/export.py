@@ -4,7 +4,7 @@ Rules: a trial number; the fastest trial with accuracy at least X (absolute) or 
 most accurate trial under a prefill latency of Y ms; or both bounds at once (then the fastest that meets both).
 With a confidence C, an accuracy floor is met by the one-sided C lower confidence bound of the trial's accuracy
 (from its stored per-sample scores, `tuner.evidence.accuracy_lower_bound`), not by its point value.
-The unpruned baseline and failed trials are never chosen. When nothing qualifies, the error
+The unpruned baseline, failed trials and trials stopped early are never chosen. When nothing qualifies, the error
 shows the closest.
 """
 
@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__
+from tuner.early_stop import STOPPED_ATTR
 from tuner.errors import DartTunerError
 from tuner.evidence import accuracy_lower_bound
 from tuner.presets import SCHEMA_VERSION, Preset
@@ -84,9 +85,10 @@ class Rule:
 
 
 def candidates(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete, pruned (non-baseline) trials: what a preset can be made from."""
+    """Complete, pruned (non-baseline) trials that scored their whole subset: what a preset can be made from (a
+    trial stopped early reports a bound, not an accuracy)."""
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if not is_baseline(t) and config_of(t) is not None]
+            if not is_baseline(t) and config_of(t) is not None and not t.user_attrs.get(STOPPED_ATTR)]
 
 
 def floor_evidence(trial: FrozenTrial, rule: Rule) -> float | None:
@@ -146,6 +148,9 @@ def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
                                    f"{': ' + trial.user_attrs['failure'] if 'failure' in trial.user_attrs else ''}")
         if is_baseline(trial) or config_of(trial) is None:
             raise NoTrialQualifies(f"trial {rule.trial} is the unpruned baseline; there is nothing to deploy")
+        if trial.user_attrs.get(STOPPED_ATTR):
+            raise NoTrialQualifies(f"trial {rule.trial} was stopped early, so it has no accuracy to deploy on: "
+                                   f"{trial.user_attrs.get('stop_reason', 'it could not meet the accuracy floor')}")
         return trial
     floor = accuracy_floor(study, rule)
     qualifying = qualifying_trials(study, rule)

@@ -29,7 +29,8 @@ SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
 SAMPLERS = tuple(SAMPLER_CLASSES)
 _TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "n_image_pivots",
               "n_text_pivots", "keep_ratio", "budget", "attn_implementation", "dtype", "device", "batch_size",
-              "constraints", "sampler", "trials", "timeout_s", "latency", "max_failures", "feature_cache_mb"}
+              "constraints", "sampler", "trials", "timeout_s", "latency", "max_failures", "feature_cache_mb",
+              "early_stopping"}
 PAPER_DEFAULT = {"method": "dart", "layer": 2, "n_image_pivots": 4, "n_text_pivots": 4}
 
 
@@ -127,6 +128,7 @@ class SearchSpace:
     trials: int | None = 20
     timeout_s: float | None = None
     latency: LatencySpec = LatencySpec()
+    early_stop_chunk: int | None = None  # score in chunks of this many documents, stopping hopeless trials
     source: str | None = None
 
     def suggest(self, trial: Any) -> PruningConfig:
@@ -324,6 +326,9 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
     for key, low in (("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
         if key in latency:
             r.number(f"latency.{key}", latency[key], integer=True, low=low)
+    early = r.mapping("early_stopping", data.get("early_stopping"), {"chunk_size"})
+    if "chunk_size" in early:
+        r.number("early_stopping.chunk_size", early["chunk_size"], integer=True, low=1)
     trials = data.get("trials", 20)
     if trials is not None:
         r.number("trials", trials, integer=True, low=1)
@@ -356,7 +361,8 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         batch_size=int(data.get("batch_size", 1)), max_failures=int(data.get("max_failures", 0)),
         feature_cache_mb=int(data.get("feature_cache_mb", DEFAULT_FEATURE_CACHE_MB)),
         constraints=Constraints(**constraints), sampler=SamplerSpec(sampler_name, sampler.get("seed", 0), options),
-        trials=trials, timeout_s=timeout, latency=LatencySpec(**latency), source=source)
+        trials=trials, timeout_s=timeout, latency=LatencySpec(**latency), early_stop_chunk=early.get("chunk_size"),
+        source=source)
     if sampler_name == "grid":
         space.grid()  # fails now, naming the parameter, if a range cannot be gridded
     return space

@@ -26,6 +26,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig, check_layer
+from tuner.early_stop import STOPPED_ATTR, best_reachable_accuracy, progress_of, stop_reason
 from tuner.errors import DartTunerError
 from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency, vision_counts
 from tuner.evaluation.runner import EvalResult, Evaluator
@@ -200,11 +201,39 @@ class Tuner:
             values["max_prefill_ms"] = prefill_ms - c.max_prefill_ms
         return values
 
+    def accuracy_floor(self) -> float | None:
+        """The lowest accuracy the space's constraints allow (the higher of its absolute and relative floors)."""
+        c = self.space.constraints
+        floors = [c.min_accuracy] if c.min_accuracy is not None else []
+        if c.min_relative_accuracy is not None:
+            floors.append(c.min_relative_accuracy * self.baseline_accuracy())
+        return max(floors, default=None)
+
+    def _evaluate(self, config: PruningConfig | None) -> EvalResult:
+        """Accuracy on the subset; with the space's `early_stopping`, in chunks, stopping a pruned configuration as
+        soon as even perfect scores on the rest cannot reach the accuracy floor (`tuner.early_stop`)."""
+        chunk = self.space.early_stop_chunk
+        floor = self.accuracy_floor() if chunk is not None and config is not None else None
+        if floor is None or not all(_mean_of_unit_scores(task) for task in self.tasks):
+            return self.evaluator.evaluate(config, on_progress=self.on_request)
+        sizes = {task.name: task.subset.size for task in self.tasks}
+
+        def stop_check(scores: dict[str, list[float]]) -> str | None:
+            if any(not 0.0 <= s <= 1.0 for values in scores.values() for s in values):
+                return None  # a score outside [0, 1]: the bound would not hold, so never stop
+            return stop_reason(progress_of(scores, sizes), floor)
+
+        return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=chunk, stop_check=stop_check)
+
     def measure(self, config: PruningConfig | None) -> TrialOutcome:
         """Accuracy on the subset, then latency interleaved with the unpruned baseline on the fixed inputs (with the
-        speed-up's interval and noise flag, `tuner.latency.speedup_spread`)."""
+        speed-up's interval and noise flag, `tuner.latency.speedup_spread`).
+
+        A trial stopped early reports as accuracy the best it could still have reached (below the floor, so the
+        constraint marks it infeasible and the sampler learns the region is bad), with its partial evidence.
+        """
         cache_before = self.feature_cache_stats()
-        result = self.evaluator.evaluate(config, on_progress=self.on_request)
+        result = self._evaluate(config)
         cache_attrs = (self.feature_cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
         lat = self.space.latency  # latency is measured outside the feature cache: it includes the vision tower
         setups = {BASELINE: None} if config is None else {BASELINE: None, "candidate": config}
@@ -232,8 +261,15 @@ class Tuner:
         scores = result.scores()
         if scores is not None:
             attrs.update(accuracy_evidence(scores, None if config is None else self._baseline_scores()))
-        return TrialOutcome(config=config, accuracy=result.accuracy, prefill_ms=timing.prefill.median_ms,
-                            attrs=attrs)
+        accuracy = result.accuracy
+        if result.stopped:
+            by_task: dict[str, list[float]] = {}
+            for sample in result.samples:
+                by_task.setdefault(sample.task, []).append(float(sample.score))
+            accuracy = best_reachable_accuracy(progress_of(by_task, {t.name: t.subset.size for t in self.tasks}))
+            attrs.update({STOPPED_ATTR: True, "stop_reason": result.stopped, "accuracy_partial": result.accuracy,
+                          "accuracy": accuracy, "accuracy_upper_bound": accuracy})
+        return TrialOutcome(config=config, accuracy=accuracy, prefill_ms=timing.prefill.median_ms, attrs=attrs)
 
     def feature_cache_stats(self) -> CacheStats:
         """This worker's feature-cache counters so far (all zero when the cache is off)."""
@@ -377,6 +413,13 @@ class Tuner:
                                  skip_if_exists=False)
         return next(t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                     if t.user_attrs.get(REQUEUED_FROM_ATTR) == trial.number)
+
+
+def _mean_of_unit_scores(task: PreparedTask) -> bool:
+    """Whether the task's accuracy is a mean of per-document scores, higher being better: the early-stopping bound
+    holds only then (and only while the scores stay in [0, 1], checked as they arrive)."""
+    metrics = task.task.config.metric_list or [{}]
+    return task.higher_is_better and metrics[0].get("aggregation", "mean") == "mean"
 
 
 @contextlib.contextmanager

@@ -40,6 +40,10 @@ def tune(
                                                    "the study already holds it (default: such trials are pruned)."),
     heartbeat_interval: int = typer.Option(30, min=1, help="Seconds between a running trial's heartbeats; a trial "
                                                            "silent for 2x this is marked failed and re-queued."),
+    early_stop_chunk: int | None = typer.Option(None, min=1, help="Score each trial in chunks of this many "
+                                                             "documents and stop it once even perfect scores on "
+                                                             "the rest cannot meet the accuracy constraint "
+                                                             "(default: the space's early_stopping.chunk_size)."),
     max_same_failures: int = typer.Option(3, min=1, help="Stop after this many trials in a row fail with the same "
                                                          "exception type (a broken setup, not a bad configuration)."),
 ) -> None:
@@ -67,7 +71,8 @@ def tune(
         if sampler is not None:
             space = space.with_sampler(sampler)
         space = space.with_overrides(model=model, tasks=tuple(task) or None, subset_size=limit, subset_seed=seed,
-                                     trials=trials, timeout_s=timeout, feature_cache_mb=feature_cache_mb)
+                                     trials=trials, timeout_s=timeout, feature_cache_mb=feature_cache_mb,
+                                     early_stop_chunk=early_stop_chunk)
         with console.status(f"Loading {space.model} and {', '.join(space.tasks)}..."), \
                 hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
@@ -93,7 +98,10 @@ def tune(
             seconds = time.perf_counter() - started[0]
             started[0] = time.perf_counter()
             ran[0] += 1
-            if trial.state.name == "COMPLETE":
+            if trial.state.name == "COMPLETE" and trial.user_attrs.get("stopped_early"):
+                reason = escape(trial.user_attrs.get("stop_reason", ""))
+                line = f"trial {trial.number}: {describe_trial(trial)}: [yellow]{reason}[/] (stored as infeasible)"
+            elif trial.state.name == "COMPLETE":
                 noise = latency_noise(trial)
                 line = (f"trial {trial.number}: {describe_trial(trial)}: accuracy "
                         f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms "

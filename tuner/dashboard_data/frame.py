@@ -51,6 +51,8 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
                      f"ratio {row['keep_ratio_achieved']:.3f})")
         lines.append(f"prefill GFLOPs {row['prefill_gflops']:.3g} ({row['flops_ratio']:.0%} of baseline), "
                      f"KV cache {row['kv_cache_mb']:.3g} MB")
+        if trial.user_attrs.get("stopped_early"):
+            lines.append(f"stopped early: {trial.user_attrs.get('stop_reason', '')} (accuracy shown: that bound)")
         noise = latency_noise(trial)
         if noise:
             lines.append(f"noisy latency: {noise}")

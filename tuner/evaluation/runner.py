@@ -44,6 +44,7 @@ class EvalResult:
     metrics: dict[str, dict[str, float]]  # task -> metric -> value
     samples: list[SampleResult] = field(default_factory=list)
     seconds: float = 0.0
+    stopped: str | None = None  # why evaluation stopped before the whole subset (tuner.early_stop), if it did
 
     @property
     def n_samples(self) -> int:
@@ -116,33 +117,72 @@ class Evaluator:
     def n_requests(self) -> int:
         return sum(task.subset.size for task in self.tasks)
 
-    def evaluate(self, config: PruningConfig | None, *,
-                 on_progress: Callable[[int], None] | None = None) -> EvalResult:
-        """Accuracy of `config` (None = unpruned) on every task; a failed generation raises GenerationFailure."""
+    def evaluate(self, config: PruningConfig | None, *, on_progress: Callable[[int], None] | None = None,
+                 chunk_size: int | None = None,
+                 stop_check: Callable[[dict[str, list[float]]], str | None] | None = None) -> EvalResult:
+        """Accuracy of `config` (None = unpruned) on every task; a failed generation raises GenerationFailure.
+
+        With `chunk_size`, each task's subset is scored `chunk_size` documents at a time (lmms-eval's offset and
+        limit, same documents and order), and after each chunk `stop_check(scores so far by task)` may return a
+        reason to stop: the result then holds the chunks scored, with `stopped` set. A task's metrics are then
+        the document-weighted mean of its chunks' (exact for metrics that are means of per-document scores).
+        """
         self.lm.set_config(config)
         self.lm.records.clear()
         self.lm.on_progress = on_progress
         start = time.perf_counter()
         try:
-            results = self._evaluator.simple_evaluate(
-                model=self.lm, tasks=[task.task for task in self.tasks], task_manager=self.tasks[0].manager,
-                bootstrap_iters=0, log_samples=True, use_cache=None, verbosity="WARNING",
-                random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+            if chunk_size is None:
+                metrics, samples = self._score(self.tasks)
+                stopped = None
+            else:
+                metrics, samples, stopped = self._score_in_chunks(chunk_size, stop_check)
         finally:
             self.lm.on_progress = None
+        samples.sort(key=lambda s: (s.task, s.doc_index))
+        primaries = [metrics[task.name][task.primary_metric] for task in self.tasks if task.name in metrics]
+        return EvalResult(config=config, accuracy=statistics.fmean(primaries), metrics=metrics, samples=samples,
+                          seconds=time.perf_counter() - start, stopped=stopped)
+
+    def _score_in_chunks(self, chunk_size: int, stop_check: Callable[[dict[str, list[float]]], str | None] | None
+                         ) -> tuple[dict[str, dict[str, float]], list[SampleResult], str | None]:
+        """Score each task chunk by chunk, asking `stop_check` after every chunk (see `evaluate`)."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        parts: dict[str, list[tuple[int, dict[str, float]]]] = {}
+        samples: list[SampleResult] = []
+        scores: dict[str, list[float]] = {}
+        stopped = None
+        for task in self.tasks:
+            for offset in range(0, task.subset.size, chunk_size):
+                n = min(chunk_size, task.subset.size - offset)
+                chunk_metrics, chunk_samples = self._score([task], limit=n, offset=offset)
+                parts.setdefault(task.name, []).append((n, chunk_metrics[task.name]))
+                samples.extend(chunk_samples)
+                scores.setdefault(task.name, []).extend(s.score for s in chunk_samples if s.score is not None)
+                unscored = any(s.score is None for s in chunk_samples)  # no per-document scores: nothing to bound
+                stopped = None if stop_check is None or unscored else stop_check(scores)
+                if stopped:
+                    return _weighted_metrics(parts), samples, stopped
+        return _weighted_metrics(parts), samples, None
+
+    def _score(self, tasks: Sequence[PreparedTask], *, limit: int | None = None, offset: int = 0
+               ) -> tuple[dict[str, dict[str, float]], list[SampleResult]]:
+        """One lmms-eval run over `tasks` (documents offset .. offset + limit of each subset, or all of them)."""
+        results = self._evaluator.simple_evaluate(
+            model=self.lm, tasks=[task.task for task in tasks], task_manager=tasks[0].manager,
+            bootstrap_iters=0, log_samples=True, use_cache=None, verbosity="WARNING", limit=limit, offset=offset,
+            random_seed=None, numpy_random_seed=None, torch_random_seed=None)
         if results is None:
             raise GenerationFailure("lmms-eval returned no results")
-        seconds = time.perf_counter() - start
         metrics: dict[str, dict[str, float]] = {}
-        primaries = []
         samples: list[SampleResult] = []
-        for task in self.tasks:
+        for task in tasks:
             task_metrics = _numeric_metrics(results["results"].get(task.name, {}))
             if task.primary_metric not in task_metrics:
                 raise GenerationFailure(f"task {task.name} reported no {task.primary_metric!r} "
                                         f"(got {sorted(task_metrics)})")
             metrics[task.name] = task_metrics
-            primaries.append(task_metrics[task.primary_metric])
             for sample in results.get("samples", {}).get(task.name, []):
                 position = int(sample["doc_id"])
                 record = self.lm.records.get((task.name, position))
@@ -155,6 +195,14 @@ class Evaluator:
                     prediction=str(response), target=_target(sample),
                     score=float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None,
                     n_vision=record.n_vision if record else 0, n_kept_vision=record.n_kept_vision if record else 0))
-        samples.sort(key=lambda s: (s.task, s.doc_index))
-        return EvalResult(config=config, accuracy=statistics.fmean(primaries), metrics=metrics, samples=samples,
-                          seconds=seconds)
+        return metrics, samples
+
+
+def _weighted_metrics(parts: dict[str, list[tuple[int, dict[str, float]]]]) -> dict[str, dict[str, float]]:
+    """Per task, each metric every chunk reported, averaged over the chunks weighted by their documents."""
+    merged = {}
+    for task, chunks in parts.items():
+        keys = set.intersection(*(set(m) for _, m in chunks))
+        total = sum(n for n, _ in chunks)
+        merged[task] = {key: sum(n * m[key] for n, m in chunks) / total for key in sorted(keys)}
+    return merged
