@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default, end to end on a fresh machine: install into .venv, tune search_spaces/demo.yaml (the tiny
-# LLaVA shipped in the package, on the bundled offline task) into demo.db, and print the Pareto front.
+# LLaVA shipped in the package, on the bundled offline task) into demo.db, confirm the Pareto front (re-measured
+# latency, accuracy on a fresh subset) and print it.
 #   ./demo.sh [extra `dart-tuner tune` options, e.g. --trials 40]
 # A failed tune ends the script with its exit code (set -e), before the "Next:" lines.
 set -euo pipefail

@@ -132,3 +132,23 @@ def test_latency_evidence_is_the_median_interval() -> None:
     """Five rounds: min..max with coverage 93.75%."""
     assert latency_evidence([9.0, 8.0, 12.0, 8.5, 8.7]) == {"prefill_ms_low": 8.0, "prefill_ms_high": 12.0,
                                                             "prefill_ms_coverage": 0.9375}
+
+
+def test_confirmed_numbers_are_shown_next_to_the_search_ones() -> None:
+    """A stored confirmation reaches the printed front, the dashboard frame, its Pareto plot and the preset; a
+    front trial it did not cover shows '-'."""
+    study = _study(with_evidence=True)
+    numbers = {"prefill_ms": 29.0, "speedup": 3.45, "speedup_low": 3.3, "speedup_high": 3.6, "latency_noisy": False,
+               "accuracy": 0.69, "accuracy_low": 0.58, "accuracy_high": 0.79}
+    study.set_user_attr("confirmation", {"repeats": 20, "fresh_subset": [{"name": "t", "size": 60}],
+                                         "trials": {"1": numbers}})
+    text = _render(pareto_table(study))
+    assert "confirmed (20 rounds, fresh subset)" in text and "29.0 ms 3.45x, acc 0.690 [0.58-0.79]" in text
+    frame = trial_frame(study).set_index("number")
+    assert frame.loc[1, "confirmed_prefill_ms"] == 29.0 and frame.loc[1, "confirmed_accuracy"] == 0.69
+    assert "confirmed (re-measured after the search)" in frame.loc[1, "hover"]
+    assert frame["confirmed_prefill_ms"].isna().sum() == 3
+    trace = next(t for t in pareto_figure(trial_frame(study)).data if t.name == "confirmed (re-measured)")
+    assert list(trace.x) == [29.0] and list(trace.y) == [0.69]
+    assert preset_from_trial(study, study.trials[1]).metrics["confirmed"] == numbers
+    assert preset_from_trial(study, study.trials[2]).metrics["confirmed"] is None

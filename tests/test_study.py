@@ -19,8 +19,9 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from tuner.cli import app
+from tuner.confirm import confirm, front_to_confirm
 from tuner.evaluation.tasks import load_tasks
-from tuner.export import NoTrialQualifies, Rule, choose_trial
+from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
 from tuner.models.loading import load_model
 from tuner.reporting import NOISY_FOOTNOTE
 from tuner.results import is_baseline, pareto_trials
@@ -124,6 +125,34 @@ def test_a_hopeless_trial_stops_after_its_first_chunk(saved_dirs, model_and_task
         choose_trial(study, Rule(trial=stopped.number))
     with pytest.raises(NoTrialQualifies, match="no complete pruned trial"):
         choose_trial(study, Rule(min_accuracy=0.0))
+
+
+def test_confirmation_stores_its_numbers_and_leaves_the_search_ones(saved_dirs, model_and_tasks, tmp_path) -> None:
+    """Catches a confirmation that overwrites a trial's search-time numbers, times the front apart from the
+    baseline, or scores accuracy on questions the search already saw."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    tuner_ = _tuner(saved_dirs, model_and_tasks, storage)
+    study = tuner_.run(3)
+    before = {t.number: (t.values, dict(t.user_attrs)) for t in study.get_trials()}
+    pruned = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if not is_baseline(t)]
+    front = [t.number for t in pruned]  # the whole front may be the baseline on 6 questions and 1 round: all of them
+    assert {t.number for t in front_to_confirm(study)} <= set(front)
+    record = confirm(tuner_, repeats=3, fresh_size=4, fresh_seed=1, trials=pruned)
+    reloaded = optuna.load_study(study_name="tiny", storage=storage)
+    assert reloaded.user_attrs["confirmation"] == record
+    assert {t.number: (t.values, dict(t.user_attrs)) for t in reloaded.get_trials()} == before
+    assert sorted(record["trials"]) == sorted(str(n) for n in front) and record["repeats"] == 3
+    for numbers in record["trials"].values():
+        assert numbers["speedup_low"] <= numbers["speedup"] <= numbers["speedup_high"]
+        assert numbers["prefill_ms_low"] <= numbers["prefill_ms"] <= numbers["prefill_ms_high"]
+        assert numbers["n_samples"] == 4 and numbers["n_paired"] == 4 and 0 <= numbers["accuracy"] <= 1
+    assert record["baseline"]["n_samples"] == 4
+    loaded, tasks = model_and_tasks
+    fresh = load_tasks([TASK], subset_size=4, seed=1, exclude={TASK: tasks[0].doc_indices})
+    assert not set(fresh[0].doc_indices) & set(tasks[0].doc_indices)
+    assert record["fresh_subset"][0]["hash"] == fresh[0].subset.hash != tasks[0].subset.hash
+    trial = next(t for t in reloaded.get_trials() if t.number == front[0])
+    assert preset_from_trial(reloaded, trial).metrics["confirmed"] == record["trials"][str(front[0])]
 
 
 def test_a_failing_trial_is_stored_with_its_reason(saved_dirs, model_and_tasks, tmp_path, monkeypatch) -> None:

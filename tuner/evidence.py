@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial
 
 from tuner import stats
 
+CONFIRMATION_ATTR = "confirmation"  # study attribute written by `tuner.confirm`: {"trials": {"7": {...}}, ...}
 SAMPLE_TASKS_ATTR = "sample_tasks"  # [[task, count], ...]: the task of each entry of `samples`, in order
 
 
@@ -135,3 +136,22 @@ def versus_baseline_text(trial: FrozenTrial) -> str:
         return "-"
     p_value = _finite(trial.user_attrs.get("mcnemar_p"))
     return f"{diff:+.3f} [{pair[0]:+.2f},{pair[1]:+.2f}]" + (f" p={p_value:.2g}" if p_value is not None else "")
+
+
+def confirmed(study: Any, trial: FrozenTrial) -> dict[str, Any] | None:
+    """The confirmation run's numbers for `trial` (`tuner.confirm`), or None (never confirmed, or it was not on
+    the front then)."""
+    record = study.user_attrs.get(CONFIRMATION_ATTR) or {}
+    return (record.get("trials") or {}).get(str(trial.number))
+
+
+def confirmed_text(study: Any, trial: FrozenTrial) -> str:
+    """'21.0 ms 1.52x, acc 0.790 [0.67-0.88]': a trial's confirmed numbers in a few words ('-' when none)."""
+    numbers = confirmed(study, trial)
+    if not numbers:
+        return "-"
+    text = f"{numbers['prefill_ms']:.1f} ms {numbers['speedup']:.2f}x" + ("*" if numbers.get("latency_noisy") else "")
+    if numbers.get("accuracy") is not None:
+        low, high = numbers.get("accuracy_low"), numbers.get("accuracy_high")
+        text += f", acc {numbers['accuracy']:.3f}" + (f" [{low:.2f}-{high:.2f}]" if low is not None else "")
+    return text

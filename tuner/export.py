@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner import __version__
 from tuner.early_stop import STOPPED_ATTR
 from tuner.errors import DartTunerError
-from tuner.evidence import accuracy_lower_bound
+from tuner.evidence import accuracy_lower_bound, confirmed
 from tuner.presets import SCHEMA_VERSION, Preset
 from tuner.reporting import describe_trial
 from tuner.results import config_of, is_baseline
@@ -202,6 +202,7 @@ def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:
         "prefill_flops": attrs.get("prefill_flops"), "kv_cache_bytes": attrs.get("kv_cache_bytes"),
         "n_samples": attrs.get("n_samples"),
         **{key: attrs.get(key) for key in EVIDENCE_METRICS},
+        "confirmed": confirmed(study, trial),  # the confirmation run's numbers (`tuner.confirm`), if any
     }
     stored = study.user_attrs.get("provenance") or {}
     versions = dict(stored.get("versions") or {})

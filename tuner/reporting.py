@@ -8,7 +8,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from tuner.evidence import indistinct_from, interval_text, versus_baseline_text
+from tuner.evidence import CONFIRMATION_ATTR, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.results import accuracy_relative, config_of, is_baseline, pareto_trials
 
 NOISY_MARK = "*"
@@ -92,8 +92,13 @@ def pareto_table(study: optuna.Study) -> Table:
     """The feasible Pareto front, fastest first, with 95% intervals, the paired comparison with the baseline and
     the front's trials each one cannot be told apart from."""
     table = Table(title=f"Pareto front of {study.study_name} (feasible trials; accuracy up, prefill down)")
-    for column in ("trial", "method", "K", "pivots", "keep", "kept vision", "accuracy [95%]", "rel. acc",
-                   "vs baseline [95%] p", "prefill ms [95%]", "speed-up", "not distinguishable from"):
+    confirmation = study.user_attrs.get(CONFIRMATION_ATTR)
+    columns = ["trial", "method", "K", "pivots", "keep", "kept vision", "accuracy [95%]", "rel. acc",
+               "vs baseline [95%] p", "prefill ms [95%]", "speed-up", "not distinguishable from"]
+    if confirmation:
+        columns.append(f"confirmed ({confirmation.get('repeats')} rounds"
+                       + (", fresh subset)" if confirmation.get("fresh_subset") else ")"))
+    for column in columns:
         table.add_column(column, justify="left" if column in ("method",) else "right")
     front = pareto_trials(study)
     for trial in front:
@@ -101,12 +106,11 @@ def pareto_table(study: optuna.Study) -> Table:
         kept = trial.user_attrs.get("kept_vision_mean")
         vision = trial.user_attrs.get("vision_mean")
         indistinct = ", ".join(f"#{n}" for n in indistinct_from(trial, front)) or "-"
-        table.add_row(str(trial.number), method, layer, pivots, amount,
-                      f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}", with_interval(trial, "accuracy", trial.values[0],
-                                                                                  ".3f"),
-                      _fmt(accuracy_relative(trial, study), ".1%"), versus_baseline_text(trial),
-                      with_interval(trial, "prefill_ms", trial.values[1], ".1f"), speedup_text(trial, study),
-                      indistinct)
+        cells = [str(trial.number), method, layer, pivots, amount, f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}",
+                 with_interval(trial, "accuracy", trial.values[0], ".3f"), _fmt(accuracy_relative(trial, study), ".1%"),
+                 versus_baseline_text(trial), with_interval(trial, "prefill_ms", trial.values[1], ".1f"),
+                 speedup_text(trial, study), indistinct]
+        table.add_row(*cells, *([confirmed_text(study, trial)] if confirmation else []))
     notes = [INTERVAL_FOOTNOTE]
     if any(latency_noise(t) for t in front):
         notes.append(NOISY_FOOTNOTE)

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, log_to, quiet_libraries, storage_fail
+from tuner.cli.confirming import run_confirmation
 from tuner.errors import DartTunerError
 from tuner.storage import DEFAULT_STORAGE
 
@@ -44,6 +45,10 @@ def tune(
                                                              "documents and stop it once even perfect scores on "
                                                              "the rest cannot meet the accuracy constraint "
                                                              "(default: the space's early_stopping.chunk_size)."),
+    confirm: bool = typer.Option(True, help="At the end, re-measure the front (`dart-tuner confirm`): one "
+                                            "interleaved latency run with the baseline and more repeats, and "
+                                            "accuracy on a fresh disjoint subset."),
+    confirm_repeats: int = typer.Option(20, min=1, help="Latency rounds of the confirmation run."),
     max_same_failures: int = typer.Option(3, min=1, help="Stop after this many trials in a row fail with the same "
                                                          "exception type (a broken setup, not a bad configuration)."),
 ) -> None:
@@ -135,9 +140,16 @@ def tune(
     if tuner_.n_complete() == complete_before and (ran[0] or not complete_before):
         raise fail(f"no trial completed in study {tuner_.study_name!r}: {ran[0]} ran and failed (their reasons "
                     "are printed above and stored in the study)", code=1)
-    console.print(pareto_table(tuner_.study))
     cache = tuner_.feature_cache
     console.print(f"feature cache of this worker: {cache.stats().describe(cache.max_bytes)}" if cache else
                   "feature cache: off (--feature-cache-mb 0)")
+    if confirm:
+        try:
+            run_confirmation(console, tuner_, repeats=confirm_repeats, fresh_limit=None, fresh_seed=1)
+        except (DartTunerError, ValueError) as error:
+            raise fail(f"confirmation failed (the study is stored; run `dart-tuner confirm` to retry): {error}",
+                       code=1) from None
+    else:
+        console.print(pareto_table(tuner_.study))
     console.print(f"{tuner_.n_complete()} complete trials in {storage}, study {tuner_.study_name!r}. "
                   f"List studies: dart-tuner studies --storage {storage}")

@@ -79,6 +79,15 @@ def pareto_figure(frame: pd.DataFrame, *, x: str = "prefill_ms", show_dominated:
         xs, ys = _front_line(front, x, "accuracy")
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="Pareto front (feasible)", hoverinfo="skip",
                                  line={"color": "#444", "width": 1, "dash": "dot"}))
+    confirmed = done[done["confirmed_prefill_ms"].notna()] if x == "prefill_ms" else done.iloc[0:0]
+    if len(confirmed):
+        ys = confirmed["confirmed_accuracy"].fillna(confirmed["accuracy"])
+        fig.add_trace(go.Scatter(
+            x=confirmed["confirmed_prefill_ms"], y=ys, mode="markers", name="confirmed (re-measured)",
+            hovertext=[f"<b>trial {n}</b> confirmed: {t}" for n, t in zip(confirmed["number"],
+                                                                         confirmed["confirmed_text"])],
+            hovertemplate="%{hovertext}<extra></extra>", customdata=confirmed["number"],
+            marker={"symbol": "diamond-open", "size": 12, "color": "#111", "line": {"width": 2}}))
     baseline = done[done["role"] == "baseline"]
     if len(baseline):
         fig.add_trace(go.Scatter(

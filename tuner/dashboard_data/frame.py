@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.evidence import indistinct_from, interval_text, versus_baseline_text
+from tuner.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.reporting import describe_trial, latency_noise, speedup
 from tuner.results import accuracy_relative, config_of, is_baseline
 
@@ -58,6 +58,8 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
             lines.append(f"noisy latency: {noise}")
         lines.append("infeasible: " + row["violations"] if not row["feasible"] else
                      ("on the Pareto front" if row["pareto"] else "dominated"))
+        if not math.isnan(row["confirmed_prefill_ms"]):
+            lines.append(f"confirmed (re-measured after the search): {row['confirmed_text']}")
         if row["indistinct"]:
             lines.append(f"not distinguishable from trial {row['indistinct']} (95% intervals overlap on both axes)")
     elif row["failure"]:
@@ -71,7 +73,8 @@ TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ra
                  "keep_ratio_achieved", "prefill_gflops", "flops_ratio", "kv_cache_mb", "n_samples", "feasible",
                  "violations", "pareto", "failure", "accuracy_low", "accuracy_high", "prefill_ms_low",
                  "prefill_ms_high", "accuracy_diff", "accuracy_diff_low", "accuracy_diff_high", "mcnemar_p",
-                 "indistinct", "hover")
+                 "indistinct", "confirmed_prefill_ms", "confirmed_speedup", "confirmed_accuracy", "confirmed_text",
+                 "hover")
 
 
 def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> pd.DataFrame:
@@ -116,10 +119,19 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
                                                      "prefill_ms_high", "accuracy_diff", "accuracy_diff_low",
                                                      "accuracy_diff_high", "mcnemar_p")},
             "indistinct": ", ".join(str(n) for n in indistinct_from(trial, front)) if trial.number in pareto else "",
+            **_confirmed_columns(study, trial),
         }
         row["hover"] = _hover(row, trial)
         rows.append(row)
     return pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
+
+
+def _confirmed_columns(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """The confirmation run's prefill, speed-up and fresh-subset accuracy of a trial (NaN when none)."""
+    numbers = confirmed(study, trial) or {}
+    return {"confirmed_prefill_ms": _num(numbers.get("prefill_ms")), "confirmed_speedup": _num(numbers.get("speedup")),
+            "confirmed_accuracy": _num(numbers.get("accuracy")),
+            "confirmed_text": confirmed_text(study, trial) if numbers else ""}
 
 
 def method_color(method: str) -> str:
@@ -145,5 +157,8 @@ def table_of(frame: pd.DataFrame, numbers: Sequence[int]) -> pd.DataFrame:
         "prefill ms": rows["prefill_ms"].round(2), "speed-up": rows["speedup"].round(2),
         "accuracy 95% low": rows["accuracy_low"].round(3), "accuracy 95% high": rows["accuracy_high"].round(3),
         "kept vision tokens": rows["kept_vision_mean"].round(1), "GFLOPs": rows["prefill_gflops"].round(4),
-        "feasible": rows["feasible"], "Pareto": rows["pareto"]})
+        "feasible": rows["feasible"], "Pareto": rows["pareto"],
+        "confirmed prefill ms": rows["confirmed_prefill_ms"].round(2),
+        "confirmed speed-up": rows["confirmed_speedup"].round(2),
+        "confirmed accuracy (fresh subset)": rows["confirmed_accuracy"].round(4)})
     return table.reset_index(drop=True)

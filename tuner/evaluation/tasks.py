@@ -12,7 +12,7 @@ import hashlib
 import json
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,14 +168,20 @@ def _primary_metric(task: Any) -> tuple[str, bool]:
     return first["metric"], bool(first.get("higher_is_better", True))
 
 
-def prepare_task(name: str, task: Any, *, subset_size: int | None, seed: int) -> PreparedTask:
-    """Restrict `task`'s evaluation split to a seeded stratified subset, in place, and describe it."""
+def prepare_task(name: str, task: Any, *, subset_size: int | None, seed: int,
+                 exclude: Sequence[int] = ()) -> PreparedTask:
+    """Restrict `task`'s evaluation split to a seeded stratified subset, in place, and describe it. Documents in
+    `exclude` (indices of the full split) are never drawn: a subset disjoint from another one."""
     split = _split_name(task)
     docs_no_media = task.dataset_no_image[split]
     field = _category_field(task, docs_no_media.column_names)
     all_categories = [None if field is None else str(c) for c in
                       (docs_no_media[field] if field else [None] * len(docs_no_media))]
-    indices = stratified_indices(all_categories, subset_size, seed)
+    excluded = set(exclude)
+    allowed = [i for i in range(len(all_categories)) if i not in excluded]
+    if not allowed:
+        raise TaskNotFoundError(f"task {name}: no documents left outside the {len(excluded)} excluded ones")
+    indices = [allowed[i] for i in stratified_indices([all_categories[i] for i in allowed], subset_size, seed)]
     digest = subset_hash(name, indices, docs_no_media.select(indices).to_list())
     shared = task.dataset_no_image is task.dataset
     task.dataset[split] = task.dataset[split].select(indices)
@@ -189,12 +195,16 @@ def prepare_task(name: str, task: Any, *, subset_size: int | None, seed: int) ->
 
 
 def load_tasks(names: Sequence[str], *, subset_size: int | None = None, seed: int = 0,
-               include_paths: Sequence[str | Path] = ()) -> list[PreparedTask]:
-    """Load each named task (a group expands to its tasks) and cut its subset of `subset_size` documents."""
+               include_paths: Sequence[str | Path] = (),
+               exclude: Mapping[str, Sequence[int]] | None = None) -> list[PreparedTask]:
+    """Load each named task (a group expands to its tasks) and cut its subset of `subset_size` documents (never
+    the ones `exclude` lists for that task)."""
     lmms_eval = import_lmms_eval("tasks")
     manager = task_manager_for(names, include_paths)
     task_dict = lmms_eval.tasks.get_task_dict(list(names), manager)
-    prepared = [prepare_task(name, task, subset_size=subset_size, seed=seed) for name, task in _leaf_tasks(task_dict)]
+    exclude = exclude or {}
+    prepared = [prepare_task(name, task, subset_size=subset_size, seed=seed, exclude=exclude.get(name, ()))
+                for name, task in _leaf_tasks(task_dict)]
     for item in prepared:
         item.manager = manager
     if not prepared:

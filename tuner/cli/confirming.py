@@ -1,0 +1,70 @@
+"""The `confirm` command (also run at the end of `tune`): the front re-measured, printed with its confirmed numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, quiet_libraries, storage_fail
+from tuner.errors import DartTunerError
+from tuner.storage import DEFAULT_STORAGE
+
+
+def run_confirmation(console: Console, tuner_: Any, *, repeats: int, fresh_limit: int | None,
+                     fresh_seed: int) -> None:
+    """Confirm `tuner_`'s front (`tuner.confirm.confirm`) with a spinner, then print the front with its confirmed
+    numbers. `fresh_limit` None: the study's subset size; 0: latency only."""
+    from tuner.confirm import confirm, front_to_confirm
+    from tuner.reporting import pareto_table
+
+    if not front_to_confirm(tuner_.study):
+        console.print("nothing to confirm: the feasible Pareto front holds no pruned trial")
+        return
+    size = fresh_limit if fresh_limit is not None else min(t.subset.size for t in tuner_.tasks)
+    with console.status("Confirming the front...") as status, hide_library_progress_bars():
+        confirm(tuner_, repeats=repeats, fresh_size=size or None, fresh_seed=fresh_seed,
+                on_step=lambda step: status.update(f"Confirming the front: {step}..."))
+    console.print(pareto_table(tuner_.study))
+    console.print(f"confirmed: {repeats} interleaved rounds with the baseline"
+                  + (f", accuracy on a fresh subset of {size} documents per task (seed {fresh_seed}), disjoint "
+                     "from the search's" if size else "") + "; the search-time numbers are unchanged")
+
+
+@app.command("confirm")
+@interruptible
+def confirm_command(
+    space_path: Path = typer.Option(..., "--space", "-s", help="The search-space YAML the study was tuned with."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage."),
+    study: str | None = typer.Option(None, help="Study name (default: the space's `study`, else its file name)."),
+    repeats: int = typer.Option(20, min=1, help="Interleaved latency rounds of the front and the baseline."),
+    fresh_limit: int | None = typer.Option(None, min=0, help="Documents per task of the fresh accuracy subset, "
+                                                             "disjoint from the search's (default: the same size; "
+                                                             "0: latency only)."),
+    fresh_seed: int = typer.Option(1, help="Seed of the fresh subset."),
+) -> None:
+    """Re-measure a study's Pareto front: one interleaved latency run with the baseline and more repeats, and
+    accuracy on a fresh disjoint subset. Stored next to the search-time numbers, which stay unchanged."""
+    from tuner.results import open_study
+    from tuner.space import load_space
+    from tuner.storage import open_for_reading
+    from tuner.study import Tuner
+
+    console = Console()
+    quiet_libraries()
+    try:
+        space = load_space(space_path)
+        open_study(open_for_reading(storage), study or space.study)  # confirm never creates a study
+        with console.status(f"Loading {space.model} and {', '.join(space.tasks)}..."), \
+                hide_library_progress_bars():
+            tuner_ = Tuner(space, storage, study_name=study)
+    except (DartTunerError, ValueError) as error:
+        raise fail(str(error)) from None
+    except Exception as error:
+        raise storage_fail(storage, error, code=2) from error
+    try:
+        run_confirmation(console, tuner_, repeats=repeats, fresh_limit=fresh_limit, fresh_seed=fresh_seed)
+    except (DartTunerError, ValueError) as error:
+        raise fail(str(error), code=1) from None
