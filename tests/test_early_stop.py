@@ -66,6 +66,15 @@ def test_chunks_stop_at_the_first_chunk_the_bound_allows_and_not_before() -> Non
     assert stopped is None and len(calls) == 4 and len(samples) == 20  # a floor it can still reach: never stopped
 
 
+def test_a_trial_that_misses_the_floor_only_in_its_last_chunk_is_complete_not_stopped() -> None:
+    """Nothing is left to skip after the last chunk: the trial has its full accuracy (an ordinary infeasible
+    trial), so it must not be stored as stopped with a bound."""
+    chunks = [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 1, 0, 0]]  # 11 of 20 < 12 only at the end
+    evaluator, calls = _evaluator(chunks)
+    _, samples, stopped = evaluator._score_in_chunks(5, lambda s: stop_reason(progress_of(s, {"t": 20}), FLOOR))
+    assert stopped is None and len(calls) == 4 and len(samples) == 20
+
+
 def _study() -> optuna.Study:
     """Baseline 0.8 @ 100 ms; trial 1 complete and feasible (0.78 @ 50 ms); trial 2 stopped early, reporting its
     bound 0.75 @ 10 ms and infeasible through the constraint, as `Tuner.measure` stores it."""

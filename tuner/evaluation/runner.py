@@ -161,7 +161,8 @@ class Evaluator:
                 samples.extend(chunk_samples)
                 scores.setdefault(task.name, []).extend(s.score for s in chunk_samples if s.score is not None)
                 unscored = any(s.score is None for s in chunk_samples)  # no per-document scores: nothing to bound
-                stopped = None if stop_check is None or unscored else stop_check(scores)
+                finished = task is self.tasks[-1] and offset + n >= task.subset.size  # nothing left to skip
+                stopped = None if stop_check is None or unscored or finished else stop_check(scores)
                 if stopped:
                     return _weighted_metrics(parts), samples, stopped
         return _weighted_metrics(parts), samples, None
