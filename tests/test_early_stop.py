@@ -86,7 +86,8 @@ def _study() -> optuna.Study:
         config = PruningConfig(method="random", layer=2, keep_ratio=ms / 100)
         attrs = {"config": config.to_dict(), "prefill_ms": ms}
         if stopped:
-            attrs.update(stopped_early=True, stop_reason="stopped after 6 of 60 documents", accuracy_partial=0.0)
+            attrs.update(stopped_early=True, stop_reason="stopped after 6 of 60 documents", accuracy_partial=0.0,
+                         accuracy_low=0.0, accuracy_high=0.39)  # the Wilson interval of its 0 of 6
         study.add_trial(optuna.create_trial(
             values=[accuracy, ms], params={"method": "random"},
             distributions={"method": CategoricalDistribution(["random"])}, user_attrs=attrs,
@@ -107,3 +108,12 @@ def test_a_stopped_trial_is_never_chosen_by_export() -> None:
     assert choose_trial(study, Rule(max_prefill_ms=60)).number == 1
     with pytest.raises(NoTrialQualifies, match="stopped early.*6 of 60"):
         choose_trial(study, Rule(trial=2))
+
+
+def test_the_dashboard_says_why_a_trial_stopped() -> None:
+    """The hover gives the reason, and no interval next to the bound it reports (that interval is of its partial
+    scores)."""
+    from tuner.dashboard_data import trial_frame
+
+    hover = trial_frame(_study()).set_index("number").loc[2, "hover"]
+    assert "stopped early: stopped after 6 of 60 documents" in hover and "95% [" not in hover

@@ -47,6 +47,8 @@ def confirm_command(
 ) -> None:
     """Re-measure a study's Pareto front: one interleaved latency run with the baseline and more repeats, and
     accuracy on a fresh disjoint subset. Stored next to the search-time numbers, which stay unchanged."""
+    import optuna
+
     from tuner.results import open_study
     from tuner.space import load_space
     from tuner.storage import open_for_reading
@@ -54,6 +56,7 @@ def confirm_command(
 
     console = Console()
     quiet_libraries()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         space = load_space(space_path)
         open_study(open_for_reading(storage), study or space.study)  # confirm never creates a study
