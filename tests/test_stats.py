@@ -39,6 +39,18 @@ def test_mcnemar_exact_p_on_a_hand_built_table() -> None:
     assert paired.method == "newcombe" and paired.low < paired.diff < paired.high < 0.1
 
 
+def test_newcombe_phi_is_shrunk_by_half_n() -> None:
+    """Table 10 / 2 / 3 / 5 (n = 20): AD - BC = 44 > n/2, so phi = (44 - 10) / sqrt(12 * 8 * 13 * 7), worked by
+    hand into the square-and-add formula; an uncorrected phi (44 / ...) gives a narrower interval."""
+    l1, u1 = stats.wilson_interval(12, 20)
+    l2, u2 = stats.wilson_interval(13, 20)
+    phi = 34 / math.sqrt(12 * 8 * 13 * 7)
+    p1, p2 = 0.6, 0.65
+    low = -0.05 - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    high = -0.05 + math.sqrt((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2)
+    assert stats.newcombe_paired_interval(10, 2, 3, 5) == pytest.approx((low, high))
+
+
 def test_newcombe_interval_is_antisymmetric_and_reduces_without_correlation() -> None:
     """Swapping who wins the discordant pairs mirrors the interval; with a zero margin (phi = 0) it is the
     square-and-add of the two Wilson intervals."""

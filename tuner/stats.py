@@ -144,7 +144,10 @@ def newcombe_paired_interval(both: int, improved: int, worsened: int, neither: i
     l1, u1 = wilson_interval(both + improved, n, confidence)
     l2, u2 = wilson_interval(both + worsened, n, confidence)
     margins = (both + improved) * (worsened + neither) * (both + worsened) * (improved + neither)
-    phi = (both * neither - improved * worsened) / math.sqrt(margins) if margins else 0.0
+    # Newcombe's phi: the correlation of the two responses, a positive one shrunk by n/2 (and floored at 0)
+    cross = both * neither - improved * worsened
+    cross = max(0.0, cross - n / 2) if cross > 0 else cross
+    phi = cross / math.sqrt(margins) if margins else 0.0
     diff = p1 - p2
     delta = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     epsilon = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
