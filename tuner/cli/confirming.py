@@ -16,11 +16,13 @@ from tuner.storage import DEFAULT_STORAGE
 def run_confirmation(console: Console, tuner_: Any, *, repeats: int, fresh_limit: int | None,
                      fresh_seed: int) -> None:
     """Confirm `tuner_`'s front (`tuner.confirm.confirm`) with a spinner, then print the front with its confirmed
-    numbers. `fresh_limit` None: the study's subset size; 0: latency only."""
+    numbers (just the front when it holds no pruned trial). `fresh_limit` None: the study's subset size; 0: latency
+    only."""
     from tuner.confirm import confirm, front_to_confirm
     from tuner.reporting import pareto_table
 
     if not front_to_confirm(tuner_.study):
+        console.print(pareto_table(tuner_.study))
         console.print("nothing to confirm: the feasible Pareto front holds no pruned trial")
         return
     size = fresh_limit if fresh_limit is not None else min(t.subset.size for t in tuner_.tasks)
