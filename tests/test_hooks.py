@@ -19,7 +19,7 @@ ATTN = ("sdpa", "eager")
 K = 2
 NEW_TOKENS = 4
 ATOL = 1e-4
-PRUNING_METHODS = ("dart", "random", "pooling", "fastv", "avgpool")
+PRUNING_METHODS = ("dart", "random", "pooling", "fastv", "avgpool", "window_fastv")
 
 
 @register_method("test_fixed")
@@ -58,7 +58,8 @@ def kept_vision(handle, vision: torch.Tensor, row: int) -> torch.Tensor:
 @pytest.mark.parametrize("batch", (1, 2))
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
-@pytest.mark.parametrize("cfg", [dict(method="keep_all"), dict(method="dart", keep_ratio=1.0)], ids=str)
+@pytest.mark.parametrize("cfg", [dict(method="keep_all"), dict(method="dart", keep_ratio=1.0),
+                                 dict(method="window_fastv", keep_ratio=1.0)], ids=str)
 def test_keeping_everything_equals_unhooked_model(family, attn, batch, cfg, loaded: Loader):
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor, batch=batch)
@@ -180,7 +181,7 @@ def test_cached_decode_equals_no_cache_recompute(family, attn, loaded: Loader):
 
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
-@pytest.mark.parametrize("method", ("dart", "random", "fastv"))
+@pytest.mark.parametrize("method", ("dart", "random", "fastv", "window_fastv"))
 def test_left_padded_batch_equals_rows_alone(family, attn, method, loaded: Loader):
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)

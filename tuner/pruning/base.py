@@ -9,6 +9,7 @@ import torch
 
 if TYPE_CHECKING:
     from tuner.config import PruningConfig
+    from tuner.models.families.grids import ImageGrids
 
 
 @dataclass
@@ -23,6 +24,7 @@ class SelectionContext:
     final_norm: torch.nn.Module  # the text model's final norm (DART measures duplication after it)
     keys: torch.Tensor | None = None  # [B, N, H*d] layer K-1 keys after RoPE, if the method asked
     last_row_attention: torch.Tensor | None = None  # [B, H, N] layer K-1 attention of the last token
+    image_grids: list[ImageGrids] | None = None  # per row, its images as 2-D grids of positions, if asked
 
     def vision_positions(self, row: int) -> torch.Tensor:
         """Ascending positions of the vision tokens of one row."""
@@ -47,6 +49,7 @@ class PruningMethod:
     name: ClassVar[str]
     needs_keys: ClassVar[bool] = False
     needs_last_row_attention: ClassVar[bool] = False
+    needs_image_grids: ClassVar[bool] = False  # the family's 2-D layout of each image (`Family.image_grids`)
     needs_amount: ClassVar[bool] = True  # whether keep_ratio or budget must be given
     option_defaults: ClassVar[dict[str, Any]] = {}
 

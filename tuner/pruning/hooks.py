@@ -48,6 +48,7 @@ class _Prompt:
     attention: torch.Tensor  # [B, N] bool
     n_vision: list[int]  # per row
     state: Any = None  # the family's per-token extras (Family.prompt_state)
+    grids: Any = None  # the family's image grids (Family.image_grids), if the method needs them
 
 
 @dataclass
@@ -163,8 +164,10 @@ class PruningHandle:
                 if 0 < n < self.config.n_image_pivots:
                     raise ValueError(f"n_image_pivots={self.config.n_image_pivots} exceeds the {n} vision "
                                      f"tokens of batch row {row}")
+        grids = self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision) \
+            if self.method.needs_image_grids else None
         self._prompt = _Prompt(input_ids, vision, attention, n_vision,
-                               state=self.adapter.spec.prompt_state(kwargs, input_ids))
+                               state=self.adapter.spec.prompt_state(kwargs, input_ids), grids=grids)
         return substituted
 
     def _number_positions_per_row(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -237,6 +240,7 @@ class PruningHandle:
             final_norm=self.adapter.text_model.norm,
             keys=capture.take_keys() if capture is not None else None,
             last_row_attention=capture.last_row_attention if capture is not None else None,
+            image_grids=prompt.grids,
         )
         with torch.no_grad():
             selection = self.method.select(context)

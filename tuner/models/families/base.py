@@ -19,6 +19,7 @@ import transformers
 from transformers import BatchFeature, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
 from tuner.cost import TextDims
+from tuner.models.families.grids import ImageGrids, grids_from_runs
 from tuner.transformers_compat import build_mask
 
 VISION_ID_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
@@ -120,6 +121,20 @@ class Family:
     # -- hooks: what differs per family during a pruned forward -------------------------------------
     def prompt_state(self, kwargs: dict[str, Any], input_ids: torch.Tensor) -> Any:
         """Per-token data a family's masks need, noted at the top-level call of a prefill (None: nothing)."""
+        return None
+
+    def image_grids(self, config: PretrainedConfig, kwargs: dict[str, Any], input_ids: torch.Tensor,
+                    vision: torch.Tensor) -> list[ImageGrids]:
+        """Each row's images as 2-D grids of sequence positions, from a prefill's top-level call (`window_fastv`).
+
+        `vision` [B, N] marks the vision tokens. The default cuts each contiguous run of them into chunks of
+        `grid_tokens(config)` (the whole run when None) and takes a square chunk as a square grid; other chunks
+        go to the leftover, which methods treat as 1-D.
+        """
+        return grids_from_runs(vision, self.grid_tokens(config))
+
+    def grid_tokens(self, config: PretrainedConfig) -> int | None:
+        """Vision tokens of one square grid (an image, a tile) when the config fixes it; None: a whole run."""
         return None
 
     def gather_state(self, state: Any, pruned: PrunedPrefill) -> Any:

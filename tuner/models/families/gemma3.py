@@ -128,6 +128,10 @@ class Gemma3(Family):
                                       and_mask_function=sliding_window_overlay(config.sliding_window))
         raise ValueError(f"Gemma 3 has no attention layer type {layer_type!r}")
 
+    def grid_tokens(self, config: PretrainedConfig) -> int:
+        """The SigLIP patches pooled to a square of `mm_tokens_per_image` (256 = 16 x 16) per image."""
+        return config.mm_tokens_per_image
+
     # -- tiny test models ---------------------------------------------------------------------------
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
         """A one-block SigLIP tower on 64 px images, pooled to 16 tokens, over alternating sliding/full layers."""

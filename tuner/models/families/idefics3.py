@@ -62,6 +62,11 @@ class Idefics3(Family):
         """The checkpoints' chat format: `User:` images and question `<end_of_utterance>`, then `Assistant:`."""
         return f"User:{self.image_placeholder * n_images}{text}<end_of_utterance>\nAssistant:"
 
+    def grid_tokens(self, config: Any) -> int:
+        """One square per sub-image and the global image: (image_size / patch / scale_factor)^2 tokens."""
+        vision = config.vision_config
+        return (vision.image_size // vision.patch_size // config.scale_factor) ** 2
+
     # Tiny test model --------------------------------------------------------------------------------
     @staticmethod
     def tiny_config_kwargs(tokenizer: Any, layers: int) -> dict[str, Any]:

@@ -93,6 +93,10 @@ class InternVL(Family):
         bounds = torch.cat([per_row.new_zeros(1), (per_row // per_tile).cumsum(0)]).tolist()
         return {"pixel_values": batch["pixel_values"][bounds[row]:bounds[row + 1]]}
 
+    def grid_tokens(self, config: Any) -> int:
+        """One square per tile: `image_seq_length` (256 = 16 x 16) pixel-shuffled tokens, the thumbnail too."""
+        return config.image_seq_length
+
     # Tiny test model --------------------------------------------------------------------------------
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
         """One-block InternViT on 64 px tiles (16 tokens each), up to 4 tiles + thumbnail, Qwen2 text model."""

@@ -31,6 +31,10 @@ class Llava(Family):
     search_space = "llava15.yaml"
     special = "the reference DART setting: 576 tokens per image, K = 2"
 
+    def grid_tokens(self, config: Any) -> int:
+        """One square crop per image: `image_seq_length` (576 = 24 x 24 at 336 px)."""
+        return config.image_seq_length
+
     def tiny(self, tokenizer: Any, layers: int, text_config: Any = None) -> tuple[PreTrainedModel, ProcessorMixin]:
         """One 112 px crop -> 8x8 image tokens, over a Llama text model unless given another."""
         config = LlavaConfig(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
@@ -12,15 +15,42 @@ from transformers import (
     ProcessorMixin,
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from tuner.models.families import register_family, tiny
 from tuner.models.families.base import Family
+from tuner.models.families.grids import ImageGrids, Layout, place_layouts
 from tuner.models.families.llava import CLIP_L336, CLIP_L336_PROCESSOR
 
 # Anyres grids ([height, width]) of the tiny model: a base crop plus two high-res crops per image.
 _TINY_GRID_PINPOINTS = [[112, 224], [224, 112]]
 # llava-v1.6 checkpoints: a 336 px base crop plus 2-4 tiles of 336 px.
 _GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def anyres_layouts(config: Any, image_sizes: Sequence[Sequence[int]], max_crops: int | None = None,
+                   patched: Sequence[bool] | None = None) -> list[Layout]:
+    """Each image's token layout as the model's `pack_image_features` builds it, from its (height, width).
+
+    A side x side base crop, then the high-res tiles' features unpadded to the image's aspect ratio (and, past
+    `max_crops` crops' worth, downsampled as OneVision's `anyres_max_N` does), a newline ending each row. An
+    image that is not `patched` (OneVision, several images in a prompt) is its base crop and one newline.
+    """
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    layouts = []
+    for index, size in enumerate(image_sizes):
+        if patched is not None and not patched[index]:
+            layouts.append(Layout.with_newlines(side, 1, 0))
+            continue
+        tiles_h, tiles_w = get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, vision.image_size)
+        height, width = unpad_image(torch.empty(0, tiles_h * side, tiles_w * side), list(size)).shape[1:]
+        if max_crops is not None:
+            ratio = math.sqrt(height * width / (max_crops * side ** 2))
+            if ratio > 1.1:
+                height, width = int(height // ratio), int(width // ratio)
+        layouts.append(Layout.with_newlines(side, height, width))
+    return layouts
 
 
 @register_family
@@ -36,6 +66,13 @@ class LlavaNext(Family):
     search_space = "llava_next.yaml"
     special = "anyres: 1-5 tiles, up to 2,880 tokens per image; newline tokens are vision tokens too"
     tiny_image_sizes = ((200, 120), (120, 180))
+
+    def image_grids(self, config: Any, kwargs: dict[str, Any], input_ids: torch.Tensor,
+                    vision: torch.Tensor) -> list[ImageGrids]:
+        """Per image (`image_sizes`): the base crop's grid and the unpadded high-res grid; newlines are leftover."""
+        sizes = kwargs.get("image_sizes")
+        placed = None if sizes is None else place_layouts(vision, anyres_layouts(config, sizes.tolist()))
+        return placed if placed is not None else super().image_grids(config, kwargs, input_ids, vision)
 
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
         """Base crop + two high-res crops of 112 px, unpadded, with an image_newline per row."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
@@ -22,6 +23,8 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from tuner.models.families import register_family, tiny
 from tuner.models.families.base import Family
+from tuner.models.families.grids import ImageGrids, grids_from_runs, merge_grids, place_layouts
+from tuner.models.families.llava_next import anyres_layouts
 from tuner.models.families.qwen2_vl import ImageOnlyProcessorMixin
 
 # Tiny crops: 56 px, patch 14 -> 4x4 = 16 features per crop; up to 2x2 tiles, downsampled past 2 crops' worth.
@@ -75,6 +78,23 @@ class LlavaOnevision(Family):
         """The checkpoints' ChatML user turn, one `<image>` line per image."""
         images = f"{self.image_placeholder}\n" * n_images
         return f"<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"
+
+    def image_grids(self, config: Any, kwargs: dict[str, Any], input_ids: torch.Tensor,
+                    vision: torch.Tensor) -> list[ImageGrids]:
+        """LLaVA-NeXT's layout per image (`image_sizes`), downsampled past `anyres_max_N`; an image that shares its
+        prompt with others (`batch_num_images` > 1) is its base crop and a newline. Video tokens are runs."""
+        sizes = kwargs.get("image_sizes")
+        images = vision & (input_ids == config.image_token_index)
+        placed = None
+        if sizes is not None:
+            aspect = kwargs.get("vision_aspect_ratio") or config.vision_aspect_ratio
+            max_crops = int(aspect.removeprefix("anyres_max_")) if aspect.startswith("anyres_max_") else None
+            counts = kwargs.get("batch_num_images")
+            patched = None if counts is None else [int(n) == 1 for n in counts for _ in range(int(n))]
+            placed = place_layouts(images, anyres_layouts(config, sizes.tolist(), max_crops, patched))
+        if placed is None:
+            return super().image_grids(config, kwargs, input_ids, vision)
+        return merge_grids([placed, grids_from_runs(vision & ~images)])
 
     # Tiny test model --------------------------------------------------------------------------------
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:

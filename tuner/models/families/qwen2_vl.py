@@ -17,6 +17,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from tuner.models.families import register_family, tiny
 from tuner.models.families.base import Family
+from tuner.models.families.grids import ImageGrids, Layout, merge_grids, place_layouts
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # 14 px patches merged 2x2: one image token per 28x28 px; images are resized to multiples of 28.
@@ -70,6 +71,26 @@ class QwenFamily(Family):
         bounds = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)]).tolist()
         return {"pixel_values": batch["pixel_values"][bounds[row]:bounds[row + 1]],
                 "image_grid_thw": grid[row:row + 1]}
+
+    def image_grids(self, config: Any, kwargs: dict[str, Any], input_ids: torch.Tensor,
+                    vision: torch.Tensor) -> list[ImageGrids]:
+        """`image_grid_thw` / `video_grid_thw` over the image / video tokens: t grids of (h, w) / merge tokens each.
+
+        Falls back to `Family.image_grids` when the grids do not account for exactly those tokens.
+        """
+        merge = config.vision_config.spatial_merge_size
+        parts = []
+        for grid_key, id_key in (("image_grid_thw", "image_token_id"), ("video_grid_thw", "video_token_id")):
+            token_id, thw = getattr(config, id_key, None), kwargs.get(grid_key)
+            if token_id is None:
+                continue
+            tokens = vision & (input_ids == token_id)
+            layouts = [] if thw is None else [Layout.grid(h // merge, w // merge, frames=t) for t, h, w in thw.tolist()]
+            placed = place_layouts(tokens, layouts)
+            if placed is None:
+                return super().image_grids(config, kwargs, input_ids, vision)
+            parts.append(placed)
+        return merge_grids(parts)
 
     # Tiny models -------------------------------------------------------------------------------------
     def tiny_text_config(self, tokenizer: Any, layers: int) -> dict[str, Any]:

@@ -1,0 +1,110 @@
+"""`window_fastv`: FastV's score, top-k inside local windows of each image's token grid (Wen et al., 2025).
+
+The DART companion analysis ("Token Pruning in Multimodal Large Language Models: Are We Solving the Right
+Problem?", arXiv 2502.11501) finds that FastV's last-token attention favours late (bottom-of-image) tokens and
+that a Window FastV, taking the top-k inside local windows so that the kept tokens are spread over the image,
+loses 3.4 % less than FastV at 75 % reduction and 9 % less at 88.9 %.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.registry import register_method
+
+if TYPE_CHECKING:
+    from tuner.config import PruningConfig
+    from tuner.models.families.grids import ImageGrids
+
+WINDOW_RANGE = (2, 64)
+
+
+@register_method("window_fastv")
+class WindowFastV(PruningMethod):
+    """FastV's layer K-1 last-token attention (mean over heads), top-k per `window` x `window` window of each grid.
+
+    Windows tile every image grid from its top-left corner (edge windows are smaller); the vision tokens on no
+    grid (newlines, layouts the family cannot reconstruct) are windows of `window`^2 consecutive tokens. A row's
+    budget B is split over its windows in proportion to their sizes n_i (N tokens in all): each gets
+    floor(B n_i / N), and the remaining tokens go one each to the windows with the largest remainders
+    B n_i mod N, ties to the window whose first token comes first. Inside a window the highest scores are kept,
+    ties to the earlier position. So the row keeps exactly B tokens, returned in original order.
+    """
+
+    needs_last_row_attention = True
+    needs_image_grids = True
+    option_defaults = {"window": 4}
+
+    @classmethod
+    def validate(cls, config: PruningConfig) -> None:
+        super().validate(config)
+        window = config.options.get("window", 4)
+        low, high = WINDOW_RANGE
+        if isinstance(window, bool) or not isinstance(window, int) or not low <= window <= high:
+            raise ValueError(f"window_fastv option window must be an int in [{low}, {high}], got {window!r}")
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        scores = ctx.last_row_attention.float().mean(1)  # [B, N]
+        kept = []
+        for row, budget in enumerate(ctx.budgets):
+            vision = ctx.vision_positions(row)
+            if vision.numel() == 0:
+                kept.append(vision)
+                continue
+            windows = window_ids(vision, ctx.image_grids[row], int(self.options["window"]))
+            kept.append(vision[window_top_k(scores[row, vision], windows, budget)])
+        return Selection(kept)
+
+
+def window_ids(vision: torch.Tensor, grids: ImageGrids, window: int) -> torch.Tensor:
+    """Window index of each vision token (aligned with ascending `vision`), numbered by each window's first token."""
+    ids, positions, offset = [], [], 0
+    for grid in grids.grids:
+        height, width = grid.shape
+        rows = torch.arange(height, device=grid.device) // window
+        cols = torch.arange(width, device=grid.device) // window
+        ids.append((rows[:, None] * -(-width // window) + cols[None]).flatten() + offset)
+        positions.append(grid.flatten())
+        offset += -(-height // window) * -(-width // window)
+    ids.append(torch.arange(grids.leftover.numel(), device=grids.leftover.device) // (window * window) + offset)
+    positions.append(grids.leftover)
+    positions = torch.cat(positions).to(vision.device)
+    if positions.numel() != vision.numel() or not torch.equal(positions.sort().values, vision):
+        raise RuntimeError(f"the image grids cover {positions.numel()} positions, not exactly the row's "
+                           f"{vision.numel()} vision tokens")
+    order = torch.searchsorted(vision, positions)
+    ids = torch.cat(ids).to(vision.device)
+    aligned = torch.empty_like(ids)
+    aligned[order] = ids
+    # Renumber the windows by their first token (the first occurrence of each id in ascending position order).
+    first = torch.full((int(ids.max()) + 1,), vision.numel(), device=vision.device).scatter_reduce_(
+        0, aligned, torch.arange(vision.numel(), device=vision.device), reduce="amin")
+    rank = torch.empty_like(first)
+    rank[first.argsort()] = torch.arange(first.numel(), device=first.device)
+    return rank[aligned]
+
+
+def window_quotas(sizes: torch.Tensor, budget: int) -> torch.Tensor:
+    """Exact split of `budget` over windows of `sizes`: proportional floors, the rest by largest remainder (ties: lower index)."""
+    total = int(sizes.sum())
+    share = budget * sizes
+    quotas = share // total
+    remainders = share % total
+    extra = budget - int(quotas.sum())
+    winners = torch.sort(-remainders, stable=True).indices[:extra]
+    quotas[winners] += 1
+    return quotas
+
+
+def window_top_k(scores: torch.Tensor, windows: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices (ascending) of each window's top `window_quotas` scores; ties to the lower index."""
+    sizes = torch.bincount(windows)
+    quotas = window_quotas(sizes, budget)
+    by_score = torch.sort(scores, descending=True, stable=True).indices
+    grouped = by_score[torch.sort(windows[by_score], stable=True).indices]  # by window, then score
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(grouped.numel(), device=scores.device) - starts[windows[grouped]]
+    return grouped[rank < quotas[windows[grouped]]].sort().values
