@@ -2,6 +2,7 @@
 
 from fractions import Fraction
 
+import optuna
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from tuner.models.families import adapter_for
 from tuner.models.families.grids import ImageGrids
 from tuner.pruning import get_method_class
 from tuner.pruning.base import SelectionContext
+from tuner.space import parse_space
 
 
 def grid_context(scores: list[float], grids: ImageGrids, budget: int, prefix: int = 2) -> SelectionContext:
@@ -225,3 +227,13 @@ def test_window_fastv_hooks_hand_the_family_grids_to_the_method(loaded: Loader):
         for c in (0, 4):
             assert len(kept & set(base[r:r + 4, c:c + 4].flatten().tolist())) == 4
     assert handle.requests[0].n_kept_vision == [46]
+
+
+def test_a_search_space_can_list_window_fastv_with_its_default_window():
+    """Spaces have no per-method options (yet): a window_fastv trial runs with window 4."""
+    space = parse_space({"model": "m", "tasks": ["dart_shapes"], "methods": ["window_fastv"], "layer": 2,
+                         "keep_ratio": {"low": 0.1, "high": 0.5}}, "test.yaml")
+    trial = optuna.create_study().ask()
+    cfg = space.suggest(trial)
+    assert cfg.method == "window_fastv" and cfg.options == {}
+    assert get_method_class(cfg.method)(cfg).options == {"window": 4}

@@ -37,7 +37,7 @@ class Layout:
 
     @classmethod
     def with_newlines(cls, side: int, height: int, width: int) -> Layout:
-        """LLaVA-NeXT / OneVision: a side x side base crop, then `height` rows of `width` tokens each ending in a newline."""
+        """LLaVA-NeXT / OneVision: a side x side base crop, then `height` rows of `width` tokens, each + a newline."""
         rows = side * side + torch.arange(height * (width + 1)).view(height, width + 1)
         base = torch.arange(side * side).view(side, side)
         return cls(side * side + height * (width + 1), [base, rows[:, :width]] if height * width else [base],

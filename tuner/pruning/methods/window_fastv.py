@@ -88,7 +88,7 @@ def window_ids(vision: torch.Tensor, grids: ImageGrids, window: int) -> torch.Te
 
 
 def window_quotas(sizes: torch.Tensor, budget: int) -> torch.Tensor:
-    """Exact split of `budget` over windows of `sizes`: proportional floors, the rest by largest remainder (ties: lower index)."""
+    """`budget` split exactly over windows of `sizes`: floors, then largest remainders (ties: lower index)."""
     total = int(sizes.sum())
     share = budget * sizes
     quotas = share // total
