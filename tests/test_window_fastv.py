@@ -13,6 +13,7 @@ from tuner.models.families import adapter_for
 from tuner.models.families.grids import ImageGrids
 from tuner.pruning import get_method_class
 from tuner.pruning.base import SelectionContext
+from tuner.pruning.methods.window_fastv import auto_window
 from tuner.space import parse_space
 
 
@@ -117,10 +118,23 @@ def test_random_grids_match_the_restated_rule(seed, window):
         assert kept == [2 + i for i in reference(scores, windows, budget)]
 
 
-@pytest.mark.parametrize("window", [1, 65, 2.0, True, "4", None])
+@pytest.mark.parametrize("window", [1, 65, 2.0, True, "4"])
 def test_window_outside_2_64_is_refused(window):
-    with pytest.raises(ValueError, match=r"window_fastv option window must be an int in \[2, 64\]"):
+    with pytest.raises(ValueError, match=r"window_fastv option window must be an int in \[2, 64\] or null"):
         tuner.PruningConfig(method="window_fastv", keep_ratio=0.5, options={"window": window})
+
+
+@pytest.mark.parametrize(("n_vision", "budget", "window"), [
+    (576, 64, 3), (576, 144, 2), (576, 288, 2), (256, 26, 3), (256, 64, 2), (576, 1, 24), (10_000, 1, 64)])
+def test_the_automatic_window_holds_about_one_kept_token(n_vision, budget, window):
+    assert auto_window(n_vision, budget) == window
+
+
+def test_the_default_window_is_automatic():
+    # 16 tokens, budget 4: sqrt(16 / 4) = 2, the 2x2 windows of the first test.
+    cfg = tuner.PruningConfig(method="window_fastv", keep_ratio=0.25)
+    (kept,) = get_method_class("window_fastv")(cfg).select(grid_context(SCORES_4X4, grid_4x4(), 4)).kept_vision
+    assert kept.tolist() == [2 + i for i in (1, 6, 11, 12)]
 
 
 def test_grids_that_miss_a_vision_token_are_an_error():
@@ -230,10 +244,10 @@ def test_window_fastv_hooks_hand_the_family_grids_to_the_method(loaded: Loader):
 
 
 def test_a_search_space_can_list_window_fastv_with_its_default_window():
-    """Spaces have no per-method options (yet): a window_fastv trial runs with window 4."""
+    """Spaces have no per-method options (yet): a window_fastv trial runs with the automatic window."""
     space = parse_space({"model": "m", "tasks": ["dart_shapes"], "methods": ["window_fastv"], "layer": 2,
                          "keep_ratio": {"low": 0.1, "high": 0.5}}, "test.yaml")
     trial = optuna.create_study().ask()
     cfg = space.suggest(trial)
     assert cfg.method == "window_fastv" and cfg.options == {}
-    assert get_method_class(cfg.method)(cfg).options == {"window": 4}
+    assert get_method_class(cfg.method)(cfg).options == {"window": None}
