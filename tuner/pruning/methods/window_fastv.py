@@ -8,9 +8,8 @@ loses 3.4 % less than FastV at 75 % reduction and 9 % less at 88.9 %.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
