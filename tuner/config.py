@@ -1,14 +1,38 @@
-"""`PruningConfig`: one validated pruning configuration (method, layer K, how many vision tokens to keep)."""
+"""`PruningConfig`: one validated pruning configuration (method, layer K, how many vision tokens to keep).
+
+A configuration is a schedule of stages: its own fields are the first stage, and `stages` holds the later ones
+(PyramidDrop's shape), each pruning at a deeper layer among the vision tokens the stage before it kept.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tuner.method_catalog import method_class
 
 PIVOT_ORDERS = ("reference", "rank", "position")  # how DART visits its pivots (DART.md §3)
+STAGE_KEYS = ("layer", "keep_ratio", "budget", "method", "options")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A later pruning stage: at decoder layer `layer`, keep a share (`keep_ratio`) or a count (`budget`) of the
+    vision tokens the previous stage kept, chosen by `method` (None: the first stage's method and options, with
+    `options` overriding them key by key)."""
+
+    layer: int
+    keep_ratio: float | None = None
+    budget: int | None = None
+    method: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data without the unset fields; `Stage(**d)` reverses it."""
+        return {key: value for key, value in asdict(self).items()
+                if key == "layer" or (value is not None and value != {})}
 
 
 @dataclass(frozen=True)
@@ -19,6 +43,8 @@ class PruningConfig:
     `keep_ratio` (fraction of each row's vision tokens, in (0, 1]) or `budget` (vision tokens per row);
     `keep_all` needs neither. `options` holds method-specific settings, checked by the method itself.
     `require_vision=False` lets prompts without any vision token pass through unpruned.
+    `stages` are later stages at strictly increasing layers above K; a stage's `keep_ratio` is a share of the
+    vision tokens the previous stage kept. The pivot counts and the seed are shared by every stage.
     """
 
     method: str = "dart"
@@ -31,6 +57,7 @@ class PruningConfig:
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     require_vision: bool = True
+    stages: tuple[Stage, ...] = ()
 
     def __post_init__(self) -> None:
         method_cls = method_class(self.method)
@@ -56,10 +83,46 @@ class PruningConfig:
             raise ValueError(f"options must be a dict, got {type(self.options).__name__}")
         object.__setattr__(self, "options", dict(self.options))
         method_cls.validate(self)
+        object.__setattr__(self, "stages", _as_stages(self.stages))
+        previous = self.layer
+        for index, stage in enumerate(self.stages):
+            if isinstance(stage.layer, bool) or not isinstance(stage.layer, int) or stage.layer <= previous:
+                raise ValueError(f"stages[{index}].layer must be an int above the previous stage's layer {previous}, "
+                                 f"got {stage.layer!r}")
+            previous = stage.layer
+            try:
+                self.stage_config(index + 1)
+            except ValueError as error:
+                raise ValueError(f"stages[{index}]: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (YAML / JSON / Optuna attributes); `PruningConfig(**d)` reverses it."""
-        return asdict(self)
+        """Plain-data form (YAML / JSON / Optuna attributes); `PruningConfig(**d)` reverses it.
+
+        A one-stage configuration has no `stages` key, so it reads exactly as before schedules existed.
+        """
+        data = asdict(self)
+        data.pop("stages")
+        if self.stages:
+            data["stages"] = [stage.to_dict() for stage in self.stages]
+        return data
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layer of every stage, first to last."""
+        return (self.layer, *(stage.layer for stage in self.stages))
+
+    def stage_config(self, index: int) -> PruningConfig:
+        """Stage `index` (0: this configuration's own fields) as a one-stage configuration, which its method runs."""
+        if index == 0:
+            return replace(self, stages=()) if self.stages else self
+        stage = self.stages[index - 1]
+        options = {**self.options, **stage.options} if stage.method is None else stage.options
+        return replace(self, method=stage.method or self.method, layer=stage.layer, keep_ratio=stage.keep_ratio,
+                       budget=stage.budget, options=options, stages=())
+
+    def stage_configs(self) -> tuple[PruningConfig, ...]:
+        """Every stage as a one-stage configuration, first to last."""
+        return tuple(self.stage_config(index) for index in range(len(self.stages) + 1))
 
     def budget_for(self, n_vision: int) -> int:
         """Vision tokens to keep in a row with `n_vision` of them: round(keep_ratio * n), at least 1."""
@@ -68,6 +131,20 @@ class PruningConfig:
         if self.keep_ratio is None:
             return n_vision
         return min(n_vision, max(1, round(self.keep_ratio * n_vision)))
+
+
+def schedule_text(config: PruningConfig) -> str:
+    """A compact description of every stage, e.g. 'fastv@2:0.5>4:0.5>6:0.5' (a budget reads '64t').
+
+    A stage names its method only when it differs from the stage before it.
+    """
+    parts, previous = [], None
+    for stage in config.stage_configs():
+        amount = (f"{stage.keep_ratio:g}" if stage.keep_ratio is not None else
+                  f"{stage.budget}t" if stage.budget is not None else "all")
+        parts.append(f"{stage.method + '@' if stage.method != previous else ''}{stage.layer}:{amount}")
+        previous = stage.method
+    return ">".join(parts)
 
 
 def as_pruning_config(value: Any) -> PruningConfig:
@@ -83,6 +160,35 @@ def check_layer(layer: int, n_layers: int) -> None:
     if not 1 <= layer <= n_layers - 1:
         raise ValueError(f"layer K={layer} is out of range: the model has {n_layers} decoder layers, so K must be "
                          f"in 1..{n_layers - 1}")
+
+
+def check_layers(config: PruningConfig, n_layers: int) -> None:
+    """`check_layer` for every stage of `config`; the message names the stage that is out of range."""
+    for index, layer in enumerate(config.layers):
+        try:
+            check_layer(layer, n_layers)
+        except ValueError as error:
+            raise ValueError(f"{'layer' if index == 0 else f'stages[{index - 1}]'}: {error}") from None
+
+
+def _as_stages(stages: Any) -> tuple[Stage, ...]:
+    """`stages` as a tuple of Stage, from Stage objects or their plain-data form; one-line errors otherwise."""
+    if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, (list, tuple)):
+        raise ValueError(f"stages must be a list of stages, got {type(stages).__name__}")
+    out = []
+    for index, stage in enumerate(stages):
+        if isinstance(stage, Mapping):
+            unknown = sorted(set(stage) - set(STAGE_KEYS))
+            if unknown or "layer" not in stage:
+                raise ValueError(f"stages[{index}] needs a layer and takes only {list(STAGE_KEYS)}, got "
+                                 f"{sorted(stage)}")
+            stage = Stage(**stage)
+        if not isinstance(stage, Stage):
+            raise ValueError(f"stages[{index}] must be a Stage or a mapping, got {type(stage).__name__}")
+        if not isinstance(stage.options, dict):
+            raise ValueError(f"stages[{index}].options must be a dict, got {type(stage.options).__name__}")
+        out.append(stage)
+    return tuple(out)
 
 
 def _check_int(name: str, value: Any, *, low: int) -> None:

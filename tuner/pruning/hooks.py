@@ -8,35 +8,49 @@ Forward pre-hooks only, no copied `forward` (`DART.md` §5):
   `position_ids=None` and a causal mask rebuilt for the shorter sequence. In decode only the mask is
   rebuilt, against the shorter cache of layers >= K; positions already continue from the full length.
 Rows keeping different counts are left-padded with masked slots, so the last slot is the last token.
+
+A schedule repeats this at every stage layer K_0 < K_1 < ... (`tuner.pruning.stages`): stage j selects among
+the tokens stage j-1 kept, with what was captured at its own layer K_j - 1, and its layers get tables, masks and
+family state indexed by the composed ORIGINAL positions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from tuner.config import PruningConfig, check_layer
+from tuner.config import PruningConfig, check_layers
 from tuner.models.families import FamilyAdapter, PrunedPrefill
-from tuner.pruning.base import SelectionContext
+from tuner.pruning.base import PruningMethod, SelectionContext
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.registry import get_method_class
+from tuner.pruning.stages import ForwardPlan, StageRunner, TokenView, keep_flags, left_padded_gather, stage_runners
 from tuner.transformers_compat import cache_from_kwargs, positions_from_mask
 
 
 @dataclass(frozen=True)
 class RequestStats:
-    """Token counts of one pruned prefill, per row (padding excluded)."""
+    """Token counts of one pruned prefill, per row (padding excluded).
+
+    `n_kept_vision` is what the last stage kept; `stage_kept_vision[j]` what stage j kept (one entry per stage).
+    """
 
     n_tokens: list[int]
     n_vision: list[int]
     n_kept_vision: list[int]
+    stage_kept_vision: list[list[int]] = field(default_factory=list)
 
     @property
     def n_kept(self) -> list[int]:
-        """All tokens kept per row: every non-vision token plus the kept vision tokens."""
+        """All tokens kept per row after the last stage: every non-vision token plus the kept vision tokens."""
         return [t - v + k for t, v, k in zip(self.n_tokens, self.n_vision, self.n_kept_vision)]
+
+    @property
+    def stage_n_kept(self) -> list[list[int]]:
+        """All tokens each stage's layers hold per row: `n_kept` after every stage, first to last."""
+        return [[t - v + k for t, v, k in zip(self.n_tokens, self.n_vision, kept)] for kept in self.stage_kept_vision]
 
 
 @dataclass
@@ -51,73 +65,86 @@ class _Prompt:
     grids: Any = None  # the family's image grids (Family.image_grids), if the method needs them
 
 
-@dataclass
-class _ForwardPlan:
-    """Substitutions for layers >= K during one forward."""
-
-    masks: dict[str, Any]
-    gather_index: torch.Tensor | None = None  # [B, P] prefill only
-    hidden_states: torch.Tensor | None = None  # [B, P, D] prefill only
-    gathered_rotary: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    pruned: PrunedPrefill | None = None  # prefill only
-
-
 class PruningHandle:
     """Hooks that prune one model according to one config; a context manager, removable with `remove()`.
 
-    `last_kept[row]` holds the kept positions of the last prefill (all tokens, original order, padding
-    excluded); `requests` holds a `RequestStats` for every prefill since the hooks were attached.
+    `last_kept[row]` holds the positions the last stage of the last prefill kept (all tokens, original order,
+    padding excluded), and `last_stage_kept[j][row]` those stage j kept; `requests` holds a `RequestStats` for
+    every prefill since the hooks were attached.
     """
 
     def __init__(self, model: torch.nn.Module, config: PruningConfig, adapter: FamilyAdapter) -> None:
-        check_layer(config.layer, len(adapter.layers))
+        check_layers(config, len(adapter.layers))
         if getattr(model, "_dart_tuner_handle", None) is not None:
             raise RuntimeError("this model already has pruning applied; remove that handle first")
         self.model = model
         self.config = config
         self.adapter = adapter
-        self.method = get_method_class(config.method)(config)
-        self.method.bind_family(adapter.spec)
-        self.last_kept: list[torch.Tensor] = []
+        self.last_stage_kept: list[list[torch.Tensor]] = []
         self.requests: list[RequestStats] = []
         self._layer_types = adapter.layer_types
+        self._stages: list[StageRunner] = []
+        self._stage_at: dict[int, StageRunner] = {}  # by first layer
         self._prompt: _Prompt | None = None
         self._attention_2d: torch.Tensor | None = None
-        self._pruned_prompt: tuple[torch.Tensor, int] | None = None  # (kept 2D mask [B, P], prompt length N)
-        self._plan: _ForwardPlan | None = None
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._capture: AttentionCapture | None = None
+        self._prompt_length = 0
+        self._view: TokenView | None = None  # the tokens the running stage's layers hold; None: the whole prompt
+        self._decode_kept: list[torch.Tensor | None] = []  # per stage: its kept 2D mask [B, P], None if unpruned
+        self._plan: ForwardPlan | None = None
+        self._hooks: list[Any] = []
         self._attach()
+
+    @property
+    def last_kept(self) -> list[torch.Tensor]:
+        """Per row, the original positions the last stage of the last prefill kept (empty before any)."""
+        return self.last_stage_kept[-1] if self.last_stage_kept else []
+
+    @property
+    def method(self) -> PruningMethod:
+        """The first stage's method."""
+        return self._stages[0].method
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _attach(self) -> None:
         try:
+            self._stages = stage_runners(self.config, len(self.adapter.layers), self._build_method, self._capture_at)
+            self._stage_at = {stage.start: stage for stage in self._stages}
+            if gridded := [stage for stage in self._stages[1:] if stage.method.needs_image_grids]:
+                raise ValueError(f"method {gridded[0].config.method!r} selects on image grids of original "
+                                 "positions, which only the first stage sees; use it in the first stage only")
+            self._decode_kept = [None] * len(self._stages)
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
             for index in range(self.config.layer, len(self.adapter.layers)):
-                hook = self._on_layer_k if index == self.config.layer else self._on_later_layer
                 self._hooks.append(self.adapter.layers[index].register_forward_pre_hook(
-                    _bind_layer(hook, index), with_kwargs=True))
-            if self.method.needs_keys or self.method.needs_last_row_attention:
-                self._capture = AttentionCapture(
-                    self.adapter.layers[self.config.layer - 1].self_attn,
-                    keys=self.method.needs_keys, last_row_attention=self.method.needs_last_row_attention)
+                    _bind_layer(self._on_layer, index), with_kwargs=True))
             self._hooks.extend(self.adapter.spec.extra_hooks(self.adapter.text_model, self._current_prefill))
             self.model._dart_tuner_handle = self
         except BaseException:
             self.remove()
             raise
 
+    def _build_method(self, config: PruningConfig) -> PruningMethod:
+        method = get_method_class(config.method)(config)
+        method.bind_family(self.adapter.spec)
+        return method
+
+    def _capture_at(self, layer: int, method: PruningMethod) -> AttentionCapture | None:
+        """A capture on layer `layer`'s attention when the method needs keys or attention, else None (sdpa stays)."""
+        if not (method.needs_keys or method.needs_last_row_attention):
+            return None
+        return AttentionCapture(self.adapter.layers[layer].self_attn, keys=method.needs_keys,
+                                last_row_attention=method.needs_last_row_attention)
+
     def remove(self) -> None:
-        """Remove every hook and restore layer K-1's attention; safe to call twice."""
+        """Remove every hook and restore the captured attention modules; safe to call twice."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
+        for stage in self._stages:
+            stage.remove()
         if getattr(self.model, "_dart_tuner_handle", None) is self:
             del self.model._dart_tuner_handle
-        self._prompt = self._plan = self._pruned_prompt = None
+        self._prompt = self._plan = self._view = None
 
     @property
     def active(self) -> bool:
@@ -140,11 +167,13 @@ class PruningHandle:
         cache = cache_from_kwargs(kwargs)
         if cache is not None and cache.get_seq_length(self.config.layer) > 0:
             return substituted  # decode / continuation of the pruned prompt
-        self._pruned_prompt = None
+        self._view = None
+        self._decode_kept = [None] * len(self._stages)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("pruning needs input_ids to locate the vision tokens; "
                              "call the model with input_ids rather than inputs_embeds")
+        self._prompt_length = input_ids.shape[1]
         attention = self._attention_2d
         if attention is None:
             attention = _padding_from_prebuilt_mask(mask, input_ids.shape[1])
@@ -159,11 +188,7 @@ class PruningHandle:
                                  "PruningConfig(require_vision=False) to let text-only prompts through")
             self._prompt = None
             return substituted
-        if self.method.needs_keys:  # DART's image pivots must exist in every row that has vision tokens
-            for row, n in enumerate(n_vision):
-                if 0 < n < self.config.n_image_pivots:
-                    raise ValueError(f"n_image_pivots={self.config.n_image_pivots} exceeds the {n} vision "
-                                     f"tokens of batch row {row}")
+        _check_pivots(self._stages[0], n_vision)
         grids = self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision) \
             if self.method.needs_image_grids else None
         self._prompt = _Prompt(input_ids, vision, attention, n_vision,
@@ -189,24 +214,21 @@ class PruningHandle:
         kwargs["position_ids"] = positions_from_mask(self._attention_2d, tokens.shape[1])
         return args, kwargs
 
-    def _on_layer_k(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Layer K pre-hook: select in prefill, rebuild masks in decode, then substitute."""
-        hidden = args[0] if args else kwargs["hidden_states"]
-        cache = cache_from_kwargs(kwargs)
-        if cache is None or cache.get_seq_length(index) == 0:
-            self._plan = self._prune(hidden, cache) if self._prompt is not None else None
-        else:
-            self._plan = self._decode_plan(hidden, cache) if self._pruned_prompt is not None else None
-        if self._plan is None:
-            return None
-        if self._plan.hidden_states is not None:
-            if args:
-                args = (self._plan.hidden_states, *args[1:])
+    def _on_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Pre-hook of every layer >= K_0: a stage's first layer selects (prefill) or rebuilds masks (decode)."""
+        stage = self._stage_at.get(index)
+        if stage is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cache = cache_from_kwargs(kwargs)
+            if cache is None or cache.get_seq_length(index) == 0:
+                self._plan = self._prune(stage, hidden, cache) if self._prompt is not None else None
             else:
-                kwargs["hidden_states"] = self._plan.hidden_states
-        return self._substitute(index, args, kwargs)
-
-    def _on_later_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+                self._plan = self._decode_plan(stage, hidden, cache)
+            if self._plan is not None and self._plan.hidden_states is not None:
+                if args:
+                    args = (self._plan.hidden_states, *args[1:])
+                else:
+                    kwargs["hidden_states"] = self._plan.hidden_states
         return None if self._plan is None else self._substitute(index, args, kwargs)
 
     def _substitute(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -218,7 +240,7 @@ class PruningHandle:
         return args, kwargs
 
     def _gathered_rotary(self, rotary: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
-        """(cos, sin) at the kept positions, gathered once per forward per distinct table."""
+        """(cos, sin) at the kept original positions, gathered once per stage per forward per distinct table."""
         if rotary is None:
             return None
         plan = self._plan
@@ -228,61 +250,68 @@ class PruningHandle:
         return plan.gathered_rotary[key]
 
     # -- prefill selection -----------------------------------------------------------------------
-    def _prune(self, hidden: torch.Tensor, cache: Any) -> _ForwardPlan | None:
-        prompt = self._prompt
-        if prompt.vision.shape != hidden.shape[:2]:
-            raise RuntimeError(f"layer {self.config.layer} received {tuple(hidden.shape[:2])} tokens but the "
-                               f"prompt had {tuple(prompt.vision.shape)}; inputs_embeds-only calls are unsupported")
-        capture = self._capture
-        context = SelectionContext(
-            hidden_states=hidden, vision_mask=prompt.vision, attention_mask=prompt.attention,
-            input_ids=prompt.input_ids, budgets=[self.config.budget_for(n) for n in prompt.n_vision],
-            final_norm=self.adapter.text_model.norm,
-            keys=capture.take_keys() if capture is not None else None,
-            last_row_attention=capture.last_row_attention if capture is not None else None,
-            image_grids=prompt.grids,
-        )
-        with torch.no_grad():
-            selection = self.method.select(context)
-        if capture is not None:
-            capture.clear()
-
-        keep = prompt.attention & ~prompt.vision
-        cols = torch.cat(list(selection.kept_vision)).to(hidden.device)
-        rows = torch.cat([torch.full((len(k),), row, device=hidden.device)
-                          for row, k in enumerate(selection.kept_vision)])
-        if not bool(prompt.vision[rows, cols].all()):
-            raise RuntimeError(f"method {self.config.method!r} selected a position that is not a vision token")
-        keep[rows, cols] = True
-        n_kept = keep.sum(1)
-        kept_counts = n_kept.tolist()
-        width = max(kept_counts)
-        length = keep.shape[1]
-        # Stable sort on the keep flag puts each row's kept positions last, in order: a left-padded gather.
-        gather_index = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, length - width:]
-        slots_valid = torch.arange(width, device=keep.device) >= (width - n_kept)[:, None]
-        self.last_kept = [gather_index[row, width - n:] for row, n in enumerate(kept_counts)]
-        self.requests.append(RequestStats(
-            n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
-            n_kept_vision=[int(k.numel()) for k in selection.kept_vision]))
-        if width == length and selection.new_states is None:
+    def _prune(self, stage: StageRunner, hidden: torch.Tensor, cache: Any) -> ForwardPlan | None:
+        """Stage `stage` selects among the tokens its input holds; the plan for its layers (None: nothing to do)."""
+        prompt, view = self._prompt, self._view
+        if view is None:
+            vision, attention, input_ids = prompt.vision, prompt.attention, prompt.input_ids
+        else:
+            vision, attention = view.take(prompt.vision) & view.valid, view.valid
+            input_ids = view.take(prompt.input_ids)
+        if attention.shape != hidden.shape[:2]:
+            raise RuntimeError(f"layer {stage.start} received {tuple(hidden.shape[:2])} tokens but expected "
+                               f"{tuple(attention.shape)}; inputs_embeds-only calls are unsupported")
+        n_vision = vision.sum(1).tolist()
+        if stage.index > 0:
+            _check_pivots(stage, n_vision)
+        selection = stage.select(SelectionContext(
+            hidden_states=hidden, vision_mask=vision, attention_mask=attention, input_ids=input_ids,
+            budgets=[stage.config.budget_for(n) for n in n_vision], final_norm=self.adapter.text_model.norm,
+            image_grids=prompt.grids if view is None else None))  # grids hold original positions
+        keep = keep_flags(selection, vision, attention, stage.config.method)
+        local, valid, kept_counts = left_padded_gather(keep)
+        kept = local if view is None else view.index.gather(1, local)  # original positions
+        width = valid.shape[1]
+        row_kept = [kept[row, width - n:] for row, n in enumerate(kept_counts)]
+        self.last_stage_kept = [*self.last_stage_kept[:stage.index], row_kept]
+        self._record(stage, [int(k.numel()) for k in selection.kept_vision])
+        if (view is None and width == hidden.shape[1] and kept_counts == attention.sum(1).tolist()
+                and selection.new_states is None):
             return None  # nothing removed, no padding to drop: the unmodified forward is exact
 
         if selection.new_states is not None:
+            rows = torch.cat([torch.full((k.numel(),), r, device=hidden.device, dtype=torch.long)
+                              for r, k in enumerate(selection.kept_vision)])
+            cols = torch.cat([k.reshape(-1) for k in selection.kept_vision]).to(hidden.device, torch.long)
             hidden = hidden.clone()
             hidden[rows, cols] = torch.cat(list(selection.new_states)).to(hidden.dtype)
-        gathered = hidden.gather(1, gather_index[..., None].expand(-1, -1, hidden.shape[-1]))
-        self._pruned_prompt = (slots_valid, length)
-        pruned = PrunedPrefill(gather_index=gather_index, valid=slots_valid, length=length)
+        gathered = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+        self._view = TokenView(kept, valid)
+        self._decode_kept[stage.index] = valid
+        pruned = self._view.prefill(self._prompt_length)
         kept_state = None if prompt.state is None else self.adapter.spec.gather_state(prompt.state, pruned)
-        return _ForwardPlan(masks=self._masks(gathered, slots_valid, cache, kept_state), gather_index=gather_index,
-                            hidden_states=gathered, pruned=pruned)
+        return ForwardPlan(masks=self._masks(stage, gathered, valid, cache, kept_state), gather_index=kept,
+                           hidden_states=gathered, pruned=pruned)
+
+    def _record(self, stage: StageRunner, kept_vision: list[int]) -> None:
+        """Note what `stage` kept: a new `RequestStats` at the first stage, the same one extended at later ones."""
+        if stage.index == 0:
+            prompt = self._prompt
+            self.requests.append(RequestStats(n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
+                                              n_kept_vision=kept_vision, stage_kept_vision=[kept_vision]))
+        else:
+            last = self.requests[-1]
+            self.requests[-1] = replace(last, n_kept_vision=kept_vision,
+                                        stage_kept_vision=[*last.stage_kept_vision, kept_vision])
 
     # -- decode ----------------------------------------------------------------------------------
-    def _decode_plan(self, hidden: torch.Tensor, cache: Any) -> _ForwardPlan:
-        kept_2d, prompt_length = self._pruned_prompt
+    def _decode_plan(self, stage: StageRunner, hidden: torch.Tensor, cache: Any) -> ForwardPlan | None:
+        kept_2d = self._decode_kept[stage.index] if self._decode_kept else None
+        if kept_2d is None:
+            return None  # this stage kept the whole prompt: its layers need nothing
+        prompt_length = self._prompt_length
         batch, n_query = hidden.shape[:2]
-        n_appended = cache.get_seq_length(self.config.layer) + n_query - kept_2d.shape[1]
+        n_appended = cache.get_seq_length(stage.start) + n_query - kept_2d.shape[1]
         if self._attention_2d is not None:
             tail = self._attention_2d[:, prompt_length:]
             if tail.shape != (batch, n_appended) or kept_2d.shape[0] != batch:
@@ -290,23 +319,35 @@ class PruningHandle:
                                    f"pruned prompt of {prompt_length} tokens with {n_appended} new ones")
         else:
             tail = torch.ones(batch, n_appended, dtype=torch.bool, device=hidden.device)
-        return _ForwardPlan(masks=self._masks(hidden, torch.cat([kept_2d, tail], 1), cache))
+        return ForwardPlan(masks=self._masks(stage, hidden, torch.cat([kept_2d, tail], 1), cache))
 
-    def _masks(self, hidden: torch.Tensor, mask_2d: torch.Tensor, cache: Any,
+    def _masks(self, stage: StageRunner, hidden: torch.Tensor, mask_2d: torch.Tensor, cache: Any,
                kept_state: Any = None) -> dict[str, Any]:
-        """One mask per attention type, sized against the first pruned layer of that type, as the family builds it."""
+        """One mask per attention type of the stage's layers, sized against its first layer of that type."""
         mask_2d = None if bool(mask_2d.all()) else mask_2d  # lets sdpa take its is_causal fast path
         masks = {}
-        for layer_type in dict.fromkeys(self._layer_types[self.config.layer:]):
-            first = self._layer_types.index(layer_type, self.config.layer)
+        for layer_type in dict.fromkeys(self._layer_types[stage.start:stage.end]):
+            first = self._layer_types.index(layer_type, stage.start)
             masks[layer_type] = self.adapter.spec.layer_mask(
                 layer_type, config=self.adapter.text_model.config, hidden=hidden, mask_2d=mask_2d, cache=cache,
                 layer_idx=first, kept_state=kept_state)
         return masks
 
     def _current_prefill(self) -> PrunedPrefill | None:
-        """The pruning of the prefill now running, for the family's extra hooks (None in decode or unpruned)."""
+        """The pruning of the stage now running, in original positions, for the family's extra hooks (None in
+        decode or unpruned)."""
         return None if self._plan is None else self._plan.pruned
+
+
+def _check_pivots(stage: StageRunner, n_vision: list[int]) -> None:
+    """DART's image pivots must exist in every row that has vision tokens, at every stage (before any compute)."""
+    if not stage.method.needs_keys:
+        return
+    for row, n in enumerate(n_vision):
+        if 0 < n < stage.config.n_image_pivots:
+            where = "" if stage.index == 0 else f" at stage {stage.index} (layer {stage.start})"
+            raise ValueError(f"n_image_pivots={stage.config.n_image_pivots} exceeds the {n} vision tokens of "
+                             f"batch row {row}{where}")
 
 
 def _padding_from_prebuilt_mask(mask: Any, length: int) -> torch.Tensor | None:
