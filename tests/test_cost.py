@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from tuner.cost import TextDims, kv_cache_bytes, layer_flops, prefill_flops
+from tuner.cost import TextDims, kv_cache_bytes, layer_flops, prefill_flops, tokens_per_layer
 
 # hidden 8, intermediate 16, 4 layers, 2 query heads and 1 KV head of dim 4, vocab 10
 DIMS = TextDims.from_config(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=4,
@@ -33,6 +33,24 @@ def test_kv_cache_bytes_by_hand():
     # per token and layer: keys + values, 1 KV head of dim 4, fp16 -> 2 * 4 * 2 = 16 bytes
     assert kv_cache_bytes(DIMS, 10, kept_tokens=4, layer=1) == 16 * (1 * 10 + 3 * 4)
     assert kv_cache_bytes(DIMS, 10, dtype=torch.float32) == 32 * 4 * 10
+
+
+def test_two_stage_schedule_by_hand():
+    # K_0 = 1 keeps 2 of 3 tokens, K_1 = 3 keeps 1 of those: layer 0 at n = 3, layers 1-2 at n = 2, layer 3 at n = 1
+    # n = 1: projections 2*1*8*24 = 384, attention 32 * 1 pair = 32, MLP 2*1*8*16*3 = 768 -> 1184
+    assert tokens_per_layer(DIMS, 3, [2, 1], [1, 3]) == [3, 2, 2, 1]
+    assert prefill_flops(DIMS, 3, kept_tokens=[2, 1], layer=[1, 3]) == 3648 + 2 * 2400 + 1184 + 160
+    assert prefill_flops(DIMS, 3, kept_tokens=[2], layer=[1]) == prefill_flops(DIMS, 3, kept_tokens=2, layer=1)
+    # KV: 10 tokens in layer 0, 4 in layers 1-2, 2 in layer 3; 16 bytes per token and layer
+    assert kv_cache_bytes(DIMS, 10, kept_tokens=(4, 2), layer=(1, 3)) == 16 * (10 + 4 + 4 + 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(kept_tokens=[4, 5], layer=[1, 2]), "each stage keeps at most"),
+                                           (dict(kept_tokens=[4, 2], layer=[2, 2]), "strictly increasing"),
+                                           (dict(kept_tokens=[4, 2], layer=[1]), "one kept count per stage")])
+def test_bad_schedules_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kv_cache_bytes(DIMS, 10, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(kept_tokens=11), "kept_tokens"), (dict(layer=5), "layer")])

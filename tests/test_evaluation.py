@@ -274,6 +274,35 @@ def test_evaluator_reports_the_subset_and_kept_ratio(models, prepared):
     assert result.to_dict()["n_samples"] == LIMIT
 
 
+def test_a_schedule_is_counted_per_stage(models, prepared):
+    """Each stage's kept count reaches the samples and the stats, and FLOPs / KV bytes count layers [K_i, K_i+1)
+    at what stage i kept."""
+    from tuner.config import Stage
+    from tuner.cost import kv_cache_bytes, prefill_flops
+    from tuner.evaluation.compare import latency_inputs, measure_latency, vision_counts
+
+    schedule = PruningConfig(method="random", layer=1, keep_ratio=0.5, stages=[Stage(2, 0.5)])
+    loaded = models["llava"]
+    result = Evaluator(loaded, prepared, max_failures=MANY).evaluate(schedule)
+    for sample in result.samples:
+        first = schedule.budget_for(sample.n_vision)
+        assert sample.stage_kept_vision == (first, schedule.stage_config(1).budget_for(first))
+        assert sample.n_kept_vision == sample.stage_kept_vision[-1]
+    stats = result.kept_vision_stats()
+    assert stats["stage_kept_vision_mean"][1] == stats["kept_vision_mean"] < stats["stage_kept_vision_mean"][0]
+    assert "stage_kept_vision_mean" not in Evaluator(loaded, prepared, max_failures=MANY).evaluate(
+        RANDOM).kept_vision_stats()
+    inputs = latency_inputs(loaded, prepared[0])
+    _, cost = measure_latency(loaded, inputs, {"s": schedule}, new_tokens=2, repeats=1, warmup=0)["s"]
+    n, vision = int(inputs["attention_mask"][0].sum()), vision_counts(loaded, inputs)[0]
+    first = schedule.budget_for(vision)
+    assert cost.stage_kept_vision == (first, schedule.stage_config(1).budget_for(first))
+    kept = [n - vision + k for k in cost.stage_kept_vision]
+    dims = loaded.adapter.spec.text_dims(loaded.model.config)
+    assert cost.prefill_flops == prefill_flops(dims, n, kept, [1, 2]) < prefill_flops(dims, n, kept[0], 1)
+    assert cost.kv_cache_bytes == kv_cache_bytes(dims, n, kept, [1, 2], loaded.dtype)
+
+
 def test_subset_is_reproducible_by_seed():
     """Catches unseeded subsets and a TaskManager cache that re-subsets an already cut dataset."""
     first, again, other = (load_tasks([TASK], subset_size=6, seed=seed)[0] for seed in (0, 0, 1))

@@ -68,6 +68,17 @@ BAD = [
     ({"timeout_s": float("inf")}, "timeout_s: must be a finite number"),
     ({"study": 5}, "study: must be a study name"),
     ({"study": ""}, "study: must be a study name"),
+    ({"methods": ["pdrop"]}, "schedule: is needed exactly when methods lists pdrop"),
+    ({"schedule": {"layers": [1, 2], "keep_ratio": 0.5}}, "schedule: is needed exactly when methods lists pdrop"),
+    ({"methods": ["pdrop"], "schedule": {"layers": [2], "keep_ratio": 0.5}}, "schedule.layers: must list at least two"),
+    ({"methods": ["pdrop"], "schedule": {"layers": [{"low": 1, "high": 3}, 3], "keep_ratio": 0.5}},
+     "schedule.layers[1]: its lowest layer 3 must be above the highest of schedule.layers[0] (3)"),
+    ({"methods": ["pdrop"], "schedule": {"layers": [1, 2]}}, "schedule: needs layers"),
+    ({"methods": ["pdrop"], "schedule": {"layers": [1, 2], "keep_ratio": 1.5}}, "schedule.keep_ratio: must be <= 1"),
+    ({"methods": ["pdrop"], "schedule": {"layers": [1, 2], "keep_ratio": 0.5, "shared": "no"}},
+     "schedule.shared: must be true or false"),
+    ({"methods": ["pdrop"], "schedule": {"layers": [1, 2], "keep_ratio": {"low": 0.2, "high": 0.8}},
+      "sampler": {"name": "grid"}, "keep_ratio": [0.5]}, "schedule.keep_ratio: the grid sampler needs a list"),
 ]
 
 
@@ -186,3 +197,37 @@ def test_overrides_ignore_none() -> None:
     space = _space()
     assert space.with_overrides(model=None, trials=7).model == "m"
     assert space.with_overrides(model=None, trials=7).trials == 7
+
+
+def test_pdrop_schedules_round_trip_through_a_study() -> None:
+    """`pdrop` trials are FastV at every stage layer, one keep ratio each, strictly increasing layers; the stored
+    config reads back as the same schedule, and only pdrop trials carry schedule parameters."""
+    from tuner.config import schedule_text
+
+    space = _space(methods=["dart", "pdrop"], schedule={"layers": [{"low": 1, "high": 2}, [3, 4], 6],
+                                                        "keep_ratio": {"low": 0.3, "high": 0.9}})
+    assert space.max_layer() == 6
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=2))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        config = space.suggest(trial)
+        seen.add(config.method)
+        study.tell(trial, [0.5, 1.0])
+        assert ("pdrop_layer_0" in trial.params) == (trial.params["method"] == "pdrop")
+        if trial.params["method"] == "pdrop":
+            assert "layer" not in trial.params and "keep_ratio" not in trial.params
+            assert config.method == "fastv" and len(config.layers) == 3 and config.layers[-1] == 6
+            assert list(config.layers) == sorted(set(config.layers))
+            ratios = [config.stage_config(i).keep_ratio for i in range(3)]
+            assert ratios == [trial.params[f"pdrop_keep_ratio_{i}"] for i in range(3)]
+            assert type(config)(**config.to_dict()) == config
+            assert schedule_text(config).startswith(f"fastv@{config.layer}:")
+    assert seen == {"dart", "fastv"}
+    shared = _space(methods=["pdrop"], layer=None, keep_ratio=None,
+                    schedule={"layers": [2, 4], "keep_ratio": [0.5], "shared": True}, sampler={"name": "grid"})
+    assert shared.grid() == {"method": ["pdrop"], "pdrop_layer_0": [2], "pdrop_layer_1": [4],
+                             "pdrop_keep_ratio": [0.5]}
+    config = shared.suggest(optuna.trial.FixedTrial({"method": "pdrop", "pdrop_layer_0": 2, "pdrop_layer_1": 4,
+                                                     "pdrop_keep_ratio": 0.5}))
+    assert schedule_text(config) == "fastv@2:0.5>4:0.5"

@@ -235,3 +235,20 @@ def test_captures_only_at_stage_layers_and_removal_restores(family, loaded: Load
     assert not any(hasattr(layer.self_attn, "_dart_tuner_capture") for layer in layers)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, before)
+
+
+def test_reports_describe_a_schedule():
+    """Tables, exports and the dashboard label a schedule by its stages; a one-stage config reads as before."""
+    import optuna
+
+    from tuner.reporting import describe_trial, trial_label
+
+    def trial(config):
+        return optuna.trial.create_trial(values=[0.5, 1.0], user_attrs={"config": config.to_dict()})
+
+    schedule = tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5,
+                                   stages=[Stage(4, 0.5), Stage(6, budget=8, method="dart")])
+    assert describe_trial(trial(schedule)) == "fastv@2:0.5>4:0.5>dart@6:8t pivots 4+4"
+    assert trial_label(trial(schedule)) == ("fastv", "2>4>6", "-", "0.5>0.5>8t")
+    single = tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5)
+    assert describe_trial(trial(single)) == "fastv K=2 keep 0.5"

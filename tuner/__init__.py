@@ -10,16 +10,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tuner.config import PruningConfig
+    from tuner.config import PruningConfig, Stage
     from tuner.presets import Preset, load_preset, save_preset
     from tuner.pruning import PruningHandle, RequestStats, apply_pruning, available_methods
 
 __version__ = "0.1.0"
-_HOMES = {"PruningConfig": "tuner.config", "Preset": "tuner.presets", "load_preset": "tuner.presets",
-          "save_preset": "tuner.presets", "PruningHandle": "tuner.pruning", "RequestStats": "tuner.pruning",
-          "apply_pruning": "tuner.pruning", "available_methods": "tuner.pruning"}
-__all__ = ["Preset", "PruningConfig", "PruningHandle", "RequestStats", "__version__", "apply_pruning",
-           "available_methods", "load_preset", "save_preset"]
+_HOMES = {"PruningConfig": "tuner.config", "Stage": "tuner.config", "Preset": "tuner.presets",
+          "load_preset": "tuner.presets", "save_preset": "tuner.presets", "PruningHandle": "tuner.pruning",
+          "RequestStats": "tuner.pruning", "apply_pruning": "tuner.pruning", "available_methods": "tuner.pruning"}
+__all__ = ["Preset", "PruningConfig", "PruningHandle", "RequestStats", "Stage", "__version__",
+           "apply_pruning", "available_methods", "load_preset", "save_preset"]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,10 +5,12 @@ Per layer and n tokens: the q/k/v/o projections (grouped KV heads), causal atten
 query-key pairs (scores and weighted values; a sliding-window layer of window W sees at most W keys per
 query), and the MLP (gated: 3 matrices, else 2). Layers below K
 see all N prompt tokens, layers from K on the P kept ones; the LM head runs on the last token only.
+A schedule of stages at K_0 < K_1 < ... keeping P_0 >= P_1 >= ... tokens: layers in [K_i, K_{i+1}) see P_i.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,33 +64,54 @@ def layer_flops(dims: TextDims, n_tokens: int, window: int | None = None) -> int
     return projections + attention + mlp
 
 
-def prefill_flops(dims: TextDims, n_tokens: int, kept_tokens: int | None = None, layer: int = 0) -> int:
-    """FLOPs of the text model's prefill when layers >= `layer` see only `kept_tokens` of `n_tokens`."""
-    kept = n_tokens if kept_tokens is None else kept_tokens
-    _check(dims, n_tokens, kept, layer)
-    per_layer = (layer_flops(dims, n_tokens if index < layer else kept, dims.window(index))
-                 for index in range(dims.layers))
-    return sum(per_layer) + 2 * dims.hidden * dims.vocab
+def tokens_per_layer(dims: TextDims, n_tokens: int, kept_tokens: int | Sequence[int] | None = None,
+                     layer: int | Sequence[int] = 0) -> list[int]:
+    """Tokens each decoder layer sees: N below the first stage, then P_i in the layers [K_i, K_{i+1}).
+
+    `kept_tokens` and `layer` are one stage's (P, K) or every stage's, first to last (P_i, K_i).
+    """
+    kept = [n_tokens] if kept_tokens is None else \
+        [kept_tokens] if isinstance(kept_tokens, int) else list(kept_tokens)
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    if kept_tokens is None:
+        layers = layers[:1]
+    _check(dims, n_tokens, kept, layers)
+    seen = [n_tokens] * dims.layers
+    for stage_layer, stage_kept in zip(layers, kept):
+        seen[stage_layer:] = [stage_kept] * (dims.layers - stage_layer)
+    return seen
 
 
-def kv_cache_bytes(dims: TextDims, n_tokens: int, kept_tokens: int | None = None, layer: int = 0,
-                   dtype: torch.dtype = torch.float16) -> int:
-    """Bytes of keys and values after the prefill: N tokens in layers < K, P tokens in layers >= K.
+def prefill_flops(dims: TextDims, n_tokens: int, kept_tokens: int | Sequence[int] | None = None,
+                  layer: int | Sequence[int] = 0) -> int:
+    """FLOPs of the text model's prefill when layers >= `layer` see only `kept_tokens` of `n_tokens` (per stage
+    when both are sequences: `tokens_per_layer`)."""
+    seen = tokens_per_layer(dims, n_tokens, kept_tokens, layer)
+    return sum(layer_flops(dims, tokens, dims.window(index)) for index, tokens in enumerate(seen)) \
+        + 2 * dims.hidden * dims.vocab
+
+
+def kv_cache_bytes(dims: TextDims, n_tokens: int, kept_tokens: int | Sequence[int] | None = None,
+                   layer: int | Sequence[int] = 0, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes of keys and values after the prefill: each layer holds the tokens it saw (`tokens_per_layer`).
 
     A sliding-window layer of window W keeps at most its last W - 1 tokens, as transformers' sliding cache does.
     """
-    kept = n_tokens if kept_tokens is None else kept_tokens
-    _check(dims, n_tokens, kept, layer)
     per_token = 2 * dims.kv_heads * dims.head_dim * torch.empty((), dtype=dtype).element_size()
-    held = 0
-    for index in range(dims.layers):
-        tokens, window = (n_tokens if index < layer else kept), dims.window(index)
-        held += tokens if window is None else min(tokens, window - 1)
-    return per_token * held
+    seen = tokens_per_layer(dims, n_tokens, kept_tokens, layer)
+    return per_token * sum(tokens if dims.window(index) is None else min(tokens, dims.window(index) - 1)
+                           for index, tokens in enumerate(seen))
 
 
-def _check(dims: TextDims, n_tokens: int, kept: int, layer: int) -> None:
-    if not 0 <= kept <= n_tokens:
-        raise ValueError(f"kept_tokens must be in 0..{n_tokens}, got {kept}")
-    if not 0 <= layer <= dims.layers:
-        raise ValueError(f"layer must be in 0..{dims.layers}, got {layer}")
+def _check(dims: TextDims, n_tokens: int, kept: list[int], layers: list[int]) -> None:
+    """Stages as many as their kept counts, layers strictly increasing in 0..L, counts non-increasing in 0..N."""
+    if len(kept) != len(layers):
+        raise ValueError(f"give one kept count per stage layer, got {len(kept)} counts for layers {layers}")
+    for previous, count in zip([n_tokens, *kept], kept):
+        if not 0 <= count <= previous:
+            raise ValueError(f"kept_tokens must be in 0..{previous} (each stage keeps at most what the one before "
+                             f"it kept), got {count}")
+    for previous, layer in zip([-1, *layers], layers):
+        if not previous < layer <= dims.layers:
+            raise ValueError(f"layer must be in {previous + 1}..{dims.layers} (stage layers strictly increasing), "
+                             f"got {layer}")

@@ -9,6 +9,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from tuner.evidence import CONFIRMATION_ATTR, confirmed_text, indistinct_from, interval_text, versus_baseline_text
+from tuner.config import schedule_text
 from tuner.results import accuracy_relative, config_of, is_baseline, pareto_trials
 
 NOISY_MARK = "*"
@@ -23,21 +24,31 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def trial_label(trial: FrozenTrial) -> tuple[str, str, str, str]:
-    """(method, K, pivots, amount) of a stored trial; the baseline reads 'unpruned'."""
+    """(method, K, pivots, amount) of a stored trial; the baseline reads 'unpruned', a schedule '2>4' and '0.5>0.5'."""
     config = config_of(trial)
     if config is None:
         return ("unpruned" if is_baseline(trial) else "?", "-", "-", "all")
     pivots = f"{config.n_image_pivots}+{config.n_text_pivots}" if config.method == "dart" else "-"
     amount = f"{config.keep_ratio:.3g}" if config.keep_ratio is not None else (
         f"{config.budget} tok" if config.budget is not None else "all")
+    if config.stages:
+        stages = config.stage_configs()
+        amount = ">".join(f"{s.keep_ratio:.3g}" if s.keep_ratio is not None else f"{s.budget}t" if s.budget else "all"
+                          for s in stages)
+        return config.method, ">".join(str(layer) for layer in config.layers), pivots, amount
     return config.method, str(config.layer), pivots, amount
 
 
 def describe_trial(trial: FrozenTrial) -> str:
-    """Method, K, pivots and amount in a few words ('unpruned baseline' for the baseline)."""
+    """Method, K, pivots and amount in a few words ('unpruned baseline' for the baseline; a schedule reads
+    'fastv@2:0.5>4:0.5')."""
     config = config_of(trial)
     if config is None:
         return "unpruned baseline" if is_baseline(trial) else "no configuration"
+    if config.stages:
+        uses_dart = any(stage.method == "dart" for stage in config.stage_configs())
+        pivots = f" pivots {config.n_image_pivots}+{config.n_text_pivots}" if uses_dart else ""
+        return schedule_text(config) + pivots
     parts = [config.method, f"K={config.layer}"]
     if config.method == "dart":
         parts.append(f"pivots {config.n_image_pivots}+{config.n_text_pivots}")

@@ -2,12 +2,12 @@
 
 Every error names the file, the key and what is allowed, so a typo in a space fails before a model is loaded.
 A parameter is either a range (`{low: 1, high: 4}`, floats may add `log: true`) or a list of values.
+The method `pdrop` is a shape, not a method: PyramidDrop-style schedules, FastV at every layer of `schedule`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,11 +15,11 @@ from typing import Any
 import optuna
 
 from tuner.config import PruningConfig
-from tuner.errors import DartTunerError
 from tuner.models.attention import ATTN_IMPLEMENTATIONS
 from tuner.models.feature_cache import DEFAULT_FEATURE_CACHE_MB
 from tuner.models.loading import DTYPES
 from tuner.pruning.registry import available_methods
+from tuner.space_params import PDROP, FloatParam, IntParam, Reader, ScheduleSpec, SpaceError, parse_schedule
 from tuner.yaml_files import read_yaml
 
 # The samplers a space may name, each an Optuna class (`tuner.study.make_sampler` builds them).
@@ -30,52 +30,8 @@ SAMPLERS = tuple(SAMPLER_CLASSES)
 _TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "n_image_pivots",
               "n_text_pivots", "keep_ratio", "budget", "attn_implementation", "dtype", "device", "batch_size",
               "constraints", "sampler", "trials", "timeout_s", "latency", "max_failures", "feature_cache_mb",
-              "early_stopping"}
+              "early_stopping", "schedule"}
 PAPER_DEFAULT = {"method": "dart", "layer": 2, "n_image_pivots": 4, "n_text_pivots": 4}
-
-
-class SpaceError(DartTunerError, ValueError):
-    """A search space that cannot be used; the message names the file and the key."""
-
-
-@dataclass(frozen=True)
-class IntParam:
-    """Integers in [low, high] (step 1), or a fixed list of values."""
-
-    low: int | None = None
-    high: int | None = None
-    values: tuple[int, ...] | None = None
-
-    def choices(self) -> list[int]:
-        return list(self.values) if self.values is not None else list(range(self.low, self.high + 1))
-
-    def contains(self, value: int) -> bool:
-        return value in self.choices()
-
-    def suggest(self, trial: Any, name: str) -> int:
-        if self.values is not None:
-            return trial.suggest_categorical(name, list(self.values))
-        return trial.suggest_int(name, self.low, self.high)
-
-
-@dataclass(frozen=True)
-class FloatParam:
-    """Floats in [low, high] (optionally log-uniform), or a fixed list of values."""
-
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    values: tuple[float, ...] | None = None
-
-    def contains(self, value: float) -> bool:
-        if self.values is not None:
-            return value in self.values
-        return self.low <= value <= self.high
-
-    def suggest(self, trial: Any, name: str) -> float:
-        if self.values is not None:
-            return trial.suggest_categorical(name, list(self.values))
-        return trial.suggest_float(name, self.low, self.high, log=self.log)
 
 
 @dataclass(frozen=True)
@@ -130,11 +86,18 @@ class SearchSpace:
     latency: LatencySpec = LatencySpec()
     early_stop_chunk: int | None = None  # score in chunks of this many documents, stopping hopeless trials
     source: str | None = None
+    schedule: ScheduleSpec | None = None
 
     def suggest(self, trial: Any) -> PruningConfig:
-        """The configuration for one trial. DART's pivot counts are only suggested for DART trials (conditional
-        parameters), except under the grid sampler, which needs every parameter in every trial."""
+        """The configuration for one trial. DART's pivot counts are only suggested for DART trials and a schedule's
+        parameters for `pdrop` trials (conditional parameters), except under the grid sampler, which needs every
+        parameter in every trial."""
         method = trial.suggest_categorical("method", list(self.methods))
+        grid = self.sampler.name == "grid"
+        if self.schedule is not None and (method == PDROP or grid):
+            schedule = self.schedule.suggest(trial)
+            if method == PDROP:
+                return schedule
         layer = self.layer.suggest(trial, "layer")
         amount: dict[str, Any] = {}
         if method != "keep_all":
@@ -143,13 +106,15 @@ class SearchSpace:
             else:
                 amount["budget"] = self.budget.suggest(trial, "budget")
         pivots: dict[str, int] = {}
-        if method == "dart" or self.sampler.name == "grid":
+        if method == "dart" or grid:
             pivots = {"n_image_pivots": self.n_image_pivots.suggest(trial, "n_image_pivots"),
                       "n_text_pivots": self.n_text_pivots.suggest(trial, "n_text_pivots")}
         return PruningConfig(method=method, layer=layer, **amount, **(pivots if method == "dart" else {}))
 
     def grid(self) -> dict[str, list]:
         """The full grid for Optuna's GridSampler (every parameter must be a list or an integer range)."""
+        if set(self.methods) == {PDROP}:
+            return {"method": [PDROP], **self.schedule.grid(self.source)}
         grid: dict[str, list] = {"method": list(self.methods), "layer": self.layer.choices(),
                                  "n_image_pivots": self.n_image_pivots.choices(),
                                  "n_text_pivots": self.n_text_pivots.choices()}
@@ -158,9 +123,15 @@ class SearchSpace:
                 raise SpaceError(f"{self.source}: keep_ratio: the grid sampler needs a list of values, "
                                  f"not a range")
             grid["keep_ratio"] = list(self.keep_ratio.values)
-        else:
+        elif self.budget is not None:
             grid["budget"] = self.budget.choices()
+        if self.schedule is not None:
+            grid.update(self.schedule.grid(self.source))
         return grid
+
+    def max_layer(self) -> int:
+        """The deepest layer a trial can prune at (a schedule's last stage included)."""
+        return max([max(self.layer.choices()), *([self.schedule.max_layer()] if self.schedule else [])])
 
     def paper_default(self) -> dict[str, Any] | None:
         """DART's paper setting (K=2, 4+4 pivots) as trial params, when the space contains it."""
@@ -192,91 +163,15 @@ class SearchSpace:
         return space
 
 
-class _Reader:
-    """Validation helpers that know the file name, so every message says where the problem is."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, key: str, problem: str) -> SpaceError:
-        return SpaceError(f"{self.source}: {key}: {problem}")
-
-    def number(self, key: str, value: Any, *, integer: bool, low: float | None = None,
-               high: float | None = None, low_open: bool = False) -> Any:
-        kind = int if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise self.fail(key, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
-        if not math.isfinite(value):  # NaN passes every comparison below, and no setting is infinite
-            raise self.fail(key, f"must be a finite number, got {value!r}")
-        if low is not None and (value < low or (low_open and value == low)):
-            raise self.fail(key, f"must be {'>' if low_open else '>='} {low}, got {value!r}")
-        if high is not None and value > high:
-            raise self.fail(key, f"must be <= {high}, got {value!r}")
-        return value
-
-    def choice(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
-        if value not in allowed:
-            raise self.fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
-        return value
-
-    def mapping(self, key: str, value: Any, allowed: set[str]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail(key, f"must be a mapping with keys {sorted(allowed)}, got {type(value).__name__}")
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise self.fail(key, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-        return value
-
-    def int_param(self, key: str, value: Any, *, low: int, high: int | None = None) -> IntParam:
-        if isinstance(value, list):
-            if not value:
-                raise self.fail(key, "the list of values is empty")
-            values = tuple(self.number(f"{key}[{i}]", v, integer=True, low=low, high=high) for i, v in enumerate(value))
-            return IntParam(values=tuple(dict.fromkeys(values)))
-        if isinstance(value, int) and not isinstance(value, bool):
-            return IntParam(values=(self.number(key, value, integer=True, low=low, high=high),))
-        spec = self.mapping(key, value, {"low", "high"})
-        if set(spec) != {"low", "high"}:
-            raise self.fail(key, "a range needs both low and high (or give a list of values)")
-        lo = self.number(f"{key}.low", spec["low"], integer=True, low=low, high=high)
-        hi = self.number(f"{key}.high", spec["high"], integer=True, low=low, high=high)
-        if lo > hi:
-            raise self.fail(key, f"low ({lo}) is above high ({hi})")
-        return IntParam(low=lo, high=hi)
-
-    def float_param(self, key: str, value: Any) -> FloatParam:
-        if isinstance(value, list):
-            if not value:
-                raise self.fail(key, "the list of values is empty")
-            values = tuple(float(self.number(f"{key}[{i}]", v, integer=False, low=0, high=1, low_open=True))
-                           for i, v in enumerate(value))
-            return FloatParam(values=tuple(dict.fromkeys(values)))
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return FloatParam(values=(float(self.number(key, value, integer=False, low=0, high=1, low_open=True)),))
-        spec = self.mapping(key, value, {"low", "high", "log"})
-        if not {"low", "high"} <= set(spec):
-            raise self.fail(key, "a range needs both low and high (or give a list of values)")
-        lo = float(self.number(f"{key}.low", spec["low"], integer=False, low=0, high=1, low_open=True))
-        hi = float(self.number(f"{key}.high", spec["high"], integer=False, low=0, high=1, low_open=True))
-        if lo > hi:
-            raise self.fail(key, f"low ({lo}) is above high ({hi})")
-        log = spec.get("log", False)
-        if not isinstance(log, bool):
-            raise self.fail(f"{key}.log", f"must be true or false, got {log!r}")
-        return FloatParam(low=lo, high=hi, log=log)
-
-
 def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
     """Validate plain data (a parsed YAML document) into a SearchSpace."""
-    r = _Reader(source)
+    r = Reader(source)
     if not isinstance(data, dict):
         raise SpaceError(f"{source}: must be a YAML mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - _TOP_LEVEL)
     if unknown:
         raise SpaceError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(_TOP_LEVEL)}")
-    for key in ("model", "tasks", "methods", "layer"):
+    for key in ("model", "tasks", "methods"):
         if key not in data:
             raise r.fail(key, "is required")
     if not isinstance(data["model"], str) or not data["model"]:
@@ -288,13 +183,19 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
     if not methods:
         raise r.fail("methods", "the list is empty")
     for i, method in enumerate(methods):
-        r.choice(f"methods[{i}]", method, tuple(available_methods()))
-    layer = r.int_param("layer", data["layer"], low=1)
+        r.choice(f"methods[{i}]", method, (*available_methods(), PDROP))
+    if (PDROP in methods) != ("schedule" in data):
+        raise r.fail("schedule", f"is needed exactly when methods lists {PDROP}")
+    schedule = parse_schedule(r, data["schedule"]) if "schedule" in data else None
+    if "layer" not in data and any(m != PDROP for m in methods):
+        raise r.fail("layer", "is required")
+    # A pdrop-only space draws no `layer`; its first stage layer stands in where a layer bound is checked.
+    layer = r.int_param("layer", data["layer"], low=1) if "layer" in data else schedule.layers[0]
     pivots = {key: r.int_param(key, data.get(key, 4), low=0) for key in ("n_image_pivots", "n_text_pivots")}
     if min(pivots["n_image_pivots"].choices()) + min(pivots["n_text_pivots"].choices()) < 1:
         raise r.fail("n_image_pivots", "with n_text_pivots it allows 0 + 0 pivots; DART needs at least one "
                                        "(raise one of the lower bounds to 1)")
-    if ("keep_ratio" in data) == ("budget" in data) and any(m != "keep_all" for m in methods):
+    if ("keep_ratio" in data) == ("budget" in data) and any(m not in ("keep_all", PDROP) for m in methods):
         raise r.fail("keep_ratio", "give exactly one of keep_ratio and budget")
     keep_ratio = r.float_param("keep_ratio", data["keep_ratio"]) if "keep_ratio" in data else None
     budget = r.int_param("budget", data["budget"], low=1) if "budget" in data else None
@@ -362,7 +263,7 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         feature_cache_mb=int(data.get("feature_cache_mb", DEFAULT_FEATURE_CACHE_MB)),
         constraints=Constraints(**constraints), sampler=SamplerSpec(sampler_name, sampler.get("seed", 0), options),
         trials=trials, timeout_s=timeout, latency=LatencySpec(**latency), early_stop_chunk=early.get("chunk_size"),
-        source=source)
+        source=source, schedule=schedule)
     if sampler_name == "grid":
         space.grid()  # fails now, naming the parameter, if a range cannot be gridded
     return space

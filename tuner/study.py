@@ -100,10 +100,10 @@ class Tuner:
         self.loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
                                            attn_implementation=space.attn_implementation)
         try:
-            check_layer(max(space.layer.choices()), len(self.loaded.adapter.layers))
+            check_layer(space.max_layer(), len(self.loaded.adapter.layers))
         except ValueError as error:
-            raise SpaceError(f"{space.source}: layer: the space allows up to {max(space.layer.choices())}; "
-                             f"{error}") from None
+            key = "layer" if space.max_layer() == max(space.layer.choices()) else "schedule"
+            raise SpaceError(f"{space.source}: {key}: the space allows up to {space.max_layer()}; {error}") from None
         self.tasks = tasks or load_tasks(space.tasks, subset_size=space.subset_size, seed=space.subset_seed,
                                          include_paths=space.include_paths)
         self.feature_cache = FeatureCache.from_mb(space.feature_cache_mb)  # this worker's image features; None: off

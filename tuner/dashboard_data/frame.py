@@ -11,6 +11,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
+from tuner.config import schedule_text
 from tuner.reporting import describe_trial, latency_noise, speedup
 from tuner.results import accuracy_relative, config_of, is_baseline
 
@@ -27,7 +28,9 @@ def _config_text(trial: FrozenTrial) -> str:
     data = trial.user_attrs.get("config")
     if not data:
         return "unpruned baseline (no pruning)" if is_baseline(trial) else "no configuration stored"
-    return ", ".join(f"{key}={value}" for key, value in data.items() if value not in (None, {}, ""))
+    stages = data.get("stages")
+    text = ", ".join(f"{key}={value}" for key, value in data.items() if value not in (None, {}, "") and key != "stages")
+    return text + (f", schedule {schedule_text(config_of(trial))}" if stages else "")
 
 
 def _violations(trial: FrozenTrial) -> str:

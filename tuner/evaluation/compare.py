@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import BatchFeature
 
-from tuner.config import PruningConfig, check_layer
+from tuner.config import PruningConfig, check_layers
 from tuner.cost import kv_cache_bytes, prefill_flops
 from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.runner import EvalResult, Evaluator
@@ -28,13 +28,17 @@ BASELINE = "unpruned"
 
 @dataclass(frozen=True)
 class CostOnInputs:
-    """Token counts and analytic cost of one configuration on the latency inputs (summed over the batch)."""
+    """Token counts and analytic cost of one configuration on the latency inputs (summed over the batch).
+
+    `n_kept_vision` is what the last stage kept, `stage_kept_vision` what each stage kept (one entry per stage).
+    """
 
     n_tokens: int
     n_vision: int
     n_kept_vision: int
     prefill_flops: int
     kv_cache_bytes: int
+    stage_kept_vision: tuple[int, ...] = ()
 
 
 @dataclass
@@ -71,20 +75,22 @@ def vision_counts(loaded: LoadedModel, inputs: BatchFeature) -> list[int]:
     return loaded.adapter.vision_mask(inputs["input_ids"], inputs["attention_mask"]).sum(1).tolist()
 
 
-def _cost(loaded: LoadedModel, inputs: BatchFeature, config: PruningConfig | None, kept: list[int]) -> CostOnInputs:
+def _cost(loaded: LoadedModel, inputs: BatchFeature, config: PruningConfig | None,
+          stage_kept: list[list[int]]) -> CostOnInputs:
+    """FLOPs and KV bytes per row, with layers in [K_i, K_{i+1}) seeing what stage i kept (`stage_kept[i][row]`)."""
     dims = loaded.adapter.spec.text_dims(loaded.model.config)
     mask = inputs["attention_mask"].bool()
+    layers = list(config.layers) if config else [0]
     flops = kv = n_tokens = n_vision = 0
     for row, row_vision in enumerate(vision_counts(loaded, inputs)):
-        ids = inputs["input_ids"][row][mask[row]].tolist()
-        kept_tokens = len(ids) - row_vision + kept[row]
-        layer = config.layer if config else 0
-        flops += prefill_flops(dims, len(ids), kept_tokens, layer)
-        kv += kv_cache_bytes(dims, len(ids), kept_tokens, layer, loaded.dtype)
-        n_tokens += len(ids)
+        n_row = int(mask[row].sum())
+        kept_tokens = [n_row - row_vision + kept[row] for kept in stage_kept]
+        flops += prefill_flops(dims, n_row, kept_tokens, layers)
+        kv += kv_cache_bytes(dims, n_row, kept_tokens, layers, loaded.dtype)
+        n_tokens += n_row
         n_vision += row_vision
-    return CostOnInputs(n_tokens=n_tokens, n_vision=n_vision, n_kept_vision=sum(kept), prefill_flops=flops,
-                        kv_cache_bytes=kv)
+    return CostOnInputs(n_tokens=n_tokens, n_vision=n_vision, n_kept_vision=sum(stage_kept[-1]), prefill_flops=flops,
+                        kv_cache_bytes=kv, stage_kept_vision=tuple(sum(kept) for kept in stage_kept))
 
 
 class _RecordingSetup:
@@ -92,7 +98,7 @@ class _RecordingSetup:
 
     def __init__(self, model: Any, config: PruningConfig | None) -> None:
         self.model, self.config = model, config
-        self.kept: list[int] | None = None
+        self.kept: list[list[int]] | None = None  # per stage, per row
 
     def __call__(self) -> AbstractContextManager:
         if self.config is None:
@@ -109,7 +115,7 @@ class _Recorder:
 
     def __exit__(self, *exc: object) -> None:
         if self.handle.requests:
-            self.setup.kept = list(self.handle.requests[0].n_kept_vision)
+            self.setup.kept = [list(kept) for kept in self.handle.requests[0].stage_kept_vision]
         self.handle.remove()
 
 
@@ -123,7 +129,8 @@ def measure_latency(loaded: LoadedModel, inputs: BatchFeature, configs: Mapping[
     all_vision = vision_counts(loaded, inputs)
     out = {}
     for name, setup in setups.items():
-        kept = setup.kept if setup.kept is not None else all_vision
+        stages = len(setup.config.layers) if setup.config else 1
+        kept = setup.kept if setup.kept is not None else [all_vision] * stages
         out[name] = (timings[name], _cost(loaded, inputs, setup.config, kept))
     return out
 
@@ -140,7 +147,7 @@ def compare_configs(loaded: LoadedModel, tasks: list[PreparedTask], configs: Map
     ordered.update({name: config for name, config in configs.items() if name != BASELINE})
     for config in ordered.values():  # before any evaluation, not when the hooks meet it
         if config is not None:
-            check_layer(config.layer, len(loaded.adapter.layers))
+            check_layers(config, len(loaded.adapter.layers))
     evaluator = Evaluator(loaded, tasks, batch_size=batch_size, max_failures=max_failures)
     accuracy: dict[str, EvalResult | None] = {}
     for name, config in ordered.items():

@@ -55,6 +55,7 @@ class SampleRecord:
     n_kept_vision: int
     n_output_tokens: int
     empty: bool
+    stage_kept_vision: tuple[int, ...] = ()  # what each stage of a schedule kept (n_kept_vision: the last)
 
 def _config_from_args(args: dict[str, Any], preset: str | None) -> PruningConfig | None:
     config_args = {key: args.pop(key) for key in list(args) if key in _CONFIG_ARGS}
@@ -177,6 +178,7 @@ class DartTunerLMM(lmms):
         n_tokens = inputs["attention_mask"].sum(-1).tolist()
         n_vision = self._vision_counts(inputs["input_ids"], inputs["attention_mask"])
         kept = handle.requests[n_before].n_kept_vision if handle is not None else n_vision
+        stage_kept = handle.requests[n_before].stage_kept_vision if handle is not None else [n_vision]
         n_out = (new_tokens != self._pad_token_id).sum(-1).tolist()
         answers = []
         for row, (request, text) in enumerate(zip(batch, texts)):
@@ -186,7 +188,8 @@ class DartTunerLMM(lmms):
             _, _, _, doc_id, task, _ = request.args
             self.records[(task, doc_id)] = SampleRecord(n_tokens=n_tokens[row], n_vision=n_vision[row],
                                                         n_kept_vision=kept[row], n_output_tokens=n_out[row],
-                                                        empty=not text)
+                                                        empty=not text,
+                                                        stage_kept_vision=tuple(k[row] for k in stage_kept))
             answers.append(text)
         return answers
 

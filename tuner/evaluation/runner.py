@@ -33,6 +33,7 @@ class SampleResult:
     score: float | None  # the primary metric of this document, when the task scores documents one by one
     n_vision: int
     n_kept_vision: int
+    stage_kept_vision: tuple[int, ...] = ()  # what each stage of a schedule kept (n_kept_vision: the last)
 
 
 @dataclass
@@ -56,16 +57,22 @@ class EvalResult:
             return None
         return [(s.task, s.doc_index, float(s.score)) for s in self.samples]
 
-    def kept_vision_stats(self) -> dict[str, float]:
-        """Kept vision tokens per sample (mean, min, max) and the keep ratio achieved over all samples."""
+    def kept_vision_stats(self) -> dict[str, Any]:
+        """Kept vision tokens per sample after the last stage (mean, min, max), the keep ratio achieved over all
+        samples and, for a schedule of several stages, `stage_kept_vision_mean`: the mean each stage kept."""
         kept = [s.n_kept_vision for s in self.samples]
         vision = [s.n_vision for s in self.samples]
         if not kept:
             return {"kept_vision_mean": math.nan, "kept_vision_min": math.nan, "kept_vision_max": math.nan,
                     "vision_mean": math.nan, "keep_ratio_achieved": math.nan}
-        return {"kept_vision_mean": statistics.fmean(kept), "kept_vision_min": float(min(kept)),
-                "kept_vision_max": float(max(kept)), "vision_mean": statistics.fmean(vision),
-                "keep_ratio_achieved": sum(kept) / sum(vision) if sum(vision) else math.nan}
+        stats = {"kept_vision_mean": statistics.fmean(kept), "kept_vision_min": float(min(kept)),
+                 "kept_vision_max": float(max(kept)), "vision_mean": statistics.fmean(vision),
+                 "keep_ratio_achieved": sum(kept) / sum(vision) if sum(vision) else math.nan}
+        stages = {len(s.stage_kept_vision) for s in self.samples}
+        if len(stages) == 1 and stages.pop() > 1:
+            stats["stage_kept_vision_mean"] = [statistics.fmean(column)
+                                               for column in zip(*(s.stage_kept_vision for s in self.samples))]
+        return stats
 
     def accuracy_by_category(self) -> dict[str, float]:
         """Mean per-sample score by (task, category), for tasks that score samples one by one."""
@@ -195,7 +202,8 @@ class Evaluator:
                     task=task.name, doc_index=task.doc_indices[position], category=task.categories[position],
                     prediction=str(response), target=_target(sample),
                     score=float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None,
-                    n_vision=record.n_vision if record else 0, n_kept_vision=record.n_kept_vision if record else 0))
+                    n_vision=record.n_vision if record else 0, n_kept_vision=record.n_kept_vision if record else 0,
+                    stage_kept_vision=record.stage_kept_vision if record else ()))
         return metrics, samples
 
 

@@ -7,14 +7,18 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
+from tuner.config import schedule_text
 from tuner.evaluation.compare import ConfigReport
 
 
 def describe(report: ConfigReport) -> str:
-    """Short label: method, K, amount and pivots."""
+    """Short label: method, K, amount and pivots (a schedule: 'fastv@2:0.5>4:0.5')."""
     config = report.config
     if config is None:
         return report.name
+    if config.stages:
+        uses_dart = any(stage.method == "dart" for stage in config.stage_configs())
+        return schedule_text(config) + (f" p={config.n_image_pivots}+{config.n_text_pivots}" if uses_dart else "")
     amount = f"r={config.keep_ratio:g}" if config.keep_ratio is not None else (
         f"b={config.budget}" if config.budget is not None else "all")
     pivots = f" p={config.n_image_pivots}+{config.n_text_pivots}" if config.method == "dart" else ""

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from tuner.config import PruningConfig, as_pruning_config
+from tuner.config import PruningConfig, Stage, as_pruning_config
 from tuner.models.families import adapter_for
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.hooks import PruningHandle, RequestStats
@@ -30,4 +30,4 @@ def apply_pruning(model: torch.nn.Module, config: PruningConfig | Any, *,
 
 
 __all__ = ["PruningConfig", "PruningHandle", "PruningMethod", "RequestStats", "Selection", "SelectionContext",
-           "apply_pruning", "available_methods", "get_method_class", "register_method"]
+           "Stage", "apply_pruning", "available_methods", "get_method_class", "register_method"]

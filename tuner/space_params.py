@@ -1,0 +1,190 @@
+"""The building blocks of a search space: its error, parameter types, the validating reader and `pdrop` schedules.
+
+`tuner.space` assembles them into a `SearchSpace`; they live here so each file stays one job.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from tuner.config import PruningConfig, Stage
+from tuner.errors import DartTunerError
+
+PDROP = "pdrop"  # a `methods` entry: a schedule from `schedule`, each stage scored like FastV at its own layer
+PDROP_METHOD = "fastv"
+
+
+class SpaceError(DartTunerError, ValueError):
+    """A search space that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class IntParam:
+    """Integers in [low, high] (step 1), or a fixed list of values."""
+
+    low: int | None = None
+    high: int | None = None
+    values: tuple[int, ...] | None = None
+
+    def choices(self) -> list[int]:
+        return list(self.values) if self.values is not None else list(range(self.low, self.high + 1))
+
+    def contains(self, value: int) -> bool:
+        return value in self.choices()
+
+    def suggest(self, trial: Any, name: str) -> int:
+        if self.values is not None:
+            return trial.suggest_categorical(name, list(self.values))
+        return trial.suggest_int(name, self.low, self.high)
+
+
+@dataclass(frozen=True)
+class FloatParam:
+    """Floats in [low, high] (optionally log-uniform), or a fixed list of values."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    values: tuple[float, ...] | None = None
+
+    def contains(self, value: float) -> bool:
+        if self.values is not None:
+            return value in self.values
+        return self.low <= value <= self.high
+
+    def suggest(self, trial: Any, name: str) -> float:
+        if self.values is not None:
+            return trial.suggest_categorical(name, list(self.values))
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """PyramidDrop-style schedules (`pdrop`): FastV at every stage layer, each stage keeping a share of the tokens
+    the stage before it kept. Each layer entry is a parameter whose every value lies below the next entry's, so any
+    draw is strictly increasing; `keep_ratio` is one parameter per stage, or one for all (`shared`, PDrop's λ)."""
+
+    layers: tuple[IntParam, ...]
+    keep_ratio: FloatParam
+    shared: bool = False
+
+    def suggest(self, trial: Any) -> PruningConfig:
+        """The schedule of one trial: parameters pdrop_layer_i and pdrop_keep_ratio_i (or pdrop_keep_ratio)."""
+        layers = [param.suggest(trial, f"pdrop_layer_{i}") for i, param in enumerate(self.layers)]
+        if self.shared:
+            ratios = [self.keep_ratio.suggest(trial, "pdrop_keep_ratio")] * len(layers)
+        else:
+            ratios = [self.keep_ratio.suggest(trial, f"pdrop_keep_ratio_{i}") for i in range(len(layers))]
+        return PruningConfig(method=PDROP_METHOD, layer=layers[0], keep_ratio=ratios[0],
+                             stages=tuple(Stage(layer, ratio) for layer, ratio in zip(layers[1:], ratios[1:])))
+
+    def grid(self, source: str | None) -> dict[str, list]:
+        """The schedule's parameters for Optuna's GridSampler (keep ratios must be lists of values)."""
+        if self.keep_ratio.values is None:
+            raise SpaceError(f"{source}: schedule.keep_ratio: the grid sampler needs a list of values, not a range")
+        grid: dict[str, list] = {f"pdrop_layer_{i}": param.choices() for i, param in enumerate(self.layers)}
+        names = ["pdrop_keep_ratio"] if self.shared else [f"pdrop_keep_ratio_{i}" for i in range(len(self.layers))]
+        grid.update({name: list(self.keep_ratio.values) for name in names})
+        return grid
+
+    def max_layer(self) -> int:
+        """The deepest stage layer a trial can draw."""
+        return max(self.layers[-1].choices())
+
+
+class Reader:
+    """Validation helpers that know the file name, so every message says where the problem is."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> SpaceError:
+        return SpaceError(f"{self.source}: {key}: {problem}")
+
+    def number(self, key: str, value: Any, *, integer: bool, low: float | None = None,
+               high: float | None = None, low_open: bool = False) -> Any:
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise self.fail(key, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every comparison below, and no setting is infinite
+            raise self.fail(key, f"must be a finite number, got {value!r}")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise self.fail(key, f"must be {'>' if low_open else '>='} {low}, got {value!r}")
+        if high is not None and value > high:
+            raise self.fail(key, f"must be <= {high}, got {value!r}")
+        return value
+
+    def choice(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
+        if value not in allowed:
+            raise self.fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
+    def mapping(self, key: str, value: Any, allowed: set[str]) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a mapping with keys {sorted(allowed)}, got {type(value).__name__}")
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise self.fail(key, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        return value
+
+    def int_param(self, key: str, value: Any, *, low: int, high: int | None = None) -> IntParam:
+        if isinstance(value, list):
+            if not value:
+                raise self.fail(key, "the list of values is empty")
+            values = tuple(self.number(f"{key}[{i}]", v, integer=True, low=low, high=high) for i, v in enumerate(value))
+            return IntParam(values=tuple(dict.fromkeys(values)))
+        if isinstance(value, int) and not isinstance(value, bool):
+            return IntParam(values=(self.number(key, value, integer=True, low=low, high=high),))
+        spec = self.mapping(key, value, {"low", "high"})
+        if set(spec) != {"low", "high"}:
+            raise self.fail(key, "a range needs both low and high (or give a list of values)")
+        lo = self.number(f"{key}.low", spec["low"], integer=True, low=low, high=high)
+        hi = self.number(f"{key}.high", spec["high"], integer=True, low=low, high=high)
+        if lo > hi:
+            raise self.fail(key, f"low ({lo}) is above high ({hi})")
+        return IntParam(low=lo, high=hi)
+
+    def float_param(self, key: str, value: Any) -> FloatParam:
+        if isinstance(value, list):
+            if not value:
+                raise self.fail(key, "the list of values is empty")
+            values = tuple(float(self.number(f"{key}[{i}]", v, integer=False, low=0, high=1, low_open=True))
+                           for i, v in enumerate(value))
+            return FloatParam(values=tuple(dict.fromkeys(values)))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return FloatParam(values=(float(self.number(key, value, integer=False, low=0, high=1, low_open=True)),))
+        spec = self.mapping(key, value, {"low", "high", "log"})
+        if not {"low", "high"} <= set(spec):
+            raise self.fail(key, "a range needs both low and high (or give a list of values)")
+        lo = float(self.number(f"{key}.low", spec["low"], integer=False, low=0, high=1, low_open=True))
+        hi = float(self.number(f"{key}.high", spec["high"], integer=False, low=0, high=1, low_open=True))
+        if lo > hi:
+            raise self.fail(key, f"low ({lo}) is above high ({hi})")
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise self.fail(f"{key}.log", f"must be true or false, got {log!r}")
+        return FloatParam(low=lo, high=hi, log=log)
+
+
+def parse_schedule(r: Reader, value: Any) -> ScheduleSpec:
+    """`schedule: {layers: [2, {low: 3, high: 5}, 8], keep_ratio: {low: 0.3, high: 0.9}, shared: false}`."""
+    spec = r.mapping("schedule", value, {"layers", "keep_ratio", "shared"})
+    if set(spec) - {"shared"} != {"layers", "keep_ratio"}:
+        raise r.fail("schedule", "needs layers (a list, one entry per stage) and keep_ratio")
+    if not isinstance(spec["layers"], list) or len(spec["layers"]) < 2:
+        raise r.fail("schedule.layers", f"must list at least two stage layers, got {spec['layers']!r}")
+    layers = tuple(r.int_param(f"schedule.layers[{i}]", v, low=1) for i, v in enumerate(spec["layers"]))
+    for i in range(1, len(layers)):
+        if min(layers[i].choices()) <= max(layers[i - 1].choices()):
+            low, high = min(layers[i].choices()), max(layers[i - 1].choices())
+            raise r.fail(f"schedule.layers[{i}]", f"its lowest layer {low} must be above the highest of "
+                                                  f"schedule.layers[{i - 1}] ({high})")
+    shared = spec.get("shared", False)
+    if not isinstance(shared, bool):
+        raise r.fail("schedule.shared", f"must be true or false, got {shared!r}")
+    return ScheduleSpec(layers=layers, keep_ratio=r.float_param("schedule.keep_ratio", spec["keep_ratio"]),
+                        shared=shared)
