@@ -39,7 +39,7 @@ _lmms_eval = import_lmms_eval("api.model")
 lmms = _lmms_eval.api.model.lmms
 
 MODEL_NAME = "dart_tuner"
-_CONFIG_ARGS = {f.name for f in dataclasses.fields(PruningConfig)} - {"options"}
+_CONFIG_ARGS = {f.name for f in dataclasses.fields(PruningConfig)} - {"options", "stages"}  # schedules: preset=
 _LOAD_ARGS = {"dtype", "device", "attn_implementation", "revision", "trust_remote_code"}
 _IGNORED_ARGS = {"max_batch_size"}  # passed by lmms-eval to every model
 
