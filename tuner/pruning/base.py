@@ -14,7 +14,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class SelectionContext:
-    """Everything a method may look at when it chooses, taken at the input of layer K during prefill."""
+    """Everything a method may look at when it chooses, taken at the input of its stage's layer K during prefill.
+
+    At a later stage of a schedule every tensor covers the tokens the previous stage kept, in the left-padded
+    slots layer K receives (N is then that width; `attention_mask` is False on the padding slots).
+    """
 
     hidden_states: torch.Tensor  # [B, N, D] output of layer K-1
     vision_mask: torch.Tensor  # [B, N] bool, True on (non-padding) vision tokens
