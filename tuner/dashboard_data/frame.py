@@ -10,8 +10,8 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.config import schedule_text
+from tuner.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.reporting import describe_trial, latency_noise, speedup
 from tuner.results import accuracy_relative, config_of, is_baseline
 
