@@ -41,7 +41,7 @@ FLOOR = 0.9 * BASELINE[0]
 
 
 def provenance(task: str = "dart_shapes", device: str = "cpu") -> dict[str, Any]:
-    """Study provenance in the shape `tuner.study.provenance_of` stores."""
+    """Study provenance in the shape `tuner.study_provenance.provenance_of` stores."""
     return {"model_id": "embedded:tiny-llava-shapes", "revision": None, "family": "llava", "dtype": "float32",
             "device": device, "attn_implementation": "sdpa",
             "tasks": [{"name": task, "primary_metric": "exact_match", "size": 60, "total": 600, "seed": 0,

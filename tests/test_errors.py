@@ -18,7 +18,8 @@ from tuner.presets import PresetError
 from tuner.results import StudyNotFound
 from tuner.space import SpaceError
 from tuner.storage import StorageError
-from tuner.study import ProvenanceMismatch, TuningStopped
+from tuner.study import TuningStopped
+from tuner.study_provenance import ProvenanceMismatch
 
 
 @pytest.mark.parametrize("error", [SpaceError, PresetError, ModelLoadError, StorageError, NoTrialQualifies,

@@ -10,8 +10,9 @@ statistical. Torch-free.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 STOPPED_ATTR = "stopped_early"  # user attribute of a trial stopped by this rule (True), with `stop_reason`
 
@@ -50,3 +51,21 @@ def progress_of(scores: Mapping[str, Sequence[float]], sizes: Mapping[str, int])
     """Per-task progress from the scores seen so far (tasks not started yet count as unscored)."""
     return [Progress(float(sum(scores.get(task, ()))), len(scores.get(task, ())), size)
             for task, size in sizes.items()]
+
+
+def bound_applies(task: Any) -> bool:
+    """Whether a task's accuracy is a mean of per-document scores, higher being better (a `PreparedTask`): the bound
+    holds only then, and only while the scores stay in [0, 1], which `stop_check_for` checks as they arrive."""
+    metrics = task.task.config.metric_list or [{}]
+    return task.higher_is_better and metrics[0].get("aggregation", "mean") == "mean"
+
+
+def stop_check_for(sizes: Mapping[str, int], floor: float) -> Callable[[dict[str, list[float]]], str | None]:
+    """The check the evaluator runs after each chunk: the reason to stop (see `stop_reason`), or None."""
+
+    def stop_check(scores: dict[str, list[float]]) -> str | None:
+        if any(not 0.0 <= s <= 1.0 for values in scores.values() for s in values):
+            return None  # a score outside [0, 1]: the bound would not hold, so never stop
+        return stop_reason(progress_of(scores, sizes), floor)
+
+    return stop_check

@@ -6,8 +6,7 @@ SQLAlchemy storage, with the unpruned baseline first and nothing ever lost.
   away for a while is waited out (`tuner.storage`). A Ctrl-C queues the interrupted trial again.
 - A trial that raises is stored as failed with its reason; the study goes on, unless the baseline failed (no
   trial can be scored without it) or several trials in a row failed the same way: then it stops, saying why.
-- The study's provenance (model, tasks and subset, hardware, attention implementation, versions) is stored on
-  creation; a later worker with a different one is refused unless told to mix them.
+- Provenance (`tuner.study_provenance`) is stored on creation; a worker with another is refused unless told to mix.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig, check_layer
-from tuner.early_stop import STOPPED_ATTR, best_reachable_accuracy, progress_of, stop_reason
+from tuner.early_stop import STOPPED_ATTR, best_reachable_accuracy, bound_applies, progress_of, stop_check_for
 from tuner.errors import DartTunerError
 from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency, vision_counts
 from tuner.evaluation.runner import EvalResult, Evaluator
@@ -36,11 +35,11 @@ from tuner.guards import FailureGuard, RepeatGuard
 from tuner.latency import speedup_spread
 from tuner.models.feature_cache import CacheStats, FeatureCache
 from tuner.models.loading import LoadedModel, load_model
-from tuner.provenance import environment
 from tuner.results import ROLE_ATTR, config_of, is_baseline
 from tuner.samplers import make_sampler
 from tuner.space import SearchSpace, SpaceError
 from tuner.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, open_for_tuning
+from tuner.study_provenance import ProvenanceMismatch, provenance_differences, provenance_of
 
 logger = logging.getLogger(__name__)
 
@@ -48,31 +47,10 @@ DIRECTIONS = ("maximize", "minimize")
 OBJECTIVES = ("accuracy", "prefill_ms")
 REQUEUED_FROM_ATTR = "requeued_from"  # user attribute of a trial queued again after an interrupt: the old number
 INTERRUPTED = "interrupted (Ctrl-C); queued again for the next run"
-# Provenance fields that must match for two workers' trials to be comparable.
-MATCHED_PROVENANCE = ("model_id", "revision", "family", "dtype", "attn_implementation", "device", "tasks")
 
 
 class TuningStopped(DartTunerError, RuntimeError):
     """The study cannot make progress (its baseline failed, or every trial fails the same way); says why."""
-
-
-class ProvenanceMismatch(DartTunerError, ValueError):
-    """The study was created on another model / task subset / machine; the message lists each difference."""
-
-
-def provenance_of(loaded: LoadedModel, tasks: Sequence[PreparedTask], space: SearchSpace) -> dict[str, Any]:
-    """What a study's numbers depend on: stored once per study, compared for every later worker."""
-    return {**loaded.provenance(),
-            "tasks": [{"name": t.name, "primary_metric": t.primary_metric, **t.subset.to_dict()} for t in tasks],
-            "latency": {"new_tokens": space.latency.new_tokens, "repeats": space.latency.repeats,
-                        "warmup": space.latency.warmup},
-            "versions": environment()}
-
-
-def provenance_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """One line per matched field that differs."""
-    return [f"{key}: study has {stored.get(key)!r}, this run has {current.get(key)!r}"
-            for key in MATCHED_PROVENANCE if stored.get(key) != current.get(key)]
 
 
 @dataclass
@@ -214,15 +192,9 @@ class Tuner:
         soon as even perfect scores on the rest cannot reach the accuracy floor (`tuner.early_stop`)."""
         chunk = self.space.early_stop_chunk
         floor = self.accuracy_floor() if chunk is not None and config is not None else None
-        if floor is None or not all(_mean_of_unit_scores(task) for task in self.tasks):
+        if floor is None or not all(bound_applies(task) for task in self.tasks):
             return self.evaluator.evaluate(config, on_progress=self.on_request)
-        sizes = {task.name: task.subset.size for task in self.tasks}
-
-        def stop_check(scores: dict[str, list[float]]) -> str | None:
-            if any(not 0.0 <= s <= 1.0 for values in scores.values() for s in values):
-                return None  # a score outside [0, 1]: the bound would not hold, so never stop
-            return stop_reason(progress_of(scores, sizes), floor)
-
+        stop_check = stop_check_for({task.name: task.subset.size for task in self.tasks}, floor)
         return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=chunk, stop_check=stop_check)
 
     def measure(self, config: PruningConfig | None) -> TrialOutcome:
@@ -413,13 +385,6 @@ class Tuner:
                                  skip_if_exists=False)
         return next(t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                     if t.user_attrs.get(REQUEUED_FROM_ATTR) == trial.number)
-
-
-def _mean_of_unit_scores(task: PreparedTask) -> bool:
-    """Whether the task's accuracy is a mean of per-document scores, higher being better: the early-stopping bound
-    holds only then (and only while the scores stay in [0, 1], checked as they arrive)."""
-    metrics = task.task.config.metric_list or [{}]
-    return task.higher_is_better and metrics[0].get("aggregation", "mean") == "mean"
 
 
 @contextlib.contextmanager
