@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import transformers
 from typer.testing import CliRunner
 
@@ -26,6 +27,7 @@ from tuner.models import load_model
 from tuner.models.families import supported_model_types
 from tuner.models.loading import ModelLoadError
 from tuner.presets import Preset, PresetError, load_preset, save_preset
+from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 
 simple_evaluate = import_lmms_eval("evaluator").evaluator.simple_evaluate
 
@@ -433,3 +435,35 @@ def test_eval_cli_layer_beyond_the_model_exits_2_before_any_evaluation(saved_dir
                       "--keep-ratio", "0.5", "--layer", "9", "--limit", "2"])
     assert result.exit_code == 2, repr(result.exception)
     assert "layer K=9 is out of range: the model has 4 decoder layers" in " ".join(result.output.split())
+
+
+@register_method("test_slow_selection")
+class SlowSelection(PruningMethod):
+    """Test-only: keeps each row's first vision tokens after sleeping SLEEP_S, so its selection time is known."""
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        time.sleep(SLEEP_S)
+        return Selection([ctx.vision_positions(row)[:budget] for row, budget in enumerate(ctx.budgets)])
+
+
+SLEEP_S = 0.03
+
+
+def test_selection_time_is_measured_per_prefill_and_summed_over_stages(models, prepared):
+    """The hooks time each stage's selection; eval's latency run reports the median next to the prefill."""
+    from tuner.config import Stage
+    from tuner.evaluation.compare import latency_inputs, measure_latency
+    from tuner.pruning import apply_pruning
+
+    loaded = models["llava"]
+    inputs = latency_inputs(loaded, prepared[0])
+    schedule = PruningConfig(method="test_slow_selection", layer=1, keep_ratio=0.5, stages=[Stage(2, 0.5)])
+    with apply_pruning(loaded.model, schedule) as handle, torch.no_grad():
+        started = time.perf_counter()
+        loaded.model(**inputs)
+        forward_ms = (time.perf_counter() - started) * 1e3
+    (stats,) = handle.requests
+    assert 2 * SLEEP_S * 1e3 <= stats.select_ms < forward_ms  # both stages, inside the forward
+    measured = measure_latency(loaded, inputs, {"unpruned": None, "s": schedule}, new_tokens=2, repeats=3, warmup=0)
+    assert measured["unpruned"][1].select_ms is None
+    assert 2 * SLEEP_S * 1e3 <= measured["s"][1].select_ms < measured["s"][0].prefill.median_ms

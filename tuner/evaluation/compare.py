@@ -7,9 +7,10 @@ and KV bytes from `tuner.cost` for those same inputs and the kept-token counts t
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from transformers import BatchFeature
@@ -39,6 +40,7 @@ class CostOnInputs:
     prefill_flops: int
     kv_cache_bytes: int
     stage_kept_vision: tuple[int, ...] = ()
+    select_ms: float | None = None  # measured, not analytic: the median selection time over the timed prefills
 
 
 @dataclass
@@ -99,6 +101,7 @@ class _RecordingSetup:
     def __init__(self, model: Any, config: PruningConfig | None) -> None:
         self.model, self.config = model, config
         self.kept: list[list[int]] | None = None  # per stage, per row
+        self.select_ms: list[float] = []  # the selection time of every prefill run under this setup
 
     def __call__(self) -> AbstractContextManager:
         if self.config is None:
@@ -116,6 +119,7 @@ class _Recorder:
     def __exit__(self, *exc: object) -> None:
         if self.handle.requests:
             self.setup.kept = [list(kept) for kept in self.handle.requests[0].stage_kept_vision]
+            self.setup.select_ms.append(self.handle.requests[0].select_ms)
         self.handle.remove()
 
 
@@ -131,7 +135,10 @@ def measure_latency(loaded: LoadedModel, inputs: BatchFeature, configs: Mapping[
     for name, setup in setups.items():
         stages = len(setup.config.layers) if setup.config else 1
         kept = setup.kept if setup.kept is not None else [all_vision] * stages
-        out[name] = (timings[name], _cost(loaded, inputs, setup.config, kept))
+        cost = _cost(loaded, inputs, setup.config, kept)
+        if setup.select_ms:
+            cost = replace(cost, select_ms=statistics.median(setup.select_ms))
+        out[name] = (timings[name], cost)
     return out
 
 

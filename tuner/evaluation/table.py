@@ -30,10 +30,14 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def comparison_table(reports: Sequence[ConfigReport], title: str) -> Table:
-    """Accuracy, kept tokens, prefill (median, IQR), speed-up, decode ms/token, FLOPs and KV bytes."""
+    """Accuracy, kept tokens, prefill (median, IQR), speed-up, selection ms, decode ms/token, FLOPs and KV bytes.
+
+    "select ms" is the median time the method's selection took inside each timed prefill (all stages): part
+    of the prefill time, shown next to what pruning saved.
+    """
     base = reports[0]
     table = Table(title=title)
-    for column in ("config", "accuracy", "Δ acc", "kept vision", "prefill ms", "IQR", "speed-up",
+    for column in ("config", "accuracy", "Δ acc", "kept vision", "prefill ms", "IQR", "speed-up", "select ms",
                    "decode ms/tok", "GFLOPs", "KV MiB"):
         table.add_column(column, justify="left" if column == "config" else "right")
     for report in reports:
@@ -46,6 +50,7 @@ def comparison_table(reports: Sequence[ConfigReport], title: str) -> Table:
         table.add_row(
             describe(report), _fmt(acc, ".3f"), "" if report is base else _fmt(acc - base_acc, "+.3f"), kept,
             f"{prefill.median_ms:.1f}", f"{prefill.iqr_ms:.1f}",
-            f"{base.latency.prefill.median_ms / prefill.median_ms:.2f}x", f"{report.latency.decode.median_ms:.2f}",
+            f"{base.latency.prefill.median_ms / prefill.median_ms:.2f}x", _fmt(report.cost.select_ms, ".2f"),
+            f"{report.latency.decode.median_ms:.2f}",
             f"{report.cost.prefill_flops / 1e9:.3g}", f"{report.cost.kv_cache_bytes / 2**20:.3g}")
     return table

@@ -16,6 +16,7 @@ family state indexed by the composed ORIGINAL positions.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,6 +42,7 @@ class RequestStats:
     n_vision: list[int]
     n_kept_vision: list[int]
     stage_kept_vision: list[list[int]] = field(default_factory=list)
+    select_ms: float = 0.0  # wall time of the methods' selections in this prefill, all stages (device synchronised)
 
     @property
     def n_kept(self) -> list[int]:
@@ -264,17 +266,21 @@ class PruningHandle:
         n_vision = vision.sum(1).tolist()
         if stage.index > 0:
             _check_pivots(stage, n_vision)
+        started = time.perf_counter()
         selection = stage.select(SelectionContext(
             hidden_states=hidden, vision_mask=vision, attention_mask=attention, input_ids=input_ids,
             budgets=[stage.config.budget_for(n) for n in n_vision], final_norm=self.adapter.text_model.norm,
             image_grids=prompt.grids if view is None else None))  # grids hold original positions
+        if hidden.is_cuda:  # the gather below waits for the selection anyway
+            torch.cuda.synchronize(hidden.device)
+        select_ms = (time.perf_counter() - started) * 1e3
         keep = keep_flags(selection, vision, attention, stage.config.method)
         local, valid, kept_counts = left_padded_gather(keep)
         kept = local if view is None else view.index.gather(1, local)  # original positions
         width = valid.shape[1]
         row_kept = [kept[row, width - n:] for row, n in enumerate(kept_counts)]
         self.last_stage_kept = [*self.last_stage_kept[:stage.index], row_kept]
-        self._record(stage, [int(k.numel()) for k in selection.kept_vision])
+        self._record(stage, [int(k.numel()) for k in selection.kept_vision], select_ms)
         if (view is None and width == hidden.shape[1] and kept_counts == attention.sum(1).tolist()
                 and selection.new_states is None):
             return None  # nothing removed, no padding to drop: the unmodified forward is exact
@@ -293,15 +299,16 @@ class PruningHandle:
         return ForwardPlan(masks=self._masks(stage, gathered, valid, cache, kept_state), gather_index=kept,
                            hidden_states=gathered, pruned=pruned)
 
-    def _record(self, stage: StageRunner, kept_vision: list[int]) -> None:
+    def _record(self, stage: StageRunner, kept_vision: list[int], select_ms: float) -> None:
         """Note what `stage` kept: a new `RequestStats` at the first stage, the same one extended at later ones."""
         if stage.index == 0:
             prompt = self._prompt
             self.requests.append(RequestStats(n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
-                                              n_kept_vision=kept_vision, stage_kept_vision=[kept_vision]))
+                                              n_kept_vision=kept_vision, stage_kept_vision=[kept_vision],
+                                              select_ms=select_ms))
         else:
             last = self.requests[-1]
-            self.requests[-1] = replace(last, n_kept_vision=kept_vision,
+            self.requests[-1] = replace(last, n_kept_vision=kept_vision, select_ms=last.select_ms + select_ms,
                                         stage_kept_vision=[*last.stage_kept_vision, kept_vision])
 
     # -- decode ----------------------------------------------------------------------------------
