@@ -1,0 +1,103 @@
+"""The search benchmark: 2-D hypervolume by hand, replay charging against a hand-built grid, and bad CLI input."""
+
+import pytest
+from typer.testing import CliRunner
+
+from tuner.bench_search import Curve, grid_hypervolume, hypervolume_2d
+from tuner.cli import app
+from tuner.search_replay import Measured, MeasuredGrid, ReplayError, config_key, grid_configs, replay
+from tuner.space import parse_space
+
+REF = (0.5, 20.0)  # (accuracy floor, prefill ms of the baseline)
+
+
+def test_one_point_is_a_rectangle():
+    assert hypervolume_2d([(0.9, 10.0)], REF) == pytest.approx((20 - 10) * (0.9 - 0.5))
+
+
+def test_two_points_are_a_staircase_and_a_dominated_one_adds_nothing():
+    # fastest (0.7 at 5 ms) covers 5..10 ms at height 0.2; then 0.9 at 10 ms covers 10..20 at height 0.4
+    assert hypervolume_2d([(0.9, 10.0), (0.7, 5.0)], REF) == pytest.approx(5 * 0.2 + 10 * 0.4)
+    assert hypervolume_2d([(0.9, 10.0), (0.7, 5.0), (0.6, 12.0), (0.7, 6.0)], REF) == pytest.approx(5.0)
+
+
+def test_points_outside_the_reference_add_nothing():
+    assert hypervolume_2d([(0.4, 3.0), (0.95, 25.0), (0.5, 1.0), (0.9, 20.0)], REF) == 0.0
+    assert hypervolume_2d([], REF) == 0.0
+
+
+def _measured(accuracy, ms, seconds, *, infeasible=False, stopped=False):
+    return Measured(accuracy, ms, {"min_relative_accuracy": 0.1 if infeasible else -0.1}, stopped, seconds,
+                    seconds / 2)
+
+
+def test_infeasible_and_stopped_points_do_not_count():
+    grid = MeasuredGrid(_measured(1.0, 20.0, 1.0), {
+        "a": _measured(0.9, 10.0, 1.0), "b": _measured(0.99, 2.0, 1.0, infeasible=True),
+        "c": _measured(0.98, 3.0, 1.0, stopped=True)})
+    assert grid_hypervolume(grid, REF) == pytest.approx(10 * 0.4)
+
+
+SPACE = parse_space({"model": "m", "tasks": ["t"], "methods": ["dart", "pooling"], "layer": [2],
+                     "n_image_pivots": 4, "n_text_pivots": 4, "keep_ratio": [0.1, 0.5],
+                     "constraints": {"min_relative_accuracy": 0.75}})
+
+
+def _four_point_grid() -> MeasuredGrid:
+    """dart and pooling at 0.1 and 0.5; pooling 0.1 infeasible; every point its own seconds (powers of two)."""
+    configs = {(c.method, c.keep_ratio): config_key(c) for c in grid_configs(SPACE)}
+    return MeasuredGrid(_measured(1.0, 20.0, 1.0), {
+        configs["dart", 0.1]: _measured(0.8, 8.0, 2.0), configs["dart", 0.5]: _measured(0.95, 14.0, 4.0),
+        configs["pooling", 0.1]: _measured(0.6, 6.0, 8.0, infeasible=True),
+        configs["pooling", 0.5]: _measured(0.9, 12.0, 16.0)})
+
+
+@pytest.mark.parametrize("sampler", ["grid", "random", "tpe"])
+def test_a_replay_gets_the_stored_values_and_pays_each_point_once(sampler):
+    """Whatever the order and however many repeats a sampler proposes, the four points cost 1 + 2+4+8+16 s: a repeat
+    is pruned unmeasured, as Tuner does (the grid sampler re-proposes the queued paper setting, dart 0.1)."""
+    grid = _four_point_grid()
+    steps = replay(SPACE, grid, sampler, seed=0)
+    assert steps[0].n_configs == 0 and steps[0].seconds == 1.0  # the baseline first
+    assert steps[1].points == ((0.8, 8.0),)  # then DART's paper setting (keep 0.1 is closest to 0.25)
+    assert [s.n_configs for s in steps] == [0, 1, 2, 3, 4]
+    assert steps[-1].seconds == 1.0 + 2 + 4 + 8 + 16
+    assert sorted(b.seconds - a.seconds for a, b in zip(steps, steps[1:])) == [2.0, 4.0, 8.0, 16.0]
+    assert sorted(steps[-1].points) == [(0.8, 8.0), (0.9, 12.0), (0.95, 14.0)]  # pooling 0.1 is infeasible
+
+
+def test_a_grid_without_the_proposed_point_says_so():
+    grid = _four_point_grid()
+    partial = MeasuredGrid(grid.baseline, dict(list(grid.points.items())[:1]))
+    with pytest.raises(ReplayError, match="has no trial for"):
+        replay(SPACE, partial, "grid", seed=0)
+
+
+def test_curve_lookups():
+    curve = Curve("tpe", 0, (0, 1, 2), (1.0, 3.0, 7.0), (0.0, 2.0, 5.0))
+    assert curve.at_configs(1) == 2.0 and curve.at_configs(9) == 5.0
+    assert curve.at_seconds(0.5) == 0.0 and curve.at_seconds(6.9) == 2.0
+    assert curve.first_reaching(4.0) == (2, 7.0) and curve.first_reaching(6.0) is None
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--samplers", "tpe,cmaes"], "--samplers must be a comma-separated list of grid, tpe, nsga2, gp, random"),
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--space", "nope.yaml"], "nope.yaml"),
+])
+def test_bad_input_is_one_line(args, message, tmp_path):
+    result = CliRunner().invoke(app, ["bench-search", "--storage", f"sqlite:///{tmp_path}/b.db", *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_a_range_space_or_a_missing_grid_is_one_line(tmp_path):
+    space = tmp_path / "s.yaml"
+    space.write_text("model: m\ntasks: [t]\nmethods: [dart]\nlayer: [2]\nkeep_ratio: {low: 0.1, high: 0.5}\n")
+    result = CliRunner().invoke(app, ["bench-search", "--space", str(space), "--no-measure"])
+    assert result.exit_code == 2 and "keep_ratio: the grid sampler needs a list of values" in result.output
+    space.write_text("model: m\ntasks: [t]\nmethods: [dart]\nlayer: [2]\nkeep_ratio: [0.1]\nstudy: b\n")
+    result = CliRunner().invoke(app, ["bench-search", "--space", str(space), "--no-measure",
+                                      "--storage", f"sqlite:///{tmp_path}/b.db"])
+    assert result.exit_code == 2
+    assert "study 'b-grid' is not a complete measured grid: no study 'b-grid' in this storage" in result.output

@@ -1,0 +1,179 @@
+"""The `bench-search` command: measure a small grid twice (plain; early stopping and feature cache on), then replay
+every sampler against each measured grid and report hypervolume against trials and seconds."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, quiet_libraries
+from tuner.errors import DartTunerError
+from tuner.storage import DEFAULT_STORAGE
+
+VARIANTS = ("plain", "fast")  # fast: early stopping and the feature cache on
+
+
+@app.command("bench-search")
+@interruptible
+def bench_search(
+    space_path: Path = typer.Option(Path("search_spaces/bench_search.yaml"), "--space", "-s",
+                                    help="Search space whose grid is measured (lists, not ranges)."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL holding the two measured grid studies."),
+    samplers: str = typer.Option("grid,tpe,nsga2,gp,random", help="Comma-separated samplers to replay."),
+    seeds: int = typer.Option(3, help="Seeds per sampler (0..N-1)."),
+    early_stop_chunk: int = typer.Option(8, help="Chunk size of the early-stopping grid."),
+    feature_cache_mb: int = typer.Option(2048, help="Feature cache of the early-stopping grid (MiB)."),
+    measure: bool = typer.Option(True, help="Measure the grids that are not stored complete yet (else only "
+                                            "replay stored ones)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write summaries and every curve here."),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Also write every curve's steps here."),
+) -> None:
+    """Hypervolume against trials and evaluation seconds for the grid, TPE, NSGA-II, GP and random (replayed
+    against a measured grid), with and without early stopping and the feature cache."""
+    from tuner.bench_search import SAMPLERS, grid_hypervolume, hypervolume_2d, reference_point
+    from tuner.search_replay import ReplayError
+    from tuner.space import load_space
+
+    names = [name.strip() for name in samplers.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SAMPLERS]
+    if not names or unknown:
+        raise fail(f"--samplers must be a comma-separated list of {', '.join(SAMPLERS)}, got {samplers!r}")
+    for option, value, low in (("--seeds", seeds, 1), ("--early-stop-chunk", early_stop_chunk, 1),
+                               ("--feature-cache-mb", feature_cache_mb, 1)):
+        if value < low:
+            raise fail(f"{option} must be at least {low}, got {value}")
+    import optuna
+
+    console = Console()
+    quiet_libraries()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        base = load_space(space_path).with_sampler("grid")
+        spaces = {"plain": dataclasses.replace(base, early_stop_chunk=None, feature_cache_mb=0),
+                  "fast": dataclasses.replace(base, early_stop_chunk=early_stop_chunk,
+                                              feature_cache_mb=feature_cache_mb)}
+        grids = {variant: _grid(console, space, storage, f"{base.study}-grid{'' if variant == 'plain' else '-fast'}",
+                                measure) for variant, space in spaces.items()}
+        reference = reference_point(grids["plain"], _floor(base, grids["plain"].baseline.accuracy))
+        full = {variant: grid_hypervolume(grid, reference) for variant, grid in grids.items()}
+        if full["plain"] <= 0:
+            raise ReplayError("no feasible grid point is faster than the baseline: the hypervolume is 0")
+        report = _report(console, base, grids, reference, full, names, seeds)
+    except (DartTunerError, ValueError) as error:
+        raise fail(str(error)) from None
+    plain_latency = {key: (m.accuracy, grids["plain"].points[key].prefill_ms)
+                     for key, m in grids["fast"].points.items() if m.feasible}
+    report["fast_hypervolume_with_plain_latency"] = hypervolume_2d(plain_latency.values(), reference)
+    _print_targets(console, report)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=1))
+    if csv_path is not None:
+        with csv_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(report["curves"][0]))
+            writer.writeheader()
+            writer.writerows(report["curves"])
+
+
+def _floor(space: object, baseline_accuracy: float) -> float:
+    """The study's accuracy floor, as `Tuner.accuracy_floor` computes it (0 without an accuracy constraint)."""
+    c = space.constraints
+    floors = [c.min_accuracy] if c.min_accuracy is not None else []
+    if c.min_relative_accuracy is not None:
+        floors.append(c.min_relative_accuracy * baseline_accuracy)
+    return max(floors, default=0.0)
+
+
+def _grid(console: Console, space: object, storage: str, name: str, measure: bool) -> object:
+    """The measured grid of study `name`, measuring (through `Tuner`) the points it lacks when `measure`."""
+    from tuner.results import StudyNotFound, open_study
+    from tuner.search_replay import ReplayError, config_key, grid_configs, measured_grid
+
+    wanted = {config_key(c) for c in grid_configs(space)}
+    try:
+        grid = measured_grid(open_study(storage, name))
+        lacking = wanted - set(grid.points)
+        if not lacking:
+            return grid
+        missing = f"{len(lacking)} of its {len(wanted)} points are not measured"
+    except (StudyNotFound, ReplayError) as error:
+        missing = str(error)
+    if not measure:
+        raise ReplayError(f"study {name!r} is not a complete measured grid: {missing} (run without --no-measure "
+                          "to measure it)")
+    from tuner.study import Tuner
+
+    console.print(f"measuring the grid into study {name!r} ({len(wanted)} points; early stopping "
+                  f"{space.early_stop_chunk or 'off'}, feature cache {space.feature_cache_mb} MiB)")
+    with hide_library_progress_bars():
+        tuner = Tuner(space, storage, study_name=name)
+        tuner.run(len(wanted) + 1, callbacks=[lambda study, trial: console.print(
+            f"  trial {trial.number}: {trial.state.name.lower()} {trial.values or ''}")])
+    return measured_grid(tuner.study)
+
+
+def _report(console: Console, space: object, grids: dict, reference: tuple[float, float], full: dict,
+            names: list[str], seeds: int) -> dict:
+    """Replay every sampler on both grids, print the table, and return everything measured as plain data."""
+    from tuner.bench_search import checkpoints_for, curve_rows, run_replays, summarise
+
+    n_points = len(grids["plain"].points)
+    checkpoints = checkpoints_for(n_points)
+    plain_seconds = grids["plain"].seconds()[0]
+    second_marks = [round(plain_seconds * f, 1) for f in (0.25, 0.5, 1.0)]
+    summaries, curves = [], []
+    for variant, grid in grids.items():
+        with console.status(f"replaying {', '.join(names)} x {seeds} seeds against the {variant} grid..."):
+            replayed = run_replays(space, grid, reference, names, range(seeds))
+        summaries += summarise(variant, replayed, full["plain"], checkpoints, second_marks)
+        curves += curve_rows(variant, replayed, full["plain"])
+    table = Table(title=f"Hypervolume, % of the plain grid's, replayed against a measured grid ({n_points} points, "
+                        f"{seeds} seeds; reference: accuracy {reference[0]:.3f}, prefill {reference[1]:.1f} ms)")
+    for column in ("grid", "sampler", *(f"{n} cfg" for n in checkpoints), *(f"{s:.0f} s" for s in second_marks),
+                   "cfg to 95%", "s to 95%", "s spent"):
+        table.add_column(column, justify="left" if column in ("grid", "sampler") else "right")
+    for s in summaries:
+        reached = [k for k in s.configs_to_target if k is not None]
+        seconds = [t for t in s.seconds_to_target if t is not None]
+        table.add_row(s.variant, s.sampler, *(f"{100 * s.fraction_at[n]:.0f}" for n in checkpoints),
+                      *(f"{100 * s.fraction_at_seconds[t]:.0f}" for t in second_marks),
+                      "/".join("-" if k is None else str(k) for k in s.configs_to_target),
+                      f"{sum(seconds) / len(seconds):.0f}" if seconds else "-", f"{s.seconds_total:.0f}")
+    console.print(table)
+    return {"note": "replayed against a measured grid: each sampler proposes grid points and receives the values "
+                    "and seconds measured once per point; a repeated proposal is pruned at no cost, as in tune",
+            "reference": {"accuracy": reference[0], "prefill_ms": reference[1]},
+            "grids": {v: {"points": len(g.points), "trial_seconds": g.seconds()[0], "eval_seconds": g.seconds()[1],
+                          "hypervolume": full[v], "feasible": sorted(k for k, m in g.points.items() if m.feasible),
+                          "stopped": sum(m.stopped for m in g.points.values())} for v, g in grids.items()},
+            "checkpoints": checkpoints, "second_marks": second_marks,
+            "summaries": [dataclasses.asdict(s) for s in summaries], "curves": curves}
+
+
+def _print_targets(console: Console, report: dict) -> None:
+    """The issue's two targets, met or not, with what was measured."""
+    plain, fast = report["grids"]["plain"], report["grids"]["fast"]
+    quarter = report["checkpoints"][0]
+    tpe = next((s for s in report["summaries"] if s["variant"] == "plain" and s["sampler"] == "tpe"), None)
+    if tpe is not None:
+        at = tpe["fraction_at"][quarter]
+        console.print(f"target 1, TPE >= 95% of the grid's hypervolume within {quarter} configurations (a quarter): "
+                      f"{100 * at:.1f}% (mean of seeds) -> {'met' if at >= 0.95 else 'missed'}")
+    for kind in ("trial_seconds", "eval_seconds"):
+        cut = 1 - fast[kind] / plain[kind]
+        console.print(f"{kind.replace('_', ' ')}: plain grid {plain[kind]:.0f} s, with early stopping + feature "
+                      f"cache {fast[kind]:.0f} s: {100 * cut:.1f}% less")
+    change = fast["hypervolume"] / plain["hypervolume"] - 1
+    same = plain["feasible"] == fast["feasible"]
+    relatched = report["fast_hypervolume_with_plain_latency"] / plain["hypervolume"] - 1
+    console.print(f"final hypervolume: plain {plain['hypervolume']:.4g}, fast {fast['hypervolume']:.4g} "
+                  f"({100 * change:+.1f}%); same feasible set: {'yes' if same else 'no'}; fast's points at the plain "
+                  f"run's latencies: {100 * relatched:+.1f}%; {fast['stopped']} of {fast['points']} trials stopped")
+    cut = 1 - fast["trial_seconds"] / plain["trial_seconds"]
+    console.print(f"target 2, >= 40% fewer seconds at the same hypervolume (+-2%): "
+                  f"{'met' if cut >= 0.4 and abs(change) <= 0.02 else 'missed'} (trial seconds)")
