@@ -4,7 +4,7 @@ against a measured grid, with and without early stopping and the feature cache.
 The hypervolume is the area a front dominates (accuracy up, prefill ms down) inside a fixed reference point: the
 study's accuracy floor (its constraint, from the measured baseline) and the measured baseline's prefill ms. Only
 feasible pruned configurations count: the baseline is the same for every sampler, and a point slower than the
-unpruned model or below the floor adds nothing. Torch-free.
+unpruned model or below the floor adds nothing.
 """
 
 from __future__ import annotations

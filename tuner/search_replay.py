@@ -4,7 +4,7 @@ Every grid point's accuracy, prefill ms, constraint values and cost in seconds c
 whole grid through the normal `Tuner` path. A replayed study runs the same Optuna loop as `Tuner.run` (the space's
 `suggest`, the sampler built by `make_sampler`, the baseline and DART's paper setting queued first, a configuration
 already complete pruned as a duplicate at no cost, `RepeatGuard`, `MaxTrialsCallback`), but its objective looks the
-configuration up instead of measuring it, and charges the stored seconds. Torch-free.
+configuration up instead of measuring it, and charges the stored seconds.
 """
 
 from __future__ import annotations
