@@ -50,7 +50,7 @@ def bench_search(
             raise fail(f"{option} must be at least {low}, got {value}")
     import optuna
 
-    console = Console()
+    console = Console(width=150)  # the table's 11 columns, also when the output goes to a file
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -112,9 +112,33 @@ def _grid(console: Console, space: object, storage: str, name: str, measure: boo
                   f"{space.early_stop_chunk or 'off'}, feature cache {space.feature_cache_mb} MiB)")
     with hide_library_progress_bars():
         tuner = Tuner(space, storage, study_name=name)
+        for config in _unmeasured(tuner.study, grid_configs(space)):  # the grid sampler never retries a failed point
+            tuner.study.enqueue_trial(_grid_params(config), skip_if_exists=False)
         tuner.run(len(wanted) + 1, callbacks=[lambda study, trial: console.print(
-            f"  trial {trial.number}: {trial.state.name.lower()} {trial.values or ''}")])
+            f"  trial {trial.number}: {trial.state.name.lower()} {trial.values or trial.user_attrs.get('failure', '')}",
+            highlight=False)])
     return measured_grid(tuner.study)
+
+
+def _unmeasured(study: object, configs: list) -> list:
+    """The configurations among `configs` that no complete trial of `study` holds yet, once it has trials."""
+    from optuna.trial import TrialState
+
+    from tuner.results import config_of
+    from tuner.search_replay import config_key
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not trials:
+        return []  # a new study: the grid sampler visits every point
+    done = {config_key(config_of(t)) for t in trials if config_of(t) is not None}
+    return [c for c in configs if config_key(c) not in done]
+
+
+def _grid_params(config: object) -> dict:
+    """A configuration as the grid sampler's trial parameters (every parameter, pivots included)."""
+    amount = {"keep_ratio": config.keep_ratio} if config.keep_ratio is not None else {"budget": config.budget}
+    return {"method": config.method, "layer": config.layer, **amount, "n_image_pivots": config.n_image_pivots,
+            "n_text_pivots": config.n_text_pivots}
 
 
 def _report(console: Console, space: object, grids: dict, reference: tuple[float, float], full: dict,
@@ -127,6 +151,9 @@ def _report(console: Console, space: object, grids: dict, reference: tuple[float
     plain_seconds = grids["plain"].seconds()[0]
     second_marks = [round(plain_seconds * f, 1) for f in (0.25, 0.5, 1.0)]
     summaries, curves = [], []
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # GP's and the grid's per-trial fallback warnings
     for variant, grid in grids.items():
         with console.status(f"replaying {', '.join(names)} x {seeds} seeds against the {variant} grid..."):
             replayed = run_replays(space, grid, reference, names, range(seeds))
@@ -170,10 +197,13 @@ def _print_targets(console: Console, report: dict) -> None:
                       f"cache {fast[kind]:.0f} s: {100 * cut:.1f}% less")
     change = fast["hypervolume"] / plain["hypervolume"] - 1
     same = plain["feasible"] == fast["feasible"]
-    relatched = report["fast_hypervolume_with_plain_latency"] / plain["hypervolume"] - 1
+    like_for_like = report["fast_hypervolume_with_plain_latency"] / plain["hypervolume"] - 1
     console.print(f"final hypervolume: plain {plain['hypervolume']:.4g}, fast {fast['hypervolume']:.4g} "
-                  f"({100 * change:+.1f}%); same feasible set: {'yes' if same else 'no'}; fast's points at the plain "
-                  f"run's latencies: {100 * relatched:+.1f}%; {fast['stopped']} of {fast['points']} trials stopped")
+                  f"({100 * change:+.1f}%, each run with its own measured latencies); same feasible set: "
+                  f"{'yes' if same else 'no'}; the fast run's feasible points at the plain run's latencies: "
+                  f"{100 * like_for_like:+.1f}%; {fast['stopped']} of {fast['points']} trials stopped early")
     cut = 1 - fast["trial_seconds"] / plain["trial_seconds"]
-    console.print(f"target 2, >= 40% fewer seconds at the same hypervolume (+-2%): "
-                  f"{'met' if cut >= 0.4 and abs(change) <= 0.02 else 'missed'} (trial seconds)")
+    met = cut >= 0.4 and same and abs(like_for_like) <= 0.02
+    console.print(f"target 2, >= 40% fewer trial seconds at the same final hypervolume (+-2%): {100 * cut:.1f}% "
+                  f"fewer, hypervolume {100 * like_for_like:+.1f}% like for like -> {'met' if met else 'missed'}"
+                  + ("" if abs(change) <= 0.02 else f" (the runs' own latencies differ: {100 * change:+.1f}%)"))
