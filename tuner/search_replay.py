@@ -43,6 +43,7 @@ class Measured:
     stopped: bool
     trial_seconds: float  # start to end of the trial: evaluation, latency and bookkeeping
     eval_seconds: float  # the accuracy evaluation alone
+    documents: int = 0  # documents scored (fewer than the subset when stopped early)
 
     @property
     def feasible(self) -> bool:
@@ -61,6 +62,10 @@ class MeasuredGrid:
         """(trial seconds, accuracy-evaluation seconds) of the whole grid, baseline included."""
         rows = [self.baseline, *self.points.values()]
         return sum(m.trial_seconds for m in rows), sum(m.eval_seconds for m in rows)
+
+    def documents(self) -> int:
+        """Documents scored over the whole grid, baseline included (independent of the machine's load)."""
+        return self.baseline.documents + sum(m.documents for m in self.points.values())
 
 
 def config_key(config: PruningConfig) -> str:
@@ -86,7 +91,8 @@ def measured_of(trial: FrozenTrial) -> Measured:
     return Measured(accuracy=trial.values[0], prefill_ms=trial.values[1], constraints=dict(trial.constraints),
                     stopped=bool(trial.user_attrs.get(STOPPED_ATTR)),
                     trial_seconds=trial.duration.total_seconds() if trial.duration else 0.0,
-                    eval_seconds=float(trial.user_attrs.get("eval_seconds", 0.0)))
+                    eval_seconds=float(trial.user_attrs.get("eval_seconds", 0.0)),
+                    documents=int(trial.user_attrs.get("n_samples", 0)))
 
 
 def measured_grid(study: optuna.Study) -> MeasuredGrid:
