@@ -52,7 +52,7 @@ def _four_point_grid() -> MeasuredGrid:
         configs["pooling", 0.5]: _measured(0.9, 12.0, 16.0)})
 
 
-@pytest.mark.parametrize("sampler", ["grid", "random", "tpe"])
+@pytest.mark.parametrize("sampler", ["grid", "random", "tpe", "gp", "nsga2"])
 def test_a_replay_gets_the_stored_values_and_pays_each_point_once(sampler):
     """Whatever the order and however many repeats a sampler proposes, the four points cost 1 + 2+4+8+16 s: a repeat
     is pruned unmeasured, as Tuner does (the grid sampler re-proposes the queued paper setting, dart 0.1)."""

@@ -61,10 +61,12 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._for(trial).before_trial(study, trial)
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
-        return self._for(trial).infer_relative_search_space(study, trial)
+        sampler = self._for(trial)
+        return sampler.infer_relative_search_space(_model_view(study, sampler), trial)
 
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict:
-        return self._for(trial).sample_relative(study, trial, search_space)
+        sampler = self._for(trial)
+        return sampler.sample_relative(_model_view(study, sampler), trial, search_space)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: Any) -> Any:
@@ -80,3 +82,30 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
             sampler.reseed_rng()
 
 
+
+
+def _model_view(study: optuna.Study, sampler: optuna.samplers.BaseSampler) -> Any:
+    """The study as a model-based sampler should see it: without trials that have no parameters.
+
+    The unpruned baseline (trial 0) has no parameters. GP, NSGA-II and CMA-ES model only the parameters every
+    complete trial shares, so with the baseline in view that intersection is empty and they sample every
+    parameter at random (found by `bench-search`). TPE handles a dynamic space itself (`group=True`) and counts
+    its start-up trials over the whole study, so it sees the study as it is.
+    """
+    return study if isinstance(sampler, optuna.samplers.TPESampler) else _ParameterisedTrials(study)
+
+
+class _ParameterisedTrials:
+    """A read view of a study whose trial lists leave out trials without parameters (everything else delegates)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if t.params]
+
+    def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
+        return [t for t in self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache) if t.params]

@@ -1,0 +1,48 @@
+"""The samplers see the study the way their model needs: the parameterless baseline does not empty their space."""
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import create_trial
+
+from tuner.samplers import TrialSeededSampler
+
+DISTRIBUTIONS = {"method": CategoricalDistribution(["dart", "random"]), "layer": IntDistribution(1, 4),
+                 "keep_ratio": FloatDistribution(0.05, 0.5)}
+
+
+def _study(sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """A study as `tune` leaves it: the unpruned baseline first (no parameters), then pruned trials."""
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study.add_trial(create_trial(values=[0.9, 50.0], params={}, distributions={}))
+    for i, (method, layer, ratio) in enumerate([("dart", 2, 0.1), ("random", 3, 0.3), ("dart", 1, 0.45),
+                                                 ("random", 4, 0.2)]):
+        study.add_trial(create_trial(values=[0.5 + i / 10, 20.0 + i], params={
+            "method": method, "layer": layer, "keep_ratio": ratio}, distributions=DISTRIBUTIONS))
+    return study
+
+
+@pytest.mark.parametrize("build", [lambda seed: optuna.samplers.GPSampler(seed=seed, n_startup_trials=2),
+                                   lambda seed: optuna.samplers.NSGAIISampler(seed=seed)], ids=["gp", "nsga2"])
+def test_model_based_samplers_model_the_pruned_trials_parameters(build):
+    sampler = TrialSeededSampler(build, seed=0)
+    study = _study(sampler)
+    trial = study.ask()
+    frozen = study._storage.get_trial(trial._trial_id)
+    assert set(sampler.infer_relative_search_space(study, frozen)) == set(DISTRIBUTIONS)
+    # Optuna's own sampler, given the whole study, finds nothing to model: the baseline has no parameters.
+    assert build(0).infer_relative_search_space(study, frozen) == {}
+    params = sampler.sample_relative(study, frozen, sampler.infer_relative_search_space(study, frozen))
+    assert set(params) <= set(DISTRIBUTIONS)
+
+
+def test_tpe_sees_the_whole_study():
+    sampler = TrialSeededSampler(lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True), 0)
+    study = _study(sampler)
+    trial = study.ask()
+    frozen = study._storage.get_trial(trial._trial_id)
+    inner = sampler._for(frozen)
+    assert len(study.trials) == 6 and isinstance(inner, optuna.samplers.TPESampler)
+    from tuner.samplers import _model_view
+
+    assert _model_view(study, inner) is study
