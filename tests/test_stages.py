@@ -252,3 +252,37 @@ def test_reports_describe_a_schedule():
     assert trial_label(trial(schedule)) == ("fastv", "2>4>6", "-", "0.5>0.5>8t")
     single = tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5)
     assert describe_trial(trial(single)) == "fastv K=2 keep 0.5"
+
+
+RECORDED: list[torch.Tensor] = []
+
+
+@register_method("test_record_attention")
+class RecordAttention(StrideSelection):
+    """Test-only: `test_stride`'s choice (independent of attention), noting the attention row each stage was given."""
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        RECORDED.append(ctx.last_row_attention.clone())
+        return super().select(ctx)
+
+
+@pytest.mark.parametrize("family", ("llava", "qwen2_vl", "qwen3_vl", "gemma3"))
+def test_attention_captured_at_every_stage_layer_under_sdpa_equals_eager(family, loaded: Loader):
+    """At each stage layer K_j - 1, the last row captured on an sdpa model equals eager's own attention weights
+    there (`output_attentions`), over the tokens that layer holds, padding slots included."""
+    sdpa_model, processor = loaded(family, "sdpa")
+    eager_model, _ = loaded(family, "eager")
+    inputs = tiny_vlms.make_inputs(family, processor, batch=2)
+    config = schedule("test_record_attention")
+    RECORDED.clear()
+    with tuner.apply_pruning(sdpa_model, config), torch.no_grad():
+        sdpa_model(**inputs)
+    captured = list(RECORDED)
+    with tuner.apply_pruning(eager_model, config), torch.no_grad():
+        attentions = eager_model(**inputs, output_attentions=True).attentions
+    assert len(captured) == len(STAGE_LAYERS)
+    for stage, layer in enumerate(STAGE_LAYERS):
+        expected = attentions[layer - 1][:, :, -1, :]
+        assert captured[stage].shape == expected.shape
+        torch.testing.assert_close(captured[stage], expected, rtol=0, atol=1e-5)
+    assert captured[1].shape[-1] < captured[0].shape[-1]  # the later stage saw the shorter sequence
