@@ -27,7 +27,15 @@ from tuner.models.families import FamilyAdapter, PrunedPrefill
 from tuner.pruning.base import PruningMethod, SelectionContext
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.registry import get_method_class
-from tuner.pruning.stages import ForwardPlan, StageRunner, TokenView, keep_flags, left_padded_gather, stage_runners
+from tuner.pruning.stages import (
+    ForwardPlan,
+    StageRunner,
+    TokenView,
+    keep_flags,
+    left_padded_gather,
+    selected_slots,
+    stage_runners,
+)
 from tuner.transformers_compat import cache_from_kwargs, positions_from_mask
 
 
@@ -286,9 +294,7 @@ class PruningHandle:
             return None  # nothing removed, no padding to drop: the unmodified forward is exact
 
         if selection.new_states is not None:
-            rows = torch.cat([torch.full((k.numel(),), r, device=hidden.device, dtype=torch.long)
-                              for r, k in enumerate(selection.kept_vision)])
-            cols = torch.cat([k.reshape(-1) for k in selection.kept_vision]).to(hidden.device, torch.long)
+            rows, cols = selected_slots(selection, hidden.device)
             hidden = hidden.clone()
             hidden[rows, cols] = torch.cat(list(selection.new_states)).to(hidden.dtype)
         gathered = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))

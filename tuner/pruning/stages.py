@@ -61,19 +61,9 @@ class TokenView:
     index: torch.Tensor
     valid: torch.Tensor
 
-    @classmethod
-    def whole_prompt(cls, attention: torch.Tensor) -> TokenView:
-        """Every prompt position in order: what layers before any pruning hold."""
-        batch, length = attention.shape
-        return cls(torch.arange(length, device=attention.device).expand(batch, length), attention)
-
     def take(self, values: torch.Tensor) -> torch.Tensor:
         """A [B, N] per-token tensor of the prompt at this view's slots: [B, P]."""
         return values.gather(1, self.index)
-
-    def then(self, local: torch.Tensor, valid: torch.Tensor) -> TokenView:
-        """The view after keeping slots `local` [B, P'] of this one (left-padded, `valid` [B, P'])."""
-        return TokenView(self.index.gather(1, local), valid)
 
     def prefill(self, length: int) -> PrunedPrefill:
         """This view as the family's extra hooks see it (original positions of a prompt of `length` tokens)."""
@@ -91,13 +81,18 @@ class ForwardPlan:
     pruned: PrunedPrefill | None = None  # prefill only
 
 
-def keep_flags(selection: Selection, vision: torch.Tensor, attention: torch.Tensor, method: str) -> torch.Tensor:
-    """[B, P] True on the slots a stage keeps: every valid non-vision slot and the selected vision slots."""
-    keep = attention & ~vision
-    device = vision.device
+def selected_slots(selection: Selection, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of every selected vision slot, row by row in the order of `kept_vision` (and `new_states`)."""
     cols = torch.cat([k.reshape(-1) for k in selection.kept_vision]).to(device, torch.long)
     rows = torch.cat([torch.full((k.numel(),), row, device=device, dtype=torch.long)
                       for row, k in enumerate(selection.kept_vision)])
+    return rows, cols
+
+
+def keep_flags(selection: Selection, vision: torch.Tensor, attention: torch.Tensor, method: str) -> torch.Tensor:
+    """[B, P] True on the slots a stage keeps: every valid non-vision slot and the selected vision slots."""
+    keep = attention & ~vision
+    rows, cols = selected_slots(selection, vision.device)
     if not bool(vision[rows, cols].all()):
         raise RuntimeError(f"method {method!r} selected a position that is not a vision token")
     keep[rows, cols] = True
