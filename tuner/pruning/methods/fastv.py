@@ -38,7 +38,7 @@ class FastV(PruningMethod):
             raise ValueError(f"fastv option alpha must be a number in [0, 1], got {alpha!r}")
 
     def select(self, ctx: SelectionContext) -> Selection:
-        scores = ctx.last_row_attention.float().mean(1)  # [B, N]
+        scores = attention_scores(ctx)
         alpha = float(self.options["alpha"])
         kept = []
         for row, budget in enumerate(ctx.budgets):
@@ -51,6 +51,11 @@ class FastV(PruningMethod):
                 top = torch.sort(mixed, descending=True, stable=True).indices[:budget]
             kept.append(vision[top].sort().values)
         return Selection(kept)
+
+
+def attention_scores(ctx: SelectionContext) -> torch.Tensor:
+    """FastV's score of every token [B, N]: the last prompt token's attention at layer K-1, mean over heads."""
+    return ctx.last_row_attention.float().mean(1)
 
 
 def mix_scores(attention: torch.Tensor, states: torch.Tensor, last: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.methods.fastv import attention_scores
 from tuner.pruning.registry import register_method
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ class WindowFastV(PruningMethod):
                              f"got {window!r}")
 
     def select(self, ctx: SelectionContext) -> Selection:
-        scores = ctx.last_row_attention.float().mean(1)  # [B, N]
+        scores = attention_scores(ctx)
         kept = []
         for row, budget in enumerate(ctx.budgets):
             vision = ctx.vision_positions(row)
