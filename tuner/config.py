@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from tuner.method_catalog import method_class
 
 PIVOT_ORDERS = ("reference", "rank", "position")  # how DART visits its pivots (DART.md §3)
-STAGE_KEYS = ("layer", "keep_ratio", "budget", "method", "options")
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,9 @@ class Stage:
         """Plain data without the unset fields; `Stage(**d)` reverses it."""
         return {key: value for key, value in asdict(self).items()
                 if key == "layer" or (value is not None and value != {})}
+
+
+STAGE_KEYS = tuple(f.name for f in fields(Stage))  # what a stage's plain-data form may hold
 
 
 @dataclass(frozen=True)
