@@ -94,6 +94,19 @@ def test_study_stores_baseline_first_and_every_number(saved_dirs, model_and_task
     assert reloaded.user_attrs["baseline"]["trial"] == 0
 
 
+def test_the_baseline_trial_evaluates_the_baseline_once(saved_dirs, model_and_tasks, tmp_path) -> None:
+    """Its relative-accuracy constraint uses the accuracy it just measured, not a second evaluation."""
+    tuner = _tuner(saved_dirs, model_and_tasks, f"sqlite:///{tmp_path / 's.db'}",
+                   constraints={"min_relative_accuracy": 0.5})
+    calls = []
+    evaluate = tuner.evaluator.evaluate
+    tuner.evaluator.evaluate = lambda config, **kwargs: calls.append(config) or evaluate(config, **kwargs)
+    study = tuner.run(1)
+    assert calls == [None]
+    (trial,) = study.get_trials(states=(TrialState.COMPLETE,))
+    assert trial.constraints == {"min_relative_accuracy": pytest.approx(-0.5 * trial.user_attrs["accuracy"])}
+
+
 def test_infeasible_trials_stay_out_of_the_pareto_set(saved_dirs, model_and_tasks, tmp_path) -> None:
     """A latency ceiling no trial meets: every trial is stored, none is offered as a Pareto point."""
     storage = f"sqlite:///{tmp_path / 's.db'}"

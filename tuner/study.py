@@ -206,6 +206,8 @@ class Tuner:
         """
         cache_before = self.feature_cache_stats()
         result = self._evaluate(config)
+        if config is None:  # the baseline trial: its constraints need this very accuracy, not a second run
+            self._local_baseline = result
         cache_attrs = (self.feature_cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
         lat = self.space.latency  # latency is measured outside the feature cache: it includes the vision tower
         setups = {BASELINE: None} if config is None else {BASELINE: None, "candidate": config}
