@@ -70,12 +70,7 @@ def test_pruned_prefill_equals_hand_run_with_the_models_own_masks(attn, batch, l
     text_model = model.get_decoder()
     n_tokens = inputs["input_ids"].shape[1]
     positions = positions_from_mask(inputs["attention_mask"], n_tokens)  # what the hooks number rows with
-    seen = {}
-    hook = text_model.layers[K].register_forward_pre_hook(
-        lambda m, a, kw: seen.update(hidden=a[0] if a else kw["hidden_states"]), with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs, position_ids=positions)
-    hook.remove()
+    _, layer_input = tiny_vlms.unhooked_forward(model, inputs, layer=K, position_ids=positions)
     with tuner.apply_pruning(model, tuner.PruningConfig(method="random", layer=K, keep_ratio=0.3)) as handle, \
             torch.no_grad():
         pruned = model(**inputs).logits
@@ -90,7 +85,7 @@ def test_pruned_prefill_equals_hand_run_with_the_models_own_masks(attn, batch, l
     token_types = inputs["token_type_ids"].gather(1, index).masked_fill(~valid, 0)
     assert (token_types.sum(1) >= 2).all()  # several image tokens kept per row: the blocks matter
     with torch.no_grad():
-        hidden = seen["hidden"].gather(1, index[..., None].expand(-1, -1, seen["hidden"].shape[-1]))
+        hidden = layer_input.gather(1, index[..., None].expand(-1, -1, layer_input.shape[-1]))
         kept_positions = positions.gather(1, index)
         masks = create_masks_for_vision_model(
             config=text_model.config, inputs_embeds=hidden, attention_mask=valid.long(), cache=None,

@@ -17,7 +17,6 @@ from tuner.evaluation.inputs import build_inputs
 from tuner.models import load_model
 from tuner.models.families import PrunedPrefill, adapter_for, get_family
 from tuner.models.families.qwen3_vl import kept_deepstack
-from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 from tuner.transformers_compat import build_mask
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
@@ -26,20 +25,8 @@ NEW_TOKENS = 3
 ATOL = 1e-4
 
 
-@register_method("test_fixed_qwen3")
-class FixedSelection(PruningMethod):
-    """Keeps given vision positions, so cached and uncached runs keep the same set."""
-
-    needs_amount = False
-    option_defaults = {"positions": None}
-
-    def select(self, ctx: SelectionContext) -> Selection:
-        return Selection([torch.tensor(p, dtype=torch.long, device=ctx.hidden_states.device)
-                          for p in self.options["positions"]])
-
-
 def _config(method: str, layer: int, **kwargs) -> tuner.PruningConfig:
-    if method != "test_fixed_qwen3":
+    if method != "test_fixed":
         kwargs.setdefault("keep_ratio", 0.3)
     return tuner.PruningConfig(method=method, layer=layer, **kwargs)
 
@@ -55,29 +42,22 @@ def test_pruned_prefill_equals_hand_run_with_deepstack_at_kept_positions(family,
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor)
     text_model = model.get_decoder()
-    seen = {}
-    hooks = [text_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kwargs=kw), with_kwargs=True),
-             text_model.layers[layer].register_forward_pre_hook(
-                 lambda m, a, kw: seen.update(hidden=a[0] if a else kw["hidden_states"]), with_kwargs=True)]
-    with torch.no_grad():
-        model(**inputs)
-    for hook in hooks:
-        hook.remove()
+    text_kwargs, layer_input = tiny_vlms.unhooked_forward(model, inputs, layer=layer)
     with tuner.apply_pruning(model, _config("random", layer)) as handle, torch.no_grad():
         pruned = model(**inputs).logits
     kept = handle.last_kept[0].tolist()
     assert len(kept) < inputs["input_ids"].shape[1]
 
-    deepstack = seen["kwargs"]["deepstack_visual_embeds"]
+    deepstack = text_kwargs["deepstack_visual_embeds"]
     assert len(deepstack) == len(model.config.vision_config.deepstack_visual_indexes) == 3
-    vision_positions = seen["kwargs"]["visual_pos_masks"][0].nonzero()[:, 0].tolist()
+    vision_positions = text_kwargs["visual_pos_masks"][0].nonzero()[:, 0].tolist()
     assert vision_positions == _vision(model, inputs)[0].nonzero()[:, 0].tolist()
     slots = [slot for slot, position in enumerate(kept) if position in vision_positions]
     rows = [vision_positions.index(kept[slot]) for slot in slots]
     assert 0 < len(rows) < len(vision_positions)
     with torch.no_grad():
-        hidden = seen["hidden"][:, kept]
-        positions = seen["kwargs"]["position_ids"][-3:][:, :, kept]  # (t, h, w) of the kept tokens
+        hidden = layer_input[:, kept]
+        positions = text_kwargs["position_ids"][-3:][:, :, kept]  # (t, h, w) of the kept tokens
         rotary = text_model.rotary_emb(hidden, positions)
         mask = build_mask("full_attention", config=text_model.config, inputs_embeds=hidden, attention_mask=None,
                           cache=None, layer_idx=0)
@@ -101,19 +81,10 @@ def test_cached_decode_equals_no_cache_recompute(family, layer, loaded: Loader):
     with tuner.apply_pruning(model, _config("dart", layer)) as handle, torch.no_grad():
         model(**inputs)
     kept = handle.last_kept[0]
-    fixed = _config("test_fixed_qwen3", layer, options={"positions": [kept[vision[0, kept]].tolist()]})
-    prompt_length = inputs["input_ids"].shape[1]
+    fixed = _config("test_fixed", layer, options={"positions": [kept[vision[0, kept]].tolist()]})
     with tuner.apply_pruning(model, fixed):
         tokens, cached_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
-        sequence = torch.cat([inputs["input_ids"], tokens], 1)
-        for step in range(NEW_TOKENS):
-            recompute = dict(inputs, input_ids=sequence[:, :prompt_length + step],
-                             attention_mask=torch.ones(1, prompt_length + step, dtype=torch.long),
-                             mm_token_type_ids=torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step)))
-            model.model.rope_deltas = None
-            with torch.no_grad():
-                full = model(**recompute, use_cache=False).logits[0, -1]
-            torch.testing.assert_close(full, cached_logits[0, step], rtol=0, atol=ATOL)
+        tiny_vlms.assert_cached_decode_equals_recompute(model, inputs, tokens, cached_logits, ATOL)
 
 
 @pytest.mark.parametrize("layer", (1, 3))  # K = 2 runs in test_hooks.py

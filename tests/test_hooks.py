@@ -1,6 +1,5 @@
 """Properties the hook mechanics must hold on every family and attention implementation (DART.md §6)."""
 
-import inspect
 import sys
 
 import pytest
@@ -9,8 +8,7 @@ import torch
 import tiny_vlms
 import tuner
 from conftest import Loader
-from tuner.models.families import PrunedPrefill, adapter_for
-from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
+from tuner.models.families import adapter_for
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.dart import dart_select
 from tuner.transformers_compat import positions_from_mask
@@ -20,18 +18,6 @@ K = 2
 NEW_TOKENS = 4
 ATOL = 1e-4
 PRUNING_METHODS = ("dart", "random", "pooling", "fastv", "avgpool", "window_fastv")
-
-
-@register_method("test_fixed")
-class FixedSelection(PruningMethod):
-    """Test-only method keeping given vision positions, so cached and uncached runs keep the same set."""
-
-    needs_amount = False
-    option_defaults = {"positions": None}
-
-    def select(self, ctx: SelectionContext) -> Selection:
-        return Selection([torch.tensor(p, dtype=torch.long, device=ctx.hidden_states.device)
-                          for p in self.options["positions"]])
 
 
 def config(method: str, **kwargs) -> tuner.PruningConfig:
@@ -106,49 +92,15 @@ def test_pruned_prefill_equals_manual_recomputation(family, attn, loaded: Loader
     """Layers K.. run by hand on the gathered states, rotary from gathered position ids, a fresh mask."""
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor)
-    text_model = model.get_decoder()
-    seen = {}
-    hooks = [
-        text_model.register_forward_pre_hook(lambda m, a, kw: seen.update(pos=kw.get("position_ids"), kwargs=kw),
-                                             with_kwargs=True),
-        text_model.layers[K].register_forward_pre_hook(lambda m, a, kw: seen.update(hidden=a[0] if a else
-                                                                                      kw["hidden_states"]),
-                                                       with_kwargs=True),
-    ]
-    with torch.no_grad():
-        model(**inputs)
-    for hook in hooks:
-        hook.remove()
+    text_kwargs, hidden = tiny_vlms.unhooked_forward(model, inputs, layer=K)
     with tuner.apply_pruning(model, config("random")) as handle, torch.no_grad():
         pruned = model(**inputs).logits
     kept = handle.last_kept[0]
     assert kept.numel() < inputs["input_ids"].shape[1]
-
-    positions = seen["pos"]
-    n_tokens = inputs["input_ids"].shape[1]
-    if positions is None:
-        positions = torch.arange(n_tokens)[None]
-    if positions.dim() == 3:  # Qwen M-RoPE: [3 or 4, B, N]; the last three rows are t/h/w
-        positions = positions[-3:][:, :, kept]
-    else:
-        positions = positions[:, kept]
-    # The family's per-token mask state (Gemma 3's image blocks), noted on the full prompt, at the kept positions.
-    spec = adapter_for(model).spec
-    state = spec.prompt_state(dict(inputs), inputs["input_ids"])
-    kept_state = None if state is None else spec.gather_state(state, PrunedPrefill(
-        gather_index=kept[None], valid=torch.ones(1, kept.numel(), dtype=torch.bool), length=n_tokens))
+    text_model = model.get_decoder()
+    hidden = tiny_vlms.hand_run_layers(model, inputs, hidden[:, kept], kept, range(K, len(text_model.layers)),
+                                       text_kwargs)
     with torch.no_grad():
-        hidden = seen["hidden"][:, kept]
-        layer_types = getattr(text_model.config, "layer_types", None) or ["full_attention"] * len(text_model.layers)
-        # Rotary tables per layer type where the model has several (Gemma 3: one RoPE base per type).
-        per_type = "layer_type" in inspect.signature(text_model.rotary_emb.forward).parameters
-        rotary = {kind: text_model.rotary_emb(hidden, positions, **({"layer_type": kind} if per_type else {}))
-                  for kind in set(layer_types)}
-        masks = {kind: spec.layer_mask(kind, config=text_model.config, hidden=hidden, mask_2d=None, cache=None,
-                                       layer_idx=0, kept_state=kept_state) for kind in set(layer_types)}
-        for index, (layer, kind) in enumerate(zip(text_model.layers[K:], layer_types[K:]), start=K):
-            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary[kind], position_ids=None)
-            hidden = spec.reference_after_layer(text_model, index, hidden, seen["kwargs"], kept)
         manual = model.lm_head(text_model.norm(hidden))
     torch.testing.assert_close(pruned, manual, rtol=0, atol=ATOL)
 
@@ -164,18 +116,7 @@ def test_cached_decode_equals_no_cache_recompute(family, attn, loaded: Loader):
     fixed = config("test_fixed", options={"positions": [kept_vision(handle, vision, 0).tolist()]})
     with tuner.apply_pruning(model, fixed) as handle:
         tokens, cached_logits, _ = greedy(model, inputs)
-        sequence = torch.cat([inputs["input_ids"], tokens], 1)
-        prompt_length = inputs["input_ids"].shape[1]
-        for step in range(NEW_TOKENS):
-            recompute = dict(inputs, input_ids=sequence[:, :prompt_length + step],
-                             attention_mask=torch.ones(1, prompt_length + step, dtype=torch.long))
-            if "mm_token_type_ids" in inputs:
-                recompute["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
-            if hasattr(model.model, "rope_deltas"):
-                model.model.rope_deltas = None  # Qwen caches M-RoPE offsets between calls
-            with torch.no_grad():
-                full = model(**recompute, use_cache=False).logits[0, -1]
-            torch.testing.assert_close(full, cached_logits[0, step], rtol=0, atol=ATOL)
+        tiny_vlms.assert_cached_decode_equals_recompute(model, inputs, tokens, cached_logits, ATOL)
     assert all(r.n_kept_vision == handle.requests[0].n_kept_vision for r in handle.requests)
 
 

@@ -1,6 +1,5 @@
 """Multi-stage schedules (PyramidDrop's shape): the engine properties of DART.md §6 at every stage, on every family."""
 
-import inspect
 import re
 
 import pytest
@@ -10,7 +9,7 @@ import tiny_vlms
 import tuner
 from conftest import Loader
 from tuner.config import Stage, schedule_text
-from tuner.models.families import PrunedPrefill, adapter_for
+from tuner.models.families import adapter_for
 from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 
 ATTN = ("sdpa", "eager")
@@ -120,17 +119,7 @@ def test_cached_decode_equals_no_cache_recompute(family, attn, loaded: Loader):
         held = [prompt_length] * STAGE_LAYERS[0] + [n[0] for n, start, end in zip(
             stats.stage_n_kept, STAGE_LAYERS, (*STAGE_LAYERS[1:], 4)) for _ in range(start, end)]
         assert [cache.get_seq_length(i) for i in range(4)] == [n + NEW_TOKENS - 1 for n in held]
-        sequence = torch.cat([inputs["input_ids"], tokens], 1)
-        for step in range(NEW_TOKENS):
-            recompute = dict(inputs, input_ids=sequence[:, :prompt_length + step],
-                             attention_mask=torch.ones(1, prompt_length + step, dtype=torch.long))
-            if "mm_token_type_ids" in inputs:
-                recompute["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
-            if hasattr(model.model, "rope_deltas"):
-                model.model.rope_deltas = None  # Qwen caches M-RoPE offsets between calls
-            with torch.no_grad():
-                full = model(**recompute, use_cache=False).logits[0, -1]
-            torch.testing.assert_close(full, cached_logits[0, step], rtol=0, atol=ATOL)
+        tiny_vlms.assert_cached_decode_equals_recompute(model, inputs, tokens, cached_logits, ATOL)
     assert all(r.stage_kept_vision == stats.stage_kept_vision for r in handle.requests)
 
 
@@ -169,18 +158,7 @@ def test_two_stage_prefill_equals_manual_recomputation(family, attn, loaded: Loa
     the family's per-token state, DeepStack rows) at that stage's original kept positions."""
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor)
-    text_model = model.get_decoder()
-    seen = {}
-    hooks = [
-        text_model.register_forward_pre_hook(lambda m, a, kw: seen.update(pos=kw.get("position_ids"), kwargs=kw),
-                                             with_kwargs=True),
-        text_model.layers[1].register_forward_pre_hook(
-            lambda m, a, kw: seen.update(hidden=a[0] if a else kw["hidden_states"]), with_kwargs=True),
-    ]
-    with torch.no_grad():
-        model(**inputs)
-    for hook in hooks:
-        hook.remove()
+    text_kwargs, hidden = tiny_vlms.unhooked_forward(model, inputs, layer=1)
     config = tuner.PruningConfig(method="random", layer=1, keep_ratio=0.5, stages=[Stage(2, 0.5)])
     with tuner.apply_pruning(model, config) as handle, torch.no_grad():
         pruned = model(**inputs).logits
@@ -188,29 +166,11 @@ def test_two_stage_prefill_equals_manual_recomputation(family, attn, loaded: Loa
     assert kept[1].numel() < kept[0].numel() < inputs["input_ids"].shape[1]
     assert bool(torch.isin(kept[1], kept[0]).all())
 
-    n_tokens = inputs["input_ids"].shape[1]
-    positions = seen["pos"] if seen["pos"] is not None else torch.arange(n_tokens)[None]
-    spec = adapter_for(model).spec
-    state = spec.prompt_state(dict(inputs), inputs["input_ids"])
-    layer_types = getattr(text_model.config, "layer_types", None) or ["full_attention"] * len(text_model.layers)
-    per_type = "layer_type" in inspect.signature(text_model.rotary_emb.forward).parameters
+    text_model = model.get_decoder()
+    hidden = tiny_vlms.hand_run_layers(model, inputs, hidden[:, kept[0]], kept[0], range(1, 2), text_kwargs)
+    hidden = hidden[:, torch.searchsorted(kept[0], kept[1])]  # the slots of stage 1's tokens among stage 0's
+    hidden = tiny_vlms.hand_run_layers(model, inputs, hidden, kept[1], range(2, len(text_model.layers)), text_kwargs)
     with torch.no_grad():
-        hidden = seen["hidden"][:, kept[0]]
-        for stage, (start, end) in enumerate(((1, 2), (2, len(text_model.layers)))):
-            if stage == 1:  # the slots of stage 1's tokens among stage 0's
-                hidden = hidden[:, torch.searchsorted(kept[0], kept[1])]
-            at = positions[-3:][:, :, kept[stage]] if positions.dim() == 3 else positions[:, kept[stage]]
-            kept_state = None if state is None else spec.gather_state(state, PrunedPrefill(
-                gather_index=kept[stage][None], valid=torch.ones(1, kept[stage].numel(), dtype=torch.bool),
-                length=n_tokens))
-            for index in range(start, end):
-                kind = layer_types[index]
-                rotary = text_model.rotary_emb(hidden, at, **({"layer_type": kind} if per_type else {}))
-                mask = spec.layer_mask(kind, config=text_model.config, hidden=hidden, mask_2d=None, cache=None,
-                                       layer_idx=0, kept_state=kept_state)
-                hidden = text_model.layers[index](hidden, attention_mask=mask, position_embeddings=rotary,
-                                                  position_ids=None)
-                hidden = spec.reference_after_layer(text_model, index, hidden, seen["kwargs"], kept[stage])
         manual = model.lm_head(text_model.norm(hidden))
     torch.testing.assert_close(pruned, manual, rtol=0, atol=ATOL)
 

@@ -191,17 +191,10 @@ def test_anyres_leftover_tokens_are_the_newlines(family, loaded: Loader):
     model, processor = loaded(family, "sdpa")
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
     vision, grids = family_grids(model, inputs)
-    seen = {}
-    hook = model.get_decoder().register_forward_pre_hook(
-        lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        hook.remove()
+    embeds = tiny_vlms.unhooked_forward(model, inputs)[0]["inputs_embeds"]
     newline = model.model.image_newline
     for row, row_grids in enumerate(grids):
-        is_newline = (seen["embeds"][row] == newline).all(-1)
+        is_newline = (embeds[row] == newline).all(-1)
         assert torch.equal(is_newline.nonzero().squeeze(1), row_grids.leftover)
 
 
@@ -211,15 +204,7 @@ def test_qwen_grids_follow_the_m_rope_height_and_width(family, loaded: Loader):
     model, processor = loaded(family, "sdpa")
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
     _, grids = family_grids(model, inputs)
-    seen = {}
-    hook = model.get_decoder().register_forward_pre_hook(
-        lambda m, a, kw: seen.update(positions=kw["position_ids"]), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        hook.remove()
-    _, height, width = seen["positions"][-3:]
+    _, height, width = tiny_vlms.unhooked_forward(model, inputs)[0]["position_ids"][-3:]
     for row, row_grids in enumerate(grids):
         (grid,) = row_grids.grids
         h, w = height[row][grid], width[row][grid]

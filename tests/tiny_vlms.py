@@ -7,6 +7,7 @@ weights are random. Each family is saved with ``save_pretrained`` and reloaded t
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from tuner.models.families import Family, family_names, get_family, tiny
+from tuner.models.families import Family, PrunedPrefill, adapter_for, family_names, get_family, tiny
+from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 from tuner.transformers_compat import cache_from_output
 
 # Test models by name: every registered family (its `Family.tiny` model), plus variants below.
@@ -183,3 +185,85 @@ def greedy(model: PreTrainedModel, inputs: dict, new_tokens: int) -> tuple[torch
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1), cache_from_output(out)
+
+
+@register_method("test_fixed")
+class FixedSelection(PruningMethod):
+    """Test-only method keeping given vision positions, so cached and uncached runs keep the same set."""
+
+    needs_amount = False
+    option_defaults = {"positions": None}
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        return Selection([torch.tensor(p, dtype=torch.long, device=ctx.hidden_states.device)
+                          for p in self.options["positions"]])
+
+
+def unhooked_forward(model: PreTrainedModel, inputs: dict, layer: int | None = None,
+                     **forward_kwargs: Any) -> tuple[dict, torch.Tensor | None]:
+    """One forward pass: the keyword arguments the text model got, and the hidden states entering decoder layer
+    `layer` (None when no layer is asked for)."""
+    text_model = model.get_decoder()
+    seen: dict[str, Any] = {}
+    hooks = [text_model.register_forward_pre_hook(lambda m, a, kw: seen.update(kwargs=kw), with_kwargs=True)]
+    if layer is not None:
+        hooks.append(text_model.layers[layer].register_forward_pre_hook(
+            lambda m, a, kw: seen.update(hidden=a[0] if a else kw["hidden_states"]), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(**inputs, **forward_kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen["kwargs"], seen.get("hidden")
+
+
+def hand_run_layers(model: PreTrainedModel, inputs: dict, hidden: torch.Tensor, kept: torch.Tensor,
+                    layers: range, text_kwargs: dict) -> torch.Tensor:
+    """Decoder `layers` run by hand on `hidden`, row 0's states at its original positions `kept` (batch 1).
+
+    Rotary from the text model's position ids at `kept` (per layer type where the model has several: Gemma 3),
+    a fresh mask with the family's per-token state at `kept` (Gemma 3's image blocks), and the family's own
+    step after each layer (Qwen3-VL's DeepStack); `text_kwargs` is what the text model got in an unhooked run.
+    """
+    text_model = model.get_decoder()
+    spec = adapter_for(model).spec
+    n_tokens = inputs["input_ids"].shape[1]
+    positions = text_kwargs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(n_tokens)[None]
+    # Qwen M-RoPE: [3 or 4, B, N]; the last three rows are t/h/w.
+    positions = positions[-3:][:, :, kept] if positions.dim() == 3 else positions[:, kept]
+    state = spec.prompt_state(dict(inputs), inputs["input_ids"])
+    kept_state = None if state is None else spec.gather_state(state, PrunedPrefill(
+        gather_index=kept[None], valid=torch.ones(1, kept.numel(), dtype=torch.bool), length=n_tokens))
+    layer_types = getattr(text_model.config, "layer_types", None) or ["full_attention"] * len(text_model.layers)
+    per_type = "layer_type" in inspect.signature(text_model.rotary_emb.forward).parameters
+    with torch.no_grad():
+        for index in layers:
+            kind = layer_types[index]
+            rotary = text_model.rotary_emb(hidden, positions, **({"layer_type": kind} if per_type else {}))
+            mask = spec.layer_mask(kind, config=text_model.config, hidden=hidden, mask_2d=None, cache=None,
+                                   layer_idx=0, kept_state=kept_state)
+            hidden = text_model.layers[index](hidden, attention_mask=mask, position_embeddings=rotary,
+                                              position_ids=None)
+            hidden = spec.reference_after_layer(text_model, index, hidden, text_kwargs, kept)
+    return hidden
+
+
+def assert_cached_decode_equals_recompute(model: PreTrainedModel, inputs: dict, tokens: torch.Tensor,
+                                          cached_logits: torch.Tensor, atol: float) -> None:
+    """Each greedy step's logits (batch 1, from the cache) equal a no-cache forward of the prompt plus the tokens
+    generated before that step."""
+    prompt_length = inputs["input_ids"].shape[1]
+    sequence = torch.cat([inputs["input_ids"], tokens], 1)
+    for step in range(tokens.shape[1]):
+        recompute = dict(inputs, input_ids=sequence[:, :prompt_length + step],
+                         attention_mask=torch.ones(1, prompt_length + step, dtype=torch.long))
+        if "mm_token_type_ids" in inputs:
+            recompute["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
+        if hasattr(model.model, "rope_deltas"):
+            model.model.rope_deltas = None  # Qwen caches M-RoPE offsets between calls
+        with torch.no_grad():
+            full = model(**recompute, use_cache=False).logits[0, -1]
+        torch.testing.assert_close(full, cached_logits[0, step], rtol=0, atol=atol)
