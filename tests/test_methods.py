@@ -251,18 +251,19 @@ def test_attention_implementation_choice():
     assert resolve_attn_implementation("auto", device="cpu", model_class=Gemma3ForConditionalGeneration) == "sdpa"
 
 
-@pytest.mark.parametrize("family, explicit", [("llava", "llava15"), ("qwen2_vl", "qwen")])
-def test_dart_family_quota_rule_is_the_families_reference_rule(family, explicit, loaded):
+@pytest.mark.parametrize("family, explicit, other", [("llava", "llava15", "qwen"), ("qwen2_vl", "qwen", "llava15")])
+def test_dart_family_quota_rule_is_the_families_reference_rule(family, explicit, other, loaded):
     model, processor = loaded(family, "sdpa")
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
     kept = {}
-    for rule in ("family", explicit):
+    for rule in ("family", explicit, other):
         config = tuner.PruningConfig(method="dart", layer=2, keep_ratio=0.5,
                                      options={"quota_rule": rule, "max_num_trunction": 16})
         with tuner.apply_pruning(model, config) as handle, torch.no_grad():
             model(**inputs)
         kept[rule] = [k.tolist() for k in handle.last_kept]
     assert kept["family"] == kept[explicit]
+    assert kept["family"] != kept[other]  # the rules differ here, so the option really chose one
 
 
 def test_dart_family_quota_rule_fails_before_compute_where_it_cannot_resolve(loaded):
