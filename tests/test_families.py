@@ -25,6 +25,7 @@ def test_family_declares_its_facts(family):
     assert family.model_types and family.class_names and family.hub_id
     assert all(hasattr(transformers, name) for name in family.class_names)
     assert family_for_model_type(family.model_types[0]) is family
+    assert all(family_for_model_type(model_type) is family for model_type in family.model_types)
     space = load_space(ROOT / "search_spaces" / family.search_space)
     assert space.model == family.hub_id
 
@@ -42,6 +43,7 @@ def test_tiny_model_is_detected_and_adapted(name, loaded):
     assert detect_family(model) == family.name
     adapter = adapter_for(model)
     assert adapter.spec is family and len(adapter.layers) == model.config.get_text_config().num_hidden_layers
+    assert adapter.vision_token_ids  # an empty set would pass the subset check below and mark no vision token
     assert set(adapter.vision_token_ids) <= {getattr(model.config, field, None) for field in (
         "image_token_id", "image_token_index", "video_token_id", "video_token_index")}
 
