@@ -33,7 +33,9 @@ def test_family_declares_its_facts(family):
 @pytest.mark.parametrize("family", FAMILIES, ids=str)
 def test_the_readme_support_table_has_a_row_per_family(family):
     rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `")]
-    assert any(f"`{family.class_names[0]}`" in row for row in rows), family.name
+    row = next((row for row in rows if f"`{family.class_names[0]}`" in row), None)
+    assert row is not None, family.name
+    assert row.startswith(f"| `{family.name}` |") and row.endswith(f"| `{family.search_space}` |"), row
 
 
 @pytest.mark.parametrize("name", tiny_vlms.FAMILIES)

@@ -51,12 +51,8 @@ class Family:
     """`config.model_type` values of this family, checked before any weights are read."""
     class_names: ClassVar[tuple[str, ...]]
     """Top-level transformers classes, e.g. ("Qwen2VLForConditionalGeneration",)."""
-    vision_tokens: ClassVar[str] = "the image placeholder id of the config, repeated once per visual token"
-    """How its vision tokens are found, in words (README support table)."""
     fixed_image_tokens: ClassVar[bool] = False
     """Whether every image becomes the same number of vision tokens, whatever its size (one resized crop)."""
-    positions: ClassVar[str] = "1-D RoPE"
-    """The position scheme, in words."""
     positions_from_mask: ClassVar[bool] = False
     """Whether the top-level forward derives positions from the attention mask when given none (M-RoPE)."""
     reference_quota_rule: ClassVar[str | None] = None
@@ -69,8 +65,6 @@ class Family:
     """The checkpoint users would pick."""
     search_space: ClassVar[str] = ""
     """Its default search space, a file in `search_spaces/` (for `hub_id`)."""
-    special: ClassVar[str] = ""
-    """What is special about the family for pruning, in words (README support table)."""
 
     # -- the loaded model ---------------------------------------------------------------------------
     def transformers_class(self) -> type[PreTrainedModel]:

@@ -72,14 +72,9 @@ class Gemma3(Family):
     fixed_image_tokens = True
     model_types = ("gemma3",)
     class_names = ("Gemma3ForConditionalGeneration",)
-    vision_tokens = ("`image_token_id` (`<image_soft_token>`), 256 per image between `<start_of_image>` and "
-                     "`<end_of_image>`")
-    positions = "1-D RoPE, two bases (local 10k on sliding layers, global 1M)"
     image_placeholder = IMAGE_TOKENS["boi_token"]
     hub_id = "google/gemma-3-4b-it"
     search_space = "gemma3.yaml"
-    special = ("image tokens attend both ways within their image (from `token_type_ids`), kept so in every pruned "
-               "layer; 5 sliding-window (1,024) layers per global one")
     tiny_image_sizes = ((160, 120), (120, 160))
 
     # -- prompts ------------------------------------------------------------------------------------

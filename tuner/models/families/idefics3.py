@@ -50,11 +50,8 @@ class Idefics3(Family):
     name = "idefics3"
     model_types = ("idefics3",)
     class_names = ("Idefics3ForConditionalGeneration",)
-    vision_tokens = "`<image>` (`image_token_id`), `image_seq_len` per sub-image and global image (169 at 364 px)"
     hub_id = "HuggingFaceM4/Idefics3-8B-Llama3"
     search_space = "idefics3.yaml"
-    special = ("image splitting: up to 4x4 sub-images plus a global image, each pixel-shuffled; layout tokens "
-               "between them are text and always kept")
     # Row 0: 2:1 -> 1x2 sub-images + global (48 tokens); row 1: 2:3 -> 2x2 + global (80 tokens).
     tiny_image_sizes = ((128, 64), (60, 90))
 

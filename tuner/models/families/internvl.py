@@ -65,12 +65,10 @@ class InternVL(Family):
     name = "internvl"
     model_types = ("internvl",)
     class_names = ("InternVLForConditionalGeneration",)
-    vision_tokens = "`<IMG_CONTEXT>` (`image_token_id`), 256 per 448 px tile, between `<img>` and `</img>`"
     image_placeholder = "<IMG_CONTEXT>"
     image_only_processor = ImageOnlyInternVLProcessor
     hub_id = "OpenGVLab/InternVL3-8B-hf"
     search_space = "internvl.yaml"
-    special = "dynamic tiling: 1-12 tiles plus a thumbnail, 256 tokens each after pixel shuffle; all tiles are one pool"
     # Row 0: a 2:1 image -> 2x1 tiles + thumbnail (48 tokens); row 1: square -> one tile (16 tokens).
     tiny_image_sizes = ((192, 96), (96, 96))
 

@@ -29,7 +29,6 @@ class Llava(Family):
     reference_quota_rule = "llava15"
     hub_id = "llava-hf/llava-1.5-7b-hf"
     search_space = "llava15.yaml"
-    special = "the reference DART setting: 576 tokens per image, K = 2"
 
     def grid_tokens(self, config: Any) -> int:
         """One square crop per image: `image_seq_length` (576 = 24 x 24 at 336 px)."""

@@ -60,11 +60,9 @@ class LlavaNext(Family):
     name = "llava_next"
     model_types = ("llava_next",)
     class_names = ("LlavaNextForConditionalGeneration",)
-    vision_tokens = "the image placeholder id, once per tile feature and per row newline"
     reference_quota_rule = "llava_next"
     hub_id = "llava-hf/llava-v1.6-mistral-7b-hf"
     search_space = "llava_next.yaml"
-    special = "anyres: 1-5 tiles, up to 2,880 tokens per image; newline tokens are vision tokens too"
     tiny_image_sizes = ((200, 120), (120, 180))
 
     def image_grids(self, config: Any, kwargs: dict[str, Any], input_ids: torch.Tensor,

@@ -66,11 +66,9 @@ class LlavaOnevision(Family):
     name = "llava_onevision"
     model_types = ("llava_onevision",)
     class_names = ("LlavaOnevisionForConditionalGeneration",)
-    vision_tokens = "the `<image>` id, once per base-crop and tile feature and per row newline"
     image_only_processor = ImageOnlyLlavaOnevisionProcessor
     hub_id = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
     search_space = "llava_onevision.yaml"
-    special = "anyres up to 6x6 tiles of 729 tokens, downsampled to about 9 crops' worth; newlines are pool members"
     # Row 0: a wide image -> 1x2 tiles (unpadded 4x6 + 4 newlines); row 1: square -> 2x2 tiles, downsampled.
     tiny_image_sizes = ((168, 100), (112, 112))
 

@@ -37,7 +37,6 @@ class Qwen2_5_VL(QwenFamily):
     image_only_processor = ImageOnlyQwen2_5_VLProcessor
     hub_id = "Qwen/Qwen2.5-VL-7B-Instruct"
     search_space = "qwen2_5_vl.yaml"
-    special = "as Qwen2-VL; M-RoPE time ids scale with the video frame rate"
 
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
         """A windowed block and a full-attention block (window 112 px = 4x4 tokens)."""

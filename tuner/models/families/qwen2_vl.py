@@ -55,8 +55,6 @@ class ImageOnlyQwen2VLProcessor(ImageOnlyProcessorMixin, Qwen2VLProcessor):
 class QwenFamily(Family):
     """What the Qwen-VL families share: `<|image_pad|>` tokens, ChatML prompts, positions from the mask."""
 
-    vision_tokens = "`image_token_id` (and `video_token_id`), one per 2x2 merge of 14 px patches"
-    positions = "M-RoPE (t, h, w) from `image_grid_thw`"
     positions_from_mask = True
     reference_quota_rule = "qwen"
     image_placeholder = "<|image_pad|>"
@@ -131,7 +129,6 @@ class Qwen2VL(QwenFamily):
     image_only_processor = ImageOnlyQwen2VLProcessor
     hub_id = "Qwen/Qwen2-VL-7B-Instruct"
     search_space = "qwen2_vl.yaml"
-    special = "image tokens vary with resolution; kept tokens keep their (t, h, w) positions"
 
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
         """Qwen2-VL with a two-block vision tower."""

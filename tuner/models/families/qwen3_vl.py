@@ -106,13 +106,9 @@ class Qwen3VL(QwenFamily):
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
     class_names = ("Qwen3VLForConditionalGeneration",)
-    vision_tokens = "`image_token_id` (and `video_token_id`), one per 2x2 merge of 16 px patches"
-    positions = "interleaved M-RoPE (t, h, w) from `image_grid_thw`"
     image_only_processor = ImageOnlyQwen3VLProcessor
     hub_id = "Qwen/Qwen3-VL-8B-Instruct"
     search_space = "qwen3_vl.yaml"
-    special = ("DeepStack: ViT features added after the first decoder layers at the vision positions; "
-               "pruning at or before them drops the same rows from the mask and the features")
     tiny_image_sizes = ((288, 224), (192, 160))  # 9x7 = 63 and 6x5 = 30 image tokens
     config_class: type[PretrainedConfig] = Qwen3VLConfig
     model_class: type[PreTrainedModel] = Qwen3VLForConditionalGeneration

@@ -29,7 +29,6 @@ class Qwen3VLMoe(Qwen3VL):
     class_names = ("Qwen3VLMoeForConditionalGeneration",)
     hub_id = "Qwen/Qwen3-VL-30B-A3B-Instruct"
     search_space = "qwen3_vl_moe.yaml"
-    special = "as Qwen3-VL (DeepStack); MoE MLPs, costed at the active experts' width"
     config_class: type[PretrainedConfig] = Qwen3VLMoeConfig
     model_class: type[PreTrainedModel] = Qwen3VLMoeForConditionalGeneration
 

@@ -49,12 +49,9 @@ class SmolVLM(Idefics3):
     name = "smolvlm"
     model_types = ("smolvlm",)
     class_names = ("SmolVLMForConditionalGeneration",)
-    vision_tokens = "`<image>` (`image_token_id`), `image_seq_len` per sub-image and global image (81 at 384 px)"
     image_only_processor = ImageOnlySmolVLMProcessor
     hub_id = "HuggingFaceTB/SmolVLM2-2.2B-Instruct"
     search_space = "smolvlm.yaml"
-    special = ("as Idefics3: sub-images plus a global image, shuffled by 3 to 81 tokens each; layout tokens are "
-               "text and always kept")
 
     def fallback_prompt(self, text: str, n_images: int) -> str:
         """The checkpoints' chat format: `<|im_start|>User:` images and question, then `Assistant:`."""
