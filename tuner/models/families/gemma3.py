@@ -56,9 +56,7 @@ def add_image_tokens(tokenizer: Any) -> Any:
     names model-specific special tokens through `_set_model_specific_special_tokens`, which is what loading a
     tokenizer_config.json with those keys does; saving writes them back under the same keys.
     """
-    missing = [t for t in (*IMAGE_TOKENS.values(), *TURN_TOKENS) if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    tiny.add_tokens(tokenizer, (*IMAGE_TOKENS.values(), *TURN_TOKENS))
     if getattr(tokenizer, "boi_token", None) is None or getattr(tokenizer, "image_token", None) is None:
         tokenizer._set_model_specific_special_tokens(dict(IMAGE_TOKENS))
     return tokenizer

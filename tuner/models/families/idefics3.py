@@ -35,14 +35,6 @@ LAYOUT_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "
                  *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7))]
 
 
-def add_layout_tokens(tokenizer: Any) -> Any:
-    """Give `tokenizer` the image-layout tokens as single special tokens, as the checkpoints' tokenizers have them."""
-    missing = [token for token in LAYOUT_TOKENS if token not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
-    return tokenizer
-
-
 @register_family
 class Idefics3(Family):
     """Idefics3: sub-images plus a global image, `image_seq_len` `<image>` tokens each, between layout text tokens."""
@@ -80,7 +72,7 @@ class Idefics3(Family):
                 "do_image_splitting": True, "image_mean": SIGLIP_MEAN, "image_std": SIGLIP_STD}
 
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
-        add_layout_tokens(tokenizer)
+        tiny.add_tokens(tokenizer, LAYOUT_TOKENS)
         config = Idefics3Config(**self.tiny_config_kwargs(tokenizer, layers))
         processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**self.tiny_image_processor_kwargs()),
                                       tokenizer=tokenizer, image_seq_len=TINY_IMAGE_SEQ_LEN)
@@ -111,7 +103,7 @@ class Idefics3(Family):
 
     def published_processor(self, tokenizer: Any) -> ProcessorMixin:
         """Idefics3's image settings: longest edge 4 x 364 px, 364 px sub-images, 169 tokens each."""
-        add_layout_tokens(tokenizer)
+        tiny.add_tokens(tokenizer, LAYOUT_TOKENS)
         image_processor = Idefics3ImageProcessorPil(
             size={"longest_edge": 4 * 364}, max_image_size={"longest_edge": 364}, do_image_splitting=True,
             image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)

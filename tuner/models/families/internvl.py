@@ -50,9 +50,7 @@ class ImageOnlyInternVLProcessor(ImageOnlyProcessorMixin, InternVLProcessor):
 
 def add_image_tokens(tokenizer: Any) -> Any:
     """Give `tokenizer` InternVL's named image tokens, as the `-hf` checkpoints' tokenizer config names them."""
-    missing = [token for token in IMAGE_TOKENS.values() if token not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    tiny.add_tokens(tokenizer, IMAGE_TOKENS.values())
     # Named model-specific tokens, saved into tokenizer_config.json as the checkpoints have them.
     tokenizer._set_model_specific_special_tokens(IMAGE_TOKENS)
     return tokenizer

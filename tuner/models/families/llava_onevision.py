@@ -34,6 +34,8 @@ TINY_ASPECT_RATIO = "anyres_max_2"
 # The checkpoints' pinpoints: every (h, w) in {384, 768, ..., 2304}^2.
 PUBLISHED_GRID_PINPOINTS = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+# The processor maps a token missing from the vocabulary to `<unk>`.
+IMAGE_TOKENS = ("<image>", "<video>")
 
 
 class ImageOnlyLlavaOnevisionProcessor(ImageOnlyProcessorMixin, LlavaOnevisionProcessor):
@@ -49,14 +51,6 @@ class ImageOnlyLlavaOnevisionProcessor(ImageOnlyProcessorMixin, LlavaOnevisionPr
         super().__init__(image_processor, tokenizer, chat_template=chat_template, num_image_tokens=num_image_tokens,
                          vision_feature_select_strategy=vision_feature_select_strategy, image_token=image_token,
                          video_token=video_token, vision_aspect_ratio=vision_aspect_ratio, **kwargs)
-
-
-def add_image_tokens(tokenizer: Any) -> Any:
-    """Make sure `tokenizer` has `<image>` and `<video>` (the processor would map a missing one to `<unk>`)."""
-    missing = [token for token in ("<image>", "<video>") if token not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
-    return tokenizer
 
 
 @register_family
@@ -97,7 +91,7 @@ class LlavaOnevision(Family):
     # Tiny test model --------------------------------------------------------------------------------
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
         """One-block SigLIP on 56 px crops (16 features each), up to 2x2 tiles capped at 2 crops' worth."""
-        add_image_tokens(tokenizer)
+        tiny.add_tokens(tokenizer, IMAGE_TOKENS)
         config = LlavaOnevisionConfig(
             vision_config={"model_type": "siglip_vision_model", "hidden_size": 64, "intermediate_size": 128,
                            "num_hidden_layers": 1, "num_attention_heads": 4, "image_size": TINY_CROP,
@@ -135,7 +129,7 @@ class LlavaOnevision(Family):
 
     def published_processor(self, tokenizer: Any) -> ProcessorMixin:
         """The checkpoints' image settings: 384 px crops, 6x6 pinpoints, SigLIP mean/std, 729 tokens per crop."""
-        add_image_tokens(tokenizer)
+        tiny.add_tokens(tokenizer, IMAGE_TOKENS)
         image_processor = LlavaOnevisionImageProcessorPil(
             size={"height": 384, "width": 384}, image_grid_pinpoints=PUBLISHED_GRID_PINPOINTS,
             image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)

@@ -19,8 +19,8 @@ from transformers import (
 )
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from tuner.models.families import register_family
-from tuner.models.families.idefics3 import SIGLIP_MEAN, SIGLIP_STD, TINY_IMAGE_SEQ_LEN, Idefics3, add_layout_tokens
+from tuner.models.families import register_family, tiny
+from tuner.models.families.idefics3 import LAYOUT_TOKENS, SIGLIP_MEAN, SIGLIP_STD, TINY_IMAGE_SEQ_LEN, Idefics3
 
 
 class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
@@ -63,7 +63,7 @@ class SmolVLM(Idefics3):
 
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
         """The Idefics3 tiny sizes under SmolVLM's classes."""
-        add_layout_tokens(tokenizer)
+        tiny.add_tokens(tokenizer, LAYOUT_TOKENS)
         config = SmolVLMConfig(**self.tiny_config_kwargs(tokenizer, layers))
         image_processor = SmolVLMImageProcessorPil(**self.tiny_image_processor_kwargs())
         processor = ImageOnlySmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -84,7 +84,7 @@ class SmolVLM(Idefics3):
 
     def published_processor(self, tokenizer: Any) -> ProcessorMixin:
         """SmolVLM2's image settings: longest edge 4 x 384 px, 384 px sub-images, 81 tokens each."""
-        add_layout_tokens(tokenizer)
+        tiny.add_tokens(tokenizer, LAYOUT_TOKENS)
         image_processor = SmolVLMImageProcessorPil(
             size={"longest_edge": 4 * 384}, max_image_size={"longest_edge": 384}, do_image_splitting=True,
             image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)

@@ -6,6 +6,7 @@ vision tower, so the property tests run in seconds on 2 CPU cores.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from transformers import CLIPVisionConfig, LlamaConfig
@@ -21,6 +22,17 @@ def token_ids(tokenizer: Any) -> dict[str, int]:
     """Special token ids the text configs need, so they match the tiny vocabulary."""
     return {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
             "eos_token_id": tokenizer.eos_token_id}
+
+
+def add_tokens(tokenizer: Any, tokens: Iterable[str]) -> Any:
+    """Add those of `tokens` missing from `tokenizer`'s vocabulary as special tokens (idempotent); returns it.
+
+    The tiny vocabulary lacks a family's image and layout tokens, which its checkpoints' tokenizers have.
+    """
+    missing = [token for token in tokens if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tokenizer
 
 
 def text_sizes(tokenizer: Any, layers: int) -> dict[str, Any]:
