@@ -4,13 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import (
-    PreTrainedModel,
-    ProcessorMixin,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-)
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
 
 from tuner.models.families import register_family, tiny
 from tuner.models.families.qwen2_vl import (
@@ -38,18 +32,11 @@ class Qwen2_5_VL(QwenFamily):
     hub_id = "Qwen/Qwen2.5-VL-7B-Instruct"
     search_space = "qwen2_5_vl.yaml"
 
-    def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+    def tiny_vision_config(self) -> dict[str, Any]:
         """A windowed block and a full-attention block (window 112 px = 4x4 tokens)."""
-        config = Qwen2_5_VLConfig(
-            text_config=self.tiny_text_config(tokenizer, layers),
-            vision_config={"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
-                           "out_hidden_size": tiny.TEXT_HIDDEN, "patch_size": TINY_PATCH,
-                           "spatial_merge_size": TINY_MERGE, "temporal_patch_size": 2,
-                           "window_size": 112, "fullatt_block_indexes": [1]},
-            **self.tiny_vision_ids(tokenizer),
-        )
-        processor = ImageOnlyQwen2_5_VLProcessor(image_processor=self.tiny_image_processor(), tokenizer=tokenizer)
-        return Qwen2_5_VLForConditionalGeneration(config), processor
+        return {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
+                "out_hidden_size": tiny.TEXT_HIDDEN, "patch_size": TINY_PATCH, "spatial_merge_size": TINY_MERGE,
+                "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [1]}
 
     def published_config(self) -> Qwen2_5_VLConfig:
         """Qwen/Qwen2.5-VL-7B-Instruct: 32 SwiGLU ViT blocks, windowed except blocks 7, 15, 23, 31."""

@@ -10,7 +10,6 @@ from transformers import (
     PreTrainedModel,
     ProcessorMixin,
     Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -97,6 +96,10 @@ class QwenFamily(Family):
                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                     "mrope_section": tiny.MROPE_SECTION}}
 
+    def tiny_vision_config(self) -> dict[str, Any]:
+        """The tiny model's vision tower, as `vision_config` keyword arguments."""
+        raise NotImplementedError(f"family {self.name!r} has no tiny vision tower")
+
     @staticmethod
     def tiny_vision_ids(tokenizer: Any) -> dict[str, int]:
         """Vision placeholder and delimiter ids in the tiny vocabulary."""
@@ -110,6 +113,14 @@ class QwenFamily(Family):
         unit = TINY_PATCH * TINY_MERGE
         return Qwen2VLImageProcessorPil(min_pixels=4 * unit * unit, max_pixels=256 * unit * unit,
                                         patch_size=TINY_PATCH, merge_size=TINY_MERGE, temporal_patch_size=2)
+
+    def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+        """The family's class (`class_names[0]`) over the tiny text model and `tiny_vision_config()`."""
+        model_class = self.transformers_class()
+        config = model_class.config_class(text_config=self.tiny_text_config(tokenizer, layers),
+                                          vision_config=self.tiny_vision_config(), **self.tiny_vision_ids(tokenizer))
+        processor = self.image_only_processor(image_processor=self.tiny_image_processor(), tokenizer=tokenizer)
+        return model_class(config), processor
 
     # Published sizes ---------------------------------------------------------------------------------
     def published_processor(self, tokenizer: Any) -> ProcessorMixin:
@@ -130,17 +141,10 @@ class Qwen2VL(QwenFamily):
     hub_id = "Qwen/Qwen2-VL-7B-Instruct"
     search_space = "qwen2_vl.yaml"
 
-    def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
-        """Qwen2-VL with a two-block vision tower."""
-        config = Qwen2VLConfig(
-            text_config=self.tiny_text_config(tokenizer, layers),
-            vision_config={"depth": 2, "embed_dim": 64, "hidden_size": tiny.TEXT_HIDDEN, "num_heads": 4,
-                           "mlp_ratio": 2, "patch_size": TINY_PATCH, "spatial_merge_size": TINY_MERGE,
-                           "temporal_patch_size": 2},
-            **self.tiny_vision_ids(tokenizer),
-        )
-        processor = ImageOnlyQwen2VLProcessor(image_processor=self.tiny_image_processor(), tokenizer=tokenizer)
-        return Qwen2VLForConditionalGeneration(config), processor
+    def tiny_vision_config(self) -> dict[str, Any]:
+        """A two-block vision tower."""
+        return {"depth": 2, "embed_dim": 64, "hidden_size": tiny.TEXT_HIDDEN, "num_heads": 4, "mlp_ratio": 2,
+                "patch_size": TINY_PATCH, "spatial_merge_size": TINY_MERGE, "temporal_patch_size": 2}
 
     def published_config(self) -> Qwen2VLConfig:
         """Qwen/Qwen2-VL-7B-Instruct: a 675M-parameter ViT (32 blocks of 1280) merged 2x2 into Qwen2-7B."""

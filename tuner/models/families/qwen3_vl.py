@@ -15,10 +15,8 @@ from typing import Any
 import torch
 from transformers import (
     PretrainedConfig,
-    PreTrainedModel,
     ProcessorMixin,
     Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -110,8 +108,6 @@ class Qwen3VL(QwenFamily):
     hub_id = "Qwen/Qwen3-VL-8B-Instruct"
     search_space = "qwen3_vl.yaml"
     tiny_image_sizes = ((288, 224), (192, 160))  # 9x7 = 63 and 6x5 = 30 image tokens
-    config_class: type[PretrainedConfig] = Qwen3VLConfig
-    model_class: type[PreTrainedModel] = Qwen3VLForConditionalGeneration
 
     # -- hooks ------------------------------------------------------------------------------------
     def extra_hooks(self, text_model: torch.nn.Module,
@@ -139,8 +135,7 @@ class Qwen3VL(QwenFamily):
                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                     "mrope_section": TINY_MROPE_SECTION, "mrope_interleaved": True}}
 
-    @staticmethod
-    def tiny_vision_config() -> dict[str, Any]:
+    def tiny_vision_config(self) -> dict[str, Any]:
         """A 3-block tower with a DeepStack merger after each block."""
         return {"depth": 3, "hidden_size": 64, "intermediate_size": 128, "num_heads": 4,
                 "out_hidden_size": tiny.TEXT_HIDDEN, "patch_size": PATCH, "spatial_merge_size": MERGE,
@@ -152,13 +147,6 @@ class Qwen3VL(QwenFamily):
         pixels = (PATCH * MERGE) ** 2
         return Qwen2VLImageProcessorPil(**{**PUBLISHED_IMAGE_PROCESSOR,
                                            "size": {"shortest_edge": 4 * pixels, "longest_edge": 256 * pixels}})
-
-    def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
-        """Qwen3-VL with a three-block vision tower and three DeepStack entries."""
-        config = self.config_class(text_config=self.tiny_text_config(tokenizer, layers),
-                                   vision_config=self.tiny_vision_config(), **self.tiny_vision_ids(tokenizer))
-        processor = self.image_only_processor(image_processor=self.tiny_image_processor(), tokenizer=tokenizer)
-        return self.model_class(config), processor
 
     # -- published sizes ----------------------------------------------------------------------------
     def published_config(self) -> PretrainedConfig:

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import (
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen3VLMoeConfig,
-    Qwen3VLMoeForConditionalGeneration,
-)
+from transformers import PretrainedConfig, Qwen3VLMoeConfig
 
 from tuner.cost import TextDims
 from tuner.models.families import register_family
@@ -29,8 +24,6 @@ class Qwen3VLMoe(Qwen3VL):
     class_names = ("Qwen3VLMoeForConditionalGeneration",)
     hub_id = "Qwen/Qwen3-VL-30B-A3B-Instruct"
     search_space = "qwen3_vl_moe.yaml"
-    config_class: type[PretrainedConfig] = Qwen3VLMoeConfig
-    model_class: type[PreTrainedModel] = Qwen3VLMoeForConditionalGeneration
 
     def text_dims(self, config: PretrainedConfig) -> TextDims:
         """Each token runs `num_experts_per_tok` experts of `moe_intermediate_size` (the router is left out)."""
