@@ -14,13 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import (
-    Idefics3Config,
-    Idefics3ForConditionalGeneration,
-    Idefics3Processor,
-    PreTrainedModel,
-    ProcessorMixin,
-)
+from transformers import Idefics3Config, Idefics3Processor, PreTrainedModel, ProcessorMixin
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
 from tuner.models.families import register_family, tiny
@@ -46,6 +40,10 @@ class Idefics3(Family):
     search_space = "idefics3.yaml"
     # Row 0: 2:1 -> 1x2 sub-images + global (48 tokens); row 1: 2:3 -> 2x2 + global (80 tokens).
     tiny_image_sizes = ((128, 64), (60, 90))
+    # The processor classes, and the published sub-image side and tokens per sub-image (`published_processor`).
+    processor_class: type[ProcessorMixin] = Idefics3Processor
+    image_processor_class: type = Idefics3ImageProcessorPil
+    published_sub_image, published_image_seq_len = 364, 169
 
     def fallback_prompt(self, text: str, n_images: int) -> str:
         """The checkpoints' chat format: `User:` images and question `<end_of_utterance>`, then `Assistant:`."""
@@ -57,26 +55,22 @@ class Idefics3(Family):
         return (vision.image_size // vision.patch_size // config.scale_factor) ** 2
 
     # Tiny test model --------------------------------------------------------------------------------
-    @staticmethod
-    def tiny_config_kwargs(tokenizer: Any, layers: int) -> dict[str, Any]:
-        """One-block SigLIP-style tower on 64 px sub-images, shuffled by 2, over a Llama text model."""
-        return {"vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                                  "num_attention_heads": 4, "image_size": TINY_TILE, "patch_size": TINY_PATCH},
-                "text_config": tiny.llama_text_config(tokenizer, layers), "scale_factor": TINY_SCALE,
-                "image_token_id": tokenizer.convert_tokens_to_ids("<image>"), "pad_token_id": tokenizer.pad_token_id}
-
-    @staticmethod
-    def tiny_image_processor_kwargs() -> dict[str, Any]:
-        """Images resized to at most 128 px and split into 64 px sub-images (up to 2x2) plus the global one."""
-        return {"size": {"longest_edge": 2 * TINY_TILE}, "max_image_size": {"longest_edge": TINY_TILE},
-                "do_image_splitting": True, "image_mean": SIGLIP_MEAN, "image_std": SIGLIP_STD}
-
     def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+        """One-block SigLIP-style tower on 64 px sub-images, shuffled by 2, over a Llama text model; images
+        resized to at most 128 px and split into 64 px sub-images (up to 2x2) plus the global one."""
         tiny.add_tokens(tokenizer, LAYOUT_TOKENS)
-        config = Idefics3Config(**self.tiny_config_kwargs(tokenizer, layers))
-        processor = Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**self.tiny_image_processor_kwargs()),
-                                      tokenizer=tokenizer, image_seq_len=TINY_IMAGE_SEQ_LEN)
-        return Idefics3ForConditionalGeneration(config), processor
+        model_class = self.transformers_class()
+        config = model_class.config_class(
+            vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                           "num_attention_heads": 4, "image_size": TINY_TILE, "patch_size": TINY_PATCH},
+            text_config=tiny.llama_text_config(tokenizer, layers), scale_factor=TINY_SCALE,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=tokenizer.pad_token_id)
+        image_processor = self.image_processor_class(
+            size={"longest_edge": 2 * TINY_TILE}, max_image_size={"longest_edge": TINY_TILE},
+            do_image_splitting=True, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+        processor = self.processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                         image_seq_len=TINY_IMAGE_SEQ_LEN)
+        return model_class(config), processor
 
     # Published sizes ----------------------------------------------------------------------------------
     def published_config(self) -> Idefics3Config:
@@ -102,9 +96,11 @@ class Idefics3(Family):
         return n_sub_images * (vision.image_size // vision.patch_size) ** 2 // config.scale_factor ** 2
 
     def published_processor(self, tokenizer: Any) -> ProcessorMixin:
-        """Idefics3's image settings: longest edge 4 x 364 px, 364 px sub-images, 169 tokens each."""
+        """The checkpoints' image settings: longest edge 4 sub-images, `published_image_seq_len` tokens each."""
         tiny.add_tokens(tokenizer, LAYOUT_TOKENS)
-        image_processor = Idefics3ImageProcessorPil(
-            size={"longest_edge": 4 * 364}, max_image_size={"longest_edge": 364}, do_image_splitting=True,
+        side = self.published_sub_image
+        image_processor = self.image_processor_class(
+            size={"longest_edge": 4 * side}, max_image_size={"longest_edge": side}, do_image_splitting=True,
             image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
-        return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=169)
+        return self.processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                                    image_seq_len=self.published_image_seq_len)

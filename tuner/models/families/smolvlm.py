@@ -10,17 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import (
-    PreTrainedModel,
-    ProcessorMixin,
-    SmolVLMConfig,
-    SmolVLMForConditionalGeneration,
-    SmolVLMProcessor,
-)
+from transformers import ProcessorMixin, SmolVLMConfig, SmolVLMProcessor
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from tuner.models.families import register_family, tiny
-from tuner.models.families.idefics3 import LAYOUT_TOKENS, SIGLIP_MEAN, SIGLIP_STD, TINY_IMAGE_SEQ_LEN, Idefics3
+from tuner.models.families import register_family
+from tuner.models.families.idefics3 import Idefics3
 
 
 class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
@@ -49,7 +43,9 @@ class SmolVLM(Idefics3):
     name = "smolvlm"
     model_types = ("smolvlm",)
     class_names = ("SmolVLMForConditionalGeneration",)
-    image_only_processor = ImageOnlySmolVLMProcessor
+    image_only_processor = processor_class = ImageOnlySmolVLMProcessor
+    image_processor_class = SmolVLMImageProcessorPil
+    published_sub_image, published_image_seq_len = 384, 81
     hub_id = "HuggingFaceTB/SmolVLM2-2.2B-Instruct"
     search_space = "smolvlm.yaml"
 
@@ -60,15 +56,6 @@ class SmolVLM(Idefics3):
     def processor_images(self, images: Sequence[Sequence[Any]]) -> list[list[Any]]:
         """One list per prompt: SmolVLM's processor reads a flat list as all the images of a single prompt."""
         return [list(row) for row in images]
-
-    def tiny(self, tokenizer: Any, layers: int) -> tuple[PreTrainedModel, ProcessorMixin]:
-        """The Idefics3 tiny sizes under SmolVLM's classes."""
-        tiny.add_tokens(tokenizer, LAYOUT_TOKENS)
-        config = SmolVLMConfig(**self.tiny_config_kwargs(tokenizer, layers))
-        image_processor = SmolVLMImageProcessorPil(**self.tiny_image_processor_kwargs())
-        processor = ImageOnlySmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                              image_seq_len=TINY_IMAGE_SEQ_LEN)
-        return SmolVLMForConditionalGeneration(config), processor
 
     def published_config(self) -> SmolVLMConfig:
         """HuggingFaceTB/SmolVLM2-2.2B-Instruct: SigLIP so400m at 384 px (27 blocks), scale 3, SmolLM2-1.7B."""
@@ -81,11 +68,3 @@ class SmolVLM(Idefics3):
                          "rope_parameters": {"rope_type": "default", "rope_theta": 130000.0}},
             scale_factor=3, image_token_id=49190, pad_token_id=2, tie_word_embeddings=False,
         )
-
-    def published_processor(self, tokenizer: Any) -> ProcessorMixin:
-        """SmolVLM2's image settings: longest edge 4 x 384 px, 384 px sub-images, 81 tokens each."""
-        tiny.add_tokens(tokenizer, LAYOUT_TOKENS)
-        image_processor = SmolVLMImageProcessorPil(
-            size={"longest_edge": 4 * 384}, max_image_size={"longest_edge": 384}, do_image_splitting=True,
-            image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
-        return ImageOnlySmolVLMProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=81)
