@@ -25,6 +25,11 @@ from tuner.transformers_compat import build_mask
 VISION_ID_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
 
+def chatml_user_turn(content: str) -> str:
+    """One ChatML user turn holding `content`, ending where the assistant's answer starts (Qwen2-based models)."""
+    return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
 @dataclass(frozen=True)
 class PrunedPrefill:
     """How the current prefill was pruned, as the extra hooks of a family need it.

@@ -23,7 +23,7 @@ from transformers import (
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.base import Family
+from tuner.models.families.base import Family, chatml_user_turn
 from tuner.models.families.qwen2_vl import ImageOnlyProcessorMixin
 
 # The named tokens InternVLProcessor reads from its tokenizer (`tokenizer.start_image_token`, ...).
@@ -72,8 +72,7 @@ class InternVL(Family):
 
     def fallback_prompt(self, text: str, n_images: int) -> str:
         """The `-hf` chat template's user turn: one `<IMG_CONTEXT>` line per image, ChatML."""
-        images = f"{self.image_placeholder}\n" * n_images
-        return f"<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"
+        return chatml_user_turn(f"{self.image_placeholder}\n" * n_images + text)
 
     def row_images(self, batch: BatchFeature, row: int) -> dict[str, torch.Tensor]:
         """Tiles are concatenated over images; row r's tiles follow from its share of the image tokens.

@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.base import Family
+from tuner.models.families.base import Family, chatml_user_turn
 from tuner.models.families.grids import ImageGrids, grids_from_runs, merge_grids, place_layouts
 from tuner.models.families.llava_next import anyres_layouts
 from tuner.models.families.qwen2_vl import ImageOnlyProcessorMixin
@@ -68,8 +68,7 @@ class LlavaOnevision(Family):
 
     def fallback_prompt(self, text: str, n_images: int) -> str:
         """The checkpoints' ChatML user turn, one `<image>` line per image."""
-        images = f"{self.image_placeholder}\n" * n_images
-        return f"<|im_start|>user\n{images}{text}<|im_end|>\n<|im_start|>assistant\n"
+        return chatml_user_turn(f"{self.image_placeholder}\n" * n_images + text)
 
     def image_grids(self, config: Any, kwargs: dict[str, Any], input_ids: torch.Tensor,
                     vision: torch.Tensor) -> list[ImageGrids]:

@@ -15,7 +15,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.base import Family
+from tuner.models.families.base import Family, chatml_user_turn
 from tuner.models.families.grids import ImageGrids, Layout, merge_grids, place_layouts
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -60,7 +60,7 @@ class QwenFamily(Family):
     tiny_image_sizes = ((252, 196), (168, 140))
 
     def fallback_prompt(self, text: str, n_images: int) -> str:
-        return f"<|im_start|>user\n{QWEN_IMAGE * n_images}{text}<|im_end|>\n<|im_start|>assistant\n"
+        return chatml_user_turn(QWEN_IMAGE * n_images + text)
 
     def row_images(self, batch: BatchFeature, row: int) -> dict[str, torch.Tensor]:
         """Patches are concatenated over images: row r's are the r-th block of `image_grid_thw` products."""
