@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    BatchFeature,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3Processor,
@@ -73,7 +72,6 @@ class Gemma3(Family):
     image_placeholder = IMAGE_TOKENS["boi_token"]
     hub_id = "google/gemma-3-4b-it"
     search_space = "gemma3.yaml"
-    tiny_image_sizes = ((160, 120), (120, 160))
 
     # -- prompts ------------------------------------------------------------------------------------
     def processor_images(self, images: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -147,9 +145,6 @@ class Gemma3(Family):
         processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                     image_seq_length=TINY_TOKENS_PER_IMAGE)
         return Gemma3ForConditionalGeneration(config), processor
-
-    def row_images(self, batch: BatchFeature, row: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": batch["pixel_values"][row:row + 1]}
 
     # -- published sizes ----------------------------------------------------------------------------
     def published_config(self) -> Gemma3Config:
