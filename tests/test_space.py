@@ -10,7 +10,7 @@ import optuna
 import pytest
 import yaml
 
-from tuner.space import PAPER_DEFAULT, SearchSpace, SpaceError, load_space, parse_space
+from tuner.space import PAPER_DEFAULT, Constraints, SearchSpace, SpaceError, load_space, parse_space
 
 SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
 MINIMAL = {"model": "m", "tasks": ["dart_shapes"], "methods": ["dart", "random"], "layer": {"low": 1, "high": 3},
@@ -231,3 +231,15 @@ def test_pdrop_schedules_round_trip_through_a_study() -> None:
     config = shared.suggest(optuna.trial.FixedTrial({"method": "pdrop", "pdrop_layer_0": 2, "pdrop_layer_1": 4,
                                                      "pdrop_keep_ratio": 0.5}))
     assert schedule_text(config) == "fastv@2:0.5>4:0.5"
+
+
+def test_accuracy_floor_is_the_higher_floor_and_asks_for_the_baseline_only_when_relative() -> None:
+    """The one rule `Tuner` (early stopping) and `bench-search` (the hypervolume's reference) share."""
+    def no_baseline() -> float:
+        raise AssertionError("the baseline is not needed without a relative floor")
+
+    assert Constraints().accuracy_floor(no_baseline) is None
+    assert Constraints(min_accuracy=0.6, max_prefill_ms=10.0).accuracy_floor(no_baseline) == 0.6
+    assert Constraints(min_relative_accuracy=0.9).accuracy_floor(lambda: 0.8) == pytest.approx(0.72)
+    assert Constraints(min_accuracy=0.7, min_relative_accuracy=0.9).accuracy_floor(lambda: 0.7) == 0.7
+    assert Constraints(min_accuracy=0.7, min_relative_accuracy=0.9).accuracy_floor(lambda: 1.0) == pytest.approx(0.9)

@@ -8,6 +8,7 @@ The method `pdrop` is a shape, not a method: PyramidDrop-style schedules, FastV 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,14 @@ class Constraints:
     min_accuracy: float | None = None
     min_relative_accuracy: float | None = None
     max_prefill_ms: float | None = None
+
+    def accuracy_floor(self, baseline_accuracy: Callable[[], float]) -> float | None:
+        """The lowest accuracy allowed: the higher of the absolute and relative floors (None without either).
+        `baseline_accuracy` is called only when a relative floor needs it."""
+        floors = [self.min_accuracy] if self.min_accuracy is not None else []
+        if self.min_relative_accuracy is not None:
+            floors.append(self.min_relative_accuracy * baseline_accuracy())
+        return max(floors, default=None)
 
 
 @dataclass(frozen=True)

@@ -181,11 +181,7 @@ class Tuner:
 
     def accuracy_floor(self) -> float | None:
         """The lowest accuracy the space's constraints allow (the higher of its absolute and relative floors)."""
-        c = self.space.constraints
-        floors = [c.min_accuracy] if c.min_accuracy is not None else []
-        if c.min_relative_accuracy is not None:
-            floors.append(c.min_relative_accuracy * self.baseline_accuracy())
-        return max(floors, default=None)
+        return self.space.constraints.accuracy_floor(self.baseline_accuracy)
 
     def _evaluate(self, config: PruningConfig | None) -> EvalResult:
         """Accuracy on the subset; with the space's `early_stopping`, in chunks, stopping a pruned configuration as

@@ -88,11 +88,8 @@ def bench_search(
 
 def _floor(space: SearchSpace, baseline_accuracy: float) -> float:
     """The study's accuracy floor, as `Tuner.accuracy_floor` computes it (0 without an accuracy constraint)."""
-    c = space.constraints
-    floors = [c.min_accuracy] if c.min_accuracy is not None else []
-    if c.min_relative_accuracy is not None:
-        floors.append(c.min_relative_accuracy * baseline_accuracy)
-    return max(floors, default=0.0)
+    floor = space.constraints.accuracy_floor(lambda: baseline_accuracy)
+    return 0.0 if floor is None else floor
 
 
 def _grid(console: Console, space: SearchSpace, storage: str, name: str, measure: bool) -> MeasuredGrid:
