@@ -14,6 +14,9 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+from optuna._hypervolume import compute_hypervolume  # private module, but the exact 2-D sweep (optuna>=5,<6)
+
 from tuner.search_replay import MeasuredGrid, Step, replay
 from tuner.space import SearchSpace
 
@@ -25,12 +28,11 @@ def hypervolume_2d(points: Iterable[tuple[float, float]], reference: tuple[float
     """Area dominated by (accuracy, ms) points, maximising accuracy and minimising ms, bounded by `reference`
     (accuracy, ms); points at or beyond the reference on either axis add nothing."""
     ref_accuracy, ref_ms = reference
-    inside = sorted((ms, accuracy) for accuracy, ms in points if accuracy > ref_accuracy and ms < ref_ms)
-    area, best = 0.0, ref_accuracy
-    for (ms, accuracy), following in zip(inside, [*inside[1:], (ref_ms, None)]):
-        best = max(best, accuracy)
-        area += (following[0] - ms) * (best - ref_accuracy)
-    return area
+    # Optuna's exact hypervolume minimises every axis and refuses points beyond the reference: accuracy negated
+    inside = [(-accuracy, ms) for accuracy, ms in points if accuracy > ref_accuracy and ms < ref_ms]
+    if not inside:
+        return 0.0
+    return float(compute_hypervolume(np.array(inside), np.array([-ref_accuracy, ref_ms])))
 
 
 def reference_point(grid: MeasuredGrid, floor: float) -> tuple[float, float]:
