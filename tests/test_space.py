@@ -4,12 +4,14 @@ space suggests only the parameters a method uses."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
+from tuner.config import PruningConfig
 from tuner.space import PAPER_DEFAULT, Constraints, SearchSpace, SpaceError, load_space, parse_space
 
 SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
@@ -135,19 +137,25 @@ def test_relative_model_and_include_paths_resolve_next_to_the_file(tmp_path: Pat
     assert space.study == "space"
 
 
+def _random_draws(space: SearchSpace, n: int, seed: int) -> Iterator[tuple[optuna.Trial, PruningConfig]]:
+    """`n` configurations `space` suggests to a seeded random sampler, each with its trial (told once drawn)."""
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=seed))
+    for _ in range(n):
+        trial = study.ask()
+        config = space.suggest(trial)
+        study.tell(trial, [0.5, 1.0])
+        yield trial, config
+
+
 def test_pivots_are_suggested_only_for_dart() -> None:
     """Non-DART trials carrying pivot params would make TPE model parameters that did nothing."""
     space = _space(methods=["dart", "random", "pooling"])
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
     seen = set()
-    for _ in range(30):
-        trial = study.ask()
-        config = space.suggest(trial)
+    for trial, config in _random_draws(space, 30, seed=1):
         seen.add(config.method)
         assert config.method == trial.params["method"]
         assert 1 <= config.layer <= 3 and 0.1 <= config.keep_ratio <= 0.5
         assert ("n_image_pivots" in trial.params) == (config.method == "dart")
-        study.tell(trial, [0.5, 1.0])
     assert seen == {"dart", "random", "pooling"}
 
 
@@ -207,13 +215,9 @@ def test_pdrop_schedules_round_trip_through_a_study() -> None:
     space = _space(methods=["dart", "pdrop"], schedule={"layers": [{"low": 1, "high": 2}, [3, 4], 6],
                                                         "keep_ratio": {"low": 0.3, "high": 0.9}})
     assert space.max_layer() == 6
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=2))
     seen = set()
-    for _ in range(20):
-        trial = study.ask()
-        config = space.suggest(trial)
+    for trial, config in _random_draws(space, 20, seed=2):
         seen.add(config.method)
-        study.tell(trial, [0.5, 1.0])
         assert ("pdrop_layer_0" in trial.params) == (trial.params["method"] == "pdrop")
         if trial.params["method"] == "pdrop":
             assert "layer" not in trial.params and "keep_ratio" not in trial.params
