@@ -125,7 +125,12 @@ def accuracy_lower_bound(trial: FrozenTrial, confidence: float) -> float | None:
 def interval_text(trial: FrozenTrial, name: str, spec: str) -> str:
     """'[low-high]' of a stored interval in `spec` format ('' when unknown)."""
     pair = interval(trial, name)
-    return "" if pair is None else f"[{format(pair[0], spec)}-{format(pair[1], spec)}]"
+    return "" if pair is None else pair_text(*pair, spec)
+
+
+def pair_text(low: float, high: float, spec: str) -> str:
+    """'[0.61-0.83]': how every stored interval is shown, in `spec` format."""
+    return f"[{format(low, spec)}-{format(high, spec)}]"
 
 
 def versus_baseline_text(trial: FrozenTrial) -> str:
@@ -153,5 +158,5 @@ def confirmed_text(study: Any, trial: FrozenTrial) -> str:
     text = f"{numbers['prefill_ms']:.1f} ms {numbers['speedup']:.2f}x" + ("*" if numbers.get("latency_noisy") else "")
     if numbers.get("accuracy") is not None:
         low, high = numbers.get("accuracy_low"), numbers.get("accuracy_high")
-        text += f", acc {numbers['accuracy']:.3f}" + (f" [{low:.2f}-{high:.2f}]" if low is not None else "")
+        text += f", acc {numbers['accuracy']:.3f}" + (f" {pair_text(low, high, '.2f')}" if low is not None else "")
     return text
