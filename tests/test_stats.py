@@ -91,6 +91,43 @@ def test_several_tasks_average_their_means() -> None:
     groups = ["a"] * 10 + ["b"] * 2
     interval = stats.mean_interval(scores, groups)
     assert interval.value == pytest.approx((1.0 + 0.5) / 2) and interval.method == "bootstrap"
+    # resampled within each task: 'a' stays 1.0 and 'b' means 0, 0.5 or 1 (a quarter each end), so the 95% ends
+    # are (1 + 0) / 2 and (1 + 1) / 2; resampling the pooled 12 would give other values
+    assert (interval.low, interval.high) == pytest.approx((0.5, 1.0))
+
+
+def test_fractional_paired_scores_get_a_paired_bootstrap_without_p() -> None:
+    """Non-0/1 or several-task pairs: the difference of the (task-averaged) means, a seeded bootstrap of the
+    per-sample differences (a constant difference has a zero-width interval), and no McNemar p."""
+    baseline = [0.0, 0.25, 0.5, 1.0, 0.75, 0.5] * 5
+    shifted = stats.paired_difference([b + 0.125 for b in baseline], baseline)
+    assert shifted.method == "paired bootstrap" and shifted.p_value is None and shifted.improved is None
+    assert (shifted.diff, shifted.low, shifted.high) == pytest.approx((0.125, 0.125, 0.125))
+    candidate = [1.0, 0.0, 1.0, 1.0] + [1.0, 1.0]
+    grouped = stats.paired_difference(candidate, [1.0, 1.0, 0.0, 1.0] + [0.0, 1.0], ["a"] * 4 + ["b"] * 2)
+    assert grouped.method == "paired bootstrap" and grouped.p_value is None
+    assert grouped.diff == pytest.approx((0.75 - 0.75 + 1.0 - 0.5) / 2) and grouped.low <= grouped.diff <= grouped.high
+    assert stats.paired_difference(candidate, candidate[::-1], seed=1) == stats.paired_difference(
+        candidate, candidate[::-1], seed=1)
+
+
+def test_bad_input_is_a_value_error_naming_it() -> None:
+    with pytest.raises(ValueError, match="same non-zero length"):
+        stats.paired_difference([1.0, 0.0], [1.0])
+    with pytest.raises(ValueError, match="same non-zero length"):
+        stats.paired_difference([], [])
+    with pytest.raises(ValueError, match="3 labels for 2 samples"):
+        stats.mean_interval([1.0, 0.0], ["a", "a", "b"])
+    with pytest.raises(ValueError, match="no scores"):
+        stats.mean_interval([])
+    with pytest.raises(ValueError, match="no samples"):
+        stats.median_interval([])
+    with pytest.raises(ValueError, match="successes <= n"):
+        stats.wilson_interval(5, 4)
+    with pytest.raises(ValueError, match="confidence must be in"):
+        stats.mean_interval([0.25, 0.5], confidence=1.0)
+    with pytest.raises(ValueError, match="discordant counts"):
+        stats.mcnemar_exact_p(-1, 2)
 
 
 def test_one_sided_lower_bound_is_the_low_end_of_a_wider_two_sided_interval() -> None:
