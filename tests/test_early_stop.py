@@ -114,6 +114,10 @@ def test_the_dashboard_says_why_a_trial_stopped() -> None:
     """The hover gives the reason, and no interval next to the bound it reports (that interval is of its partial
     scores)."""
     from tuner.dashboard_data import trial_frame
+    from tuner.evidence import interval
 
-    hover = trial_frame(_study()).set_index("number").loc[2, "hover"]
+    study = _study()
+    hover = trial_frame(study).set_index("number").loc[2, "hover"]
     assert "stopped early: stopped after 6 of 60 documents" in hover and "95% [" not in hover
+    # the rule lives in `evidence.interval`, so every table that shows an interval keeps it
+    assert interval(study.trials[2], "accuracy") is None

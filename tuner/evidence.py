@@ -18,6 +18,7 @@ from typing import Any
 from optuna.trial import FrozenTrial
 
 from tuner import stats
+from tuner.early_stop import STOPPED_ATTR
 
 CONFIRMATION_ATTR = "confirmation"  # study attribute written by `tuner.confirm`: {"trials": {"7": {...}}, ...}
 SAMPLE_TASKS_ATTR = "sample_tasks"  # [[task, count], ...]: the task of each entry of `samples`, in order
@@ -93,7 +94,10 @@ def _finite(value: Any) -> float | None:
 
 
 def interval(trial: FrozenTrial, name: str) -> tuple[float, float] | None:
-    """A stored (low, high) pair, e.g. 'accuracy', 'prefill_ms', 'accuracy_diff' or 'speedup'; None if unknown."""
+    """A stored (low, high) pair, e.g. 'accuracy', 'prefill_ms', 'accuracy_diff' or 'speedup'; None if unknown.
+    A stopped trial's accuracy interval is of its partial scores, not of the bound it reports as accuracy: None."""
+    if name == "accuracy" and trial.user_attrs.get(STOPPED_ATTR):
+        return None
     low, high = _finite(trial.user_attrs.get(f"{name}_low")), _finite(trial.user_attrs.get(f"{name}_high"))
     return None if low is None or high is None else (low, high)
 
@@ -113,7 +117,7 @@ def indistinct_from(trial: FrozenTrial, others: Sequence[FrozenTrial]) -> list[i
 def accuracy_lower_bound(trial: FrozenTrial, confidence: float) -> float | None:
     """One-sided lower confidence bound of the trial's accuracy from its stored per-sample scores (None if
     unknown). A stopped trial's partial scores are not its accuracy: None."""
-    if trial.user_attrs.get("stopped_early"):
+    if trial.user_attrs.get(STOPPED_ATTR):
         return None
     scores = stored_scores(trial.user_attrs)
     if scores is None:

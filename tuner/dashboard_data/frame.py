@@ -41,8 +41,7 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
     lines = [f"<b>trial {row['number']}</b>: {row['label']}", f"config: {_config_text(trial)}"]
     if row["state"] == "complete":
         relative = f" ({row['relative_accuracy']:.1%} of baseline)" if not math.isnan(row["relative_accuracy"]) else ""
-        # a stopped trial's interval is of its partial scores, not of the bound it reports as accuracy
-        accuracy_ci = "" if trial.user_attrs.get("stopped_early") else interval_text(trial, "accuracy", ".3f")
+        accuracy_ci = interval_text(trial, "accuracy", ".3f")  # none for a stopped trial (`evidence.interval`)
         lines.append(f"accuracy {row['accuracy']:.3f}{' 95% ' + accuracy_ci if accuracy_ci else ''}{relative}")
         if row["role"] != "baseline":
             lines.append(f"vs baseline (paired, 95%): {versus_baseline_text(trial)}")
