@@ -49,3 +49,14 @@ def test_tpe_sees_the_whole_study():
     from tuner.samplers import _model_view
 
     assert _model_view(study, inner) is study
+
+
+def test_the_model_view_leaves_out_parameterless_trials_however_a_sampler_reads_them():
+    from tuner.samplers import _ParameterisedTrials
+
+    study = _study(optuna.samplers.RandomSampler(seed=0))
+    view = _ParameterisedTrials(study)
+    assert len(study.trials) == 5
+    for trials in (view.trials, view.get_trials(), view._get_trials(deepcopy=False)):
+        assert [t.number for t in trials] == [1, 2, 3, 4]
+    assert view.directions == study.directions  # everything else is the study's own

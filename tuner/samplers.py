@@ -104,6 +104,10 @@ class _ParameterisedTrials:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials()
+
     def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
         return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if t.params]
 
