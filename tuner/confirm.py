@@ -20,7 +20,7 @@ import optuna
 from tuner.evaluation.compare import BASELINE, measure_latency
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import load_tasks
-from tuner.evidence import CONFIRMATION_ATTR, accuracy_evidence, latency_evidence
+from tuner.evidence import CONFIRMATION_ATTR, SAMPLE_TASKS_ATTR, accuracy_evidence, latency_evidence
 from tuner.latency import speedup_spread
 from tuner.results import config_of, is_baseline, pareto_trials
 
@@ -33,7 +33,7 @@ def front_to_confirm(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def _accuracy(result: EvalResult, baseline: EvalResult | None) -> dict[str, Any]:
     scores = result.scores()
     evidence = accuracy_evidence(scores, None if baseline is None else baseline.scores()) if scores else {}
-    evidence.pop("sample_tasks", None)
+    evidence.pop(SAMPLE_TASKS_ATTR, None)
     return {"accuracy": result.accuracy, "n_samples": result.n_samples, **evidence}
 
 

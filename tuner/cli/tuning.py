@@ -10,6 +10,7 @@ from rich.console import Console
 
 from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, log_to, quiet_libraries, storage_fail
 from tuner.cli.confirming import run_confirmation
+from tuner.early_stop import STOPPED_ATTR
 from tuner.errors import DartTunerError
 from tuner.storage import DEFAULT_STORAGE
 
@@ -103,7 +104,7 @@ def tune(
             seconds = time.perf_counter() - started[0]
             started[0] = time.perf_counter()
             ran[0] += 1
-            if trial.state.name == "COMPLETE" and trial.user_attrs.get("stopped_early"):
+            if trial.state.name == "COMPLETE" and trial.user_attrs.get(STOPPED_ATTR):
                 reason = escape(trial.user_attrs.get("stop_reason", ""))
                 line = f"trial {trial.number}: {describe_trial(trial)}: [yellow]{reason}[/] (stored as infeasible)"
             elif trial.state.name == "COMPLETE":

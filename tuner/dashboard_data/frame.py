@@ -11,6 +11,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import schedule_text
+from tuner.early_stop import STOPPED_ATTR
 from tuner.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.reporting import describe_trial, latency_noise, speedup
 from tuner.results import accuracy_relative, config_of, is_baseline
@@ -54,7 +55,7 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
                      f"ratio {row['keep_ratio_achieved']:.3f})")
         lines.append(f"prefill GFLOPs {row['prefill_gflops']:.3g} ({row['flops_ratio']:.0%} of baseline), "
                      f"KV cache {row['kv_cache_mb']:.3g} MB")
-        if trial.user_attrs.get("stopped_early"):
+        if trial.user_attrs.get(STOPPED_ATTR):
             lines.append(f"stopped early: {trial.user_attrs.get('stop_reason', '')} (accuracy shown: that bound)")
         noise = latency_noise(trial)
         if noise:
