@@ -207,14 +207,16 @@ with progress_tab:
     st.caption("Hypervolume (Optuna's) of the feasible front after each trial: while it still rises the search is "
                "still finding better trade-offs; a long flat tail means more trials are unlikely to help.")
 with params_tab:
-    dart_only = st.toggle("DART trials only (adds the pivot counts)", value=False, key="dart_only")
-    params = dd.importance_params(frame, dart_only)
+    searched = sorted({column.partition(".")[0] for column in frame.columns if "." in column})
+    only = st.selectbox("Trials", ["all methods", *searched], key="importance_method",
+                        format_func=lambda m: m if m == "all methods" else f"{m} only (adds its options)")
+    params = dd.importance_params(frame, None if only == "all methods" else only)
     try:
         st.plotly_chart(importance_for(url, name, len(done), tuple(params)), key="importance")
     except (ValueError, RuntimeError) as error:
         st.info(f"Parameter importance cannot be estimated from these trials yet: {error}")
     st.plotly_chart(dd.parameter_figure(frame), key="parameters")
-    st.caption("Crosses: infeasible trials. Pivot counts exist only for DART trials.")
+    st.caption("Crosses: infeasible trials. A method's options exist only in that method's trials.")
 with compare_tab:
     others = [c.name for c in choices if c.name != name]
     if not others:

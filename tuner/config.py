@@ -13,8 +13,6 @@ from typing import Any
 
 from tuner.method_catalog import method_class
 
-PIVOT_ORDERS = ("reference", "rank", "position")  # how DART visits its pivots (DART.md §3)
-
 
 @dataclass(frozen=True)
 class Stage:
@@ -43,19 +41,20 @@ class PruningConfig:
 
     `layer` is K: layers 0..K-1 see every token, layers K.. only the kept ones (K >= 1). Give either
     `keep_ratio` (fraction of each row's vision tokens, in (0, 1]) or `budget` (vision tokens per row);
-    `keep_all` needs neither. `options` holds method-specific settings, checked by the method itself.
+    `keep_all` needs neither. `options` are the method's own settings (DART's pivots, FastV's alpha, ...): the
+    names and values its `option_specs` declare; construction checks them and fills in every default, so
+    `config.options` always holds all of the method's options.
     `require_vision=False` lets prompts without any vision token pass through unpruned.
     `stages` are later stages at strictly increasing layers above K; a stage's `keep_ratio` is a share of the
-    vision tokens the previous stage kept. The pivot counts and the seed are shared by every stage.
+    vision tokens the previous stage kept. The seed is shared by every stage; a stage without a method of its
+    own inherits this configuration's options (see `stage_config`).
+    Configurations stored before options held DART's pivots (schema 1) are read by `tuner.config_schema`.
     """
 
     method: str = "dart"
     layer: int = 2
     keep_ratio: float | None = None
     budget: int | None = None
-    n_image_pivots: int = 4
-    n_text_pivots: int = 4
-    pivot_order: str = "reference"
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     require_vision: bool = True
@@ -74,16 +73,10 @@ class PruningConfig:
             object.__setattr__(self, "keep_ratio", float(self.keep_ratio))
         if self.budget is not None:
             _check_int("budget", self.budget, low=1)
-        _check_int("n_image_pivots", self.n_image_pivots, low=0)
-        _check_int("n_text_pivots", self.n_text_pivots, low=0)
-        if self.n_image_pivots + self.n_text_pivots < 1:
-            raise ValueError("n_image_pivots + n_text_pivots must be >= 1")
-        if self.pivot_order not in PIVOT_ORDERS:
-            raise ValueError(f"pivot_order must be one of {PIVOT_ORDERS}, got {self.pivot_order!r}")
         _check_int("seed", self.seed, low=0)
-        if not isinstance(self.options, dict):
-            raise ValueError(f"options must be a dict, got {type(self.options).__name__}")
-        object.__setattr__(self, "options", dict(self.options))
+        if not isinstance(self.options, Mapping):
+            raise ValueError(f"options must be a mapping of {self.method} options, got {type(self.options).__name__}")
+        object.__setattr__(self, "options", method_cls.resolve_options(dict(self.options)))
         method_cls.validate(self)
         object.__setattr__(self, "stages", _as_stages(self.stages))
         previous = self.layer
@@ -147,6 +140,24 @@ def schedule_text(config: PruningConfig) -> str:
         parts.append(f"{stage.method + '@' if stage.method != previous else ''}{stage.layer}:{amount}")
         previous = stage.method
     return ">".join(parts)
+
+
+def options_text(config: PruningConfig) -> str:
+    """The options worth a one-line description, 'n_image_pivots=4 n_text_pivots=4': those a search draws by
+    default (their spec has a `search` range) or set away from their default; a schedule lists each stage's
+    distinct text once ('' when there is nothing to show)."""
+    texts = []
+    for stage in config.stage_configs():
+        specs = method_class(stage.method).option_specs
+        text = " ".join(f"{name}={_value_text(value)}" for name, value in stage.options.items()
+                        if specs[name].search is not None or value != specs[name].default)
+        if text and text not in texts:
+            texts.append(text)
+    return "; ".join(texts)
+
+
+def _value_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else "null" if value is None else str(value)
 
 
 def as_pruning_config(value: Any) -> PruningConfig:

@@ -1,11 +1,14 @@
 """Preset files: a `PruningConfig` with the metrics it was chosen on and where they were measured (YAML).
 
 ```yaml
-schema_version: 1
-config: {method: dart, layer: 2, keep_ratio: 0.25, n_image_pivots: 4, n_text_pivots: 4, ...}
+schema_version: 2
+config: {method: dart, layer: 2, keep_ratio: 0.25, options: {n_image_pivots: 4, n_text_pivots: 4, ...}, ...}
 metrics: {accuracy: 0.91, prefill_ms_median: 41.2, ...}      # optional
 provenance: {model_id: ..., family: ..., torch: ..., ...}    # optional
 ```
+
+`schema_version` is the schema of `config` (`tuner.config_schema`): version 1 presets, with DART's pivots as
+top-level config keys, still load.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from tuner.config import PruningConfig
+from tuner.config_schema import CONFIG_SCHEMA, LEGACY_FIELDS, config_from_data
 from tuner.errors import DartTunerError
 from tuner.yaml_files import read_yaml
 
 if TYPE_CHECKING:
     import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = CONFIG_SCHEMA  # written; every version from 1 up to it is read
 _TOP_LEVEL_KEYS = {"schema_version", "config", "metrics", "provenance"}
 
 
@@ -96,16 +100,18 @@ def save_preset(preset: Preset, path: str | Path) -> Path:
     return path
 
 
-def config_from_dict(data: Any, where: str) -> PruningConfig:
-    """A PruningConfig from plain data, with errors naming `where` and the bad key."""
+def config_from_dict(data: Any, where: str, schema: int = SCHEMA_VERSION) -> PruningConfig:
+    """A PruningConfig from plain data of schema `schema`, with errors naming `where` and the bad key."""
     if not isinstance(data, dict):
         raise PresetError(f"{where}: 'config' must be a mapping of PruningConfig fields, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(PruningConfig)}
+    known = {f.name for f in dataclasses.fields(PruningConfig)} | (set(LEGACY_FIELDS) if schema == 1 else set())
     unknown = sorted(set(data) - known)
     if unknown:
-        raise PresetError(f"{where}: unknown config key(s) {unknown}; known: {sorted(known)}")
+        hint = (f" (schema {schema}: {', '.join(k for k in unknown if k in LEGACY_FIELDS)} belong in "
+                f"options)" if set(unknown) & set(LEGACY_FIELDS) else "")
+        raise PresetError(f"{where}: unknown config key(s) {unknown}; known: {sorted(known)}{hint}")
     try:
-        return PruningConfig(**data)
+        return config_from_data(data, schema)
     except (ValueError, TypeError) as error:
         raise PresetError(f"{where}: invalid config: {error}") from error
 
@@ -130,7 +136,7 @@ def load_preset(path: str | Path) -> Preset:
     for key in ("metrics", "provenance"):
         if not isinstance(data.get(key) or {}, dict):
             raise PresetError(f"preset {str(path)!r}: {key!r} must be a mapping")
-    config = config_from_dict(data["config"], f"preset {str(path)!r}")
+    config = config_from_dict(data["config"], f"preset {str(path)!r}", version)
     family = (data.get("provenance") or {}).get("family")
     if family is not None:
         from tuner.models.families import family_names
@@ -139,7 +145,7 @@ def load_preset(path: str | Path) -> Preset:
             raise PresetError(f"preset {str(path)!r} was made for model family {family!r}, which this dart-tuner "
                               f"does not know (known: {', '.join(sorted(family_names()))})")
     return Preset(config=config, metrics=dict(data.get("metrics") or {}),
-                  provenance=dict(data.get("provenance") or {}), schema_version=version)
+                  provenance=dict(data.get("provenance") or {}))  # read in any version, it is now the current one
 
 
 def _current_versions() -> dict[str, str | None]:

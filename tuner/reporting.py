@@ -8,7 +8,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from tuner.config import schedule_text
+from tuner.config import options_text, schedule_text
 from tuner.evidence import CONFIRMATION_ATTR, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.results import accuracy_relative, config_of, is_baseline, pareto_trials
 
@@ -24,34 +24,32 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def trial_label(trial: FrozenTrial) -> tuple[str, str, str, str]:
-    """(method, K, pivots, amount) of a stored trial; the baseline reads 'unpruned', a schedule '2>4' and '0.5>0.5'."""
+    """(method, K, options, amount) of a stored trial; the baseline reads 'unpruned', a schedule '2>4' and
+    '0.5>0.5'; options as `options_text` writes them ('-' for none)."""
     config = config_of(trial)
     if config is None:
         return ("unpruned" if is_baseline(trial) else "?", "-", "-", "all")
-    pivots = f"{config.n_image_pivots}+{config.n_text_pivots}" if config.method == "dart" else "-"
+    options = options_text(config) or "-"
     amount = f"{config.keep_ratio:.3g}" if config.keep_ratio is not None else (
         f"{config.budget} tok" if config.budget is not None else "all")
     if config.stages:
         stages = config.stage_configs()
         amount = ">".join(f"{s.keep_ratio:.3g}" if s.keep_ratio is not None else f"{s.budget}t" if s.budget else "all"
                           for s in stages)
-        return config.method, ">".join(str(layer) for layer in config.layers), pivots, amount
-    return config.method, str(config.layer), pivots, amount
+        return config.method, ">".join(str(layer) for layer in config.layers), options, amount
+    return config.method, str(config.layer), options, amount
 
 
 def describe_trial(trial: FrozenTrial) -> str:
-    """Method, K, pivots and amount in a few words ('unpruned baseline' for the baseline; a schedule reads
+    """Method, K, options and amount in a few words ('unpruned baseline' for the baseline; a schedule reads
     'fastv@2:0.5>4:0.5')."""
     config = config_of(trial)
     if config is None:
         return "unpruned baseline" if is_baseline(trial) else "no configuration"
+    options = options_text(config)
     if config.stages:
-        uses_dart = any(stage.method == "dart" for stage in config.stage_configs())
-        pivots = f" pivots {config.n_image_pivots}+{config.n_text_pivots}" if uses_dart else ""
-        return schedule_text(config) + pivots
-    parts = [config.method, f"K={config.layer}"]
-    if config.method == "dart":
-        parts.append(f"pivots {config.n_image_pivots}+{config.n_text_pivots}")
+        return schedule_text(config) + (f" {options}" if options else "")
+    parts = [config.method, f"K={config.layer}", *([options] if options else [])]
     if config.keep_ratio is not None:
         parts.append(f"keep {config.keep_ratio:.3g}")
     elif config.budget is not None:
@@ -104,7 +102,7 @@ def pareto_table(study: optuna.Study) -> Table:
     the front's trials each one cannot be told apart from."""
     table = Table(title=f"Pareto front of {study.study_name} (feasible trials; accuracy up, prefill down)")
     confirmation = study.user_attrs.get(CONFIRMATION_ATTR)
-    columns = ["trial", "method", "K", "pivots", "keep", "kept vision", "accuracy [95%]", "rel. acc",
+    columns = ["trial", "method", "K", "options", "keep", "kept vision", "accuracy [95%]", "rel. acc",
                "vs baseline [95%] p", "prefill ms [95%]", "speed-up", "not distinguishable from"]
     if confirmation:
         columns.append(f"confirmed ({confirmation.get('repeats')} rounds"
@@ -113,11 +111,11 @@ def pareto_table(study: optuna.Study) -> Table:
         table.add_column(column, justify="left" if column in ("method",) else "right")
     front = pareto_trials(study)
     for trial in front:
-        method, layer, pivots, amount = trial_label(trial)
+        method, layer, options, amount = trial_label(trial)
         kept = trial.user_attrs.get("kept_vision_mean")
         vision = trial.user_attrs.get("vision_mean")
         indistinct = ", ".join(f"#{n}" for n in indistinct_from(trial, front)) or "-"
-        cells = [str(trial.number), method, layer, pivots, amount, f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}",
+        cells = [str(trial.number), method, layer, options, amount, f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}",
                  with_interval(trial, "accuracy", trial.values[0], ".3f"), _fmt(accuracy_relative(trial, study), ".1%"),
                  versus_baseline_text(trial), with_interval(trial, "prefill_ms", trial.values[1], ".1f"),
                  speedup_text(trial, study), indistinct]

@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from tuner.config import PruningConfig
+from tuner.config_schema import CONFIG_SCHEMA_ATTR, config_from_data
 from tuner.errors import DartTunerError
 
 ROLE_ATTR = "role"  # user attribute of enqueued special trials: "baseline" or "paper_default"
@@ -32,9 +33,10 @@ def open_study(storage: str | optuna.storages.BaseStorage, name: str) -> optuna.
 
 
 def config_of(trial: FrozenTrial) -> PruningConfig | None:
-    """The PruningConfig a finished trial ran (None for the unpruned baseline)."""
+    """The PruningConfig a finished trial ran (None for the unpruned baseline); trials stored before
+    `config_schema` existed hold schema 1, which is upgraded on read."""
     data = trial.user_attrs.get("config")
-    return PruningConfig(**data) if data else None
+    return config_from_data(data, trial.user_attrs.get(CONFIG_SCHEMA_ATTR, 1)) if data else None
 
 
 def is_baseline(trial: FrozenTrial) -> bool:

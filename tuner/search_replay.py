@@ -14,14 +14,17 @@ import itertools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig
+from tuner.config_schema import config_attrs
 from tuner.early_stop import STOPPED_ATTR
 from tuner.errors import DartTunerError
 from tuner.guards import RepeatGuard
+from tuner.method_options import param_name
 from tuner.results import ROLE_ATTR, config_of, is_baseline
 from tuner.samplers import make_sampler
 from tuner.space import SamplerSpec, SearchSpace
@@ -74,16 +77,29 @@ def config_key(config: PruningConfig) -> str:
 
 
 def grid_configs(space: SearchSpace) -> list[PruningConfig]:
-    """Every distinct configuration of the space's grid (pivots matter only for DART)."""
+    """Every distinct configuration of the space's grid (a method's options matter only for that method)."""
     grid = space.grid()
     amount = "keep_ratio" if "keep_ratio" in grid else "budget"
     configs = {}
-    for method, layer, value, n_image, n_text in itertools.product(
-            grid["method"], grid["layer"], grid[amount], grid["n_image_pivots"], grid["n_text_pivots"]):
-        pivots = {"n_image_pivots": n_image, "n_text_pivots": n_text} if method == "dart" else {}
-        config = PruningConfig(method=method, layer=layer, **{amount: value}, **pivots)
-        configs.setdefault(config_key(config), config)
+    for method, layer, value in itertools.product(grid["method"], grid["layer"], grid[amount]):
+        names = list(space.options.get(method, {}))
+        for values in itertools.product(*(grid[param_name(method, name)] for name in names)):
+            config = PruningConfig(method=method, layer=layer, **{amount: value}, options=dict(zip(names, values)))
+            configs.setdefault(config_key(config), config)
     return list(configs.values())
+
+
+def grid_params(space: SearchSpace, config: PruningConfig) -> dict[str, Any]:
+    """A configuration as the grid sampler's trial parameters: every parameter of the grid, the other methods'
+    options at their first grid value."""
+    grid = space.grid()
+    amount = {"keep_ratio": config.keep_ratio} if config.keep_ratio is not None else {"budget": config.budget}
+    params: dict[str, Any] = {"method": config.method, "layer": config.layer, **amount}
+    for owner, options in space.options.items():
+        for name in options:
+            key = param_name(owner, name)
+            params[key] = config.options[name] if owner == config.method else grid[key][0]
+    return params
 
 
 def measured_of(trial: FrozenTrial) -> Measured:
@@ -126,8 +142,7 @@ def replay(space: SearchSpace, grid: MeasuredGrid, sampler: str, seed: int, *,
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), directions=list(DIRECTIONS),
                                 sampler=make_sampler(space))
     study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"})
-    paper = space.paper_default()
-    if paper is not None:
+    for paper in space.paper_defaults():
         study.enqueue_trial(paper, user_attrs={ROLE_ATTR: "paper_default"})
     seen: dict[str, int] = {}  # configuration key -> the complete trial that holds it
     steps: list[Step] = []
@@ -143,7 +158,8 @@ def replay(space: SearchSpace, grid: MeasuredGrid, sampler: str, seed: int, *,
         if key is not None and key not in grid.points:
             raise ReplayError(f"the measured grid has no trial for {config.to_dict()}; measure the grid again")
         measured = grid.baseline if key is None else grid.points[key]
-        trial.set_user_attr("config", config.to_dict() if config else None)
+        for name, value in config_attrs(config).items():
+            trial.set_user_attr(name, value)
         if measured.stopped:
             trial.set_user_attr(STOPPED_ATTR, True)
         for key, value in measured.constraints.items():

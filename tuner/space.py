@@ -2,12 +2,17 @@
 
 Every error names the file, the key and what is allowed, so a typo in a space fails before a model is loaded.
 A parameter is either a range (`{low: 1, high: 4}`, floats may add `log: true`) or a list of values.
-The method `pdrop` is a shape, not a method: PyramidDrop-style schedules, FastV at every layer of `schedule`.
+`options` holds each method's own parameters (`options: {dart: {n_image_pivots: {low: 1, high: 8}}}`; a list
+of option names, or null for one, takes the range the method declares); Optuna draws them as `<method>.<option>`,
+only in that method's trials. The method `pdrop` is a shape, not a method: PyramidDrop-style schedules, FastV at
+every layer of `schedule`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +21,23 @@ from typing import Any
 import optuna
 
 from tuner.config import PruningConfig
+from tuner.config_schema import LEGACY_METHOD, LEGACY_PARAMS
+from tuner.method_catalog import method_class
+from tuner.method_options import param_name
 from tuner.models.attention import ATTN_IMPLEMENTATIONS
 from tuner.models.feature_cache import DEFAULT_FEATURE_CACHE_MB
 from tuner.models.loading import DTYPES
 from tuner.pruning.registry import available_methods
-from tuner.space_params import PDROP, FloatParam, IntParam, Reader, ScheduleSpec, SpaceError, parse_schedule
+from tuner.space_params import (
+    PDROP,
+    FloatParam,
+    IntParam,
+    OptionParam,
+    Reader,
+    ScheduleSpec,
+    SpaceError,
+    parse_schedule,
+)
 from tuner.yaml_files import read_yaml
 
 # The samplers a space may name, each an Optuna class (`tuner.study.make_sampler` builds them).
@@ -28,11 +45,12 @@ SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
     "tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler, "gp": optuna.samplers.GPSampler,
     "random": optuna.samplers.RandomSampler, "grid": optuna.samplers.GridSampler}
 SAMPLERS = tuple(SAMPLER_CLASSES)
-_TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "n_image_pivots",
-              "n_text_pivots", "keep_ratio", "budget", "attn_implementation", "dtype", "device", "batch_size",
-              "constraints", "sampler", "trials", "timeout_s", "latency", "max_failures", "feature_cache_mb",
-              "early_stopping", "schedule"}
-PAPER_DEFAULT = {"method": "dart", "layer": 2, "n_image_pivots": 4, "n_text_pivots": 4}
+LEGACY_OPTION_KEYS = tuple(LEGACY_PARAMS)  # top-level keys of spaces written before `options`
+_TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "options", "keep_ratio",
+              "budget", "attn_implementation", "dtype", "device", "batch_size", "constraints", "sampler", "trials",
+              "timeout_s", "latency", "max_failures", "feature_cache_mb", "early_stopping", "schedule",
+              *LEGACY_OPTION_KEYS}
+MAX_OPTION_CHECKS = 256  # option combinations a space check tries per method (every listed value / range end)
 
 
 @dataclass(frozen=True)
@@ -75,8 +93,7 @@ class SearchSpace:
     tasks: tuple[str, ...]
     methods: tuple[str, ...]
     layer: IntParam
-    n_image_pivots: IntParam
-    n_text_pivots: IntParam
+    options: dict[str, dict[str, OptionParam]] = field(default_factory=dict)  # method -> option -> its range
     keep_ratio: FloatParam | None = None
     budget: IntParam | None = None
     include_paths: tuple[str, ...] = ()
@@ -98,9 +115,9 @@ class SearchSpace:
     schedule: ScheduleSpec | None = None
 
     def suggest(self, trial: Any) -> PruningConfig:
-        """The configuration for one trial. DART's pivot counts are only suggested for DART trials and a schedule's
-        parameters for `pdrop` trials (conditional parameters), except under the grid sampler, which needs every
-        parameter in every trial."""
+        """The configuration for one trial. A method's options are only suggested for that method's trials and a
+        schedule's parameters for `pdrop` trials (conditional parameters), except under the grid sampler, which
+        needs every parameter in every trial."""
         method = trial.suggest_categorical("method", list(self.methods))
         grid = self.sampler.name == "grid"
         if self.schedule is not None and (method == PDROP or grid):
@@ -114,19 +131,24 @@ class SearchSpace:
                 amount["keep_ratio"] = self.keep_ratio.suggest(trial, "keep_ratio")
             else:
                 amount["budget"] = self.budget.suggest(trial, "budget")
-        pivots: dict[str, int] = {}
-        if method == "dart" or grid:
-            pivots = {"n_image_pivots": self.n_image_pivots.suggest(trial, "n_image_pivots"),
-                      "n_text_pivots": self.n_text_pivots.suggest(trial, "n_text_pivots")}
-        return PruningConfig(method=method, layer=layer, **amount, **(pivots if method == "dart" else {}))
+        options: dict[str, Any] = {}
+        for owner, params in self.options.items():
+            if owner == method or grid:
+                drawn = {name: param.suggest(trial, param_name(owner, name)) for name, param in params.items()}
+                options = drawn if owner == method else options
+        return PruningConfig(method=method, layer=layer, **amount, options=options)
 
     def grid(self) -> dict[str, list]:
         """The full grid for Optuna's GridSampler (every parameter must be a list or an integer range)."""
         if set(self.methods) == {PDROP}:
             return {"method": [PDROP], **self.schedule.grid(self.source)}
-        grid: dict[str, list] = {"method": list(self.methods), "layer": self.layer.choices(),
-                                 "n_image_pivots": self.n_image_pivots.choices(),
-                                 "n_text_pivots": self.n_text_pivots.choices()}
+        grid: dict[str, list] = {"method": list(self.methods), "layer": self.layer.choices()}
+        for owner, params in self.options.items():
+            for name, param in params.items():
+                if param.choices() is None:
+                    raise SpaceError(f"{self.source}: options.{owner}.{name}: the grid sampler needs a list of "
+                                     f"values, not a float range")
+                grid[param_name(owner, name)] = param.choices()
         if self.keep_ratio is not None:
             if self.keep_ratio.values is None:
                 raise SpaceError(f"{self.source}: keep_ratio: the grid sampler needs a list of values, "
@@ -142,19 +164,36 @@ class SearchSpace:
         """The deepest layer a trial can prune at (a schedule's last stage included)."""
         return max([max(self.layer.choices()), *([self.schedule.max_layer()] if self.schedule else [])])
 
-    def paper_default(self) -> dict[str, Any] | None:
-        """DART's paper setting (K=2, 4+4 pivots) as trial params, when the space contains it."""
-        if "dart" not in self.methods or not self.layer.contains(2) or not self.n_image_pivots.contains(4) \
-                or not self.n_text_pivots.contains(4):
-            return None
-        params = dict(PAPER_DEFAULT)
-        if self.keep_ratio is not None:
-            options = self.keep_ratio.values or (max(self.keep_ratio.low, min(self.keep_ratio.high, 0.25)),)
-            params["keep_ratio"] = min(options, key=lambda v: abs(v - 0.25))
-        else:
-            choices = self.budget.choices()
-            params["budget"] = min(choices, key=lambda v: abs(v - 128))
-        return params
+    def paper_defaults(self) -> list[dict[str, Any]]:
+        """The published setting (`PruningMethod.paper_setting`, e.g. DART's K=2 with 4+4 pivots) of every method
+        of the space that declares one and that the space contains, as trial params; the amount is the space's
+        value nearest the paper's. An option the space does not search must keep the paper's value by default."""
+        found = []
+        for method in self.methods:
+            setting = None if method == PDROP else method_class(method).paper_setting
+            if setting is None or not self.layer.contains(setting.layer):
+                continue
+            searched = self.options.get(method, {})
+            defaults = method_class(method).option_defaults
+            if not all(searched[name].contains(value) if name in searched else defaults.get(name) == value
+                       for name, value in setting.options.items()):
+                continue
+            params: dict[str, Any] = {"method": method, "layer": setting.layer}
+            if self.keep_ratio is not None:
+                choices = self.keep_ratio.values or (max(self.keep_ratio.low,
+                                                         min(self.keep_ratio.high, setting.keep_ratio)),)
+                params["keep_ratio"] = min(choices, key=lambda v: abs(v - setting.keep_ratio))
+            elif self.budget is not None:
+                params["budget"] = min(self.budget.choices(), key=lambda v: abs(v - setting.budget))
+            params.update({param_name(method, name): value for name, value in setting.options.items()
+                           if name in searched})
+            found.append(params)
+        return found
+
+    def option_values(self, method: str, name: str) -> list[Any]:
+        """What option `name` of `method` can be in this space: its listed values or range ends, or its default."""
+        param = self.options.get(method, {}).get(name)
+        return param.extremes() if param is not None else [method_class(method).option_defaults[name]]
 
     def with_overrides(self, **overrides: Any) -> SearchSpace:
         """A copy with command-line overrides (None values are ignored)."""
@@ -200,10 +239,7 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         raise r.fail("layer", "is required")
     # A pdrop-only space draws no `layer`; its first stage layer stands in where a layer bound is checked.
     layer = r.int_param("layer", data["layer"], low=1) if "layer" in data else schedule.layers[0]
-    pivots = {key: r.int_param(key, data.get(key, 4), low=0) for key in ("n_image_pivots", "n_text_pivots")}
-    if min(pivots["n_image_pivots"].choices()) + min(pivots["n_text_pivots"].choices()) < 1:
-        raise r.fail("n_image_pivots", "with n_text_pivots it allows 0 + 0 pivots; DART needs at least one "
-                                       "(raise one of the lower bounds to 1)")
+    method_options = _parse_options(r, data, methods)
     if ("keep_ratio" in data) == ("budget" in data) and any(m not in ("keep_all", PDROP) for m in methods):
         raise r.fail("keep_ratio", "give exactly one of keep_ratio and budget")
     keep_ratio = r.float_param("keep_ratio", data["keep_ratio"]) if "keep_ratio" in data else None
@@ -261,8 +297,7 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         model = str((base / model).resolve())  # relative to the space file, like lmms-eval's data_files
     space = SearchSpace(
         study=str(data.get("study") or Path(source).stem), model=model, tasks=tuple(tasks), methods=tuple(methods),
-        layer=layer, n_image_pivots=pivots["n_image_pivots"], n_text_pivots=pivots["n_text_pivots"],
-        keep_ratio=keep_ratio, budget=budget,
+        layer=layer, options=method_options, keep_ratio=keep_ratio, budget=budget,
         include_paths=tuple(str((base / p).resolve()) if not Path(p).is_absolute() else p for p in include),
         subset_size=size, subset_seed=int(subset.get("seed", 0)),
         attn_implementation=r.choice("attn_implementation", data.get("attn_implementation", "auto"),
@@ -273,9 +308,70 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         constraints=Constraints(**constraints), sampler=SamplerSpec(sampler_name, sampler.get("seed", 0), options),
         trials=trials, timeout_s=timeout, latency=LatencySpec(**latency), early_stop_chunk=early.get("chunk_size"),
         source=source, schedule=schedule)
+    _check_option_combinations(r, space)
     if sampler_name == "grid":
         space.grid()  # fails now, naming the parameter, if a range cannot be gridded
     return space
+
+
+def _parse_options(r: Reader, data: dict[str, Any], methods: list[str]) -> dict[str, dict[str, OptionParam]]:
+    """The `options` section: per listed method, its searched options (a mapping of ranges, or a list of names
+    taking the method's default ranges). Spaces from before `options` wrote DART's pivot counts at the top level;
+    they are read into `options.dart`, with a FutureWarning."""
+    section = data.get("options")
+    if section is not None and not isinstance(section, dict):
+        raise r.fail("options", f"must be a mapping of method name -> its options, got {type(section).__name__}")
+    section = dict(section or {})
+    legacy = {key: data[key] for key in LEGACY_OPTION_KEYS if key in data}
+    if legacy:
+        warnings.warn(f"{r.source}: top-level {', '.join(legacy)} are deprecated; write them under "
+                      f"options: {{{LEGACY_METHOD}: ...}}", FutureWarning, stacklevel=4)
+        if LEGACY_METHOD in methods:
+            own = section.get(LEGACY_METHOD) or {}
+            if isinstance(own, list):
+                own = dict.fromkeys(own)
+            if not isinstance(own, dict):
+                raise r.fail(f"options.{LEGACY_METHOD}", f"must be a mapping or a list of option names, got {own!r}")
+            clash = sorted(set(legacy) & set(own))
+            if clash:
+                raise r.fail(clash[0], f"is given both at the top level and under options.{LEGACY_METHOD}")
+            section[LEGACY_METHOD] = {**legacy, **own}
+    parsed: dict[str, dict[str, OptionParam]] = {}
+    for method, spec in section.items():
+        key = f"options.{method}"
+        if method not in methods or method == PDROP:
+            raise r.fail(key, f"{method!r} is not a method of this space (methods: {', '.join(methods)})")
+        specs = method_class(method).option_specs
+        if isinstance(spec, list):
+            spec = dict.fromkeys(spec)
+        if not isinstance(spec, dict):
+            raise r.fail(key, f"must map option names to ranges, or list option names, got {spec!r}")
+        unknown = sorted(str(name) for name in set(spec) - set(specs))
+        if unknown:
+            raise r.fail(key, f"unknown option(s) {unknown}; {method} takes: {', '.join(sorted(specs)) or 'none'}")
+        parsed[method] = {name: r.option_param(f"{key}.{name}", value, specs[name]) for name, value in spec.items()}
+    return parsed
+
+
+def _check_option_combinations(r: Reader, space: SearchSpace) -> None:
+    """Build each method's configuration at every combination of its options' listed values and range ends, so a
+    space whose options cannot go together (DART with 0 + 0 pivots) fails before any trial."""
+    amount: dict[str, Any] = {}
+    if space.keep_ratio is not None:
+        amount["keep_ratio"] = (space.keep_ratio.values or (space.keep_ratio.low,))[0]
+    elif space.budget is not None:
+        amount["budget"] = space.budget.choices()[0]
+    for method, params in space.options.items():
+        names = list(params)
+        combinations = itertools.islice(itertools.product(*(params[n].extremes() for n in names)), MAX_OPTION_CHECKS)
+        for values in combinations:
+            options = dict(zip(names, values))
+            try:
+                PruningConfig(method=method, layer=min(space.layer.choices()),
+                              **({} if method == "keep_all" else amount), options=options)
+            except ValueError as error:
+                raise r.fail(f"options.{method}", f"the space allows {options}, which is not a valid {method} "
+                                                  f"configuration: {error}") from None
 
 
 def load_space(path: str | Path) -> SearchSpace:

@@ -11,6 +11,7 @@ from typing import Any
 
 from tuner.config import PruningConfig, Stage
 from tuner.errors import DartTunerError
+from tuner.method_options import Option
 
 PDROP = "pdrop"  # a `methods` entry: a schedule from `schedule`, each stage scored like FastV at its own layer
 PDROP_METHOD = "fastv"
@@ -57,6 +58,40 @@ class FloatParam:
     def suggest(self, trial: Any, name: str) -> float:
         if self.values is not None:
             return trial.suggest_categorical(name, list(self.values))
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+@dataclass(frozen=True)
+class OptionParam:
+    """The search range of one method option: numbers in [low, high] (a float range optionally log-uniform), or a
+    list of values of any kind the option takes (strings, booleans, null)."""
+
+    kind: type | None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    values: tuple[Any, ...] | None = None
+
+    def choices(self) -> list[Any] | None:
+        """Every value, or None for a float range (which cannot be enumerated)."""
+        if self.values is not None:
+            return list(self.values)
+        return list(range(int(self.low), int(self.high) + 1)) if self.kind is int else None
+
+    def contains(self, value: Any) -> bool:
+        if self.values is not None:
+            return any(value == v and type(value) is type(v) for v in self.values)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def extremes(self) -> list[Any]:
+        """The values a space check tries: every listed value, or both ends of a range."""
+        return list(self.values) if self.values is not None else list(dict.fromkeys((self.low, self.high)))
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        if self.values is not None:
+            return trial.suggest_categorical(name, list(self.values))
+        if self.kind is int:
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(name, self.low, self.high, log=self.log)
 
 
@@ -168,6 +203,44 @@ class Reader:
         if not isinstance(log, bool):
             raise self.fail(f"{key}.log", f"must be true or false, got {log!r}")
         return FloatParam(low=lo, high=hi, log=log)
+
+    def option_param(self, key: str, value: Any, spec: Option) -> OptionParam:
+        """A method option's range from the space: `{low, high[, log]}`, a list of values, one value, or null (the
+        option's default search range, `spec.search`, else all its `choices`). Every value must be one it takes."""
+        if value is None:
+            if spec.search is None and spec.choices is None:
+                raise self.fail(key, "this option has no default search range; give {low: .., high: ..} or a list "
+                                     "of values")
+            value = spec.search if spec.search is not None else list(spec.choices)
+        if isinstance(value, list):
+            if not value:
+                raise self.fail(key, "the list of values is empty")
+            values = tuple(self._option_value(f"{key}[{i}]", v, spec) for i, v in enumerate(value))
+            return OptionParam(spec.kind, values=tuple(dict.fromkeys(values)))
+        if not isinstance(value, dict):
+            return OptionParam(spec.kind, values=(self._option_value(key, value, spec),))
+        if spec.kind not in (int, float) or spec.choices is not None:
+            raise self.fail(key, f"a range needs a numeric option; this one takes {spec.describe()}: give a list")
+        spec_map = self.mapping(key, value, {"low", "high", "log"})
+        if not {"low", "high"} <= set(spec_map):
+            raise self.fail(key, "a range needs both low and high (or give a list of values)")
+        lo, hi = (self._option_value(f"{key}.{end}", spec_map[end], spec) for end in ("low", "high"))
+        if lo is None or hi is None:
+            raise self.fail(key, "a range needs numbers at both ends (list null among values instead)")
+        if lo > hi:
+            raise self.fail(key, f"low ({lo}) is above high ({hi})")
+        log = spec_map.get("log", False)
+        if not isinstance(log, bool):
+            raise self.fail(f"{key}.log", f"must be true or false, got {log!r}")
+        if log and lo <= 0:
+            raise self.fail(f"{key}.log", f"a log range needs low > 0, got {lo}")
+        return OptionParam(spec.kind, low=lo, high=hi, log=log)
+
+    def _option_value(self, key: str, value: Any, spec: Option) -> Any:
+        try:
+            return spec.check(key, value)
+        except ValueError as error:
+            raise SpaceError(f"{self.source}: {error}") from None
 
 
 def parse_schedule(r: Reader, value: Any) -> ScheduleSpec:

@@ -25,6 +25,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig, check_layer
+from tuner.config_schema import config_attrs
 from tuner.early_stop import STOPPED_ATTR, best_reachable_accuracy, bound_applies, progress_of, stop_check_for
 from tuner.errors import DartTunerError
 from tuner.evaluation.compare import BASELINE, latency_inputs, measure_latency, vision_counts
@@ -33,11 +34,13 @@ from tuner.evaluation.tasks import PreparedTask, load_tasks
 from tuner.evidence import accuracy_evidence, latency_evidence, stored_scores
 from tuner.guards import FailureGuard, RepeatGuard
 from tuner.latency import speedup_spread
+from tuner.method_catalog import method_class
 from tuner.models.feature_cache import CacheStats, FeatureCache
 from tuner.models.loading import LoadedModel, load_model
 from tuner.results import ROLE_ATTR, config_of, is_baseline
 from tuner.samplers import make_sampler
 from tuner.space import SearchSpace, SpaceError
+from tuner.space_params import PDROP
 from tuner.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, open_for_tuning
 from tuner.study_provenance import ProvenanceMismatch, provenance_differences, provenance_of
 
@@ -103,13 +106,16 @@ class Tuner:
         """Refuse, before any trial, a space whose budgets or image pivots exceed the vision tokens of the prompt
         every trial's latency is measured on: such trials keep every token (or cannot pick their pivots)."""
         where = f"the {n_vision} vision tokens of the latency prompt ({self.tasks[0].name}, first document)"
-        checks = [("budget", self.space.budget)]
-        if "dart" in self.space.methods:
-            checks.append(("n_image_pivots", self.space.n_image_pivots))
-        for key, param in checks:
-            if param is not None and max(param.choices()) > n_vision:
-                raise SpaceError(f"{self.space.source}: {key}: the space allows up to {max(param.choices())}, "
-                                 f"more than {where}")
+        checks = [("budget", max(self.space.budget.choices()))] if self.space.budget is not None else []
+        for method in self.space.methods:  # options bounded by the vision tokens (DART's image pivots)
+            specs = {} if method == PDROP else method_class(method).option_specs
+            for name, spec in specs.items():
+                values = [v for v in self.space.option_values(method, name) if v is not None]
+                if spec.vision_bound and values:
+                    checks.append((f"options.{method}.{name}", max(values)))
+        for key, largest in checks:
+            if largest > n_vision:
+                raise SpaceError(f"{self.space.source}: {key}: the space allows up to {largest}, more than {where}")
 
     def _check_provenance(self, allow_mixed: bool) -> None:
         stored = self.study.user_attrs.get("provenance")
@@ -142,8 +148,7 @@ class Tuner:
         # Two workers starting at once may both get here: skip_if_exists narrows the race and objective() prunes
         # a baseline that another worker already runs, so a study never holds two.
         self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"}, skip_if_exists=True)
-        paper = self.space.paper_default()
-        if paper is not None:
+        for paper in self.space.paper_defaults():
             self.study.enqueue_trial(paper, user_attrs={ROLE_ATTR: "paper_default"}, skip_if_exists=True)
 
     # -- one trial ------------------------------------------------------------------------------------------
@@ -213,7 +218,7 @@ class Tuner:
         base_timing, base_cost = measured[BASELINE]
         spread = speedup_spread(base_timing.prefill, timing.prefill)
         attrs: dict[str, Any] = {
-            "config": config.to_dict() if config else None,
+            **config_attrs(config),
             "accuracy": result.accuracy, "metrics": result.metrics, "n_samples": result.n_samples,
             "accuracy_by_category": result.accuracy_by_category(), **result.kept_vision_stats(),
             "prefill_ms": timing.prefill.median_ms, "prefill_iqr_ms": timing.prefill.iqr_ms,

@@ -93,6 +93,24 @@ def interruptible(command: Callable[..., None]) -> Callable[..., None]:
     return run
 
 
+def options_for(method: str, options: dict[str, object], methods: list[str]) -> dict[str, object]:
+    """The `--option`s that apply to `method`: 'method.key' ones, and plain keys the method declares. A plain key
+    that none of `methods` declares, or a 'method.key' for a method not among them, is a ValueError."""
+    from tuner.method_catalog import method_class
+
+    mine: dict[str, object] = {}
+    for key, value in options.items():
+        owner, dot, name = key.rpartition(".")
+        if dot and owner not in methods:
+            raise ValueError(f"--option {key}: {owner!r} is not one of the --method values ({', '.join(methods)})")
+        if not dot and not any(key in method_class(m).option_specs for m in methods):
+            raise ValueError(f"--option {key}: no --method takes it; their options: " + "; ".join(
+                f"{m}: {', '.join(method_class(m).option_specs) or 'none'}" for m in methods))
+        if (dot and owner == method) or (not dot and key in method_class(method).option_specs):
+            mine[name if dot else key] = value
+    return mine
+
+
 def parse_options(pairs: list[str]) -> dict[str, object]:
     """`--option key=value` pairs as a dict; values parsed as YAML scalars (numbers, booleans, strings)."""
     import yaml

@@ -9,7 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, parse_options, quiet_libraries
+from tuner.cli.common import (
+    app,
+    fail,
+    hide_library_progress_bars,
+    interruptible,
+    options_for,
+    parse_options,
+    quiet_libraries,
+)
 from tuner.errors import DartTunerError
 from tuner.tiny.recipe import TrainConfig
 
@@ -69,9 +77,10 @@ def eval_command(
     keep_ratio: list[float] = typer.Option([], help="Fraction of vision tokens kept, in (0, 1]. Repeat to compare "
                                                     "several (every method x every ratio)."),
     budget: int | None = typer.Option(None, help="Vision tokens kept per image prompt (instead of --keep-ratio)."),
-    image_pivots: int = typer.Option(4, help="DART image pivots."),
-    text_pivots: int = typer.Option(4, help="DART text pivots."),
-    option: list[str] = typer.Option([], help="Method option key=value (repeatable)."),
+    image_pivots: int | None = typer.Option(None, help="Shorthand for --option dart.n_image_pivots=N."),
+    text_pivots: int | None = typer.Option(None, help="Shorthand for --option dart.n_text_pivots=N."),
+    option: list[str] = typer.Option([], help="Method option key=value (repeatable): set for every --method that "
+                                              "has it, or method.key=value for one method."),
     limit: int | None = typer.Option(None, min=1, help="Documents per task: a seeded subset, stratified by "
                                                        "category (not a prefix)."),
     seed: int = typer.Option(0, help="Seed of the subset."),
@@ -103,11 +112,11 @@ def eval_command(
         if preset is not None:
             configs = {"preset": load_preset(preset).config}
         else:
-            options = parse_options(option)
+            shorthands = {"dart.n_image_pivots": image_pivots, "dart.n_text_pivots": text_pivots}
+            options = {**parse_options(option), **{k: v for k, v in shorthands.items() if v is not None}}
             ratios: list[float | None] = list(keep_ratio) or [None]
             configs = {f"{name} {ratio}": PruningConfig(method=name, layer=layer, keep_ratio=ratio, budget=budget,
-                                                        n_image_pivots=image_pivots, n_text_pivots=text_pivots,
-                                                        options=options)
+                                                        options=options_for(name, options, method))
                        for name in method for ratio in ratios}
         from tuner.evaluation.compare import BASELINE, compare_configs
         from tuner.models import load_model

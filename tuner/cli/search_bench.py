@@ -95,7 +95,7 @@ def _floor(space: SearchSpace, baseline_accuracy: float) -> float:
 def _grid(console: Console, space: SearchSpace, storage: str, name: str, measure: bool) -> MeasuredGrid:
     """The measured grid of study `name`, measuring (through `Tuner`) the points it lacks when `measure`."""
     from tuner.results import StudyNotFound, open_study
-    from tuner.search_replay import ReplayError, config_key, grid_configs, measured_grid
+    from tuner.search_replay import ReplayError, config_key, grid_configs, grid_params, measured_grid
 
     wanted = {config_key(c) for c in grid_configs(space)}
     try:
@@ -116,7 +116,7 @@ def _grid(console: Console, space: SearchSpace, storage: str, name: str, measure
     with hide_library_progress_bars():
         tuner = Tuner(space, storage, study_name=name)
         for config in _unmeasured(tuner.study, grid_configs(space)):  # the grid sampler never retries a failed point
-            tuner.study.enqueue_trial(_grid_params(config), skip_if_exists=False)
+            tuner.study.enqueue_trial(grid_params(space, config), skip_if_exists=False)
         tuner.run(len(wanted) + 1, callbacks=[lambda study, trial: console.print(
             f"  trial {trial.number}: {trial.state.name.lower()} {trial.values or trial.user_attrs.get('failure', '')}",
             highlight=False)])
@@ -135,13 +135,6 @@ def _unmeasured(study: optuna.Study, configs: list[PruningConfig]) -> list[Pruni
         return []  # a new study: the grid sampler visits every point
     done = {config_key(config_of(t)) for t in trials if config_of(t) is not None}
     return [c for c in configs if config_key(c) not in done]
-
-
-def _grid_params(config: PruningConfig) -> dict:
-    """A configuration as the grid sampler's trial parameters (every parameter, pivots included)."""
-    amount = {"keep_ratio": config.keep_ratio} if config.keep_ratio is not None else {"budget": config.budget}
-    return {"method": config.method, "layer": config.layer, **amount, "n_image_pivots": config.n_image_pivots,
-            "n_text_pivots": config.n_text_pivots}
 
 
 def _report(console: Console, space: SearchSpace, grids: dict[str, MeasuredGrid], reference: tuple[float, float],

@@ -27,6 +27,8 @@ from tuner.dashboard_data.figures import (
     importance_figure,
     importance_params,
     parameter_figure,
+    parameter_names,
+    parameter_title,
     pareto_figure,
     reference_point,
 )
@@ -35,6 +37,7 @@ from tuner.dashboard_data.frame import (
     TRIAL_COLUMNS,
     candidate_numbers,
     method_color,
+    option_columns,
     table_of,
     trial_frame,
 )
@@ -55,7 +58,8 @@ __all__ = [
     "METHOD_COLORS", "PARAMETERS", "PARAMETER_TITLES", "STORAGE_ENV", "STUDY_COLORS", "TRIAL_COLUMNS", "X_AXES",
     "Recommendation", "StorageError", "StudyChoice", "candidate_numbers", "compare_figure", "constraints_text",
     "default_bounds", "export_rule_args", "hypervolume_figure", "importance_figure", "importance_params",
-    "is_running", "list_studies", "load_study", "method_color", "parameter_figure", "pareto_figure",
+    "is_running", "list_studies", "load_study", "method_color", "option_columns", "parameter_figure",
+    "parameter_names", "parameter_title", "pareto_figure",
     "preset_file_name", "preset_yaml", "provenance_rows", "recommend", "reference_point", "related_studies",
     "state_counts", "storage_from_argv", "table_of", "trial_frame",
 ]

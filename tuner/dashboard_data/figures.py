@@ -11,15 +11,26 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 
+from tuner.config_schema import legacy_param
 from tuner.dashboard_data.frame import method_color, trial_frame
 
 STUDY_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 X_AXES = {"prefill_ms": "measured prefill latency (ms, median)",
           "prefill_gflops": "analytic prefill GFLOPs (text model)",
           "kept_vision_mean": "kept vision tokens (mean per sample)"}
-PARAMETERS = ("keep_ratio", "budget", "layer", "n_image_pivots", "n_text_pivots")
-PARAMETER_TITLES = {"keep_ratio": "keep ratio", "budget": "token budget", "layer": "K (pruning layer)",
-                    "n_image_pivots": "image pivots", "n_text_pivots": "text pivots"}
+PARAMETERS = ("keep_ratio", "budget", "layer")  # shared by every method; each method's options follow
+PARAMETER_TITLES = {"keep_ratio": "keep ratio", "budget": "token budget", "layer": "K (pruning layer)"}
+
+
+def parameter_names(frame: pd.DataFrame) -> list[str]:
+    """The shared parameters, then the frame's method-option columns ('<method>.<option>')."""
+    return [*PARAMETERS, *(column for column in frame.columns if "." in column)]
+
+
+def parameter_title(name: str) -> str:
+    """A subplot title: 'keep ratio', or for a method option 'dart: n image pivots'."""
+    method, _, option = name.partition(".")
+    return PARAMETER_TITLES.get(name) or f"{method}: {option.replace('_', ' ')}"
 
 
 def _front_line(points: pd.DataFrame, x: str, y: str, x_lower_is_better: bool = True) -> tuple[list, list]:
@@ -138,13 +149,14 @@ def hypervolume_figure(study: optuna.Study) -> go.Figure:
     return fig
 
 
-def importance_params(frame: pd.DataFrame, dart_only: bool) -> list[str]:
-    """Parameters whose importance can be estimated: those every considered trial has and that vary."""
+def importance_params(frame: pd.DataFrame, method: str | None = None) -> list[str]:
+    """Parameters whose importance can be estimated: those every considered trial has and that vary. With
+    `method`, only that method's trials are considered, which adds its options."""
     rows = frame[(frame["state"] == "complete") & (frame["role"] != "baseline") & (frame["method"] != "?")]
-    if dart_only:
-        rows = rows[rows["method"] == "dart"]
-    names = ["method"] if not dart_only else []
-    names += [p for p in PARAMETERS if len(rows) and rows[p].notna().all()]
+    if method is not None:
+        rows = rows[rows["method"] == method]
+    names = ["method"] if method is None else []
+    names += [p for p in parameter_names(frame) if len(rows) and rows[p].notna().all()]
     return [n for n in names if len(rows) and rows[n].nunique() > 1]
 
 
@@ -154,6 +166,8 @@ def importance_figure(study: optuna.Study, params: Sequence[str]) -> go.Figure:
 
     if not params:
         raise ValueError("no parameter varies across these trials yet")
+    stored = {legacy_param(name): name for trial in study.get_trials(deepcopy=False) for name in trial.params}
+    params = [stored.get(name, name) for name in params]  # a schema-1 study's own names for DART's pivots
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         fig = optuna.visualization.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
@@ -168,9 +182,9 @@ def importance_figure(study: optuna.Study, params: Sequence[str]) -> go.Figure:
 def parameter_figure(frame: pd.DataFrame) -> go.Figure:
     """Accuracy (top) and prefill latency (bottom) against each parameter, coloured by method."""
     done = frame[(frame["state"] == "complete") & (frame["role"] != "baseline")]
-    params = [p for p in PARAMETERS if done[p].notna().any()] or ["keep_ratio"]
+    params = [p for p in parameter_names(frame) if done[p].notna().any()] or ["keep_ratio"]
     fig = make_subplots(rows=2, cols=len(params), shared_yaxes=True, horizontal_spacing=0.03, vertical_spacing=0.1,
-                        column_titles=[PARAMETER_TITLES[p] for p in params])
+                        column_titles=[parameter_title(p) for p in params])
     for method in sorted(done["method"].unique()):
         rows = done[done["method"] == method]
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=method, legendgroup=method,

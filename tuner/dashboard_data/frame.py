@@ -11,6 +11,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import schedule_text
+from tuner.config_schema import legacy_param
 from tuner.early_stop import STOPPED_ATTR
 from tuner.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.reporting import describe_trial, latency_noise, speedup
@@ -26,12 +27,14 @@ def _num(value: Any) -> float:
 
 
 def _config_text(trial: FrozenTrial) -> str:
-    data = trial.user_attrs.get("config")
-    if not data:
+    config = config_of(trial)
+    if config is None:
         return "unpruned baseline (no pruning)" if is_baseline(trial) else "no configuration stored"
-    stages = data.get("stages")
+    data = config.to_dict()
+    options = ", ".join(f"{key}={value}" for key, value in data.pop("options").items() if value is not None)
     text = ", ".join(f"{key}={value}" for key, value in data.items() if value not in (None, {}, "") and key != "stages")
-    return text + (f", schedule {schedule_text(config_of(trial))}" if stages else "")
+    return text + (f", options: {options}" if options else "") + (
+        f", schedule {schedule_text(config)}" if config.stages else "")
 
 
 def _violations(trial: FrozenTrial) -> str:
@@ -71,8 +74,8 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
     return "<br>".join(lines)
 
 
-TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ratio", "budget", "n_image_pivots",
-                 "n_text_pivots", "accuracy", "relative_accuracy", "prefill_ms", "prefill_iqr_ms", "speedup",
+TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ratio", "budget", "accuracy",
+                 "relative_accuracy", "prefill_ms", "prefill_iqr_ms", "speedup",
                  "decode_ms_per_token", "kept_vision_mean", "kept_vision_min", "kept_vision_max", "vision_mean",
                  "keep_ratio_achieved", "prefill_gflops", "flops_ratio", "kv_cache_mb", "n_samples", "feasible",
                  "violations", "pareto", "failure", "accuracy_low", "accuracy_high", "prefill_ms_low",
@@ -82,8 +85,11 @@ TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ra
 
 
 def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> pd.DataFrame:
-    """One row per trial: configuration, objectives, kept tokens, cost, feasibility and Pareto membership."""
+    """One row per trial: configuration, objectives, kept tokens, cost, feasibility and Pareto membership; then
+    one column per method option the study searched ('<method>.<option>', `option_columns`), set in that
+    method's trials only."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
+    options = option_columns(trials)
     complete = {t.number for t in trials if t.state == TrialState.COMPLETE and t.values is not None}
     feasible = {t.number for t in trials if t.number in complete and all(v <= 0 for v in t.constraints.values())}
     front = study.best_trials if feasible else []  # Optuna's feasible Pareto set
@@ -100,8 +106,6 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
             "layer": config.layer if config else math.nan,
             "keep_ratio": _num(config.keep_ratio) if config else math.nan,
             "budget": _num(config.budget) if config else math.nan,
-            "n_image_pivots": config.n_image_pivots if config and config.method == "dart" else math.nan,
-            "n_text_pivots": config.n_text_pivots if config and config.method == "dart" else math.nan,
             "accuracy": trial.values[0] if done else math.nan,
             "relative_accuracy": accuracy_relative(trial, study) if done else math.nan,
             "prefill_ms": trial.values[1] if done else math.nan,
@@ -124,10 +128,26 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
                                                      "accuracy_diff_high", "mcnemar_p")},
             "indistinct": ", ".join(str(n) for n in indistinct_from(trial, front)) if trial.number in pareto else "",
             **_confirmed_columns(study, trial),
+            **{column: _option_value(config, column) for column in options},
         }
         row["hover"] = _hover(row, trial)
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
+    return pd.DataFrame(rows, columns=[*TRIAL_COLUMNS, *options])
+
+
+def option_columns(trials: Sequence[FrozenTrial]) -> list[str]:
+    """The method options the trials' sampler drew, as '<method>.<option>' (their Optuna parameter names; a
+    schema-1 study's DART pivot parameters under today's names), sorted."""
+    return sorted({legacy_param(name) for trial in trials for name in trial.params if "." in legacy_param(name)})
+
+
+def _option_value(config: Any, column: str) -> Any:
+    """Option `column` ('<method>.<option>') of the configuration, NaN unless the configuration runs that method."""
+    method, _, name = column.partition(".")
+    if config is None or config.method != method:
+        return math.nan
+    value = config.options.get(name)
+    return math.nan if value is None else value
 
 
 def _confirmed_columns(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:

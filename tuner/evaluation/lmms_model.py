@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tuner.config import PruningConfig, as_pruning_config, check_layer
+from tuner.config_schema import LEGACY_FIELDS
 from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.lmms_compat import import_lmms_eval
 from tuner.models.feature_cache import FeatureCache
@@ -39,7 +40,8 @@ _lmms_eval = import_lmms_eval("api.model")
 lmms = _lmms_eval.api.model.lmms
 
 MODEL_NAME = "dart_tuner"
-_CONFIG_ARGS = {f.name for f in dataclasses.fields(PruningConfig)} - {"options", "stages"}  # schedules: preset=
+# Every shared field (schedules: preset=), and DART's pivot fields as shorthands for option_<name> (schema 1 form).
+_CONFIG_ARGS = ({f.name for f in dataclasses.fields(PruningConfig)} - {"options", "stages"}) | set(LEGACY_FIELDS)
 _LOAD_ARGS = {"dtype", "device", "attn_implementation", "revision", "trust_remote_code"}
 _IGNORED_ARGS = {"max_batch_size"}  # passed by lmms-eval to every model
 
@@ -70,7 +72,7 @@ def _config_from_args(args: dict[str, Any], preset: str | None) -> PruningConfig
         raise ValueError(f"pruning arguments {sorted(config_args)} need method= (e.g. method=dart)")
     if options:
         config_args["options"] = options
-    return config_from_dict(config_args, "dart_tuner model_args")
+    return config_from_dict(config_args, "dart_tuner model_args", schema=1)
 
 class DartTunerLMM(lmms):
     """lmms-eval model: one loaded VLM, its pruning configuration (None = unpruned) applied to every request."""

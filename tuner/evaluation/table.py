@@ -7,22 +7,22 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from tuner.config import schedule_text
+from tuner.config import options_text, schedule_text
 from tuner.evaluation.compare import ConfigReport
 
 
 def describe(report: ConfigReport) -> str:
-    """Short label: method, K, amount and pivots (a schedule: 'fastv@2:0.5>4:0.5')."""
+    """Short label: method, K, amount and options (a schedule: 'fastv@2:0.5>4:0.5')."""
     config = report.config
     if config is None:
         return report.name
+    options = options_text(config)
+    options = f" {options}" if options else ""
     if config.stages:
-        uses_dart = any(stage.method == "dart" for stage in config.stage_configs())
-        return schedule_text(config) + (f" p={config.n_image_pivots}+{config.n_text_pivots}" if uses_dart else "")
+        return schedule_text(config) + options
     amount = f"r={config.keep_ratio:g}" if config.keep_ratio is not None else (
         f"b={config.budget}" if config.budget is not None else "all")
-    pivots = f" p={config.n_image_pivots}+{config.n_text_pivots}" if config.method == "dart" else ""
-    return f"{config.method} K={config.layer} {amount}{pivots}"
+    return f"{config.method} K={config.layer} {amount}{options}"
 
 
 def _fmt(value: float, spec: str) -> str:

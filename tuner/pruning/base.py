@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from tuner.method_options import Option, PaperSetting, resolve_options
+
 if TYPE_CHECKING:
     from tuner.config import PruningConfig
     from tuner.models.families.grids import ImageGrids
@@ -48,26 +50,44 @@ class Selection:
 
 
 class PruningMethod:
-    """Base class: a method is a name, the layer K-1 states it needs, its options and one `select()`."""
+    """Base class: a method is a name, the layer K-1 states it needs, its options and one `select()`.
+
+    A method declares its options in `option_specs` (name -> `tuner.method_options.Option`: type, default, valid
+    values, default search range); `PruningConfig` checks a configuration's options against them and fills in
+    the defaults, so `config.options` holds every option. `option_defaults` is derived from the specs (a class
+    that declares only `option_defaults` gets unchecked, unsearchable options). `validate` adds the checks that
+    involve several options or the amount; `paper_setting` is the published setting a study tries first.
+    """
 
     name: ClassVar[str]
     needs_keys: ClassVar[bool] = False
     needs_last_row_attention: ClassVar[bool] = False
     needs_image_grids: ClassVar[bool] = False  # the family's 2-D layout of each image (`Family.image_grids`)
     needs_amount: ClassVar[bool] = True  # whether keep_ratio or budget must be given
+    option_specs: ClassVar[dict[str, Option]] = {}
     option_defaults: ClassVar[dict[str, Any]] = {}
+    paper_setting: ClassVar[PaperSetting | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "option_specs" in cls.__dict__:
+            cls.option_defaults = {name: spec.default for name, spec in cls.option_specs.items()}
+        elif "option_defaults" in cls.__dict__:
+            cls.option_specs = {name: Option(None, default) for name, default in cls.option_defaults.items()}
 
     def __init__(self, config: PruningConfig) -> None:
         self.config = config
         self.options = {**self.option_defaults, **config.options}
 
     @classmethod
+    def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """`options` checked one by one against `option_specs`, every default filled in (ValueError otherwise)."""
+        return resolve_options(cls.name, cls.option_specs, options)
+
+    @classmethod
     def validate(cls, config: PruningConfig) -> None:
-        """Reject unknown options and a missing amount; subclasses check their options' values."""
-        unknown = sorted(set(config.options) - set(cls.option_defaults))
-        if unknown:
-            allowed = ", ".join(sorted(cls.option_defaults)) or "none"
-            raise ValueError(f"unknown option(s) {unknown} for method {cls.name!r}; allowed: {allowed}")
+        """Reject a missing amount; subclasses check what involves several options (each option's own values are
+        checked against its spec before this runs)."""
         if cls.requires_amount(config) and config.keep_ratio is None and config.budget is None:
             raise ValueError(f"method {cls.name!r} needs keep_ratio (in (0, 1]) or budget (>= 1)")
 

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from tuner.config import PIVOT_ORDERS
-
+PIVOT_ORDERS = ("reference", "rank", "position")  # how DART visits its pivots (DART.md §3)
 PIVOT_METRICS = ("l1", "l2", "l1_min", "l2_min")
 QUOTA_RULES = ("llava15", "llava_next", "qwen")
 

@@ -198,7 +198,7 @@ class PruningHandle:
                                  "PruningConfig(require_vision=False) to let text-only prompts through")
             self._prompt = None
             return substituted
-        _check_pivots(self._stages[0], n_vision)
+        _check_vision_bounds(self._stages[0], n_vision)
         grids = self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision) \
             if self.method.needs_image_grids else None
         self._prompt = _Prompt(input_ids, vision, attention, n_vision,
@@ -273,7 +273,7 @@ class PruningHandle:
                                f"{tuple(attention.shape)}; inputs_embeds-only calls are unsupported")
         n_vision = vision.sum(1).tolist()
         if stage.index > 0:
-            _check_pivots(stage, n_vision)
+            _check_vision_bounds(stage, n_vision)
         started = time.perf_counter()
         selection = stage.select(SelectionContext(
             hidden_states=hidden, vision_mask=vision, attention_mask=attention, input_ids=input_ids,
@@ -352,15 +352,18 @@ class PruningHandle:
         return None if self._plan is None else self._plan.pruned
 
 
-def _check_pivots(stage: StageRunner, n_vision: list[int]) -> None:
-    """DART's image pivots must exist in every row that has vision tokens, at every stage (before any compute)."""
-    if not stage.method.needs_keys:
-        return
-    for row, n in enumerate(n_vision):
-        if 0 < n < stage.config.n_image_pivots:
-            where = "" if stage.index == 0 else f" at stage {stage.index} (layer {stage.start})"
-            raise ValueError(f"n_image_pivots={stage.config.n_image_pivots} exceeds the {n} vision tokens of "
-                             f"batch row {row}{where}")
+def _check_vision_bounds(stage: StageRunner, n_vision: list[int]) -> None:
+    """An option bounded by the vision tokens (`Option.vision_bound`: DART's image pivots must exist) may not
+    exceed any row that has vision tokens, at every stage (before any compute)."""
+    for name, spec in stage.method.option_specs.items():
+        value = stage.config.options.get(name)
+        if not spec.vision_bound or value is None:
+            continue
+        for row, n in enumerate(n_vision):
+            if 0 < n < value:
+                where = "" if stage.index == 0 else f" at stage {stage.index} (layer {stage.start})"
+                raise ValueError(f"{stage.method.name} option {name}={value} exceeds the {n} vision tokens of "
+                                 f"batch row {row}{where}")
 
 
 def _padding_from_prebuilt_mask(mask: Any, length: int) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tuner.method_options import Option
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
 
@@ -23,18 +24,12 @@ class AvgPool(PruningMethod):
     (its position, hence RoPE, is kept). `stride` s defaults to round(sqrt(n_vision / budget)).
     """
 
-    option_defaults = {"stride": None}
+    option_specs = {"stride": Option(int, None, low=1, nullable=True,
+                                     help="pooling window side (null: from the amount)")}
 
     @classmethod
     def requires_amount(cls, config: PruningConfig) -> bool:
         return config.options.get("stride") is None
-
-    @classmethod
-    def validate(cls, config: PruningConfig) -> None:
-        super().validate(config)
-        stride = config.options.get("stride")
-        if stride is not None and (isinstance(stride, bool) or not isinstance(stride, int) or stride < 1):
-            raise ValueError(f"avgpool option stride must be an int >= 1, got {stride!r}")
 
     def select(self, ctx: SelectionContext) -> Selection:
         kept, states = [], []

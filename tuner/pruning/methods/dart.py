@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tuner.method_options import Option, PaperSetting
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
-from tuner.pruning.dart import PIVOT_METRICS, QUOTA_RULES, dart_select, reference_quota
+from tuner.pruning.dart import PIVOT_METRICS, PIVOT_ORDERS, QUOTA_RULES, dart_select, reference_quota
 from tuner.pruning.registry import register_method
 
 if TYPE_CHECKING:
@@ -21,15 +22,29 @@ FAMILY_RULE = "family"  # quota_rule value: the loaded model family's reference 
 class DART(PruningMethod):
     """Keeps the vision tokens least similar to a few key-norm pivots; duplication over importance.
 
-    Options: `pivot_metric` (l1 | l2 | l1_min | l2_min), and for the official code's counts either a fixed
-    `quota` per pivot or a `quota_rule` (llava15 | llava_next | qwen, or `family`: the model family's own,
-    `Family.reference_quota_rule`) with `max_num_trunction` and `retain_tokens` as in the reference.
-    Without them, exactly the config's budget is kept.
+    Options: `n_image_pivots` / `n_text_pivots` (4 + 4 in the paper; searched by default over 1-8 and 0-8),
+    `pivot_order` (reference | rank | position, DART.md §3), `pivot_metric` (l1 | l2 | l1_min | l2_min), and for
+    the official code's counts either a fixed `quota` per pivot or a `quota_rule` (llava15 | llava_next | qwen,
+    or `family`: the model family's own, `Family.reference_quota_rule`) with `max_num_trunction` and
+    `retain_tokens` as in the reference. Without them, exactly the config's budget is kept.
     """
 
     needs_keys = True
-    option_defaults = {"pivot_metric": "l1", "quota": None, "quota_rule": None,
-                       "max_num_trunction": 128, "retain_tokens": 320}
+    option_specs = {
+        "n_image_pivots": Option(int, 4, low=0, search={"low": 1, "high": 8},
+                                 vision_bound=True, help="pivots chosen among the vision tokens (largest key norms)"),
+        "n_text_pivots": Option(int, 4, low=0, search={"low": 0, "high": 8},
+                                help="pivots chosen among the text tokens"),
+        "pivot_order": Option(str, "reference", choices=PIVOT_ORDERS, help="the order pivots are visited in"),
+        "pivot_metric": Option(str, "l1", choices=PIVOT_METRICS, help="how a pivot's similarity is measured"),
+        "quota": Option(int, None, low=0, nullable=True, help="tokens kept per pivot (the official code's)"),
+        "quota_rule": Option(str, None, choices=(*QUOTA_RULES, FAMILY_RULE), nullable=True,
+                             help="the official code's per-pivot quota rule"),
+        "max_num_trunction": Option(int, 128, low=0, nullable=True, help="the reference rules' truncation"),
+        "retain_tokens": Option(int, 320, low=0, help="the reference rules' retained tokens"),
+    }
+    paper_setting = PaperSetting(layer=2, keep_ratio=0.25, budget=128,
+                                 options={"n_image_pivots": 4, "n_text_pivots": 4})
 
     @classmethod
     def requires_amount(cls, config: PruningConfig) -> bool:
@@ -39,19 +54,16 @@ class DART(PruningMethod):
     def validate(cls, config: PruningConfig) -> None:
         super().validate(config)
         options = config.options
-        _check_option("pivot_metric", options.get("pivot_metric", "l1"), PIVOT_METRICS)
+        if options["n_image_pivots"] + options["n_text_pivots"] < 1:
+            raise ValueError("dart options n_image_pivots + n_text_pivots must be >= 1")
         if not _reference_mode(options):
             return
         if options.get("quota") is not None and options.get("quota_rule") is not None:
             raise ValueError("dart options: give quota or quota_rule, not both")
         if config.budget is not None:
             raise ValueError("dart: budget keeps an exact count; it cannot be combined with quota/quota_rule")
-        quota = options.get("quota")
-        if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 0):
-            raise ValueError(f"dart option quota must be an int >= 0, got {quota!r}")
         rule = options.get("quota_rule")
         if rule is not None:
-            _check_option("quota_rule", rule, (*QUOTA_RULES, FAMILY_RULE))
             _check_ratio(rule, config)
 
     def bind_family(self, family: Any) -> None:
@@ -68,8 +80,8 @@ class DART(PruningMethod):
     def select(self, ctx: SelectionContext) -> Selection:
         with torch.no_grad():
             norm_states = ctx.final_norm(ctx.hidden_states)
-        common = dict(n_image_pivots=self.config.n_image_pivots, n_text_pivots=self.config.n_text_pivots,
-                      pivot_order=self.config.pivot_order, pivot_metric=self.options["pivot_metric"])
+        common = {key: self.options[key] for key in ("n_image_pivots", "n_text_pivots", "pivot_order",
+                                                      "pivot_metric")}
         if not _reference_mode(self.options):
             return Selection(dart_select(norm_states, ctx.keys, ctx.vision_mask, budget=ctx.budgets,
                                          attention_mask=ctx.attention_mask, **common))
@@ -84,8 +96,8 @@ class DART(PruningMethod):
         if self.options["quota"] is not None:
             return self.options["quota"]
         return max(0, reference_quota(
-            self.options["quota_rule"], n_vision, n_image_pivots=self.config.n_image_pivots,
-            n_text_pivots=self.config.n_text_pivots, keep_ratio=self.config.keep_ratio,
+            self.options["quota_rule"], n_vision, n_image_pivots=self.options["n_image_pivots"],
+            n_text_pivots=self.options["n_text_pivots"], keep_ratio=self.config.keep_ratio,
             max_num_trunction=self.options["max_num_trunction"], retain_tokens=self.options["retain_tokens"]))
 
 
@@ -99,8 +111,3 @@ def _check_ratio(rule: str, config: PruningConfig) -> None:
     ratio_needed = rule == "qwen" or (rule == "llava15" and config.options.get("max_num_trunction", 128) is None)
     if ratio_needed and config.keep_ratio is None:
         raise ValueError(f"dart quota_rule {rule!r} derives the quota from keep_ratio; set keep_ratio")
-
-
-def _check_option(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"dart option {name} must be one of {allowed}, got {value!r}")

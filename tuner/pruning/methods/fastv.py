@@ -8,11 +8,10 @@ last token. Perception tasks preferred alpha near 0-0.1 there, knowledge tasks n
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from tuner.method_options import Option
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
 
@@ -27,15 +26,8 @@ class FastV(PruningMethod):
     """
 
     needs_last_row_attention = True
-    option_defaults = {"alpha": 1.0}
-
-    @classmethod
-    def validate(cls, config) -> None:
-        super().validate(config)
-        alpha = config.options.get("alpha", 1.0)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
-                or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"fastv option alpha must be a number in [0, 1], got {alpha!r}")
+    option_specs = {"alpha": Option(float, 1.0, low=0.0, high=1.0, search={"low": 0.0, "high": 1.0},
+                                    help="weight of importance against uniqueness (1: plain FastV)")}
 
     def select(self, ctx: SelectionContext) -> Selection:
         scores = attention_scores(ctx)

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tuner.method_options import Option
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.methods.fastv import attention_scores
 from tuner.pruning.registry import register_method
 
 if TYPE_CHECKING:
-    from tuner.config import PruningConfig
     from tuner.models.families.grids import ImageGrids
 
 WINDOW_RANGE = (2, 64)
@@ -40,17 +40,9 @@ class WindowFastV(PruningMethod):
 
     needs_last_row_attention = True
     needs_image_grids = True
-    option_defaults = {"window": None}
-
-    @classmethod
-    def validate(cls, config: PruningConfig) -> None:
-        super().validate(config)
-        window = config.options.get("window")
-        low, high = WINDOW_RANGE
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                                   or not low <= window <= high):
-            raise ValueError(f"window_fastv option window must be an int in [{low}, {high}] or null (automatic), "
-                             f"got {window!r}")
+    option_specs = {"window": Option(int, None, low=WINDOW_RANGE[0], high=WINDOW_RANGE[1], nullable=True,
+                                     search={"low": 2, "high": 6},
+                                     help="window side (null: about n_vision / budget tokens each)")}
 
     def select(self, ctx: SelectionContext) -> Selection:
         scores = attention_scores(ctx)
