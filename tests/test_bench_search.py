@@ -39,7 +39,7 @@ def test_infeasible_and_stopped_points_do_not_count():
 
 
 SPACE = parse_space({"model": "m", "tasks": ["t"], "methods": ["dart", "pooling"], "layer": [2],
-                     "n_image_pivots": 4, "n_text_pivots": 4, "keep_ratio": [0.1, 0.5],
+                     "options": {"dart": {"n_image_pivots": 4, "n_text_pivots": 4}}, "keep_ratio": [0.1, 0.5],
                      "constraints": {"min_relative_accuracy": 0.75}})
 
 

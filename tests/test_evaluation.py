@@ -237,7 +237,8 @@ def test_entry_point_builds_the_configured_model(saved_dirs, prepared, construct
     assert len(lm.records) == 2
     assert all(r.n_kept_vision == lm.config.budget_for(r.n_vision) for r in lm.records.values())
 
-    preset_config = PruningConfig(method="dart", layer=2, keep_ratio=0.25, n_image_pivots=2, n_text_pivots=1)
+    preset_config = PruningConfig(method="dart", layer=2, keep_ratio=0.25,
+                                  options={"n_image_pivots": 2, "n_text_pivots": 1})
     path = save_preset(Preset(config=preset_config), tmp_path / "preset.yaml")
     results = _evaluate("dart_tuner", prepared, limit=2,
                         model_args=f"pretrained={model_dir},preset={path},device=cpu,max_failures={MANY}")

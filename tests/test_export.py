@@ -110,7 +110,8 @@ def test_preset_carries_metrics_and_provenance(tmp_path: Path) -> None:
 def test_export_load_apply_round_trip_keeps_the_same_tokens(loaded, tmp_path: Path) -> None:
     """Applying the exported preset must prune exactly as the trial's config did."""
     model, processor = loaded("llava", "sdpa")
-    config = PruningConfig(method="dart", layer=2, keep_ratio=0.3, n_image_pivots=2, n_text_pivots=3)
+    config = PruningConfig(method="dart", layer=2, keep_ratio=0.3,
+                           options={"n_image_pivots": 2, "n_text_pivots": 3})
     inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
     with apply_pruning(model, config) as handle:
         tiny_vlms.greedy(model, inputs, 2)

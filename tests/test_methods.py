@@ -132,10 +132,15 @@ def test_dart_reference_quota_rules_through_the_config(rule, kwargs, expected):
     (dict(keep_ratio=0.5, budget=8), "not both"),
     (dict(), "needs keep_ratio"),
     (dict(method="dartt", keep_ratio=0.5), "unknown pruning method 'dartt'.*avgpool, dart, fastv"),
-    (dict(keep_ratio=0.5, n_image_pivots=-1), "n_image_pivots"),
-    (dict(keep_ratio=0.5, n_text_pivots=2.5), "n_text_pivots"),
-    (dict(keep_ratio=0.5, n_image_pivots=0, n_text_pivots=0), "pivots must be >= 1"),
-    (dict(keep_ratio=0.5, pivot_order="random"), "pivot_order"),
+    (dict(keep_ratio=0.5, options={"n_image_pivots": -1}), "dart option n_image_pivots must be an int >= 0"),
+    (dict(keep_ratio=0.5, options={"n_text_pivots": 2.5}), "dart option n_text_pivots must be an int >= 0"),
+    (dict(keep_ratio=0.5, options={"n_image_pivots": True}), "n_image_pivots must be an int"),
+    (dict(keep_ratio=0.5, options={"n_image_pivots": 0, "n_text_pivots": 0}), "pivots must be >= 1"),
+    (dict(keep_ratio=0.5, options={"pivot_order": "random"}), "pivot_order must be one of"),
+    (dict(keep_ratio=0.5, options=[("n_image_pivots", 4)]), "options must be a mapping"),
+    (dict(method="fastv", keep_ratio=0.5, options={"alpha": 1.5}), "fastv option alpha must be a number in"),
+    (dict(method="fastv", keep_ratio=0.5, options={"n_image_pivots": 4}), "unknown option.*n_image_pivots"),
+    (dict(method="window_fastv", keep_ratio=0.5, options={"window": 1}), "window must be an int in \\[2, 64\\]"),
     (dict(keep_ratio=0.5, options={"pivot_metrik": "l2"}), "unknown option.*pivot_metrik.*allowed"),
     (dict(keep_ratio=0.5, options={"pivot_metric": "cos"}), "pivot_metric"),
     (dict(budget=64, options={"quota_rule": "llava15"}), "cannot be combined"),
@@ -167,6 +172,13 @@ def test_a_method_registered_later_validates_configs_at_construction():
         register_method("test_even_budget")(type("Other", (PruningMethod,), {}))
 
 
+def test_dart_pivots_are_options_not_shared_fields():
+    """Only the shared fields are PruningConfig's own; DART's pivots are its options (schema-1 data is read by
+    tuner.config_schema)."""
+    with pytest.raises(TypeError, match="n_image_pivots"):
+        tuner.PruningConfig(keep_ratio=0.5, n_image_pivots=4)
+
+
 def test_options_that_fix_the_amount_need_no_keep_ratio():
     tuner.PruningConfig(method="avgpool", options={"stride": 2})
     tuner.PruningConfig(method="dart", options={"quota": 16})
@@ -174,8 +186,11 @@ def test_options_that_fix_the_amount_need_no_keep_ratio():
 
 
 def test_config_round_trips_through_a_dict():
-    cfg = tuner.PruningConfig(method="dart", layer=3, budget=64, n_text_pivots=2, options={"pivot_metric": "l2"})
+    cfg = tuner.PruningConfig(method="dart", layer=3, budget=64, options={"n_text_pivots": 2, "pivot_metric": "l2"})
     assert tuner.PruningConfig(**cfg.to_dict()) == cfg
+    assert cfg.options["n_image_pivots"] == 4 and cfg.options["pivot_order"] == "reference"  # defaults filled in
+    assert cfg == tuner.PruningConfig(method="dart", layer=3, budget=64,
+                                      options={**cfg.options, "n_image_pivots": 4})  # equal by value
     assert tuner.PruningConfig(method="keep_all").budget_for(10) == 10
 
 
@@ -210,8 +225,8 @@ def test_prompt_without_vision_tokens_fails_before_any_compute(loaded: Loader):
 def test_more_image_pivots_than_vision_tokens_is_rejected(loaded: Loader):
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor)
-    with tuner.apply_pruning(model, tuner.PruningConfig(keep_ratio=0.5, n_image_pivots=100)):
-        with pytest.raises(ValueError, match="n_image_pivots=100 exceeds the 64 vision tokens"):
+    with tuner.apply_pruning(model, tuner.PruningConfig(keep_ratio=0.5, options={"n_image_pivots": 100})):
+        with pytest.raises(ValueError, match="dart option n_image_pivots=100 exceeds the 64 vision tokens"):
             model(**inputs)
 
 

@@ -13,13 +13,59 @@ from tuner.presets import SCHEMA_VERSION, Preset, PresetError, load_preset, save
 
 def test_round_trip_keeps_config_metrics_and_provenance(tmp_path: Path) -> None:
     """Saving then loading must give back the same config (options included), metrics and provenance."""
-    preset = Preset(config=PruningConfig(method="dart", layer=3, keep_ratio=0.25, n_image_pivots=2,
-                                         n_text_pivots=6, options={"pivot_metric": "l2"}),
+    preset = Preset(config=PruningConfig(method="dart", layer=3, keep_ratio=0.25,
+                                         options={"n_image_pivots": 2, "n_text_pivots": 6, "pivot_metric": "l2"}),
                     metrics={"accuracy": 0.9, "prefill_ms_median": 12.5},
                     provenance={"model_id": "m", "family": "llava"})
     loaded = load_preset(save_preset(preset, tmp_path / "p.yaml"))
     assert loaded == preset
     assert yaml.safe_load((tmp_path / "p.yaml").read_text())["schema_version"] == SCHEMA_VERSION
+
+
+# A preset as dart-tuner wrote it before methods owned their options (schema 1): DART's pivots at the top level of
+# `config`, shared by every stage, and present (ignored) for other methods too.
+SCHEMA_1_PRESET = """\
+schema_version: 1
+config:
+  method: dart
+  layer: 2
+  keep_ratio: 0.25
+  budget: null
+  n_image_pivots: 2
+  n_text_pivots: 6
+  pivot_order: rank
+  seed: 0
+  options: {pivot_metric: l2}
+  require_vision: true
+  stages:
+  - {layer: 4, keep_ratio: 0.5, method: fastv}
+  - {layer: 6, keep_ratio: 0.5, method: dart}
+metrics: {accuracy: 0.8}
+provenance: {family: llava}
+"""
+
+
+def test_a_schema_1_preset_loads_with_the_pivots_in_dart_options(tmp_path: Path) -> None:
+    """Old presets still load: the pivots go to every stage that runs DART with options of its own, none to the
+    FastV stage; saving writes the current schema, which reads back the same."""
+    preset = load_preset(_write(tmp_path, SCHEMA_1_PRESET))
+    config = preset.config
+    assert (config.options["n_image_pivots"], config.options["n_text_pivots"]) == (2, 6)
+    assert (config.options["pivot_order"], config.options["pivot_metric"]) == ("rank", "l2")
+    fastv, dart = config.stage_config(1), config.stage_config(2)
+    assert fastv.options == {"alpha": 1.0}
+    assert (dart.options["n_image_pivots"], dart.options["n_text_pivots"], dart.options["pivot_order"]) == (2, 6, "rank")
+    assert preset.metrics == {"accuracy": 0.8}
+    again = load_preset(save_preset(preset, tmp_path / "again.yaml"))
+    assert again.config == config and again.schema_version == SCHEMA_VERSION == 2
+    assert "n_image_pivots" not in yaml.safe_load((tmp_path / "again.yaml").read_text())["config"]
+
+
+def test_a_schema_1_preset_of_another_method_drops_the_pivots(tmp_path: Path) -> None:
+    text = SCHEMA_1_PRESET.replace("method: dart\n  layer: 2", "method: random\n  layer: 2").replace(
+        "  options: {pivot_metric: l2}\n", "").replace("  stages:\n  - {layer: 4, keep_ratio: 0.5, method: fastv}\n"
+                                                       "  - {layer: 6, keep_ratio: 0.5, method: dart}\n", "")
+    assert load_preset(_write(tmp_path, text)).config == PruningConfig(method="random", layer=2, keep_ratio=0.25)
 
 
 def _write(tmp_path: Path, content: str) -> Path:
@@ -30,6 +76,8 @@ def _write(tmp_path: Path, content: str) -> Path:
 
 # (file content, words the message must contain); `.ci/drill.py` feeds these to the CLI too.
 MALFORMED = [
+    ("schema_version: 2\nconfig: {method: dart, keep_ratio: 0.5, n_image_pivots: 2}\n",
+     "unknown config key.*n_image_pivots.*belong in options"),
     ("config: [unclosed", "not valid YAML"),
     ("- just\n- a list\n", "must be a YAML mapping"),
     ("config: {method: dart, keep_ratio: 0.5}\n", "schema_version"),

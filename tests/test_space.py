@@ -4,6 +4,7 @@ space suggests only the parameters a method uses."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 import yaml
 
 from tuner.config import PruningConfig
-from tuner.space import PAPER_DEFAULT, Constraints, SearchSpace, SpaceError, load_space, parse_space
+from tuner.method_catalog import method_class
+from tuner.pruning import available_methods
+from tuner.space import Constraints, SearchSpace, SpaceError, load_space, parse_space
 
 SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
 MINIMAL = {"model": "m", "tasks": ["dart_shapes"], "methods": ["dart", "random"], "layer": {"low": 1, "high": 3},
@@ -26,8 +29,10 @@ def _space(**changes: object) -> SearchSpace:
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
 def test_shipped_spaces_load(path: Path) -> None:
-    """A shipped space with a typo would fail for every user who starts from it."""
-    space = load_space(path)
+    """A shipped space with a typo would fail for every user who starts from it; none uses a deprecated form."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        space = load_space(path)
     assert space.tasks and space.methods and space.trials
     assert space.study
 
@@ -50,7 +55,24 @@ BAD = [
     ({"keep_ratio": {"low": 0.1, "high": 0.5, "log": "yes"}}, "keep_ratio.log: must be true or false"),
     ({"keep_ratio": [0.1, 0.2], "budget": 64}, "give exactly one of keep_ratio and budget"),
     ({"keep_ratio": None}, "give exactly one of keep_ratio and budget"),
-    ({"n_image_pivots": 0, "n_text_pivots": 0}, "at least one"),
+    ({"options": {"dart": {"n_image_pivots": 0, "n_text_pivots": 0}}},
+     "options.dart: the space allows {'n_image_pivots': 0, 'n_text_pivots': 0}, which is not a valid dart "
+     "configuration: dart options n_image_pivots + n_text_pivots must be >= 1"),
+    ({"options": {"fastv": ["alpha"]}}, "options.fastv: 'fastv' is not a method of this space"),
+    ({"options": {"dart": {"n_image_pivot": 4}}}, "options.dart: unknown option(s) ['n_image_pivot']; dart takes:"),
+    ({"options": {"dart": {"n_image_pivots": {"low": -1, "high": 4}}}},
+     "options.dart.n_image_pivots.low must be an int >= 0, got -1"),
+    ({"options": {"dart": {"n_image_pivots": {"low": 5, "high": 4}}}}, "options.dart.n_image_pivots: low (5) is above"),
+    ({"options": {"dart": {"n_image_pivots": 2.5}}}, "options.dart.n_image_pivots must be an int >= 0, got 2.5"),
+    ({"options": {"dart": {"pivot_order": {"low": 1, "high": 2}}}}, "options.dart.pivot_order: a range needs a numeric"),
+    ({"options": {"dart": {"pivot_order": ["rank", "sideways"]}}}, "options.dart.pivot_order[1] must be one of"),
+    ({"options": {"dart": {"quota": None}}}, "options.dart.quota: this option has no default search range"),
+    ({"options": {"dart": "n_image_pivots"}}, "options.dart: must map option names to ranges"),
+    ({"options": ["dart"]}, "options: must be a mapping of method name"),
+    ({"options": {"dart": ["n_image_pivots"]}, "n_image_pivots": [2]},
+     "n_image_pivots: is given both at the top level and under options.dart"),
+    ({"methods": ["dart", "fastv"], "keep_ratio": [0.5], "options": {"fastv": ["alpha"]}, "sampler": {"name": "grid"}},
+     "options.fastv.alpha: the grid sampler needs a list of values"),
     ({"keep_ration": 0.2}, "unknown key(s) ['keep_ration']"),
     ({"constraints": {"min_acc": 0.5}}, "constraints: unknown key(s) ['min_acc']"),
     ({"constraints": {"max_prefill_ms": -1}}, "constraints.max_prefill_ms: must be > 0"),
@@ -147,32 +169,81 @@ def _random_draws(space: SearchSpace, n: int, seed: int) -> Iterator[tuple[optun
         yield trial, config
 
 
-def test_pivots_are_suggested_only_for_dart() -> None:
-    """Non-DART trials carrying pivot params would make TPE model parameters that did nothing."""
-    space = _space(methods=["dart", "random", "pooling"])
+def test_options_are_suggested_only_for_their_method() -> None:
+    """A trial carrying another method's option params would make TPE model parameters that did nothing; each
+    option is drawn as '<method>.<option>' within its range and reaches the configuration."""
+    space = _space(methods=["dart", "fastv", "pooling"],
+                   options={"dart": {"n_image_pivots": {"low": 1, "high": 8}, "pivot_order": ["rank", "position"]},
+                            "fastv": {"alpha": {"low": 0.2, "high": 0.6}}})
     seen = set()
-    for trial, config in _random_draws(space, 30, seed=1):
+    for trial, config in _random_draws(space, 40, seed=1):
         seen.add(config.method)
         assert config.method == trial.params["method"]
         assert 1 <= config.layer <= 3 and 0.1 <= config.keep_ratio <= 0.5
-        assert ("n_image_pivots" in trial.params) == (config.method == "dart")
-    assert seen == {"dart", "random", "pooling"}
+        option_params = {name for name in trial.params if "." in name}
+        expected = {"dart": {"dart.n_image_pivots", "dart.pivot_order"}, "fastv": {"fastv.alpha"}}
+        assert option_params == expected.get(config.method, set())
+        for name in option_params:
+            assert config.options[name.partition(".")[2]] == trial.params[name]
+        if config.method == "fastv":
+            assert 0.2 <= config.options["alpha"] <= 0.6
+        if config.method == "dart":
+            assert config.options["n_text_pivots"] == 4  # not searched: the default
+    assert seen == {"dart", "fastv", "pooling"}
+
+
+def test_listed_option_names_take_the_method_default_range() -> None:
+    space = _space(methods=["dart", "fastv"], options={"dart": ["n_image_pivots", "pivot_order"], "fastv": ["alpha"]})
+    dart = space.options["dart"]
+    assert (dart["n_image_pivots"].low, dart["n_image_pivots"].high) == (1, 8)
+    assert dart["pivot_order"].values == ("reference", "rank", "position")  # no range declared: all its choices
+    assert (space.options["fastv"]["alpha"].low, space.options["fastv"]["alpha"].high) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_method_options_default_ranges_draw_valid_configs(method: str) -> None:
+    """Each method's declared options: defaults are valid values, and every option with a default search range
+    (or choices) can be searched, each draw building a valid configuration of that method."""
+    specs = method_class(method).option_specs
+    for name, spec in specs.items():
+        assert spec.problem(spec.default) is None, f"{method}.{name}: default {spec.default!r} is invalid"
+    searchable = [name for name, spec in specs.items() if spec.search is not None or spec.choices is not None]
+    space = _space(methods=[method], layer=2, options={method: searchable} if searchable else None)
+    for trial, config in _random_draws(space, 8, seed=3):
+        assert config.method == method
+        assert {name.partition(".")[2] for name in trial.params if "." in name} == set(searchable)
+        assert set(config.options) == set(specs)
+
+
+def test_legacy_top_level_pivots_read_into_the_dart_options() -> None:
+    """Spaces written before `options` still load: their top-level pivot counts are DART's options (with a
+    FutureWarning saying where they belong now); they mean nothing in a space without DART."""
+    with pytest.warns(FutureWarning, match="options: {dart: ...}"):
+        space = _space(n_image_pivots={"low": 2, "high": 3}, n_text_pivots=[0, 1])
+    assert space.options["dart"]["n_image_pivots"].low == 2 and space.options["dart"]["n_text_pivots"].values == (0, 1)
+    with pytest.warns(FutureWarning):
+        assert _space(methods=["random"], n_image_pivots=4).options == {}
+    with pytest.warns(FutureWarning), pytest.raises(SpaceError, match="at least one|must be >= 1"):
+        _space(n_image_pivots=0, n_text_pivots=0)
 
 
 def test_fixed_values_and_budget() -> None:
-    space = _space(keep_ratio=None, budget=[32, 64], layer=2, methods="dart", n_image_pivots=[2, 8])
+    space = _space(keep_ratio=None, budget=[32, 64], layer=2, methods="dart",
+                   options={"dart": {"n_image_pivots": [2, 8]}})
     config = space.suggest(optuna.trial.FixedTrial({"method": "dart", "layer": 2, "budget": 64,
-                                                    "n_image_pivots": 8, "n_text_pivots": 4}))
-    assert (config.budget, config.keep_ratio, config.n_image_pivots) == (64, None, 8)
+                                                    "dart.n_image_pivots": 8}))
+    assert (config.budget, config.keep_ratio, config.options["n_image_pivots"]) == (64, None, 8)
 
 
 def test_grid_enumerates_every_configuration() -> None:
-    """The grid sampler must visit each combination once (pivots included, even for non-DART methods)."""
-    space = _space(keep_ratio=[0.25, 0.5], layer=[1, 2], n_image_pivots=[4], n_text_pivots=[2, 4],
+    """The grid sampler must visit each combination once (every method's options in every trial, as the grid
+    sampler needs, but a configuration only takes its own method's)."""
+    space = _space(keep_ratio=[0.25, 0.5], layer=[1, 2], options={"dart": {"n_image_pivots": [4],
+                                                                           "n_text_pivots": [2, 4]}},
                    sampler={"name": "grid"})
     grid = space.grid()
-    assert grid == {"method": ["dart", "random"], "layer": [1, 2], "n_image_pivots": [4], "n_text_pivots": [2, 4],
-                    "keep_ratio": [0.25, 0.5]}
+    assert grid == {"method": ["dart", "random"], "layer": [1, 2], "dart.n_image_pivots": [4],
+                    "dart.n_text_pivots": [2, 4], "keep_ratio": [0.25, 0.5]}
     from tuner.samplers import make_sampler
 
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(space))
@@ -188,17 +259,24 @@ def test_grid_enumerates_every_configuration() -> None:
 
 
 def test_paper_default_when_the_space_contains_it() -> None:
-    assert _space().paper_default() == {**PAPER_DEFAULT, "keep_ratio": 0.25}
+    """DART's published setting (its class's `paper_setting`): K=2, and 4+4 pivots, as params when searched."""
+    assert _space().paper_defaults() == [{"method": "dart", "layer": 2, "keep_ratio": 0.25}]
+    searched = _space(options={"dart": {"n_image_pivots": {"low": 1, "high": 8}, "n_text_pivots": [4, 6]}})
+    assert searched.paper_defaults() == [{"method": "dart", "layer": 2, "keep_ratio": 0.25,
+                                          "dart.n_image_pivots": 4, "dart.n_text_pivots": 4}]
+    config = searched.suggest(optuna.trial.FixedTrial(searched.paper_defaults()[0]))
+    assert (config.options["n_image_pivots"], config.options["n_text_pivots"], config.layer) == (4, 4, 2)
 
 
 def test_paper_default_clamps_or_is_absent() -> None:
     """K=2 with 4+4 pivots only when the space allows it; the keep ratio is the closest allowed to 0.25."""
-    assert _space(keep_ratio={"low": 0.3, "high": 0.6}).paper_default()["keep_ratio"] == 0.3
-    assert _space(keep_ratio=[0.1, 0.3]).paper_default()["keep_ratio"] == 0.3
-    assert _space(keep_ratio=None, budget=[64, 100, 200]).paper_default()["budget"] == 100
-    assert _space(layer={"low": 3, "high": 5}).paper_default() is None
-    assert _space(methods=["random"]).paper_default() is None
-    assert _space(n_image_pivots=[8]).paper_default() is None
+    assert _space(keep_ratio={"low": 0.3, "high": 0.6}).paper_defaults()[0]["keep_ratio"] == 0.3
+    assert _space(keep_ratio=[0.1, 0.3]).paper_defaults()[0]["keep_ratio"] == 0.3
+    assert _space(keep_ratio=None, budget=[64, 100, 200]).paper_defaults()[0]["budget"] == 100
+    assert _space(layer={"low": 3, "high": 5}).paper_defaults() == []
+    assert _space(methods=["random"]).paper_defaults() == []
+    assert _space(options={"dart": {"n_image_pivots": [8]}}).paper_defaults() == []
+    assert _space(options={"dart": {"pivot_order": "rank"}}).paper_defaults() == []  # the reference order is
 
 
 def test_overrides_ignore_none() -> None:

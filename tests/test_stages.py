@@ -127,7 +127,7 @@ def test_cached_decode_equals_no_cache_recompute(family, attn, loaded: Loader):
 @pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
 def test_left_padded_batch_equals_rows_alone(family, attn, loaded: Loader):
     """DART, then FastV, then DART again (a stage without a method takes the first stage's)."""
-    config = tuner.PruningConfig(method="dart", layer=1, keep_ratio=0.6, n_image_pivots=2,
+    config = tuner.PruningConfig(method="dart", layer=1, keep_ratio=0.6, options={"n_image_pivots": 2},
                                  stages=(Stage(2, 0.6, method="fastv"), Stage(3, 0.6)))
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)

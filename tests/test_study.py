@@ -37,7 +37,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def _space_data(model: Path, **changes: object) -> dict:
     data = {"study": "tiny", "model": str(model), "tasks": [TASK], "subset": {"size": 6, "seed": 0},
             "methods": ["dart", "random"], "layer": [1, 2], "keep_ratio": [0.25, 0.5],
-            "n_image_pivots": [4], "n_text_pivots": [4], "attn_implementation": "sdpa", "dtype": "float32",
+            "options": {"dart": {"n_image_pivots": [4], "n_text_pivots": [4]}}, "attn_implementation": "sdpa", "dtype": "float32",
             "device": "cpu", "batch_size": 3, "max_failures": 100, "sampler": {"name": "random", "seed": 0},
             "trials": 3, "latency": {"new_tokens": 2, "repeats": 1, "warmup": 0}}
     return {**data, **changes}
@@ -368,7 +368,7 @@ def test_cli_tune_refuses_a_layer_beyond_the_model(saved_dirs, tmp_path) -> None
 
 @pytest.mark.parametrize(("changes", "key"), [
     ({"budget": {"low": 8, "high": 5000}, "keep_ratio": None}, "budget"),
-    ({"n_image_pivots": [4, 5000]}, "n_image_pivots"),
+    ({"options": {"dart": {"n_image_pivots": [4, 5000]}}}, "options.dart.n_image_pivots"),
 ])
 def test_cli_tune_refuses_more_tokens_than_the_prompt_has(saved_dirs, tmp_path, changes, key) -> None:
     """A budget or an image-pivot count above the vision tokens the latency is measured on: one line naming the

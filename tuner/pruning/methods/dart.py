@@ -44,7 +44,7 @@ class DART(PruningMethod):
         "retain_tokens": Option(int, 320, low=0, help="the reference rules' retained tokens"),
     }
     paper_setting = PaperSetting(layer=2, keep_ratio=0.25, budget=128,
-                                 options={"n_image_pivots": 4, "n_text_pivots": 4})
+                                 options={"n_image_pivots": 4, "n_text_pivots": 4, "pivot_order": "reference"})
 
     @classmethod
     def requires_amount(cls, config: PruningConfig) -> bool:
