@@ -24,6 +24,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 Loader = Callable[[str, str], tuple[PreTrainedModel, ProcessorMixin]]
 
 
+def bundled_methods() -> tuple[str, ...]:
+    """Every pruning method dart-tuner ships (`available_methods()` less those the tests register): a test that
+    iterates over these covers a new method file without being edited."""
+    from tuner.pruning import available_methods, get_method_class
+
+    return tuple(m for m in available_methods() if get_method_class(m).__module__.startswith("tuner.pruning.methods."))
+
+
 @pytest.fixture(scope="session")
 def saved_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Build and save every family once per session."""

@@ -3,6 +3,8 @@ attributes `tuner.study.Tuner` stores (a real tuning run on a random tiny model 
 cannot show a recommendation moving).
 
 Study "dash": baseline 0.80 at 100 ms (64 vision tokens), constraint accuracy >= 90% of the baseline (0.72).
+`legacy=True` writes it as dart-tuner did before methods owned their options: schema-1 configuration attributes
+(DART's pivots at the top level, for every method) and the pivot parameters named `n_image_pivots`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from tuner.config import PruningConfig
+from tuner.config_schema import config_attrs
 from tuner.provenance import environment
 
 METHODS = ("dart", "random", "pooling", "fastv")
@@ -49,14 +52,23 @@ def provenance(task: str = "dart_shapes", device: str = "cpu") -> dict[str, Any]
             "latency": {"new_tokens": 4, "repeats": 5, "warmup": 1}, "versions": environment()}
 
 
+def schema_1_config(config: PruningConfig) -> dict[str, Any]:
+    """`config` as a schema-1 trial stored it: every field of the old PruningConfig, pivots at the top level."""
+    pivots = {key: config.options.get(key, default) for key, default in
+              (("n_image_pivots", 4), ("n_text_pivots", 4), ("pivot_order", "reference"))}
+    return {"method": config.method, "layer": config.layer, "keep_ratio": config.keep_ratio, "budget": config.budget,
+            **pivots, "seed": config.seed, "options": {}, "require_vision": config.require_vision}
+
+
 def trial_attrs(config: PruningConfig | None, accuracy: float, prefill_ms: float, base_ms: float,
-                task: str = "dart_shapes") -> dict[str, Any]:
+                task: str = "dart_shapes", legacy: bool = False) -> dict[str, Any]:
     """The user attributes `Tuner.measure` writes for one trial (same keys, plausible values)."""
     keep = 1.0 if config is None else config.keep_ratio
     kept = float(max(1, round(keep * VISION)))
     flops = int(BASE_FLOPS * (0.2 + 0.8 * keep))
+    stored = {"config": schema_1_config(config) if config else None} if legacy else config_attrs(config)
     return {
-        "config": config.to_dict() if config else None,
+        **stored,
         "accuracy": accuracy, "metrics": {task: {"exact_match": accuracy}}, "n_samples": 60,
         "accuracy_by_category": {f"{task}/color": accuracy, f"{task}/count": accuracy, f"{task}/shape": accuracy},
         "kept_vision_mean": kept, "kept_vision_min": kept, "kept_vision_max": kept, "vision_mean": float(VISION),
@@ -73,18 +85,21 @@ def trial_attrs(config: PruningConfig | None, accuracy: float, prefill_ms: float
     }
 
 
-def distributions(method: str) -> dict[str, optuna.distributions.BaseDistribution]:
+def distributions(method: str, legacy: bool = False) -> dict[str, optuna.distributions.BaseDistribution]:
     """The distributions `SearchSpace.suggest` gives a trial of `method` in the demo-like space."""
     dists: dict[str, optuna.distributions.BaseDistribution] = {
         "method": CategoricalDistribution(METHODS), "layer": IntDistribution(1, 4),
         "keep_ratio": FloatDistribution(0.05, 0.6, log=True)}
     if method == "dart":
-        dists.update(n_image_pivots=IntDistribution(1, 8), n_text_pivots=IntDistribution(0, 8))
+        prefix = "" if legacy else "dart."
+        dists.update({f"{prefix}n_image_pivots": IntDistribution(1, 8),
+                      f"{prefix}n_text_pivots": IntDistribution(0, 8)})
     return dists
 
 
 def build_study(storage: str, name: str = "dash", *, task: str = "dart_shapes", device: str = "cpu",
-                scale_ms: float = 1.0, trials: dict | None = None, with_baseline: bool = True) -> optuna.Study:
+                scale_ms: float = 1.0, trials: dict | None = None, with_baseline: bool = True,
+                legacy: bool = False) -> optuna.Study:
     """A finished dart-tuner study: baseline, pruned trials (some infeasible, some dominated) and a failed one."""
     study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"])
     study.set_user_attr("provenance", provenance(task, device))
@@ -95,7 +110,7 @@ def build_study(storage: str, name: str = "dash", *, task: str = "dart_shapes", 
     if with_baseline:
         study.add_trial(optuna.trial.create_trial(
             values=[base_acc, base_ms], user_attrs={"role": "baseline", **trial_attrs(None, base_acc, base_ms, base_ms,
-                                                                                      task)},
+                                                                                      task, legacy)},
             constraints={"min_relative_accuracy": FLOOR - base_acc}))
         study.set_user_attr("baseline", {"trial": 0, "accuracy": base_acc, "prefill_ms": base_ms,
                                          "decode_ms_per_token": 12.0})
@@ -107,18 +122,22 @@ def build_study(storage: str, name: str = "dash", *, task: str = "dart_shapes", 
             continue
         method, layer, keep, image_pivots, text_pivots, accuracy, ms = rows[number]
         study.add_trial(pruned_trial(method, layer, keep, image_pivots, text_pivots, accuracy, ms * scale_ms,
-                                     base_ms=base_ms, task=task, paper_default=number == 1 and method == "dart"))
+                                     base_ms=base_ms, task=task, paper_default=number == 1 and method == "dart",
+                                     legacy=legacy))
     return study
 
 
 def pruned_trial(method: str, layer: int, keep: float, image_pivots: int | None, text_pivots: int | None,
                  accuracy: float, ms: float, *, base_ms: float = BASELINE[1], task: str = "dart_shapes",
-                 paper_default: bool = False) -> optuna.trial.FrozenTrial:
-    """A complete trial as the Tuner stores it: params, distributions, user attributes, constraint value."""
+                 paper_default: bool = False, legacy: bool = False) -> optuna.trial.FrozenTrial:
+    """A complete trial as the Tuner stores it (`legacy`: as it did in schema 1): params, distributions, user
+    attributes, constraint value."""
     pivots = {"n_image_pivots": image_pivots, "n_text_pivots": text_pivots} if method == "dart" else {}
-    config = PruningConfig(method=method, layer=layer, keep_ratio=keep, **pivots)
+    config = PruningConfig(method=method, layer=layer, keep_ratio=keep, options=pivots)
     role = {"role": "paper_default"} if paper_default else {}
+    params = {("" if legacy else "dart.") + name: value for name, value in pivots.items()}
     return optuna.trial.create_trial(
-        values=[accuracy, ms], params={"method": method, "layer": layer, "keep_ratio": keep, **pivots},
-        distributions=distributions(method), user_attrs={**role, **trial_attrs(config, accuracy, ms, base_ms, task)},
+        values=[accuracy, ms], params={"method": method, "layer": layer, "keep_ratio": keep, **params},
+        distributions=distributions(method, legacy),
+        user_attrs={**role, **trial_attrs(config, accuracy, ms, base_ms, task, legacy)},
         constraints={"min_relative_accuracy": FLOOR - accuracy})

@@ -218,8 +218,15 @@ def test_pareto_plot_marks_baseline_infeasible_and_dominated(storage: str, monke
     assert _chart(at, "cost")["layout"]["xaxis"]["title"]["text"] == dd.X_AXES["kept_vision_mean"]
 
 
-def test_progress_importance_and_parameter_plots(storage: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hypervolume per trial, importance for both objectives, and objectives against each parameter render."""
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "schema-1 study"])
+def test_progress_importance_and_parameter_plots(storage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 legacy: bool) -> None:
+    """Hypervolume per trial, importance for both objectives, and objectives against each parameter render; one
+    method's trials add its options, named '<method>.<option>' whether the study stored them so (current) or as
+    schema 1 did (pivots at the top level of the config, parameters named `n_image_pivots`)."""
+    if legacy:
+        storage = f"sqlite:///{tmp_path / 'legacy.db'}"
+        dashboard_study.build_study(storage, legacy=True)
     at = _app(storage, monkeypatch)
     hypervolume = _chart(at, "hypervolume")
     values = _values(hypervolume["data"][0]["y"])
@@ -227,11 +234,15 @@ def test_progress_importance_and_parameter_plots(storage: str, monkeypatch: pyte
     importance = _traces(_chart(at, "importance"))
     assert set(importance) == {"accuracy", "prefill latency"}
     assert set(importance["accuracy"]["y"]) == {"method", "layer", "keep_ratio"}
-    at.toggle(key="dart_only").set_value(True).run()
+    at.selectbox(key="importance_method").set_value("dart").run()
     importance = _traces(_chart(at, "importance"))
-    assert set(importance["accuracy"]["y"]) == {"layer", "keep_ratio", "n_image_pivots", "n_text_pivots"}
-    titles = [a["text"] for a in _chart(at, "parameters")["layout"]["annotations"]]
-    assert titles == ["keep ratio", "K (pruning layer)", "image pivots", "text pivots"]
+    pivots = {"n_image_pivots", "n_text_pivots"} if legacy else {"dart.n_image_pivots", "dart.n_text_pivots"}
+    assert set(importance["accuracy"]["y"]) == {"layer", "keep_ratio"} | pivots  # the study's own parameter names
+    parameters = _chart(at, "parameters")
+    titles = [a["text"] for a in parameters["layout"]["annotations"]]
+    assert titles == ["keep ratio", "K (pruning layer)", "dart: n image pivots", "dart: n text pivots"]
+    image_pivots = [t for t in parameters["data"] if t.get("name") == "dart" and t.get("xaxis") == "x3"]
+    assert sorted(_values(image_pivots[0]["x"])) == [2, 3, 4, 4, 4, 6]  # from the configurations, old or new
 
 
 def test_compare_studies_on_one_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -224,7 +224,8 @@ def test_evaluator_accuracy_is_identical_and_latency_never_uses_the_cache(llava_
 def _space(tmp_path: Path, model: Path) -> Path:
     data = {"study": "cache", "model": str(model), "tasks": [TASK], "subset": {"size": 4, "seed": 0},
             "methods": ["dart", "random"], "layer": [1, 2], "keep_ratio": [0.25, 0.5],
-            "options": {"dart": {"n_image_pivots": [4], "n_text_pivots": [4]}}, "attn_implementation": "sdpa", "dtype": "float32", "device": "cpu",
+            "options": {"dart": {"n_image_pivots": [4], "n_text_pivots": [4]}},
+            "attn_implementation": "sdpa", "dtype": "float32", "device": "cpu",
             "batch_size": 4, "max_failures": 100, "sampler": {"name": "random", "seed": 0},
             "latency": {"new_tokens": 2, "repeats": 1, "warmup": 0}}
     path = tmp_path / "cache.yaml"

@@ -7,8 +7,9 @@ import torch
 
 import tiny_vlms
 import tuner
-from conftest import Loader
+from conftest import Loader, bundled_methods
 from tuner.models.families import adapter_for
+from tuner.pruning import get_method_class
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.dart import dart_select
 from tuner.transformers_compat import positions_from_mask
@@ -17,7 +18,8 @@ ATTN = ("sdpa", "eager")
 K = 2
 NEW_TOKENS = 4
 ATOL = 1e-4
-PRUNING_METHODS = ("dart", "random", "pooling", "fastv", "avgpool", "window_fastv")
+# Every shipped method that removes tokens (keep_all keeps them all), a new one included.
+PRUNING_METHODS = tuple(m for m in bundled_methods() if get_method_class(m).needs_amount)
 
 
 def config(method: str, **kwargs) -> tuner.PruningConfig:
@@ -120,9 +122,13 @@ def test_cached_decode_equals_no_cache_recompute(family, attn, loaded: Loader):
     assert all(r.n_kept_vision == handle.requests[0].n_kept_vision for r in handle.requests)
 
 
-@pytest.mark.parametrize("attn", ATTN)
+# Every method under sdpa; the four whose scores read the captured keys or attention also under eager.
+_PADDING_CASES = [(method, attn) for method in PRUNING_METHODS for attn in ATTN
+                  if attn == "sdpa" or method in ("dart", "random", "fastv", "window_fastv")]
+
+
 @pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
-@pytest.mark.parametrize("method", ("dart", "random", "fastv", "window_fastv"))
+@pytest.mark.parametrize("method, attn", _PADDING_CASES)
 def test_left_padded_batch_equals_rows_alone(family, attn, method, loaded: Loader):
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)

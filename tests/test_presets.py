@@ -54,7 +54,7 @@ def test_a_schema_1_preset_loads_with_the_pivots_in_dart_options(tmp_path: Path)
     assert (config.options["pivot_order"], config.options["pivot_metric"]) == ("rank", "l2")
     fastv, dart = config.stage_config(1), config.stage_config(2)
     assert fastv.options == {"alpha": 1.0}
-    assert (dart.options["n_image_pivots"], dart.options["n_text_pivots"], dart.options["pivot_order"]) == (2, 6, "rank")
+    assert [dart.options[key] for key in ("n_image_pivots", "n_text_pivots", "pivot_order")] == [2, 6, "rank"]
     assert preset.metrics == {"accuracy": 0.8}
     again = load_preset(save_preset(preset, tmp_path / "again.yaml"))
     assert again.config == config and again.schema_version == SCHEMA_VERSION == 2

@@ -24,8 +24,8 @@ from tuner.evaluation.tasks import load_tasks
 from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
 from tuner.models.loading import load_model
 from tuner.reporting import NOISY_FOOTNOTE
-from tuner.results import is_baseline, pareto_trials
-from tuner.space import PAPER_DEFAULT, parse_space
+from tuner.results import config_of, is_baseline, pareto_trials
+from tuner.space import parse_space
 from tuner.storage import HEARTBEAT_FAILURE, open_for_tuning
 from tuner.study import ProvenanceMismatch, Tuner
 
@@ -37,7 +37,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def _space_data(model: Path, **changes: object) -> dict:
     data = {"study": "tiny", "model": str(model), "tasks": [TASK], "subset": {"size": 6, "seed": 0},
             "methods": ["dart", "random"], "layer": [1, 2], "keep_ratio": [0.25, 0.5],
-            "options": {"dart": {"n_image_pivots": [4], "n_text_pivots": [4]}}, "attn_implementation": "sdpa", "dtype": "float32",
+            "options": {"dart": {"n_image_pivots": [4], "n_text_pivots": [4]}},
+            "attn_implementation": "sdpa", "dtype": "float32",
             "device": "cpu", "batch_size": 3, "max_failures": 100, "sampler": {"name": "random", "seed": 0},
             "trials": 3, "latency": {"new_tokens": 2, "repeats": 1, "warmup": 0}}
     return {**data, **changes}
@@ -65,7 +66,9 @@ def test_study_stores_baseline_first_and_every_number(saved_dirs, model_and_task
     assert len(trials) == 3
     assert is_baseline(trials[0]) and trials[0].number == 0 and trials[0].params == {}
     assert trials[1].user_attrs["role"] == "paper_default"
-    assert {k: trials[1].params[k] for k in PAPER_DEFAULT} == PAPER_DEFAULT
+    paper = {"method": "dart", "layer": 2, "dart.n_image_pivots": 4, "dart.n_text_pivots": 4}
+    assert {k: trials[1].params[k] for k in paper} == paper
+    assert config_of(trials[1]).options["n_image_pivots"] == 4 and trials[1].user_attrs["config_schema"] == 2
     for trial in trials:
         assert trial.values == [trial.user_attrs["accuracy"], trial.user_attrs["prefill_ms"]]
         assert len(trial.user_attrs["samples"]) == 6
