@@ -430,6 +430,32 @@ def test_eval_cli_invalid_method_exits_2_naming_it(saved_dirs):
     assert "no_such_method" in result.output and "Traceback" not in result.output
 
 
+def test_eval_cli_options_reach_their_methods_only():
+    """`--option key=value` goes to every --method that takes it, `method.key=value` to that one; the old
+    --image-pivots / --text-pivots are DART's options. A misdirected option is one line naming it."""
+    from tuner.cli.common import options_for
+
+    given = {"alpha": 0.5, "dart.n_image_pivots": 2, "dart.pivot_order": "rank"}
+    assert options_for("dart", given, ["dart", "fastv"]) == {"n_image_pivots": 2, "pivot_order": "rank"}
+    assert options_for("fastv", given, ["dart", "fastv"]) == {"alpha": 0.5}
+    assert options_for("random", given, ["dart", "fastv", "random"]) == {}
+    with pytest.raises(ValueError, match="--option window: no --method takes it"):
+        options_for("fastv", {"window": 3}, ["fastv"])
+    with pytest.raises(ValueError, match="--option dart.quota: 'dart' is not one of the --method values"):
+        options_for("fastv", {"dart.quota": 3}, ["fastv"])
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--method", "dart", "--image-pivots", "-1"], "dart option n_image_pivots must be an int >= 0, got -1"),
+    (["--method", "dart", "--option", "dart.n_text_pivots=x"], "dart option n_text_pivots must be an int"),
+    (["--method", "fastv", "--option", "window=3"], "--option window: no --method takes it"),
+])
+def test_eval_cli_bad_options_exit_2_before_loading(flags, words):
+    result = _invoke(["eval", "--model", "/nonexistent", "--task", TASK, "--keep-ratio", "0.5", *flags])
+    assert result.exit_code == 2, repr(result.exception)
+    assert words in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
 def test_eval_cli_layer_beyond_the_model_exits_2_before_any_evaluation(saved_dirs):
     """K at or past the decoder's layer count: one line naming K and the count, before the baseline is scored."""
     result = _invoke(["eval", "--model", str(saved_dirs["llava"]), "--task", TASK, "--method", "dart",

@@ -263,3 +263,25 @@ def test_rule_cli_options_pick_the_same_trial_from_the_command_line(tmp_path: Pa
                                       "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert load_preset(out).provenance["trial"] == choose_trial(study, rule).number
+
+
+def test_a_schema_1_study_exports_and_prints_with_the_pivots_as_dart_options(tmp_path: Path) -> None:
+    """A study stored before methods owned their options (configs with top-level pivots, no `config_schema`,
+    parameters named `n_image_pivots`) still reads: its DART trial exports a current-schema preset holding the
+    pivots it ran, a FastV trial none, and the Pareto table shows them."""
+    import dashboard_study
+
+    from tuner.results import config_of
+
+    storage = f"sqlite:///{tmp_path / 'old.db'}"
+    study = dashboard_study.build_study(storage, legacy=True)
+    by_number = {t.number: t for t in study.trials}
+    assert "config_schema" not in by_number[3].user_attrs and by_number[3].user_attrs["config"]["n_image_pivots"] == 2
+    preset = preset_from_trial(study, by_number[3])  # dart, 2 + 3 pivots
+    assert (preset.config.options["n_image_pivots"], preset.config.options["n_text_pivots"]) == (2, 3)
+    assert preset.schema_version == 2
+    assert load_preset(save_preset(preset, tmp_path / "p.yaml")).config == preset.config
+    assert config_of(by_number[5]).options == {"alpha": 1.0}  # fastv: the old pivot fields are dropped
+    console = Console(width=300, record=True)
+    console.print(pareto_table(study))
+    assert "n_image_pivots=2 n_text_pivots=3" in console.export_text()

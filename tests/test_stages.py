@@ -54,7 +54,8 @@ def test_config_validation_and_round_trip():
     assert schedule_text(config) == "fastv@2:0.5>4:0.5>random@6:8t"
     assert tuner.PruningConfig(**config.to_dict()) == config
     assert "stages" not in tuner.PruningConfig(method="dart", keep_ratio=0.3).to_dict()  # one stage: as before
-    assert config.stage_config(1).options == {} and config.stage_config(2).method == "random"
+    assert config.stage_config(1).options == {"alpha": 1.0} and config.stage_config(2).method == "random"
+    assert config.stage_config(2).options == {}
     inherited = tuner.PruningConfig(method="fastv", keep_ratio=0.5, options={"alpha": 0.5},
                                     stages=[Stage(3, 0.5, options={"alpha": 0.2})])
     assert inherited.stage_config(1).options == {"alpha": 0.2} and inherited.stage_config(1).method == "fastv"
@@ -67,6 +68,23 @@ def test_config_validation_and_round_trip():
     for message, stages in bad.items():
         with pytest.raises(ValueError, match=re.escape(message)):
             tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5, stages=stages)
+
+
+def test_stage_options_inherit_from_the_first_stage_unless_the_stage_names_a_method():
+    """A stage without a method runs the first stage's method with its options, its own overriding them key by
+    key; a stage that names a method (even the same) starts from that method's defaults."""
+    config = tuner.PruningConfig(method="dart", layer=2, keep_ratio=0.5,
+                                 options={"n_image_pivots": 2, "pivot_order": "rank"},
+                                 stages=[Stage(4, 0.5), Stage(6, 0.5, options={"n_text_pivots": 1}),
+                                         Stage(8, 0.5, method="dart")])
+    pivots = [(s.options["n_image_pivots"], s.options["n_text_pivots"], s.options["pivot_order"])
+              for s in config.stage_configs()]
+    assert pivots == [(2, 4, "rank"), (2, 4, "rank"), (2, 1, "rank"), (4, 4, "reference")]
+    with pytest.raises(ValueError, match=re.escape("stages[0]: dart option n_image_pivots must be an int >= 0")):
+        tuner.PruningConfig(method="dart", keep_ratio=0.5, stages=[Stage(4, 0.5, options={"n_image_pivots": -1})])
+    with pytest.raises(ValueError, match=re.escape("stages[0]: unknown option(s) ['alpha'] for method 'dart'")):
+        tuner.PruningConfig(method="fastv", keep_ratio=0.5, stages=[Stage(4, 0.5, method="dart",
+                                                                          options={"alpha": 0.5})])
 
 
 def test_stage_beyond_the_model_is_named(loaded: Loader):
@@ -208,10 +226,15 @@ def test_reports_describe_a_schedule():
 
     schedule = tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5,
                                    stages=[Stage(4, 0.5), Stage(6, budget=8, method="dart")])
-    assert describe_trial(trial(schedule)) == "fastv@2:0.5>4:0.5>dart@6:8t pivots 4+4"
-    assert trial_label(trial(schedule)) == ("fastv", "2>4>6", "-", "0.5>0.5>8t")
+    options = "alpha=1; n_image_pivots=4 n_text_pivots=4"  # each stage's searchable or non-default options, once
+    assert describe_trial(trial(schedule)) == f"fastv@2:0.5>4:0.5>dart@6:8t {options}"
+    assert trial_label(trial(schedule)) == ("fastv", "2>4>6", options, "0.5>0.5>8t")
     single = tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5)
-    assert describe_trial(trial(single)) == "fastv K=2 keep 0.5"
+    assert describe_trial(trial(single)) == "fastv K=2 alpha=1 keep 0.5"
+    pooled = tuner.PruningConfig(method="pooling", layer=2, keep_ratio=0.5)
+    assert describe_trial(trial(pooled)) == "pooling K=2 keep 0.5" and trial_label(trial(pooled))[2] == "-"
+    dart = tuner.PruningConfig(method="dart", layer=2, keep_ratio=0.5, options={"pivot_metric": "l2"})
+    assert describe_trial(trial(dart)) == "dart K=2 n_image_pivots=4 n_text_pivots=4 pivot_metric=l2 keep 0.5"
 
 
 RECORDED: list[torch.Tensor] = []

@@ -421,7 +421,7 @@ def test_a_complete_configuration_is_not_measured_again(saved_dirs, model_and_ta
     """A space with one pruned configuration: after it is measured, further proposals are pruned as duplicates
     naming the trial that holds it, unless repeats are asked for."""
     storage = f"sqlite:///{tmp_path / 's.db'}"
-    one_config = {"methods": ["random"], "layer": [2], "keep_ratio": [0.5]}
+    one_config = {"methods": ["random"], "layer": [2], "keep_ratio": [0.5], "options": None}
     study = _tuner(saved_dirs, model_and_tasks, storage, **one_config).run(3)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     skipped = study.get_trials(states=(TrialState.PRUNED,))
