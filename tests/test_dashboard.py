@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from tuner import load_preset
 from tuner.cli import app, dashboard_app_path
+from tuner.config_schema import config_attrs
 from tuner.evaluation.runner import EvalResult
 from tuner.export import Rule, choose_trial
 from tuner.latency import Timing, speedup_spread
@@ -98,6 +99,7 @@ def test_hand_built_trials_carry_the_tuners_attributes() -> None:
     keys = {k.value for k in attrs.keys if isinstance(k, ast.Constant)}
     keys |= set(EvalResult(config=None, accuracy=0.0, metrics={}).kept_vision_stats())
     keys |= set(speedup_spread(Timing((1.0,)), Timing((1.0,))).to_attrs())
+    keys |= set(config_attrs(None))
     assert set(dashboard_study.trial_attrs(None, 0.5, 10.0, 20.0)) == keys
 
 
@@ -242,7 +244,7 @@ def test_progress_importance_and_parameter_plots(storage: str, tmp_path: Path, m
     titles = [a["text"] for a in parameters["layout"]["annotations"]]
     assert titles == ["keep ratio", "K (pruning layer)", "dart: n image pivots", "dart: n text pivots"]
     image_pivots = [t for t in parameters["data"] if t.get("name") == "dart" and t.get("xaxis") == "x3"]
-    assert sorted(_values(image_pivots[0]["x"])) == [2, 3, 4, 4, 4, 6]  # from the configurations, old or new
+    assert sorted(_values(image_pivots[0]["x"])) == [2, 3, 4, 4, 6]  # from the configurations, old or new
 
 
 def test_compare_studies_on_one_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
