@@ -153,6 +153,21 @@ def schedule_text(config: PruningConfig) -> str:
     return ">".join(parts)
 
 
+def stack(before: PruningConfig, after: PruningConfig) -> PruningConfig:
+    """One schedule: every stage of `before`, then every stage of `after` (e.g. a K = 0 stage under an in-LM one).
+
+    `after`'s amounts stay shares (or counts) of what the stage before them kept; its stages name their methods
+    and options explicitly, so none inherits `before`'s. The pivot counts, pivot order and seed are `after`'s.
+    """
+    if after.layer <= before.layers[-1]:
+        raise ValueError(f"cannot stack a schedule starting at layer {after.layer} after one ending at layer "
+                         f"{before.layers[-1]}: stage layers must increase")
+    tail = tuple(Stage(layer=c.layer, keep_ratio=c.keep_ratio, budget=c.budget, method=c.method, options=c.options)
+                 for c in after.stage_configs())
+    return replace(before, n_image_pivots=after.n_image_pivots, n_text_pivots=after.n_text_pivots,
+                   pivot_order=after.pivot_order, seed=after.seed, stages=(*before.stages, *tail))
+
+
 def as_pruning_config(value: Any) -> PruningConfig:
     """`value` itself when it is a PruningConfig, or the one it holds as `.config` (a preset); TypeError otherwise."""
     config = value if isinstance(value, PruningConfig) else getattr(value, "config", None)
