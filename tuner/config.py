@@ -153,6 +153,11 @@ def schedule_text(config: PruningConfig) -> str:
     return ">".join(parts)
 
 
+def methods_text(config: PruningConfig) -> str:
+    """The methods of a configuration's stages, in order without repeats: 'dart', or 'random>dart' for a stack."""
+    return ">".join(dict.fromkeys(stage.method for stage in config.stage_configs()))
+
+
 def stack(before: PruningConfig, after: PruningConfig) -> PruningConfig:
     """One schedule: every stage of `before`, then every stage of `after` (e.g. a K = 0 stage under an in-LM one).
 
