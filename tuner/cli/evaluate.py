@@ -65,7 +65,10 @@ def eval_command(
     preset: Path | None = typer.Option(None, help="Preset file to evaluate (instead of --method ...)."),
     method: list[str] = typer.Option([], help="Pruning method: dart, random, pooling, avgpool, fastv, window_fastv, "
                                               "keep_all. Repeat to compare several."),
-    layer: int = typer.Option(2, help="Prune before decoder layer K."),
+    schedule: list[str] = typer.Option([], help="A multi-stage schedule as the tables print it, e.g. "
+                                                "'fastv@2:0.5>4:0.5>6:64t' (instead of --method ...). Repeat to "
+                                                "compare several."),
+    layer: int | None = typer.Option(None, help="Prune before decoder layer K (default 2)."),
     keep_ratio: list[float] = typer.Option([], help="Fraction of vision tokens kept, in (0, 1]. Repeat to compare "
                                                     "several (every method x every ratio)."),
     budget: int | None = typer.Option(None, help="Vision tokens kept per image prompt (instead of --keep-ratio)."),
@@ -91,21 +94,29 @@ def eval_command(
     baseline."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tuner.config import PruningConfig
+    from tuner.config import PruningConfig, parse_schedule
     from tuner.evaluation.tasks import load_tasks
     from tuner.presets import load_preset
 
     console = Console()
     quiet_libraries()
     try:
-        if preset is not None and method:
-            raise ValueError("give --preset or --method, not both")
+        given = [flag for flag, value in (("--preset", preset), ("--method", method), ("--schedule", schedule))
+                 if value]
+        if len(given) > 1:
+            raise ValueError(f"give one of --preset, --method or --schedule, not {' and '.join(given)}")
+        if schedule and (layer is not None or keep_ratio or budget is not None):
+            raise ValueError("--schedule sets every stage's layer and amount; drop --layer, --keep-ratio and --budget")
         if preset is not None:
             configs = {"preset": load_preset(preset).config}
+        elif schedule:
+            configs = {text: parse_schedule(text, n_image_pivots=image_pivots, n_text_pivots=text_pivots,
+                                            options=parse_options(option)) for text in schedule}
         else:
             options = parse_options(option)
             ratios: list[float | None] = list(keep_ratio) or [None]
-            configs = {f"{name} {ratio}": PruningConfig(method=name, layer=layer, keep_ratio=ratio, budget=budget,
+            configs = {f"{name} {ratio}": PruningConfig(method=name, layer=2 if layer is None else layer,
+                                                        keep_ratio=ratio, budget=budget,
                                                         n_image_pivots=image_pivots, n_text_pivots=text_pivots,
                                                         options=options)
                        for name in method for ratio in ratios}
