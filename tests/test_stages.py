@@ -228,7 +228,10 @@ def test_reports_describe_a_schedule():
                                    stages=[Stage(4, 0.5), Stage(6, budget=8, method="dart")])
     options = "alpha=1; n_image_pivots=4 n_text_pivots=4"  # each stage's searchable or non-default options, once
     assert describe_trial(trial(schedule)) == f"fastv@2:0.5>4:0.5>dart@6:8t {options}"
-    assert trial_label(trial(schedule)) == ("fastv", "2>4>6", options, "0.5>0.5>8t")
+    assert trial_label(trial(schedule)) == ("fastv>dart", "2>4>6", options, "0.5>0.5>8t")
+    stacked = tuner.config.stack(tuner.PruningConfig(method="random", layer=0, keep_ratio=0.5),
+                                 tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.25, options={"alpha": 0.5}))
+    assert trial_label(trial(stacked)) == ("random>fastv", "0>2", "alpha=0.5", "0.5>0.25")
     single = tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5)
     assert describe_trial(trial(single)) == "fastv K=2 alpha=1 keep 0.5"
     pooled = tuner.PruningConfig(method="pooling", layer=2, keep_ratio=0.5)

@@ -8,7 +8,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from tuner.config import options_text, schedule_text
+from tuner.config import methods_text, options_text, schedule_text
 from tuner.evidence import CONFIRMATION_ATTR, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.results import accuracy_relative, config_of, is_baseline, pareto_trials
 
@@ -36,7 +36,7 @@ def trial_label(trial: FrozenTrial) -> tuple[str, str, str, str]:
         stages = config.stage_configs()
         amount = ">".join(f"{s.keep_ratio:.3g}" if s.keep_ratio is not None else f"{s.budget}t" if s.budget else "all"
                           for s in stages)
-        return config.method, ">".join(str(layer) for layer in config.layers), options, amount
+        return methods_text(config), ">".join(str(layer) for layer in config.layers), options, amount
     return config.method, str(config.layer), options, amount
 
 
@@ -150,7 +150,7 @@ def study_rows(storage: str | optuna.storages.BaseStorage) -> list[dict]:
 def _point(trial: FrozenTrial | None, study: optuna.Study) -> str:
     if trial is None:
         return "-"
-    method, layer, pivots, amount = trial_label(trial)
+    method, layer, _options, amount = trial_label(trial)
     return (f"#{trial.number} {method} K={layer} {amount}: {with_interval(trial, 'accuracy', trial.values[0], '.3f')}"
             f" @ {with_interval(trial, 'prefill_ms', trial.values[1], '.1f')} ms ({speedup_text(trial, study)})")
 

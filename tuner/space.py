@@ -29,14 +29,18 @@ from tuner.models.feature_cache import DEFAULT_FEATURE_CACHE_MB
 from tuner.models.loading import DTYPES
 from tuner.pruning.registry import available_methods
 from tuner.space_params import (
+    NO_STAGE,
     PDROP,
+    BeforeLMSpec,
     FloatParam,
     IntParam,
     OptionParam,
     Reader,
     ScheduleSpec,
     SpaceError,
+    parse_before_lm,
     parse_schedule,
+    refuses_layer_0,
 )
 from tuner.yaml_files import read_yaml
 
@@ -48,7 +52,7 @@ SAMPLERS = tuple(SAMPLER_CLASSES)
 LEGACY_OPTION_KEYS = tuple(LEGACY_PARAMS)  # top-level keys of spaces written before `options`
 _TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "options", "keep_ratio",
               "budget", "attn_implementation", "dtype", "device", "batch_size", "constraints", "sampler", "trials",
-              "timeout_s", "latency", "max_failures", "feature_cache_mb", "early_stopping", "schedule",
+              "timeout_s", "latency", "max_failures", "feature_cache_mb", "early_stopping", "schedule", "before_lm",
               *LEGACY_OPTION_KEYS}
 MAX_OPTION_CHECKS = 256  # option combinations a space check tries per method (every listed value / range end)
 
@@ -113,11 +117,19 @@ class SearchSpace:
     early_stop_chunk: int | None = None  # score in chunks of this many documents, stopping hopeless trials
     source: str | None = None
     schedule: ScheduleSpec | None = None
+    before_lm: BeforeLMSpec | None = None  # an optional K = 0 stage stacked under each trial's configuration
 
     def suggest(self, trial: Any) -> PruningConfig:
-        """The configuration for one trial. A method's options are only suggested for that method's trials and a
-        schedule's parameters for `pdrop` trials (conditional parameters), except under the grid sampler, which
-        needs every parameter in every trial."""
+        """The configuration for one trial. A method's options are only suggested for that method's trials, a
+        schedule's parameters for `pdrop` trials and a before-LM stage's share when it has a method (conditional
+        parameters), except under the grid sampler, which needs every parameter in every trial."""
+        config = self._suggest_in_lm(trial)
+        if self.before_lm is None:
+            return config
+        return self.before_lm.suggest(trial, config, grid=self.sampler.name == "grid")
+
+    def _suggest_in_lm(self, trial: Any) -> PruningConfig:
+        """The in-LM part of a trial's configuration: a method at layer K, or a `pdrop` schedule."""
         method = trial.suggest_categorical("method", list(self.methods))
         grid = self.sampler.name == "grid"
         if self.schedule is not None and (method == PDROP or grid):
@@ -141,7 +153,8 @@ class SearchSpace:
     def grid(self) -> dict[str, list]:
         """The full grid for Optuna's GridSampler (every parameter must be a list or an integer range)."""
         if set(self.methods) == {PDROP}:
-            return {"method": [PDROP], **self.schedule.grid(self.source)}
+            grid = {"method": [PDROP], **self.schedule.grid(self.source)}
+            return grid | (self.before_lm.grid(self.source) if self.before_lm is not None else {})
         grid: dict[str, list] = {"method": list(self.methods), "layer": self.layer.choices()}
         for owner, params in self.options.items():
             for name, param in params.items():
@@ -158,6 +171,8 @@ class SearchSpace:
             grid["budget"] = self.budget.choices()
         if self.schedule is not None:
             grid.update(self.schedule.grid(self.source))
+        if self.before_lm is not None:
+            grid.update(self.before_lm.grid(self.source))
         return grid
 
     def max_layer(self) -> int:
@@ -167,7 +182,10 @@ class SearchSpace:
     def paper_defaults(self) -> list[dict[str, Any]]:
         """The published setting (`PruningMethod.paper_setting`, e.g. DART's K=2 with 4+4 pivots) of every method
         of the space that declares one and that the space contains, as trial params; the amount is the space's
-        value nearest the paper's. An option the space does not search must keep the paper's value by default."""
+        value nearest the paper's. An option the space does not search must keep the paper's value by default.
+        With `before_lm`, the setting runs without a stage before the language model (so that must be allowed)."""
+        if self.before_lm is not None and NO_STAGE not in self.before_lm.methods:
+            return []
         found = []
         for method in self.methods:
             setting = None if method == PDROP else method_class(method).paper_setting
@@ -187,6 +205,8 @@ class SearchSpace:
                 params["budget"] = min(self.budget.choices(), key=lambda v: abs(v - setting.budget))
             params.update({param_name(method, name): value for name, value in setting.options.items()
                            if name in searched})
+            if self.before_lm is not None:
+                params["before_lm_method"] = NO_STAGE
             found.append(params)
         return found
 
@@ -238,7 +258,14 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
     if "layer" not in data and any(m != PDROP for m in methods):
         raise r.fail("layer", "is required")
     # A pdrop-only space draws no `layer`; its first stage layer stands in where a layer bound is checked.
-    layer = r.int_param("layer", data["layer"], low=1) if "layer" in data else schedule.layers[0]
+    layer = r.int_param("layer", data["layer"], low=0) if "layer" in data else schedule.layers[0]
+    before_lm = parse_before_lm(r, data["before_lm"]) if "before_lm" in data else None
+    if 0 in layer.choices():
+        if before_lm is not None:
+            raise r.fail("layer", "may not include 0 with before_lm: that stage is layer 0 (raise layer.low to 1)")
+        if refusing := [m for m in methods if m != PDROP and refuses_layer_0(m)]:
+            raise r.fail("layer", f"includes 0, where {', '.join(refusing)} cannot run (no layer K-1 keys or "
+                                  "attention exist before the language model); raise layer.low to 1")
     method_options = _parse_options(r, data, methods)
     if ("keep_ratio" in data) == ("budget" in data) and any(m not in ("keep_all", PDROP) for m in methods):
         raise r.fail("keep_ratio", "give exactly one of keep_ratio and budget")
@@ -307,7 +334,7 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         feature_cache_mb=int(data.get("feature_cache_mb", DEFAULT_FEATURE_CACHE_MB)),
         constraints=Constraints(**constraints), sampler=SamplerSpec(sampler_name, sampler.get("seed", 0), options),
         trials=trials, timeout_s=timeout, latency=LatencySpec(**latency), early_stop_chunk=early.get("chunk_size"),
-        source=source, schedule=schedule)
+        source=source, schedule=schedule, before_lm=before_lm)
     _check_option_combinations(r, space)
     if sampler_name == "grid":
         space.grid()  # fails now, naming the parameter, if a range cannot be gridded

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import io
 from collections.abc import Callable
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -109,6 +110,18 @@ def options_for(method: str, options: dict[str, object], methods: list[str]) -> 
         if (dot and owner == method) or (not dot and key in method_class(method).option_specs):
             mine[name if dot else key] = value
     return mine
+
+
+def with_stage_options(config: Any, options: dict[str, object]) -> Any:
+    """A parsed schedule (a PruningConfig) with the `--option`s each stage's method takes (`options_for`): the
+    first stage's become its options (inherited by the stages without a method), a stage naming a method gets
+    its own."""
+    from dataclasses import replace
+
+    methods = list(dict.fromkeys(stage.method for stage in config.stage_configs()))
+    stages = tuple(replace(stage, options={**options_for(stage.method, options, methods), **stage.options})
+                   if stage.method is not None else stage for stage in config.stages)
+    return replace(config, options=options_for(config.method, options, methods), stages=stages)
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:

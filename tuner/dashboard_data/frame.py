@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config import schedule_text
+from tuner.config import methods_text, schedule_text
 from tuner.config_schema import legacy_param
 from tuner.early_stop import STOPPED_ATTR
 from tuner.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
@@ -101,7 +101,7 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
         done = trial.number in complete
         row = {
             "number": trial.number, "state": trial.state.name.lower(), "role": attrs.get("role", ""),
-            "method": config.method if config else ("unpruned" if is_baseline(trial) else "?"),
+            "method": methods_text(config) if config else ("unpruned" if is_baseline(trial) else "?"),
             "label": describe_trial(trial),
             "layer": config.layer if config else math.nan,
             "keep_ratio": _num(config.keep_ratio) if config else math.nan,
@@ -142,11 +142,11 @@ def option_columns(trials: Sequence[FrozenTrial]) -> list[str]:
 
 
 def _option_value(config: Any, column: str) -> Any:
-    """Option `column` ('<method>.<option>') of the configuration, NaN unless the configuration runs that method."""
+    """Option `column` ('<method>.<option>') of the first stage of the configuration that runs that method; NaN
+    when none does."""
     method, _, name = column.partition(".")
-    if config is None or config.method != method:
-        return math.nan
-    value = config.options.get(name)
+    stage = next((s for s in config.stage_configs() if s.method == method), None) if config is not None else None
+    value = stage.options.get(name) if stage is not None else None
     return math.nan if value is None else value
 
 
