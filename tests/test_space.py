@@ -343,7 +343,8 @@ def test_before_lm_stacks_a_k0_stage_under_the_in_lm_trial() -> None:
     share of what K = 0 kept; `none` trials are the in-LM configuration alone and carry no K = 0 share."""
     from tuner.config import schedule_text
 
-    space = _space(methods=["dart", "fastv"], n_image_pivots={"low": 1, "high": 4}, n_text_pivots={"low": 0, "high": 4},
+    space = _space(methods=["dart", "fastv"],
+                   options={"dart": {"n_image_pivots": {"low": 1, "high": 4}, "n_text_pivots": {"low": 0, "high": 4}}},
                    before_lm={"methods": ["none", "random", "pooling"], "keep_ratio": {"low": 0.3, "high": 0.9}})
     seen = set()
     for trial, config in _random_draws(space, 30, seed=3):
@@ -362,10 +363,12 @@ def test_before_lm_stacks_a_k0_stage_under_the_in_lm_trial() -> None:
     assert seen == {"none", "random", "pooling"}
     config = space.suggest(optuna.trial.FixedTrial({"before_lm_method": "random", "before_lm_keep_ratio": 0.5,
                                                     "method": "dart", "layer": 2, "keep_ratio": 0.25,
-                                                    "n_image_pivots": 2, "n_text_pivots": 3}))
+                                                    "dart.n_image_pivots": 2, "dart.n_text_pivots": 3}))
     assert schedule_text(config) == "random@0:0.5>dart@2:0.25"
-    assert (config.stage_config(1).n_image_pivots, config.stage_config(1).n_text_pivots) == (2, 3)
-    assert space.paper_default()["before_lm_method"] == "none"
+    dart = config.stage_config(1).options
+    assert (dart["n_image_pivots"], dart["n_text_pivots"]) == (2, 3)  # the in-LM stage's own options
+    assert config.options == {}  # random's: none
+    assert [paper["before_lm_method"] for paper in space.paper_defaults()] == ["none"]
 
 
 def test_a_layer_range_may_start_at_0_when_every_method_can_run_there() -> None:
