@@ -445,6 +445,19 @@ def test_eval_cli_options_reach_their_methods_only():
         options_for("fastv", {"dart.quota": 3}, ["fastv"])
 
 
+def test_eval_cli_schedule_options_reach_every_stage_of_their_method():
+    from tuner.cli.common import with_stage_options
+    from tuner.config import parse_schedule
+
+    config = with_stage_options(parse_schedule("fastv@2:0.5>dart@4:0.5>6:0.5"),
+                                {"alpha": 0.3, "dart.n_image_pivots": 2})
+    stages = config.stage_configs()
+    assert stages[0].options == {"alpha": 0.3}
+    assert [s.options["n_image_pivots"] for s in stages[1:]] == [2, 2]
+    assert with_stage_options(parse_schedule("dart@2:0.5>4:0.5"), {"n_text_pivots": 1}).stage_config(1).options[
+        "n_text_pivots"] == 1  # a stage without a method inherits the first stage's
+
+
 @pytest.mark.parametrize(("flags", "words"), [
     (["--method", "dart", "--image-pivots", "-1"], "dart option n_image_pivots must be an int >= 0, got -1"),
     (["--method", "dart", "--option", "dart.n_text_pivots=x"], "dart option n_text_pivots must be an int"),
