@@ -229,10 +229,15 @@ def test_window_fastv_hooks_hand_the_family_grids_to_the_method(loaded: Loader):
 
 
 def test_a_search_space_can_list_window_fastv_with_its_default_window():
-    """Spaces have no per-method options (yet): a window_fastv trial runs with the automatic window."""
-    space = parse_space({"model": "m", "tasks": ["dart_shapes"], "methods": ["window_fastv"], "layer": 2,
-                         "keep_ratio": {"low": 0.1, "high": 0.5}}, "test.yaml")
+    """A space that does not search the window runs window_fastv with the automatic window; one that names it
+    draws it from the method's default range, as `window_fastv.window`."""
+    data = {"model": "m", "tasks": ["dart_shapes"], "methods": ["window_fastv"], "layer": 2,
+            "keep_ratio": {"low": 0.1, "high": 0.5}}
     trial = optuna.create_study().ask()
-    cfg = space.suggest(trial)
-    assert cfg.method == "window_fastv" and cfg.options == {}
+    cfg = parse_space(data, "test.yaml").suggest(trial)
+    assert cfg.method == "window_fastv" and cfg.options == {"window": None}
     assert get_method_class(cfg.method)(cfg).options == {"window": None}
+    searched = parse_space({**data, "options": {"window_fastv": ["window"]}}, "test.yaml")
+    trial = optuna.create_study().ask()
+    cfg = searched.suggest(trial)
+    assert 2 <= cfg.options["window"] <= 6 and trial.params["window_fastv.window"] == cfg.options["window"]
