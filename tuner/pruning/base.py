@@ -29,6 +29,8 @@ class SelectionContext:
     keys: torch.Tensor | None = None  # [B, N, H*d] layer K-1 keys after RoPE, if the method asked
     last_row_attention: torch.Tensor | None = None  # [B, H, N] layer K-1 attention of the last token
     image_grids: list[ImageGrids] | None = None  # per row, its images as 2-D grids of positions, if asked
+    vision_saliency: torch.Tensor | None = None  # [B, N] vision-tower attention per vision token, if asked
+    vision_keys: torch.Tensor | None = None  # [B, N, d] vision-tower keys (mean over heads) per vision token, if asked
 
     def vision_positions(self, row: int) -> torch.Tensor:
         """Ascending positions of the vision tokens of one row."""
@@ -54,6 +56,7 @@ class PruningMethod:
     needs_keys: ClassVar[bool] = False
     needs_last_row_attention: ClassVar[bool] = False
     needs_image_grids: ClassVar[bool] = False  # the family's 2-D layout of each image (`Family.image_grids`)
+    needs_vision_saliency: ClassVar[bool] = False  # vision-tower attention and keys (`Family.vision_saliency`)
     needs_amount: ClassVar[bool] = True  # whether keep_ratio or budget must be given
     option_defaults: ClassVar[dict[str, Any]] = {}
 

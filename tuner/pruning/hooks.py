@@ -24,9 +24,11 @@ import torch
 
 from tuner.config import PruningConfig, check_layers
 from tuner.models.families import FamilyAdapter, PrunedPrefill
+from tuner.models.feature_cache import NEEDS_VISION_TOWER
 from tuner.pruning.base import PruningMethod, SelectionContext
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.registry import get_method_class
+from tuner.pruning.vision_capture import VisionAttentionCapture
 from tuner.pruning.stages import (
     ForwardPlan,
     StageRunner,
@@ -101,6 +103,7 @@ class PruningHandle:
         self._view: TokenView | None = None  # the tokens the running stage's layers hold; None: the whole prompt
         self._decode_kept: list[torch.Tensor | None] = []  # per stage: its kept 2D mask [B, P], None if unpruned
         self._plan: ForwardPlan | None = None
+        self._vision: VisionAttentionCapture | None = None  # the vision tower's attention, for the first stage
         self._hooks: list[Any] = []
         self._attach()
 
@@ -122,6 +125,13 @@ class PruningHandle:
             if gridded := [stage for stage in self._stages[1:] if stage.method.needs_image_grids]:
                 raise ValueError(f"method {gridded[0].config.method!r} selects on image grids of original "
                                  "positions, which only the first stage sees; use it in the first stage only")
+            if towered := [stage for stage in self._stages[1:] if stage.method.needs_vision_saliency]:
+                raise ValueError(f"method {towered[0].config.method!r} ranks on the vision tower's attention, which "
+                                 "only the first stage sees; use it in the first stage only")
+            if self.method.needs_vision_saliency:
+                spec = self.adapter.spec
+                self._vision = VisionAttentionCapture(spec.vision_attention(self.model), spec.vision_saliency_query)
+                setattr(spec.image_features_owner(self.model), NEEDS_VISION_TOWER, True)  # a cached answer skips it
             self._decode_kept = [None] * len(self._stages)
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
             for index in range(self.config.layer, len(self.adapter.layers)):
@@ -152,6 +162,12 @@ class PruningHandle:
         self._hooks.clear()
         for stage in self._stages:
             stage.remove()
+        if self._vision is not None:
+            self._vision.remove()
+            self._vision = None
+            owner = self.adapter.spec.image_features_owner(self.model)
+            if hasattr(owner, NEEDS_VISION_TOWER):
+                delattr(owner, NEEDS_VISION_TOWER)
         if getattr(self.model, "_dart_tuner_handle", None) is self:
             del self.model._dart_tuner_handle
         self._prompt = self._plan = self._view = None
@@ -179,6 +195,8 @@ class PruningHandle:
             return substituted  # decode / continuation of the pruned prompt
         self._view = None
         self._decode_kept = [None] * len(self._stages)
+        if self._vision is not None and kwargs.get("pixel_values") is not None:
+            self._vision.clear()  # the tower runs inside this call; anything recorded before belongs to another
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("pruning needs input_ids to locate the vision tokens; "
@@ -275,13 +293,15 @@ class PruningHandle:
         if stage.index > 0:
             _check_pivots(stage, n_vision)
         started = time.perf_counter()
+        saliency, vision_keys, capture_ms = self._vision_saliency(vision) if stage.index == 0 else (None, None, 0.0)
         selection = stage.select(SelectionContext(
             hidden_states=hidden, vision_mask=vision, attention_mask=attention, input_ids=input_ids,
             budgets=[stage.config.budget_for(n) for n in n_vision], final_norm=self.adapter.text_model.norm,
-            image_grids=prompt.grids if view is None else None))  # grids hold original positions
+            image_grids=prompt.grids if view is None else None,  # grids hold original positions
+            vision_saliency=saliency, vision_keys=vision_keys))
         if hidden.is_cuda:  # the gather below waits for the selection anyway
             torch.cuda.synchronize(hidden.device)
-        select_ms = (time.perf_counter() - started) * 1e3
+        select_ms = (time.perf_counter() - started) * 1e3 + capture_ms
         keep = keep_flags(selection, vision, attention, stage.config.method)
         local, valid, kept_counts = left_padded_gather(keep)
         kept = local if view is None else view.index.gather(1, local)  # original positions
@@ -304,6 +324,18 @@ class PruningHandle:
         kept_state = None if prompt.state is None else self.adapter.spec.gather_state(prompt.state, pruned)
         return ForwardPlan(masks=self._masks(stage, gathered, valid, cache, kept_state), gather_index=kept,
                            hidden_states=gathered, pruned=pruned)
+
+    def _vision_saliency(self, vision: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(saliency [B, N], keys [B, N, d], capture ms) of the vision tower's run for this prefill, if the first
+        stage's method reads them; the capture is emptied, so a later prefill never sees this one's."""
+        if self._vision is None:
+            return None, None, 0.0
+        records, capture_ms = self._vision.take()
+        if not records:
+            raise RuntimeError(f"method {self.config.method!r} needs the vision tower's attention, but the tower did "
+                               "not run for this prefill (image features passed in precomputed?)")
+        saliency, keys = self.adapter.spec.vision_saliency(self.model.config, records, vision)
+        return saliency, keys, capture_ms
 
     def _record(self, stage: StageRunner, kept_vision: list[int], select_ms: float) -> None:
         """Note what `stage` kept: a new `RequestStats` at the first stage, the same one extended at later ones."""

@@ -43,6 +43,27 @@ class PrunedPrefill:
     length: int
 
 
+@dataclass(frozen=True)
+class VisionAttention:
+    """What one call of a vision-tower attention recorded: per sequence, the saliency of each token (averaged over
+    heads, `Family.vision_saliency_query` decides which queries) and its keys averaged over heads."""
+
+    saliency: torch.Tensor  # [S, n] float32
+    keys: torch.Tensor  # [S, n, d] float32
+
+
+def scatter_to_vision(values: torch.Tensor, vision: torch.Tensor, what: str) -> torch.Tensor:
+    """Per-token values [T, ...] laid on the vision tokens of `vision` [B, N] in row-major order, as the model itself
+    fills them (`masked_scatter`); [B, N, ...] with zeros elsewhere. A count mismatch is a RuntimeError."""
+    n_tokens = int(vision.sum())
+    if values.shape[0] != n_tokens:
+        raise RuntimeError(f"the vision tower's {what} cover {values.shape[0]} tokens but the prompt has {n_tokens} "
+                           "vision tokens (was the vision tower run for another batch?)")
+    out = values.new_zeros(*vision.shape, *values.shape[1:])
+    out[vision] = values.to(vision.device)
+    return out
+
+
 class Family:
     """One VLM family's facts and behaviour; subclass once per family file and register it.
 
@@ -107,6 +128,20 @@ class Family:
         """
         inner = getattr(model, "base_model", model)
         return inner if callable(getattr(inner, self.image_features_method, None)) else model
+
+    vision_saliency_query: ClassVar[str | None] = None
+    """How the vision tower ranks its tokens for `visionzip`: "cls" (the CLS token's attention row) or "mean" (the
+    attention each token receives, averaged over the queries); None: the family does not map it to its tokens."""
+
+    def vision_attention(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The attention module of the vision-tower layer whose output the model uses (`visionzip` captures there)."""
+        raise ValueError(f"family {self.name!r} does not map vision-tower attention to its vision tokens")
+
+    def vision_saliency(self, config: PretrainedConfig, captured: list[VisionAttention],
+                        vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(saliency [B, N], keys [B, N, d]) on the language model's vision tokens (`vision` [B, N]), from what the
+        vision tower's attention recorded during this prefill (one entry per call, in call order)."""
+        raise ValueError(f"family {self.name!r} does not map vision-tower attention to its vision tokens")
 
     # -- prompts and processors ---------------------------------------------------------------------
     def fallback_prompt(self, text: str, n_images: int) -> str:
