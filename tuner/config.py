@@ -41,7 +41,8 @@ STAGE_KEYS = tuple(f.name for f in fields(Stage))  # what a stage's plain-data f
 class PruningConfig:
     """What to prune and how much; validated on construction so a bad value fails before any compute.
 
-    `layer` is K: layers 0..K-1 see every token, layers K.. only the kept ones (K >= 1). Give either
+    `layer` is K: layers 0..K-1 see every token, layers K.. only the kept ones. K = 0 prunes before the language
+    model, on the input embeddings, so only methods that read no layer K-1 keys or attention can run there. Give either
     `keep_ratio` (fraction of each row's vision tokens, in (0, 1]) or `budget` (vision tokens per row);
     `keep_all` needs neither. `options` holds method-specific settings, checked by the method itself.
     `require_vision=False` lets prompts without any vision token pass through unpruned.
@@ -63,7 +64,7 @@ class PruningConfig:
 
     def __post_init__(self) -> None:
         method_cls = method_class(self.method)
-        _check_int("layer", self.layer, low=1)
+        _check_int("layer", self.layer, low=0)
         if self.keep_ratio is not None and self.budget is not None:
             raise ValueError(f"give keep_ratio or budget, not both (got keep_ratio={self.keep_ratio}, "
                              f"budget={self.budget})")
@@ -85,6 +86,9 @@ class PruningConfig:
             raise ValueError(f"options must be a dict, got {type(self.options).__name__}")
         object.__setattr__(self, "options", dict(self.options))
         method_cls.validate(self)
+        if self.layer == 0 and method_cls.reads_previous_layer(self):
+            raise ValueError(f"method {self.method!r} reads layer K-1's keys or attention, which do not exist before "
+                             "the language model: use layer >= 1 with it, or a method that reads the embeddings at K=0")
         object.__setattr__(self, "stages", _as_stages(self.stages))
         previous = self.layer
         for index, stage in enumerate(self.stages):
@@ -158,10 +162,10 @@ def as_pruning_config(value: Any) -> PruningConfig:
 
 
 def check_layer(layer: int, n_layers: int) -> None:
-    """Raise a ValueError unless K = `layer` is a decoder layer a pruning stage can start at (1..n_layers - 1)."""
-    if not 1 <= layer <= n_layers - 1:
+    """Raise a ValueError unless K = `layer` is a decoder layer a pruning stage can start at (0..n_layers - 1)."""
+    if not 0 <= layer <= n_layers - 1:
         raise ValueError(f"layer K={layer} is out of range: the model has {n_layers} decoder layers, so K must be "
-                         f"in 1..{n_layers - 1}")
+                         f"in 0..{n_layers - 1}")
 
 
 def check_layers(config: PruningConfig, n_layers: int) -> None:
