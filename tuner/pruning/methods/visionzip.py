@@ -28,8 +28,8 @@ PAPER_CONTEXTUAL_SHARE = 10 / 64  # the paper's splits: 54 + 10 of 64, 108 + 20 
 class VisionZip(PruningMethod):
     """Keeps `budget` vision tokens: dominant ones by vision-tower attention, contextual ones merged from the rest.
 
-    Option `contextual_share` in [0, 1) (default 10/64, the paper's split): round(budget * share) of the kept
-    tokens are contextual, the others dominant. A contextual token sits at its target's slot and position (the
+    Option `contextual_share` in [0, 1) (default 10/64, the paper's split): budget * share (rounded half up) of
+    the kept tokens are contextual, the others dominant. A contextual token sits at its target's slot and position (the
     target is itself one of the tokens it summarises); the states it merges are those entering the stage's layer.
     """
 
@@ -52,7 +52,7 @@ class VisionZip(PruningMethod):
 
     def split(self, budget: int) -> tuple[int, int]:
         """(dominant, contextual) counts of a row keeping `budget` vision tokens."""
-        contextual = round(budget * float(self.options["contextual_share"]))
+        contextual = math.floor(budget * float(self.options["contextual_share"]) + 0.5)  # half up: 16 -> 13 + 3
         return budget - contextual, contextual
 
     def select(self, ctx: SelectionContext) -> Selection:
@@ -71,7 +71,7 @@ class VisionZip(PruningMethod):
 
 def visionzip_select(saliency: torch.Tensor, keys: torch.Tensor, states: torch.Tensor, n_dominant: int,
                      n_contextual: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One row: (kept indices ascending, their states, whether any state was merged).
+    """One row: (kept indices ascending, their states in float32, whether any state was merged).
 
     Dominant: the `n_dominant` largest `saliency` (ties to the lower index). The M others, in order, give the
     targets at 0, step, 2 step, ... (step = max(1, M // n_contextual), the first n_contextual); every other token
@@ -88,7 +88,7 @@ def visionzip_select(saliency: torch.Tensor, keys: torch.Tensor, states: torch.T
     rest = is_rest.nonzero().squeeze(1)
     if n_contextual == 0:
         kept = dominant.sort().values
-        return kept, states[kept], False
+        return kept, states[kept].float(), False
     step = max(1, rest.numel() // n_contextual)
     is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
     is_target[torch.arange(0, rest.numel(), step, device=rest.device)[:n_contextual]] = True
