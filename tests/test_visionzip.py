@@ -6,6 +6,8 @@ family must be refused up front.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -44,69 +46,89 @@ def kept_vision(handle, vision: torch.Tensor, row: int) -> torch.Tensor:
     return kept[vision[row, kept]]
 
 
-def eager_reference(family: str, inputs, loaded: Loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CLS attention row [n_images, S], keys [n_images, S, d]) of the layer `vision_feature_layer` reads, from the
-    eager model's own attention weights and its k_proj output, both averaged over heads."""
+def image_inputs(inputs) -> dict:
+    """The keyword arguments of the inner model's `get_image_features` in a processor output."""
+    return {key: inputs[key] for key in ("pixel_values", "image_grid_thw") if key in inputs}
+
+
+def eager_reference(family: str, inputs, loaded: Loader, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(saliency [B, N], keys [B, N, d]) on the prompt's image tokens, from the EAGER model's own attention weights and
+    keys (its eager attention function, recorded for the captured module), put in token order independently of the
+    family code: LLaVA drops the CLS column; Qwen averages each 2x2 patch group and takes the order in which the
+    model itself lays the merger's outputs (found by matching the last block's merged rows to `pooler_output`)."""
     model, _ = loaded(family, "eager")
-    attention = adapter_for(model).spec.vision_attention(model)
-    index = [layer.self_attn for layer in model.base_model.vision_tower.encoder.layers].index(attention)
+    spec = adapter_for(model).spec
+    attention = spec.vision_attention(model)
+    modeling = sys.modules[type(attention).__module__]
+    original, calls = modeling.eager_attention_forward, []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        out, weights = original(module, query, key, value, attention_mask, **kwargs)
+        if module is attention:
+            calls.append((key, weights))
+        return out, weights
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    owner = spec.image_features_owner(model)
+    blocks = getattr(getattr(owner, "visual", None), "blocks", None)
     seen = {}
-    hook = attention.k_proj.register_forward_hook(lambda m, a, out: seen.update(keys=out))
+    hook = blocks[-1].register_forward_hook(lambda m, a, out: seen.update(last=out)) if blocks is not None else None
     try:
         with torch.no_grad():
-            out = model.base_model.vision_tower(inputs["pixel_values"], output_attentions=True)
+            pooled = owner.get_image_features(**image_inputs(inputs), return_dict=True).pooler_output
     finally:
-        hook.remove()
-    weights = out.attentions[index]
-    keys = seen["keys"].unflatten(-1, (attention.num_heads, attention.head_dim)).mean(2)
-    return weights[:, :, 0].mean(1), keys
+        monkeypatch.undo()
+        if hook is not None:
+            hook.remove()
+    if spec.vision_saliency_query == "cls":  # one call over all images: [n_images, H, S, S]
+        (key, weights), = calls
+        saliency, keys = weights[:, :, 0, 1:].mean(1).flatten(), key.mean(1)[:, 1:].flatten(0, 1)
+    else:  # one call per image: [1, H, n, n]; patches grouped by the merge unit, then in the merger's order
+        saliency = torch.cat([w.mean(2).mean(1).flatten() for _, w in calls])
+        keys = torch.cat([k.mean(1).flatten(0, 1) for k, _ in calls])
+        unit = model.config.vision_config.spatial_merge_size ** 2
+        saliency, keys = saliency.view(-1, unit).mean(1), keys.view(-1, unit, keys.shape[-1]).mean(1)
+        with torch.no_grad():
+            merged = owner.visual.merger(seen["last"])
+        distance, order = torch.cdist(torch.cat(pooled), merged).min(1)
+        assert float(distance.max()) < 1e-2 and order.unique().numel() == order.numel()  # cdist rounds
+        saliency, keys = saliency[order], keys[order]
+    vision = vision_mask(model, inputs)
+    out_saliency = torch.zeros(vision.shape)
+    out_keys = torch.zeros(*vision.shape, keys.shape[-1])
+    out_saliency[vision], out_keys[vision] = saliency, keys
+    return out_saliency, out_keys
 
 
 # -- the capture ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", (1024, 7))
 @pytest.mark.parametrize("family", SUPPORTED)
-def test_captured_vision_attention_under_sdpa_equals_eager_weights(family, loaded: Loader):
+def test_captured_vision_attention_under_sdpa_equals_eager_weights(family, chunk, loaded: Loader, monkeypatch):
+    """Under sdpa (kept: the tower's output is unchanged), the capture mapped by the family equals the eager
+    weights put in token order independently; query blocks of 7 exercise the blocked mean over queries."""
     model, processor = loaded(family, "sdpa")
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
-    tower = model.base_model.vision_tower
+    spec = adapter_for(model).spec
+    owner = spec.image_features_owner(model)
     with torch.no_grad():
-        plain = tower(inputs["pixel_values"]).last_hidden_state
-    attention = adapter_for(model).spec.vision_attention(model)
-    capture = VisionAttentionCapture(attention, "cls")
+        plain = torch.cat(owner.get_image_features(**image_inputs(inputs), return_dict=True).pooler_output)
+    attention = spec.vision_attention(model)
+    monkeypatch.setattr("tuner.pruning.vision_capture.QUERY_CHUNK", chunk)
+    capture = VisionAttentionCapture(attention, spec.vision_saliency_query, spec.vision_tower(model))
     try:
         assert attention._dart_tuner_inner == "sdpa"  # the tower keeps its kernel
         with torch.no_grad():
-            captured = tower(inputs["pixel_values"]).last_hidden_state
-        (record,), elapsed_ms = capture.take()
+            captured = torch.cat(owner.get_image_features(**image_inputs(inputs), return_dict=True).pooler_output)
+        run, elapsed_ms = capture.take()
     finally:
         capture.remove()
     assert torch.equal(captured, plain)  # recording changes nothing
     assert elapsed_ms > 0
-    cls_row, keys = eager_reference(family, inputs, loaded)
-    torch.testing.assert_close(record.saliency, cls_row, rtol=0, atol=1e-6)
-    torch.testing.assert_close(record.keys, keys, rtol=0, atol=1e-5)
+    saliency, keys = spec.vision_saliency(model.config, run, inputs["input_ids"], vision_mask(model, inputs))
+    ref_saliency, ref_keys = eager_reference(family, inputs, loaded, monkeypatch)
+    torch.testing.assert_close(saliency, ref_saliency, rtol=0, atol=1e-6)
+    torch.testing.assert_close(keys, ref_keys, rtol=0, atol=1e-5)
     assert attention.config is model.config.vision_config  # removed: the shared config is back
-
-
-@pytest.mark.parametrize("family", SUPPORTED)
-def test_mean_over_queries_equals_eager_weights_in_query_blocks(family, loaded: Loader, monkeypatch):
-    """The "mean" reduction (families without CLS) in blocks smaller than the sequence, against eager's weights."""
-    monkeypatch.setattr("tuner.pruning.vision_capture.QUERY_CHUNK", 7)
-    model, processor = loaded(family, "sdpa")
-    inputs = tiny_vlms.make_inputs(family, processor)
-    attention = adapter_for(model).spec.vision_attention(model)
-    capture = VisionAttentionCapture(attention, "mean")
-    try:
-        with torch.no_grad():
-            model.base_model.vision_tower(inputs["pixel_values"])
-        (record,), _ = capture.take()
-    finally:
-        capture.remove()
-    eager, _ = loaded(family, "eager")
-    layers = list(eager.base_model.vision_tower.encoder.layers)
-    index = [layer.self_attn for layer in layers].index(adapter_for(eager).spec.vision_attention(eager))
-    with torch.no_grad():
-        weights = eager.base_model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions[index]
-    torch.testing.assert_close(record.saliency, weights.mean(2).mean(1), rtol=0, atol=1e-6)
 
 
 # -- the rule --------------------------------------------------------------------------------------------------------
@@ -164,16 +186,16 @@ def test_rule_equals_a_literal_restatement(seed, n_dominant, n_contextual):
 
 # -- through the model -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", SUPPORTED)
-def test_merged_states_and_positions_through_the_model_at_k0(family, loaded: Loader):
+def test_merged_states_and_positions_through_the_model_at_k0(family, loaded: Loader, monkeypatch):
     """Expected kept positions and states from eager's own attention, keys and embeddings; every decoder layer run
     by hand on them at the kept ORIGINAL positions (a merged token at its target's) equals the hooked logits."""
     model, processor = loaded(family, "sdpa")
     inputs = tiny_vlms.make_inputs(family, processor)
     text_kwargs, embeddings = tiny_vlms.unhooked_forward(model, inputs, layer=0)
-    cls_row, keys = eager_reference(family, inputs, loaded)
+    saliency, keys = eager_reference(family, inputs, loaded, monkeypatch)
     vision = vision_mask(model, inputs)[0].nonzero().squeeze(1)
     budget = 16
-    local, states, merged = visionzip_select(cls_row[0, 1:], keys[0, 1:], embeddings[0, vision], 13, 3)
+    local, states, merged = visionzip_select(saliency[0, vision], keys[0, vision], embeddings[0, vision], 13, 3)
     assert merged
     with tuner.apply_pruning(model, config(budget=budget)) as handle, torch.no_grad():
         pruned = model(**inputs).logits
@@ -189,20 +211,28 @@ def test_merged_states_and_positions_through_the_model_at_k0(family, loaded: Loa
     torch.testing.assert_close(pruned, manual, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("budget, share, split", [
+    (64, None, (54, 10)), (128, None, (108, 20)), (192, None, (162, 30)), (16, None, (13, 3)), (32, 0.25, (24, 8)),
+    (5, 0.0, (5, 0)), (6, 0.5, (3, 3))])
+def test_the_split_defaults_to_the_papers(budget, share, split):
+    options = {} if share is None else {"contextual_share": share}
+    method = get_method_class("visionzip")(config(budget=budget, options=options))
+    assert method.split(budget) == split
+
+
 @pytest.mark.parametrize("family", SUPPORTED)
-@pytest.mark.parametrize("amount, share, split", [
-    (dict(budget=64), 10 / 64, (54, 10)), (dict(budget=16), 10 / 64, (13, 3)), (dict(keep_ratio=0.5), 0.25, (24, 8)),
-    (dict(budget=5), 0.0, (5, 0)), (dict(keep_ratio=0.1), 0.5, (3, 3))], ids=str)
-def test_the_row_keeps_exactly_its_budget(family, amount, share, split, loaded: Loader):
+@pytest.mark.parametrize("amount, share", [
+    (dict(budget=64), 10 / 64), (dict(budget=16), 10 / 64), (dict(keep_ratio=0.5), 0.25), (dict(budget=5), 0.0),
+    (dict(keep_ratio=0.1), 0.5)], ids=str)
+def test_every_row_keeps_exactly_its_budget(family, amount, share, loaded: Loader):
     model, processor = loaded(family, "sdpa")
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
     cfg = config(options={"contextual_share": share}, **amount)
-    method = get_method_class("visionzip")(cfg)
     with tuner.apply_pruning(model, cfg) as handle, torch.no_grad():
         model(**inputs)
     stats = handle.requests[0]
     assert stats.n_kept_vision == [cfg.budget_for(n) for n in stats.n_vision]
-    assert [method.split(k) for k in stats.n_kept_vision] == [split, split]
+    assert [k.numel() for k in handle.last_kept] == stats.n_kept
 
 
 @pytest.mark.parametrize("options, match", [
@@ -337,8 +367,10 @@ def test_a_warm_feature_cache_is_bypassed_while_visionzip_runs(family, loaded: L
 def test_precomputed_features_without_a_tower_run_are_an_error(family, loaded: Loader):
     model, processor = loaded(family, "sdpa")
     inputs = dict(tiny_vlms.make_inputs(family, processor))
+    owner = adapter_for(model).spec.image_features_owner(model)
     with torch.no_grad():
-        features = model.base_model.get_image_features(pixel_values=inputs.pop("pixel_values"), return_dict=True)
+        features = owner.get_image_features(**image_inputs(inputs), return_dict=True)
+    del inputs["pixel_values"]
     with tuner.apply_pruning(model, config()), torch.no_grad():
         with pytest.raises(RuntimeError, match="the tower did not run for this prefill"):
             model(**inputs, mm_encoder_outputs={"image": features})

@@ -130,7 +130,8 @@ class PruningHandle:
                                  "only the first stage sees; use it in the first stage only")
             if self.method.needs_vision_saliency:
                 spec = self.adapter.spec
-                self._vision = VisionAttentionCapture(spec.vision_attention(self.model), spec.vision_saliency_query)
+                self._vision = VisionAttentionCapture(spec.vision_attention(self.model), spec.vision_saliency_query,
+                                                      spec.vision_tower(self.model))
                 setattr(spec.image_features_owner(self.model), NEEDS_VISION_TOWER, True)  # a cached answer skips it
             self._decode_kept = [None] * len(self._stages)
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
@@ -353,11 +354,11 @@ class PruningHandle:
         stage's method reads them; the capture is emptied, so a later prefill never sees this one's."""
         if self._vision is None:
             return None, None, 0.0
-        records, capture_ms = self._vision.take()
-        if not records:
+        run, capture_ms = self._vision.take()
+        if not run.attention:
             raise RuntimeError(f"method {self.config.method!r} needs the vision tower's attention, but the tower did "
                                "not run for this prefill (image features passed in precomputed?)")
-        saliency, keys = self.adapter.spec.vision_saliency(self.model.config, records, vision)
+        saliency, keys = self.adapter.spec.vision_saliency(self.model.config, run, self._prompt.input_ids, vision)
         return saliency, keys, capture_ms
 
     def _record(self, stage: StageRunner, kept_vision: list[int], select_ms: float) -> None:

@@ -9,10 +9,11 @@ averaged over all queries ("mean"), averaged over heads, and the keys averaged o
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
-from tuner.models.families.base import VisionAttention
+from tuner.models.families.base import VisionAttention, VisionTowerRun
 from tuner.pruning.capture import AttentionCapture
 
 QUERY_CHUNK = 1024  # queries per softmax block of the "mean" reduction: bounds memory at chunk x keys x heads
@@ -20,25 +21,36 @@ SALIENCY_QUERIES = ("cls", "mean")
 
 
 class VisionAttentionCapture(AttentionCapture):
-    """Records every call of one vision attention module until `take()`; `elapsed_ms` is the recording time."""
+    """Records every call of one vision attention module (and the keyword arguments of every call of `tower`, if
+    given) until `take()`; `elapsed_ms` is the time spent recording."""
 
-    def __init__(self, attention: torch.nn.Module, query: str) -> None:
+    def __init__(self, attention: torch.nn.Module, query: str, tower: torch.nn.Module | None = None) -> None:
         if query not in SALIENCY_QUERIES:
             raise ValueError(f"vision saliency query must be one of {SALIENCY_QUERIES}, got {query!r}")
         self.query = query
         self.records: list[VisionAttention] = []
+        self.tower_calls: list[dict[str, Any]] = []
         self.elapsed_ms = 0.0
         super().__init__(attention, keys=False, last_row_attention=False)
+        self._tower_hook = None if tower is None else tower.register_forward_pre_hook(
+            lambda module, args, kwargs: self.tower_calls.append(dict(kwargs)), with_kwargs=True)
+
+    def remove(self) -> None:
+        """Restore the attention module and drop the tower hook (safe to call twice)."""
+        if self._tower_hook is not None:
+            self._tower_hook.remove()
+            self._tower_hook = None
+        super().remove()
 
     def clear(self) -> None:
         """Forget what was recorded (a new prefill's vision tower run starts afresh)."""
         super().clear()
-        self.records = []
+        self.records, self.tower_calls = [], []
         self.elapsed_ms = 0.0
 
-    def take(self) -> tuple[list[VisionAttention], float]:
-        """(the records since the last take, the milliseconds spent recording them), then clear."""
-        out = (self.records, self.elapsed_ms)
+    def take(self) -> tuple[VisionTowerRun, float]:
+        """(what was recorded since the last take, the milliseconds spent recording it), then clear."""
+        out = (VisionTowerRun(attention=self.records, tower_calls=self.tower_calls), self.elapsed_ms)
         self.clear()
         return out
 

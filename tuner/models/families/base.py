@@ -52,6 +52,15 @@ class VisionAttention:
     keys: torch.Tensor  # [S, n, d] float32
 
 
+@dataclass(frozen=True)
+class VisionTowerRun:
+    """What the vision tower recorded in one prefill: every call of the captured attention, in order, and the
+    keyword arguments of every call of the module `Family.vision_tower` names (e.g. Qwen's `grid_thw`)."""
+
+    attention: list[VisionAttention]
+    tower_calls: list[dict[str, Any]]
+
+
 def scatter_to_vision(values: torch.Tensor, vision: torch.Tensor, what: str) -> torch.Tensor:
     """Per-token values [T, ...] laid on the vision tokens of `vision` [B, N] in row-major order, as the model itself
     fills them (`masked_scatter`); [B, N, ...] with zeros elsewhere. A count mismatch is a RuntimeError."""
@@ -137,10 +146,14 @@ class Family:
         """The attention module of the vision-tower layer whose output the model uses (`visionzip` captures there)."""
         raise ValueError(f"family {self.name!r} does not map vision-tower attention to its vision tokens")
 
-    def vision_saliency(self, config: PretrainedConfig, captured: list[VisionAttention],
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The module whose calls' keyword arguments `vision_saliency` needs (None: it needs none)."""
+        return None
+
+    def vision_saliency(self, config: PretrainedConfig, run: VisionTowerRun, input_ids: torch.Tensor,
                         vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(saliency [B, N], keys [B, N, d]) on the language model's vision tokens (`vision` [B, N]), from what the
-        vision tower's attention recorded during this prefill (one entry per call, in call order)."""
+        """(saliency [B, N], keys [B, N, d]) on the language model's vision tokens (`vision` [B, N] of `input_ids`),
+        from what the vision tower recorded during this prefill."""
         raise ValueError(f"family {self.name!r} does not map vision-tower attention to its vision tokens")
 
     # -- prompts and processors ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProces
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.base import Family, VisionAttention, scatter_to_vision
+from tuner.models.families.base import Family, VisionTowerRun, scatter_to_vision
 
 # CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-1.5 and LLaVA-NeXT (their config.json "vision_config").
 CLIP_L336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
@@ -51,12 +51,12 @@ class Llava(Family):
             raise ValueError(f"vision_feature_layer {layer} is outside the vision tower's {len(layers)} layers")
         return layers[index].self_attn
 
-    def vision_saliency(self, config: Any, captured: list[VisionAttention],
+    def vision_saliency(self, config: Any, run: VisionTowerRun, input_ids: torch.Tensor,
                         vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's patches map 1:1 onto its image tokens, in order; the "default" strategy drops the CLS token."""
         first = 1 if config.vision_feature_select_strategy == "default" else 0
-        saliency = torch.cat([c.saliency[:, first:] for c in captured]).flatten()
-        keys = torch.cat([c.keys[:, first:] for c in captured]).flatten(0, 1)
+        saliency = torch.cat([c.saliency[:, first:] for c in run.attention]).flatten()
+        keys = torch.cat([c.keys[:, first:] for c in run.attention]).flatten(0, 1)
         return scatter_to_vision(saliency, vision, "attention rows"), scatter_to_vision(keys, vision, "keys")
 
     def tiny(self, tokenizer: Any, layers: int, text_config: Any = None) -> tuple[PreTrainedModel, ProcessorMixin]:
