@@ -28,7 +28,6 @@ from tuner.models.feature_cache import NEEDS_VISION_TOWER
 from tuner.pruning.base import PruningMethod, SelectionContext
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.registry import get_method_class
-from tuner.pruning.vision_capture import VisionAttentionCapture
 from tuner.pruning.stages import (
     ForwardPlan,
     StageRunner,
@@ -38,6 +37,7 @@ from tuner.pruning.stages import (
     selected_slots,
     stage_runners,
 )
+from tuner.pruning.vision_capture import VisionAttentionCapture
 from tuner.transformers_compat import cache_from_kwargs, positions_from_mask
 
 

@@ -45,7 +45,7 @@ class Llava(Family):
             raise ValueError(f"vision-tower saliency needs one vision_feature_layer that is a layer's output, "
                              f"got {layer!r}")
         tower = self.image_features_owner(model).vision_tower
-        layers = getattr(tower, "vision_model", tower).encoder.layers  # CLIPVisionModel holds .encoder in transformers 5
+        layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5: CLIPVisionModel.encoder
         index = layer + len(layers) if layer < 0 else layer - 1
         if not 0 <= index < len(layers):
             raise ValueError(f"vision_feature_layer {layer} is outside the vision tower's {len(layers)} layers")
