@@ -324,6 +324,21 @@ def test_cached_decode_equals_no_cache_recompute(family, attn, layer, loaded: Lo
 
 
 @pytest.mark.parametrize("family", SUPPORTED)
+def test_beam_search_keeps_each_prompts_own_tokens_in_all_its_beams(family, loaded: Loader):
+    """generate() runs the tower once per prompt, then repeats each row per beam: every beam keeps its prompt's set."""
+    model, processor = loaded(family, "sdpa")
+    inputs = tiny_vlms.make_inputs(family, processor, batch=2)
+    vision = vision_mask(model, inputs)
+    with tuner.apply_pruning(model, config()) as handle, torch.no_grad():
+        model(**inputs)
+    with tuner.apply_pruning(model, config()) as beams, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
+    beam_vision = vision.repeat_interleave(2, dim=0)
+    for row in range(4):
+        assert torch.equal(kept_vision(beams, beam_vision, row), kept_vision(handle, vision, row // 2))
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
 def test_removing_the_hooks_restores_the_model_exactly(family, loaded: Loader):
     model, processor = loaded(family, "sdpa")
     inputs = tiny_vlms.make_inputs(family, processor)

@@ -63,14 +63,33 @@ class VisionTowerRun:
 
 def scatter_to_vision(values: torch.Tensor, vision: torch.Tensor, what: str) -> torch.Tensor:
     """Per-token values [T, ...] laid on the vision tokens of `vision` [B, N] in row-major order, as the model itself
-    fills them (`masked_scatter`); [B, N, ...] with zeros elsewhere. A count mismatch is a RuntimeError."""
+    fills them (`masked_scatter`); [B, N, ...] with zeros elsewhere. A count mismatch is a RuntimeError.
+
+    `generate` with beams (or several returned sequences) runs the tower once per prompt and then repeats every
+    row k times in place; values covering exactly the first row of each such group are repeated alike.
+    """
     n_tokens = int(vision.sum())
+    values = _repeat_for_expanded_rows(values, vision.sum(1))
     if values.shape[0] != n_tokens:
         raise RuntimeError(f"the vision tower's {what} cover {values.shape[0]} tokens but the prompt has {n_tokens} "
                            "vision tokens (was the vision tower run for another batch?)")
     out = values.new_zeros(*vision.shape, *values.shape[1:])
     out[vision] = values.to(vision.device)
     return out
+
+
+def _repeat_for_expanded_rows(values: torch.Tensor, row_counts: torch.Tensor) -> torch.Tensor:
+    """`values` of the prompts before `generate` repeated each row k times, when the counts say so (else unchanged)."""
+    n_rows, total = row_counts.numel(), int(row_counts.sum())
+    if values.shape[0] == 0 or values.shape[0] == total or total % values.shape[0]:
+        return values
+    k = total // values.shape[0]
+    if n_rows % k or not bool((row_counts.view(-1, k) == row_counts.view(-1, k)[:, :1]).all()):
+        return values
+    firsts = row_counts.view(-1, k)[:, 0].tolist()
+    if sum(firsts) != values.shape[0]:
+        return values
+    return torch.cat([chunk for chunk in values.split(firsts) for _ in range(k)])
 
 
 class Family:
