@@ -3,6 +3,8 @@
 Forward pre-hooks only, no copied `forward` (`DART.md` §5):
 - on the top-level model: note `input_ids` (vision positions) and the 2D padding mask of each call;
 - on layer K-1's attention, when the method needs them: keys after RoPE and the last query's attention;
+- on one vision-tower attention, when the first stage's method ranks by it (`visionzip`): each call's saliency and
+  keys (`tuner.pruning.vision_capture`), mapped onto the vision tokens by the family at the selection;
 - on every layer i >= K: in prefill, layer K selects; every such layer then gets the gathered hidden
   states, its own (cos, sin) gathered at the kept positions (original positions, gaps kept),
   `position_ids=None` and a causal mask rebuilt for the shorter sequence. In decode only the mask is
