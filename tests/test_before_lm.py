@@ -162,3 +162,35 @@ def test_a_later_stage_after_k0_may_read_attention():
     check_layer(0, 4)
     with pytest.raises(ValueError, match="K must be in 0..3"):
         check_layer(4, 4)
+
+
+def test_stack_puts_a_k0_stage_under_a_schedule_without_letting_it_inherit():
+    after = tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5, options={"alpha": 0.5},
+                                stages=[{"layer": 3, "keep_ratio": 0.5}])
+    stacked = tuner.config.stack(tuner.PruningConfig(method="random", layer=0, keep_ratio=0.5, seed=3), after)
+    assert tuner.config.schedule_text(stacked) == "random@0:0.5>fastv@2:0.5>3:0.5"
+    assert [c.method for c in stacked.stage_configs()] == ["random", "fastv", "fastv"]
+    assert stacked.stage_config(2).options == {"alpha": 0.5}
+    assert stacked.seed == after.seed
+    with pytest.raises(ValueError, match="stage layers must increase"):
+        tuner.config.stack(after, tuner.PruningConfig(method="random", layer=2, keep_ratio=0.5))
+
+
+@pytest.mark.parametrize("family", ("llava", "qwen2_vl", "gemma3"))
+def test_stacked_k0_and_in_lm_stages_keep_exact_counts_at_original_positions(family, loaded: Loader):
+    """random keeps half at K = 0, then DART keeps a quarter of those at K = 2: counts and positions compose."""
+    model, processor = loaded(family, "sdpa")
+    inputs = tiny_vlms.make_inputs(family, processor, batch=2)
+    vision = vision_mask(model, inputs)
+    cfg = tuner.config.stack(config("random", keep_ratio=0.5),
+                             tuner.PruningConfig(method="dart", layer=2, keep_ratio=0.25))
+    with tuner.apply_pruning(model, cfg) as handle, torch.no_grad():
+        model(**inputs)
+    stats = handle.requests[0]
+    first = [max(1, round(0.5 * n)) for n in stats.n_vision]
+    assert stats.stage_kept_vision == [first, [max(1, round(0.25 * n)) for n in first]]
+    for row in range(2):
+        outer, inner = handle.last_stage_kept[0][row], handle.last_stage_kept[1][row]
+        assert bool(torch.isin(inner, outer).all()) and torch.equal(inner, inner.sort().values)
+        assert torch.equal(outer[~vision[row, outer]], inner[~vision[row, inner]])  # every text token stays
+        assert int(vision[row, inner].sum()) == stats.stage_kept_vision[1][row]
