@@ -6,14 +6,17 @@ family must be refused up front.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import tiny_vlms
 import tuner
 from conftest import Loader
+from tuner.cli import app
 from tuner.models.families import adapter_for
 from tuner.models.feature_cache import NEEDS_VISION_TOWER, FeatureCache
 from tuner.pruning import get_method_class
@@ -389,3 +392,16 @@ def test_precomputed_features_without_a_tower_run_are_an_error(family, loaded: L
     with tuner.apply_pruning(model, config()), torch.no_grad():
         with pytest.raises(RuntimeError, match="the tower did not run for this prefill"):
             model(**inputs, mm_encoder_outputs={"image": features})
+
+
+# -- the command line --------------------------------------------------------------------------------------------------
+def test_eval_without_layer_runs_visionzip_at_k0_and_others_at_their_own_k(saved_dirs, tmp_path):
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(app, [
+        "eval", "--model", str(saved_dirs["llava"]), "--task", "dart_shapes", "--method", "visionzip", "--method",
+        "random", "--keep-ratio", "0.25", "--limit", "2", "--repeats", "1", "--warmup", "0", "--new-tokens", "2",
+        "--max-failures", "2", "--device", "cpu", "--json", str(out)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["visionzip 0.25"]["config"]["layer"] == 0 and rows["random 0.25"]["config"]["layer"] == 2
+    assert rows["visionzip 0.25"]["cost"]["select_ms"] > 0

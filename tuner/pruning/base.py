@@ -58,6 +58,7 @@ class PruningMethod:
     needs_image_grids: ClassVar[bool] = False  # the family's 2-D layout of each image (`Family.image_grids`)
     needs_vision_saliency: ClassVar[bool] = False  # vision-tower attention and keys (`Family.vision_saliency`)
     needs_amount: ClassVar[bool] = True  # whether keep_ratio or budget must be given
+    default_layer: ClassVar[int] = 2  # the K where the method naturally prunes (what `eval` uses without --layer)
     option_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: PruningConfig) -> None:

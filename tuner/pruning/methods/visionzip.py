@@ -34,6 +34,7 @@ class VisionZip(PruningMethod):
     """
 
     needs_vision_saliency = True
+    default_layer = 0  # it prunes before the language model
     option_defaults = {"contextual_share": PAPER_CONTEXTUAL_SHARE}
 
     @classmethod
