@@ -140,6 +140,34 @@ def test_rank_rule_deletes_lambda_times_the_rank_deficit():
     assert rank_keep_count(torch.eye(3), 1.0) == 3  # full rank: nothing is redundant
 
 
+def restated_rank_count(rows: list[list[int]], scale: float) -> int:
+    """L_v - floor(scale * (L_v - rank)), the rank by exact Gaussian elimination over the rationals."""
+    from fractions import Fraction
+    matrix = [[Fraction(x) for x in row] for row in rows]
+    rank, n_cols = 0, len(matrix[0])
+    for col in range(n_cols):
+        pivot = next((r for r in range(rank, len(matrix)) if matrix[r][col] != 0), None)
+        if pivot is None:
+            continue
+        matrix[rank], matrix[pivot] = matrix[pivot], matrix[rank]
+        for r in range(len(matrix)):
+            if r != rank and matrix[r][col] != 0:
+                factor = matrix[r][col] / matrix[rank][col]
+                matrix[r] = [a - factor * b for a, b in zip(matrix[r], matrix[rank])]
+        rank += 1
+    return max(1, n_cols - math.floor(scale * (n_cols - rank)))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rank_rule_matches_the_restated_rule_on_low_rank_inputs(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n_raters, n_vision, rank = 6, 12, 1 + seed % 4
+    rows = (torch.randint(0, 4, (n_raters, rank), generator=generator)
+            @ torch.randint(0, 4, (rank, n_vision), generator=generator))
+    for scale in (0.25, 0.5, 0.9, 1.0):
+        assert rank_keep_count(rows.float(), scale) == restated_rank_count(rows.tolist(), scale)
+
+
 def test_rank_rule_through_select_is_capped_by_the_budget():
     # Raters 11 and 12 (text after the image); their attention rows over vision tokens 1..8 have rank 2.
     n, vision = 13, list(range(1, 9))
