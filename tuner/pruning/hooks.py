@@ -2,7 +2,9 @@
 
 Forward pre-hooks only, no copied `forward` (`DART.md` §5):
 - on the top-level model: note `input_ids` (vision positions) and the 2D padding mask of each call;
-- on layer K-1's attention, when the method needs them: keys after RoPE and the last query's attention;
+- on layer K-1's attention, when the method needs them: keys after RoPE and the attention of the last query (or
+  of any query rows the method picks);
+- on layer 0, when a method needs it: its input, the whole prompt's embeddings;
 - on every layer i >= K: in prefill, layer K selects; every such layer then gets the gathered hidden
   states, its own (cos, sin) gathered at the kept positions (original positions, gaps kept),
   `position_ids=None` and a causal mask rebuilt for the shorter sequence. In decode only the mask is
@@ -24,7 +26,7 @@ import torch
 
 from tuner.config import PruningConfig, check_layers
 from tuner.models.families import FamilyAdapter, PrunedPrefill
-from tuner.pruning.base import PruningMethod, SelectionContext
+from tuner.pruning.base import PromptInputs, PruningMethod, SelectionContext
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.registry import get_method_class
 from tuner.pruning.stages import (
@@ -73,6 +75,7 @@ class _Prompt:
     n_vision: list[int]  # per row
     state: Any = None  # the family's per-token extras (Family.prompt_state)
     grids: Any = None  # the family's image grids (Family.image_grids), if the method needs them
+    embeddings: torch.Tensor | None = None  # [B, N, D] layer 0's input, if a method needs it
 
 
 class PruningHandle:
@@ -124,6 +127,9 @@ class PruningHandle:
                                  "positions, which only the first stage sees; use it in the first stage only")
             self._decode_kept = [None] * len(self._stages)
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+            if any(stage.method.needs_prompt_inputs for stage in self._stages):  # ahead of a K = 0 stage's hook
+                self._hooks.append(self.adapter.layers[0].register_forward_pre_hook(
+                    self._on_first_layer, with_kwargs=True))
             for index in range(self.config.layer, len(self.adapter.layers)):
                 self._hooks.append(self.adapter.layers[index].register_forward_pre_hook(
                     _bind_layer(self._on_layer, index), with_kwargs=True))
@@ -140,12 +146,13 @@ class PruningHandle:
 
     def _capture_at(self, layer: int, method: PruningMethod) -> AttentionCapture | None:
         """A capture on layer `layer`'s attention when the method needs keys or attention, else None (sdpa stays)."""
-        if not (method.needs_keys or method.needs_last_row_attention):
+        if not (method.needs_keys or method.needs_last_row_attention or method.needs_attention_rows):
             return None
         if layer < 0:
             raise ValueError(f"method {method.name!r} reads layer K-1's keys or attention, which do not exist at K=0")
         return AttentionCapture(self.adapter.layers[layer].self_attn, keys=method.needs_keys,
-                                last_row_attention=method.needs_last_row_attention)
+                                last_row_attention=method.needs_last_row_attention,
+                                query_rows=method.needs_attention_rows)
 
     def remove(self) -> None:
         """Remove every hook and restore the captured attention modules; safe to call twice."""
@@ -233,7 +240,6 @@ class PruningHandle:
     def _continue_full_positions(self, args: tuple, kwargs: dict, cache: Any) -> None:
         """After a prefill pruned at K = 0 every layer caches only the kept tokens, so a model that numbers new
         tokens from its cache length would restart them too early: give them their full-sequence positions.
-
         """
         if kwargs.get("position_ids") is not None or self._decode_kept[0] is None:
             return
@@ -246,6 +252,12 @@ class PruningHandle:
         if full is None:
             full = torch.ones(batch, seen + n_query, dtype=torch.bool, device=tokens.device)
         kwargs["position_ids"] = self.adapter.spec.continued_positions(self.model, positions_from_mask(full, n_query))
+
+    def _on_first_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook of layer 0: keep the prompt's embeddings of a prefill for methods that read them."""
+        cache = cache_from_kwargs(kwargs)
+        if self._prompt is not None and (cache is None or cache.get_seq_length(0) == 0):
+            self._prompt.embeddings = args[0] if args else kwargs["hidden_states"]
 
     def _on_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Pre-hook of every layer >= K_0: a stage's first layer selects (prefill) or rebuilds masks (decode)."""
@@ -301,7 +313,10 @@ class PruningHandle:
         selection = stage.select(SelectionContext(
             hidden_states=hidden, vision_mask=vision, attention_mask=attention, input_ids=input_ids,
             budgets=[stage.config.budget_for(n) for n in n_vision], final_norm=self.adapter.text_model.norm,
-            image_grids=prompt.grids if view is None else None))  # grids hold original positions
+            image_grids=prompt.grids if view is None else None,  # grids hold original positions
+            prompt=self._prompt_inputs(stage), positions=None if view is None else view.index))
+        if stage.index == len(self._stages) - 1:
+            prompt.embeddings = None  # no later stage reads layer 0's input
         if hidden.is_cuda:  # the gather below waits for the selection anyway
             torch.cuda.synchronize(hidden.device)
         select_ms = (time.perf_counter() - started) * 1e3
@@ -327,6 +342,16 @@ class PruningHandle:
         kept_state = None if prompt.state is None else self.adapter.spec.gather_state(prompt.state, pruned)
         return ForwardPlan(masks=self._masks(stage, gathered, valid, cache, kept_state), gather_index=kept,
                            hidden_states=gathered, pruned=pruned)
+
+    def _prompt_inputs(self, stage: StageRunner) -> PromptInputs | None:
+        """The whole prompt's layer 0 input for a method that reads it (None otherwise)."""
+        prompt = self._prompt
+        if not stage.method.needs_prompt_inputs:
+            return None
+        if prompt.embeddings is None or prompt.embeddings.shape[:2] != prompt.attention.shape:
+            raise RuntimeError(f"method {stage.config.method!r} needs layer 0's input, which this prefill did not "
+                               "pass through decoder layer 0")
+        return PromptInputs(prompt.embeddings, prompt.vision, prompt.attention)
 
     def _record(self, stage: StageRunner, kept_vision: list[int], select_ms: float) -> None:
         """Note what `stage` kept: a new `RequestStats` at the first stage, the same one extended at later ones."""
