@@ -87,7 +87,8 @@ def eval_command(
                                                              "Repeat for several tasks."),
     preset: Path | None = typer.Option(None, help="Preset file to evaluate (instead of --method ...)."),
     method: list[str] = typer.Option([], help="Pruning method: dart, random, pooling, avgpool, fastv, window_fastv, "
-                                              "visionzip (use --layer 0), keep_all. Repeat to compare several."),
+                                              "sparsevlm, visionzip (use --layer 0), keep_all. Repeat to compare "
+                                              "several."),
     schedule: list[str] = typer.Option([], help="A multi-stage schedule as the tables print it, e.g. "
                                                 "'fastv@2:0.5>4:0.5>6:64t' (instead of --method ...). Repeat to "
                                                 "compare several."),
