@@ -96,11 +96,13 @@ def eval_command(
                                                              "Repeat for several tasks."),
     preset: Path | None = typer.Option(None, help="Preset file to evaluate (instead of --method ...)."),
     method: list[str] = typer.Option([], help="Pruning method: dart, random, pooling, avgpool, fastv, window_fastv, "
-                                              "keep_all. Repeat to compare several."),
+                                              "sparsevlm, visionzip (use --layer 0), keep_all. Repeat to compare "
+                                              "several."),
     schedule: list[str] = typer.Option([], help="A multi-stage schedule as the tables print it, e.g. "
                                                 "'fastv@2:0.5>4:0.5>6:64t' (instead of --method ...). Repeat to "
                                                 "compare several."),
-    layer: int | None = typer.Option(None, help="Prune before decoder layer K (default 2)."),
+    layer: int | None = typer.Option(None, help="Prune before decoder layer K (default: the method's own, 2; "
+                                                "visionzip 0)."),
     keep_ratio: list[float] = typer.Option([], help="Fraction of vision tokens kept, in (0, 1]. Repeat to compare "
                                                     "several (every method x every ratio)."),
     budget: int | None = typer.Option(None, help="Vision tokens kept per image prompt (instead of --keep-ratio)."),
@@ -148,7 +150,7 @@ def eval_command(
             configs = {text: with_stage_options(parse_schedule(text), options) for text in schedule}
         else:
             ratios: list[float | None] = list(keep_ratio) or [None]
-            configs = {f"{name} {ratio}": PruningConfig(method=name, layer=2 if layer is None else layer,
+            configs = {f"{name} {ratio}": PruningConfig(method=name, layer=_method_layer(name, layer),
                                                         keep_ratio=ratio, budget=budget,
                                                         options=options_for(name, options, method))
                        for name in method for ratio in ratios}
@@ -180,6 +182,15 @@ def eval_command(
     except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and check_layer name the bad field
         raise fail(str(error)) from None
     _print_and_save_eval(console, reports, loaded, tasks, json_path)
+
+
+def _method_layer(name: str, layer: int | None) -> int:
+    """`--layer` when given, else the method's own K (`PruningMethod.default_layer`: 2, or 0 for visionzip)."""
+    if layer is not None:
+        return layer
+    from tuner.method_catalog import method_class
+
+    return getattr(method_class(name), "default_layer", 2)
 
 
 def _print_and_save_eval(console: Console, reports: list, loaded: object, tasks: list, json_path: Path | None) -> None:
