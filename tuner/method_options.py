@@ -33,6 +33,8 @@ class Option:
     default: Any
     low: float | None = None
     high: float | None = None
+    low_open: bool = False  # low itself is excluded: (low, ...
+    high_open: bool = False  # high itself is excluded: ..., high)
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
     search: dict[str, Any] | list[Any] | None = None
@@ -55,7 +57,8 @@ class Option:
         if self.choices is not None:
             return None if value in self.choices and _is_kind(value, self.kind) else f"must be {self.describe()}"
         if not _is_kind(value, self.kind) or (self.kind is float and not math.isfinite(value)) \
-                or (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+                or (self.low is not None and (value < self.low or (self.low_open and value == self.low))) \
+                or (self.high is not None and (value > self.high or (self.high_open and value == self.high))):
             return f"must be {self.describe()}"
         return None
 
@@ -74,11 +77,12 @@ class Option:
             text = {int: "an int", float: "a number", str: "a string", bool: "true or false", None: "any value"}[
                 self.kind]
             if self.low is not None and self.high is not None:
-                text += f" in [{self.low:g}, {self.high:g}]"
+                left, right = "[("[self.low_open], "])"[self.high_open]
+                text += f" in {left}{self.low:g}, {self.high:g}{right}"
             elif self.low is not None:
-                text += f" >= {self.low:g}"
+                text += f" {'>' if self.low_open else '>='} {self.low:g}"
             elif self.high is not None:
-                text += f" <= {self.high:g}"
+                text += f" {'<' if self.high_open else '<='} {self.high:g}"
         return text + (" or null" if self.nullable else "")
 
 

@@ -57,7 +57,7 @@ class SparseVLM(PruningMethod):
 
     needs_attention_rows = True
     needs_prompt_inputs = True
-    option_specs = {"rank_scale": Option(float, None, low=0.0, high=1.0, nullable=True,
+    option_specs = {"rank_scale": Option(float, None, low=0.0, high=1.0, low_open=True, nullable=True,
                                          help="the paper's rank-based count (null: the amount decides)"),
                     "recycle": Option(bool, True, search=[True, False],
                                       help="merge recycled pruned tokens into cluster means")}

@@ -36,7 +36,7 @@ class VisionZip(PruningMethod):
 
     needs_vision_saliency = True
     default_layer = 0  # it prunes before the language model
-    option_specs = {"contextual_share": Option(float, PAPER_CONTEXTUAL_SHARE, low=0.0, high=1.0,
+    option_specs = {"contextual_share": Option(float, PAPER_CONTEXTUAL_SHARE, low=0.0, high=1.0, high_open=True,
                                                search={"low": 0.0, "high": 0.5},
                                                help="share of the kept tokens that are merged contextual ones")}
 
