@@ -2,10 +2,11 @@
 
 from tuner.pruning.methods.avgpool import AvgPool
 from tuner.pruning.methods.dart import DART
+from tuner.pruning.methods.divprune import DivPrune
 from tuner.pruning.methods.fastv import FastV
 from tuner.pruning.methods.keep_all import KeepAll
 from tuner.pruning.methods.pooling import Pooling
 from tuner.pruning.methods.random import RandomPruning
 from tuner.pruning.methods.window_fastv import WindowFastV
 
-__all__ = ["DART", "AvgPool", "FastV", "KeepAll", "Pooling", "RandomPruning", "WindowFastV"]
+__all__ = ["DART", "AvgPool", "DivPrune", "FastV", "KeepAll", "Pooling", "RandomPruning", "WindowFastV"]
