@@ -131,7 +131,7 @@ def test_dart_reference_quota_rules_through_the_config(rule, kwargs, expected):
     (dict(budget=0), "budget"),
     (dict(keep_ratio=0.5, budget=8), "not both"),
     (dict(), "needs keep_ratio"),
-    (dict(method="dartt", keep_ratio=0.5), "unknown pruning method 'dartt'.*avgpool, dart, fastv"),
+    (dict(method="dartt", keep_ratio=0.5), "unknown pruning method 'dartt'.*avgpool, cdpruner, dart, divprune, fastv"),
     (dict(keep_ratio=0.5, n_image_pivots=-1), "n_image_pivots"),
     (dict(keep_ratio=0.5, n_text_pivots=2.5), "n_text_pivots"),
     (dict(keep_ratio=0.5, n_image_pivots=0, n_text_pivots=0), "pivots must be >= 1"),

@@ -64,7 +64,7 @@ def eval_command(
                                                              "Repeat for several tasks."),
     preset: Path | None = typer.Option(None, help="Preset file to evaluate (instead of --method ...)."),
     method: list[str] = typer.Option([], help="Pruning method: dart, random, pooling, avgpool, fastv, window_fastv, "
-                                              "keep_all. Repeat to compare several."),
+                                              "divprune, cdpruner, keep_all. Repeat to compare several."),
     layer: int = typer.Option(2, help="Prune before decoder layer K."),
     keep_ratio: list[float] = typer.Option([], help="Fraction of vision tokens kept, in (0, 1]. Repeat to compare "
                                                     "several (every method x every ratio)."),

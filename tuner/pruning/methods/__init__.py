@@ -1,6 +1,7 @@
 """Bundled pruning methods; importing this package registers them."""
 
 from tuner.pruning.methods.avgpool import AvgPool
+from tuner.pruning.methods.cdpruner import CDPruner
 from tuner.pruning.methods.dart import DART
 from tuner.pruning.methods.divprune import DivPrune
 from tuner.pruning.methods.fastv import FastV
@@ -9,4 +10,4 @@ from tuner.pruning.methods.pooling import Pooling
 from tuner.pruning.methods.random import RandomPruning
 from tuner.pruning.methods.window_fastv import WindowFastV
 
-__all__ = ["DART", "AvgPool", "DivPrune", "FastV", "KeepAll", "Pooling", "RandomPruning", "WindowFastV"]
+__all__ = ["DART", "AvgPool", "CDPruner", "DivPrune", "FastV", "KeepAll", "Pooling", "RandomPruning", "WindowFastV"]
