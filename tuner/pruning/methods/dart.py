@@ -15,16 +15,20 @@ if TYPE_CHECKING:
 
 
 FAMILY_RULE = "family"  # quota_rule value: the loaded model family's reference rule
+HIDDEN_PREFIX = "hidden_"  # pivot metrics on the stage's input hidden states instead of keys
+HIDDEN_PIVOT_METRICS = tuple(HIDDEN_PREFIX + metric for metric in PIVOT_METRICS)
 
 
 @register_method("dart")
 class DART(PruningMethod):
-    """Keeps the vision tokens least similar to a few key-norm pivots; duplication over importance.
+    """Keeps the vision tokens least similar to a few norm-ranked pivots; duplication over importance.
 
-    Options: `pivot_metric` (l1 | l2 | l1_min | l2_min), and for the official code's counts either a fixed
-    `quota` per pivot or a `quota_rule` (llava15 | llava_next | qwen, or `family`: the model family's own,
-    `Family.reference_quota_rule`) with `max_num_trunction` and `retain_tokens` as in the reference.
-    Without them, exactly the config's budget is kept.
+    Options: `pivot_metric`: l1 | l2 | l1_min | l2_min rank pivots on layer K-1's post-RoPE keys (the paper's
+    K-norm); hidden_l1 | hidden_l2 | hidden_l1_min | hidden_l2_min on the hidden states entering layer K, so no
+    keys are captured (before layer 0 no keys exist: the DART paper's pre-LLM ablation ranks pivots on the
+    projected features). For the official code's counts, either a fixed `quota` per pivot or a `quota_rule`
+    (llava15 | llava_next | qwen, or `family`: the model family's own, `Family.reference_quota_rule`) with
+    `max_num_trunction` and `retain_tokens` as in the reference. Without them, exactly the config's budget is kept.
     """
 
     needs_keys = True
@@ -39,7 +43,7 @@ class DART(PruningMethod):
     def validate(cls, config: PruningConfig) -> None:
         super().validate(config)
         options = config.options
-        _check_option("pivot_metric", options.get("pivot_metric", "l1"), PIVOT_METRICS)
+        _check_option("pivot_metric", options.get("pivot_metric", "l1"), PIVOT_METRICS + HIDDEN_PIVOT_METRICS)
         if not _reference_mode(options):
             return
         if options.get("quota") is not None and options.get("quota_rule") is not None:
@@ -53,6 +57,10 @@ class DART(PruningMethod):
         if rule is not None:
             _check_option("quota_rule", rule, (*QUOTA_RULES, FAMILY_RULE))
             _check_ratio(rule, config)
+
+    def __init__(self, config: PruningConfig) -> None:
+        super().__init__(config)
+        self.needs_keys = not self.options["pivot_metric"].startswith(HIDDEN_PREFIX)  # read by the hooks
 
     def bind_family(self, family: Any) -> None:
         """Resolve `quota_rule: family` to the family's reference rule (an error if it has none)."""
@@ -68,15 +76,17 @@ class DART(PruningMethod):
     def select(self, ctx: SelectionContext) -> Selection:
         with torch.no_grad():
             norm_states = ctx.final_norm(ctx.hidden_states)
+        pivot_states = ctx.keys if self.needs_keys else ctx.hidden_states
         common = dict(n_image_pivots=self.config.n_image_pivots, n_text_pivots=self.config.n_text_pivots,
-                      pivot_order=self.config.pivot_order, pivot_metric=self.options["pivot_metric"])
+                      pivot_order=self.config.pivot_order,
+                      pivot_metric=self.options["pivot_metric"].removeprefix(HIDDEN_PREFIX))
         if not _reference_mode(self.options):
-            return Selection(dart_select(norm_states, ctx.keys, ctx.vision_mask, budget=ctx.budgets,
+            return Selection(dart_select(norm_states, pivot_states, ctx.vision_mask, budget=ctx.budgets,
                                          attention_mask=ctx.attention_mask, **common))
         kept = []  # reference mode: the quota depends on each row's vision count, so rows go one by one
         for row in range(len(ctx.budgets)):
             quota = self._quota(int(ctx.vision_mask[row].sum()))
-            kept += dart_select(norm_states[row:row + 1], ctx.keys[row:row + 1], ctx.vision_mask[row:row + 1],
+            kept += dart_select(norm_states[row:row + 1], pivot_states[row:row + 1], ctx.vision_mask[row:row + 1],
                                 quota=quota, attention_mask=ctx.attention_mask[row:row + 1], **common)
         return Selection(kept)
 
