@@ -124,7 +124,8 @@ def test_dart_reference_quota_rules_through_the_config(rule, kwargs, expected):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(layer=0, keep_ratio=0.5), "layer"),
+    (dict(layer=-1, keep_ratio=0.5), "layer must be an int >= 0"),
+    (dict(layer=0, keep_ratio=0.5), "reads layer K-1's keys or attention"),
     (dict(keep_ratio=0.0), "keep_ratio"),
     (dict(keep_ratio=1.01), "keep_ratio"),
     (dict(keep_ratio=float("nan")), "keep_ratio"),
@@ -182,7 +183,7 @@ def test_config_round_trips_through_a_dict():
 @pytest.mark.parametrize("layer", (4, 7))
 def test_layer_beyond_the_model_is_rejected(layer, loaded: Loader):
     model, _ = loaded("llava", "sdpa")
-    with pytest.raises(ValueError, match=r"K must be in 1\.\.3"):
+    with pytest.raises(ValueError, match=r"K must be in 0\.\.3"):
         tuner.apply_pruning(model, tuner.PruningConfig(layer=layer, keep_ratio=0.5))
     assert all(not m._forward_pre_hooks for m in model.modules())
 

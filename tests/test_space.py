@@ -42,7 +42,16 @@ BAD = [
     ({"tasks": []}, "tasks"),
     ({"methods": ["dartt"]}, "methods[0]: must be one of"),
     ({"layer": {"low": 3, "high": 1}}, "layer: low (3) is above high (1)"),
-    ({"layer": {"low": 0, "high": 2}}, "layer.low: must be >= 1"),
+    ({"layer": {"low": -1, "high": 2}}, "layer.low: must be >= 0"),
+    ({"layer": {"low": 0, "high": 2}}, "layer: includes 0, where dart cannot run"),
+    ({"before_lm": {"methods": ["fastv"], "keep_ratio": 0.5}}, "before_lm.methods[0]: fastv reads layer K-1's"),
+    ({"before_lm": {"methods": ["nope"], "keep_ratio": 0.5}}, "before_lm.methods[0]: must be one of none,"),
+    ({"before_lm": {"methods": ["random"]}}, "before_lm: needs methods"),
+    ({"before_lm": {"methods": [], "keep_ratio": 0.5}}, "before_lm.methods: the list is empty"),
+    ({"before_lm": {"methods": ["random"], "keep_ratio": 0.5}, "methods": ["random"], "layer": {"low": 0, "high": 2}},
+     "layer: may not include 0 with before_lm"),
+    ({"before_lm": {"methods": ["random"], "keep_ratio": {"low": 0.2, "high": 0.8}}, "sampler": {"name": "grid"},
+      "keep_ratio": [0.5]}, "before_lm.keep_ratio: the grid sampler needs a list"),
     ({"layer": {"low": 1}}, "layer: a range needs both low and high"),
     ({"layer": "two"}, "layer: must be a mapping"),
     ({"keep_ratio": {"low": 0.0, "high": 0.5}}, "keep_ratio.low: must be > 0"),
@@ -247,3 +256,38 @@ def test_accuracy_floor_is_the_higher_floor_and_asks_for_the_baseline_only_when_
     assert Constraints(min_relative_accuracy=0.9).accuracy_floor(lambda: 0.8) == pytest.approx(0.72)
     assert Constraints(min_accuracy=0.7, min_relative_accuracy=0.9).accuracy_floor(lambda: 0.7) == 0.7
     assert Constraints(min_accuracy=0.7, min_relative_accuracy=0.9).accuracy_floor(lambda: 1.0) == pytest.approx(0.9)
+
+
+def test_before_lm_stacks_a_k0_stage_under_the_in_lm_trial() -> None:
+    """A trial with a before-LM method is that method at K = 0 followed by the in-LM stage, whose keep ratio is a
+    share of what K = 0 kept; `none` trials are the in-LM configuration alone and carry no K = 0 share."""
+    from tuner.config import schedule_text
+
+    space = _space(methods=["dart", "fastv"], n_image_pivots={"low": 1, "high": 4}, n_text_pivots={"low": 0, "high": 4},
+                   before_lm={"methods": ["none", "random", "pooling"], "keep_ratio": {"low": 0.3, "high": 0.9}})
+    seen = set()
+    for trial, config in _random_draws(space, 30, seed=3):
+        pre = trial.params["before_lm_method"]
+        seen.add(pre)
+        assert ("before_lm_keep_ratio" in trial.params) == (pre != "none")
+        if pre == "none":
+            assert config.layers == (trial.params["layer"],) and config.method == trial.params["method"]
+            continue
+        assert config.layers == (0, trial.params["layer"]) and config.method == pre
+        first, second = config.stage_configs()
+        assert first.keep_ratio == trial.params["before_lm_keep_ratio"]
+        assert (second.method, second.keep_ratio) == (trial.params["method"], trial.params["keep_ratio"])
+        assert type(config)(**config.to_dict()) == config
+        assert schedule_text(config).startswith(f"{pre}@0:")
+    assert seen == {"none", "random", "pooling"}
+    config = space.suggest(optuna.trial.FixedTrial({"before_lm_method": "random", "before_lm_keep_ratio": 0.5,
+                                                    "method": "dart", "layer": 2, "keep_ratio": 0.25,
+                                                    "n_image_pivots": 2, "n_text_pivots": 3}))
+    assert schedule_text(config) == "random@0:0.5>dart@2:0.25"
+    assert (config.stage_config(1).n_image_pivots, config.stage_config(1).n_text_pivots) == (2, 3)
+    assert space.paper_default()["before_lm_method"] == "none"
+
+
+def test_a_layer_range_may_start_at_0_when_every_method_can_run_there() -> None:
+    space = _space(methods=["random", "pooling"], layer={"low": 0, "high": 2})
+    assert space.suggest(optuna.trial.FixedTrial({"method": "random", "layer": 0, "keep_ratio": 0.2})).layer == 0

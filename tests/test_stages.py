@@ -209,7 +209,10 @@ def test_reports_describe_a_schedule():
     schedule = tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5,
                                    stages=[Stage(4, 0.5), Stage(6, budget=8, method="dart")])
     assert describe_trial(trial(schedule)) == "fastv@2:0.5>4:0.5>dart@6:8t pivots 4+4"
-    assert trial_label(trial(schedule)) == ("fastv", "2>4>6", "-", "0.5>0.5>8t")
+    assert trial_label(trial(schedule)) == ("fastv>dart", "2>4>6", "4+4", "0.5>0.5>8t")
+    stacked = tuner.config.stack(tuner.PruningConfig(method="random", layer=0, keep_ratio=0.5),
+                                 tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.25))
+    assert trial_label(trial(stacked)) == ("random>fastv", "0>2", "-", "0.5>0.25")
     single = tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5)
     assert describe_trial(trial(single)) == "fastv K=2 keep 0.5"
 

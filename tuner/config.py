@@ -41,7 +41,8 @@ STAGE_KEYS = tuple(f.name for f in fields(Stage))  # what a stage's plain-data f
 class PruningConfig:
     """What to prune and how much; validated on construction so a bad value fails before any compute.
 
-    `layer` is K: layers 0..K-1 see every token, layers K.. only the kept ones (K >= 1). Give either
+    `layer` is K: layers 0..K-1 see every token, layers K.. only the kept ones. K = 0 prunes before the language
+    model, on the input embeddings, so only methods that read no layer K-1 keys or attention can run there. Give either
     `keep_ratio` (fraction of each row's vision tokens, in (0, 1]) or `budget` (vision tokens per row);
     `keep_all` needs neither. `options` holds method-specific settings, checked by the method itself.
     `require_vision=False` lets prompts without any vision token pass through unpruned.
@@ -63,7 +64,7 @@ class PruningConfig:
 
     def __post_init__(self) -> None:
         method_cls = method_class(self.method)
-        _check_int("layer", self.layer, low=1)
+        _check_int("layer", self.layer, low=0)
         if self.keep_ratio is not None and self.budget is not None:
             raise ValueError(f"give keep_ratio or budget, not both (got keep_ratio={self.keep_ratio}, "
                              f"budget={self.budget})")
@@ -85,6 +86,9 @@ class PruningConfig:
             raise ValueError(f"options must be a dict, got {type(self.options).__name__}")
         object.__setattr__(self, "options", dict(self.options))
         method_cls.validate(self)
+        if self.layer == 0 and method_cls.reads_previous_layer(self):
+            raise ValueError(f"method {self.method!r} reads layer K-1's keys or attention, which do not exist before "
+                             "the language model: use layer >= 1 with it, or a method that reads the embeddings at K=0")
         object.__setattr__(self, "stages", _as_stages(self.stages))
         previous = self.layer
         for index, stage in enumerate(self.stages):
@@ -149,6 +153,26 @@ def schedule_text(config: PruningConfig) -> str:
     return ">".join(parts)
 
 
+def methods_text(config: PruningConfig) -> str:
+    """The methods of a configuration's stages, in order without repeats: 'dart', or 'random>dart' for a stack."""
+    return ">".join(dict.fromkeys(stage.method for stage in config.stage_configs()))
+
+
+def stack(before: PruningConfig, after: PruningConfig) -> PruningConfig:
+    """One schedule: every stage of `before`, then every stage of `after` (e.g. a K = 0 stage under an in-LM one).
+
+    `after`'s amounts stay shares (or counts) of what the stage before them kept; its stages name their methods
+    and options explicitly, so none inherits `before`'s. The pivot counts, pivot order and seed are `after`'s.
+    """
+    if after.layer <= before.layers[-1]:
+        raise ValueError(f"cannot stack a schedule starting at layer {after.layer} after one ending at layer "
+                         f"{before.layers[-1]}: stage layers must increase")
+    tail = tuple(Stage(layer=c.layer, keep_ratio=c.keep_ratio, budget=c.budget, method=c.method, options=c.options)
+                 for c in after.stage_configs())
+    return replace(before, n_image_pivots=after.n_image_pivots, n_text_pivots=after.n_text_pivots,
+                   pivot_order=after.pivot_order, seed=after.seed, stages=(*before.stages, *tail))
+
+
 def as_pruning_config(value: Any) -> PruningConfig:
     """`value` itself when it is a PruningConfig, or the one it holds as `.config` (a preset); TypeError otherwise."""
     config = value if isinstance(value, PruningConfig) else getattr(value, "config", None)
@@ -158,10 +182,10 @@ def as_pruning_config(value: Any) -> PruningConfig:
 
 
 def check_layer(layer: int, n_layers: int) -> None:
-    """Raise a ValueError unless K = `layer` is a decoder layer a pruning stage can start at (1..n_layers - 1)."""
-    if not 1 <= layer <= n_layers - 1:
+    """Raise a ValueError unless K = `layer` is a decoder layer a pruning stage can start at (0..n_layers - 1)."""
+    if not 0 <= layer <= n_layers - 1:
         raise ValueError(f"layer K={layer} is out of range: the model has {n_layers} decoder layers, so K must be "
-                         f"in 1..{n_layers - 1}")
+                         f"in 0..{n_layers - 1}")
 
 
 def check_layers(config: PruningConfig, n_layers: int) -> None:

@@ -8,7 +8,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from tuner.config import schedule_text
+from tuner.config import methods_text, schedule_text
 from tuner.evidence import CONFIRMATION_ATTR, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.results import accuracy_relative, config_of, is_baseline, pareto_trials
 
@@ -28,14 +28,15 @@ def trial_label(trial: FrozenTrial) -> tuple[str, str, str, str]:
     config = config_of(trial)
     if config is None:
         return ("unpruned" if is_baseline(trial) else "?", "-", "-", "all")
-    pivots = f"{config.n_image_pivots}+{config.n_text_pivots}" if config.method == "dart" else "-"
+    uses_dart = any(stage.method == "dart" for stage in config.stage_configs())
+    pivots = f"{config.n_image_pivots}+{config.n_text_pivots}" if uses_dart else "-"
     amount = f"{config.keep_ratio:.3g}" if config.keep_ratio is not None else (
         f"{config.budget} tok" if config.budget is not None else "all")
     if config.stages:
         stages = config.stage_configs()
         amount = ">".join(f"{s.keep_ratio:.3g}" if s.keep_ratio is not None else f"{s.budget}t" if s.budget else "all"
                           for s in stages)
-        return config.method, ">".join(str(layer) for layer in config.layers), pivots, amount
+        return methods_text(config), ">".join(str(layer) for layer in config.layers), pivots, amount
     return config.method, str(config.layer), pivots, amount
 
 

@@ -20,7 +20,19 @@ from tuner.models.attention import ATTN_IMPLEMENTATIONS
 from tuner.models.feature_cache import DEFAULT_FEATURE_CACHE_MB
 from tuner.models.loading import DTYPES
 from tuner.pruning.registry import available_methods
-from tuner.space_params import PDROP, FloatParam, IntParam, Reader, ScheduleSpec, SpaceError, parse_schedule
+from tuner.space_params import (
+    NO_STAGE,
+    PDROP,
+    BeforeLMSpec,
+    FloatParam,
+    IntParam,
+    Reader,
+    ScheduleSpec,
+    SpaceError,
+    parse_before_lm,
+    parse_schedule,
+    refuses_layer_0,
+)
 from tuner.yaml_files import read_yaml
 
 # The samplers a space may name, each an Optuna class (`tuner.study.make_sampler` builds them).
@@ -31,7 +43,7 @@ SAMPLERS = tuple(SAMPLER_CLASSES)
 _TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "n_image_pivots",
               "n_text_pivots", "keep_ratio", "budget", "attn_implementation", "dtype", "device", "batch_size",
               "constraints", "sampler", "trials", "timeout_s", "latency", "max_failures", "feature_cache_mb",
-              "early_stopping", "schedule"}
+              "early_stopping", "schedule", "before_lm"}
 PAPER_DEFAULT = {"method": "dart", "layer": 2, "n_image_pivots": 4, "n_text_pivots": 4}
 
 
@@ -96,11 +108,19 @@ class SearchSpace:
     early_stop_chunk: int | None = None  # score in chunks of this many documents, stopping hopeless trials
     source: str | None = None
     schedule: ScheduleSpec | None = None
+    before_lm: BeforeLMSpec | None = None  # an optional K = 0 stage stacked under each trial's configuration
 
     def suggest(self, trial: Any) -> PruningConfig:
-        """The configuration for one trial. DART's pivot counts are only suggested for DART trials and a schedule's
-        parameters for `pdrop` trials (conditional parameters), except under the grid sampler, which needs every
-        parameter in every trial."""
+        """The configuration for one trial. DART's pivot counts are only suggested for DART trials, a schedule's
+        parameters for `pdrop` trials and a before-LM stage's share when it has a method (conditional parameters),
+        except under the grid sampler, which needs every parameter in every trial."""
+        config = self._suggest_in_lm(trial)
+        if self.before_lm is None:
+            return config
+        return self.before_lm.suggest(trial, config, grid=self.sampler.name == "grid")
+
+    def _suggest_in_lm(self, trial: Any) -> PruningConfig:
+        """The in-LM part of a trial's configuration: a method at layer K, or a `pdrop` schedule."""
         method = trial.suggest_categorical("method", list(self.methods))
         grid = self.sampler.name == "grid"
         if self.schedule is not None and (method == PDROP or grid):
@@ -123,7 +143,8 @@ class SearchSpace:
     def grid(self) -> dict[str, list]:
         """The full grid for Optuna's GridSampler (every parameter must be a list or an integer range)."""
         if set(self.methods) == {PDROP}:
-            return {"method": [PDROP], **self.schedule.grid(self.source)}
+            grid = {"method": [PDROP], **self.schedule.grid(self.source)}
+            return grid | (self.before_lm.grid(self.source) if self.before_lm is not None else {})
         grid: dict[str, list] = {"method": list(self.methods), "layer": self.layer.choices(),
                                  "n_image_pivots": self.n_image_pivots.choices(),
                                  "n_text_pivots": self.n_text_pivots.choices()}
@@ -136,6 +157,8 @@ class SearchSpace:
             grid["budget"] = self.budget.choices()
         if self.schedule is not None:
             grid.update(self.schedule.grid(self.source))
+        if self.before_lm is not None:
+            grid.update(self.before_lm.grid(self.source))
         return grid
 
     def max_layer(self) -> int:
@@ -147,7 +170,9 @@ class SearchSpace:
         if "dart" not in self.methods or not self.layer.contains(2) or not self.n_image_pivots.contains(4) \
                 or not self.n_text_pivots.contains(4):
             return None
-        params = dict(PAPER_DEFAULT)
+        if self.before_lm is not None and NO_STAGE not in self.before_lm.methods:
+            return None
+        params = dict(PAPER_DEFAULT) | ({"before_lm_method": NO_STAGE} if self.before_lm is not None else {})
         if self.keep_ratio is not None:
             options = self.keep_ratio.values or (max(self.keep_ratio.low, min(self.keep_ratio.high, 0.25)),)
             params["keep_ratio"] = min(options, key=lambda v: abs(v - 0.25))
@@ -199,7 +224,14 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
     if "layer" not in data and any(m != PDROP for m in methods):
         raise r.fail("layer", "is required")
     # A pdrop-only space draws no `layer`; its first stage layer stands in where a layer bound is checked.
-    layer = r.int_param("layer", data["layer"], low=1) if "layer" in data else schedule.layers[0]
+    layer = r.int_param("layer", data["layer"], low=0) if "layer" in data else schedule.layers[0]
+    before_lm = parse_before_lm(r, data["before_lm"]) if "before_lm" in data else None
+    if 0 in layer.choices():
+        if before_lm is not None:
+            raise r.fail("layer", "may not include 0 with before_lm: that stage is layer 0 (raise layer.low to 1)")
+        if refusing := [m for m in methods if m != PDROP and refuses_layer_0(m)]:
+            raise r.fail("layer", f"includes 0, where {', '.join(refusing)} cannot run (no layer K-1 keys or "
+                                  "attention exist before the language model); raise layer.low to 1")
     pivots = {key: r.int_param(key, data.get(key, 4), low=0) for key in ("n_image_pivots", "n_text_pivots")}
     if min(pivots["n_image_pivots"].choices()) + min(pivots["n_text_pivots"].choices()) < 1:
         raise r.fail("n_image_pivots", "with n_text_pivots it allows 0 + 0 pivots; DART needs at least one "
@@ -272,7 +304,7 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         feature_cache_mb=int(data.get("feature_cache_mb", DEFAULT_FEATURE_CACHE_MB)),
         constraints=Constraints(**constraints), sampler=SamplerSpec(sampler_name, sampler.get("seed", 0), options),
         trials=trials, timeout_s=timeout, latency=LatencySpec(**latency), early_stop_chunk=early.get("chunk_size"),
-        source=source, schedule=schedule)
+        source=source, schedule=schedule, before_lm=before_lm)
     if sampler_name == "grid":
         space.grid()  # fails now, naming the parameter, if a range cannot be gridded
     return space

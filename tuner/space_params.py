@@ -9,8 +9,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tuner.config import PruningConfig, Stage
+from tuner.config import PruningConfig, Stage, stack
 from tuner.errors import DartTunerError
+from tuner.method_catalog import method_class, method_names
 
 PDROP = "pdrop"  # a `methods` entry: a schedule from `schedule`, each stage scored like FastV at its own layer
 PDROP_METHOD = "fastv"
@@ -92,6 +93,39 @@ class ScheduleSpec:
     def max_layer(self) -> int:
         """The deepest stage layer a trial can draw."""
         return max(self.layers[-1].choices())
+
+
+NO_STAGE = "none"  # a `before_lm.methods` entry: the trial has no stage before the language model
+
+
+@dataclass(frozen=True)
+class BeforeLMSpec:
+    """An optional stage at K = 0 stacked under each trial's in-LM configuration: its method (or `none`) and the
+    share of the vision tokens it keeps; the in-LM stage then keeps its own share of those."""
+
+    methods: tuple[str, ...]
+    keep_ratio: FloatParam
+
+    def suggest(self, trial: Any, config: PruningConfig, grid: bool = False) -> PruningConfig:
+        """`config` with a K = 0 stage in front of it (parameters before_lm_method, before_lm_keep_ratio)."""
+        method = trial.suggest_categorical("before_lm_method", list(self.methods))
+        if method == NO_STAGE and not grid:
+            return config
+        ratio = self.keep_ratio.suggest(trial, "before_lm_keep_ratio")
+        if method == NO_STAGE:
+            return config
+        return stack(PruningConfig(method=method, layer=0, keep_ratio=ratio), config)
+
+    def grid(self, source: str | None) -> dict[str, list]:
+        if self.keep_ratio.values is None:
+            raise SpaceError(f"{source}: before_lm.keep_ratio: the grid sampler needs a list of values, not a range")
+        return {"before_lm_method": list(self.methods), "before_lm_keep_ratio": list(self.keep_ratio.values)}
+
+
+def refuses_layer_0(method: str) -> bool:
+    """Whether `method` (with its default options) reads layer K-1's keys or attention, so cannot run at K = 0."""
+    cls = method_class(method)
+    return cls.reads_previous_layer(PruningConfig(method="keep_all", layer=1))
 
 
 class Reader:
@@ -188,3 +222,19 @@ def parse_schedule(r: Reader, value: Any) -> ScheduleSpec:
         raise r.fail("schedule.shared", f"must be true or false, got {shared!r}")
     return ScheduleSpec(layers=layers, keep_ratio=r.float_param("schedule.keep_ratio", spec["keep_ratio"]),
                         shared=shared)
+
+
+def parse_before_lm(r: Reader, value: Any) -> BeforeLMSpec:
+    """`before_lm: {methods: [none, random, divprune], keep_ratio: {low: 0.25, high: 1.0}}`."""
+    spec = r.mapping("before_lm", value, {"methods", "keep_ratio"})
+    if set(spec) != {"methods", "keep_ratio"}:
+        raise r.fail("before_lm", "needs methods (a list; 'none' for trials without the stage) and keep_ratio")
+    methods = spec["methods"] if isinstance(spec["methods"], list) else [spec["methods"]]
+    if not methods:
+        raise r.fail("before_lm.methods", "the list is empty")
+    for i, method in enumerate(methods):
+        r.choice(f"before_lm.methods[{i}]", method, (NO_STAGE, *method_names()))
+        if method != NO_STAGE and refuses_layer_0(method):
+            raise r.fail(f"before_lm.methods[{i}]", f"{method} reads layer K-1's keys or attention, which do not "
+                                                    "exist before the language model")
+    return BeforeLMSpec(methods=tuple(methods), keep_ratio=r.float_param("before_lm.keep_ratio", spec["keep_ratio"]))

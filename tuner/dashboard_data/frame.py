@@ -10,7 +10,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.config import schedule_text
+from tuner.config import methods_text, schedule_text
 from tuner.early_stop import STOPPED_ATTR
 from tuner.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.reporting import describe_trial, latency_noise, speedup
@@ -95,7 +95,7 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
         done = trial.number in complete
         row = {
             "number": trial.number, "state": trial.state.name.lower(), "role": attrs.get("role", ""),
-            "method": config.method if config else ("unpruned" if is_baseline(trial) else "?"),
+            "method": methods_text(config) if config else ("unpruned" if is_baseline(trial) else "?"),
             "label": describe_trial(trial),
             "layer": config.layer if config else math.nan,
             "keep_ratio": _num(config.keep_ratio) if config else math.nan,

@@ -86,6 +86,11 @@ class PruningMethod:
             raise ValueError(f"method {cls.name!r} needs keep_ratio (in (0, 1]) or budget (>= 1)")
 
     @classmethod
+    def reads_previous_layer(cls, config: PruningConfig) -> bool:
+        """Whether this config reads layer K-1's keys or attention, which no layer provides at K = 0."""
+        return cls.needs_keys or cls.needs_last_row_attention
+
+    @classmethod
     def requires_amount(cls, config: PruningConfig) -> bool:
         """Whether this config must say how much to keep (some options fix the amount themselves)."""
         return cls.needs_amount

@@ -142,6 +142,8 @@ class PruningHandle:
         """A capture on layer `layer`'s attention when the method needs keys or attention, else None (sdpa stays)."""
         if not (method.needs_keys or method.needs_last_row_attention):
             return None
+        if layer < 0:
+            raise ValueError(f"method {method.name!r} reads layer K-1's keys or attention, which do not exist at K=0")
         return AttentionCapture(self.adapter.layers[layer].self_attn, keys=method.needs_keys,
                                 last_row_attention=method.needs_last_row_attention)
 
@@ -175,8 +177,12 @@ class PruningHandle:
         self._attention_2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         substituted = self._number_positions_per_row(args, kwargs)
         cache = cache_from_kwargs(kwargs)
-        if cache is not None and cache.get_seq_length(self.config.layer) > 0:
-            return substituted  # decode / continuation of the pruned prompt
+        if cache is not None and cache.get_seq_length(self.config.layer) > 0:  # decode / continuation
+            if self.config.layer == 0:
+                args, kwargs = substituted or (args, kwargs)
+                self._continue_full_positions(args, kwargs, cache)
+                return args, kwargs
+            return substituted
         self._view = None
         self._decode_kept = [None] * len(self._stages)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -223,6 +229,23 @@ class PruningHandle:
             return None
         kwargs["position_ids"] = positions_from_mask(self._attention_2d, tokens.shape[1])
         return args, kwargs
+
+    def _continue_full_positions(self, args: tuple, kwargs: dict, cache: Any) -> None:
+        """After a prefill pruned at K = 0 every layer caches only the kept tokens, so a model that numbers new
+        tokens from its cache length would restart them too early: give them their full-sequence positions.
+
+        """
+        if kwargs.get("position_ids") is not None or self._decode_kept[0] is None:
+            return
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        batch, n_query = tokens.shape[:2]
+        seen = self._prompt_length + cache.get_seq_length(0) - self._decode_kept[0].shape[1]
+        full = self._attention_2d
+        if full is None:
+            full = torch.ones(batch, seen + n_query, dtype=torch.bool, device=tokens.device)
+        kwargs["position_ids"] = self.adapter.spec.continued_positions(self.model, positions_from_mask(full, n_query))
 
     def _on_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Pre-hook of every layer >= K_0: a stage's first layer selects (prefill) or rebuilds masks (decode)."""

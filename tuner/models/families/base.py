@@ -136,6 +136,13 @@ class Family:
         """Vision tokens of one square grid (an image, a tile) when the config fixes it; None: a whole run."""
         return None
 
+    def continued_positions(self, model: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:
+        """`position_ids` for tokens after the prompt, from their 1-D places in the full sequence [B, n].
+
+        Needed after a prefill pruned before layer 0, where no cache length tells the model where it is.
+        """
+        return positions
+
     def gather_state(self, state: Any, pruned: PrunedPrefill) -> Any:
         """`prompt_state` at the kept positions (padding slots get a neutral value)."""
         return None

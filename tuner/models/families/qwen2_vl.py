@@ -62,6 +62,12 @@ class QwenFamily(Family):
     def fallback_prompt(self, text: str, n_images: int) -> str:
         return chatml_user_turn(QWEN_IMAGE * n_images + text)
 
+    def continued_positions(self, model: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:
+        """M-RoPE: text after the prompt has equal t/h/w positions, offset by the prompt's `rope_deltas`."""
+        deltas = model.model.rope_deltas
+        deltas = deltas.repeat_interleave(positions.shape[0] // deltas.shape[0], dim=0)
+        return (positions + deltas.to(positions.device))[None].expand(3, -1, -1)
+
     def row_images(self, batch: BatchFeature, row: int) -> dict[str, torch.Tensor]:
         """Patches are concatenated over images: row r's are the r-th block of `image_grid_thw` products."""
         grid = batch["image_grid_thw"]
