@@ -15,6 +15,7 @@ from tuner.pruning.base import SelectionContext
 from tuner.pruning.methods.cdpruner import greedy_map_order, instruction_mask
 
 K = 2
+LAYERS = (0, K)  # before the language model (on the input embeddings) and inside it
 NEW_TOKENS = 4
 ATOL = 1e-4
 
@@ -187,9 +188,9 @@ def test_bad_options_name_the_culprit(options, match):
 
 
 # --- on a tiny LLaVA -------------------------------------------------------------------------------------------
-def config(**kwargs) -> tuner.PruningConfig:
+def config(layer: int, **kwargs) -> tuner.PruningConfig:
     kwargs.setdefault("keep_ratio", 0.3)
-    return tuner.PruningConfig(method="cdpruner", layer=K, **kwargs)
+    return tuner.PruningConfig(method="cdpruner", layer=layer, **kwargs)
 
 
 def vision_mask(model, inputs) -> torch.Tensor:
@@ -201,41 +202,44 @@ def kept_vision(handle, vision: torch.Tensor, row: int) -> torch.Tensor:
     return kept[vision[row, kept]]
 
 
-def test_keep_ratio_one_equals_the_unhooked_model(loaded: Loader):
+@pytest.mark.parametrize("layer", LAYERS)
+def test_keep_ratio_one_equals_the_unhooked_model(layer, loaded: Loader):
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
     ref_tokens, ref_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
-    with tuner.apply_pruning(model, config(keep_ratio=1.0)) as handle:
+    with tuner.apply_pruning(model, config(layer, keep_ratio=1.0)) as handle:
         tokens, logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=ATOL)
     assert handle.requests[0].n_kept_vision == handle.requests[0].n_vision
 
 
-def test_hooked_selection_is_the_restated_dpp_on_the_states_entering_layer_k(loaded: Loader):
+@pytest.mark.parametrize("layer", LAYERS)
+def test_hooked_selection_is_the_restated_dpp_on_the_states_entering_layer_k(layer, loaded: Loader):
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor)
-    _, hidden = tiny_vlms.unhooked_forward(model, inputs, layer=K)
+    _, hidden = tiny_vlms.unhooked_forward(model, inputs, layer=layer)
     vision = vision_mask(model, inputs)
     positions = vision[0].nonzero().squeeze(1)
     instruction = hidden[0, int(positions[-1]) + 1:]
-    budget = config().budget_for(positions.numel())
+    budget = config(layer).budget_for(positions.numel())
     order = brute_force_greedy(restated_kernel(hidden[0, positions], instruction), budget)
-    with tuner.apply_pruning(model, config()) as handle, torch.no_grad():
+    with tuner.apply_pruning(model, config(layer)) as handle, torch.no_grad():
         model(**inputs)
     assert kept_vision(handle, vision, 0).tolist() == sorted(positions[order].tolist())
     assert handle.requests[0].n_kept_vision == [budget]
 
 
-def test_left_padded_batch_equals_rows_alone(loaded: Loader):
+@pytest.mark.parametrize("layer", LAYERS)
+def test_left_padded_batch_equals_rows_alone(layer, loaded: Loader):
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
     vision = vision_mask(model, inputs)
-    with tuner.apply_pruning(model, config()) as handle:
+    with tuner.apply_pruning(model, config(layer)) as handle:
         batch_tokens, batch_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
     for row in range(2):
         alone = tiny_vlms.row_inputs("llava", inputs, row)
-        with tuner.apply_pruning(model, config()) as row_handle:
+        with tuner.apply_pruning(model, config(layer)) as row_handle:
             tokens, logits, _ = tiny_vlms.greedy(model, alone, NEW_TOKENS)
         padding = int((inputs["attention_mask"][row] == 0).sum())
         assert torch.equal(kept_vision(handle, vision, row) - padding,
@@ -244,17 +248,18 @@ def test_left_padded_batch_equals_rows_alone(loaded: Loader):
         torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=ATOL)
 
 
-def test_cached_decode_equals_no_cache_recompute(loaded: Loader):
+@pytest.mark.parametrize("layer", LAYERS)
+def test_cached_decode_equals_no_cache_recompute(layer, loaded: Loader):
     """Generated tokens come after the image, so a no-cache recomputation would see a longer instruction and may
     choose another set: the recomputation keeps the set the cached generate chose (`test_fixed`)."""
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor)
     vision = vision_mask(model, inputs)
-    with tuner.apply_pruning(model, config()) as handle:
+    with tuner.apply_pruning(model, config(layer)) as handle:
         tokens, cached_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
     chosen = kept_vision(handle, vision, 0)
     assert 0 < chosen.numel() < int(vision.sum())
-    fixed = tuner.PruningConfig(method="test_fixed", layer=K, options={"positions": [chosen.tolist()]})
+    fixed = tuner.PruningConfig(method="test_fixed", layer=layer, options={"positions": [chosen.tolist()]})
     with tuner.apply_pruning(model, fixed):
         fixed_tokens, fixed_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)  # the same set, fixed
         tiny_vlms.assert_cached_decode_equals_recompute(model, inputs, tokens, cached_logits, ATOL)

@@ -850,3 +850,59 @@ def test_hooked_hidden_metric_captures_nothing_and_selects_on_the_states_enterin
     for row in range(2):
         kept = handle.last_kept[row]
         assert torch.equal(kept[vision[row, kept]], expected[row])
+
+
+def _dart_k0(**kwargs):
+    import tuner
+
+    kwargs.setdefault("keep_ratio", 0.3)
+    return tuner.PruningConfig(method="dart", layer=0, options={"pivot_metric": "hidden_l1"}, **kwargs)
+
+
+def test_hidden_metrics_run_at_k0_and_key_metrics_are_refused_there():
+    import tuner
+
+    assert _dart_k0().layer == 0
+    with pytest.raises(ValueError, match="reads layer K-1's keys"):
+        tuner.PruningConfig(method="dart", layer=0, keep_ratio=0.3, options={"pivot_metric": "l1"})
+
+
+def test_k0_keep_ratio_one_equals_the_unhooked_model(loaded):
+    import tiny_vlms
+    import tuner
+
+    model, processor = loaded("llava", "sdpa")
+    inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
+    ref_tokens, ref_logits, _ = tiny_vlms.greedy(model, inputs, 4)
+    with tuner.apply_pruning(model, _dart_k0(keep_ratio=1.0)):
+        tokens, logits, _ = tiny_vlms.greedy(model, inputs, 4)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+
+
+def test_k0_left_padded_batch_equals_rows_alone_and_cached_decode_equals_recompute(loaded):
+    """At K = 0 DART ranks pivots and measures duplication on the input embeddings (projected vision features).
+    Generated tokens would join the text pivots of a no-cache recomputation, so it keeps the generate's set."""
+    import tiny_vlms
+    import tuner
+
+    model, processor = loaded("llava", "sdpa")
+    inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
+    vision = (inputs["input_ids"] == model.config.image_token_id) & inputs["attention_mask"].bool()
+    with tuner.apply_pruning(model, _dart_k0()) as handle:
+        batch_tokens, batch_logits, _ = tiny_vlms.greedy(model, inputs, 4)
+    assert handle.requests[0].n_kept_vision == [round(0.3 * n) for n in handle.requests[0].n_vision]
+    for row in range(2):
+        alone = tiny_vlms.row_inputs("llava", inputs, row)
+        alone_vision = alone["input_ids"] == model.config.image_token_id
+        with tuner.apply_pruning(model, _dart_k0()) as row_handle:
+            tokens, logits, _ = tiny_vlms.greedy(model, alone, 4)
+        padding = int((inputs["attention_mask"][row] == 0).sum())
+        batch_kept, row_kept = handle.last_kept[row], row_handle.last_kept[0]
+        chosen = row_kept[alone_vision[0, row_kept]]
+        assert torch.equal(batch_kept[vision[row, batch_kept]] - padding, chosen)
+        assert torch.equal(tokens[0], batch_tokens[row])
+        torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=1e-4)
+        fixed = tuner.PruningConfig(method="test_fixed", layer=0, options={"positions": [chosen.tolist()]})
+        with tuner.apply_pruning(model, fixed):
+            tiny_vlms.assert_cached_decode_equals_recompute(model, alone, tokens, logits, 1e-4)

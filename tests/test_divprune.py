@@ -14,6 +14,7 @@ from tuner.pruning.base import SelectionContext
 from tuner.pruning.methods.divprune import max_min_order
 
 K = 2
+LAYERS = (0, K)  # before the language model (on the input embeddings) and inside it
 NEW_TOKENS = 4
 ATOL = 1e-4
 
@@ -136,9 +137,9 @@ def test_a_full_budget_keeps_every_vision_token_without_a_greedy_pass():
 
 
 # --- on a tiny LLaVA -------------------------------------------------------------------------------------------
-def config(**kwargs) -> tuner.PruningConfig:
+def config(layer: int, **kwargs) -> tuner.PruningConfig:
     kwargs.setdefault("keep_ratio", 0.3)
-    return tuner.PruningConfig(method="divprune", layer=K, **kwargs)
+    return tuner.PruningConfig(method="divprune", layer=layer, **kwargs)
 
 
 def vision_mask(model, inputs) -> torch.Tensor:
@@ -150,40 +151,43 @@ def kept_vision(handle, vision: torch.Tensor, row: int) -> torch.Tensor:
     return kept[vision[row, kept]]
 
 
-def test_keep_ratio_one_equals_the_unhooked_model(loaded: Loader):
+@pytest.mark.parametrize("layer", LAYERS)
+def test_keep_ratio_one_equals_the_unhooked_model(layer, loaded: Loader):
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
     ref_tokens, ref_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
-    with tuner.apply_pruning(model, config(keep_ratio=1.0)) as handle:
+    with tuner.apply_pruning(model, config(layer, keep_ratio=1.0)) as handle:
         tokens, logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=ATOL)
     assert handle.requests[0].n_kept_vision == handle.requests[0].n_vision
 
 
-def test_hooked_selection_is_the_greedy_order_on_the_states_entering_layer_k(loaded: Loader):
+@pytest.mark.parametrize("layer", LAYERS)
+def test_hooked_selection_is_the_greedy_order_on_the_states_entering_layer_k(layer, loaded: Loader):
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor)
-    _, hidden = tiny_vlms.unhooked_forward(model, inputs, layer=K)
+    _, hidden = tiny_vlms.unhooked_forward(model, inputs, layer=layer)
     vision = vision_mask(model, inputs)
     positions = vision[0].nonzero().squeeze(1)
-    budget = config().budget_for(positions.numel())
+    budget = config(layer).budget_for(positions.numel())
     order = official_order(hidden[0, positions], budget)
-    with tuner.apply_pruning(model, config()) as handle, torch.no_grad():
+    with tuner.apply_pruning(model, config(layer)) as handle, torch.no_grad():
         model(**inputs)
     assert kept_vision(handle, vision, 0).tolist() == sorted(positions[order].tolist())
     assert handle.requests[0].n_kept_vision == [budget]
 
 
-def test_left_padded_batch_equals_rows_alone(loaded: Loader):
+@pytest.mark.parametrize("layer", LAYERS)
+def test_left_padded_batch_equals_rows_alone(layer, loaded: Loader):
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
     vision = vision_mask(model, inputs)
-    with tuner.apply_pruning(model, config()) as handle:
+    with tuner.apply_pruning(model, config(layer)) as handle:
         batch_tokens, batch_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
     for row in range(2):
         alone = tiny_vlms.row_inputs("llava", inputs, row)
-        with tuner.apply_pruning(model, config()) as row_handle:
+        with tuner.apply_pruning(model, config(layer)) as row_handle:
             tokens, logits, _ = tiny_vlms.greedy(model, alone, NEW_TOKENS)
         padding = int((inputs["attention_mask"][row] == 0).sum())
         assert torch.equal(kept_vision(handle, vision, row) - padding,
@@ -192,13 +196,14 @@ def test_left_padded_batch_equals_rows_alone(loaded: Loader):
         torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=ATOL)
 
 
-def test_cached_decode_equals_no_cache_recompute(loaded: Loader):
+@pytest.mark.parametrize("layer", LAYERS)
+def test_cached_decode_equals_no_cache_recompute(layer, loaded: Loader):
     """DivPrune looks at vision tokens only, whose states entering layer K do not depend on later tokens, so the
     no-cache recomputation of prompt + generated tokens keeps the same set: the method itself runs both ways."""
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor)
     prompt_length = inputs["input_ids"].shape[1]
-    with tuner.apply_pruning(model, config()) as handle:
+    with tuner.apply_pruning(model, config(layer)) as handle:
         tokens, cached_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
         generated_with = handle.last_kept[0].clone()
         tiny_vlms.assert_cached_decode_equals_recompute(model, inputs, tokens, cached_logits, ATOL)

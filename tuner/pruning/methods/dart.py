@@ -58,9 +58,14 @@ class DART(PruningMethod):
             _check_option("quota_rule", rule, (*QUOTA_RULES, FAMILY_RULE))
             _check_ratio(rule, config)
 
+    @classmethod
+    def reads_previous_layer(cls, config: PruningConfig) -> bool:
+        """Key metrics read layer K-1's keys; the hidden_* metrics only the states entering layer K (so K = 0 works)."""
+        return not _ranks_on_hidden_states(config.options)
+
     def __init__(self, config: PruningConfig) -> None:
         super().__init__(config)
-        self.needs_keys = not self.options["pivot_metric"].startswith(HIDDEN_PREFIX)  # read by the hooks
+        self.needs_keys = not _ranks_on_hidden_states(self.options)  # read by the hooks: no capture without keys
 
     def bind_family(self, family: Any) -> None:
         """Resolve `quota_rule: family` to the family's reference rule (an error if it has none)."""
@@ -97,6 +102,11 @@ class DART(PruningMethod):
             self.options["quota_rule"], n_vision, n_image_pivots=self.config.n_image_pivots,
             n_text_pivots=self.config.n_text_pivots, keep_ratio=self.config.keep_ratio,
             max_num_trunction=self.options["max_num_trunction"], retain_tokens=self.options["retain_tokens"]))
+
+
+def _ranks_on_hidden_states(options: dict) -> bool:
+    """Whether the pivot metric reads the hidden states entering layer K rather than layer K-1's keys."""
+    return str(options.get("pivot_metric", "l1")).startswith(HIDDEN_PREFIX)
 
 
 def _reference_mode(options: dict) -> bool:
