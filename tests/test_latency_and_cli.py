@@ -88,6 +88,16 @@ def test_configurations_are_interleaved_with_rotating_order_and_warmup_discarded
         measure_interleaved(lambda: None, {"a": None}, repeats=0)
 
 
+def test_hook_selection_ms_reads_the_hooks_record_for_every_method_and_budget():
+    from tuner.bench_pruning import hook_selection_ms
+
+    times = hook_selection_ms(("divprune", ("dart", {"pivot_metric": "hidden_l1"})), budgets=(64, 192), repeats=2,
+                              warmup=1, hidden=64, layers=3)
+    assert set(times) == {"divprune 64", "divprune 192", "dart pivot_metric=hidden_l1 64",
+                          "dart pivot_metric=hidden_l1 192"}
+    assert all(0 < t["min"] <= t["median"] for t in times.values())  # 0.0 is the default: nothing was recorded
+
+
 def test_bench_pruning_prints_and_writes_every_configuration(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench-pruning", "--repeats", "1", "--warmup", "0", "--hidden", "128",

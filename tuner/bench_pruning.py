@@ -8,7 +8,10 @@ tokens is L*N / (K*N + (L-K)*P): the speed-up if time were proportional to token
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -121,6 +124,28 @@ def _dart_selection_ms(model: LlamaForCausalLM, ids: torch.Tensor, layer: int, b
     for budget in budgets:
         timing = measure_interleaved(select(budget), {"dart": None}, repeats=max(repeats, 10), warmup=2)
         out[f"dart {budget}"] = timing["dart"].median_ms
+    return out
+
+
+def hook_selection_ms(methods: Sequence[str | tuple[str, dict[str, Any]]] = ("dart", "divprune", "cdpruner"), *,
+                      layer: int = 2, budgets: tuple[int, ...] = (64, 128, 192), repeats: int = 7, warmup: int = 2,
+                      hidden: int = 1024, layers: int = 8, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Selection ms per prefill as the hooks record it (`RequestStats.select_ms`): median and minimum over `repeats`
+    prefills of each method (a name, or a name and its options) at each budget, on this benchmark's model and
+    prompt (576 vision tokens). The minimum is the cost on an otherwise idle core; the median includes contention."""
+    model = build_model(hidden=hidden, layers=layers).to(device)
+    ids = build_prompt().to(device)
+    out = {}
+    for spec in methods:
+        method, options = (spec, {}) if isinstance(spec, str) else spec
+        label = method + "".join(f" {key}={value}" for key, value in options.items())
+        for budget in budgets:
+            cfg = PruningConfig(method, layer, budget=budget, options=options)
+            with apply_pruning(model, cfg, vision_token_ids=[VISION_TOKEN_ID]) as handle, torch.no_grad():
+                for _ in range(warmup + repeats):
+                    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            times = [r.select_ms for r in handle.requests[warmup:]]
+            out[f"{label} {budget}"] = {"median": statistics.median(times), "min": min(times)}
     return out
 
 
