@@ -7,9 +7,9 @@ maximises log det L_S (Chen et al.'s fast greedy MAP inference, NeurIPS 2018: on
 
 Relevance, as in the official code: r_i = the mean over instruction tokens t of cos(x_i, t), min-max normalised
 over the row's vision tokens as (r - min + 1e-6) / (max - min). Weights: w = r (the official code's active
-path; option `theta` None) or w = exp(theta / (2 (1 - theta)) * r) (the paper's trade-off, option `theta` in
-[0, 1); 0 ignores the instruction). log det L_S = sum_{i in S} 2 log w_i + log det S_S, so relevance and
-diversity trade off in one objective.
+path; option `theta` None) or w = exp(theta / (2 (1 - theta)) * r) (the official code's optional theta weighting,
+option `theta` in [0, 1); 0 ignores the instruction). log det L_S = sum_{i in S} 2 log w_i + log det S_S, so
+relevance and diversity trade off in one objective.
 
 What differs from the official code, and why:
 - Relevance lives in the model's own embedding space. The official code scores it with CLIP's text tower on
@@ -18,11 +18,12 @@ What differs from the official code, and why:
   tokens after its last vision token (the question and the chat template's closing tokens), with their states
   at the same input. At K = 0 those are the projected vision features and the instruction tokens' input
   embeddings. A row without instruction tokens (the prompt ends with the image), or whose relevance is
-  constant, weighs every token equally: a plain DPP on similarity. The CLIP-text variant is not built (no CLIP text
-  tower can be loaded here).
+  constant, weighs every token equally: a plain DPP on similarity. The CLIP-text variant is not built (no
+  CLIP text tower can be loaded here).
 - The official code negates the CLIP cosine before normalising (it ranks tokens less similar to the text
-  higher); `negate_relevance: true` applies that sign here too. The default keeps the sign the paper's
-  definition of relevance has: more similar to the instruction, more relevant.
+  higher); `negate_relevance: true` applies that sign here too. The default keeps the sign the name states:
+  more similar to the instruction, more relevant. Which sign suits the model's own space is an empirical
+  question a study can search.
 - Min and max are taken per row (the official code takes them over the whole batch), so rows are independent.
 - A pick whose remaining gain is not positive (every candidate already spanned) updates nothing instead of
   dividing by zero; the budget is still met exactly, with distinct tokens.
