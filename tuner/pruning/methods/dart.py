@@ -25,10 +25,10 @@ class DART(PruningMethod):
 
     Options: `pivot_metric`: l1 | l2 | l1_min | l2_min rank pivots on layer K-1's post-RoPE keys (the paper's
     K-norm); hidden_l1 | hidden_l2 | hidden_l1_min | hidden_l2_min on the hidden states entering layer K, so no
-    keys are captured (before layer 0 no keys exist: the DART paper's pre-LLM ablation ranks pivots on the
-    projected features). For the official code's counts, either a fixed `quota` per pivot or a `quota_rule`
-    (llava15 | llava_next | qwen, or `family`: the model family's own, `Family.reference_quota_rule`) with
-    `max_num_trunction` and `retain_tokens` as in the reference. Without them, exactly the config's budget is kept.
+    keys are captured (before layer 0 no keys exist, so pivots come from the projected features). For the
+    official code's counts, either a fixed `quota` per pivot or a `quota_rule` (llava15 | llava_next | qwen, or
+    `family`: the model family's own, `Family.reference_quota_rule`) with `max_num_trunction` and
+    `retain_tokens` as in the reference. Without them, exactly the config's budget is kept.
     """
 
     needs_keys = True
