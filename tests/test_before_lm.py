@@ -194,3 +194,17 @@ def test_stacked_k0_and_in_lm_stages_keep_exact_counts_at_original_positions(fam
         assert bool(torch.isin(inner, outer).all()) and torch.equal(inner, inner.sort().values)
         assert torch.equal(outer[~vision[row, outer]], inner[~vision[row, inner]])  # every text token stays
         assert int(vision[row, inner].sum()) == stats.stage_kept_vision[1][row]
+
+
+def test_a_later_sparsevlm_stage_reads_the_whole_prompt_after_a_k0_stage_pruned_it(loaded: Loader):
+    """Layer 0's input is noted before the K = 0 stage gathers it, so SparseVLM's raters see the whole prompt."""
+    model, processor = loaded("llava", "sdpa")
+    inputs = tiny_vlms.make_inputs("llava", processor)
+    cfg = tuner.config.stack(config("random", keep_ratio=0.5),
+                             tuner.PruningConfig(method="sparsevlm", layer=2, keep_ratio=0.5))
+    with tuner.apply_pruning(model, cfg) as handle, torch.no_grad():
+        model(**inputs)
+    first = max(1, round(0.5 * handle.requests[0].n_vision[0]))
+    assert handle.requests[0].stage_kept_vision == [[first], [max(1, round(0.5 * first))]]
+    with pytest.raises(ValueError, match="method 'sparsevlm' reads layer K-1's keys or attention"):
+        tuner.PruningConfig(method="sparsevlm", layer=0, keep_ratio=0.5)

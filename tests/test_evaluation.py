@@ -437,6 +437,33 @@ def test_eval_cli_layer_beyond_the_model_exits_2_before_any_evaluation(saved_dir
     assert "layer K=9 is out of range: the model has 4 decoder layers" in " ".join(result.output.split())
 
 
+def test_eval_cli_runs_a_schedule_given_as_text(saved_dirs, tmp_path):
+    """Catches --schedule being ignored or read as one stage: the row is the schedule, every stage prunes."""
+    out = tmp_path / "out.json"
+    result = _invoke(["eval", "--model", str(saved_dirs["llava"]), "--task", TASK, "--schedule",
+                      "random@1:0.5>fastv@2:0.5", "--limit", "2", "--repeats", "1", "--warmup", "0",
+                      "--new-tokens", "2", "--max-failures", "2", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    base, pruned = json.loads(out.read_text())["rows"]
+    assert pruned["name"] == "random@1:0.5>fastv@2:0.5"
+    assert pruned["config"]["stages"] == [{"layer": 2, "keep_ratio": 0.5, "method": "fastv"}]
+    first = PruningConfig(method="random", layer=1, keep_ratio=0.5)
+    assert pruned["cost"]["n_kept_vision"] == first.budget_for(first.budget_for(base["cost"]["n_vision"]))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--schedule", "fastv@1:0.5>4:2"], "stage 2 '4:2': amount '2' is not a share in (0, 1]"),
+    (["--schedule", "fastv@1:0.5", "--method", "dart"], "give one of --preset, --method or --schedule"),
+    (["--schedule", "fastv@1:0.5", "--layer", "2"], "--schedule sets every stage's layer and amount"),
+])
+def test_eval_cli_bad_schedule_exits_2_before_loading(extra, message):
+    """A bad schedule, or one mixed with --method / --layer, fails in one line before the model is read."""
+    result = _invoke(["eval", "--model", "/nonexistent", "--task", TASK, *extra])
+    assert result.exit_code == 2, repr(result.exception)
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert "/nonexistent" not in result.output
+
+
 @register_method("test_slow_selection")
 class SlowSelection(PruningMethod):
     """Test-only: keeps each row's first vision tokens after sleeping SLEEP_S, so its selection time is known."""

@@ -17,7 +17,8 @@ ATTN = ("sdpa", "eager")
 K = 2
 NEW_TOKENS = 4
 ATOL = 1e-4
-PRUNING_METHODS = ("dart", "random", "pooling", "fastv", "avgpool", "window_fastv", "divprune", "cdpruner")
+PRUNING_METHODS = ("dart", "random", "pooling", "fastv", "avgpool", "window_fastv", "sparsevlm", "divprune",
+                   "cdpruner")
 
 
 def config(method: str, **kwargs) -> tuner.PruningConfig:

@@ -1,13 +1,17 @@
-"""The timing protocol (interleaving, warm-up, statistics) and the bench-pruning command's output."""
+"""The timing protocol (interleaving, warm-up, statistics) and the bench-pruning command: its rows, the selection
+cost of every method, and the methods it cannot run."""
 
 import json
+import time
 from contextlib import contextmanager
 
 import pytest
 from typer.testing import CliRunner
 
+from tuner.bench_pruning import DEFAULT_BUDGETS, default_methods, run_benchmark
 from tuner.cli import app
 from tuner.latency import MIN_ROUNDS, Timing, measure_interleaved, speedup_spread
+from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 
 
 def test_timing_statistics():
@@ -88,27 +92,92 @@ def test_configurations_are_interleaved_with_rotating_order_and_warmup_discarded
         measure_interleaved(lambda: None, {"a": None}, repeats=0)
 
 
-def test_hook_selection_ms_reads_the_hooks_record_for_every_method_and_budget():
-    from tuner.bench_pruning import hook_selection_ms
+@register_method("test_sleepy_selection")
+class SleepySelection(PruningMethod):
+    """Test-only: keeps each row's first vision tokens after sleeping SLEEP_MS, so its selection cost is known."""
 
-    times = hook_selection_ms(("divprune", ("dart", {"pivot_metric": "hidden_l1"})), budgets=(64, 192), repeats=2,
-                              warmup=1, hidden=64, layers=3)
-    assert set(times) == {"divprune 64", "divprune 192", "dart pivot_metric=hidden_l1 64",
-                          "dart pivot_metric=hidden_l1 192"}
-    assert all(0 < t["min"] <= t["median"] for t in times.values())  # 0.0 is the default: nothing was recorded
+    def select(self, ctx: SelectionContext) -> Selection:
+        time.sleep(SLEEP_MS / 1000)
+        return Selection([ctx.vision_positions(row)[:budget] for row, budget in enumerate(ctx.budgets)])
+
+
+@register_method("test_needs_option")
+class NeedsOption(PruningMethod):
+    """Test-only: refuses a configuration without its `size` option (as a method with a required option would)."""
+
+    option_defaults = {"size": None}
+
+    @classmethod
+    def validate(cls, config) -> None:
+        super().validate(config)
+        if config.options.get("size") is None:
+            raise ValueError("test_needs_option needs option size")
+
+
+@register_method("test_breaks")
+class Breaks(PruningMethod):
+    """Test-only: fails inside the prefill, as a method needing what the bench model lacks would."""
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        raise RuntimeError("no image grids here")
+
+
+SLEEP_MS = 20.0
+TINY = {"hidden": 64, "layers": 2, "layer": 1, "repeats": 1, "warmup": 0}
 
 
 def test_bench_pruning_prints_and_writes_every_configuration(tmp_path):
+    """Every default method at every budget (or a skip saying why), and the selection column of each row."""
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench-pruning", "--repeats", "1", "--warmup", "0", "--hidden", "128",
-                                      "--layers", "4", "--threads", "1", "--json", str(out)])
+    result = CliRunner().invoke(app, ["bench-pruning", "--repeats", "1", "--warmup", "0", "--hidden", "64",
+                                      "--layers", "4", "--threads", "1", "--json", str(out)],
+                                env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "keep_all overhead" in result.output
+    assert "keep_all overhead" in result.output and "select ms (IQR)" in result.output
     data = json.loads(out.read_text())
     rows = {row["name"]: row for row in data["rows"]}
-    assert set(rows) == {"no hooks", "keep_all"} | {f"{m} {b}" for m in ("dart", "random", "fastv")
-                                                     for b in (64, 128, 192)}
+    expected = {f"{m} {b}" for m in default_methods() for b in DEFAULT_BUDGETS}
+    assert set(rows) | set(data["skipped"]) == {"no hooks", "keep_all"} | expected
+    assert all(name.startswith("test_") for name in data["skipped"]), data["skipped"]  # bundled methods all run
     assert rows["no hooks"]["bound"] == 1.0 and rows["no hooks"]["speedup"] == 1.0
+    assert rows["no hooks"]["select_ms"] is None and rows["keep_all"]["select_ms"] >= 0
     assert rows["dart 64"]["tokens_after_k"] == 40 + 64
     assert rows["dart 64"]["bound"] == pytest.approx(4 * 616 / (2 * 616 + 2 * 104))
-    assert set(data["dart_selection_ms"]) == {"dart 64", "dart 128", "dart 192"}
+    for name, row in rows.items():
+        assert row["tokens_after_k"] == 40 + row["kept_vision"]
+        if row["budget"] is not None:
+            assert 0 < row["kept_vision"] < 576, name  # what the method kept: avgpool keeps a square grid
+            assert 0 < row["select_ms"] < row["median_ms"], name
+            assert row["select_share"] == pytest.approx(row["select_ms"] / row["median_ms"])
+    for method in ("dart", "fastv", "random", "window_fastv"):
+        assert [rows[f"{method} {b}"]["kept_vision"] for b in DEFAULT_BUDGETS] == list(DEFAULT_BUDGETS)
+    # The kept count is what the hooks saw kept: avgpool pools 3x3 windows at 64 (8 x 8 = 64), 2x2 at 128 and 192.
+    assert [rows[f"avgpool {b}"]["kept_vision"] for b in DEFAULT_BUDGETS] == [64, 144, 144]
+    assert "dart_selection_ms" not in data
+
+
+def test_bench_selection_cost_is_the_one_inside_each_timed_prefill():
+    """A selection that sleeps SLEEP_MS shows at least that, inside its own prefill; keep_all's stays far below."""
+    result = run_benchmark(methods=("test_sleepy_selection", "fastv", "keep_all"), budgets=(32, 100), **TINY)
+    rows = {row.name: row for row in result.rows}
+    assert list(rows) == ["no hooks", "keep_all", "test_sleepy_selection 32", "test_sleepy_selection 100",
+                          "fastv 32", "fastv 100"]  # keep_all is its own row once, never a method x budget row
+    for budget in (32, 100):
+        sleepy = rows[f"test_sleepy_selection {budget}"]
+        assert SLEEP_MS <= sleepy.select_ms <= sleepy.median_ms and sleepy.kept_vision == budget
+        assert rows[f"fastv {budget}"].select_ms < SLEEP_MS
+    assert rows["keep_all"].select_ms < SLEEP_MS and rows["keep_all"].kept_vision == 576
+    assert rows["no hooks"].select_ms is None and not result.skipped
+
+
+def test_bench_reports_methods_that_cannot_run_and_refuses_unknown_ones():
+    result = run_benchmark(methods=("test_needs_option", "test_breaks", "random"), budgets=(64,), **TINY)
+    assert [row.name for row in result.rows] == ["no hooks", "keep_all", "random 64"]
+    assert result.skipped == {"test_needs_option 64": "ValueError: test_needs_option needs option size",
+                              "test_breaks 64": "RuntimeError: no image grids here"}
+    with pytest.raises(ValueError, match="unknown pruning method 'nope'"):
+        run_benchmark(methods=("nope",), **TINY)
+    cli = CliRunner().invoke(app, ["bench-pruning", "--method", "nope", "--hidden", "64", "--layers", "2"])
+    assert cli.exit_code == 2 and "nope" in cli.output and "Traceback" not in cli.output
+    cli = CliRunner().invoke(app, ["bench-pruning", "--layer", "2", "--hidden", "64", "--layers", "2"])
+    assert cli.exit_code == 2 and "layer K=2 is out of range" in " ".join(cli.output.split())

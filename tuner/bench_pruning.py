@@ -4,44 +4,62 @@ A Llama-shaped text model (hidden 1024, 8 layers by default, fp32, random weight
 prompt: 576 vision placeholders between 6 and 34 text tokens. Prefill is `model(ids, use_cache=True,
 logits_to_keep=1)`, what `generate` runs first. The bound for a prune before layer K of L keeping P of N
 tokens is L*N / (K*N + (L-K)*P): the speed-up if time were proportional to tokens per layer.
+
+The model is no VLM family, so `apply_pruning(..., vision_token_ids=[VISION_TOKEN_ID])` binds the plain-LM
+family: the placeholder id marks the vision tokens, and the one contiguous run of 576 reads as a single 24 x 24
+image grid (`grids_from_runs`), which is what window_fastv and avgpool lay their windows over.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tuner.config import PruningConfig
-from tuner.latency import measure_interleaved
-from tuner.pruning import apply_pruning
-from tuner.pruning.capture import AttentionCapture
-from tuner.pruning.dart import dart_select
+from tuner.config import PruningConfig, check_layer
+from tuner.latency import Timing, measure_interleaved
+from tuner.pruning import PruningHandle, RequestStats, apply_pruning, available_methods, get_method_class
 
 VISION_TOKEN_ID = 31999
 N_VISION = 576
 TEXT_BEFORE, TEXT_AFTER = 6, 34
+DEFAULT_BUDGETS = (64, 128, 192)
 
 
 @dataclass(frozen=True)
 class BenchRow:
-    """One configuration's prefill numbers."""
+    """One configuration's prefill numbers; the selection columns are None for the run without hooks."""
 
     name: str
-    kept_vision: int
+    method: str | None  # None: no hooks
+    budget: int | None  # the requested budget; None for no hooks and keep_all
+    kept_vision: int  # what the hooks report the method kept (avgpool keeps a square grid, not the budget)
     tokens_after_k: int
     median_ms: float
     iqr_ms: float
     speedup: float
     bound: float
+    select_ms: float | None  # median over the timed rounds of the selection inside each prefill
+    select_iqr_ms: float | None
 
     @property
     def fraction_of_bound(self) -> float:
         return self.speedup / self.bound
+
+    @property
+    def select_share(self) -> float | None:
+        """The selection's share of this row's own (pruned) prefill."""
+        return None if self.select_ms is None else self.select_ms / self.median_ms
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Every timed row, and the configurations that could not run on the bench model with the reason why."""
+
+    rows: list[BenchRow]
+    skipped: dict[str, str]
 
 
 def build_model(*, hidden: int = 1024, layers: int = 8, attn_implementation: str = "sdpa",
@@ -62,93 +80,92 @@ def build_prompt(seed: int = 0) -> torch.Tensor:
     return torch.cat([before, torch.full((N_VISION,), VISION_TOKEN_ID), after])[None]
 
 
-def run_benchmark(*, layer: int = 2, budgets: tuple[int, ...] = (64, 128, 192),
-                  methods: tuple[str, ...] = ("dart", "random", "fastv"), repeats: int = 7, warmup: int = 2,
-                  hidden: int = 1024, layers: int = 8, attn_implementation: str = "sdpa"
-                  ) -> tuple[list[BenchRow], dict[str, float]]:
-    """Interleaved prefill timings of every configuration, and DART's selection cost on its own."""
+def default_methods() -> tuple[str, ...]:
+    """Every registered method but keep_all, which is a row of its own, and those that rank by a vision tower's
+    attention (`visionzip`): the bench model is a plain language model without one."""
+    return tuple(name for name in available_methods()
+                 if name != "keep_all" and not get_method_class(name).needs_vision_saliency)
+
+
+def run_benchmark(*, layer: int = 2, budgets: Sequence[int] = DEFAULT_BUDGETS, methods: Sequence[str] | None = None,
+                  repeats: int = 7, warmup: int = 2, hidden: int = 1024, layers: int = 8,
+                  attn_implementation: str = "sdpa") -> BenchResult:
+    """Interleaved prefill timings of no hooks, keep_all and every method x budget, with each selection's cost.
+
+    The selection cost is what the hooks time inside each timed prefill (`RequestStats.select_ms`), so it is
+    the same measurement for every method. Each configuration first runs one untimed prefill; one that fails
+    there (a method needing options or a model family) is left out and reported in `skipped`.
+    """
+    methods = default_methods() if methods is None else tuple(dict.fromkeys(m for m in methods if m != "keep_all"))
+    for name in methods:
+        get_method_class(name)  # an unknown name is the user's error, not a skip
+    for budget in budgets:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"budgets must be ints >= 1, got {budget!r}")
+    check_layer(layer, layers)
     model = build_model(hidden=hidden, layers=layers, attn_implementation=attn_implementation)
     ids = build_prompt()
-    n_tokens = ids.shape[1]
 
     def prefill() -> None:
         with torch.no_grad():
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
-    configs: dict[str, tuple[PruningConfig | None, int]] = {"no hooks": (None, N_VISION),
-                                                            "keep_all": (PruningConfig("keep_all", layer), N_VISION)}
+    configs: dict[str, PruningConfig | None] = {"no hooks": None, "keep_all": PruningConfig("keep_all", layer)}
+    skipped: dict[str, str] = {}
     for method in methods:
-        for budget in budgets:
-            configs[f"{method} {budget}"] = (PruningConfig(method, layer, budget=budget), budget)
+        for budget in dict.fromkeys(budgets):
+            name = f"{method} {budget}"
+            try:
+                configs[name] = PruningConfig(method, layer, budget=budget)
+                _prefill_once(model, configs[name], prefill)
+            except Exception as error:  # noqa: BLE001 - any failure of a method on this model is reported, not raised
+                configs.pop(name, None)
+                skipped[name] = f"{type(error).__name__}: {' '.join(str(error).split())}"
 
-    def setup(cfg: PruningConfig | None):
-        return None if cfg is None else (lambda: apply_pruning(model, cfg, vision_token_ids=[VISION_TOKEN_ID]))
+    handles: dict[str, list[PruningHandle]] = {name: [] for name in configs}
 
-    timings = measure_interleaved(prefill, {name: setup(cfg) for name, (cfg, _) in configs.items()},
+    def setup(name: str, cfg: PruningConfig | None):
+        if cfg is None:
+            return None
+
+        def attach() -> PruningHandle:
+            handles[name].append(apply_pruning(model, cfg, vision_token_ids=[VISION_TOKEN_ID]))
+            return handles[name][-1]
+        return attach
+
+    timings = measure_interleaved(prefill, {name: setup(name, cfg) for name, cfg in configs.items()},
                                   repeats=repeats, warmup=warmup)
     base = timings["no hooks"].median_ms
     rows = []
-    for name, (_, kept) in configs.items():
-        after_k = n_tokens - N_VISION + kept
-        bound = layers * n_tokens / (layer * n_tokens + (layers - layer) * after_k)
-        timing = timings[name]
-        rows.append(BenchRow(name, kept, after_k, timing.median_ms, timing.iqr_ms, base / timing.median_ms, bound))
-
-    selection = _dart_selection_ms(model, ids, layer, budgets, repeats)
-    return rows, selection
-
-
-def _dart_selection_ms(model: LlamaForCausalLM, ids: torch.Tensor, layer: int, budgets: tuple[int, ...],
-                       repeats: int) -> dict[str, float]:
-    """Median ms of DART's selection alone (final norm + dart_select) on states captured from a prefill."""
-    text_model = model.get_decoder()
-    seen = {}
-    capture = AttentionCapture(text_model.layers[layer - 1].self_attn, keys=True, last_row_attention=False)
-    hook = text_model.layers[layer].register_forward_pre_hook(lambda module, args: seen.update(h=args[0]))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        keys = capture.take_keys()
-    finally:
-        hook.remove()
-        capture.remove()
-    vision = ids == VISION_TOKEN_ID
-
-    def select(budget: int):
-        def run() -> None:
-            with torch.no_grad():
-                dart_select(text_model.norm(seen["h"]), keys, vision, budget=budget)
-        return run
-
-    out = {}
-    for budget in budgets:
-        timing = measure_interleaved(select(budget), {"dart": None}, repeats=max(repeats, 10), warmup=2)
-        out[f"dart {budget}"] = timing["dart"].median_ms
-    return out
+    for name, cfg in configs.items():
+        # Every configuration is entered once per round, so its first `warmup` handles are the warm-up rounds'.
+        requests = [request for handle in handles[name][warmup:] for request in handle.requests]
+        if cfg is not None and len(requests) != repeats:
+            raise RuntimeError(f"{name}: {len(requests)} pruned prefills recorded in {repeats} timed rounds")
+        rows.append(_row(name, cfg, timings[name], base, requests, layer=layer, layers=layers))
+    return BenchResult(rows, skipped)
 
 
-def hook_selection_ms(methods: Sequence[str | tuple[str, dict[str, Any]]] = ("dart", "divprune", "cdpruner"), *,
-                      layer: int = 2, budgets: tuple[int, ...] = (64, 128, 192), repeats: int = 7, warmup: int = 2,
-                      hidden: int = 1024, layers: int = 8, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Selection ms per prefill as the hooks record it (`RequestStats.select_ms`): median and minimum over `repeats`
-    prefills of each method (a name, or a name and its options) at each budget, on this benchmark's model and
-    prompt (576 vision tokens). The minimum is the cost on an otherwise idle core; the median includes contention."""
-    model = build_model(hidden=hidden, layers=layers).to(device)
-    ids = build_prompt().to(device)
-    out = {}
-    for spec in methods:
-        method, options = (spec, {}) if isinstance(spec, str) else spec
-        label = method + "".join(f" {key}={value}" for key, value in options.items())
-        for budget in budgets:
-            cfg = PruningConfig(method, layer, budget=budget, options=options)
-            with apply_pruning(model, cfg, vision_token_ids=[VISION_TOKEN_ID]) as handle, torch.no_grad():
-                for _ in range(warmup + repeats):
-                    model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            times = [r.select_ms for r in handle.requests[warmup:]]
-            out[f"{label} {budget}"] = {"median": statistics.median(times), "min": min(times)}
-    return out
+def _row(name: str, config: PruningConfig | None, timing: Timing, base_ms: float, requests: list[RequestStats], *,
+         layer: int, layers: int) -> BenchRow:
+    """One row from its prefill timing and the hooks' record of its timed prefills (none without hooks)."""
+    n_tokens = N_VISION + TEXT_BEFORE + TEXT_AFTER
+    kept = requests[-1].n_kept_vision[0] if requests else N_VISION
+    select = Timing(tuple(request.select_ms for request in requests)) if requests else None
+    after_k = n_tokens - N_VISION + kept
+    bound = layers * n_tokens / (layer * n_tokens + (layers - layer) * after_k)
+    return BenchRow(name, None if config is None else config.method, None if config is None else config.budget,
+                    kept, after_k, timing.median_ms, timing.iqr_ms, base_ms / timing.median_ms, bound,
+                    None if select is None else select.median_ms, None if select is None else select.iqr_ms)
+
+
+def _prefill_once(model: LlamaForCausalLM, config: PruningConfig, prefill: Callable[[], None]) -> None:
+    """One untimed prefill under `config`: whatever fails on this model fails here, before the timing."""
+    with apply_pruning(model, config, vision_token_ids=[VISION_TOKEN_ID]):
+        prefill()
 
 
 def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
     """Plain rows for JSON output."""
-    return [asdict(row) | {"fraction_of_bound": row.fraction_of_bound} for row in rows]
+    return [asdict(row) | {"fraction_of_bound": row.fraction_of_bound, "select_share": row.select_share}
+            for row in rows]

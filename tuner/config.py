@@ -142,13 +142,12 @@ class PruningConfig:
 def schedule_text(config: PruningConfig) -> str:
     """A compact description of every stage, e.g. 'fastv@2:0.5>4:0.5>6:0.5' (a budget reads '64t').
 
-    A stage names its method only when it differs from the stage before it.
+    A stage names its method only when it differs from the stage before it. `parse_schedule` reads it back.
     """
     parts, previous = [], None
     for stage in config.stage_configs():
-        amount = (f"{stage.keep_ratio:g}" if stage.keep_ratio is not None else
-                  f"{stage.budget}t" if stage.budget is not None else "all")
-        parts.append(f"{stage.method + '@' if stage.method != previous else ''}{stage.layer}:{amount}")
+        parts.append(f"{stage.method + '@' if stage.method != previous else ''}{stage.layer}:"
+                     f"{_amount_text(stage.keep_ratio, stage.budget)}")
         previous = stage.method
     return ">".join(parts)
 
@@ -171,6 +170,77 @@ def stack(before: PruningConfig, after: PruningConfig) -> PruningConfig:
                  for c in after.stage_configs())
     return replace(before, n_image_pivots=after.n_image_pivots, n_text_pivots=after.n_text_pivots,
                    pivot_order=after.pivot_order, seed=after.seed, stages=(*before.stages, *tail))
+
+
+def parse_schedule(text: str, **fields: Any) -> PruningConfig:
+    """The configuration `schedule_text` wrote as `text`; `fields` sets the rest (pivots, seed, options, ...).
+
+    The exact inverse of `schedule_text` on configurations whose later stages name a method only when it is
+    not the first stage's (a stage running the first stage's method gets `method=None`, so it shares that
+    stage's options). Bad text is a one-line ValueError naming the stage at fault.
+    """
+    taken = sorted(set(fields) & {"method", "layer", "keep_ratio", "budget", "stages"})
+    if taken:
+        raise ValueError(f"the schedule sets {taken} itself; give only the other PruningConfig fields")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"a schedule must be text like 'fastv@2:0.5>4:64t', got {text!r}")
+    stages, previous = [], None
+    for index, part in enumerate(text.strip().split(">")):
+        method, layer, amount = _parse_stage(part.strip(), index, text)
+        previous = method or previous
+        stages.append((previous, layer, amount))
+    first_method, first_layer, (keep_ratio, budget) = stages[0]
+    later = tuple(Stage(layer, ratio, count, None if method == first_method else method)
+                  for method, layer, (ratio, count) in stages[1:])
+    try:
+        return PruningConfig(method=first_method, layer=first_layer, keep_ratio=keep_ratio, budget=budget,
+                             stages=later, **fields)
+    except ValueError as error:
+        raise ValueError(f"schedule {text!r}: {error}") from None
+
+
+def _amount_text(keep_ratio: float | None, budget: int | None) -> str:
+    """'0.5' for a share (exact: the shortest text that reads back as the same float), '64t' for a budget."""
+    if keep_ratio is not None:
+        short = f"{keep_ratio:g}"
+        return short if float(short) == keep_ratio else repr(keep_ratio)
+    return f"{budget}t" if budget is not None else "all"
+
+
+def _parse_stage(part: str, index: int, text: str) -> tuple[str | None, int, tuple[float | None, int | None]]:
+    """(method or None, layer, (keep_ratio, budget)) of one '[method@]layer:amount' part of schedule `text`."""
+    where = f"schedule {text!r}, stage {index + 1} {part!r}"
+    method, at, rest = part.rpartition("@")
+    layer_text, colon, amount = rest.partition(":")
+    if not colon:
+        raise ValueError(f"{where} must read [method@]layer:amount, e.g. 'fastv@2:0.5' or '4:64t'")
+    if at and not method:
+        raise ValueError(f"{where} has '@' without a method name before it")
+    if index == 0 and not at:
+        raise ValueError(f"{where}: the first stage must name its method, e.g. 'dart@{layer_text}:{amount}'")
+    if at:
+        try:
+            method_class(method)
+        except ValueError as error:  # names the known methods
+            raise ValueError(f"{where}: {error}") from None
+    if not (layer_text.isascii() and layer_text.isdigit()):
+        raise ValueError(f"{where}: layer {layer_text!r} is not a whole number")
+    return method or None, int(layer_text), _parse_amount(amount, where)
+
+
+def _parse_amount(amount: str, where: str) -> tuple[float | None, int | None]:
+    """(keep_ratio, budget) from '0.5', '64t' or 'all'."""
+    if amount == "all":
+        return None, None
+    if amount.endswith("t") and amount[:-1].isascii() and amount[:-1].isdigit():
+        return None, int(amount[:-1])
+    try:
+        ratio = float(amount)
+    except ValueError:
+        ratio = math.nan
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"{where}: amount {amount!r} is not a share in (0, 1], a token count like '64t', or 'all'")
+    return ratio, None
 
 
 def as_pruning_config(value: Any) -> PruningConfig:

@@ -17,6 +17,9 @@ from tuner.tiny.recipe import TrainConfig
 @app.command("bench-pruning")
 def bench_pruning(
     layer: int = typer.Option(2, help="Prune before decoder layer K."),
+    method: list[str] = typer.Option([], help="Method to time (repeatable; default: every registered method but "
+                                              "keep_all, which always has its own row)."),
+    budget: list[int] = typer.Option([], min=1, help="Vision tokens kept of 576 (repeatable; default 64 128 192)."),
     repeats: int = typer.Option(7, min=1, help="Timed rounds; every configuration runs once per round."),
     warmup: int = typer.Option(2, min=0, help="Discarded rounds before timing."),
     threads: int = typer.Option(2, min=1, help="torch CPU threads."),
@@ -25,35 +28,55 @@ def bench_pruning(
     attn_implementation: str = typer.Option("sdpa", help="sdpa or eager."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the rows here."),
 ) -> None:
-    """Prefill time of no hooks, keep_all, and DART / random / FastV at 64, 128, 192 kept vision tokens."""
+    """Prefill time and selection cost of no hooks, keep_all and every method at each budget, interleaved."""
     import torch
 
-    from tuner.bench_pruning import N_VISION, TEXT_AFTER, TEXT_BEFORE, rows_as_dicts, run_benchmark
+    from tuner.bench_pruning import (
+        DEFAULT_BUDGETS,
+        N_VISION,
+        TEXT_AFTER,
+        TEXT_BEFORE,
+        default_methods,
+        rows_as_dicts,
+        run_benchmark,
+    )
 
     torch.set_num_threads(threads)
     console = Console()
-    with console.status(f"Timing {repeats} interleaved rounds of 11 configurations..."):
-        rows, selection = run_benchmark(layer=layer, repeats=repeats, warmup=warmup, hidden=hidden, layers=layers,
-                                        attn_implementation=attn_implementation)
+    methods, budgets = tuple(method) or default_methods(), tuple(budget) or DEFAULT_BUDGETS
+    n_configs = 2 + len([m for m in dict.fromkeys(methods) if m != "keep_all"]) * len(set(budgets))
+    try:
+        with console.status(f"Timing {repeats} interleaved rounds of {n_configs} configurations..."):
+            result = run_benchmark(layer=layer, budgets=budgets, methods=methods, repeats=repeats, warmup=warmup,
+                                   hidden=hidden, layers=layers, attn_implementation=attn_implementation)
+    except ValueError as error:  # an unknown method, a layer K out of range
+        raise fail(str(error)) from None
     n_tokens = N_VISION + TEXT_BEFORE + TEXT_AFTER
     table = Table(title=f"Prefill, Llama-shaped hidden {hidden} x {layers} layers, fp32, {threads} threads, "
-                        f"{attn_implementation}; {N_VISION} vision + {n_tokens - N_VISION} text tokens, K={layer}")
-    for column in ("config", "tokens after K", "median ms", "IQR ms", "speed-up", "bound", "of bound"):
+                        f"{attn_implementation}; {N_VISION} vision + {n_tokens - N_VISION} text tokens, K={layer}; "
+                        f"medians of {repeats} interleaved rounds")
+    for column in ("config", "kept", "tokens after K", "prefill ms (IQR)", "speed-up", "bound", "of bound",
+                   "select ms (IQR)", "select % of prefill"):
         table.add_column(column, justify="left" if column == "config" else "right")
-    for row in rows:
-        table.add_row(row.name, str(row.tokens_after_k), f"{row.median_ms:.1f}", f"{row.iqr_ms:.1f}",
-                      f"{row.speedup:.2f}x", f"{row.bound:.2f}x", f"{100 * row.fraction_of_bound:.0f}%")
+    for row in result.rows:
+        select = "-" if row.select_ms is None else f"{row.select_ms:.2f} ({row.select_iqr_ms:.2f})"
+        share = "-" if row.select_share is None else f"{100 * row.select_share:.2f}%"
+        prefill = f"{row.median_ms:.1f} ({row.iqr_ms:.1f})"
+        table.add_row(row.name, str(row.kept_vision), str(row.tokens_after_k), prefill, f"{row.speedup:.2f}x",
+                      f"{row.bound:.2f}x", f"{100 * row.fraction_of_bound:.0f}%", select, share)
     console.print(table)
-    by_name = {row.name: row for row in rows}
+    by_name = {row.name: row for row in result.rows}
     overhead = by_name["keep_all"].median_ms / by_name["no hooks"].median_ms - 1
-    console.print(f"keep_all overhead over no hooks: {100 * overhead:+.1f}%")
-    for name, ms in selection.items():
-        console.print(f"{name}: selection alone {ms:.2f} ms = {100 * ms / by_name[name].median_ms:.2f}% "
-                      "of its pruned prefill")
+    console.print(f"keep_all overhead over no hooks: {100 * overhead:+.1f}%; select ms: the hooks' timing of the "
+                  "selection inside each timed prefill (part of the prefill time)")
+    for name, reason in result.skipped.items():
+        console.print(f"[yellow]skipped {name}[/yellow]: {reason}")
     if json_path is not None:
-        json_path.write_text(json.dumps({"rows": rows_as_dicts(rows), "dart_selection_ms": selection,
+        json_path.write_text(json.dumps({"rows": rows_as_dicts(result.rows), "skipped": result.skipped,
                                          "keep_all_overhead": overhead, "torch": torch.__version__,
-                                         "threads": threads, "layer": layer}, indent=1))
+                                         "threads": threads, "layer": layer, "repeats": repeats, "warmup": warmup,
+                                         "hidden": hidden, "layers": layers,
+                                         "attn_implementation": attn_implementation}, indent=1))
 
 
 @app.command("eval")
@@ -64,8 +87,13 @@ def eval_command(
                                                              "Repeat for several tasks."),
     preset: Path | None = typer.Option(None, help="Preset file to evaluate (instead of --method ...)."),
     method: list[str] = typer.Option([], help="Pruning method: dart, random, pooling, avgpool, fastv, window_fastv, "
-                                              "divprune, cdpruner, keep_all. Repeat to compare several."),
-    layer: int = typer.Option(2, help="Prune before decoder layer K."),
+                                              "divprune, cdpruner, sparsevlm, visionzip (use --layer 0), keep_all. "
+                                              "Repeat to compare several."),
+    schedule: list[str] = typer.Option([], help="A multi-stage schedule as the tables print it, e.g. "
+                                                "'fastv@2:0.5>4:0.5>6:64t' (instead of --method ...). Repeat to "
+                                                "compare several."),
+    layer: int | None = typer.Option(None, help="Prune before decoder layer K (default: the method's own, 2; "
+                                                "visionzip 0)."),
     keep_ratio: list[float] = typer.Option([], help="Fraction of vision tokens kept, in (0, 1]. Repeat to compare "
                                                     "several (every method x every ratio)."),
     budget: int | None = typer.Option(None, help="Vision tokens kept per image prompt (instead of --keep-ratio)."),
@@ -91,21 +119,29 @@ def eval_command(
     baseline."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tuner.config import PruningConfig
+    from tuner.config import PruningConfig, parse_schedule
     from tuner.evaluation.tasks import load_tasks
     from tuner.presets import load_preset
 
     console = Console()
     quiet_libraries()
     try:
-        if preset is not None and method:
-            raise ValueError("give --preset or --method, not both")
+        given = [flag for flag, value in (("--preset", preset), ("--method", method), ("--schedule", schedule))
+                 if value]
+        if len(given) > 1:
+            raise ValueError(f"give one of --preset, --method or --schedule, not {' and '.join(given)}")
+        if schedule and (layer is not None or keep_ratio or budget is not None):
+            raise ValueError("--schedule sets every stage's layer and amount; drop --layer, --keep-ratio and --budget")
         if preset is not None:
             configs = {"preset": load_preset(preset).config}
+        elif schedule:
+            configs = {text: parse_schedule(text, n_image_pivots=image_pivots, n_text_pivots=text_pivots,
+                                            options=parse_options(option)) for text in schedule}
         else:
             options = parse_options(option)
             ratios: list[float | None] = list(keep_ratio) or [None]
-            configs = {f"{name} {ratio}": PruningConfig(method=name, layer=layer, keep_ratio=ratio, budget=budget,
+            configs = {f"{name} {ratio}": PruningConfig(method=name, layer=_method_layer(name, layer),
+                                                        keep_ratio=ratio, budget=budget,
                                                         n_image_pivots=image_pivots, n_text_pivots=text_pivots,
                                                         options=options)
                        for name in method for ratio in ratios}
@@ -137,6 +173,15 @@ def eval_command(
     except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and check_layer name the bad field
         raise fail(str(error)) from None
     _print_and_save_eval(console, reports, loaded, tasks, json_path)
+
+
+def _method_layer(name: str, layer: int | None) -> int:
+    """`--layer` when given, else the method's own K (`PruningMethod.default_layer`: 2, or 0 for visionzip)."""
+    if layer is not None:
+        return layer
+    from tuner.method_catalog import method_class
+
+    return getattr(method_class(name), "default_layer", 2)
 
 
 def _print_and_save_eval(console: Console, reports: list, loaded: object, tasks: list, json_path: Path | None) -> None:

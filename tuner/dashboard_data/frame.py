@@ -17,7 +17,8 @@ from tuner.reporting import describe_trial, latency_noise, speedup
 from tuner.results import accuracy_relative, config_of, is_baseline
 
 METHOD_COLORS = {"dart": "#1f77b4", "random": "#ff7f0e", "pooling": "#2ca02c", "avgpool": "#9467bd",
-                 "fastv": "#d62728", "keep_all": "#8c564b", "window_fastv": "#ff9896"}
+                 "fastv": "#d62728", "keep_all": "#8c564b", "window_fastv": "#ff9896",
+                 "sparsevlm": "#c5b0d5"}
 _EXTRA_COLORS = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 

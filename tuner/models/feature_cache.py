@@ -7,7 +7,9 @@ model in transformers 5, which both `generate` and the forward call) with an ins
 deletes again; no class is patched. The key is a SHA-256 digest of every argument of the call: tensors by dtype,
 shape, device and bytes (pixel values, `image_sizes`, `image_grid_thw`, ...), everything else by type and value
 (`vision_feature_layer`, `return_dict`, ...). A call with an argument that cannot be digested that way, with
-gradients enabled or with the module in training mode, is passed through uncounted in hits and misses.
+gradients enabled, with the module in training mode or while pruning reads the vision tower's attention
+(`NEEDS_VISION_TOWER` set on the module: a cached answer would skip the tower) is passed through uncounted in
+hits and misses.
 
 A hit returns a fresh copy of the stored output (the same `ModelOutput`, tuple and list types, tensors with
 the same bytes on the same device): `generate` rewrites `pooler_output` in place when it expands a batch for
@@ -33,6 +35,8 @@ from transformers.utils import ModelOutput
 
 from tuner.models.families.base import Family
 
+NEEDS_VISION_TOWER = "_dart_tuner_needs_vision_tower"
+"""Attribute that, while true on the features' owner module, makes every call run the vision tower (bypassed)."""
 MB = 2 ** 20
 DEFAULT_FEATURE_CACHE_MB = 2048
 """The default bound: ~330 LLaVA-1.5-7B images in fp16 (576 x 4096 projected + one CLIP layer, ~6 MB each)."""
@@ -217,7 +221,7 @@ class FeatureCache:
     def call(self, method: Callable[..., Any], signature: inspect.Signature, owner: torch.nn.Module,
              args: tuple, kwargs: dict[str, Any]) -> Any:
         """`method(*args, **kwargs)`, from the cache when the same arguments were seen before."""
-        if torch.is_grad_enabled() or owner.training:
+        if torch.is_grad_enabled() or owner.training or getattr(owner, NEEDS_VISION_TOWER, False):
             self._count(bypassed=1)
             return method(*args, **kwargs)
         try:

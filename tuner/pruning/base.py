@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -10,6 +11,15 @@ import torch
 if TYPE_CHECKING:
     from tuner.config import PruningConfig
     from tuner.models.families.grids import ImageGrids
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """The whole prompt as decoder layer 0 received it, in original positions (before any stage pruned)."""
+
+    embeddings: torch.Tensor  # [B, N0, D] the hidden states entering layer 0 (the text model's input embeddings)
+    vision_mask: torch.Tensor  # [B, N0] bool, True on (non-padding) vision tokens
+    attention_mask: torch.Tensor  # [B, N0] bool, False on padding
 
 
 @dataclass
@@ -29,6 +39,18 @@ class SelectionContext:
     keys: torch.Tensor | None = None  # [B, N, H*d] layer K-1 keys after RoPE, if the method asked
     last_row_attention: torch.Tensor | None = None  # [B, H, N] layer K-1 attention of the last token
     image_grids: list[ImageGrids] | None = None  # per row, its images as 2-D grids of positions, if asked
+    vision_saliency: torch.Tensor | None = None  # [B, N] vision-tower attention per vision token, if asked
+    vision_keys: torch.Tensor | None = None  # [B, N, d] vision-tower keys (mean over heads) per vision token, if asked
+    # (row, query slots [R]) -> [H, R, N]: layer K-1 attention of any query rows, if the method asked
+    attention_rows: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    prompt: PromptInputs | None = None  # the layer 0 input of the whole prompt, if the method asked
+    positions: torch.Tensor | None = None  # [B, N] original prompt position of every slot (None: 0..N-1)
+
+    def original_positions(self) -> torch.Tensor:
+        """[B, N] the original prompt position of every slot (padding slots hold some position; mask them)."""
+        if self.positions is not None:
+            return self.positions
+        return torch.arange(self.vision_mask.shape[1], device=self.vision_mask.device).expand_as(self.vision_mask)
 
     def vision_positions(self, row: int) -> torch.Tensor:
         """Ascending positions of the vision tokens of one row."""
@@ -67,8 +89,12 @@ class PruningMethod:
     name: ClassVar[str]
     needs_keys: ClassVar[bool] = False
     needs_last_row_attention: ClassVar[bool] = False
+    needs_attention_rows: ClassVar[bool] = False  # `SelectionContext.attention_rows`: any query rows' attention
+    needs_prompt_inputs: ClassVar[bool] = False  # `SelectionContext.prompt`: layer 0's input, whole prompt
     needs_image_grids: ClassVar[bool] = False  # the family's 2-D layout of each image (`Family.image_grids`)
+    needs_vision_saliency: ClassVar[bool] = False  # vision-tower attention and keys (`Family.vision_saliency`)
     needs_amount: ClassVar[bool] = True  # whether keep_ratio or budget must be given
+    default_layer: ClassVar[int] = 2  # the K where the method naturally prunes (what `eval` uses without --layer)
     option_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: PruningConfig) -> None:
@@ -88,7 +114,7 @@ class PruningMethod:
     @classmethod
     def reads_previous_layer(cls, config: PruningConfig) -> bool:
         """Whether this config reads layer K-1's keys or attention, which no layer provides at K = 0."""
-        return cls.needs_keys or cls.needs_last_row_attention
+        return cls.needs_keys or cls.needs_last_row_attention or cls.needs_attention_rows
 
     @classmethod
     def requires_amount(cls, config: PruningConfig) -> bool:

@@ -2,7 +2,11 @@
 
 Forward pre-hooks only, no copied `forward` (`DART.md` §5):
 - on the top-level model: note `input_ids` (vision positions) and the 2D padding mask of each call;
-- on layer K-1's attention, when the method needs them: keys after RoPE and the last query's attention;
+- on layer K-1's attention, when the method needs them: keys after RoPE and the attention of the last query (or
+  of any query rows the method picks);
+- on layer 0, when a method needs it: its input, the whole prompt's embeddings;
+- on one vision-tower attention, when the first stage's method ranks by it (`visionzip`): each call's saliency and
+  keys (`tuner.pruning.vision_capture`), mapped onto the vision tokens by the family at the selection;
 - on every layer i >= K: in prefill, layer K selects; every such layer then gets the gathered hidden
   states, its own (cos, sin) gathered at the kept positions (original positions, gaps kept),
   `position_ids=None` and a causal mask rebuilt for the shorter sequence. In decode only the mask is
@@ -24,7 +28,8 @@ import torch
 
 from tuner.config import PruningConfig, check_layers
 from tuner.models.families import FamilyAdapter, PrunedPrefill
-from tuner.pruning.base import PruningMethod, SelectionContext
+from tuner.models.feature_cache import NEEDS_VISION_TOWER
+from tuner.pruning.base import PromptInputs, PruningMethod, SelectionContext
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.registry import get_method_class
 from tuner.pruning.stages import (
@@ -36,6 +41,7 @@ from tuner.pruning.stages import (
     selected_slots,
     stage_runners,
 )
+from tuner.pruning.vision_capture import VisionAttentionCapture
 from tuner.transformers_compat import cache_from_kwargs, positions_from_mask
 
 
@@ -73,6 +79,7 @@ class _Prompt:
     n_vision: list[int]  # per row
     state: Any = None  # the family's per-token extras (Family.prompt_state)
     grids: Any = None  # the family's image grids (Family.image_grids), if the method needs them
+    embeddings: torch.Tensor | None = None  # [B, N, D] layer 0's input, if a method needs it
 
 
 class PruningHandle:
@@ -101,6 +108,7 @@ class PruningHandle:
         self._view: TokenView | None = None  # the tokens the running stage's layers hold; None: the whole prompt
         self._decode_kept: list[torch.Tensor | None] = []  # per stage: its kept 2D mask [B, P], None if unpruned
         self._plan: ForwardPlan | None = None
+        self._vision: VisionAttentionCapture | None = None  # the vision tower's attention, for the first stage
         self._hooks: list[Any] = []
         self._attach()
 
@@ -122,8 +130,19 @@ class PruningHandle:
             if gridded := [stage for stage in self._stages[1:] if stage.method.needs_image_grids]:
                 raise ValueError(f"method {gridded[0].config.method!r} selects on image grids of original "
                                  "positions, which only the first stage sees; use it in the first stage only")
+            if towered := [stage for stage in self._stages[1:] if stage.method.needs_vision_saliency]:
+                raise ValueError(f"method {towered[0].config.method!r} ranks on the vision tower's attention, which "
+                                 "only the first stage sees; use it in the first stage only")
+            if self.method.needs_vision_saliency:
+                spec = self.adapter.spec
+                self._vision = VisionAttentionCapture(spec.vision_attention(self.model), spec.vision_saliency_query,
+                                                      spec.vision_tower(self.model))
+                setattr(spec.image_features_owner(self.model), NEEDS_VISION_TOWER, True)  # a cached answer skips it
             self._decode_kept = [None] * len(self._stages)
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+            if any(stage.method.needs_prompt_inputs for stage in self._stages):  # ahead of a K = 0 stage's hook
+                self._hooks.append(self.adapter.layers[0].register_forward_pre_hook(
+                    self._on_first_layer, with_kwargs=True))
             for index in range(self.config.layer, len(self.adapter.layers)):
                 self._hooks.append(self.adapter.layers[index].register_forward_pre_hook(
                     _bind_layer(self._on_layer, index), with_kwargs=True))
@@ -140,12 +159,13 @@ class PruningHandle:
 
     def _capture_at(self, layer: int, method: PruningMethod) -> AttentionCapture | None:
         """A capture on layer `layer`'s attention when the method needs keys or attention, else None (sdpa stays)."""
-        if not (method.needs_keys or method.needs_last_row_attention):
+        if not (method.needs_keys or method.needs_last_row_attention or method.needs_attention_rows):
             return None
         if layer < 0:
             raise ValueError(f"method {method.name!r} reads layer K-1's keys or attention, which do not exist at K=0")
         return AttentionCapture(self.adapter.layers[layer].self_attn, keys=method.needs_keys,
-                                last_row_attention=method.needs_last_row_attention)
+                                last_row_attention=method.needs_last_row_attention,
+                                query_rows=method.needs_attention_rows)
 
     def remove(self) -> None:
         """Remove every hook and restore the captured attention modules; safe to call twice."""
@@ -154,6 +174,12 @@ class PruningHandle:
         self._hooks.clear()
         for stage in self._stages:
             stage.remove()
+        if self._vision is not None:
+            self._vision.remove()
+            self._vision = None
+            owner = self.adapter.spec.image_features_owner(self.model)
+            if hasattr(owner, NEEDS_VISION_TOWER):
+                delattr(owner, NEEDS_VISION_TOWER)
         if getattr(self.model, "_dart_tuner_handle", None) is self:
             del self.model._dart_tuner_handle
         self._prompt = self._plan = self._view = None
@@ -185,6 +211,8 @@ class PruningHandle:
             return substituted
         self._view = None
         self._decode_kept = [None] * len(self._stages)
+        if self._vision is not None and kwargs.get("pixel_values") is not None:
+            self._vision.clear()  # the tower runs inside this call; anything recorded before belongs to another
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("pruning needs input_ids to locate the vision tokens; "
@@ -233,7 +261,6 @@ class PruningHandle:
     def _continue_full_positions(self, args: tuple, kwargs: dict, cache: Any) -> None:
         """After a prefill pruned at K = 0 every layer caches only the kept tokens, so a model that numbers new
         tokens from its cache length would restart them too early: give them their full-sequence positions.
-
         """
         if kwargs.get("position_ids") is not None or self._decode_kept[0] is None:
             return
@@ -246,6 +273,12 @@ class PruningHandle:
         if full is None:
             full = torch.ones(batch, seen + n_query, dtype=torch.bool, device=tokens.device)
         kwargs["position_ids"] = self.adapter.spec.continued_positions(self.model, positions_from_mask(full, n_query))
+
+    def _on_first_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook of layer 0: keep the prompt's embeddings of a prefill for methods that read them."""
+        cache = cache_from_kwargs(kwargs)
+        if self._prompt is not None and (cache is None or cache.get_seq_length(0) == 0):
+            self._prompt.embeddings = args[0] if args else kwargs["hidden_states"]
 
     def _on_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Pre-hook of every layer >= K_0: a stage's first layer selects (prefill) or rebuilds masks (decode)."""
@@ -298,13 +331,18 @@ class PruningHandle:
         if stage.index > 0:
             _check_pivots(stage, n_vision)
         started = time.perf_counter()
+        saliency, vision_keys, capture_ms = self._vision_saliency(vision) if stage.index == 0 else (None, None, 0.0)
         selection = stage.select(SelectionContext(
             hidden_states=hidden, vision_mask=vision, attention_mask=attention, input_ids=input_ids,
             budgets=[stage.config.budget_for(n) for n in n_vision], final_norm=self.adapter.text_model.norm,
-            image_grids=prompt.grids if view is None else None))  # grids hold original positions
+            image_grids=prompt.grids if view is None else None,  # grids hold original positions
+            prompt=self._prompt_inputs(stage), positions=None if view is None else view.index,
+            vision_saliency=saliency, vision_keys=vision_keys))
+        if stage.index == len(self._stages) - 1:
+            prompt.embeddings = None  # no later stage reads layer 0's input
         if hidden.is_cuda:  # the gather below waits for the selection anyway
             torch.cuda.synchronize(hidden.device)
-        select_ms = (time.perf_counter() - started) * 1e3
+        select_ms = (time.perf_counter() - started) * 1e3 + capture_ms
         keep = keep_flags(selection, vision, attention, stage.config.method)
         local, valid, kept_counts = left_padded_gather(keep)
         kept = local if view is None else view.index.gather(1, local)  # original positions
@@ -327,6 +365,28 @@ class PruningHandle:
         kept_state = None if prompt.state is None else self.adapter.spec.gather_state(prompt.state, pruned)
         return ForwardPlan(masks=self._masks(stage, gathered, valid, cache, kept_state), gather_index=kept,
                            hidden_states=gathered, pruned=pruned)
+
+    def _vision_saliency(self, vision: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """(saliency [B, N], keys [B, N, d], capture ms) of the vision tower's run for this prefill, if the first
+        stage's method reads them; the capture is emptied, so a later prefill never sees this one's."""
+        if self._vision is None:
+            return None, None, 0.0
+        run, capture_ms = self._vision.take()
+        if not run.attention:
+            raise RuntimeError(f"method {self.config.method!r} needs the vision tower's attention, but the tower did "
+                               "not run for this prefill (image features passed in precomputed?)")
+        saliency, keys = self.adapter.spec.vision_saliency(self.model.config, run, self._prompt.input_ids, vision)
+        return saliency, keys, capture_ms
+
+    def _prompt_inputs(self, stage: StageRunner) -> PromptInputs | None:
+        """The whole prompt's layer 0 input for a method that reads it (None otherwise)."""
+        prompt = self._prompt
+        if not stage.method.needs_prompt_inputs:
+            return None
+        if prompt.embeddings is None or prompt.embeddings.shape[:2] != prompt.attention.shape:
+            raise RuntimeError(f"method {stage.config.method!r} needs layer 0's input, which this prefill did not "
+                               "pass through decoder layer 0")
+        return PromptInputs(prompt.embeddings, prompt.vision, prompt.attention)
 
     def _record(self, stage: StageRunner, kept_vision: list[int], select_ms: float) -> None:
         """Note what `stage` kept: a new `RequestStats` at the first stage, the same one extended at later ones."""

@@ -36,6 +36,8 @@ class StageRunner:
         if capture is not None:
             context.keys = capture.take_keys()
             context.last_row_attention = capture.last_row_attention
+            if capture.want_rows:
+                context.attention_rows = capture.attention_rows
         try:
             with torch.no_grad():
                 return self.method.select(context)

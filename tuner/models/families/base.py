@@ -43,6 +43,55 @@ class PrunedPrefill:
     length: int
 
 
+@dataclass(frozen=True)
+class VisionAttention:
+    """What one call of a vision-tower attention recorded: per sequence, the saliency of each token (averaged over
+    heads, `Family.vision_saliency_query` decides which queries) and its keys averaged over heads."""
+
+    saliency: torch.Tensor  # [S, n] float32
+    keys: torch.Tensor  # [S, n, d] float32
+
+
+@dataclass(frozen=True)
+class VisionTowerRun:
+    """What the vision tower recorded in one prefill: every call of the captured attention, in order, and the
+    keyword arguments of every call of the module `Family.vision_tower` names (e.g. Qwen's `grid_thw`)."""
+
+    attention: list[VisionAttention]
+    tower_calls: list[dict[str, Any]]
+
+
+def scatter_to_vision(values: torch.Tensor, vision: torch.Tensor, what: str) -> torch.Tensor:
+    """Per-token values [T, ...] laid on the vision tokens of `vision` [B, N] in row-major order, as the model itself
+    fills them (`masked_scatter`); [B, N, ...] with zeros elsewhere. A count mismatch is a RuntimeError.
+
+    `generate` with beams (or several returned sequences) runs the tower once per prompt and then repeats every
+    row k times in place; values covering exactly the first row of each such group are repeated alike.
+    """
+    n_tokens = int(vision.sum())
+    values = _repeat_for_expanded_rows(values, vision.sum(1))
+    if values.shape[0] != n_tokens:
+        raise RuntimeError(f"the vision tower's {what} cover {values.shape[0]} tokens but the prompt has {n_tokens} "
+                           "vision tokens (was the vision tower run for another batch?)")
+    out = values.new_zeros(*vision.shape, *values.shape[1:])
+    out[vision] = values.to(vision.device)
+    return out
+
+
+def _repeat_for_expanded_rows(values: torch.Tensor, row_counts: torch.Tensor) -> torch.Tensor:
+    """`values` of the prompts before `generate` repeated each row k times, when the counts say so (else unchanged)."""
+    n_rows, total = row_counts.numel(), int(row_counts.sum())
+    if values.shape[0] == 0 or values.shape[0] == total or total % values.shape[0]:
+        return values
+    k = total // values.shape[0]
+    if n_rows % k or not bool((row_counts.view(-1, k) == row_counts.view(-1, k)[:, :1]).all()):
+        return values
+    firsts = row_counts.view(-1, k)[:, 0].tolist()
+    if sum(firsts) != values.shape[0]:
+        return values
+    return torch.cat([chunk for chunk in values.split(firsts) for _ in range(k)])
+
+
 class Family:
     """One VLM family's facts and behaviour; subclass once per family file and register it.
 
@@ -107,6 +156,24 @@ class Family:
         """
         inner = getattr(model, "base_model", model)
         return inner if callable(getattr(inner, self.image_features_method, None)) else model
+
+    vision_saliency_query: ClassVar[str | None] = None
+    """How the vision tower ranks its tokens for `visionzip`: "cls" (the CLS token's attention row) or "mean" (the
+    attention each token receives, averaged over the queries); None: the family does not map it to its tokens."""
+
+    def vision_attention(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The attention module of the vision-tower layer whose output the model uses (`visionzip` captures there)."""
+        raise ValueError(f"family {self.name!r} does not map vision-tower attention to its vision tokens")
+
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """The module whose calls' keyword arguments `vision_saliency` needs (None: it needs none)."""
+        return None
+
+    def vision_saliency(self, config: PretrainedConfig, run: VisionTowerRun, input_ids: torch.Tensor,
+                        vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(saliency [B, N], keys [B, N, d]) on the language model's vision tokens (`vision` [B, N] of `input_ids`),
+        from what the vision tower recorded during this prefill."""
+        raise ValueError(f"family {self.name!r} does not map vision-tower attention to its vision tokens")
 
     # -- prompts and processors ---------------------------------------------------------------------
     def fallback_prompt(self, text: str, n_images: int) -> str:

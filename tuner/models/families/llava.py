@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedModel, ProcessorMixin
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.base import Family
+from tuner.models.families.base import Family, VisionTowerRun, scatter_to_vision
 
 # CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-1.5 and LLaVA-NeXT (their config.json "vision_config").
 CLIP_L336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
@@ -33,6 +34,30 @@ class Llava(Family):
     def grid_tokens(self, config: Any) -> int:
         """One square crop per image: `image_seq_length` (576 = 24 x 24 at 336 px)."""
         return config.image_seq_length
+
+    vision_saliency_query = "cls"
+
+    def vision_attention(self, model: torch.nn.Module) -> torch.nn.Module:
+        """CLIP's attention in the layer `vision_feature_layer` reads (hidden_states[v] is layer v's output for
+        v < 0, layer v - 1's for v > 0); one layer only, as the features of several are concatenated."""
+        layer = model.config.vision_feature_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer == 0:
+            raise ValueError(f"vision-tower saliency needs one vision_feature_layer that is a layer's output, "
+                             f"got {layer!r}")
+        tower = self.image_features_owner(model).vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5: CLIPVisionModel.encoder
+        index = layer + len(layers) if layer < 0 else layer - 1
+        if not 0 <= index < len(layers):
+            raise ValueError(f"vision_feature_layer {layer} is outside the vision tower's {len(layers)} layers")
+        return layers[index].self_attn
+
+    def vision_saliency(self, config: Any, run: VisionTowerRun, input_ids: torch.Tensor,
+                        vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's patches map 1:1 onto its image tokens, in order; the "default" strategy drops the CLS token."""
+        first = 1 if config.vision_feature_select_strategy == "default" else 0
+        saliency = torch.cat([c.saliency[:, first:] for c in run.attention]).flatten()
+        keys = torch.cat([c.keys[:, first:] for c in run.attention]).flatten(0, 1)
+        return scatter_to_vision(saliency, vision, "attention rows"), scatter_to_vision(keys, vision, "keys")
 
     def tiny(self, tokenizer: Any, layers: int, text_config: Any = None) -> tuple[PreTrainedModel, ProcessorMixin]:
         """One 112 px crop -> 8x8 image tokens, over a Llama text model unless given another."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+from transformers.vision_utils import get_vision_window_index
 
 from tuner.models.families import register_family, tiny
 from tuner.models.families.qwen2_vl import (
@@ -29,8 +31,19 @@ class Qwen2_5_VL(QwenFamily):
     model_types = ("qwen2_5_vl",)
     class_names = ("Qwen2_5_VLForConditionalGeneration",)
     image_only_processor = ImageOnlyQwen2_5_VLProcessor
+    vision_saliency_query = "mean"  # no CLS token; the last block attends over the whole image
     hub_id = "Qwen/Qwen2.5-VL-7B-Instruct"
     search_space = "qwen2_5_vl.yaml"
+
+    def vision_token_order(self, config: Any, grid_thw: torch.Tensor | None) -> torch.Tensor:
+        """The blocks see patch groups in window order (`get_vision_window_index`); the merger's output is put back
+        with its inverse permutation, which is this order."""
+        if grid_thw is None:
+            raise RuntimeError("the vision model was called without grid_thw, which its window order needs")
+        vision = config.vision_config
+        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=vision.spatial_merge_size,
+                                                  window_size=vision.window_size, patch_size=vision.patch_size)
+        return torch.argsort(window_index)
 
     def tiny_vision_config(self) -> dict[str, Any]:
         """A windowed block and a full-attention block (window 112 px = 4x4 tokens)."""

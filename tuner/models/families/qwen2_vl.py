@@ -15,7 +15,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.base import Family, chatml_user_turn
+from tuner.models.families.base import Family, VisionTowerRun, chatml_user_turn, scatter_to_vision
 from tuner.models.families.grids import ImageGrids, Layout, merge_grids, place_layouts
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -95,6 +95,37 @@ class QwenFamily(Family):
             parts.append(placed)
         return merge_grids(parts)
 
+    # Vision-tower saliency (`visionzip`; the subclasses that map it set `vision_saliency_query`) --------
+    def vision_attention(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The last vision block's attention: its output is what the merger turns into image tokens."""
+        return self.image_features_owner(model).visual.blocks[-1].attn
+
+    def vision_tower(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The vision model: its calls' `grid_thw` gives each image's patch layout."""
+        return self.image_features_owner(model).visual
+
+    def vision_saliency(self, config: Any, run: VisionTowerRun, input_ids: torch.Tensor,
+                        vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches in the blocks' order, each group of merge_size^2 averaged into its image token, then put in the
+        language model's order (`vision_token_order`). Images only: video frames are another tower call."""
+        if bool((vision & (input_ids == config.video_token_id)).any()):
+            raise ValueError(f"visionzip on {self.name} supports images only, not video")
+        unit = config.vision_config.spatial_merge_size ** 2
+        saliency = torch.cat([c.saliency.flatten() for c in run.attention])
+        keys = torch.cat([c.keys.flatten(0, 1) for c in run.attention])
+        if saliency.numel() % unit:
+            raise RuntimeError(f"the vision tower's {saliency.numel()} patches are not groups of {unit}")
+        saliency, keys = saliency.view(-1, unit).mean(1), keys.view(-1, unit, keys.shape[-1]).mean(1)
+        grids = [call.get("grid_thw") for call in run.tower_calls]
+        order = self.vision_token_order(config, None if None in grids or not grids else torch.cat(grids))
+        if order is not None:
+            saliency, keys = saliency[order.to(saliency.device)], keys[order.to(keys.device)]
+        return scatter_to_vision(saliency, vision, "attention"), scatter_to_vision(keys, vision, "keys")
+
+    def vision_token_order(self, config: Any, grid_thw: torch.Tensor | None) -> torch.Tensor | None:
+        """Where each image token's merged patch group sits in the vision blocks' sequence (None: the same order)."""
+        return None
+
     # Tiny models -------------------------------------------------------------------------------------
     def tiny_text_config(self, tokenizer: Any, layers: int) -> dict[str, Any]:
         """Qwen text settings: the shared sizes with M-RoPE."""
@@ -144,6 +175,7 @@ class Qwen2VL(QwenFamily):
     model_types = ("qwen2_vl",)
     class_names = ("Qwen2VLForConditionalGeneration",)
     image_only_processor = ImageOnlyQwen2VLProcessor
+    vision_saliency_query = "mean"  # no CLS token: the attention each patch receives, averaged over queries
     hub_id = "Qwen/Qwen2-VL-7B-Instruct"
     search_space = "qwen2_vl.yaml"
 
