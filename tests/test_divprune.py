@@ -210,3 +210,10 @@ def test_cached_decode_equals_no_cache_recompute(layer, loaded: Loader):
         recomputed_with = handle.last_kept[0]
     assert len(handle.requests) == 1 + NEW_TOKENS  # the generate prefill, then one per recomputation
     assert torch.equal(recomputed_with[recomputed_with < prompt_length], generated_with)
+
+
+def test_eval_runs_divprune_and_cdpruner_before_the_language_model_by_default():
+    from tuner.cli.evaluate import _method_layer
+
+    assert _method_layer("divprune", None) == _method_layer("cdpruner", None) == 0  # where the papers prune
+    assert _method_layer("divprune", 3) == 3 and _method_layer("dart", None) == 2

@@ -48,6 +48,8 @@ class CDPruner(PruningMethod):
     weights exp(theta / (2 (1 - theta)) * relevance)); `negate_relevance` (the official code's sign).
     """
 
+    default_layer = 0  # the paper prunes the projected vision features, before the language model
+
     option_defaults = {"theta": None, "negate_relevance": False}
 
     @classmethod

@@ -28,6 +28,8 @@ from tuner.pruning.registry import register_method
 class DivPrune(PruningMethod):
     """Keeps `budget` vision tokens per row chosen by DivPrune's greedy max-min cosine distance."""
 
+    default_layer = 0  # the paper prunes the projected vision features, before the language model
+
     def select(self, ctx: SelectionContext) -> Selection:
         positions, valid = ctx.padded_vision_positions()
         states = ctx.hidden_states.gather(1, positions[..., None].expand(-1, -1, ctx.hidden_states.shape[-1]))
