@@ -15,6 +15,8 @@ Three parts:
 2. Hand-worked cases with literal expected indices.
 3. ``reference_quota`` against the counts that the reference code produces, and input
    validation.
+4. The ``dart`` method's ``hidden_*`` pivot metrics: pivots ranked on the hidden states entering
+   layer K, so no keys are needed (what pruning before layer 0 has).
 """
 
 from __future__ import annotations
@@ -767,3 +769,140 @@ def test_validation_batch_mismatch_and_rank(which):
     with pytest.raises(ValueError, match=which):
         dart_select(args["norm_states"], args["key_states"], vmask, quota=1,
                     attention_mask=amask)
+
+
+# ---------------------------------------------------------------------------------------
+# Part 4: pivot metrics on the stage's input hidden states (no keys)
+# ---------------------------------------------------------------------------------------
+
+
+def _hidden_context(budget):
+    """One row: a text token, four 2-D vision states, a text token; keys are absent."""
+    from tuner.pruning.base import SelectionContext
+
+    vision = torch.tensor([[1.0, 0.0], [0.0, -3.0], [2.0, 2.0], [0.0, 0.5]])
+    states = torch.cat([torch.tensor([[5.0, 5.0]]), vision, torch.tensor([[-9.0, 1.0]])])[None]
+    mask = torch.tensor([[False, True, True, True, True, False]])
+    return SelectionContext(hidden_states=states, vision_mask=mask, attention_mask=torch.ones_like(mask),
+                            input_ids=torch.zeros(1, 6, dtype=torch.long), budgets=[budget],
+                            final_norm=torch.nn.Identity(), keys=None)
+
+
+# Vision states v0 (1, 0), v1 (0, -3), v2 (2, 2), v3 (0, 0.5): L1 1, 3, 4, 0.5; L2 1, 3, 2.83, 0.5.
+# One image pivot, no text pivot, budget 2: the pivot and the vision token least cosine-similar to it.
+# hidden_l1: pivot v2 (45 deg); cos to v0, v1, v3 = 0.71, -0.71, 0.71 -> v1.
+# hidden_l2: pivot v1 (-90 deg); cos to v0, v2, v3 = 0, -0.71, -1 -> v3.
+# hidden_l1_min / hidden_l2_min: pivot v3 (90 deg); cos to v0, v1, v2 = 0, -1, 0.71 -> v1.
+@pytest.mark.parametrize("metric, expected", [
+    ("hidden_l1", [1, 2]), ("hidden_l2", [1, 3]), ("hidden_l1_min", [1, 3]), ("hidden_l2_min", [1, 3]),
+])
+def test_hidden_metrics_rank_pivots_on_the_input_states_without_keys(metric, expected):
+    import tuner
+    from tuner.pruning import get_method_class
+
+    cfg = tuner.PruningConfig(method="dart", budget=2, n_image_pivots=1, n_text_pivots=0,
+                              options={"pivot_metric": metric})
+    method = get_method_class("dart")(cfg)
+    assert method.needs_keys is False
+    ctx = _hidden_context(2)
+    (kept,) = method.select(ctx).kept_vision
+    assert kept.tolist() == [1 + i for i in expected]
+    (same,) = dart_select(ctx.hidden_states, ctx.hidden_states, ctx.vision_mask, budget=2, n_image_pivots=1,
+                          n_text_pivots=0, pivot_metric=metric.removeprefix("hidden_"))
+    assert torch.equal(kept, same)
+
+
+def test_key_metrics_still_need_keys_and_bad_metrics_list_the_hidden_ones():
+    import tuner
+    from tuner.pruning import get_method_class
+
+    for metric in ("l1", "l2", "l1_min", "l2_min"):
+        cfg = tuner.PruningConfig(method="dart", budget=2, options={"pivot_metric": metric})
+        assert get_method_class("dart")(cfg).needs_keys is True
+    assert get_method_class("dart").needs_keys is True  # the class default is untouched by instances
+    with pytest.raises(ValueError, match="pivot_metric.*hidden_l1.*hidden_l2_min"):
+        tuner.PruningConfig(method="dart", budget=2, options={"pivot_metric": "hidden_l3"})
+
+
+def test_hooked_hidden_metric_captures_nothing_and_selects_on_the_states_entering_layer_k(loaded):
+    import tiny_vlms
+    import tuner
+    from tuner.models.families import adapter_for
+    from tuner.transformers_compat import positions_from_mask
+
+    layer = 2
+    model, processor = loaded("llava", "sdpa")
+    inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
+    reference_inputs = dict(inputs)
+    if adapter_for(model).positions_ignore_padding:  # the hooks number each row from its first real token
+        reference_inputs["position_ids"] = positions_from_mask(inputs["attention_mask"], inputs["input_ids"].shape[1])
+    _, hidden = tiny_vlms.unhooked_forward(model, reference_inputs, layer=layer)
+    vision = (inputs["input_ids"] == model.config.image_token_id) & inputs["attention_mask"].bool()
+    cfg = tuner.PruningConfig(method="dart", layer=layer, keep_ratio=0.3, options={"pivot_metric": "hidden_l1"})
+    with torch.no_grad():
+        expected = dart_select(model.get_decoder().norm(hidden), hidden, vision, pivot_metric="l1",
+                               budget=[cfg.budget_for(int(n)) for n in vision.sum(1)],
+                               attention_mask=inputs["attention_mask"])
+    attention = model.get_decoder().layers[layer - 1].self_attn
+    with tuner.apply_pruning(model, cfg) as handle, torch.no_grad():
+        assert not hasattr(attention, "_dart_tuner_capture")  # no key capture: the layer keeps its sdpa path
+        model(**inputs)
+    for row in range(2):
+        kept = handle.last_kept[row]
+        assert torch.equal(kept[vision[row, kept]], expected[row])
+
+
+def _dart_k0(**kwargs):
+    import tuner
+
+    kwargs.setdefault("keep_ratio", 0.3)
+    return tuner.PruningConfig(method="dart", layer=0, options={"pivot_metric": "hidden_l1"}, **kwargs)
+
+
+def test_hidden_metrics_run_at_k0_and_key_metrics_are_refused_there():
+    import tuner
+
+    assert _dart_k0().layer == 0
+    with pytest.raises(ValueError, match="reads layer K-1's keys"):
+        tuner.PruningConfig(method="dart", layer=0, keep_ratio=0.3, options={"pivot_metric": "l1"})
+
+
+def test_k0_keep_ratio_one_equals_the_unhooked_model(loaded):
+    import tiny_vlms
+    import tuner
+
+    model, processor = loaded("llava", "sdpa")
+    inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
+    ref_tokens, ref_logits, _ = tiny_vlms.greedy(model, inputs, 4)
+    with tuner.apply_pruning(model, _dart_k0(keep_ratio=1.0)):
+        tokens, logits, _ = tiny_vlms.greedy(model, inputs, 4)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+
+
+def test_k0_left_padded_batch_equals_rows_alone_and_cached_decode_equals_recompute(loaded):
+    """At K = 0 DART ranks pivots and measures duplication on the input embeddings (projected vision features).
+    Generated tokens would join the text pivots of a no-cache recomputation, so it keeps the generate's set."""
+    import tiny_vlms
+    import tuner
+
+    model, processor = loaded("llava", "sdpa")
+    inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
+    vision = (inputs["input_ids"] == model.config.image_token_id) & inputs["attention_mask"].bool()
+    with tuner.apply_pruning(model, _dart_k0()) as handle:
+        batch_tokens, batch_logits, _ = tiny_vlms.greedy(model, inputs, 4)
+    assert handle.requests[0].n_kept_vision == [round(0.3 * n) for n in handle.requests[0].n_vision]
+    for row in range(2):
+        alone = tiny_vlms.row_inputs("llava", inputs, row)
+        alone_vision = alone["input_ids"] == model.config.image_token_id
+        with tuner.apply_pruning(model, _dart_k0()) as row_handle:
+            tokens, logits, _ = tiny_vlms.greedy(model, alone, 4)
+        padding = int((inputs["attention_mask"][row] == 0).sum())
+        batch_kept, row_kept = handle.last_kept[row], row_handle.last_kept[0]
+        chosen = row_kept[alone_vision[0, row_kept]]
+        assert torch.equal(batch_kept[vision[row, batch_kept]] - padding, chosen)
+        assert torch.equal(tokens[0], batch_tokens[row])
+        torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=1e-4)
+        fixed = tuner.PruningConfig(method="test_fixed", layer=0, options={"positions": [chosen.tolist()]})
+        with tuner.apply_pruning(model, fixed):
+            tiny_vlms.assert_cached_decode_equals_recompute(model, alone, tokens, logits, 1e-4)

@@ -18,10 +18,10 @@ ATTN = ("sdpa", "eager")
 K = 2
 NEW_TOKENS = 4
 ATOL = 1e-4
-# Every shipped method that removes tokens (keep_all keeps them all) inside the language model by default, a new one
-# included; those that prune before it by default (visionzip, default_layer 0) have their own K = 0 tests.
+# Every shipped method that removes tokens (keep_all keeps them all), a new one included; those that rank by the
+# vision tower's attention (visionzip: not every tiny family maps it) have their own tests.
 PRUNING_METHODS = tuple(m for m in bundled_methods()
-                        if get_method_class(m).needs_amount and get_method_class(m).default_layer > 0)
+                        if get_method_class(m).needs_amount and not get_method_class(m).needs_vision_saliency)
 
 
 def config(method: str, **kwargs) -> tuner.PruningConfig:

@@ -108,8 +108,8 @@ except ValueError as error:
 """)
     assert result.returncode == 0, result.stderr
     unknown, stride = result.stdout.splitlines()
-    assert unknown == ("unknown pruning method 'nope'; available: avgpool, dart, fastv, keep_all, pooling, random, "
-                       "sparsevlm, visionzip, window_fastv")
+    assert unknown == ("unknown pruning method 'nope'; available: avgpool, cdpruner, dart, divprune, fastv, keep_all, "
+                       "pooling, random, sparsevlm, visionzip, window_fastv")
     assert "stride must be an int >= 1" in stride
 
 

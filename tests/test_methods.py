@@ -132,7 +132,7 @@ def test_dart_reference_quota_rules_through_the_config(rule, kwargs, expected):
     (dict(budget=0), "budget"),
     (dict(keep_ratio=0.5, budget=8), "not both"),
     (dict(), "needs keep_ratio"),
-    (dict(method="dartt", keep_ratio=0.5), "unknown pruning method 'dartt'.*avgpool, dart, fastv"),
+    (dict(method="dartt", keep_ratio=0.5), "unknown pruning method 'dartt'.*avgpool, cdpruner, dart, divprune, fastv"),
     (dict(keep_ratio=0.5, options={"n_image_pivots": -1}), "dart option n_image_pivots must be an int >= 0"),
     (dict(keep_ratio=0.5, options={"n_text_pivots": 2.5}), "dart option n_text_pivots must be an int >= 0"),
     (dict(keep_ratio=0.5, options={"n_image_pivots": True}), "n_image_pivots must be an int"),

@@ -96,13 +96,13 @@ def eval_command(
                                                              "Repeat for several tasks."),
     preset: Path | None = typer.Option(None, help="Preset file to evaluate (instead of --method ...)."),
     method: list[str] = typer.Option([], help="Pruning method: dart, random, pooling, avgpool, fastv, window_fastv, "
-                                              "sparsevlm, visionzip (use --layer 0), keep_all. Repeat to compare "
-                                              "several."),
+                                              "divprune, cdpruner, sparsevlm, visionzip, keep_all. "
+                                              "Repeat to compare several."),
     schedule: list[str] = typer.Option([], help="A multi-stage schedule as the tables print it, e.g. "
                                                 "'fastv@2:0.5>4:0.5>6:64t' (instead of --method ...). Repeat to "
                                                 "compare several."),
-    layer: int | None = typer.Option(None, help="Prune before decoder layer K (default: the method's own, 2; "
-                                                "visionzip 0)."),
+    layer: int | None = typer.Option(None, help="Prune before decoder layer K (default: the method's own: 2, or 0 "
+                                                "for visionzip, divprune and cdpruner)."),
     keep_ratio: list[float] = typer.Option([], help="Fraction of vision tokens kept, in (0, 1]. Repeat to compare "
                                                     "several (every method x every ratio)."),
     budget: int | None = typer.Option(None, help="Vision tokens kept per image prompt (instead of --keep-ratio)."),

@@ -58,6 +58,20 @@ class SelectionContext:
         """Ascending positions of the vision tokens of one row."""
         return self.vision_mask[row].nonzero().squeeze(1)
 
+    def padded_vision_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's vision positions at once, for batched selection: (positions [B, V], valid [B, V]).
+
+        Row r's positions come first, ascending, then padding slots (False in `valid`, pointing at position 0);
+        V is the largest vision count of the batch.
+        """
+        vision = self.vision_mask.bool()
+        counts = vision.sum(1)
+        width = int(counts.max()) if counts.numel() else 0
+        # A stable sort on "not vision" puts each row's vision positions first, in order.
+        positions = torch.sort((~vision).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        valid = torch.arange(width, device=vision.device) < counts[:, None]
+        return positions.masked_fill(~valid, 0), valid
+
 
 @dataclass
 class Selection:

@@ -16,16 +16,21 @@ if TYPE_CHECKING:
 
 
 FAMILY_RULE = "family"  # quota_rule value: the loaded model family's reference rule
+HIDDEN_PREFIX = "hidden_"  # pivot metrics on the stage's input hidden states instead of keys
+HIDDEN_PIVOT_METRICS = tuple(HIDDEN_PREFIX + metric for metric in PIVOT_METRICS)
 
 
 @register_method("dart")
 class DART(PruningMethod):
-    """Keeps the vision tokens least similar to a few key-norm pivots; duplication over importance.
+    """Keeps the vision tokens least similar to a few norm-ranked pivots; duplication over importance.
 
     Options: `n_image_pivots` / `n_text_pivots` (4 + 4 in the paper; searched by default over 1-8 and 0-8),
-    `pivot_order` (reference | rank | position, DART.md §3), `pivot_metric` (l1 | l2 | l1_min | l2_min), and for
-    the official code's counts either a fixed `quota` per pivot or a `quota_rule` (llava15 | llava_next | qwen,
-    or `family`: the model family's own, `Family.reference_quota_rule`) with `max_num_trunction` and
+    `pivot_order` (reference | rank | position, DART.md §3), `pivot_metric`: l1 | l2 | l1_min | l2_min rank
+    pivots on layer K-1's post-RoPE keys (the paper's K-norm); hidden_l1 | hidden_l2 | hidden_l1_min |
+    hidden_l2_min on the hidden states entering layer K, so no keys are captured (before layer 0 no keys exist,
+    so pivots come from the projected features). For the official code's counts, either a fixed `quota` per
+    pivot or a `quota_rule` (llava15 | llava_next | qwen, or `family`: the model family's own,
+    `Family.reference_quota_rule`) with `max_num_trunction` and
     `retain_tokens` as in the reference. Without them, exactly the config's budget is kept.
     """
 
@@ -36,7 +41,8 @@ class DART(PruningMethod):
         "n_text_pivots": Option(int, 4, low=0, search={"low": 0, "high": 8},
                                 help="pivots chosen among the text tokens"),
         "pivot_order": Option(str, "reference", choices=PIVOT_ORDERS, help="the order pivots are visited in"),
-        "pivot_metric": Option(str, "l1", choices=PIVOT_METRICS, help="how a pivot's similarity is measured"),
+        "pivot_metric": Option(str, "l1", choices=PIVOT_METRICS + HIDDEN_PIVOT_METRICS,
+                               help="how pivots are ranked and similarity measured (keys, or hidden_*: states)"),
         "quota": Option(int, None, low=0, nullable=True, help="tokens kept per pivot (the official code's)"),
         "quota_rule": Option(str, None, choices=(*QUOTA_RULES, FAMILY_RULE), nullable=True,
                              help="the official code's per-pivot quota rule"),
@@ -66,6 +72,15 @@ class DART(PruningMethod):
         if rule is not None:
             _check_ratio(rule, config)
 
+    @classmethod
+    def reads_previous_layer(cls, config: PruningConfig) -> bool:
+        """Key metrics read layer K-1's keys; the hidden_* metrics only the states entering layer K (so K = 0 works)."""
+        return not _ranks_on_hidden_states(config.options)
+
+    def __init__(self, config: PruningConfig) -> None:
+        super().__init__(config)
+        self.needs_keys = not _ranks_on_hidden_states(self.options)  # read by the hooks: no capture without keys
+
     def bind_family(self, family: Any) -> None:
         """Resolve `quota_rule: family` to the family's reference rule (an error if it has none)."""
         if self.options["quota_rule"] != FAMILY_RULE:
@@ -80,15 +95,16 @@ class DART(PruningMethod):
     def select(self, ctx: SelectionContext) -> Selection:
         with torch.no_grad():
             norm_states = ctx.final_norm(ctx.hidden_states)
-        common = {key: self.options[key] for key in ("n_image_pivots", "n_text_pivots", "pivot_order",
-                                                      "pivot_metric")}
+        pivot_states = ctx.keys if self.needs_keys else ctx.hidden_states
+        common = {key: self.options[key] for key in ("n_image_pivots", "n_text_pivots", "pivot_order")}
+        common["pivot_metric"] = self.options["pivot_metric"].removeprefix(HIDDEN_PREFIX)
         if not _reference_mode(self.options):
-            return Selection(dart_select(norm_states, ctx.keys, ctx.vision_mask, budget=ctx.budgets,
+            return Selection(dart_select(norm_states, pivot_states, ctx.vision_mask, budget=ctx.budgets,
                                          attention_mask=ctx.attention_mask, **common))
         kept = []  # reference mode: the quota depends on each row's vision count, so rows go one by one
         for row in range(len(ctx.budgets)):
             quota = self._quota(int(ctx.vision_mask[row].sum()))
-            kept += dart_select(norm_states[row:row + 1], ctx.keys[row:row + 1], ctx.vision_mask[row:row + 1],
+            kept += dart_select(norm_states[row:row + 1], pivot_states[row:row + 1], ctx.vision_mask[row:row + 1],
                                 quota=quota, attention_mask=ctx.attention_mask[row:row + 1], **common)
         return Selection(kept)
 
@@ -99,6 +115,11 @@ class DART(PruningMethod):
             self.options["quota_rule"], n_vision, n_image_pivots=self.options["n_image_pivots"],
             n_text_pivots=self.options["n_text_pivots"], keep_ratio=self.config.keep_ratio,
             max_num_trunction=self.options["max_num_trunction"], retain_tokens=self.options["retain_tokens"]))
+
+
+def _ranks_on_hidden_states(options: dict) -> bool:
+    """Whether the pivot metric reads the hidden states entering layer K rather than layer K-1's keys."""
+    return str(options.get("pivot_metric", "l1")).startswith(HIDDEN_PREFIX)
 
 
 def _reference_mode(options: dict) -> bool:

@@ -1,0 +1,156 @@
+"""`cdpruner`: vision tokens of maximal conditional diversity, by greedy MAP inference of a conditional DPP.
+
+CDPruner (Zhang et al., NeurIPS 2025, arXiv 2506.10967; official code github.com/Theia-4869/CDPruner) builds
+the kernel L_ij = w_i * cos(x_i, x_j) * w_j over a row's vision tokens, where cos is the similarity of their
+features and w_i weighs token i by its relevance to the instruction, and keeps the subset that greedily
+maximises log det L_S (Chen et al.'s fast greedy MAP inference, NeurIPS 2018: one Cholesky-like update per pick).
+
+Relevance, as in the official code: r_i = the mean over instruction tokens t of cos(x_i, t), min-max normalised
+over the row's vision tokens as (r - min + 1e-6) / (max - min). Weights: w = r (the official code's active
+path; option `theta` None) or w = exp(theta / (2 (1 - theta)) * r) (the official code's optional theta weighting,
+option `theta` in [0, 1); 0 ignores the instruction). log det L_S = sum_{i in S} 2 log w_i + log det S_S, so
+relevance and diversity trade off in one objective.
+
+What differs from the official code, and why:
+- Relevance lives in the model's own embedding space. The official code scores it with CLIP's text tower on
+  the question and CLIP's projected patch embeddings, which a VLM does not carry. Here x_i are the vision
+  tokens' hidden states entering the stage's layer K and the instruction tokens are the row's valid non-vision
+  tokens after its last vision token (the question and the chat template's closing tokens), with their states
+  at the same input. At K = 0 those are the projected vision features and the instruction tokens' input
+  embeddings. A row without instruction tokens (the prompt ends with the image), or whose relevance is
+  constant, weighs every token equally: a plain DPP on similarity. The CLIP-text variant is not built (no
+  CLIP text tower can be loaded here).
+- The official code negates the CLIP cosine before normalising (it ranks tokens less similar to the text
+  higher); `negate_relevance: true` applies that sign here too. The default keeps the sign the name states:
+  more similar to the instruction, more relevant. Which sign suits the model's own space is an empirical
+  question a study can search.
+- Min and max are taken per row (the official code takes them over the whole batch), so rows are independent.
+- A pick whose remaining gain is not positive (every candidate already spanned) updates nothing instead of
+  dividing by zero; the budget is still met exactly, with distinct tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.registry import register_method
+
+
+@register_method("cdpruner")
+class CDPruner(PruningMethod):
+    """Keeps `budget` vision tokens per row: greedy MAP of the relevance-weighted similarity DPP (module docstring).
+
+    Options: `theta` (None: weights are the min-max relevance, the official code's default; a number in [0, 1):
+    weights exp(theta / (2 (1 - theta)) * relevance)); `negate_relevance` (the official code's sign).
+    """
+
+    default_layer = 0  # the paper prunes the projected vision features, before the language model
+
+    option_defaults = {"theta": None, "negate_relevance": False}
+
+    @classmethod
+    def validate(cls, config) -> None:
+        super().validate(config)
+        theta = config.options.get("theta")
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
+                                  or not 0.0 <= theta < 1.0):
+            raise ValueError(f"cdpruner option theta must be null or a number in [0, 1), got {theta!r}")
+        negate = config.options.get("negate_relevance", False)
+        if not isinstance(negate, bool):
+            raise ValueError(f"cdpruner option negate_relevance must be true or false, got {negate!r}")
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        positions, valid = ctx.padded_vision_positions()
+        states = ctx.hidden_states.gather(1, positions[..., None].expand(-1, -1, ctx.hidden_states.shape[-1]))
+        unit = F.normalize(states.float(), dim=-1)
+        instruction = instruction_mask(ctx.vision_mask.bool(), ctx.attention_mask.bool())
+        relevance = instruction_relevance(unit, ctx.hidden_states, instruction)
+        if self.options["negate_relevance"]:
+            relevance = -relevance
+        weights = relevance_weights(min_max(relevance, valid), self.options["theta"])
+        counts = valid.sum(1).tolist()
+        order = greedy_map_order(conditional_kernel(unit, weights, valid), valid,
+                                 [b if b < n else 0 for b, n in zip(ctx.budgets, counts)])
+        return Selection([positions[row, :n] if budget >= n else positions[row, order[row, :budget]].sort().values
+                          for row, (budget, n) in enumerate(zip(ctx.budgets, counts))])
+
+
+def instruction_mask(vision: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, N] True on each row's instruction tokens: valid non-vision tokens after its last vision token."""
+    index = torch.arange(vision.shape[1], device=vision.device)
+    last_vision = torch.where(vision, index, -1).amax(1, keepdim=True)
+    return valid & ~vision & (index > last_vision)
+
+
+def instruction_relevance(vision_unit: torch.Tensor, states: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
+    """[B, V]: each vision token's mean cosine to its row's instruction tokens (0 for a row without any).
+
+    `vision_unit` [B, V, D] holds the vision tokens' unit vectors, `states` [B, N, D] every token's state. The
+    mean of the cosines is the dot product with the mean of the instruction tokens' unit vectors.
+    """
+    unit = F.normalize(states.float(), dim=-1) * instruction[..., None]
+    mean = unit.sum(1) / instruction.sum(1, keepdim=True).clamp_min(1)
+    return torch.einsum("bvd,bd->bv", vision_unit, mean)
+
+
+def min_max(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per row, (v - min + 1e-6) / (max - min) over the valid entries, as the official code normalises relevance;
+    1 everywhere on a row whose values are all equal (nothing to rank)."""
+    low = values.masked_fill(~valid, math.inf).amin(1, keepdim=True)
+    high = values.masked_fill(~valid, -math.inf).amax(1, keepdim=True)
+    spread = high - low
+    scaled = (values - low + 1e-6) / torch.where(spread > 0, spread, 1.0)
+    return torch.where(spread > 0, scaled, 1.0)
+
+
+def relevance_weights(relevance: torch.Tensor, theta: float | None) -> torch.Tensor:
+    """The kernel's per-token weights: the relevance itself (theta None) or exp(theta / (2 (1 - theta)) * r)."""
+    if theta is None:
+        return relevance
+    return torch.exp(theta / (2 * (1 - theta)) * relevance)
+
+
+def conditional_kernel(unit: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, V, V] L_ij = w_i cos(x_i, x_j) w_j from unit vectors [B, V, D]; rows and columns of padding are 0.
+
+    cos(x_i, x_i) is set to exactly 1, so equal weights tie exactly (and go to the earlier token) instead of by
+    rounding.
+    """
+    weights = weights * valid
+    similarity = unit @ unit.transpose(1, 2)
+    similarity.diagonal(dim1=1, dim2=2).fill_(1.0)
+    return weights[:, :, None] * similarity * weights[:, None, :]
+
+
+def greedy_map_order(kernel: torch.Tensor, valid: torch.Tensor, budgets: list[int]) -> torch.Tensor:
+    """Greedy MAP picks of the DPP with kernel [B, V, V], in pick order: [B, T] (T = the largest budget).
+
+    Each step adds the token j of largest gain d_j^2 = L_jj - |c_j|^2, the factor by which det L_S grows, then
+    updates every gain with the new pick's orthogonalised row e = (L_j - c_j . C) / d_j (Chen et al., 2018).
+    Ties go to the earlier token. Row r's first `budgets[r]` picks are its selection; rows are independent.
+    """
+    batch, width = valid.shape
+    steps = max(budgets, default=0)
+    if steps > width:
+        raise ValueError(f"budgets {budgets} exceed the {width} tokens of the widest row")
+    rows = torch.arange(batch, device=valid.device)
+    gains = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, -math.inf)
+    directions = kernel.new_zeros(steps, batch, width)  # c: each pick's orthogonalised kernel row
+    picks = []
+    for step in range(steps):
+        pick = gains.argmax(1)
+        picks.append(pick)
+        gain = gains[rows, pick]
+        spanned = torch.einsum("tb,tbv->bv", directions[:step, rows, pick], directions[:step])
+        update = (kernel[rows, pick] - spanned) / gain.clamp_min(torch.finfo(gain.dtype).tiny).sqrt()[:, None]
+        update = torch.where((gain > 0)[:, None], update, 0.0)
+        directions[step] = update
+        gains = gains - update.square()
+        gains[rows, pick] = -math.inf
+    if not picks:
+        return torch.zeros(batch, 0, dtype=torch.long, device=valid.device)
+    return torch.stack(picks, 1)

@@ -1,0 +1,68 @@
+"""`divprune`: the most diverse vision tokens by greedy max-min selection on cosine distance.
+
+DivPrune (Alvar, Singh, Akbari, Zhang; CVPR 2025; arXiv 2503.02175; official code github.com/vbdi/divprune)
+casts pruning as a max-min diversity problem on the distance d(i, j) = 1 - cos(x_i, x_j) between vision tokens
+and solves it greedily, as the official code does:
+- the first pick is the token whose nearest other token is farthest: argmax_j min_{i != j} d(i, j);
+- every next pick is the token farthest from the picks so far: argmax_j min_{s picked} d(s, j);
+- ties go to the earlier position (`argmax` takes the first maximum).
+The official code runs on LLaVA's projected vision features before the language model; here it runs on the
+hidden states entering the stage's layer K, which at K = 0 are those projected features. Two details differ,
+neither on inputs without exact duplicates: a picked token is never picked again (the official loop can pick
+one twice when every remaining distance is 0), and the first pick excludes a token's distance to itself
+explicitly rather than by taking its second-smallest distance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.registry import register_method
+
+
+@register_method("divprune")
+class DivPrune(PruningMethod):
+    """Keeps `budget` vision tokens per row chosen by DivPrune's greedy max-min cosine distance."""
+
+    default_layer = 0  # the paper prunes the projected vision features, before the language model
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        positions, valid = ctx.padded_vision_positions()
+        states = ctx.hidden_states.gather(1, positions[..., None].expand(-1, -1, ctx.hidden_states.shape[-1]))
+        counts = valid.sum(1).tolist()
+        order = max_min_order(states, valid, [b if b < n else 0 for b, n in zip(ctx.budgets, counts)])
+        return Selection([positions[row, :n] if budget >= n else positions[row, order[row, :budget]].sort().values
+                          for row, (budget, n) in enumerate(zip(ctx.budgets, counts))])
+
+
+def max_min_order(features: torch.Tensor, valid: torch.Tensor, budgets: list[int]) -> torch.Tensor:
+    """DivPrune's picks, in pick order, per row: [B, T] indices into `features` [B, V, D] (T = the largest budget).
+
+    `valid` [B, V] marks the real tokens of each row; row r's first `budgets[r]` picks are its selection (later
+    columns are filler). Rows are independent.
+    """
+    batch, width = valid.shape
+    steps = max(budgets, default=0)
+    if steps > width:
+        raise ValueError(f"budgets {budgets} exceed the {width} tokens of the widest row")
+    unit = F.normalize(features.float(), dim=-1)
+    distance = 1.0 - unit @ unit.transpose(1, 2)  # [B, V, V]
+    rows = torch.arange(batch, device=valid.device)
+    others = valid[:, :, None] & valid[:, None, :] & ~torch.eye(width, dtype=torch.bool, device=valid.device)
+    score = distance.masked_fill(~others, math.inf).amin(1)  # distance to the nearest other token
+    taken = ~valid
+    picks = []
+    for _ in range(steps):
+        pick = score.masked_fill(taken, -math.inf).argmax(1)
+        picks.append(pick)
+        taken = taken.clone()
+        taken[rows, pick] = True
+        nearest_pick = distance[rows, pick]  # [B, V]: every token's distance to the new pick
+        score = nearest_pick if len(picks) == 1 else torch.minimum(score, nearest_pick)
+    if not picks:
+        return torch.zeros(batch, 0, dtype=torch.long, device=valid.device)
+    return torch.stack(picks, 1)
