@@ -800,8 +800,8 @@ def test_hidden_metrics_rank_pivots_on_the_input_states_without_keys(metric, exp
     import tuner
     from tuner.pruning import get_method_class
 
-    cfg = tuner.PruningConfig(method="dart", budget=2, n_image_pivots=1, n_text_pivots=0,
-                              options={"pivot_metric": metric})
+    cfg = tuner.PruningConfig(method="dart", budget=2,
+                              options={"n_image_pivots": 1, "n_text_pivots": 0, "pivot_metric": metric})
     method = get_method_class("dart")(cfg)
     assert method.needs_keys is False
     ctx = _hidden_context(2)
