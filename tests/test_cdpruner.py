@@ -176,7 +176,7 @@ def test_duplicates_still_fill_the_budget_with_distinct_tokens():
 
 
 @pytest.mark.parametrize("options, match", [
-    (dict(theta=1.0), "theta must be null or a number in \\[0, 1\\)"),
+    (dict(theta=1.0), "theta must be a number in \\[0, 1\\) or null"),
     (dict(theta=-0.1), "theta"),
     (dict(theta="high"), "theta"),
     (dict(negate_relevance="yes"), "negate_relevance must be true or false"),

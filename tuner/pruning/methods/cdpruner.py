@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from tuner.method_options import Option
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
 
@@ -50,7 +51,11 @@ class CDPruner(PruningMethod):
 
     default_layer = 0  # the paper prunes the projected vision features, before the language model
 
-    option_defaults = {"theta": None, "negate_relevance": False}
+    option_specs = {"theta": Option(float, None, low=0.0, high=1.0, high_open=True, nullable=True,
+                                    search={"low": 0.0, "high": 0.9},
+                                    help="relevance weighting exp(theta / (2 (1 - theta)) r); null: min-max relevance"),
+                    "negate_relevance": Option(bool, False, search=[False, True],
+                                               help="flip the relevance sign (the official code's)")}
 
     @classmethod
     def validate(cls, config) -> None:
