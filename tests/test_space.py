@@ -374,3 +374,20 @@ def test_before_lm_stacks_a_k0_stage_under_the_in_lm_trial() -> None:
 def test_a_layer_range_may_start_at_0_when_every_method_can_run_there() -> None:
     space = _space(methods=["random", "pooling"], layer={"low": 0, "high": 2})
     assert space.suggest(optuna.trial.FixedTrial({"method": "random", "layer": 0, "keep_ratio": 0.2})).layer == 0
+
+
+def test_before_lm_searches_its_methods_options_only_in_their_trials() -> None:
+    space = _space(methods=["random"], before_lm={"methods": ["none", "cdpruner", "divprune"], "keep_ratio": 0.5,
+                                                  "options": {"cdpruner": {"theta": {"low": 0.1, "high": 0.8}}}})
+    for trial, config in _random_draws(space, 20, seed=4):
+        drawn = "before_lm.cdpruner.theta" in trial.params
+        assert drawn == (trial.params["before_lm_method"] == "cdpruner")
+        if drawn:
+            assert config.stage_config(0).options["theta"] == trial.params["before_lm.cdpruner.theta"]
+            assert config.stage_config(1).method == "random"
+    with pytest.raises(SpaceError, match=r"before_lm.options.random: 'random' is not a method of this space"):
+        _space(methods=["random"], before_lm={"methods": ["cdpruner"], "keep_ratio": 0.5,
+                                              "options": {"random": ["theta"]}})
+    with pytest.raises(SpaceError, match=r"before_lm.options.cdpruner: unknown option\(s\) \['thet'\]"):
+        _space(methods=["random"], before_lm={"methods": ["cdpruner"], "keep_ratio": 0.5,
+                                              "options": {"cdpruner": ["thet"]}})

@@ -39,6 +39,7 @@ from tuner.space_params import (
     ScheduleSpec,
     SpaceError,
     parse_before_lm,
+    parse_option_section,
     parse_schedule,
     refuses_layer_0,
 )
@@ -363,21 +364,7 @@ def _parse_options(r: Reader, data: dict[str, Any], methods: list[str]) -> dict[
             if clash:
                 raise r.fail(clash[0], f"is given both at the top level and under options.{LEGACY_METHOD}")
             section[LEGACY_METHOD] = {**legacy, **own}
-    parsed: dict[str, dict[str, OptionParam]] = {}
-    for method, spec in section.items():
-        key = f"options.{method}"
-        if method not in methods or method == PDROP:
-            raise r.fail(key, f"{method!r} is not a method of this space (methods: {', '.join(methods)})")
-        specs = method_class(method).option_specs
-        if isinstance(spec, list):
-            spec = dict.fromkeys(spec)
-        if not isinstance(spec, dict):
-            raise r.fail(key, f"must map option names to ranges, or list option names, got {spec!r}")
-        unknown = sorted(str(name) for name in set(spec) - set(specs))
-        if unknown:
-            raise r.fail(key, f"unknown option(s) {unknown}; {method} takes: {', '.join(sorted(specs)) or 'none'}")
-        parsed[method] = {name: r.option_param(f"{key}.{name}", value, specs[name]) for name, value in spec.items()}
-    return parsed
+    return parse_option_section(r, "options", section, [m for m in methods if m != PDROP])
 
 
 def _check_option_combinations(r: Reader, space: SearchSpace) -> None:

@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tuner.config import PruningConfig, Stage, stack
 from tuner.errors import DartTunerError
 from tuner.method_catalog import method_class, method_names
-from tuner.method_options import Option
+from tuner.method_options import Option, param_name
 
 PDROP = "pdrop"  # a `methods` entry: a schedule from `schedule`, each stage scored like FastV at its own layer
 PDROP_METHOD = "fastv"
@@ -130,6 +130,7 @@ class ScheduleSpec:
         return max(self.layers[-1].choices())
 
 
+BEFORE_LM_PREFIX = "before_lm."  # in front of a before-LM method's option parameters: before_lm.cdpruner.theta
 NO_STAGE = "none"  # a `before_lm.methods` entry: the trial has no stage before the language model
 
 
@@ -140,21 +141,36 @@ class BeforeLMSpec:
 
     methods: tuple[str, ...]
     keep_ratio: FloatParam
+    options: dict[str, dict[str, OptionParam]] = field(default_factory=dict)  # method -> option -> its range
 
     def suggest(self, trial: Any, config: PruningConfig, grid: bool = False) -> PruningConfig:
-        """`config` with a K = 0 stage in front of it (parameters before_lm_method, before_lm_keep_ratio)."""
+        """`config` with a K = 0 stage in front of it (parameters before_lm_method, before_lm_keep_ratio and
+        before_lm.<method>.<option> for the drawn method's searched options)."""
         method = trial.suggest_categorical("before_lm_method", list(self.methods))
         if method == NO_STAGE and not grid:
             return config
         ratio = self.keep_ratio.suggest(trial, "before_lm_keep_ratio")
+        options: dict[str, Any] = {}
+        for owner, params in self.options.items():
+            if owner == method or grid:
+                drawn = {name: param.suggest(trial, BEFORE_LM_PREFIX + param_name(owner, name))
+                         for name, param in params.items()}
+                options = drawn if owner == method else options
         if method == NO_STAGE:
             return config
-        return stack(PruningConfig(method=method, layer=0, keep_ratio=ratio), config)
+        return stack(PruningConfig(method=method, layer=0, keep_ratio=ratio, options=options), config)
 
     def grid(self, source: str | None) -> dict[str, list]:
         if self.keep_ratio.values is None:
             raise SpaceError(f"{source}: before_lm.keep_ratio: the grid sampler needs a list of values, not a range")
-        return {"before_lm_method": list(self.methods), "before_lm_keep_ratio": list(self.keep_ratio.values)}
+        grid = {"before_lm_method": list(self.methods), "before_lm_keep_ratio": list(self.keep_ratio.values)}
+        for owner, params in self.options.items():
+            for name, param in params.items():
+                if param.choices() is None:
+                    raise SpaceError(f"{source}: before_lm.options.{owner}.{name}: the grid sampler needs a list of "
+                                     "values, not a float range")
+                grid[BEFORE_LM_PREFIX + param_name(owner, name)] = param.choices()
+        return grid
 
 
 def refuses_layer_0(method: str) -> bool:
@@ -299,8 +315,8 @@ def parse_schedule(r: Reader, value: Any) -> ScheduleSpec:
 
 def parse_before_lm(r: Reader, value: Any) -> BeforeLMSpec:
     """`before_lm: {methods: [none, random, divprune], keep_ratio: {low: 0.25, high: 1.0}}`."""
-    spec = r.mapping("before_lm", value, {"methods", "keep_ratio"})
-    if set(spec) != {"methods", "keep_ratio"}:
+    spec = r.mapping("before_lm", value, {"methods", "keep_ratio", "options"})
+    if set(spec) - {"options"} != {"methods", "keep_ratio"}:
         raise r.fail("before_lm", "needs methods (a list; 'none' for trials without the stage) and keep_ratio")
     methods = spec["methods"] if isinstance(spec["methods"], list) else [spec["methods"]]
     if not methods:
@@ -310,4 +326,30 @@ def parse_before_lm(r: Reader, value: Any) -> BeforeLMSpec:
         if method != NO_STAGE and refuses_layer_0(method):
             raise r.fail(f"before_lm.methods[{i}]", f"{method} reads layer K-1's keys or attention, which do not "
                                                     "exist before the language model")
-    return BeforeLMSpec(methods=tuple(methods), keep_ratio=r.float_param("before_lm.keep_ratio", spec["keep_ratio"]))
+    section = spec.get("options") or {}
+    if not isinstance(section, dict):
+        raise r.fail("before_lm.options", f"must be a mapping of method name -> its options, got {section!r}")
+    options = parse_option_section(r, "before_lm.options", section, [m for m in methods if m != NO_STAGE])
+    return BeforeLMSpec(methods=tuple(methods), keep_ratio=r.float_param("before_lm.keep_ratio", spec["keep_ratio"]),
+                        options=options)
+
+
+def parse_option_section(r: Reader, key: str, section: dict[str, Any],
+                         methods: list[str]) -> dict[str, dict[str, OptionParam]]:
+    """An options section (`key`): per method of `methods`, its searched options, as a mapping of ranges or a list
+    of option names that take the method's default ranges."""
+    parsed: dict[str, dict[str, OptionParam]] = {}
+    for method, spec in section.items():
+        where = f"{key}.{method}"
+        if method not in methods:
+            raise r.fail(where, f"{method!r} is not a method of this space (methods: {', '.join(methods)})")
+        specs = method_class(method).option_specs
+        if isinstance(spec, list):
+            spec = dict.fromkeys(spec)
+        if not isinstance(spec, dict):
+            raise r.fail(where, f"must map option names to ranges, or list option names, got {spec!r}")
+        unknown = sorted(str(name) for name in set(spec) - set(specs))
+        if unknown:
+            raise r.fail(where, f"unknown option(s) {unknown}; {method} takes: {', '.join(sorted(specs)) or 'none'}")
+        parsed[method] = {name: r.option_param(f"{where}.{name}", value, specs[name]) for name, value in spec.items()}
+    return parsed
