@@ -9,13 +9,18 @@ import torch
 
 import tiny_vlms
 import tuner
-from conftest import Loader
+from conftest import Loader, bundled_methods
 from tuner.config import check_layer
+from tuner.pruning import get_method_class
+from tuner.space_params import refuses_layer_0
 
 ATTN = ("sdpa", "eager")
 NEW_TOKENS = 4
 ATOL = 1e-4
-EMBEDDING_METHODS = ("random", "pooling", "avgpool")  # methods that read only the states entering their layer
+# Every shipped method that can prune before the language model with its default options on every family
+# (visionzip reads a vision tower that only some families map; tests/test_visionzip.py covers it at K = 0).
+EMBEDDING_METHODS = tuple(m for m in bundled_methods() if m != "keep_all" and not refuses_layer_0(m)
+                          and not get_method_class(m).needs_vision_saliency)
 
 
 def config(method: str, **kwargs) -> tuner.PruningConfig:
