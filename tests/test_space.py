@@ -12,9 +12,9 @@ import optuna
 import pytest
 import yaml
 
+from conftest import bundled_methods
 from tuner.config import PruningConfig
 from tuner.method_catalog import method_class
-from tuner.pruning import available_methods
 from tuner.space import Constraints, SearchSpace, SpaceError, load_space, parse_space
 
 SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
@@ -211,7 +211,7 @@ def test_listed_option_names_take_the_method_default_range() -> None:
     assert (space.options["fastv"]["alpha"].low, space.options["fastv"]["alpha"].high) == (0.0, 1.0)
 
 
-@pytest.mark.parametrize("method", available_methods())
+@pytest.mark.parametrize("method", bundled_methods())
 def test_every_method_options_default_ranges_draw_valid_configs(method: str) -> None:
     """Each method's declared options: defaults are valid values, and every option with a default search range
     (or choices) can be searched, each draw building a valid configuration of that method."""
