@@ -63,3 +63,10 @@ def test_bad_text_is_one_line_naming_the_culprit(text, message):
 def test_the_schedule_owns_its_fields():
     with pytest.raises(ValueError, match=r"the schedule sets \['layer'\] itself"):
         parse_schedule("dart@2:0.5", layer=3)
+
+
+def test_tables_round_a_samplers_share_but_the_exact_text_reads_back():
+    config = PruningConfig(method="divprune", layer=0, keep_ratio=0.25002262102234907,
+                           stages=(Stage(3, 0.5159155971068916, method="fastv"),))
+    assert schedule_text(config, exact=False) == "divprune@0:0.25>fastv@3:0.516"
+    assert parse_schedule(schedule_text(config)) == config

@@ -132,15 +132,17 @@ class PruningConfig:
         return min(n_vision, max(1, round(self.keep_ratio * n_vision)))
 
 
-def schedule_text(config: PruningConfig) -> str:
+def schedule_text(config: PruningConfig, exact: bool = True) -> str:
     """A compact description of every stage, e.g. 'fastv@2:0.5>4:0.5>6:0.5' (a budget reads '64t').
 
-    A stage names its method only when it differs from the stage before it. `parse_schedule` reads it back.
+    A stage names its method only when it differs from the stage before it. `parse_schedule` reads it back;
+    `exact=False` rounds shares to 3 significant digits for tables (a sampler's 0.25002262102234907 reads 0.25).
     """
     parts, previous = [], None
     for stage in config.stage_configs():
-        parts.append(f"{stage.method + '@' if stage.method != previous else ''}{stage.layer}:"
-                     f"{_amount_text(stage.keep_ratio, stage.budget)}")
+        amount = _amount_text(stage.keep_ratio, stage.budget) if exact or stage.keep_ratio is None \
+            else f"{stage.keep_ratio:.3g}"
+        parts.append(f"{stage.method + '@' if stage.method != previous else ''}{stage.layer}:{amount}")
         previous = stage.method
     return ">".join(parts)
 

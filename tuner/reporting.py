@@ -48,7 +48,7 @@ def describe_trial(trial: FrozenTrial) -> str:
         return "unpruned baseline" if is_baseline(trial) else "no configuration"
     options = options_text(config)
     if config.stages:
-        return schedule_text(config) + (f" {options}" if options else "")
+        return schedule_text(config, exact=False) + (f" {options}" if options else "")
     parts = [config.method, f"K={config.layer}", *([options] if options else [])]
     if config.keep_ratio is not None:
         parts.append(f"keep {config.keep_ratio:.3g}")

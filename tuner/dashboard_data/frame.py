@@ -35,7 +35,7 @@ def _config_text(trial: FrozenTrial) -> str:
     options = ", ".join(f"{key}={value}" for key, value in data.pop("options").items() if value is not None)
     text = ", ".join(f"{key}={value}" for key, value in data.items() if value not in (None, {}, "") and key != "stages")
     return text + (f", options: {options}" if options else "") + (
-        f", schedule {schedule_text(config)}" if config.stages else "")
+        f", schedule {schedule_text(config, exact=False)}" if config.stages else "")
 
 
 def _violations(trial: FrozenTrial) -> str:

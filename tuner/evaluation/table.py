@@ -19,7 +19,7 @@ def describe(report: ConfigReport) -> str:
     options = options_text(config)
     options = f" {options}" if options else ""
     if config.stages:
-        return schedule_text(config) + options
+        return schedule_text(config, exact=False) + options
     amount = f"r={config.keep_ratio:g}" if config.keep_ratio is not None else (
         f"b={config.budget}" if config.budget is not None else "all")
     return f"{config.method} K={config.layer} {amount}{options}"
