@@ -299,6 +299,30 @@ def test_a_worker_whose_trial_was_taken_over_goes_on(saved_dirs, model_and_tasks
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
 
 
+def test_a_worker_whose_trial_another_worker_completed_goes_on(saved_dirs, model_and_tasks, tmp_path,
+                                                               monkeypatch) -> None:
+    """Under load SQLite can let two workers take the same waiting trial; the one that records second must drop
+    its measurement and go on, not crash, and the study keeps the first result."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    tuner = _tuner(saved_dirs, model_and_tasks, storage)
+    real, taken = tuner.measure, []
+
+    def measure_while_another_worker_completes(config):  # noqa: ANN001
+        outcome = real(config)
+        if config is not None and not taken:  # the other worker records the same trial first
+            other = optuna.load_study(study_name="tiny", storage=storage)
+            trial_id = tuner._running._trial_id
+            other._storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5, 1.0])
+            taken.append(tuner._running.number)
+        return outcome
+
+    monkeypatch.setattr(tuner, "measure", measure_while_another_worker_completes)
+    study = tuner.run(3)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[taken[0]].state == TrialState.COMPLETE and by_number[taken[0]].values == [0.5, 1.0]
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+
+
 def _two_workers(space: Path, storage: str, study: str, trials: int) -> optuna.Study:
     workers = [_worker(space, storage, "--study", study, "--trials", str(trials)) for _ in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]

@@ -339,10 +339,10 @@ class Tuner:
                 with _sigint_ignored():
                     self.requeued = self._requeue_interrupted()
                 raise
-            except Exception:
-                if not self._taken_over():
+            except Exception as error:
+                if not (self._taken_over() or self._completed_by_another_worker(error)):
                     raise
-                continue  # Optuna could not record a trial that another worker already failed and queued again
+                continue  # Optuna could not record a trial that another worker already recorded
             break
         if guard.reason is not None:
             raise TuningStopped(f"study {self.study_name!r} stopped: {guard.reason}. Fix the cause and run the same "
@@ -368,6 +368,16 @@ class Tuner:
             return False
         logger.warning("trial %d was failed by another worker while this one could not reach the storage; its "
                        "measurement is dropped and the retry queued for it will measure it again", trial.number)
+        return True
+
+    def _completed_by_another_worker(self, error: Exception) -> bool:
+        """Whether Optuna refused to record this worker's trial because another worker had already completed the
+        same trial: under load, SQLite can let two workers take one waiting trial. The stored result measured the
+        same configuration, so this worker drops its own and goes on."""
+        if not (isinstance(error, ValueError) and str(error).startswith("Cannot tell a COMPLETE trial")):
+            return False
+        logger.warning("a trial this worker ran was completed by another worker that took it too; this worker's "
+                       "measurement is dropped")
         return True
 
     def _requeue_interrupted(self) -> int | None:
