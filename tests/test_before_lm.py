@@ -33,22 +33,12 @@ def greedy(model, inputs):
     return tiny_vlms.greedy(model, inputs, NEW_TOKENS)
 
 
-def vision_mask(model, inputs) -> torch.Tensor:
-    ids = [model.config.image_token_id] + ([model.config.video_token_id]
-                                           if getattr(model.config, "video_token_id", None) is not None else [])
-    return torch.isin(inputs["input_ids"], torch.tensor(ids)) & inputs["attention_mask"].bool()
-
-
-def kept_vision(handle, vision: torch.Tensor, row: int) -> torch.Tensor:
-    kept = handle.last_kept[row]
-    return kept[vision[row, kept]]
-
-
 def fixed_config(model, inputs) -> tuner.PruningConfig:
     """K = 0, keeping the vision tokens `random` keeps at 30%: the same set on every call (prompt + tokens)."""
     with tuner.apply_pruning(model, config("random")) as handle, torch.no_grad():
         model(**inputs)
-    return config("test_fixed", options={"positions": [kept_vision(handle, vision_mask(model, inputs), 0).tolist()]})
+    kept = tiny_vlms.kept_vision(handle, tiny_vlms.vision_mask(model, inputs), 0)
+    return config("test_fixed", options={"positions": [kept.tolist()]})
 
 
 @pytest.mark.parametrize("attn", ATTN)
@@ -128,18 +118,7 @@ def test_k0_plain_decode_calls_continue_at_the_original_length(family, loaded: L
 def test_k0_left_padded_batch_equals_rows_alone(family, attn, method, loaded: Loader):
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
-    vision = vision_mask(model, inputs)
-    with tuner.apply_pruning(model, config(method)) as handle:
-        batch_tokens, batch_logits, _ = greedy(model, inputs)
-    for row in range(2):
-        alone = tiny_vlms.row_inputs(family, inputs, row)
-        with tuner.apply_pruning(model, config(method)) as row_handle:
-            tokens, logits, _ = greedy(model, alone)
-        padding = int((inputs["attention_mask"][row] == 0).sum())
-        assert torch.equal(kept_vision(handle, vision, row) - padding,
-                           kept_vision(row_handle, vision_mask(model, alone), 0))
-        assert torch.equal(tokens[0], batch_tokens[row])
-        torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=ATOL)
+    tiny_vlms.assert_batch_equals_rows_alone(model, family, inputs, config(method), NEW_TOKENS, ATOL)
 
 
 @pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
@@ -186,7 +165,7 @@ def test_stacked_k0_and_in_lm_stages_keep_exact_counts_at_original_positions(fam
     """random keeps half at K = 0, then DART keeps a quarter of those at K = 2: counts and positions compose."""
     model, processor = loaded(family, "sdpa")
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
-    vision = vision_mask(model, inputs)
+    vision = tiny_vlms.vision_mask(model, inputs)
     cfg = tuner.config.stack(config("random", keep_ratio=0.5),
                              tuner.PruningConfig(method="dart", layer=2, keep_ratio=0.25))
     with tuner.apply_pruning(model, cfg) as handle, torch.no_grad():

@@ -193,15 +193,6 @@ def config(layer: int, **kwargs) -> tuner.PruningConfig:
     return tuner.PruningConfig(method="cdpruner", layer=layer, **kwargs)
 
 
-def vision_mask(model, inputs) -> torch.Tensor:
-    return (inputs["input_ids"] == model.config.image_token_id) & inputs["attention_mask"].bool()
-
-
-def kept_vision(handle, vision: torch.Tensor, row: int) -> torch.Tensor:
-    kept = handle.last_kept[row]
-    return kept[vision[row, kept]]
-
-
 @pytest.mark.parametrize("layer", LAYERS)
 def test_keep_ratio_one_equals_the_unhooked_model(layer, loaded: Loader):
     model, processor = loaded("llava", "sdpa")
@@ -219,14 +210,14 @@ def test_hooked_selection_is_the_restated_dpp_on_the_states_entering_layer_k(lay
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor)
     _, hidden = tiny_vlms.unhooked_forward(model, inputs, layer=layer)
-    vision = vision_mask(model, inputs)
+    vision = tiny_vlms.vision_mask(model, inputs)
     positions = vision[0].nonzero().squeeze(1)
     instruction = hidden[0, int(positions[-1]) + 1:]
     budget = config(layer).budget_for(positions.numel())
     order = brute_force_greedy(restated_kernel(hidden[0, positions], instruction), budget)
     with tuner.apply_pruning(model, config(layer)) as handle, torch.no_grad():
         model(**inputs)
-    assert kept_vision(handle, vision, 0).tolist() == sorted(positions[order].tolist())
+    assert tiny_vlms.kept_vision(handle, vision, 0).tolist() == sorted(positions[order].tolist())
     assert handle.requests[0].n_kept_vision == [budget]
 
 
@@ -234,18 +225,7 @@ def test_hooked_selection_is_the_restated_dpp_on_the_states_entering_layer_k(lay
 def test_left_padded_batch_equals_rows_alone(layer, loaded: Loader):
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
-    vision = vision_mask(model, inputs)
-    with tuner.apply_pruning(model, config(layer)) as handle:
-        batch_tokens, batch_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
-    for row in range(2):
-        alone = tiny_vlms.row_inputs("llava", inputs, row)
-        with tuner.apply_pruning(model, config(layer)) as row_handle:
-            tokens, logits, _ = tiny_vlms.greedy(model, alone, NEW_TOKENS)
-        padding = int((inputs["attention_mask"][row] == 0).sum())
-        assert torch.equal(kept_vision(handle, vision, row) - padding,
-                           kept_vision(row_handle, vision_mask(model, alone), 0))
-        assert torch.equal(tokens[0], batch_tokens[row])
-        torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=ATOL)
+    tiny_vlms.assert_batch_equals_rows_alone(model, "llava", inputs, config(layer), NEW_TOKENS, ATOL)
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -254,10 +234,10 @@ def test_cached_decode_equals_no_cache_recompute(layer, loaded: Loader):
     choose another set: the recomputation keeps the set the cached generate chose (`test_fixed`)."""
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor)
-    vision = vision_mask(model, inputs)
+    vision = tiny_vlms.vision_mask(model, inputs)
     with tuner.apply_pruning(model, config(layer)) as handle:
         tokens, cached_logits, _ = tiny_vlms.greedy(model, inputs, NEW_TOKENS)
-    chosen = kept_vision(handle, vision, 0)
+    chosen = tiny_vlms.kept_vision(handle, vision, 0)
     assert 0 < chosen.numel() < int(vision.sum())
     fixed = tuner.PruningConfig(method="test_fixed", layer=layer, options={"positions": [chosen.tolist()]})
     with tuner.apply_pruning(model, fixed):

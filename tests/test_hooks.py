@@ -34,17 +34,6 @@ def greedy(model, inputs):
     return tiny_vlms.greedy(model, inputs, NEW_TOKENS)
 
 
-def vision_mask(model, inputs) -> torch.Tensor:
-    ids = [model.config.image_token_id] + ([model.config.video_token_id]
-                                           if getattr(model.config, "video_token_id", None) is not None else [])
-    return torch.isin(inputs["input_ids"], torch.tensor(ids)) & inputs["attention_mask"].bool()
-
-
-def kept_vision(handle, vision: torch.Tensor, row: int) -> torch.Tensor:
-    kept = handle.last_kept[row]
-    return kept[vision[row, kept]]
-
-
 @pytest.mark.parametrize("batch", (1, 2))
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", tiny_vlms.FAMILIES)
@@ -114,10 +103,10 @@ def test_pruned_prefill_equals_manual_recomputation(family, attn, loaded: Loader
 def test_cached_decode_equals_no_cache_recompute(family, attn, loaded: Loader):
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor)
-    vision = vision_mask(model, inputs)
+    vision = tiny_vlms.vision_mask(model, inputs)
     with tuner.apply_pruning(model, config("dart")) as handle, torch.no_grad():
         model(**inputs)
-    fixed = config("test_fixed", options={"positions": [kept_vision(handle, vision, 0).tolist()]})
+    fixed = config("test_fixed", options={"positions": [tiny_vlms.kept_vision(handle, vision, 0).tolist()]})
     with tuner.apply_pruning(model, fixed) as handle:
         tokens, cached_logits, _ = greedy(model, inputs)
         tiny_vlms.assert_cached_decode_equals_recompute(model, inputs, tokens, cached_logits, ATOL)
@@ -134,20 +123,9 @@ _PADDING_CASES = [(method, attn) for method in PRUNING_METHODS for attn in ATTN
 def test_left_padded_batch_equals_rows_alone(family, attn, method, loaded: Loader):
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
-    vision = vision_mask(model, inputs)
-    with tuner.apply_pruning(model, config(method)) as handle:
-        batch_tokens, batch_logits, _ = greedy(model, inputs)
+    handle, _ = tiny_vlms.assert_batch_equals_rows_alone(model, family, inputs, config(method), NEW_TOKENS, ATOL)
     stats = handle.requests[0]
     assert stats.n_kept[0] != stats.n_kept[1]  # rows keep different counts: the short one is re-padded
-    for row in range(2):
-        alone = tiny_vlms.row_inputs(family, inputs, row)
-        with tuner.apply_pruning(model, config(method)) as row_handle:
-            tokens, logits, _ = greedy(model, alone)
-        padding = int((inputs["attention_mask"][row] == 0).sum())
-        assert torch.equal(kept_vision(handle, vision, row) - padding, kept_vision(
-            row_handle, vision_mask(model, alone), 0))
-        assert torch.equal(tokens[0], batch_tokens[row])
-        torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("attn", ATTN)
@@ -158,7 +136,7 @@ def test_plain_forward_left_padded_batch_equals_rows_alone(family, attn, method,
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
     assert not bool(inputs["attention_mask"].all())  # row 1 is left-padded
-    vision = vision_mask(model, inputs)
+    vision = tiny_vlms.vision_mask(model, inputs)
     with tuner.apply_pruning(model, config(method)) as handle, torch.no_grad():
         batch_logits = model(**inputs).logits[:, -1]
     for row in range(2):
@@ -166,8 +144,8 @@ def test_plain_forward_left_padded_batch_equals_rows_alone(family, attn, method,
         with tuner.apply_pruning(model, config(method)) as row_handle, torch.no_grad():
             row_logits = model(**alone).logits[:, -1]
         padding = int((inputs["attention_mask"][row] == 0).sum())
-        assert torch.equal(kept_vision(handle, vision, row) - padding,
-                           kept_vision(row_handle, vision_mask(model, alone), 0))
+        assert torch.equal(tiny_vlms.kept_vision(handle, vision, row) - padding,
+                           tiny_vlms.kept_vision(row_handle, tiny_vlms.vision_mask(model, alone), 0))
         torch.testing.assert_close(row_logits[0], batch_logits[row], rtol=0, atol=ATOL)
 
 
@@ -208,7 +186,7 @@ def test_dart_select_on_unhooked_states_equals_hooked_selection(family, attn, lo
     if adapter_for(model).positions_ignore_padding:  # the hooks number each row from its first real token
         reference_inputs["position_ids"] = positions_from_mask(inputs["attention_mask"], inputs["input_ids"].shape[1])
     hidden, keys = _reference_states(model, reference_inputs)
-    vision = vision_mask(model, inputs)
+    vision = tiny_vlms.vision_mask(model, inputs)
     cfg = config("dart")
     with torch.no_grad():
         expected = dart_select(model.get_decoder().norm(hidden), keys, vision,
@@ -217,7 +195,7 @@ def test_dart_select_on_unhooked_states_equals_hooked_selection(family, attn, lo
     with tuner.apply_pruning(model, cfg) as handle, torch.no_grad():
         model(**inputs)
     for row in range(2):
-        assert torch.equal(kept_vision(handle, vision, row), expected[row])
+        assert torch.equal(tiny_vlms.kept_vision(handle, vision, row), expected[row])
 
 
 @pytest.mark.parametrize("family", tiny_vlms.FAMILIES)

@@ -40,15 +40,6 @@ def greedy(model, inputs):
     return tiny_vlms.greedy(model, inputs, NEW_TOKENS)
 
 
-def vision_mask(model, inputs) -> torch.Tensor:
-    return (inputs["input_ids"] == model.config.image_token_id) & inputs["attention_mask"].bool()
-
-
-def kept_vision(handle, vision: torch.Tensor, row: int) -> torch.Tensor:
-    kept = handle.last_kept[row]
-    return kept[vision[row, kept]]
-
-
 def image_inputs(inputs) -> dict:
     """The keyword arguments of the inner model's `get_image_features` in a processor output."""
     return {key: inputs[key] for key in ("pixel_values", "image_grid_thw") if key in inputs}
@@ -96,7 +87,7 @@ def eager_reference(family: str, inputs, loaded: Loader, monkeypatch) -> tuple[t
         distance, order = torch.cdist(torch.cat(pooled), merged).min(1)
         assert float(distance.max()) < 1e-2 and order.unique().numel() == order.numel()  # cdist rounds
         saliency, keys = saliency[order], keys[order]
-    vision = vision_mask(model, inputs)
+    vision = tiny_vlms.vision_mask(model, inputs)
     out_saliency = torch.zeros(vision.shape)
     out_keys = torch.zeros(*vision.shape, keys.shape[-1])
     out_saliency[vision], out_keys[vision] = saliency, keys
@@ -127,7 +118,7 @@ def test_captured_vision_attention_under_sdpa_equals_eager_weights(family, chunk
         capture.remove()
     assert torch.equal(captured, plain)  # recording changes nothing
     assert elapsed_ms > 0
-    saliency, keys = spec.vision_saliency(model.config, run, inputs["input_ids"], vision_mask(model, inputs))
+    saliency, keys = spec.vision_saliency(model.config, run, inputs["input_ids"], tiny_vlms.vision_mask(model, inputs))
     ref_saliency, ref_keys = eager_reference(family, inputs, loaded, monkeypatch)
     torch.testing.assert_close(saliency, ref_saliency, rtol=0, atol=1e-6)
     torch.testing.assert_close(keys, ref_keys, rtol=0, atol=1e-5)
@@ -196,14 +187,14 @@ def test_merged_states_and_positions_through_the_model_at_k0(family, loaded: Loa
     inputs = tiny_vlms.make_inputs(family, processor)
     text_kwargs, embeddings = tiny_vlms.unhooked_forward(model, inputs, layer=0)
     saliency, keys = eager_reference(family, inputs, loaded, monkeypatch)
-    vision = vision_mask(model, inputs)[0].nonzero().squeeze(1)
+    vision = tiny_vlms.vision_mask(model, inputs)[0].nonzero().squeeze(1)
     budget = 16
     local, states, merged = visionzip_select(saliency[0, vision], keys[0, vision], embeddings[0, vision], 13, 3)
     assert merged
     with tuner.apply_pruning(model, config(budget=budget)) as handle, torch.no_grad():
         pruned = model(**inputs).logits
     kept = handle.last_kept[0]
-    assert torch.equal(kept_vision(handle, vision_mask(model, inputs), 0), vision[local])
+    assert torch.equal(tiny_vlms.kept_vision(handle, tiny_vlms.vision_mask(model, inputs), 0), vision[local])
     hidden = embeddings.clone()
     hidden[0, vision[local]] = states
     text_model = model.get_decoder()
@@ -289,21 +280,11 @@ def test_keep_ratio_one_equals_the_unhooked_model(family, attn, layer, loaded: L
 def test_left_padded_batch_equals_rows_alone(family, attn, layer, loaded: Loader):
     model, processor = loaded(family, attn)
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
-    vision = vision_mask(model, inputs)
     _, ref_logits, _ = greedy(model, inputs)
-    with tuner.apply_pruning(model, config(layer)) as handle:
-        batch_tokens, batch_logits, _ = greedy(model, inputs)
+    handle, batch_logits = tiny_vlms.assert_batch_equals_rows_alone(model, family, inputs, config(layer), NEW_TOKENS,
+                                                                    ATOL)
     assert (batch_logits[:, 0] - ref_logits[:, 0]).abs().max() > 1e-3  # it prunes
     assert len(handle.requests) == 1
-    for row in range(2):
-        alone = tiny_vlms.row_inputs(family, inputs, row)
-        with tuner.apply_pruning(model, config(layer)) as row_handle:
-            tokens, logits, _ = greedy(model, alone)
-        padding = int((inputs["attention_mask"][row] == 0).sum())
-        assert torch.equal(kept_vision(handle, vision, row) - padding,
-                           kept_vision(row_handle, vision_mask(model, alone), 0))
-        assert torch.equal(tokens[0], batch_tokens[row])
-        torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("layer", (0, 1))
@@ -331,14 +312,15 @@ def test_beam_search_keeps_each_prompts_own_tokens_in_all_its_beams(family, load
     """generate() runs the tower once per prompt, then repeats each row per beam: every beam keeps its prompt's set."""
     model, processor = loaded(family, "sdpa")
     inputs = tiny_vlms.make_inputs(family, processor, batch=2)
-    vision = vision_mask(model, inputs)
+    vision = tiny_vlms.vision_mask(model, inputs)
     with tuner.apply_pruning(model, config()) as handle, torch.no_grad():
         model(**inputs)
     with tuner.apply_pruning(model, config()) as beams, torch.no_grad():
         model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
     beam_vision = vision.repeat_interleave(2, dim=0)
     for row in range(4):
-        assert torch.equal(kept_vision(beams, beam_vision, row), kept_vision(handle, vision, row // 2))
+        assert torch.equal(tiny_vlms.kept_vision(beams, beam_vision, row),
+                           tiny_vlms.kept_vision(handle, vision, row // 2))
 
 
 @pytest.mark.parametrize("family", SUPPORTED)

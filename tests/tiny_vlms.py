@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from tuner.models.families import Family, PrunedPrefill, adapter_for, family_names, get_family, tiny
-from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
+from tuner.pruning import PruningMethod, Selection, SelectionContext, apply_pruning, register_method
 from tuner.transformers_compat import cache_from_output
 
 # Test models by name: every registered family (its `Family.tiny` model), plus variants below.
@@ -185,6 +185,39 @@ def greedy(model: PreTrainedModel, inputs: dict, new_tokens: int) -> tuple[torch
         out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1), cache_from_output(out)
+
+
+def vision_mask(model: PreTrainedModel, inputs: dict) -> torch.Tensor:
+    """[B, N] True on the prompt's image (and video) tokens, padding excluded."""
+    ids = [model.config.image_token_id] + ([model.config.video_token_id]
+                                           if getattr(model.config, "video_token_id", None) is not None else [])
+    return torch.isin(inputs["input_ids"], torch.tensor(ids)) & inputs["attention_mask"].bool()
+
+
+def kept_vision(handle: Any, vision: torch.Tensor, row: int) -> torch.Tensor:
+    """The vision positions the last stage of `handle`'s last prefill kept in batch row `row`."""
+    kept = handle.last_kept[row]
+    return kept[vision[row, kept]]
+
+
+def assert_batch_equals_rows_alone(model: PreTrainedModel, family: str, inputs: dict, config: Any, new_tokens: int,
+                                   atol: float) -> tuple[Any, torch.Tensor]:
+    """Greedy generation on the left-padded batch `inputs` under `config` equals each row generated alone: the
+    same kept vision tokens (shifted by the row's padding), tokens and logits. Returns the batch's handle and
+    logits, for a test's further checks."""
+    vision = vision_mask(model, inputs)
+    with apply_pruning(model, config) as handle:
+        batch_tokens, batch_logits, _ = greedy(model, inputs, new_tokens)
+    for row in range(inputs["input_ids"].shape[0]):
+        alone = row_inputs(family, inputs, row)
+        with apply_pruning(model, config) as row_handle:
+            tokens, logits, _ = greedy(model, alone, new_tokens)
+        padding = int((inputs["attention_mask"][row] == 0).sum())
+        assert torch.equal(kept_vision(handle, vision, row) - padding,
+                           kept_vision(row_handle, vision_mask(model, alone), 0))
+        assert torch.equal(tokens[0], batch_tokens[row])
+        torch.testing.assert_close(logits[0], batch_logits[row], rtol=0, atol=atol)
+    return handle, batch_logits
 
 
 @register_method("test_fixed")
