@@ -117,7 +117,7 @@ class PruningMethod:
 
     def __init__(self, config: PruningConfig) -> None:
         self.config = config
-        self.options = {**self.option_defaults, **config.options}
+        self.options = dict(config.options)  # checked, every default filled in (`resolve_options`)
 
     @classmethod
     def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:

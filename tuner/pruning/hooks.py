@@ -158,11 +158,10 @@ class PruningHandle:
         return method
 
     def _capture_at(self, layer: int, method: PruningMethod) -> AttentionCapture | None:
-        """A capture on layer `layer`'s attention when the method needs keys or attention, else None (sdpa stays)."""
-        if not (method.needs_keys or method.needs_last_row_attention or method.needs_attention_rows):
+        """A capture on layer `layer`'s attention when the method reads layer K-1 (`reads_previous_layer`, which
+        `PruningConfig` refuses at K = 0), else None (sdpa stays)."""
+        if not method.reads_previous_layer(method.config):
             return None
-        if layer < 0:
-            raise ValueError(f"method {method.name!r} reads layer K-1's keys or attention, which do not exist at K=0")
         return AttentionCapture(self.adapter.layers[layer].self_attn, keys=method.needs_keys,
                                 last_row_attention=method.needs_last_row_attention,
                                 query_rows=method.needs_attention_rows)
