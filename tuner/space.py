@@ -38,10 +38,12 @@ from tuner.space_params import (
     Reader,
     ScheduleSpec,
     SpaceError,
+    options_grid,
     parse_before_lm,
     parse_option_section,
     parse_schedule,
     refuses_layer_0,
+    suggest_options,
 )
 from tuner.yaml_files import read_yaml
 
@@ -144,11 +146,7 @@ class SearchSpace:
                 amount["keep_ratio"] = self.keep_ratio.suggest(trial, "keep_ratio")
             else:
                 amount["budget"] = self.budget.suggest(trial, "budget")
-        options: dict[str, Any] = {}
-        for owner, params in self.options.items():
-            if owner == method or grid:
-                drawn = {name: param.suggest(trial, param_name(owner, name)) for name, param in params.items()}
-                options = drawn if owner == method else options
+        options = suggest_options(trial, self.options, method, grid)
         return PruningConfig(method=method, layer=layer, **amount, options=options)
 
     def grid(self) -> dict[str, list]:
@@ -157,12 +155,7 @@ class SearchSpace:
             grid = {"method": [PDROP], **self.schedule.grid(self.source)}
             return grid | (self.before_lm.grid(self.source) if self.before_lm is not None else {})
         grid: dict[str, list] = {"method": list(self.methods), "layer": self.layer.choices()}
-        for owner, params in self.options.items():
-            for name, param in params.items():
-                if param.choices() is None:
-                    raise SpaceError(f"{self.source}: options.{owner}.{name}: the grid sampler needs a list of "
-                                     f"values, not a float range")
-                grid[param_name(owner, name)] = param.choices()
+        grid.update(options_grid(self.options, f"{self.source}: options"))
         if self.keep_ratio is not None:
             if self.keep_ratio.values is None:
                 raise SpaceError(f"{self.source}: keep_ratio: the grid sampler needs a list of values, "

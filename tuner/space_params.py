@@ -150,12 +150,7 @@ class BeforeLMSpec:
         if method == NO_STAGE and not grid:
             return config
         ratio = self.keep_ratio.suggest(trial, "before_lm_keep_ratio")
-        options: dict[str, Any] = {}
-        for owner, params in self.options.items():
-            if owner == method or grid:
-                drawn = {name: param.suggest(trial, BEFORE_LM_PREFIX + param_name(owner, name))
-                         for name, param in params.items()}
-                options = drawn if owner == method else options
+        options = suggest_options(trial, self.options, method, grid, prefix=BEFORE_LM_PREFIX)
         if method == NO_STAGE:
             return config
         return stack(PruningConfig(method=method, layer=0, keep_ratio=ratio, options=options), config)
@@ -163,14 +158,31 @@ class BeforeLMSpec:
     def grid(self, source: str | None) -> dict[str, list]:
         if self.keep_ratio.values is None:
             raise SpaceError(f"{source}: before_lm.keep_ratio: the grid sampler needs a list of values, not a range")
-        grid = {"before_lm_method": list(self.methods), "before_lm_keep_ratio": list(self.keep_ratio.values)}
-        for owner, params in self.options.items():
-            for name, param in params.items():
-                if param.choices() is None:
-                    raise SpaceError(f"{source}: before_lm.options.{owner}.{name}: the grid sampler needs a list of "
-                                     "values, not a float range")
-                grid[BEFORE_LM_PREFIX + param_name(owner, name)] = param.choices()
-        return grid
+        return {"before_lm_method": list(self.methods), "before_lm_keep_ratio": list(self.keep_ratio.values),
+                **options_grid(self.options, f"{source}: before_lm.options", prefix=BEFORE_LM_PREFIX)}
+
+
+def suggest_options(trial: Any, options: dict[str, dict[str, OptionParam]], method: str, grid: bool,
+                    prefix: str = "") -> dict[str, Any]:
+    """The searched options of `method` for one trial (parameters `<prefix><method>.<option>`); under the grid
+    sampler every method's options are drawn, as it needs every parameter in every trial."""
+    chosen: dict[str, Any] = {}
+    for owner, params in options.items():
+        if owner == method or grid:
+            drawn = {name: param.suggest(trial, prefix + param_name(owner, name)) for name, param in params.items()}
+            chosen = drawn if owner == method else chosen
+    return chosen
+
+
+def options_grid(options: dict[str, dict[str, OptionParam]], where: str, prefix: str = "") -> dict[str, list]:
+    """Every searched option's values for Optuna's GridSampler; a float range is a SpaceError naming it."""
+    grid = {}
+    for owner, params in options.items():
+        for name, param in params.items():
+            if param.choices() is None:
+                raise SpaceError(f"{where}.{owner}.{name}: the grid sampler needs a list of values, not a float range")
+            grid[prefix + param_name(owner, name)] = param.choices()
+    return grid
 
 
 def refuses_layer_0(method: str) -> bool:
