@@ -1,6 +1,6 @@
 """Small stored studies for the dashboard tests, written through Optuna's public API with the study and trial
-attributes `tuner.study.Tuner` stores (a real tuning run on a random tiny model gives every trial accuracy 0, which
-cannot show a recommendation moving).
+attributes `tuner.search.study.Tuner` stores (a real tuning run on a random tiny model gives every trial accuracy 0,
+which cannot show a recommendation moving).
 
 Study "dash": baseline 0.80 at 100 ms (64 vision tokens), constraint accuracy >= 90% of the baseline (0.72).
 `legacy=True` writes it as dart-tuner did before methods owned their options: schema-1 configuration attributes
@@ -16,8 +16,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from tuner.config import PruningConfig
-from tuner.config_schema import config_attrs
-from tuner.provenance import environment
+from tuner.config.environment import environment
+from tuner.config.schema import config_attrs
 
 METHODS = ("dart", "random", "pooling", "fastv")
 VISION = 64
@@ -44,7 +44,7 @@ FLOOR = 0.9 * BASELINE[0]
 
 
 def provenance(task: str = "dart_shapes", device: str = "cpu") -> dict[str, Any]:
-    """Study provenance in the shape `tuner.study_provenance.provenance_of` stores."""
+    """Study provenance in the shape `tuner.search.provenance.provenance_of` stores."""
     return {"model_id": "embedded:tiny-llava-shapes", "revision": None, "family": "llava", "dtype": "float32",
             "device": device, "attn_implementation": "sdpa",
             "tasks": [{"name": task, "primary_metric": "exact_match", "size": 60, "total": 600, "seed": 0,

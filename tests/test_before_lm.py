@@ -12,7 +12,7 @@ import tuner
 from conftest import Loader, bundled_methods
 from tuner.config import check_layer
 from tuner.pruning import get_method_class
-from tuner.space_params import refuses_layer_0
+from tuner.search.params import refuses_layer_0
 
 ATTN = ("sdpa", "eager")
 NEW_TOKENS = 4
@@ -151,7 +151,8 @@ def test_a_later_stage_after_k0_may_read_attention():
 def test_stack_puts_a_k0_stage_under_a_schedule_without_letting_it_inherit():
     after = tuner.PruningConfig(method="fastv", layer=2, keep_ratio=0.5, options={"alpha": 0.5},
                                 stages=[{"layer": 3, "keep_ratio": 0.5}])
-    stacked = tuner.config.stack(tuner.PruningConfig(method="random", layer=0, keep_ratio=0.5, seed=3), after)
+    stacked = tuner.config.stack(tuner.PruningConfig(method="random", layer=0, keep_ratio=0.5, seed=3),
+                                 after)
     assert tuner.config.schedule_text(stacked) == "random@0:0.5>fastv@2:0.5>3:0.5"
     assert [c.method for c in stacked.stage_configs()] == ["random", "fastv", "fastv"]
     assert stacked.stage_config(2).options == {"alpha": 0.5}

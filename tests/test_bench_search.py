@@ -3,10 +3,10 @@
 import pytest
 from typer.testing import CliRunner
 
-from tuner.bench_search import Curve, grid_hypervolume, hypervolume_2d
+from tuner.bench.search import Curve, grid_hypervolume, hypervolume_2d
 from tuner.cli import app
-from tuner.search_replay import Measured, MeasuredGrid, ReplayError, config_key, grid_configs, replay
-from tuner.space import parse_space
+from tuner.search.replay import Measured, MeasuredGrid, ReplayError, config_key, grid_configs, replay
+from tuner.search.space import parse_space
 
 REF = (0.5, 20.0)  # (accuracy floor, prefill ms of the baseline)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from tuner.cost import TextDims, kv_cache_bytes, layer_flops, prefill_flops, tokens_per_layer
+from tuner.models.cost import TextDims, kv_cache_bytes, layer_flops, prefill_flops, tokens_per_layer
 
 # hidden 8, intermediate 16, 4 layers, 2 query heads and 1 KV head of dim 4, vocab 10
 DIMS = TextDims.from_config(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=4,
@@ -78,7 +78,7 @@ def test_sliding_window_layers_count_the_key_pairs_transformers_masks_allow():
     and only the layers the config marks as sliding get the window."""
     from transformers import Qwen2Config
 
-    from tuner.transformers_compat import build_mask
+    from tuner.models.compat import build_mask
 
     config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=10, use_sliding_window=True, sliding_window=4,
@@ -99,7 +99,7 @@ def test_sliding_window_layers_hold_what_transformers_sliding_cache_keeps():
     """After a prefill, a sliding layer's cache holds its last W - 1 tokens: read off a real DynamicCache."""
     from transformers import DynamicCache, Qwen2Config, Qwen2Model
 
-    from tuner.transformers_compat import CACHE_KWARG, cache_from_output
+    from tuner.models.compat import CACHE_KWARG, cache_from_output
 
     config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=10, use_sliding_window=True, sliding_window=4,

@@ -827,8 +827,8 @@ def test_key_metrics_still_need_keys_and_bad_metrics_list_the_hidden_ones():
 def test_hooked_hidden_metric_captures_nothing_and_selects_on_the_states_entering_layer_k(loaded):
     import tiny_vlms
     import tuner
+    from tuner.models.compat import positions_from_mask
     from tuner.models.families import adapter_for
-    from tuner.transformers_compat import positions_from_mask
 
     layer = 2
     model, processor = loaded("llava", "sdpa")

@@ -20,14 +20,14 @@ from typer.testing import CliRunner
 
 from tuner import load_preset
 from tuner.cli import app, dashboard_app_path
-from tuner.config_schema import config_attrs
+from tuner.config.schema import config_attrs
 from tuner.evaluation.runner import EvalResult
-from tuner.export import Rule, choose_trial
-from tuner.latency import Timing, speedup_spread
-from tuner.reporting import noise_warning
+from tuner.measure.latency import Timing, speedup_spread
 from tuner.results import config_of
-from tuner.storage import open_for_reading
-from tuner.study import Tuner
+from tuner.results.export import Rule, choose_trial
+from tuner.results.storage import open_for_reading
+from tuner.results.tables import noise_warning
+from tuner.search.study import Tuner
 
 pytest.importorskip("streamlit")
 pytest.importorskip("plotly")
@@ -35,9 +35,9 @@ pytest.importorskip("plotly")
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from tuner import dashboard_data as dd  # noqa: E402
+from tuner import dashboard as dd  # noqa: E402
 
-APP = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+APP = Path(__file__).resolve().parent.parent / "tuner" / "dashboard" / "app.py"
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 
 from tuner import PruningConfig
-from tuner.early_stop import Progress, best_reachable_accuracy, progress_of, stop_reason
 from tuner.evaluation.runner import Evaluator, SampleResult
-from tuner.export import NoTrialQualifies, Rule, candidates, choose_trial
+from tuner.measure.early_stop import Progress, best_reachable_accuracy, progress_of, stop_reason
 from tuner.results import pareto_trials
+from tuner.results.export import NoTrialQualifies, Rule, candidates, choose_trial
 
 # 20 documents in chunks of 5, floor 0.6 (12 right needed). After chunk 1: 1 right, best (1 + 15) / 20 = 0.8.
 # After chunk 2: 2 right, best (2 + 10) / 20 = 0.6, exactly the floor: still feasible, so not stopped.
@@ -113,8 +113,8 @@ def test_a_stopped_trial_is_never_chosen_by_export() -> None:
 def test_the_dashboard_says_why_a_trial_stopped() -> None:
     """The hover gives the reason, and no interval next to the bound it reports (that interval is of its partial
     scores)."""
-    from tuner.dashboard_data import trial_frame
-    from tuner.evidence import interval
+    from tuner.dashboard import trial_frame
+    from tuner.results.evidence import interval
 
     study = _study()
     hover = trial_frame(study).set_index("number").loc[2, "hover"]

@@ -7,19 +7,19 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-import tuner.reporting
+import tuner.results.tables
 from tuner.cli import app
+from tuner.config.preset import PresetError
 from tuner.errors import DartTunerError
 from tuner.evaluation.lmms_compat import LmmsEvalUnavailable
 from tuner.evaluation.tasks import TaskNotFoundError
-from tuner.export import NoTrialQualifies
 from tuner.models.loading import ModelLoadError
-from tuner.presets import PresetError
 from tuner.results import StudyNotFound
-from tuner.space import SpaceError
-from tuner.storage import StorageError
-from tuner.study import TuningStopped
-from tuner.study_provenance import ProvenanceMismatch
+from tuner.results.export import NoTrialQualifies
+from tuner.results.storage import StorageError
+from tuner.search.provenance import ProvenanceMismatch
+from tuner.search.space import SpaceError
+from tuner.search.study import TuningStopped
 
 
 @pytest.mark.parametrize("error", [SpaceError, PresetError, ModelLoadError, StorageError, NoTrialQualifies,
@@ -37,6 +37,6 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch) -> None:
     def broken(storage):  # noqa: ANN001
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(tuner.reporting, "studies_table", broken)
+    monkeypatch.setattr(tuner.results.tables, "studies_table", broken)
     result = CliRunner().invoke(app, ["studies", "--storage", f"sqlite:///{path}"])
     assert isinstance(result.exception, ZeroDivisionError)

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from tuner.cli import app
 from tuner.config import PruningConfig
+from tuner.config.preset import Preset, PresetError, load_preset, save_preset
 from tuner.evaluation.lmms_compat import import_lmms_eval
 from tuner.evaluation.lmms_model import DartTunerLMM, GenerationFailure
 from tuner.evaluation.runner import Evaluator
@@ -26,7 +27,6 @@ from tuner.evaluation.tasks import TaskNotFoundError, load_tasks
 from tuner.models import load_model
 from tuner.models.families import supported_model_types
 from tuner.models.loading import ModelLoadError
-from tuner.presets import Preset, PresetError, load_preset, save_preset
 from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 
 simple_evaluate = import_lmms_eval("evaluator").evaluator.simple_evaluate
@@ -281,8 +281,8 @@ def test_a_schedule_is_counted_per_stage(models, prepared):
     """Each stage's kept count reaches the samples and the stats, and FLOPs / KV bytes count layers [K_i, K_i+1)
     at what stage i kept."""
     from tuner.config import Stage
-    from tuner.cost import kv_cache_bytes, prefill_flops
-    from tuner.evaluation.compare import latency_inputs, measure_latency, vision_counts
+    from tuner.measure.compare import latency_inputs, measure_latency, vision_counts
+    from tuner.models.cost import kv_cache_bytes, prefill_flops
 
     schedule = PruningConfig(method="random", layer=1, keep_ratio=0.5, stages=[Stage(2, 0.5)])
     loaded = models["llava"]
@@ -519,7 +519,7 @@ SLEEP_S = 0.03
 def test_selection_time_is_measured_per_prefill_and_summed_over_stages(models, prepared):
     """The hooks time each stage's selection; eval's latency run reports the median next to the prefill."""
     from tuner.config import Stage
-    from tuner.evaluation.compare import latency_inputs, measure_latency
+    from tuner.measure.compare import latency_inputs, measure_latency
     from tuner.pruning import apply_pruning
 
     loaded = models["llava"]

@@ -9,16 +9,16 @@ from optuna.distributions import CategoricalDistribution
 from rich.console import Console
 
 from tuner import PruningConfig
-from tuner.dashboard_data import pareto_figure, trial_frame
-from tuner.evidence import (
+from tuner.dashboard import pareto_figure, trial_frame
+from tuner.results.evidence import (
     accuracy_evidence,
     indistinct_from,
     latency_evidence,
     stored_scores,
     versus_baseline_text,
 )
-from tuner.export import preset_from_trial
-from tuner.reporting import pareto_table, studies_table
+from tuner.results.export import preset_from_trial
+from tuner.results.tables import pareto_table, studies_table
 
 BASE = [1.0] * 8 + [0.0] * 2  # the baseline: 8 of 10 right
 

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from tuner import PruningConfig
 from tuner.cli import app
-from tuner.dashboard_data import recommend
-from tuner.evidence import accuracy_lower_bound
-from tuner.export import NoTrialQualifies, Rule, choose_trial
-from tuner.stats import wilson_interval
+from tuner.dashboard import recommend
+from tuner.results.evidence import accuracy_lower_bound
+from tuner.results.export import NoTrialQualifies, Rule, choose_trial
+from tuner.results.stats import wilson_interval
 
 N = 50
 

@@ -14,7 +14,7 @@ from tuner.models.families import (
     get_family,
     registered_families,
 )
-from tuner.space import load_space
+from tuner.search.space import load_space
 
 ROOT = Path(__file__).parents[1]
 FAMILIES = registered_families()

@@ -16,13 +16,13 @@ from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_m
 import tiny_vlms
 import tuner
 from conftest import Loader
-from tuner.cost import TextDims, layer_flops, prefill_flops
 from tuner.evaluation.inputs import build_inputs
 from tuner.models import load_model
+from tuner.models.compat import positions_from_mask
+from tuner.models.cost import TextDims, layer_flops, prefill_flops
 from tuner.models.families import adapter_for, get_family
 from tuner.models.prompts import build_prompt
 from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
-from tuner.transformers_compat import positions_from_mask
 
 FAMILY = "gemma3"
 ATTN = ("sdpa", "eager")

@@ -12,12 +12,12 @@ from PIL import Image
 import tiny_vlms
 import tuner
 from conftest import Loader
-from tuner.cost import kv_cache_bytes, prefill_flops
 from tuner.evaluation.inputs import build_inputs
 from tuner.models import load_model
+from tuner.models.compat import build_mask
+from tuner.models.cost import kv_cache_bytes, prefill_flops
 from tuner.models.families import PrunedPrefill, adapter_for, get_family
 from tuner.models.families.qwen3_vl import kept_deepstack
-from tuner.transformers_compat import build_mask
 
 FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
 LAYERS = (1, 2, 3)

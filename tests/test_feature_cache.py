@@ -19,13 +19,13 @@ from typer.testing import CliRunner
 import tiny_vlms
 from tuner.cli import app
 from tuner.config import PruningConfig
-from tuner.evaluation.compare import latency_inputs, measure_latency
 from tuner.evaluation.runner import Evaluator
 from tuner.evaluation.tasks import load_tasks
+from tuner.measure.compare import latency_inputs, measure_latency
 from tuner.models.feature_cache import MB, FeatureCache
 from tuner.models.loading import load_model
 from tuner.pruning import apply_pruning
-from tuner.space import SpaceError, parse_space
+from tuner.search.space import SpaceError, parse_space
 
 DART = PruningConfig(method="dart", layer=1, keep_ratio=0.25)
 TASK = "dart_shapes"

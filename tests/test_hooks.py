@@ -8,11 +8,11 @@ import torch
 import tiny_vlms
 import tuner
 from conftest import Loader, bundled_methods
+from tuner.models.compat import positions_from_mask
 from tuner.models.families import adapter_for
 from tuner.pruning import get_method_class
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.dart import dart_select
-from tuner.transformers_compat import positions_from_mask
 
 ATTN = ("sdpa", "eager")
 K = 2

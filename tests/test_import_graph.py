@@ -1,5 +1,5 @@
-"""`tuner.config` sits below the pruning package: it validates methods through the torch-free
-`tuner.method_catalog`, never by importing `tuner.pruning` (at module level or inside a function), so the two
+"""`tuner.config.pruning_config` sits below the pruning package: it validates methods through the torch-free
+`tuner.config.catalog`, never by importing `tuner.pruning` (at module level or inside a function), so the two
 cannot form an import cycle again, and any pruning module imports cleanly as the first thing a process does."""
 
 from __future__ import annotations
@@ -78,12 +78,12 @@ def f():
 """)
     assert names == {"runtime_fallback", "tuner.pruning.registry", "tuner.pruning.registry.get_method_class"}
     closure = _static_closure("tuner.pruning.registry")
-    assert {"tuner", "tuner.config", "tuner.method_catalog", "tuner.pruning", "tuner.pruning.base", "torch"} <= closure
+    assert {"tuner", "tuner.config", "tuner.config.catalog", "tuner.pruning", "tuner.pruning.base", "torch"} <= closure
 
 
 def test_config_never_imports_the_pruning_package_or_torch() -> None:
-    closure = _static_closure("tuner.config")
-    assert "tuner.method_catalog" in closure
+    closure = _static_closure("tuner.config.pruning_config")
+    assert "tuner.config.catalog" in closure
     assert not {name for name in closure if name == "torch" or name.startswith(("torch.", "tuner.pruning"))}
 
 

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from tuner.evaluation.tasks import load_tasks
 from tuner.models.loading import load_model
 from tuner.results import is_baseline
-from tuner.space import parse_space
+from tuner.search.space import parse_space
 from tuner.study import INTERRUPTED, REQUEUED_FROM_ATTR, Tuner
 
 DART_TUNER = str(Path(sys.executable).parent / "dart-tuner")

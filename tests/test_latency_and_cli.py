@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import bundled_methods
-from tuner.bench_pruning import DEFAULT_BUDGETS, default_methods, run_benchmark
+from tuner.bench.pruning import DEFAULT_BUDGETS, default_methods, run_benchmark
 from tuner.cli import app
-from tuner.latency import MIN_ROUNDS, Timing, measure_interleaved, speedup_spread
+from tuner.measure.latency import MIN_ROUNDS, Timing, measure_interleaved, speedup_spread
 from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
 
 

@@ -15,7 +15,7 @@ import torch
 
 import tuner
 from tiny_vlms import greedy, make_inputs
-from tuner.latency import (
+from tuner.measure.latency import (
     GenerationTiming,
     Timing,
     _StepClock,

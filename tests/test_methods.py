@@ -175,7 +175,7 @@ def test_a_method_registered_later_validates_configs_at_construction():
 
 def test_dart_pivots_are_options_not_shared_fields():
     """Only the shared fields are PruningConfig's own; DART's pivots are its options (schema-1 data is read by
-    tuner.config_schema)."""
+    tuner.config.schema)."""
     with pytest.raises(TypeError, match="n_image_pivots"):
         tuner.PruningConfig(keep_ratio=0.5, n_image_pivots=4)
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tuner import PruningConfig
-from tuner.presets import SCHEMA_VERSION, Preset, PresetError, load_preset, save_preset
+from tuner.config.preset import SCHEMA_VERSION, Preset, PresetError, load_preset, save_preset
 
 
 def test_round_trip_keeps_config_metrics_and_provenance(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ Each family's `published_config()` is its hub checkpoint's config.json at full s
 its real image settings over the offline test tokenizer. The model is built on the meta device (shapes, no
 storage), and the checks are: the family is detected from the config and from the model, its decoder has the
 published layer count, the processor puts as many vision tokens in `input_ids` as the model's own vision path
-turns a 336-448 px image into, and `tuner.cost` gives the hand-computed FLOPs and KV bytes at full size.
+turns a 336-448 px image into, and `tuner.models.cost` gives the hand-computed FLOPs and KV bytes at full size.
 A family without `published_config` fails here: every family must have one.
 """
 
@@ -17,7 +17,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 import tiny_vlms
-from tuner.cost import TextDims, kv_cache_bytes, prefill_flops
+from tuner.models.cost import TextDims, kv_cache_bytes, prefill_flops
 from tuner.models.families import (
     Family,
     adapter_for,

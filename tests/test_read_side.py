@@ -46,8 +46,8 @@ def test_studies_export_and_dashboard_need_no_evaluation_stack(tmp_path: Path) -
         from typer.testing import CliRunner
         from streamlit.testing.v1 import AppTest
         from tuner.cli import app
-        from tuner import dashboard_data as dd
-        from tuner.storage import open_for_reading
+        from tuner import dashboard as dd
+        from tuner.results.storage import open_for_reading
 
         runner = CliRunner()
         listed = runner.invoke(app, ["studies", "--storage", {storage!r}])
@@ -75,7 +75,7 @@ def test_studies_export_and_dashboard_need_no_evaluation_stack(tmp_path: Path) -
 def test_the_blocker_really_blocks(tmp_path: Path) -> None:
     """Without this, the test above could pass in a process that imports the evaluation stack after all."""
     result = _run_without_evaluation("""
-        import tuner.study
+        import tuner.search.study
     """, tmp_path)
     assert result.returncode != 0 and "blocked: the read side must not need it" in result.stderr
 
@@ -84,10 +84,10 @@ def test_the_read_side_and_config_import_no_torch(tmp_path: Path) -> None:
     """Importing config, results, export and the dashboard's data loads neither torch nor the pruning package
     (a config imports its method only when one is built)."""
     result = _run_without_evaluation("""
-        import tuner.config
+        import tuner.config.pruning_config
         heavy = [n for n in sys.modules if n == "torch" or n.startswith(("torch.", "tuner.pruning"))]
-        assert not heavy, ("tuner.config", heavy)
-        import tuner.dashboard_data, tuner.export, tuner.results
+        assert not heavy, ("tuner.config.pruning_config", heavy)
+        import tuner.dashboard, tuner.results.export, tuner.results.trials
         heavy = [n for n in sys.modules if n == "torch" or n.startswith(("torch.", "tuner.pruning"))]
         assert not heavy, ("read side", heavy)
         print("light OK")

@@ -5,7 +5,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import create_trial
 
-from tuner.samplers import TrialSeededSampler
+from tuner.search.samplers import TrialSeededSampler
 
 DISTRIBUTIONS = {"method": CategoricalDistribution(["dart", "random"]), "layer": IntDistribution(1, 4),
                  "keep_ratio": FloatDistribution(0.05, 0.5)}
@@ -46,13 +46,13 @@ def test_tpe_sees_the_whole_study():
     frozen = study._storage.get_trial(trial._trial_id)
     inner = sampler._for(frozen)
     assert len(study.trials) == 6 and isinstance(inner, optuna.samplers.TPESampler)
-    from tuner.samplers import _model_view
+    from tuner.search.samplers import _model_view
 
     assert _model_view(study, inner) is study
 
 
 def test_the_model_view_leaves_out_parameterless_trials_however_a_sampler_reads_them():
-    from tuner.samplers import _ParameterisedTrials
+    from tuner.search.samplers import _ParameterisedTrials
 
     study = _study(optuna.samplers.RandomSampler(seed=0))
     view = _ParameterisedTrials(study)

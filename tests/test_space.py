@@ -14,8 +14,8 @@ import yaml
 
 from conftest import bundled_methods
 from tuner.config import PruningConfig
-from tuner.method_catalog import method_class
-from tuner.space import Constraints, SearchSpace, SpaceError, load_space, parse_space
+from tuner.config.catalog import method_class
+from tuner.search.space import Constraints, SearchSpace, SpaceError, load_space, parse_space
 
 SPACES = sorted((Path(__file__).parent.parent / "search_spaces").glob("*.yaml"))
 MINIMAL = {"model": "m", "tasks": ["dart_shapes"], "methods": ["dart", "random"], "layer": {"low": 1, "high": 3},
@@ -152,7 +152,7 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_a_space_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
-    """Read with the presets' reader (tuner.yaml_files): a huge file is refused before it is parsed."""
+    """Read with the presets' reader (tuner.config.yaml_files): a huge file is refused before it is parsed."""
     big = tmp_path / "big.yaml"
     big.write_text("model: m\n" + "# padding\n" * 120_000)
     with pytest.raises(SpaceError, match="big.yaml' is over 1 MiB"):
@@ -255,7 +255,7 @@ def test_grid_enumerates_every_configuration() -> None:
     grid = space.grid()
     assert grid == {"method": ["dart", "random"], "layer": [1, 2], "dart.n_image_pivots": [4],
                     "dart.n_text_pivots": [2, 4], "keep_ratio": [0.25, 0.5]}
-    from tuner.samplers import make_sampler
+    from tuner.search.samplers import make_sampler
 
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(space))
     configs = []

@@ -219,7 +219,7 @@ def test_reports_describe_a_schedule():
     """Tables, exports and the dashboard label a schedule by its stages; a one-stage config reads as before."""
     import optuna
 
-    from tuner.reporting import describe_trial, trial_label
+    from tuner.results.tables import describe_trial, trial_label
 
     def trial(config):
         return optuna.trial.create_trial(values=[0.5, 1.0], user_attrs={"config": config.to_dict()})

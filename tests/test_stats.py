@@ -1,4 +1,4 @@
-"""The interval arithmetic of `tuner.stats` against values computed by hand (no model, milliseconds)."""
+"""The interval arithmetic of `tuner.results.stats` against values computed by hand (no model, milliseconds)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tuner import stats
+from tuner.results import stats
 
 Z95 = 1.959963984540054
 

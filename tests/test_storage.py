@@ -22,7 +22,7 @@ from sqlalchemy import event
 from typer.testing import CliRunner
 
 from tuner.cli import app
-from tuner.storage import (
+from tuner.results.storage import (
     StorageError,
     describe,
     is_transient,

@@ -19,14 +19,14 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from tuner.cli import app
-from tuner.confirm import confirm, front_to_confirm
 from tuner.evaluation.tasks import load_tasks
-from tuner.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
 from tuner.models.loading import load_model
-from tuner.reporting import NOISY_FOOTNOTE
 from tuner.results import config_of, is_baseline, pareto_trials
-from tuner.space import parse_space
-from tuner.storage import HEARTBEAT_FAILURE, open_for_tuning
+from tuner.results.export import NoTrialQualifies, Rule, choose_trial, preset_from_trial
+from tuner.results.storage import HEARTBEAT_FAILURE, open_for_tuning
+from tuner.results.tables import NOISY_FOOTNOTE
+from tuner.search.confirm import confirm, front_to_confirm
+from tuner.search.space import parse_space
 from tuner.study import ProvenanceMismatch, Tuner
 
 TASK = "dart_shapes"
@@ -78,7 +78,7 @@ def test_study_stores_baseline_first_and_every_number(saved_dirs, model_and_task
     for attrs in (base, pruned):  # the space times 1 round: too few to bound a speed-up
         assert attrs["speedup_low"] <= attrs["speedup_same_run"] <= attrs["speedup_high"]
         assert attrs["latency_noisy"] is True and attrs["latency_warning"].startswith("only 1 timed round")
-    for attrs in (base, pruned):  # the uncertainty stored with every trial (tuner.evidence)
+    for attrs in (base, pruned):  # the uncertainty stored with every trial (tuner.results.evidence)
         assert attrs["accuracy_low"] <= attrs["accuracy"] <= attrs["accuracy_high"]
         assert attrs["accuracy_interval"] == "wilson" and attrs["sample_tasks"] == [[TASK, 6]]
         assert attrs["prefill_ms_low"] <= attrs["prefill_ms"] <= attrs["prefill_ms_high"]
@@ -425,7 +425,7 @@ def test_storage_retries_at_most_twice(tmp_path) -> None:
 def test_workers_draw_different_configurations_and_a_seed_reproduces_them() -> None:
     """Two workers starting on one study with the space's seed used to sample identical configurations; the
     per-trial seed stream gives each trial number its own draw, and the same seed gives the same sequence."""
-    from tuner.samplers import make_sampler
+    from tuner.search.samplers import make_sampler
 
     space = parse_space(_space_data(Path("unused"), keep_ratio={"low": 0.05, "high": 0.9},
                                     sampler={"name": "tpe", "seed": 3}), "tiny.yaml")

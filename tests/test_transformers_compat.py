@@ -6,7 +6,7 @@ import torch
 import tiny_vlms
 import tuner
 from conftest import Loader
-from tuner.transformers_compat import CACHE_KWARG, cache_from_kwargs, positions_from_mask
+from tuner.models.compat import CACHE_KWARG, cache_from_kwargs, positions_from_mask
 
 K = 2
 

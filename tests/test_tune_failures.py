@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from tuner.cli import app
 from tuner.evaluation.runner import Evaluator
-from tuner.guards import FailureGuard, RepeatGuard
 from tuner.results import is_baseline
+from tuner.search.guards import FailureGuard, RepeatGuard
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

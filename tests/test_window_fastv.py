@@ -14,7 +14,7 @@ from tuner.models.families.grids import ImageGrids
 from tuner.pruning import get_method_class
 from tuner.pruning.base import SelectionContext
 from tuner.pruning.methods.window_fastv import auto_window
-from tuner.space import parse_space
+from tuner.search.space import parse_space
 
 
 def grid_context(scores: list[float], grids: ImageGrids, budget: int, prefix: int = 2) -> SelectionContext:

@@ -25,9 +25,9 @@ from transformers import (
     Qwen2Config,
 )
 
+from tuner.models.compat import cache_from_output
 from tuner.models.families import Family, PrunedPrefill, adapter_for, family_names, get_family, tiny
 from tuner.pruning import PruningMethod, Selection, SelectionContext, apply_pruning, register_method
-from tuner.transformers_compat import cache_from_output
 
 # Test models by name: every registered family (its `Family.tiny` model), plus variants below.
 # "llava_local": LLaVA-1.5 over a Qwen2 text model whose layers alternate sliding-window and full attention

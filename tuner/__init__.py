@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tuner.config import PruningConfig, Stage
-    from tuner.presets import Preset, load_preset, save_preset
+    from tuner.config.preset import Preset, load_preset, save_preset
     from tuner.pruning import PruningHandle, RequestStats, apply_pruning, available_methods
 
 __version__ = "0.1.0"
-_HOMES = {"PruningConfig": "tuner.config", "Stage": "tuner.config", "Preset": "tuner.presets",
-          "load_preset": "tuner.presets", "save_preset": "tuner.presets", "PruningHandle": "tuner.pruning",
+_HOMES = {"PruningConfig": "tuner.config", "Stage": "tuner.config", "Preset": "tuner.config.preset",
+          "load_preset": "tuner.config.preset", "save_preset": "tuner.config.preset", "PruningHandle": "tuner.pruning",
           "RequestStats": "tuner.pruning", "apply_pruning": "tuner.pruning", "available_methods": "tuner.pruning"}
 __all__ = ["Preset", "PruningConfig", "PruningHandle", "RequestStats", "Stage", "__version__",
            "apply_pruning", "available_methods", "load_preset", "save_preset"]

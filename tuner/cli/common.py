@@ -65,7 +65,7 @@ def log_to(console: Console, name: str) -> None:
 
 def storage_line(url: str, error: Exception, doing: str = "cannot use") -> str:
     """The one line for a storage error found in `error`'s chain; any other error is a bug and is raised again."""
-    from tuner.storage import StorageError, describe, storage_failure
+    from tuner.results.storage import StorageError, describe, storage_failure
 
     failure = storage_failure(error)
     if failure is None:
@@ -97,7 +97,7 @@ def interruptible(command: Callable[..., None]) -> Callable[..., None]:
 def options_for(method: str, options: dict[str, object], methods: list[str]) -> dict[str, object]:
     """The `--option`s that apply to `method`: 'method.key' ones, and plain keys the method declares. A plain key
     that none of `methods` declares, or a 'method.key' for a method not among them, is a ValueError."""
-    from tuner.method_catalog import method_class
+    from tuner.config.catalog import method_class
 
     mine: dict[str, object] = {}
     for key, value in options.items():

@@ -10,16 +10,16 @@ from rich.console import Console
 
 from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, quiet_libraries, storage_fail
 from tuner.errors import DartTunerError
-from tuner.storage import DEFAULT_STORAGE
+from tuner.results.storage import DEFAULT_STORAGE
 
 
 def run_confirmation(console: Console, tuner_: Any, *, repeats: int, fresh_limit: int | None,
                      fresh_seed: int) -> None:
-    """Confirm `tuner_`'s front (`tuner.confirm.confirm`) with a spinner, then print the front with its confirmed
+    """Confirm `tuner_`'s front (`tuner.search.confirm.confirm`) with a spinner, then print the front with its confirmed
     numbers (just the front when it holds no pruned trial). `fresh_limit` None: the study's subset size; 0: latency
     only."""
-    from tuner.confirm import confirm, front_to_confirm
-    from tuner.reporting import pareto_table
+    from tuner.results.tables import pareto_table
+    from tuner.search.confirm import confirm, front_to_confirm
 
     if not front_to_confirm(tuner_.study):
         console.print(pareto_table(tuner_.study))
@@ -52,9 +52,9 @@ def confirm_command(
     import optuna
 
     from tuner.results import open_study
-    from tuner.space import load_space
-    from tuner.storage import open_for_reading
-    from tuner.study import Tuner
+    from tuner.results.storage import open_for_reading
+    from tuner.search.space import load_space
+    from tuner.search.study import Tuner
 
     console = Console()
     quiet_libraries()

@@ -40,7 +40,7 @@ def bench_pruning(
     """Prefill time and selection cost of no hooks, keep_all and every method at each budget, interleaved."""
     import torch
 
-    from tuner.bench_pruning import (
+    from tuner.bench.pruning import (
         DEFAULT_BUDGETS,
         N_VISION,
         TEXT_AFTER,
@@ -130,8 +130,8 @@ def eval_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tuner.config import PruningConfig, parse_schedule
+    from tuner.config.preset import load_preset
     from tuner.evaluation.tasks import load_tasks
-    from tuner.presets import load_preset
 
     console = Console()
     quiet_libraries()
@@ -154,7 +154,7 @@ def eval_command(
                                                         keep_ratio=ratio, budget=budget,
                                                         options=options_for(name, options, method))
                        for name in method for ratio in ratios}
-        from tuner.evaluation.compare import BASELINE, compare_configs
+        from tuner.measure.compare import BASELINE, compare_configs
         from tuner.models import load_model
 
         with console.status(f"Loading {model} and {', '.join(task)}..."), hide_library_progress_bars():
@@ -188,15 +188,15 @@ def _method_layer(name: str, layer: int | None) -> int:
     """`--layer` when given, else the method's own K (`PruningMethod.default_layer`: 2, or 0 for visionzip)."""
     if layer is not None:
         return layer
-    from tuner.method_catalog import method_class
+    from tuner.config.catalog import method_class
 
     return getattr(method_class(name), "default_layer", 2)
 
 
 def _print_and_save_eval(console: Console, reports: list, loaded: object, tasks: list, json_path: Path | None) -> None:
     """The eval table, the subset line, and the JSON file when asked for."""
-    from tuner.evaluation.table import comparison_table
-    from tuner.provenance import environment
+    from tuner.config.environment import environment
+    from tuner.measure.table import comparison_table
 
     subsets = ", ".join(f"{t.name}: {t.subset.size}/{t.subset.total} docs (seed {t.subset.seed}, "
                         f"stratified by {t.subset.stratified_by}, hash {t.subset.hash[:12]})" for t in tasks)

@@ -10,18 +10,18 @@ from rich.console import Console
 
 from tuner.cli.common import app, fail, storage_line
 from tuner.errors import DartTunerError
-from tuner.storage import DEFAULT_STORAGE
+from tuner.results.storage import DEFAULT_STORAGE
 
 if TYPE_CHECKING:
-    from tuner.presets import Preset
+    from tuner.config.preset import Preset
 
 
 @app.command("studies")
 def studies(storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage.")
             ) -> None:
     """Every study in a storage: trial counts, the unpruned baseline, the most accurate and fastest Pareto points."""
-    from tuner.reporting import studies_table
-    from tuner.storage import open_for_reading
+    from tuner.results.storage import open_for_reading
+    from tuner.results.tables import studies_table
 
     try:
         table = studies_table(open_for_reading(storage))
@@ -51,12 +51,12 @@ def export(
 
     from rich.markup import escape
 
-    from tuner.evidence import versus_baseline_text
-    from tuner.export import Rule, choose_trial, preset_from_trial
-    from tuner.presets import save_preset
-    from tuner.reporting import describe_trial, noise_warning, with_interval
+    from tuner.config.preset import save_preset
     from tuner.results import open_study
-    from tuner.storage import open_for_reading
+    from tuner.results.evidence import versus_baseline_text
+    from tuner.results.export import Rule, choose_trial, preset_from_trial
+    from tuner.results.storage import open_for_reading
+    from tuner.results.tables import describe_trial, noise_warning, with_interval
 
     try:
         rule = Rule(trial=trial, min_accuracy=min_accuracy, min_relative_accuracy=min_relative_accuracy,
@@ -99,8 +99,8 @@ def _remeasure_command(preset: Preset, output: Path) -> str:
 
 
 def dashboard_app_path() -> Path | None:
-    """`dashboard/app.py` of the checkout this package runs from (None in a non-editable install)."""
-    path = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+    """The installed dashboard app, `tuner/dashboard/app.py` (it ships in the wheel; None if it was removed)."""
+    path = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
     return path if path.is_file() else None
 
 
@@ -130,10 +130,9 @@ def dashboard(
         raise fail(f"the dashboard needs {' and '.join(missing)}: pip install 'dart-tuner[dashboard]'")
     app_path = dashboard_app_path()
     if app_path is None:
-        raise fail("dashboard/app.py is not next to this tuner package: install dart-tuner from a checkout "
-                    "(pip install -e '.[dashboard]'), or run `streamlit run <checkout>/dashboard/app.py -- "
-                    "--storage URL`")
-    from tuner.storage import StorageError, open_for_reading
+        raise fail("the dashboard app (tuner/dashboard/app.py) is missing from this install: reinstall "
+                    "dart-tuner[dashboard]")
+    from tuner.results.storage import StorageError, open_for_reading
 
     try:
         open_for_reading(storage)

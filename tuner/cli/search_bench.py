@@ -15,14 +15,14 @@ from rich.table import Table
 
 from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, quiet_libraries
 from tuner.errors import DartTunerError
-from tuner.storage import DEFAULT_STORAGE
+from tuner.results.storage import DEFAULT_STORAGE
 
 if TYPE_CHECKING:
     import optuna
 
     from tuner.config import PruningConfig
-    from tuner.search_replay import MeasuredGrid
-    from tuner.space import SearchSpace
+    from tuner.search.replay import MeasuredGrid
+    from tuner.search.space import SearchSpace
 
 
 @app.command("bench-search")
@@ -42,9 +42,9 @@ def bench_search(
 ) -> None:
     """Hypervolume against trials and evaluation seconds for the grid, TPE, NSGA-II, GP and random (replayed
     against a measured grid), with and without early stopping and the feature cache."""
-    from tuner.bench_search import SAMPLERS, grid_hypervolume, hypervolume_2d, reference_point
-    from tuner.search_replay import ReplayError
-    from tuner.space import load_space
+    from tuner.bench.search import SAMPLERS, grid_hypervolume, hypervolume_2d, reference_point
+    from tuner.search.replay import ReplayError
+    from tuner.search.space import load_space
 
     names = [name.strip() for name in samplers.split(",") if name.strip()]
     unknown = [name for name in names if name not in SAMPLERS]
@@ -95,7 +95,7 @@ def _floor(space: SearchSpace, baseline_accuracy: float) -> float:
 def _grid(console: Console, space: SearchSpace, storage: str, name: str, measure: bool) -> MeasuredGrid:
     """The measured grid of study `name`, measuring (through `Tuner`) the points it lacks when `measure`."""
     from tuner.results import StudyNotFound, open_study
-    from tuner.search_replay import ReplayError, config_key, grid_configs, grid_params, measured_grid
+    from tuner.search.replay import ReplayError, config_key, grid_configs, grid_params, measured_grid
 
     wanted = {config_key(c) for c in grid_configs(space)}
     try:
@@ -115,7 +115,7 @@ def _grid(console: Console, space: SearchSpace, storage: str, name: str, measure
                   f"{space.early_stop_chunk or 'off'}, feature cache {space.feature_cache_mb} MiB)")
     with hide_library_progress_bars():
         tuner = Tuner(space, storage, study_name=name)
-        for config in _unmeasured(tuner.study, grid_configs(space)):  # the grid sampler never retries a failed point
+        for config in _unmeasured(tuner.study, grid_configs(space)):  # grid: no retries
             tuner.study.enqueue_trial(grid_params(space, config), skip_if_exists=False)
         tuner.run(len(wanted) + 1, callbacks=[lambda study, trial: console.print(
             f"  trial {trial.number}: {trial.state.name.lower()} {trial.values or trial.user_attrs.get('failure', '')}",
@@ -128,7 +128,7 @@ def _unmeasured(study: optuna.Study, configs: list[PruningConfig]) -> list[Pruni
     from optuna.trial import TrialState
 
     from tuner.results import config_of
-    from tuner.search_replay import config_key
+    from tuner.search.replay import config_key
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not trials:
@@ -140,7 +140,7 @@ def _unmeasured(study: optuna.Study, configs: list[PruningConfig]) -> list[Pruni
 def _report(console: Console, space: SearchSpace, grids: dict[str, MeasuredGrid], reference: tuple[float, float],
             full: dict[str, float], names: list[str], seeds: int) -> dict:
     """Replay every sampler on both grids, print the table, and return everything measured as plain data."""
-    from tuner.bench_search import checkpoints_for, curve_rows, run_replays, summarise
+    from tuner.bench.search import checkpoints_for, curve_rows, run_replays, summarise
 
     n_points = len(grids["plain"].points)
     checkpoints = checkpoints_for(n_points)

@@ -10,9 +10,9 @@ from rich.console import Console
 
 from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, log_to, quiet_libraries, storage_fail
 from tuner.cli.confirming import run_confirmation
-from tuner.early_stop import STOPPED_ATTR
 from tuner.errors import DartTunerError
-from tuner.storage import DEFAULT_STORAGE
+from tuner.results import STOPPED_ATTR
+from tuner.results.storage import DEFAULT_STORAGE
 
 
 def _no_failed_trial_logs(record: logging.LogRecord) -> bool:
@@ -62,10 +62,10 @@ def tune(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tuner.reporting import describe_trial, latency_noise, pareto_table, speedup_text
     from tuner.results import pareto_trials
-    from tuner.space import load_space
-    from tuner.study import Tuner, TuningStopped
+    from tuner.results.tables import describe_trial, latency_noise, pareto_table, speedup_text
+    from tuner.search.space import load_space
+    from tuner.search.study import Tuner, TuningStopped
 
     console = Console()
     quiet_libraries()

@@ -28,12 +28,12 @@ from typing import Any
 import torch
 
 from tuner.config import PruningConfig, as_pruning_config, check_layer
-from tuner.config_schema import LEGACY_FIELDS
+from tuner.config.preset import config_from_dict, load_preset
+from tuner.config.schema import LEGACY_FIELDS
 from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.lmms_compat import import_lmms_eval
 from tuner.models.feature_cache import FeatureCache
 from tuner.models.loading import LoadedModel, load_model
-from tuner.presets import config_from_dict, load_preset
 from tuner.pruning import apply_pruning
 
 _lmms_eval = import_lmms_eval("api.model")

@@ -45,7 +45,7 @@ class EvalResult:
     metrics: dict[str, dict[str, float]]  # task -> metric -> value
     samples: list[SampleResult] = field(default_factory=list)
     seconds: float = 0.0
-    stopped: str | None = None  # why evaluation stopped before the whole subset (tuner.early_stop), if it did
+    stopped: str | None = None  # why evaluation stopped before the whole subset (tuner.measure.early_stop), if it did
 
     @property
     def n_samples(self) -> int:

@@ -11,6 +11,7 @@ from tuner.config import PruningConfig, Stage, as_pruning_config
 from tuner.models.families import adapter_for
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.hooks import PruningHandle, RequestStats
+from tuner.pruning.preset_check import check_family, warn_on_mismatch
 from tuner.pruning.registry import available_methods, get_method_class, register_method
 
 
@@ -23,8 +24,7 @@ def apply_pruning(model: torch.nn.Module, config: PruningConfig | Any, *,
     """
     pruning_config = as_pruning_config(config)
     if pruning_config is not config and getattr(config, "provenance", None):
-        from tuner.presets import warn_on_mismatch  # presets import the models package, which imports this one
-
+        check_family(config)
         warn_on_mismatch(model, config)
     return PruningHandle(model, pruning_config, adapter_for(model, vision_token_ids))
 

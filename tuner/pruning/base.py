@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from tuner.method_options import Option, PaperSetting, resolve_options
+from tuner.config.options import Option, PaperSetting, resolve_options
 
 if TYPE_CHECKING:
     from tuner.config import PruningConfig
@@ -88,7 +88,7 @@ class Selection:
 class PruningMethod:
     """Base class: a method is a name, the layer K-1 states it needs, its options and one `select()`.
 
-    A method declares its options in `option_specs` (name -> `tuner.method_options.Option`: type, default, valid
+    A method declares its options in `option_specs` (name -> `tuner.config.options.Option`: type, default, valid
     values, default search range); `PruningConfig` checks a configuration's options against them and fills in
     the defaults, so `config.options` holds every option. `option_defaults` is derived from the specs (a class
     that declares only `option_defaults` gets unchecked, unsearchable options). `validate` adds the checks that

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from tuner.config import PruningConfig, check_layers
+from tuner.models.compat import cache_from_kwargs, positions_from_mask
 from tuner.models.families import FamilyAdapter, PrunedPrefill
 from tuner.models.feature_cache import NEEDS_VISION_TOWER
 from tuner.pruning.base import PromptInputs, PruningMethod, SelectionContext
@@ -42,7 +43,6 @@ from tuner.pruning.stages import (
     stage_runners,
 )
 from tuner.pruning.vision_capture import VisionAttentionCapture
-from tuner.transformers_compat import cache_from_kwargs, positions_from_mask
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Method registry: maps a method name (a categorical search parameter) to its class.
 
-The names live in `tuner.method_catalog`, which `PruningConfig` validates against without importing torch;
+The names live in `tuner.config.catalog`, which `PruningConfig` validates against without importing torch;
 this module is its typed face for method classes.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tuner.method_catalog import add_method, method_class, method_names
+from tuner.config.catalog import add_method, method_class, method_names
 from tuner.pruning.base import PruningMethod
 
 

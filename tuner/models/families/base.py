@@ -18,9 +18,9 @@ import torch
 import transformers
 from transformers import BatchFeature, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
-from tuner.cost import TextDims
+from tuner.models.compat import build_mask
+from tuner.models.cost import TextDims
 from tuner.models.families.grids import ImageGrids, grids_from_runs
-from tuner.transformers_compat import build_mask
 
 VISION_ID_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
 
@@ -142,7 +142,7 @@ class Family:
         return config.get_text_config()
 
     def text_dims(self, config: PretrainedConfig) -> TextDims:
-        """The decoder sizes the cost model (`tuner.cost`) reads, from the top-level config."""
+        """The decoder sizes the cost model (`tuner.models.cost`) reads, from the top-level config."""
         return TextDims.from_config(self.text_config(config))
 
     image_features_method: ClassVar[str] = "get_image_features"

@@ -31,9 +31,9 @@ from transformers.masking_utils import (
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
+from tuner.models.compat import CACHE_KWARG
 from tuner.models.families import register_family, tiny
 from tuner.models.families.base import Family, PrunedPrefill
-from tuner.transformers_compat import CACHE_KWARG
 
 # The tokenizer's named image tokens, as the checkpoints' tokenizer_config.json names them.
 IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}

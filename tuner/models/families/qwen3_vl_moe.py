@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import PretrainedConfig, Qwen3VLMoeConfig
 
-from tuner.cost import TextDims
+from tuner.models.cost import TextDims
 from tuner.models.families import register_family
 from tuner.models.families.qwen3_vl import PUBLISHED_IDS, PUBLISHED_ROPE, PUBLISHED_VISION, Qwen3VL
 

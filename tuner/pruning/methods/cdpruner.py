@@ -36,7 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tuner.method_options import Option
+from tuner.config.options import Option
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tuner.method_options import Option, PaperSetting
+from tuner.config.options import Option, PaperSetting
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.dart import PIVOT_METRICS, PIVOT_ORDERS, QUOTA_RULES, dart_select, reference_quota
 from tuner.pruning.registry import register_method

@@ -37,7 +37,7 @@ import math
 import torch
 
 from tuner.config import PruningConfig, Stage
-from tuner.method_options import Option
+from tuner.config.options import Option
 from tuner.pruning.base import PromptInputs, PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
 

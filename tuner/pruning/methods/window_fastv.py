@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tuner.method_options import Option
+from tuner.config.options import Option
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.methods.fastv import attention_scores
 from tuner.pruning.registry import register_method

@@ -1,0 +1,188 @@
+"""The trial frame: one row per trial with its hover text, method colours, and tables drawn from it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.config import methods_text, schedule_text
+from tuner.config.schema import legacy_param
+from tuner.results import STOPPED_ATTR, accuracy_relative, config_of, is_baseline
+from tuner.results.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
+from tuner.results.tables import describe_trial, latency_noise, speedup
+
+METHOD_COLORS = {"dart": "#1f77b4", "random": "#ff7f0e", "pooling": "#2ca02c", "avgpool": "#9467bd",
+                 "fastv": "#d62728", "keep_all": "#8c564b", "window_fastv": "#ff9896",
+                 "sparsevlm": "#c5b0d5"}
+_EXTRA_COLORS = ("#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+
+
+def _config_text(trial: FrozenTrial) -> str:
+    config = config_of(trial)
+    if config is None:
+        return "unpruned baseline (no pruning)" if is_baseline(trial) else "no configuration stored"
+    data = config.to_dict()
+    options = ", ".join(f"{key}={value}" for key, value in data.pop("options").items() if value is not None)
+    text = ", ".join(f"{key}={value}" for key, value in data.items() if value not in (None, {}, "") and key != "stages")
+    return text + (f", options: {options}" if options else "") + (
+        f", schedule {schedule_text(config, exact=False)}" if config.stages else "")
+
+
+def _violations(trial: FrozenTrial) -> str:
+    return ", ".join(f"{name} by {value:.3g}" for name, value in trial.constraints.items() if value > 0)
+
+
+def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
+    lines = [f"<b>trial {row['number']}</b>: {row['label']}", f"config: {_config_text(trial)}"]
+    if row["state"] == "complete":
+        relative = f" ({row['relative_accuracy']:.1%} of baseline)" if not math.isnan(row["relative_accuracy"]) else ""
+        accuracy_ci = interval_text(trial, "accuracy", ".3f")  # none for a stopped trial (`evidence.interval`)
+        lines.append(f"accuracy {row['accuracy']:.3f}{' 95% ' + accuracy_ci if accuracy_ci else ''}{relative}")
+        if row["role"] != "baseline":
+            lines.append(f"vs baseline (paired, 95%): {versus_baseline_text(trial)}")
+        prefill_ci = interval_text(trial, "prefill_ms", ".1f")
+        lines.append(f"prefill {row['prefill_ms']:.1f} ms{' 95% ' + prefill_ci if prefill_ci else ''} "
+                     f"(IQR {row['prefill_iqr_ms']:.1f}), "
+                     f"speed-up {row['speedup']:.2f}x, decode {row['decode_ms_per_token']:.1f} ms/token")
+        lines.append(f"kept vision tokens {row['kept_vision_mean']:.1f} of {row['vision_mean']:.0f} "
+                     f"(min {row['kept_vision_min']:.0f}, max {row['kept_vision_max']:.0f}; "
+                     f"ratio {row['keep_ratio_achieved']:.3f})")
+        lines.append(f"prefill GFLOPs {row['prefill_gflops']:.3g} ({row['flops_ratio']:.0%} of baseline), "
+                     f"KV cache {row['kv_cache_mb']:.3g} MB")
+        if trial.user_attrs.get(STOPPED_ATTR):
+            lines.append(f"stopped early: {trial.user_attrs.get('stop_reason', '')} (accuracy shown: that bound)")
+        noise = latency_noise(trial)
+        if noise:
+            lines.append(f"noisy latency: {noise}")
+        lines.append("infeasible: " + row["violations"] if not row["feasible"] else
+                     ("on the Pareto front" if row["pareto"] else "dominated"))
+        if not math.isnan(row["confirmed_prefill_ms"]):
+            lines.append(f"confirmed (re-measured after the search): {row['confirmed_text']}")
+        if row["indistinct"]:
+            lines.append(f"not distinguishable from trial {row['indistinct']} (95% intervals overlap on both axes)")
+    elif row["failure"]:
+        lines.append(f"{row['state']}: {row['failure']}")
+    return "<br>".join(lines)
+
+
+TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ratio", "budget", "accuracy",
+                 "relative_accuracy", "prefill_ms", "prefill_iqr_ms", "speedup",
+                 "decode_ms_per_token", "kept_vision_mean", "kept_vision_min", "kept_vision_max", "vision_mean",
+                 "keep_ratio_achieved", "prefill_gflops", "flops_ratio", "kv_cache_mb", "n_samples", "feasible",
+                 "violations", "pareto", "failure", "accuracy_low", "accuracy_high", "prefill_ms_low",
+                 "prefill_ms_high", "accuracy_diff", "accuracy_diff_low", "accuracy_diff_high", "mcnemar_p",
+                 "indistinct", "confirmed_prefill_ms", "confirmed_speedup", "confirmed_accuracy", "confirmed_text",
+                 "hover")
+
+
+def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> pd.DataFrame:
+    """One row per trial: configuration, objectives, kept tokens, cost, feasibility and Pareto membership; then
+    one column per method option the study searched ('<method>.<option>', `option_columns`), set in that
+    method's trials only."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    options = option_columns(trials)
+    complete = {t.number for t in trials if t.state == TrialState.COMPLETE and t.values is not None}
+    feasible = {t.number for t in trials if t.number in complete and all(v <= 0 for v in t.constraints.values())}
+    front = study.best_trials if feasible else []  # Optuna's feasible Pareto set
+    pareto = {t.number for t in front}
+    rows = []
+    for trial in trials:
+        attrs = trial.user_attrs
+        config = config_of(trial)
+        done = trial.number in complete
+        row = {
+            "number": trial.number, "state": trial.state.name.lower(), "role": attrs.get("role", ""),
+            "method": methods_text(config) if config else ("unpruned" if is_baseline(trial) else "?"),
+            "label": describe_trial(trial),
+            "layer": config.layer if config else math.nan,
+            "keep_ratio": _num(config.keep_ratio) if config else math.nan,
+            "budget": _num(config.budget) if config else math.nan,
+            "accuracy": trial.values[0] if done else math.nan,
+            "relative_accuracy": accuracy_relative(trial, study) if done else math.nan,
+            "prefill_ms": trial.values[1] if done else math.nan,
+            "prefill_iqr_ms": _num(attrs.get("prefill_iqr_ms")),
+            "speedup": speedup(trial, study) if done else math.nan,
+            "decode_ms_per_token": _num(attrs.get("decode_ms_per_token")),
+            "kept_vision_mean": _num(attrs.get("kept_vision_mean")),
+            "kept_vision_min": _num(attrs.get("kept_vision_min")),
+            "kept_vision_max": _num(attrs.get("kept_vision_max")),
+            "vision_mean": _num(attrs.get("vision_mean")),
+            "keep_ratio_achieved": _num(attrs.get("keep_ratio_achieved")),
+            "prefill_gflops": _num(attrs.get("prefill_flops")) / 1e9,
+            "flops_ratio": _num(attrs.get("flops_ratio")),
+            "kv_cache_mb": _num(attrs.get("kv_cache_bytes")) / 1e6,
+            "n_samples": _num(attrs.get("n_samples")),
+            "feasible": trial.number in feasible, "violations": _violations(trial) if done else "",
+            "pareto": trial.number in pareto, "failure": str(attrs.get("failure") or ""),
+            **{key: _num(attrs.get(key)) for key in ("accuracy_low", "accuracy_high", "prefill_ms_low",
+                                                     "prefill_ms_high", "accuracy_diff", "accuracy_diff_low",
+                                                     "accuracy_diff_high", "mcnemar_p")},
+            "indistinct": ", ".join(str(n) for n in indistinct_from(trial, front)) if trial.number in pareto else "",
+            **_confirmed_columns(study, trial),
+            **{column: _option_value(config, column) for column in options},
+        }
+        row["hover"] = _hover(row, trial)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=[*TRIAL_COLUMNS, *options])
+
+
+def option_columns(trials: Sequence[FrozenTrial]) -> list[str]:
+    """The method options the trials' sampler drew, as '<method>.<option>' (their Optuna parameter names; a
+    schema-1 study's DART pivot parameters under today's names), sorted."""
+    return sorted({legacy_param(name) for trial in trials for name in trial.params if "." in legacy_param(name)})
+
+
+def _option_value(config: Any, column: str) -> Any:
+    """Option `column` ('<method>.<option>') of the first stage of the configuration that runs that method; NaN
+    when none does."""
+    method, _, name = column.partition(".")
+    stage = next((s for s in config.stage_configs() if s.method == method), None) if config is not None else None
+    value = stage.options.get(name) if stage is not None else None
+    return math.nan if value is None else value
+
+
+def _confirmed_columns(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """The confirmation run's prefill, speed-up and fresh-subset accuracy of a trial (NaN when none)."""
+    numbers = confirmed(study, trial) or {}
+    return {"confirmed_prefill_ms": _num(numbers.get("prefill_ms")), "confirmed_speedup": _num(numbers.get("speedup")),
+            "confirmed_accuracy": _num(numbers.get("accuracy")),
+            "confirmed_text": confirmed_text(study, trial) if numbers else ""}
+
+
+def method_color(method: str) -> str:
+    """A fixed colour per method, so every plot and study agrees."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
+
+
+def candidate_numbers(frame: pd.DataFrame) -> list[int]:
+    """Trial numbers a preset can be made from (complete and pruned), fastest first."""
+    rows = frame[(frame["state"] == "complete") & (frame["role"] != "baseline") & (frame["method"] != "?")]
+    return [int(n) for n in rows.sort_values(["prefill_ms", "number"])["number"]]
+
+
+def table_of(frame: pd.DataFrame, numbers: Sequence[int]) -> pd.DataFrame:
+    """The given trials in the given order, with the columns a deployer compares."""
+    by_number = frame.set_index("number")
+    rows = by_number.loc[list(numbers)].reset_index() if len(numbers) else frame.iloc[0:0]
+    table = pd.DataFrame({
+        "trial": rows["number"], "configuration": rows["label"],
+        "accuracy": rows["accuracy"].round(4), "% of baseline": (100 * rows["relative_accuracy"]).round(1),
+        "prefill ms": rows["prefill_ms"].round(2), "speed-up": rows["speedup"].round(2),
+        "accuracy 95% low": rows["accuracy_low"].round(3), "accuracy 95% high": rows["accuracy_high"].round(3),
+        "kept vision tokens": rows["kept_vision_mean"].round(1), "GFLOPs": rows["prefill_gflops"].round(4),
+        "feasible": rows["feasible"], "Pareto": rows["pareto"],
+        "confirmed prefill ms": rows["confirmed_prefill_ms"].round(2),
+        "confirmed speed-up": rows["confirmed_speedup"].round(2),
+        "confirmed accuracy (fresh subset)": rows["confirmed_accuracy"].round(4)})
+    return table.reset_index(drop=True)

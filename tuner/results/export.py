@@ -1,0 +1,216 @@
+"""Choosing a study's trial the way a deployer thinks, and turning it into a preset with its evidence.
+
+Rules: a trial number; the fastest trial with accuracy at least X (absolute) or a fraction of the baseline; the
+most accurate trial under a prefill latency of Y ms; or both bounds at once (then the fastest that meets both).
+With a confidence C, an accuracy floor is met by the one-sided C lower confidence bound of the trial's accuracy
+(from its stored per-sample scores, `tuner.results.evidence.accuracy_lower_bound`), not by its point value.
+The unpruned baseline, failed trials and trials stopped early are never chosen. When nothing qualifies, the error
+shows the closest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner import __version__
+from tuner.config.preset import SCHEMA_VERSION, Preset
+from tuner.errors import DartTunerError
+from tuner.results.evidence import accuracy_lower_bound, confirmed
+from tuner.results.tables import describe_trial
+from tuner.results.trials import STOPPED_ATTR, config_of, is_baseline
+
+# The uncertainty `tuner.results.evidence` stores with a trial, carried into the preset (None for older trials).
+EVIDENCE_METRICS = ("accuracy_low", "accuracy_high", "accuracy_interval", "accuracy_diff", "accuracy_diff_low",
+                    "accuracy_diff_high", "accuracy_diff_method", "mcnemar_p", "prefill_ms_low", "prefill_ms_high",
+                    "prefill_ms_coverage")
+
+
+class NoTrialQualifies(DartTunerError, ValueError):
+    """No stored trial meets the rule; the message lists the closest ones."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to pick a trial: by number, or by accuracy floor and/or latency ceiling."""
+
+    trial: int | None = None
+    min_accuracy: float | None = None
+    min_relative_accuracy: float | None = None
+    max_prefill_ms: float | None = None
+    confidence: float | None = None  # one-sided level of the accuracy floor's lower bound; None: the point value
+
+    def __post_init__(self) -> None:
+        bounds = (self.min_accuracy, self.min_relative_accuracy, self.max_prefill_ms)
+        if self.trial is not None and any(b is not None for b in (*bounds, self.confidence)):
+            raise ValueError("give a trial number or accuracy/latency bounds (and --confidence), not both")
+        if self.confidence is not None:
+            if self.min_accuracy is None and self.min_relative_accuracy is None:
+                raise ValueError("--confidence bounds an accuracy floor: give --min-accuracy or "
+                                 "--min-relative-accuracy with it")
+            if not 0.5 <= self.confidence < 1:
+                raise ValueError(f"--confidence must be at least 0.5 and below 1 (a one-sided level such as 0.9), "
+                                 f"got {self.confidence:g}")
+        if self.trial is None and all(b is None for b in bounds):
+            raise ValueError("choose a trial: give a trial number, a minimum accuracy (absolute or relative to the "
+                             "baseline) or a maximum prefill latency")
+        if self.min_accuracy is not None and self.min_relative_accuracy is not None:
+            raise ValueError("give an absolute or a relative minimum accuracy, not both")
+
+    def cli_options(self) -> str:
+        """The `dart-tuner export` options that select by this rule."""
+        if self.trial is not None:
+            return f"--trial {self.trial}"
+        options = {"--min-accuracy": self.min_accuracy, "--min-relative-accuracy": self.min_relative_accuracy,
+                   "--max-latency-ms": self.max_prefill_ms, "--confidence": self.confidence}
+        return " ".join(f"{flag} {value:g}" for flag, value in options.items() if value is not None)
+
+    def describe(self) -> str:
+        if self.trial is not None:
+            return f"trial {self.trial}"
+        parts = []
+        subject = "accuracy" if self.confidence is None else f"accuracy's {self.confidence:.0%} lower bound"
+        if self.min_accuracy is not None:
+            parts.append(f"{subject} >= {self.min_accuracy:g}")
+        if self.min_relative_accuracy is not None:
+            parts.append(f"{subject} >= {self.min_relative_accuracy:.1%} of the baseline")
+        if self.max_prefill_ms is not None:
+            parts.append(f"prefill <= {self.max_prefill_ms:g} ms")
+        goal = "most accurate" if self.max_prefill_ms is not None and len(parts) == 1 else "fastest"
+        return f"{goal} trial with {' and '.join(parts)}"
+
+
+def candidates(study: optuna.Study) -> list[FrozenTrial]:
+    """Complete, pruned (non-baseline) trials that scored their whole subset: what a preset can be made from (a
+    trial stopped early reports a bound, not an accuracy)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if not is_baseline(t) and config_of(t) is not None and not t.user_attrs.get(STOPPED_ATTR)]
+
+
+def floor_evidence(trial: FrozenTrial, rule: Rule) -> float | None:
+    """The accuracy a rule's floor is compared with: the point value, or with a confidence its lower bound (None
+    when the trial stored no per-sample scores to bound)."""
+    if rule.confidence is None:
+        return trial.values[0]
+    return accuracy_lower_bound(trial, rule.confidence)
+
+
+def baseline_accuracy(study: optuna.Study) -> float:
+    baseline = study.user_attrs.get("baseline")
+    if not baseline:
+        raise NoTrialQualifies(f"study {study.study_name!r} has no completed baseline trial, so a relative "
+                               "accuracy bound cannot be evaluated")
+    return float(baseline["accuracy"])
+
+
+def _label(trial: FrozenTrial) -> str:
+    return f"#{trial.number} {describe_trial(trial)}: accuracy {trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms"
+
+
+def accuracy_floor(study: optuna.Study, rule: Rule) -> float | None:
+    """The absolute accuracy a bounds rule requires (a relative bound times the baseline's), or None."""
+    if rule.min_relative_accuracy is not None:
+        return rule.min_relative_accuracy * baseline_accuracy(study)
+    return rule.min_accuracy
+
+
+def qualifying_trials(study: optuna.Study, rule: Rule) -> list[FrozenTrial]:
+    """The candidates meeting a bounds rule, best first (the first is what `choose_trial` picks).
+
+    With an accuracy floor the fastest comes first (ties: the more accurate); with only a latency ceiling the most
+    accurate comes first (ties: the faster).
+    """
+    if rule.trial is not None:
+        raise ValueError("qualifying_trials takes accuracy/latency bounds, not a trial number")
+    floor = accuracy_floor(study, rule)
+    qualifying = [t for t in candidates(study) if (floor is None or (floor_evidence(t, rule) or -math.inf) >= floor)
+                  and (rule.max_prefill_ms is None or t.values[1] <= rule.max_prefill_ms)]
+    if floor is None:
+        return sorted(qualifying, key=lambda t: (-t.values[0], t.values[1]))
+    return sorted(qualifying, key=lambda t: (t.values[1], -t.values[0]))
+
+
+def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
+    """The trial `rule` selects, or NoTrialQualifies naming the closest trials."""
+    pool = candidates(study)
+    if rule.trial is not None:
+        matches = [t for t in study.get_trials(deepcopy=False) if t.number == rule.trial]
+        if not matches:
+            raise NoTrialQualifies(f"study {study.study_name!r} has no trial {rule.trial} "
+                                   f"(trials 0..{len(study.trials) - 1})")
+        trial = matches[0]
+        if trial.state != TrialState.COMPLETE:
+            raise NoTrialQualifies(f"trial {rule.trial} is {trial.state.name.lower()}, not complete"
+                                   f"{': ' + trial.user_attrs['failure'] if 'failure' in trial.user_attrs else ''}")
+        if is_baseline(trial) or config_of(trial) is None:
+            raise NoTrialQualifies(f"trial {rule.trial} is the unpruned baseline; there is nothing to deploy")
+        if trial.user_attrs.get(STOPPED_ATTR):
+            raise NoTrialQualifies(f"trial {rule.trial} was stopped early, so it has no accuracy to deploy on: "
+                                   f"{trial.user_attrs.get('stop_reason', 'it could not meet the accuracy floor')}")
+        return trial
+    floor = accuracy_floor(study, rule)
+    qualifying = qualifying_trials(study, rule)
+    if qualifying:
+        return qualifying[0]
+    if not pool:
+        raise NoTrialQualifies(f"study {study.study_name!r} has no complete pruned trial yet")
+
+    def shortfall(t: FrozenTrial) -> float:
+        evidence = floor_evidence(t, rule)
+        evidence = t.values[0] if evidence is None else evidence
+        accuracy_gap = max(0.0, (floor - evidence) / max(abs(floor), 1e-9)) if floor is not None else 0.0
+        latency_gap = max(0.0, (t.values[1] - rule.max_prefill_ms) / rule.max_prefill_ms) \
+            if rule.max_prefill_ms is not None else 0.0
+        return accuracy_gap + latency_gap
+
+    closest = sorted(pool, key=shortfall)[:3]
+    bound = f" (accuracy floor {floor:.3f})" if floor is not None else ""
+    raise NoTrialQualifies(f"no trial of {study.study_name!r} meets: {rule.describe()}{bound}. Closest:\n  "
+                           + "\n  ".join(_label(t) + _bound_label(t, rule) for t in closest))
+
+
+def _bound_label(trial: FrozenTrial, rule: Rule) -> str:
+    """', 90% lower bound 0.712' for a confidence rule ('no per-sample scores' when it cannot be bounded)."""
+    if rule.confidence is None:
+        return ""
+    bound = accuracy_lower_bound(trial, rule.confidence)
+    return f", {rule.confidence:.0%} lower bound " + ("unknown (no per-sample scores)" if bound is None
+                                                      else f"{bound:.3f}")
+
+
+def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:
+    """A preset holding the trial's config, its metrics next to the baseline's (with the speed-up's interval and
+    noise flag; None for trials stored before them), and the study's provenance."""
+    config = config_of(trial)
+    if config is None:
+        raise NoTrialQualifies(f"trial {trial.number} is the unpruned baseline; there is nothing to deploy")
+    attrs = trial.user_attrs
+    baseline = study.user_attrs.get("baseline") or {}
+    metrics = {
+        "accuracy": trial.values[0], "baseline_accuracy": baseline.get("accuracy"),
+        "prefill_ms_median": attrs.get("prefill_ms"), "prefill_ms_iqr": attrs.get("prefill_iqr_ms"),
+        "prefill_repeats": attrs.get("prefill_repeats"), "baseline_prefill_ms": baseline.get("prefill_ms"),
+        "speedup": attrs.get("speedup_same_run"), "speedup_low": attrs.get("speedup_low"),
+        "speedup_high": attrs.get("speedup_high"), "latency_noisy": attrs.get("latency_noisy"),
+        "latency_warning": attrs.get("latency_warning"), "decode_ms_per_token": attrs.get("decode_ms_per_token"),
+        "decode_ms_iqr": attrs.get("decode_iqr_ms"), "kept_vision_mean": attrs.get("kept_vision_mean"),
+        "vision_mean": attrs.get("vision_mean"), "keep_ratio_achieved": attrs.get("keep_ratio_achieved"),
+        "prefill_flops": attrs.get("prefill_flops"), "kv_cache_bytes": attrs.get("kv_cache_bytes"),
+        "n_samples": attrs.get("n_samples"),
+        **{key: attrs.get(key) for key in EVIDENCE_METRICS},
+        "confirmed": confirmed(study, trial),  # the confirmation run's numbers (`tuner.search.confirm`), if any
+    }
+    stored = study.user_attrs.get("provenance") or {}
+    versions = dict(stored.get("versions") or {})
+    provenance = {key: stored.get(key) for key in ("model_id", "revision", "family", "dtype", "attn_implementation",
+                                                    "device")}
+    provenance.update({
+        "versions": {key: versions.get(key) for key in ("torch", "transformers", "lmms_eval", "optuna",
+                                                        "dart_tuner")},
+        "tasks": stored.get("tasks"), "study": study.study_name, "trial": trial.number,
+        "exported_by": f"dart-tuner {__version__}",
+    })
+    return Preset(config=config, metrics=metrics, provenance=provenance, schema_version=SCHEMA_VERSION)

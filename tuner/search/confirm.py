@@ -1,0 +1,82 @@
+"""A confirmation run at the end of a study: the front measured again, away from the search's own noise.
+
+- Latency: the front's trials and the unpruned baseline in ONE interleaved run with more repeats than the search
+  used, so every confirmed speed-up comes from the same rounds.
+- Accuracy (optional): the baseline and the front's trials scored on a fresh seeded subset, disjoint from the one
+  the search chose on, which removes the winner's curse of picking the best-looking trials on the same questions.
+
+The numbers are stored as the study's user attribute `confirmation` (Optuna does not let a finished trial's
+attributes change), keyed by trial number, next to the search-time numbers, which stay as they were.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+
+from tuner.evaluation.runner import EvalResult, Evaluator
+from tuner.evaluation.tasks import load_tasks
+from tuner.measure.compare import BASELINE, measure_latency
+from tuner.measure.latency import speedup_spread
+from tuner.results import config_of, is_baseline, pareto_trials
+from tuner.results.evidence import CONFIRMATION_ATTR, SAMPLE_TASKS_ATTR, accuracy_evidence, latency_evidence
+
+
+def front_to_confirm(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The feasible Pareto front's pruned trials, fastest first (the baseline is measured anyway)."""
+    return [t for t in pareto_trials(study) if not is_baseline(t) and config_of(t) is not None]
+
+
+def _accuracy(result: EvalResult, baseline: EvalResult | None) -> dict[str, Any]:
+    scores = result.scores()
+    evidence = accuracy_evidence(scores, None if baseline is None else baseline.scores()) if scores else {}
+    evidence.pop(SAMPLE_TASKS_ATTR, None)
+    return {"accuracy": result.accuracy, "n_samples": result.n_samples, **evidence}
+
+
+def confirm(tuner: Any, *, repeats: int = 20, warmup: int | None = None, fresh_size: int | None = None,
+            fresh_seed: int = 1, trials: Sequence[optuna.trial.FrozenTrial] | None = None,
+            on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Re-measure the study's front (or `trials`) with `tuner`'s loaded model (a `tuner.search.study.Tuner`) and store
+    the numbers as the study's `confirmation`; returns them. `fresh_size` documents per task (None: no accuracy
+    run)."""
+    study: optuna.Study = tuner.study
+    front = front_to_confirm(study) if trials is None else [t for t in trials if config_of(t) is not None]
+    lat = tuner.space.latency
+    warmup = lat.warmup if warmup is None else warmup
+    if on_step:
+        on_step(f"latency: the baseline and {len(front)} front trials, {repeats} interleaved rounds")
+    setups = {BASELINE: None, **{str(t.number): config_of(t) for t in front}}
+    measured = measure_latency(tuner.loaded, tuner.inputs, setups, new_tokens=lat.new_tokens, repeats=repeats,
+                               warmup=warmup)
+    base_timing = measured[BASELINE][0]
+    record: dict[str, Any] = {
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "repeats": repeats,
+        "warmup": warmup, "new_tokens": lat.new_tokens,
+        "baseline": {"prefill_ms": base_timing.prefill.median_ms, "prefill_iqr_ms": base_timing.prefill.iqr_ms,
+                     **latency_evidence(base_timing.prefill.samples_ms)},
+        "trials": {}, "fresh_subset": None}
+    for trial in front:
+        timing = measured[str(trial.number)][0]
+        spread = speedup_spread(base_timing.prefill, timing.prefill)
+        record["trials"][str(trial.number)] = {
+            "prefill_ms": timing.prefill.median_ms, "prefill_iqr_ms": timing.prefill.iqr_ms,
+            **latency_evidence(timing.prefill.samples_ms), "speedup": spread.speedup, **spread.to_attrs()}
+    if fresh_size is not None:
+        fresh = load_tasks([t.name for t in tuner.tasks], subset_size=fresh_size, seed=fresh_seed,
+                           include_paths=tuner.space.include_paths,
+                           exclude={t.name: t.doc_indices for t in tuner.tasks})
+        evaluator = Evaluator(tuner.loaded, fresh, batch_size=tuner.space.batch_size,
+                              max_failures=tuner.space.max_failures)
+        if on_step:
+            on_step(f"accuracy: {len(front) + 1} configurations on a fresh subset of {fresh_size} per task")
+        base_result = evaluator.evaluate(None)
+        record["baseline"].update(_accuracy(base_result, None))
+        for trial in front:
+            record["trials"][str(trial.number)].update(_accuracy(evaluator.evaluate(config_of(trial)), base_result))
+        record["fresh_subset"] = [{"name": t.name, **t.subset.to_dict()} for t in fresh]
+    study.set_user_attr(CONFIRMATION_ATTR, record)
+    return record

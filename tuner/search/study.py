@@ -1,0 +1,413 @@
+"""The tuning service: an Optuna multi-objective study (accuracy up, measured prefill latency down) in any
+SQLAlchemy storage, with the unpruned baseline first and nothing ever lost.
+
+- Every trial stores its configuration, metrics and failure reason as user attributes (nothing only in memory).
+- Heartbeats mark a trial whose worker died as failed, with that reason, and queue it again; a database that goes
+  away for a while is waited out (`tuner.results.storage`). A Ctrl-C queues the interrupted trial again.
+- A trial that raises is stored as failed with its reason; the study goes on, unless the baseline failed (no
+  trial can be scored without it) or several trials in a row failed the same way: then it stops, saying why.
+- Provenance (`tuner.search.provenance`) is stored on creation; a worker with another is refused unless told to mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from tuner.config import PruningConfig, check_layer
+from tuner.config.catalog import method_class
+from tuner.config.schema import config_attrs
+from tuner.errors import DartTunerError
+from tuner.evaluation.runner import EvalResult, Evaluator
+from tuner.evaluation.tasks import PreparedTask, load_tasks
+from tuner.measure.compare import BASELINE, latency_inputs, measure_latency, vision_counts
+from tuner.measure.early_stop import best_reachable_accuracy, bound_applies, progress_of, stop_check_for
+from tuner.measure.latency import speedup_spread
+from tuner.models.feature_cache import CacheStats, FeatureCache
+from tuner.models.loading import LoadedModel, load_model
+from tuner.results import ROLE_ATTR, STOPPED_ATTR, config_of, is_baseline
+from tuner.results.evidence import accuracy_evidence, latency_evidence, stored_scores
+from tuner.results.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, open_for_tuning
+from tuner.search.guards import FailureGuard, RepeatGuard
+from tuner.search.params import PDROP
+from tuner.search.provenance import ProvenanceMismatch, provenance_differences, provenance_of
+from tuner.search.samplers import make_sampler
+from tuner.search.space import SearchSpace, SpaceError
+
+logger = logging.getLogger(__name__)
+
+DIRECTIONS = ("maximize", "minimize")
+OBJECTIVES = ("accuracy", "prefill_ms")
+REQUEUED_FROM_ATTR = "requeued_from"  # user attribute of a trial queued again after an interrupt: the old number
+INTERRUPTED = "interrupted (Ctrl-C); queued again for the next run"
+
+
+class TuningStopped(DartTunerError, RuntimeError):
+    """The study cannot make progress (its baseline failed, or every trial fails the same way); says why."""
+
+
+@dataclass
+class TrialOutcome:
+    """What one trial measured (also written to the trial's user attributes)."""
+
+    config: PruningConfig | None
+    accuracy: float
+    prefill_ms: float
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class Tuner:
+    """Runs trials of one search space against one study; the model and tasks are loaded once per worker."""
+
+    def __init__(self, space: SearchSpace, storage: str | RDBStorage = DEFAULT_STORAGE, *,
+                 study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
+                 grace_period: int | None = None, loaded: LoadedModel | None = None,
+                 tasks: list[PreparedTask] | None = None, allow_repeats: bool = False) -> None:
+        self.space = space
+        self.allow_repeats = allow_repeats  # measure a configuration again although a complete trial holds it
+        self.storage = storage if isinstance(storage, RDBStorage) else open_for_tuning(
+            storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+        self.study_name = study_name or space.study
+        self.loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
+                                           attn_implementation=space.attn_implementation)
+        try:
+            check_layer(space.max_layer(), len(self.loaded.adapter.layers))
+        except ValueError as error:
+            key = "layer" if space.max_layer() == max(space.layer.choices()) else "schedule"
+            raise SpaceError(f"{space.source}: {key}: the space allows up to {space.max_layer()}; {error}") from None
+        self.tasks = tasks or load_tasks(space.tasks, subset_size=space.subset_size, seed=space.subset_seed,
+                                         include_paths=space.include_paths)
+        self.feature_cache = FeatureCache.from_mb(space.feature_cache_mb)  # this worker's image features; None: off
+        self.evaluator = Evaluator(self.loaded, self.tasks, batch_size=space.batch_size,
+                                   max_failures=space.max_failures, feature_cache=self.feature_cache)
+        self.inputs = latency_inputs(self.loaded, self.tasks[0])
+        self._check_token_counts(min(vision_counts(self.loaded, self.inputs)))
+        self.provenance = provenance_of(self.loaded, self.tasks, space)
+        self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
+                                         directions=list(DIRECTIONS), sampler=make_sampler(space),
+                                         load_if_exists=True)
+        self._check_provenance(allow_mixed)
+        self._local_baseline: EvalResult | None = None
+        self._running: Trial | None = None  # the trial objective() runs now, to queue again on Ctrl-C
+        self.requeued: int | None = None  # the trial queued again by the last interrupted run()
+        self.on_request: Callable[[int], None] | None = None  # progress of the running trial's evaluation
+
+    def _check_token_counts(self, n_vision: int) -> None:
+        """Refuse, before any trial, a space whose budgets or image pivots exceed the vision tokens of the prompt
+        every trial's latency is measured on: such trials keep every token (or cannot pick their pivots)."""
+        where = f"the {n_vision} vision tokens of the latency prompt ({self.tasks[0].name}, first document)"
+        checks = [("budget", max(self.space.budget.choices()))] if self.space.budget is not None else []
+        for method in self.space.methods:  # options bounded by the vision tokens (DART's image pivots)
+            specs = {} if method == PDROP else method_class(method).option_specs
+            for name, spec in specs.items():
+                values = [v for v in self.space.option_values(method, name) if v is not None]
+                if spec.vision_bound and values:
+                    checks.append((f"options.{method}.{name}", max(values)))
+        for key, largest in checks:
+            if largest > n_vision:
+                raise SpaceError(f"{self.space.source}: {key}: the space allows up to {largest}, more than {where}")
+
+    def _check_provenance(self, allow_mixed: bool) -> None:
+        stored = self.study.user_attrs.get("provenance")
+        if stored is None:
+            self.study.set_user_attr("provenance", self.provenance)
+            self.study.set_user_attr("objectives", list(OBJECTIVES))
+            self.study.set_user_attr("space", self.space.source)
+            self.study.set_user_attr("constraints", self.space.constraints.__dict__)
+            self._enqueue_first_trials()
+            return
+        differences = provenance_differences(stored, self.provenance)
+        if differences and not allow_mixed:
+            raise ProvenanceMismatch(f"study {self.study_name!r} was measured on another setup; refusing to mix "
+                                     "its trials with this run's (pass --allow-mixed to do it anyway, or use "
+                                     "another --study):\n  " + "\n  ".join(differences))
+        if differences:
+            logger.warning("mixing trials from another setup into %s: %s", self.study_name, "; ".join(differences))
+        self._ensure_baseline()
+
+    def _ensure_baseline(self) -> None:
+        """Queue the baseline again when no trial holds or will hold it (it failed, or its worker was killed)."""
+        alive = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+        if not any(is_baseline(t) for t in self.study.get_trials(deepcopy=False, states=alive)):
+            self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"}, skip_if_exists=False)
+
+    def _enqueue_first_trials(self) -> None:
+        """The unpruned baseline is trial 0; DART's paper setting (K=2, 4+4 pivots) follows when in the space."""
+        if self.study.trials:
+            return
+        # Two workers starting at once may both get here: skip_if_exists narrows the race and objective() prunes
+        # a baseline that another worker already runs, so a study never holds two.
+        self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"}, skip_if_exists=True)
+        for paper in self.space.paper_defaults():
+            self.study.enqueue_trial(paper, user_attrs={ROLE_ATTR: "paper_default"}, skip_if_exists=True)
+
+    # -- one trial ------------------------------------------------------------------------------------------
+
+    def baseline_accuracy(self) -> float:
+        """From the study once the baseline trial completed; before that, evaluated here (deterministic)."""
+        stored = self.study.user_attrs.get("baseline")
+        if stored:
+            return float(stored["accuracy"])
+        if self._local_baseline is None:
+            self._local_baseline = self.evaluator.evaluate(None)
+        return self._local_baseline.accuracy
+
+    def _baseline_scores(self) -> list[tuple[str, int, float]] | None:
+        """The baseline's per-sample scores: from its stored trial, else this worker's own evaluation (None if
+        neither exists yet)."""
+        stored = self.study.user_attrs.get("baseline")
+        if stored:
+            for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                if trial.number == stored.get("trial"):
+                    return stored_scores(trial.user_attrs)
+        return self._local_baseline.scores() if self._local_baseline is not None else None
+
+    def _constraints(self, accuracy: float, prefill_ms: float) -> dict[str, float]:
+        """Constraint values (feasible when <= 0) for the space's constraints."""
+        c = self.space.constraints
+        values: dict[str, float] = {}
+        if c.min_accuracy is not None:
+            values["min_accuracy"] = c.min_accuracy - accuracy
+        if c.min_relative_accuracy is not None:
+            values["min_relative_accuracy"] = c.min_relative_accuracy * self.baseline_accuracy() - accuracy
+        if c.max_prefill_ms is not None:
+            values["max_prefill_ms"] = prefill_ms - c.max_prefill_ms
+        return values
+
+    def accuracy_floor(self) -> float | None:
+        """The lowest accuracy the space's constraints allow (the higher of its absolute and relative floors)."""
+        return self.space.constraints.accuracy_floor(self.baseline_accuracy)
+
+    def _evaluate(self, config: PruningConfig | None) -> EvalResult:
+        """Accuracy on the subset; with the space's `early_stopping`, in chunks, stopping a pruned configuration as
+        soon as even perfect scores on the rest cannot reach the accuracy floor (`tuner.measure.early_stop`)."""
+        chunk = self.space.early_stop_chunk
+        floor = self.accuracy_floor() if chunk is not None and config is not None else None
+        if floor is None or not all(bound_applies(task) for task in self.tasks):
+            return self.evaluator.evaluate(config, on_progress=self.on_request)
+        stop_check = stop_check_for({task.name: task.subset.size for task in self.tasks}, floor)
+        return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=chunk, stop_check=stop_check)
+
+    def measure(self, config: PruningConfig | None) -> TrialOutcome:
+        """Accuracy on the subset, then latency interleaved with the unpruned baseline on the fixed inputs (with the
+        speed-up's interval and noise flag, `tuner.measure.latency.speedup_spread`).
+
+        A trial stopped early reports as accuracy the best it could still have reached (below the floor, so the
+        constraint marks it infeasible and the sampler learns the region is bad), with its partial evidence.
+        """
+        cache_before = self.feature_cache_stats()
+        result = self._evaluate(config)
+        if config is None:  # the baseline trial: its constraints need this very accuracy, not a second run
+            self._local_baseline = result
+        cache_attrs = (self.feature_cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
+        lat = self.space.latency  # latency is measured outside the feature cache: it includes the vision tower
+        setups = {BASELINE: None} if config is None else {BASELINE: None, "candidate": config}
+        measured = measure_latency(self.loaded, self.inputs, setups, new_tokens=lat.new_tokens,
+                                   repeats=lat.repeats, warmup=lat.warmup)
+        timing, cost = measured["candidate" if config is not None else BASELINE]
+        base_timing, base_cost = measured[BASELINE]
+        spread = speedup_spread(base_timing.prefill, timing.prefill)
+        attrs: dict[str, Any] = {
+            **config_attrs(config),
+            "accuracy": result.accuracy, "metrics": result.metrics, "n_samples": result.n_samples,
+            "accuracy_by_category": result.accuracy_by_category(), **result.kept_vision_stats(),
+            "prefill_ms": timing.prefill.median_ms, "prefill_iqr_ms": timing.prefill.iqr_ms,
+            "prefill_repeats": timing.prefill.repeats, "decode_ms_per_token": timing.decode.median_ms,
+            "decode_iqr_ms": timing.decode.iqr_ms, "end_to_end_ms": timing.total.median_ms,
+            "peak_memory_bytes": timing.peak_memory_bytes,
+            "baseline_prefill_ms_same_run": base_timing.prefill.median_ms,
+            "speedup_same_run": spread.speedup, **spread.to_attrs(),
+            "prefill_flops": cost.prefill_flops, "kv_cache_bytes": cost.kv_cache_bytes,
+            "flops_ratio": cost.prefill_flops / base_cost.prefill_flops,
+            "latency_input_tokens": cost.n_tokens, "latency_input_kept_vision": cost.n_kept_vision,
+            "samples": [[s.doc_index, s.score, s.n_kept_vision] for s in result.samples],
+            "eval_seconds": result.seconds, **cache_attrs, **latency_evidence(timing.prefill.samples_ms),
+        }
+        scores = result.scores()
+        if scores is not None:
+            attrs.update(accuracy_evidence(scores, None if config is None else self._baseline_scores()))
+        accuracy = result.accuracy
+        if result.stopped:
+            by_task: dict[str, list[float]] = {}
+            for sample in result.samples:
+                by_task.setdefault(sample.task, []).append(float(sample.score))
+            accuracy = best_reachable_accuracy(progress_of(by_task, {t.name: t.subset.size for t in self.tasks}))
+            attrs.update({STOPPED_ATTR: True, "stop_reason": result.stopped, "accuracy_partial": result.accuracy,
+                          "accuracy": accuracy, "accuracy_upper_bound": accuracy})
+        return TrialOutcome(config=config, accuracy=accuracy, prefill_ms=timing.prefill.median_ms, attrs=attrs)
+
+    def feature_cache_stats(self) -> CacheStats:
+        """This worker's feature-cache counters so far (all zero when the cache is off)."""
+        return self.feature_cache.stats() if self.feature_cache else CacheStats()
+
+    def objective(self, trial: Trial) -> tuple[float, float]:
+        """Optuna objective: (accuracy, prefill median ms); every number also goes into the trial's attributes.
+
+        A Ctrl-C anywhere in it marks the trial as interrupted, so `run` queues it again.
+        """
+        self._running = trial
+        try:
+            return self._measure_trial(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("failure", INTERRUPTED)
+            raise
+
+    def _measure_trial(self, trial: Trial) -> tuple[float, float]:
+        baseline = trial.user_attrs.get(ROLE_ATTR) == "baseline"
+        if baseline:
+            earlier = self._earlier_baseline(trial.number)
+            if earlier is not None:
+                trial.set_user_attr("duplicate_of", earlier)
+                raise optuna.TrialPruned(f"trial {earlier} already measures the baseline")
+        try:
+            config = None if baseline else self.space.suggest(trial)
+            if config is not None and not self.allow_repeats:
+                earlier = self._complete_with(config)
+                if earlier is not None:
+                    trial.set_user_attr("duplicate_of", earlier)
+                    raise optuna.TrialPruned(f"trial {earlier} already measured this configuration")
+            outcome = self.measure(config)
+        except optuna.TrialPruned:
+            raise
+        except Exception as error:
+            trial.set_user_attr("failure", f"{type(error).__name__}: {error}")
+            trial.set_user_attr("failure_type", type(error).__name__)
+            raise
+        for key, value in outcome.attrs.items():
+            trial.set_user_attr(key, value)
+        for key, value in self._constraints(outcome.accuracy, outcome.prefill_ms).items():
+            trial.set_constraint(key, value)
+        if baseline:
+            self.study.set_user_attr("baseline", {"trial": trial.number, "accuracy": outcome.accuracy,
+                                                  "prefill_ms": outcome.prefill_ms,
+                                                  "decode_ms_per_token": outcome.attrs["decode_ms_per_token"]})
+        return outcome.accuracy, outcome.prefill_ms
+
+    def _complete_with(self, config: PruningConfig) -> int | None:
+        """The first complete trial that ran exactly `config`, if any."""
+        for other in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if config_of(other) == config:
+                return other.number
+        return None
+
+    def _earlier_baseline(self, number: int) -> int | None:
+        """A baseline trial before `number` that is running or complete (a racing worker enqueued a second one)."""
+        for other in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+            if other.number < number and is_baseline(other):
+                return other.number
+        return None
+
+    # -- running -------------------------------------------------------------------------------------------
+
+    def n_complete(self) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def run(self, n_trials: int | None, timeout_s: float | None = None,
+            callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (), *,
+            max_same_failures: int = 3) -> optuna.Study:
+        """Run trials until the study holds `n_trials` complete ones (counting other workers') or time is up.
+
+        Raises TuningStopped when the baseline fails or `max_same_failures` trials in a row fail with the same
+        exception type; the failed trials stay stored with their reasons, and the next run resumes the study.
+        An interrupted trial (Ctrl-C) is queued again with its parameters before the interrupt propagates, so the
+        next run of the same command re-measures it.
+        """
+        guard = FailureGuard(max_same_failures)
+        all_callbacks = [*callbacks, guard, RepeatGuard()]
+        if n_trials is not None:
+            all_callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)))
+            if self.n_complete() >= n_trials:
+                return self.study
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                # MaxTrialsCallback stops at n_trials complete trials; the cap only bounds a run of failing trials.
+                self.study.optimize(self.objective, n_trials=None if n_trials is None else n_trials * 4,
+                                    timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
+                                    callbacks=all_callbacks, catch=(Exception,), gc_after_trial=False)
+            except KeyboardInterrupt:
+                with _sigint_ignored():
+                    self.requeued = self._requeue_interrupted()
+                raise
+            except Exception as error:
+                if not (self._taken_over() or self._completed_by_another_worker(error)):
+                    raise
+                continue  # Optuna could not record a trial that another worker already recorded
+            break
+        if guard.reason is not None:
+            raise TuningStopped(f"study {self.study_name!r} stopped: {guard.reason}. Fix the cause and run the same "
+                                "command again to resume")
+        return self.study
+
+    def _take_running(self) -> tuple[Trial, FrozenTrial] | None:
+        """The trial objective() last ran and its stored state, forgotten here so that it is looked at once."""
+        trial, self._running = self._running, None
+        if trial is None:
+            return None
+        return trial, next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+    def _taken_over(self) -> bool:
+        """Whether the trial this worker ran was failed meanwhile by another worker that found its heartbeats stale
+        (they could not reach a database that was away for longer than the grace period). Its retry is queued, so
+        this worker drops its measurement and goes on."""
+        taken = self._take_running()
+        if taken is None:
+            return False
+        trial, stored = taken
+        if stored.state != TrialState.FAIL or stored.user_attrs.get("failure") != HEARTBEAT_FAILURE:
+            return False
+        logger.warning("trial %d was failed by another worker while this one could not reach the storage; its "
+                       "measurement is dropped and the retry queued for it will measure it again", trial.number)
+        return True
+
+    def _completed_by_another_worker(self, error: Exception) -> bool:
+        """Whether Optuna refused to record this worker's trial because another worker had already completed the
+        same trial: under load, SQLite can let two workers take one waiting trial. The stored result measured the
+        same configuration, so this worker drops its own and goes on."""
+        if not (isinstance(error, ValueError) and str(error).startswith("Cannot tell a COMPLETE trial")):
+            return False
+        logger.warning("a trial this worker ran was completed by another worker that took it too; this worker's "
+                       "measurement is dropped")
+        return True
+
+    def _requeue_interrupted(self) -> int | None:
+        """Fail the trial this worker was running when interrupted, if Optuna had not yet, and queue it again with
+        its parameters and role (the re-queued trial names it in `requeued_from`). Returns the new trial's number,
+        or None when no trial was running (the interrupt came between trials)."""
+        taken = self._take_running()
+        if taken is None:
+            return None
+        trial, stored = taken
+        if stored.state == TrialState.RUNNING:  # interrupted inside Optuna's own bookkeeping, after the objective
+            trial.set_user_attr("failure", INTERRUPTED)
+            self.study.tell(trial, state=TrialState.FAIL)
+        elif stored.state != TrialState.FAIL or stored.user_attrs.get("failure") != INTERRUPTED:
+            return None  # it finished before the interrupt: nothing was lost
+        role = {ROLE_ATTR: stored.user_attrs[ROLE_ATTR]} if ROLE_ATTR in stored.user_attrs else {}
+        self.study.enqueue_trial(stored.params, user_attrs={**role, REQUEUED_FROM_ATTR: trial.number},
+                                 skip_if_exists=False)
+        return next(t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                    if t.user_attrs.get(REQUEUED_FROM_ATTR) == trial.number)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Let a second Ctrl-C not cut short the re-queueing of an interrupted trial (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
