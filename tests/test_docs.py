@@ -155,6 +155,20 @@ def test_the_dart_specification_lives_in_the_repository() -> None:
     assert "docs/design/DART.md" in README.read_text(encoding="utf-8")
 
 
+def test_code_cites_the_specification_by_its_repository_path_and_existing_sections() -> None:
+    """Docstrings and comments say `docs/design/DART.md §N`; a bare `DART.md` or a missing section is stale."""
+    sections = set(re.findall(r"^## (\d+)\.", (REPO / "docs" / "design" / "DART.md").read_text(encoding="utf-8"), re.M))
+    stale = []
+    for source in sorted({*(REPO / "tuner").rglob("*.py"), *(REPO / "tests").rglob("*.py")} - {Path(__file__)}):
+        text = source.read_text(encoding="utf-8")
+        for match in re.finditer(r"(\S*)DART\.md`*\s*(?:§(\d+)(?:-(\d+))?)?", text):
+            prefix, first, last = match.groups()
+            cited = {str(n) for n in range(int(first), int(last or first) + 1)} if first else set()
+            if not prefix.strip("`'\"(").endswith("docs/design/") or not cited <= sections:
+                stale.append(f"{source.relative_to(REPO)}: {match.group()}")
+    assert stale == []
+
+
 def test_the_checks_themselves_catch_a_broken_reference(tmp_path: Path) -> None:
     """A page with a dangling link, a wrong anchor and a climbing link is reported three times."""
     (tmp_path / "docs").mkdir()
