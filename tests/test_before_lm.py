@@ -1,4 +1,5 @@
-"""A stage at K = 0 prunes before the language model: the engine's properties hold there as at K >= 1 (DART.md §6).
+"""A stage at K = 0 prunes before the language model: the engine's properties hold there as at K >= 1
+(docs/design/DART.md §6).
 
 At K = 0 every layer caches only the kept tokens, so decoding must continue at the ORIGINAL sequence length,
 not at the cache's: the decode tests below would fail with positions taken from the shortened cache.

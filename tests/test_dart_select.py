@@ -1,6 +1,6 @@
 """Independent tests of ``tuner.pruning.dart.dart_select`` and ``reference_quota``.
 
-Spec: ``design/DART.md`` §2 (selection) and §3 (function contract); background in
+Spec: ``docs/design/DART.md`` §2 (selection) and §3 (function contract); background in
 ``research/dart_reference.md`` §2, §3, §11, §13.
 
 Three parts:

@@ -1,4 +1,4 @@
-"""Properties the hook mechanics must hold on every family and attention implementation (DART.md §6)."""
+"""Properties the hook mechanics must hold on every family and attention implementation (docs/design/DART.md §6)."""
 
 import sys
 

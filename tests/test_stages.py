@@ -1,4 +1,5 @@
-"""Multi-stage schedules (PyramidDrop's shape): the engine properties of DART.md §6 at every stage, on every family."""
+"""Multi-stage schedules (PyramidDrop's shape): the engine properties of docs/design/DART.md §6 at every stage, on
+every family."""
 
 import re
 

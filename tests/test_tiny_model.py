@@ -94,7 +94,8 @@ def test_a_stopped_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
 
 
 # The shipped checkpoint, checked on a stratified held-out sample of the test split (not seen in training). On all
-# 600 test questions it scores 0.937 unpruned and 0.253 with random keep 0.1 at K=2 (README, "The embedded model").
+# 600 test questions it scores 0.937 unpruned and 0.253 with random keep 0.1 at K=2 (docs/evaluation.md, "The embedded
+# model").
 # The floors leave room for the sample: 90 questions put a standard error of about 0.03 on the unpruned accuracy
 # and about 0.06 on the paired drop, so a drop of at least 0.3 fails only for a model that pruning does not hurt.
 EMBEDDED = "embedded:tiny-llava-shapes"

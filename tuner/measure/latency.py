@@ -54,7 +54,7 @@ class Timing:
 CONFIDENCE = 0.90  # least coverage of the speed-up interval (distribution-free, for the median per-round ratio)
 MIN_ROUNDS = 5  # fewest rounds whose min..max interval reaches CONFIDENCE: 1 - 2 / 2**5 = 93.75%
 SPREAD_LIMIT = 0.5  # an IQR at least half its median: the rounds spread as much as the value they estimate
-CLAIM_MARGIN = 1.1  # a speed-up within 10% of 1.00x claims no change (the README's run-to-run drift on 2 cores)
+CLAIM_MARGIN = 1.1  # a speed-up within 10% of 1.00x claims no change (docs/evaluation.md's run-to-run drift on 2 cores)
 
 
 @dataclass(frozen=True)

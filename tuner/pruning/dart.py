@@ -1,4 +1,4 @@
-"""DART selection (duplication-aware token reduction) as a pure function, exactly as `DART.md` §2-3.
+"""DART selection (duplication-aware token reduction) as a pure function, exactly as `docs/design/DART.md` §2-3.
 
 Pivots are ranked by the L1 norm of layer K-1's post-RoPE keys; each pivot, visited in the reference
 order, then takes its quota of the remaining vision tokens least cosine-similar to itself, measured on
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-PIVOT_ORDERS = ("reference", "rank", "position")  # how DART visits its pivots (DART.md §3)
+PIVOT_ORDERS = ("reference", "rank", "position")  # how DART visits its pivots (docs/design/DART.md §3)
 PIVOT_METRICS = ("l1", "l2", "l1_min", "l2_min")
 QUOTA_RULES = ("llava15", "llava_next", "qwen")
 

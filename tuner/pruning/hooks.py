@@ -1,6 +1,6 @@
 """All hook mechanics in one place: prune vision tokens before decoder layer K of a stock transformers VLM.
 
-Forward pre-hooks only, no copied `forward` (`DART.md` §5):
+Forward pre-hooks only, no copied `forward` (`docs/design/DART.md` §5):
 - on the top-level model: note `input_ids` (vision positions) and the 2D padding mask of each call;
 - on layer K-1's attention, when the method needs them: keys after RoPE and the attention of the last query (or
   of any query rows the method picks);

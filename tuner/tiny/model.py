@@ -3,12 +3,12 @@
 The text model's first layers use sliding-window attention (`TinyShape.local_layers`), a stock Qwen2 setting: there
 the question cannot see the image, so the model must read the image after them, and a pruning method that drops the
 wrong tokens at K = 2 costs accuracy, as in real VLMs. With full attention everywhere a model this small reads the
-image in layers 0-1 and pruning at K = 2 barely matters (measured; README, "The embedded model").
+image in layers 0-1 and pruning at K = 2 barely matters (measured; docs/evaluation.md, "The embedded model").
 
 Its tokenizer is a word-level vocabulary made from the bundled task's own questions and answers. Every question
 of `dart_shapes`, together with the post-prompt and the assistant tag that follow it, is a single token: a model
 this small learns a lookup keyed by the token at the answer position quickly, and hardly at all when it must
-first carry the question forward over intervening tokens (measured: at chance after 600 steps; see the README).
+first carry the question forward over intervening tokens (measured: at chance after 600 steps; see docs/evaluation.md).
 The processor is an ordinary `LlavaProcessor` with a chat template, so the checkpoint loads through
 `AutoProcessor` / `AutoModelForImageTextToText` like any other.
 """

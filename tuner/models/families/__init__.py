@@ -1,7 +1,7 @@
 """The supported VLM families, one file each, registered by `config.model_type` and top-level class.
 
 Adding a family is one new file here (a `Family` subclass decorated with `@register_family`, imported
-below), its default search space `search_spaces/<name>.yaml` and a README row.
+below), its default search space `search_spaces/<name>.yaml` and a row in docs/models.md.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def adapter_for(model: torch.nn.Module, vision_token_ids: Sequence[int] | None =
     return bind(family, model, vision_token_ids)
 
 
-# The bundled families register themselves on import; the order is the README's.
+# The bundled families register themselves on import; the order is docs/models.md's.
 from tuner.models.families import (  # noqa: E402, F401, I001
     llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, internvl, idefics3,
     smolvlm,

@@ -25,7 +25,7 @@ class DART(PruningMethod):
     """Keeps the vision tokens least similar to a few norm-ranked pivots; duplication over importance.
 
     Options: `n_image_pivots` / `n_text_pivots` (4 + 4 in the paper; searched by default over 1-8 and 0-8),
-    `pivot_order` (reference | rank | position, DART.md §3), `pivot_metric`: l1 | l2 | l1_min | l2_min rank
+    `pivot_order` (reference | rank | position, docs/design/DART.md §3), `pivot_metric`: l1 | l2 | l1_min | l2_min rank
     pivots on layer K-1's post-RoPE keys (the paper's K-norm); hidden_l1 | hidden_l2 | hidden_l1_min |
     hidden_l2_min on the hidden states entering layer K, so no keys are captured (before layer 0 no keys exist,
     so pivots come from the projected features). For the official code's counts, either a fixed `quota` per
