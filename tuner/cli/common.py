@@ -114,6 +114,23 @@ def start_up_line(url: str, error: Exception) -> str:
     return storage_line(url, error)
 
 
+def raised_in_our_code(error: BaseException) -> bool:
+    """Whether the root cause of `error` was raised inside dart-tuner itself (a bug: it keeps its traceback), not
+    in a task's hooks, a library or the model (the bundled task's hooks count as a task's)."""
+    import traceback
+    from pathlib import Path
+
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    frames = traceback.extract_tb(root.__traceback__)
+    if not frames:
+        return False
+    package = Path(__file__).resolve().parents[1]
+    where = Path(frames[-1].filename).resolve()
+    return where.is_relative_to(package) and not where.is_relative_to(package / "evaluation" / "bundled_tasks")
+
+
 def storage_fail(url: str, error: Exception, code: int = 1) -> typer.Exit:
     """One line for a storage that failed while tuning (lost for longer than the worker waits, turned read-only,
     ...). The next worker re-queues the trial it was running."""

@@ -17,6 +17,7 @@ from tuner.cli.common import (
     parse_options,
     print_json,
     quiet_libraries,
+    raised_in_our_code,
     show_sheet,
     wide_option,
     with_stage_options,
@@ -126,6 +127,7 @@ def eval_command(
 
     from tuner.config import PruningConfig, parse_schedule
     from tuner.config.preset import load_preset
+    from tuner.evaluation.lmms_model import GenerationFailure
     from tuner.evaluation.tasks import load_tasks
 
     console = Console(stderr=json_path == STDOUT)
@@ -177,6 +179,10 @@ def eval_command(
             progress.advance(latency_bar, 1)
     except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and check_layer name the bad field
         raise fail(str(error)) from None
+    except GenerationFailure as error:  # the task's hooks or the model failed; a bug of ours keeps its traceback
+        if raised_in_our_code(error):
+            raise
+        raise fail(str(error), code=1) from None
     _print_and_save_eval(console, reports, loaded, tasks, json_path, wide)
 
 
