@@ -24,16 +24,12 @@ def studies(storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of
     from tuner.results.storage import open_for_reading
 
     try:
-        readable = open_for_reading(storage)
-        table = tables.studies_sheet(readable).as_json() if as_json else tables.studies_table(readable, wide=wide)
+        sheet = tables.studies_sheet(open_for_reading(storage))
     except DartTunerError as error:
         raise fail(str(error)) from None
     except Exception as error:  # a storage error while reading the studies; anything else keeps its traceback
         raise fail(storage_line(storage, error, "cannot read")) from None
-    if as_json:
-        print_json(table)
-    else:
-        Console().print(table)
+    show_sheet(Console(), sheet, wide=wide, as_json=as_json)
 
 
 @app.command("front")
