@@ -37,6 +37,6 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch) -> None:
     def broken(storage):  # noqa: ANN001
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(tuner.results.tables, "studies_table", broken)
+    monkeypatch.setattr(tuner.results.tables, "studies_sheet", broken)
     result = CliRunner().invoke(app, ["studies", "--storage", f"sqlite:///{path}"])
     assert isinstance(result.exception, ZeroDivisionError)

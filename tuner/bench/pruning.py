@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tuner.config import PruningConfig, check_layer
 from tuner.measure.latency import Timing, measure_interleaved
 from tuner.pruning import PruningHandle, RequestStats, apply_pruning, available_methods, get_method_class
+from tuner.results.tables import Column, Sheet
 
 VISION_TOKEN_ID = 31999
 N_VISION = 576
@@ -169,3 +170,27 @@ def rows_as_dicts(rows: list[BenchRow]) -> list[dict]:
     """Plain rows for JSON output."""
     return [asdict(row) | {"fraction_of_bound": row.fraction_of_bound, "select_share": row.select_share}
             for row in rows]
+
+
+BENCH_COLUMNS = (Column("config", "config", "config", "left"), Column("kept", "kept", "kept"),
+                 Column("tokens_after_k", "tokens after K"), Column("prefill_ms", "prefill ms (IQR)", "prefill ms"),
+                 Column("speedup", "speed-up", "speed-up"), Column("bound", "bound"),
+                 Column("of_bound", "of bound", "of bound"), Column("select_ms", "select ms (IQR)", "select ms (IQR)"),
+                 Column("select_share", "select % of prefill"))
+
+
+def bench_sheet(result: BenchResult, *, hidden: int, layers: int, threads: int, layer: int, repeats: int,
+                attn_implementation: str) -> Sheet:
+    """The benchmark's rows as a table: prefill, speed-up against its token-count bound and the selection's cost."""
+    n_tokens = N_VISION + TEXT_BEFORE + TEXT_AFTER
+    sheet = Sheet(f"Prefill, Llama-shaped hidden {hidden} x {layers} layers, fp32, {threads} threads, "
+                  f"{attn_implementation}; {N_VISION} vision + {n_tokens - N_VISION} text tokens, K={layer}; "
+                  f"medians of {repeats} interleaved rounds", BENCH_COLUMNS)
+    for row in result.rows:
+        select = "-" if row.select_ms is None else f"{row.select_ms:.2f} ({row.select_iqr_ms:.2f})"
+        share = "-" if row.select_share is None else f"{100 * row.select_share:.2f}%"
+        prefill = f"{row.median_ms:.1f} ({row.iqr_ms:.1f})"
+        sheet.add_row([row.name, str(row.kept_vision), str(row.tokens_after_k), prefill, f"{row.speedup:.2f}x",
+                       f"{row.bound:.2f}x", f"{100 * row.fraction_of_bound:.0f}%", select, share],
+                      {"name": row.name, "median_ms": row.median_ms, "speedup": row.speedup})
+    return sheet

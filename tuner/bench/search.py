@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from optuna._hypervolume import compute_hypervolume  # private module, but the exact 2-D sweep (optuna>=5,<6)
 
+from tuner.results.tables import Column, Sheet
 from tuner.search.replay import MeasuredGrid, Step, replay
 from tuner.search.space import SearchSpace
 
@@ -127,3 +128,25 @@ def curve_rows(variant: str, curves: Sequence[Curve], full: float) -> list[dict]
     return [{"variant": variant, "sampler": c.sampler, "seed": c.seed, "n_configs": k, "seconds": round(s, 3),
              "hypervolume": hv, "fraction_of_grid": hv / full if full else math.nan}
             for c in curves for k, s, hv in zip(c.n_configs, c.seconds, c.hypervolume)]
+
+
+def hypervolume_sheet(summaries: Sequence[Summary], checkpoints: Sequence[int], second_marks: Sequence[float], *,
+                      n_points: int, seeds: int, reference: tuple[float, float]) -> Sheet:
+    """The summaries as a table: % of the plain grid's hypervolume after n configurations and s seconds, and the
+    configurations and seconds each seed took to reach the target (the seconds columns only with --wide)."""
+    columns = [Column("grid", "grid", "grid", "left"), Column("sampler", "sampler", "sampler", "left"),
+               *(Column(f"configs_{n}", f"{n} cfg", f"{n} cfg") for n in checkpoints),
+               *(Column(f"seconds_{s:g}", f"{s:.0f} s") for s in second_marks),
+               Column("configs_to_target", "cfg to 95%", "cfg to 95%"),
+               Column("seconds_to_target", "s to 95%", "s to 95%"),
+               Column("seconds_spent", "s spent")]
+    sheet = Sheet(f"Hypervolume, % of the plain grid's, replayed against a measured grid ({n_points} points, {seeds} "
+                  f"seeds; reference: accuracy {reference[0]:.3f}, prefill {reference[1]:.1f} ms)", columns)
+    for s in summaries:
+        seconds = [t for t in s.seconds_to_target if t is not None]
+        sheet.add_row([s.variant, s.sampler, *(f"{100 * s.fraction_at[n]:.0f}" for n in checkpoints),
+                       *(f"{100 * s.fraction_at_seconds[t]:.0f}" for t in second_marks),
+                       "/".join("-" if k is None else str(k) for k in s.configs_to_target),
+                       f"{sum(seconds) / len(seconds):.0f}" if seconds else "-", f"{s.seconds_total:.0f}"],
+                      {"variant": s.variant, "sampler": s.sampler})
+    return sheet

@@ -5,12 +5,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    from tuner.results.tables import Sheet
 
 app = typer.Typer(help="Find and apply the best visual-token pruning configuration for a multimodal LLM.",
                   no_args_is_help=True, add_completion=False)
@@ -41,13 +46,38 @@ def hide_library_progress_bars() -> contextlib.AbstractContextManager:
     return contextlib.redirect_stderr(io.StringIO())
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
+def fail(message: str, code: int = 2, *, wrap: bool = False) -> typer.Exit:
     """Print a one-line error (no traceback: the message names the culprit) and return the exit to raise.
 
-    Exit code 2 means bad input (the command never started); 1 means it ran and failed.
+    Exit code 2 means bad input (the command never started); 1 means it ran and failed. `wrap`: fold a message of
+    several lines (a list of the closest trials) at the terminal's width instead of keeping each line whole.
     """
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=not wrap)
     return typer.Exit(code)
+
+
+def wide_option() -> Any:
+    """The `--wide` flag of every command that prints a table."""
+    return typer.Option(False, "--wide", help="Show every column (the default columns fit 80 characters).")
+
+
+def json_option() -> Any:
+    """The `--json` flag of every command that prints a table (commands that write JSON files take `--json -`)."""
+    return typer.Option(False, "--json", help="Print the table as JSON on stdout; messages go to stderr.")
+
+
+def print_json(data: object) -> None:
+    """`data` as one JSON document on stdout (what `--json` promises: nothing else is printed there)."""
+    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def show_sheet(console: Console, sheet: Sheet, *, wide: bool = False, as_json: bool = False) -> None:
+    """Print a table: compact (fits 80 columns), every column (`wide`), or as JSON on stdout (`as_json`)."""
+    if as_json:
+        print_json(sheet.as_json())
+    else:
+        console.print(sheet.table(wide))
 
 
 def log_to(console: Console, name: str) -> None:
@@ -71,6 +101,34 @@ def storage_line(url: str, error: Exception, doing: str = "cannot use") -> str:
     if failure is None:
         raise error
     return str(failure) if isinstance(failure, StorageError) else describe(url, failure, doing)
+
+
+def start_up_line(url: str, error: Exception) -> str:
+    """The one line for a command that could not start: a user-facing error's own message (a bad space, model,
+    task, preset; a ValueError of PruningConfig or check_layer naming the field), or the storage error in `error`'s
+    chain. Anything else is a bug in our code and is raised again with its traceback."""
+    from tuner.errors import DartTunerError
+
+    if isinstance(error, (DartTunerError, ValueError)):
+        return str(error)
+    return storage_line(url, error)
+
+
+def raised_in_our_code(error: BaseException) -> bool:
+    """Whether the root cause of `error` was raised inside dart-tuner itself (a bug: it keeps its traceback), not
+    in a task's hooks, a library or the model (the bundled task's hooks count as a task's)."""
+    import traceback
+    from pathlib import Path
+
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    frames = traceback.extract_tb(root.__traceback__)
+    if not frames:
+        return False
+    package = Path(__file__).resolve().parents[1]
+    where = Path(frames[-1].filename).resolve()
+    return where.is_relative_to(package) and not where.is_relative_to(package / "evaluation" / "bundled_tasks")
 
 
 def storage_fail(url: str, error: Exception, code: int = 1) -> typer.Exit:

@@ -8,28 +8,38 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, quiet_libraries, storage_fail
+from tuner.cli.common import (
+    app,
+    fail,
+    hide_library_progress_bars,
+    interruptible,
+    json_option,
+    quiet_libraries,
+    show_sheet,
+    start_up_line,
+    wide_option,
+)
 from tuner.errors import DartTunerError
 from tuner.results.storage import DEFAULT_STORAGE
 
 
 def run_confirmation(console: Console, tuner_: Any, *, repeats: int, fresh_limit: int | None,
-                     fresh_seed: int) -> None:
+                     fresh_seed: int, wide: bool = False, as_json: bool = False) -> None:
     """Confirm `tuner_`'s front (`tuner.search.confirm.confirm`) with a spinner, then print the front with its confirmed
-    numbers (just the front when it holds no pruned trial). `fresh_limit` None: the study's subset size; 0: latency
-    only."""
-    from tuner.results.tables import pareto_table
+    numbers (just the front when it holds no pruned trial), compact, `wide` or `as_json` on stdout. `fresh_limit`
+    None: the study's subset size; 0: latency only."""
+    from tuner.results.tables import pareto_sheet
     from tuner.search.confirm import confirm, front_to_confirm
 
     if not front_to_confirm(tuner_.study):
-        console.print(pareto_table(tuner_.study))
+        show_sheet(console, pareto_sheet(tuner_.study), wide=wide, as_json=as_json)
         console.print("nothing to confirm: the feasible Pareto front holds no pruned trial")
         return
     size = fresh_limit if fresh_limit is not None else min(t.subset.size for t in tuner_.tasks)
     with console.status("Confirming the front...") as status, hide_library_progress_bars():
         confirm(tuner_, repeats=repeats, fresh_size=size or None, fresh_seed=fresh_seed,
                 on_step=lambda step: status.update(f"Confirming the front: {step}..."))
-    console.print(pareto_table(tuner_.study))
+    show_sheet(console, pareto_sheet(tuner_.study), wide=wide, as_json=as_json)
     console.print(f"confirmed: {repeats} interleaved rounds with the baseline"
                   + (f", accuracy on a fresh subset of {size} documents per task (seed {fresh_seed}), disjoint "
                      "from the search's" if size else "") + "; the search-time numbers are unchanged")
@@ -46,30 +56,32 @@ def confirm_command(
                                                              "disjoint from the search's (default: the same size; "
                                                              "0: latency only)."),
     fresh_seed: int = typer.Option(1, help="Seed of the fresh subset."),
+    wide: bool = wide_option(),
+    as_json: bool = json_option(),
 ) -> None:
     """Re-measure a study's Pareto front: one interleaved latency run with the baseline and more repeats, and
     accuracy on a fresh disjoint subset. Stored next to the search-time numbers, which stay unchanged."""
     import optuna
+    from rich.markup import escape
 
     from tuner.results import open_study
     from tuner.results.storage import open_for_reading
     from tuner.search.space import load_space
     from tuner.search.study import Tuner
 
-    console = Console()
+    console = Console(stderr=as_json)
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         space = load_space(space_path)
         open_study(open_for_reading(storage), study or space.study)  # confirm never creates a study
-        with console.status(f"Loading {space.model} and {', '.join(space.tasks)}..."), \
+        with console.status(f"Loading {escape(space.model)} and {escape(', '.join(space.tasks))}..."), \
                 hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study)
-    except (DartTunerError, ValueError) as error:
-        raise fail(str(error)) from None
-    except Exception as error:
-        raise storage_fail(storage, error, code=2) from error
+    except Exception as error:  # noqa: BLE001 - start_up_line raises a bug again
+        raise fail(start_up_line(storage, error)) from None
     try:
-        run_confirmation(console, tuner_, repeats=repeats, fresh_limit=fresh_limit, fresh_seed=fresh_seed)
+        run_confirmation(console, tuner_, repeats=repeats, fresh_limit=fresh_limit, fresh_seed=fresh_seed,
+                         wide=wide, as_json=as_json)
     except (DartTunerError, ValueError) as error:
         raise fail(str(error), code=1) from None

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from tuner.cli.common import (
     app,
@@ -16,11 +15,17 @@ from tuner.cli.common import (
     interruptible,
     options_for,
     parse_options,
+    print_json,
     quiet_libraries,
+    raised_in_our_code,
+    show_sheet,
+    wide_option,
     with_stage_options,
 )
 from tuner.errors import DartTunerError
 from tuner.tiny.recipe import TrainConfig
+
+STDOUT = Path("-")  # `--json -`: the JSON on stdout instead of a file, and every message on stderr
 
 
 @app.command("bench-pruning")
@@ -35,23 +40,19 @@ def bench_pruning(
     hidden: int = typer.Option(1024, help="Hidden size of the Llama-shaped text model."),
     layers: int = typer.Option(8, help="Decoder layers."),
     attn_implementation: str = typer.Option("sdpa", help="sdpa or eager."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the rows here."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the rows here ('-': on stdout, with the "
+                                                               "table's cells; messages go to stderr)."),
+    wide: bool = wide_option(),
 ) -> None:
     """Prefill time and selection cost of no hooks, keep_all and every method at each budget, interleaved."""
     import torch
+    from rich.markup import escape
 
-    from tuner.bench.pruning import (
-        DEFAULT_BUDGETS,
-        N_VISION,
-        TEXT_AFTER,
-        TEXT_BEFORE,
-        default_methods,
-        rows_as_dicts,
-        run_benchmark,
-    )
+    from tuner.bench.pruning import DEFAULT_BUDGETS, bench_sheet, default_methods, rows_as_dicts, run_benchmark
 
     torch.set_num_threads(threads)
-    console = Console()
+    to_stdout = json_path == STDOUT
+    console = Console(stderr=to_stdout)
     methods, budgets = tuple(method) or default_methods(), tuple(budget) or DEFAULT_BUDGETS
     n_configs = 2 + len([m for m in dict.fromkeys(methods) if m != "keep_all"]) * len(set(budgets))
     try:
@@ -60,32 +61,23 @@ def bench_pruning(
                                    hidden=hidden, layers=layers, attn_implementation=attn_implementation)
     except ValueError as error:  # an unknown method, a layer K out of range
         raise fail(str(error)) from None
-    n_tokens = N_VISION + TEXT_BEFORE + TEXT_AFTER
-    table = Table(title=f"Prefill, Llama-shaped hidden {hidden} x {layers} layers, fp32, {threads} threads, "
-                        f"{attn_implementation}; {N_VISION} vision + {n_tokens - N_VISION} text tokens, K={layer}; "
-                        f"medians of {repeats} interleaved rounds")
-    for column in ("config", "kept", "tokens after K", "prefill ms (IQR)", "speed-up", "bound", "of bound",
-                   "select ms (IQR)", "select % of prefill"):
-        table.add_column(column, justify="left" if column == "config" else "right")
-    for row in result.rows:
-        select = "-" if row.select_ms is None else f"{row.select_ms:.2f} ({row.select_iqr_ms:.2f})"
-        share = "-" if row.select_share is None else f"{100 * row.select_share:.2f}%"
-        prefill = f"{row.median_ms:.1f} ({row.iqr_ms:.1f})"
-        table.add_row(row.name, str(row.kept_vision), str(row.tokens_after_k), prefill, f"{row.speedup:.2f}x",
-                      f"{row.bound:.2f}x", f"{100 * row.fraction_of_bound:.0f}%", select, share)
-    console.print(table)
+    sheet = bench_sheet(result, hidden=hidden, layers=layers, threads=threads, layer=layer, repeats=repeats,
+                        attn_implementation=attn_implementation)
+    if not to_stdout:
+        show_sheet(console, sheet, wide=wide)
     by_name = {row.name: row for row in result.rows}
     overhead = by_name["keep_all"].median_ms / by_name["no hooks"].median_ms - 1
     console.print(f"keep_all overhead over no hooks: {100 * overhead:+.1f}%; select ms: the hooks' timing of the "
                   "selection inside each timed prefill (part of the prefill time)")
     for name, reason in result.skipped.items():
-        console.print(f"[yellow]skipped {name}[/yellow]: {reason}")
-    if json_path is not None:
-        json_path.write_text(json.dumps({"rows": rows_as_dicts(result.rows), "skipped": result.skipped,
-                                         "keep_all_overhead": overhead, "torch": torch.__version__,
-                                         "threads": threads, "layer": layer, "repeats": repeats, "warmup": warmup,
-                                         "hidden": hidden, "layers": layers,
-                                         "attn_implementation": attn_implementation}, indent=1))
+        console.print(f"[yellow]skipped {escape(name)}[/yellow]: {escape(reason)}", highlight=False)
+    payload = {"rows": rows_as_dicts(result.rows), "skipped": result.skipped, "keep_all_overhead": overhead,
+               "torch": torch.__version__, "threads": threads, "layer": layer, "repeats": repeats, "warmup": warmup,
+               "hidden": hidden, "layers": layers, "attn_implementation": attn_implementation}
+    if to_stdout:
+        print_json({**payload, "table": sheet.as_json()})
+    elif json_path is not None:
+        json_path.write_text(json.dumps(payload, indent=1))
 
 
 @app.command("eval")
@@ -123,17 +115,22 @@ def eval_command(
     repeats: int = typer.Option(5, min=1, help="Timed latency rounds (every configuration once per round)."),
     warmup: int = typer.Option(1, min=0, help="Discarded latency rounds."),
     max_failures: int = typer.Option(0, min=0, help="Empty generations tolerated before the run counts as failed."),
-    json_path: Path | None = typer.Option(None, "--json", help="Write every number and per-sample result here."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write every number and per-sample result here "
+                                                               "('-': on stdout, with the table's cells; messages "
+                                                               "go to stderr)."),
+    wide: bool = wide_option(),
 ) -> None:
     """Accuracy, kept tokens, prefill and decode latency, FLOPs and KV bytes: a configuration next to the unpruned
     baseline."""
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tuner.config import PruningConfig, parse_schedule
     from tuner.config.preset import load_preset
+    from tuner.evaluation.lmms_model import GenerationFailure
     from tuner.evaluation.tasks import load_tasks
 
-    console = Console()
+    console = Console(stderr=json_path == STDOUT)
     quiet_libraries()
     try:
         given = [flag for flag, value in (("--preset", preset), ("--method", method), ("--schedule", schedule))
@@ -157,13 +154,14 @@ def eval_command(
         from tuner.measure.compare import BASELINE, compare_configs
         from tuner.models import load_model
 
-        with console.status(f"Loading {model} and {', '.join(task)}..."), hide_library_progress_bars():
+        with console.status(f"Loading {escape(model)} and {escape(', '.join(task))}..."), \
+                hide_library_progress_bars():
             loaded = load_model(model, dtype=dtype, device=device, attn_implementation=attn_implementation)
             tasks = load_tasks(task, subset_size=limit, seed=seed, include_paths=include_path)
         n_requests = sum(t.subset.size for t in tasks)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as progress:
-            bars = {name: progress.add_task(f"accuracy: {name}", total=n_requests)
+            bars = {name: progress.add_task(f"accuracy: {escape(name)}", total=n_requests)
                     for name in [BASELINE, *configs]}
             latency_bar = progress.add_task("latency (interleaved)", total=1)
 
@@ -181,7 +179,11 @@ def eval_command(
             progress.advance(latency_bar, 1)
     except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and check_layer name the bad field
         raise fail(str(error)) from None
-    _print_and_save_eval(console, reports, loaded, tasks, json_path)
+    except GenerationFailure as error:  # the task's hooks or the model failed; a bug of ours keeps its traceback
+        if raised_in_our_code(error):
+            raise
+        raise fail(str(error), code=1) from None
+    _print_and_save_eval(console, reports, loaded, tasks, json_path, wide)
 
 
 def _method_layer(name: str, layer: int | None) -> int:
@@ -193,18 +195,24 @@ def _method_layer(name: str, layer: int | None) -> int:
     return getattr(method_class(name), "default_layer", 2)
 
 
-def _print_and_save_eval(console: Console, reports: list, loaded: object, tasks: list, json_path: Path | None) -> None:
-    """The eval table, the subset line, and the JSON file when asked for."""
+def _print_and_save_eval(console: Console, reports: list, loaded: object, tasks: list, json_path: Path | None,
+                         wide: bool = False) -> None:
+    """The eval table (compact or `wide`), the subset line, and the JSON file when asked for (`STDOUT`: on stdout,
+    with the table's cells, instead of the table)."""
+    from rich.markup import escape
+
     from tuner.config.environment import environment
-    from tuner.measure.table import comparison_table
+    from tuner.measure.table import comparison_sheet
 
     subsets = ", ".join(f"{t.name}: {t.subset.size}/{t.subset.total} docs (seed {t.subset.seed}, "
                         f"stratified by {t.subset.stratified_by}, hash {t.subset.hash[:12]})" for t in tasks)
     timing = reports[0].latency
     title = (f"{loaded.model_id} ({loaded.family}, {loaded.provenance()['dtype']}, {loaded.attn_implementation}, "
              f"{loaded.provenance()['device']})")
-    console.print(comparison_table(reports, title))
-    console.print(f"subset: {subsets}")
+    sheet = comparison_sheet(reports, title)
+    if json_path != STDOUT:
+        show_sheet(console, sheet, wide=wide)
+    console.print(f"subset: {escape(subsets)}", highlight=False)
     console.print(f"latency: {reports[0].cost.n_tokens} prompt tokens, {timing.new_tokens} new tokens, median of "
                   f"{timing.prefill.repeats} interleaved rounds; GFLOPs and KV bytes are analytic (text model, "
                   "same inputs)")
@@ -213,8 +221,11 @@ def _print_and_save_eval(console: Console, reports: list, loaded: object, tasks:
                    "tasks": [{"name": t.name, "primary_metric": t.primary_metric, "subset": t.subset.to_dict()}
                              for t in tasks],
                    "rows": [r.to_dict(with_samples=True) for r in reports]}
+        if json_path == STDOUT:
+            print_json({**payload, "table": sheet.as_json()})
+            return
         json_path.write_text(json.dumps(payload, indent=1, default=str))
-        console.print(f"wrote {json_path}")
+        console.print(f"wrote {escape(str(json_path))}", highlight=False)
 
 
 _TRAIN = TrainConfig()
@@ -245,6 +256,7 @@ def train_tiny(
     """Train the embedded tiny LLaVA from scratch on generated dart_shapes scenes (seeded, reproducible), or
     continue a run from its checkpoint."""
     import torch
+    from rich.markup import escape
 
     from tuner.tiny.train import TrainConfig, train
 
@@ -256,11 +268,11 @@ def train_tiny(
     if init_from is not None and not (init_from / "config.json").exists():
         raise fail(f"--init-from {str(init_from)!r} is not a checkpoint folder (no config.json)")
     console = Console()
-    console.print(f"training {steps} steps x {batch_size} images into {out}")
+    console.print(f"training {steps} steps x {batch_size} images into {escape(str(out))}", highlight=False)
     try:
         _, _, history = train(config, out_dir=out, log=console.print, resume=resume)
     except ValueError as error:
         raise fail(str(error)) from None
     final = history.evaluations[-1]["val_accuracy"] if history.evaluations else float("nan")
     console.print(f"done in {history.seconds:.0f} s: validation accuracy {final:.3f} (first answer token, "
-                  f"{config.eval_docs} held-out questions); checkpoint in {out}")
+                  f"{config.eval_docs} held-out questions); checkpoint in {escape(str(out))}", highlight=False)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
-from tuner.cli.common import app, fail, storage_line
+from tuner.cli.common import app, fail, json_option, print_json, show_sheet, storage_line, wide_option
 from tuner.errors import DartTunerError
 from tuner.results.storage import DEFAULT_STORAGE
 
@@ -17,19 +17,46 @@ if TYPE_CHECKING:
 
 
 @app.command("studies")
-def studies(storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage.")
-            ) -> None:
+def studies(storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage."),
+            wide: bool = wide_option(), as_json: bool = json_option()) -> None:
     """Every study in a storage: trial counts, the unpruned baseline, the most accurate and fastest Pareto points."""
+    from tuner.results import tables
     from tuner.results.storage import open_for_reading
-    from tuner.results.tables import studies_table
 
     try:
-        table = studies_table(open_for_reading(storage))
+        sheet = tables.studies_sheet(open_for_reading(storage))
     except DartTunerError as error:
         raise fail(str(error)) from None
     except Exception as error:  # a storage error while reading the studies; anything else keeps its traceback
         raise fail(storage_line(storage, error, "cannot read")) from None
-    Console().print(table)
+    show_sheet(Console(), sheet, wide=wide, as_json=as_json)
+
+
+@app.command("front")
+def front(study: str = typer.Option(..., help="Study name (see `dart-tuner studies`)."),
+          storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage."),
+          wide: bool = wide_option(), as_json: bool = json_option()) -> None:
+    """A study's feasible Pareto front with its confirmed numbers: the table `tune` prints at its end."""
+    from rich.markup import escape
+
+    from tuner.results import open_study
+    from tuner.results.evidence import CONFIRMATION_ATTR
+    from tuner.results.storage import open_for_reading
+    from tuner.results.tables import pareto_sheet
+
+    try:
+        loaded_study = open_study(open_for_reading(storage), study)
+        sheet = pareto_sheet(loaded_study)
+    except DartTunerError as error:
+        raise fail(str(error)) from None
+    except Exception as error:  # a storage error while reading the study; anything else keeps its traceback
+        raise fail(storage_line(storage, error, "cannot read")) from None
+    confirmation = loaded_study.user_attrs.get(CONFIRMATION_ATTR)
+    console = Console(stderr=as_json)
+    show_sheet(console, sheet, wide=wide, as_json=as_json)
+    if not confirmation:
+        console.print(f"not confirmed yet: dart-tuner confirm --space SPACE --study {escape(study)} --storage "
+                      f"{escape(storage)} re-measures the front", highlight=False)
 
 
 @app.command("export")
@@ -46,6 +73,8 @@ def export(
                                                        "confidence bound at this level (0.9 = 90%) instead of its "
                                                        "measured accuracy."),
     output: Path = typer.Option(Path("preset.yaml"), "--output", "-o", help="Preset file to write."),
+    as_json: bool = typer.Option(False, "--json", help="Print the chosen trial and its metrics as JSON on stdout; "
+                                                       "messages go to stderr."),
 ) -> None:
     """Write the chosen trial of a study as a preset: its PruningConfig, metrics and provenance."""
 
@@ -65,7 +94,7 @@ def export(
         chosen = choose_trial(loaded_study, rule)
         preset = preset_from_trial(loaded_study, chosen)
     except (DartTunerError, ValueError) as error:  # ValueError: Rule names the conflicting options
-        raise fail(str(error)) from None
+        raise fail(str(error), wrap=True) from None  # wrapped: the closest trials, one per line
     except Exception as error:  # a storage error while reading the study; anything else keeps its traceback
         raise fail(storage_line(storage, error, "cannot read")) from None
     try:
@@ -73,16 +102,20 @@ def export(
     except DartTunerError as error:
         raise fail(str(error)) from None
     metrics = preset.metrics
+    warning = noise_warning(chosen, loaded_study)
+    warning = warning and warning + _remeasure_command(preset, output)
+    if as_json:
+        print_json({"rule": rule.describe(), "trial": chosen.number, "config": preset.config.to_dict(),
+                    "output": str(output), "metrics": metrics, "warning": warning})
+        return
     console = Console()
-    console.print(f"{rule.describe()}: trial {chosen.number} ({describe_trial(chosen)}), "
+    console.print(f"{escape(rule.describe())}: trial {chosen.number} ({escape(describe_trial(chosen))}), "
                   f"accuracy {with_interval(chosen, 'accuracy', metrics['accuracy'], '.3f')} (baseline "
                   f"{metrics['baseline_accuracy']}; vs baseline {versus_baseline_text(chosen)}), prefill "
                   f"{with_interval(chosen, 'prefill_ms', metrics['prefill_ms_median'], '.1f')} ms "
-                  f"({metrics['speedup'] or float('nan'):.2f}x) -> {output}", highlight=False, soft_wrap=True)
-    warning = noise_warning(chosen, loaded_study)
+                  f"({metrics['speedup'] or float('nan'):.2f}x) -> {escape(str(output))}", highlight=False)
     if warning:
-        console.print(f"[yellow]warning:[/] {escape(warning + _remeasure_command(preset, output))}", highlight=False,
-                      soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 def _remeasure_command(preset: Preset, output: Path) -> str:
@@ -132,13 +165,16 @@ def dashboard(
     if app_path is None:
         raise fail("the dashboard app (tuner/dashboard/app.py) is missing from this install: reinstall "
                     "dart-tuner[dashboard]")
+    from rich.markup import escape
+
     from tuner.results.storage import StorageError, open_for_reading
 
     try:
         open_for_reading(storage)
     except StorageError as problem:
         raise fail(str(problem)) from None
-    Console().print(f"dart-tuner dashboard on http://{address}:{port} for {storage} (Ctrl-C stops it)")
+    Console().print(f"dart-tuner dashboard on http://{escape(address)}:{port} for {escape(storage)} (Ctrl-C stops "
+                    "it)", highlight=False)
     server = subprocess.Popen(dashboard_command(app_path, storage, port, address))
     previous = signal.signal(signal.SIGTERM, lambda *_: server.terminate())  # stopping us stops the server
     try:

@@ -11,9 +11,18 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
-from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, quiet_libraries
+from tuner.cli.common import (
+    app,
+    fail,
+    hide_library_progress_bars,
+    interruptible,
+    print_json,
+    quiet_libraries,
+    show_sheet,
+    wide_option,
+)
 from tuner.errors import DartTunerError
 from tuner.results.storage import DEFAULT_STORAGE
 
@@ -37,8 +46,10 @@ def bench_search(
     feature_cache_mb: int = typer.Option(2048, help="Feature cache of the early-stopping grid (MiB)."),
     measure: bool = typer.Option(True, help="Measure the grids that are not stored complete yet (else only "
                                             "replay stored ones)."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write summaries and every curve here."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write summaries and every curve here ('-': on "
+                                                               "stdout; messages go to stderr)."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Also write every curve's steps here."),
+    wide: bool = wide_option(),
 ) -> None:
     """Hypervolume against trials and evaluation seconds for the grid, TPE, NSGA-II, GP and random (replayed
     against a measured grid), with and without early stopping and the feature cache."""
@@ -56,7 +67,8 @@ def bench_search(
             raise fail(f"{option} must be at least {low}, got {value}")
     import optuna
 
-    console = Console(width=150)  # the table's 11 columns, also when the output goes to a file
+    to_stdout = json_path == Path("-")
+    console = Console(stderr=to_stdout)
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -70,14 +82,16 @@ def bench_search(
         full = {variant: grid_hypervolume(grid, reference) for variant, grid in grids.items()}
         if full["plain"] <= 0:
             raise ReplayError("no feasible grid point is faster than the baseline: the hypervolume is 0")
-        report = _report(console, base, grids, reference, full, names, seeds)
+        report = _report(console, base, grids, reference, full, names, seeds, wide=wide, show=not to_stdout)
     except (DartTunerError, ValueError) as error:
         raise fail(str(error)) from None
     plain_latency = {key: (m.accuracy, grids["plain"].points[key].prefill_ms)
                      for key, m in grids["fast"].points.items() if m.feasible}
     report["fast_hypervolume_with_plain_latency"] = hypervolume_2d(plain_latency.values(), reference)
     _print_targets(console, report)
-    if json_path is not None:
+    if to_stdout:
+        print_json(report)
+    elif json_path is not None:
         json_path.write_text(json.dumps(report, indent=1))
     if csv_path is not None:
         with csv_path.open("w", newline="") as handle:
@@ -111,15 +125,15 @@ def _grid(console: Console, space: SearchSpace, storage: str, name: str, measure
                           "to measure it)")
     from tuner.search.study import Tuner
 
-    console.print(f"measuring the grid into study {name!r} ({len(wanted)} points; early stopping "
+    console.print(f"measuring the grid into study {escape(repr(name))} ({len(wanted)} points; early stopping "
                   f"{space.early_stop_chunk or 'off'}, feature cache {space.feature_cache_mb} MiB)")
     with hide_library_progress_bars():
         tuner = Tuner(space, storage, study_name=name)
         for config in _unmeasured(tuner.study, grid_configs(space)):  # grid: no retries
             tuner.study.enqueue_trial(grid_params(space, config), skip_if_exists=False)
         tuner.run(len(wanted) + 1, callbacks=[lambda study, trial: console.print(
-            f"  trial {trial.number}: {trial.state.name.lower()} {trial.values or trial.user_attrs.get('failure', '')}",
-            highlight=False)])
+            f"  trial {trial.number}: {trial.state.name.lower()} "
+            f"{escape(str(trial.values or trial.user_attrs.get('failure', '')))}", highlight=False)])
     return measured_grid(tuner.study)
 
 
@@ -138,9 +152,10 @@ def _unmeasured(study: optuna.Study, configs: list[PruningConfig]) -> list[Pruni
 
 
 def _report(console: Console, space: SearchSpace, grids: dict[str, MeasuredGrid], reference: tuple[float, float],
-            full: dict[str, float], names: list[str], seeds: int) -> dict:
-    """Replay every sampler on both grids, print the table, and return everything measured as plain data."""
-    from tuner.bench.search import checkpoints_for, curve_rows, run_replays, summarise
+            full: dict[str, float], names: list[str], seeds: int, *, wide: bool = False, show: bool = True) -> dict:
+    """Replay every sampler on both grids, print the table (compact or `wide`; not when `show` is False), and
+    return everything measured as plain data, the table's cells included."""
+    from tuner.bench.search import checkpoints_for, curve_rows, hypervolume_sheet, run_replays, summarise
 
     n_points = len(grids["plain"].points)
     checkpoints = checkpoints_for(n_points)
@@ -155,18 +170,10 @@ def _report(console: Console, space: SearchSpace, grids: dict[str, MeasuredGrid]
             replayed = run_replays(space, grid, reference, names, range(seeds))
         summaries += summarise(variant, replayed, full["plain"], checkpoints, second_marks)
         curves += curve_rows(variant, replayed, full["plain"])
-    table = Table(title=f"Hypervolume, % of the plain grid's, replayed against a measured grid ({n_points} points, "
-                        f"{seeds} seeds; reference: accuracy {reference[0]:.3f}, prefill {reference[1]:.1f} ms)")
-    for column in ("grid", "sampler", *(f"{n} cfg" for n in checkpoints), *(f"{s:.0f} s" for s in second_marks),
-                   "cfg to 95%", "s to 95%", "s spent"):
-        table.add_column(column, justify="left" if column in ("grid", "sampler") else "right")
-    for s in summaries:
-        seconds = [t for t in s.seconds_to_target if t is not None]
-        table.add_row(s.variant, s.sampler, *(f"{100 * s.fraction_at[n]:.0f}" for n in checkpoints),
-                      *(f"{100 * s.fraction_at_seconds[t]:.0f}" for t in second_marks),
-                      "/".join("-" if k is None else str(k) for k in s.configs_to_target),
-                      f"{sum(seconds) / len(seconds):.0f}" if seconds else "-", f"{s.seconds_total:.0f}")
-    console.print(table)
+    sheet = hypervolume_sheet(summaries, checkpoints, second_marks, n_points=n_points, seeds=seeds,
+                              reference=reference)
+    if show:
+        show_sheet(console, sheet, wide=wide)
     return {"note": "replayed against a measured grid: each sampler proposes grid points and receives the values "
                     "and seconds measured once per point; a repeated proposal is pruned at no cost, as in tune",
             "reference": {"accuracy": reference[0], "prefill_ms": reference[1]},
@@ -175,7 +182,7 @@ def _report(console: Console, space: SearchSpace, grids: dict[str, MeasuredGrid]
                           "hypervolume": full[v], "feasible": sorted(k for k, m in g.points.items() if m.feasible),
                           "stopped": sum(m.stopped for m in g.points.values())} for v, g in grids.items()},
             "checkpoints": checkpoints, "second_marks": second_marks,
-            "summaries": [dataclasses.asdict(s) for s in summaries], "curves": curves}
+            "summaries": [dataclasses.asdict(s) for s in summaries], "curves": curves, "table": sheet.as_json()}
 
 
 def _print_targets(console: Console, report: dict) -> None:

@@ -8,7 +8,18 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, log_to, quiet_libraries, storage_fail
+from tuner.cli.common import (
+    app,
+    fail,
+    hide_library_progress_bars,
+    interruptible,
+    log_to,
+    quiet_libraries,
+    show_sheet,
+    start_up_line,
+    storage_fail,
+    wide_option,
+)
 from tuner.cli.confirming import run_confirmation
 from tuner.errors import DartTunerError
 from tuner.results import STOPPED_ATTR
@@ -52,6 +63,9 @@ def tune(
     confirm_repeats: int = typer.Option(20, min=1, help="Latency rounds of the confirmation run."),
     max_same_failures: int = typer.Option(3, min=1, help="Stop after this many trials in a row fail with the same "
                                                          "exception type (a broken setup, not a bad configuration)."),
+    wide: bool = wide_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print the final Pareto front as JSON on stdout; the "
+                                                       "progress and messages go to stderr."),
 ) -> None:
     """Create or resume an Optuna study over a search space: unpruned baseline first, then (accuracy, prefill ms)
     trials; prints the Pareto front. Exits non-zero when the baseline fails, when trials keep failing the same
@@ -63,11 +77,11 @@ def tune(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tuner.results import pareto_trials
-    from tuner.results.tables import describe_trial, latency_noise, pareto_table, speedup_text
+    from tuner.results.tables import describe_trial, latency_noise, pareto_sheet, speedup_text
     from tuner.search.space import load_space
     from tuner.search.study import Tuner, TuningStopped
 
-    console = Console()
+    console = Console(stderr=as_json)
     quiet_libraries()
     log_to(console, "tuner")  # e.g. "storage lost, retrying" must show, also inside the hidden stderr
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -79,16 +93,15 @@ def tune(
         space = space.with_overrides(model=model, tasks=tuple(task) or None, subset_size=limit, subset_seed=seed,
                                      trials=trials, timeout_s=timeout, feature_cache_mb=feature_cache_mb,
                                      early_stop_chunk=early_stop_chunk)
-        with console.status(f"Loading {space.model} and {', '.join(space.tasks)}..."), \
+        with console.status(f"Loading {escape(space.model)} and {escape(', '.join(space.tasks))}..."), \
                 hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
                            heartbeat_interval=heartbeat_interval, allow_repeats=allow_repeats)
-    except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and check_layer name the bad field
-        raise fail(str(error)) from None
-    except Exception as error:
-        raise storage_fail(storage, error, code=2) from error
+    except Exception as error:  # noqa: BLE001 - start_up_line raises a bug again
+        raise fail(start_up_line(storage, error)) from None
     target = space.trials
-    console.print(f"study {tuner_.study_name!r} in {storage}: {tuner_.n_complete()} complete trials stored; "
+    console.print(f"study {escape(repr(tuner_.study_name))} in {escape(storage)}: {tuner_.n_complete()} complete "
+                  "trials stored; "
                   f"target {target if target else 'unbounded'}"
                   f"{f', timeout {space.timeout_s:.0f} s' if space.timeout_s else ''}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -106,10 +119,11 @@ def tune(
             ran[0] += 1
             if trial.state.name == "COMPLETE" and trial.user_attrs.get(STOPPED_ATTR):
                 reason = escape(trial.user_attrs.get("stop_reason", ""))
-                line = f"trial {trial.number}: {describe_trial(trial)}: [yellow]{reason}[/] (stored as infeasible)"
+                line = (f"trial {trial.number}: {escape(describe_trial(trial))}: [yellow]{reason}[/] (stored as "
+                        "infeasible)")
             elif trial.state.name == "COMPLETE":
                 noise = latency_noise(trial)
-                line = (f"trial {trial.number}: {describe_trial(trial)}: accuracy "
+                line = (f"trial {trial.number}: {escape(describe_trial(trial))}: accuracy "
                         f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms "
                         f"({speedup_text(trial, tuner_.study)})"
                         + (f", [yellow]noisy latency[/]: {escape(noise)}" if noise else ""))
@@ -117,7 +131,8 @@ def tune(
                 line = (f"trial {trial.number} skipped: trial {trial.user_attrs['duplicate_of']} measured that "
                         "configuration")
             else:
-                line = f"trial {trial.number} {trial.state.name.lower()}: {trial.user_attrs.get('failure', '')}"
+                failure = escape(str(trial.user_attrs.get("failure", "")))
+                line = f"trial {trial.number} {trial.state.name.lower()}: {failure}"
             progress.console.print(f"{line}  [{seconds:.1f} s; Pareto set: {len(pareto_trials(tuner_.study))}]")
             progress.update(trials_bar, completed=tuner_.n_complete())
             progress.reset(requests_bar)
@@ -129,8 +144,8 @@ def tune(
             progress.stop()
             requeued = (f"trial {tuner_.requeued} queued again in place of the interrupted one"
                         if tuner_.requeued is not None else "no trial was running")
-            console.print(f"[yellow]interrupted[/]: {tuner_.n_complete()} complete trials are stored in {storage}; "
-                          f"{requeued}. Run the same command to resume.")
+            console.print(f"[yellow]interrupted[/]: {tuner_.n_complete()} complete trials are stored in "
+                          f"{escape(storage)}; {requeued}. Run the same command to resume.")
             raise typer.Exit(130) from None
         except TuningStopped as error:
             progress.stop()
@@ -146,11 +161,13 @@ def tune(
                   "feature cache: off (--feature-cache-mb 0)")
     if confirm:
         try:
-            run_confirmation(console, tuner_, repeats=confirm_repeats, fresh_limit=None, fresh_seed=1)
+            run_confirmation(console, tuner_, repeats=confirm_repeats, fresh_limit=None, fresh_seed=1, wide=wide,
+                             as_json=as_json)
         except (DartTunerError, ValueError) as error:
             raise fail(f"confirmation failed (the study is stored; run `dart-tuner confirm` to retry): {error}",
                        code=1) from None
     else:
-        console.print(pareto_table(tuner_.study))
-    console.print(f"{tuner_.n_complete()} complete trials in {storage}, study {tuner_.study_name!r}. "
-                  f"List studies: dart-tuner studies --storage {storage}")
+        show_sheet(console, pareto_sheet(tuner_.study), wide=wide, as_json=as_json)
+    console.print(f"{tuner_.n_complete()} complete trials in {escape(storage)}, study "
+                  f"{escape(repr(tuner_.study_name))}. List studies: dart-tuner studies --storage {escape(storage)}",
+                  highlight=False)

@@ -26,6 +26,10 @@ BUNDLED_TASKS = ("dart_shapes",)
 CATEGORY_FIELDS = ("category", "question_type", "l2-category", "subtask", "type")
 
 
+class TaskFailed(DartTunerError, RuntimeError):
+    """A task's own hook (doc_to_text, doc_to_visual) raised on one of its documents; the message names both."""
+
+
 class TaskNotFoundError(DartTunerError, ValueError):
     """A task name no index knows; the message suggests close names."""
 

@@ -18,7 +18,7 @@ from transformers import BatchFeature
 from tuner.config import PruningConfig, check_layers
 from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.runner import EvalResult, Evaluator
-from tuner.evaluation.tasks import PreparedTask
+from tuner.evaluation.tasks import PreparedTask, TaskFailed
 from tuner.measure.latency import GenerationTiming, measure_generation_interleaved
 from tuner.models.cost import kv_cache_bytes, prefill_flops
 from tuner.models.loading import LoadedModel
@@ -67,8 +67,13 @@ def latency_inputs(loaded: LoadedModel, task: PreparedTask, n_docs: int = 1) -> 
     texts, images = [], []
     for position in range(n_docs):
         doc = docs[position]
-        texts.append(task.task.doc_to_text(doc))
-        images.append(as_images(task.task.doc_to_visual(doc), f"task {task.name}, doc {position}"))
+        try:
+            text, visuals = task.task.doc_to_text(doc), task.task.doc_to_visual(doc)
+        except Exception as error:  # noqa: BLE001 - the task's own code: its failure, named, not our bug
+            raise TaskFailed(f"task {task.name}, doc {position} of the latency inputs: its doc_to_text or "
+                             f"doc_to_visual raised {type(error).__name__}: {error}") from error
+        texts.append(text)
+        images.append(as_images(visuals, f"task {task.name}, doc {position}"))
     return build_inputs(loaded, texts, images)
 
 

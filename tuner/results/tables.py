@@ -1,16 +1,26 @@
-"""Tables of stored studies (rich): a study's Pareto front, and every study in a storage with its best points."""
+"""Tables of stored studies (rich): a study's Pareto front, and every study in a storage with its best points.
+
+Every table the CLI prints is a `Sheet`: named columns of plain-text cells, shown compact (the few columns that
+matter, short headers, fitting 80 columns), wide (every column) or as JSON. Cells are `Text`, never markup, so a
+study named '[/]' prints as itself.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
+from rich.text import Text
 
 from tuner.config import methods_text, options_text, schedule_text
 from tuner.results.evidence import (
     CONFIRMATION_ATTR,
+    confirmed,
     confirmed_text,
     indistinct_from,
     interval_text,
@@ -23,6 +33,52 @@ INTERVAL_FOOTNOTE = ("[95%]: accuracy Wilson (0/1 scores) or bootstrap; vs basel
                      "exact McNemar p; prefill: distribution-free interval of the median. Not distinguishable: "
                      "intervals overlap on both axes; '-' = unknown or none")
 NOISY_FOOTNOTE = f"{NOISY_MARK} noisy latency: speed-up within its timed rounds' spread; re-measure on an idle machine"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its JSON key, its wide header, its compact header (None: shown only with --wide)."""
+
+    key: str
+    header: str
+    short: str | None = None
+    justify: str = "right"
+
+
+@dataclass
+class Sheet:
+    """A table as data: rows of text cells (one per column) with each row's raw values for JSON, and notes."""
+
+    title: str
+    columns: Sequence[Column]
+    rows: list[list[str]] = field(default_factory=list)
+    values: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add_row(self, cells: Sequence[str], values: dict[str, Any] | None = None) -> None:
+        if len(cells) != len(self.columns):
+            raise ValueError(f"{self.title}: {len(cells)} cells for {len(self.columns)} columns")
+        self.rows.append([str(cell) for cell in cells])
+        self.values.append(values or {})
+
+    def table(self, wide: bool = False) -> Table:
+        """The rich table: every column when `wide`, else the compact ones. Cells fold instead of being cut."""
+        shown = [i for i, column in enumerate(self.columns) if wide or column.short is not None]
+        table = Table(title=Text(self.title), caption=Text("\n".join(self.notes)) if self.notes else None)
+        for i in shown:
+            column = self.columns[i]
+            table.add_column(Text(column.header if wide else column.short), justify=column.justify,
+                             overflow="fold")
+        for row in self.rows:
+            table.add_row(*(Text(row[i]) for i in shown))
+        return table
+
+    def as_json(self) -> dict[str, Any]:
+        """Every column of every row: {"title", "columns", "rows": [{key: cell, ...raw values}], "notes"}."""
+        keys = [column.key for column in self.columns]
+        return {"title": self.title, "columns": {column.key: column.header for column in self.columns},
+                "rows": [{"text": dict(zip(keys, row)), **values} for row, values in zip(self.rows, self.values)],
+                "notes": self.notes}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -103,34 +159,57 @@ def with_interval(trial: FrozenTrial, name: str, value: float | None, spec: str)
     return _fmt(value, spec) + (f" {text}" if text else "")
 
 
-def pareto_table(study: optuna.Study) -> Table:
-    """The feasible Pareto front, fastest first, with 95% intervals, the paired comparison with the baseline and
-    the front's trials each one cannot be told apart from."""
-    table = Table(title=f"Pareto front of {study.study_name} (feasible trials; accuracy up, prefill down)")
+PARETO_COLUMNS = (Column("trial", "trial", "#"), Column("method", "method", "method", "left"),
+                  Column("layer", "K", "K"), Column("options", "options", justify="left"),
+                  Column("keep", "keep", "keep"), Column("kept_vision", "kept vision"),
+                  Column("accuracy", "accuracy [95%]", "accuracy [95%]"), Column("relative_accuracy", "rel. acc"),
+                  Column("versus_baseline", "vs baseline [95%] p"),
+                  Column("prefill_ms", "prefill ms [95%]", "prefill ms [95%]"),
+                  Column("speedup", "speed-up", "speed-up"),
+                  Column("indistinct", "not distinguishable from"))
+
+
+def pareto_sheet(study: optuna.Study) -> Sheet:
+    """The feasible Pareto front, fastest first, with 95% intervals, the paired comparison with the baseline, the
+    front's trials each one cannot be told apart from, and the confirmed numbers once the front was confirmed."""
     confirmation = study.user_attrs.get(CONFIRMATION_ATTR)
-    columns = ["trial", "method", "K", "options", "keep", "kept vision", "accuracy [95%]", "rel. acc",
-               "vs baseline [95%] p", "prefill ms [95%]", "speed-up", "not distinguishable from"]
+    columns = list(PARETO_COLUMNS)
     if confirmation:
-        columns.append(f"confirmed ({confirmation.get('repeats')} rounds"
-                       + (", fresh subset)" if confirmation.get("fresh_subset") else ")"))
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("method",) else "right")
+        fresh = ", fresh subset" if confirmation.get("fresh_subset") else ""
+        rounds = f"{confirmation.get('repeats')} rounds{fresh}"
+        columns.append(Column("confirmed", f"confirmed ({rounds})", "confirmed"))
+    sheet = Sheet(f"Pareto front of {study.study_name} (feasible trials; accuracy up, prefill down)", columns)
     front = pareto_trials(study)
     for trial in front:
         method, layer, options, amount = trial_label(trial)
         kept = trial.user_attrs.get("kept_vision_mean")
         vision = trial.user_attrs.get("vision_mean")
-        indistinct = ", ".join(f"#{n}" for n in indistinct_from(trial, front)) or "-"
+        indistinct = indistinct_from(trial, front)
         cells = [str(trial.number), method, layer, options, amount, f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}",
                  with_interval(trial, "accuracy", trial.values[0], ".3f"), _fmt(accuracy_relative(trial, study), ".1%"),
                  versus_baseline_text(trial), with_interval(trial, "prefill_ms", trial.values[1], ".1f"),
-                 speedup_text(trial, study), indistinct]
-        table.add_row(*cells, *([confirmed_text(study, trial)] if confirmation else []))
-    notes = [INTERVAL_FOOTNOTE]
+                 speedup_text(trial, study), ", ".join(f"#{n}" for n in indistinct) or "-"]
+        config = config_of(trial)
+        values = {"number": trial.number, "config": None if config is None else config.to_dict(),
+                  "accuracy": trial.values[0], "prefill_ms": trial.values[1], "speedup": _finite(speedup(trial, study)),
+                  "latency_noisy": latency_noise(trial) is not None, "indistinct_from": indistinct}
+        if confirmation:
+            cells.append(confirmed_text(study, trial))
+            values["confirmed"] = confirmed(study, trial)
+        sheet.add_row(cells, values)
+    sheet.notes.append(INTERVAL_FOOTNOTE)
     if any(latency_noise(t) for t in front):
-        notes.append(NOISY_FOOTNOTE)
-    table.caption = "\n".join(notes)
-    return table
+        sheet.notes.append(NOISY_FOOTNOTE)
+    return sheet
+
+
+def pareto_table(study: optuna.Study, *, wide: bool = True) -> Table:
+    """`pareto_sheet` as a rich table (every column unless `wide` is False)."""
+    return pareto_sheet(study).table(wide)
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
 def study_rows(storage: str | optuna.storages.BaseStorage) -> list[dict]:
@@ -161,20 +240,36 @@ def _point(trial: FrozenTrial | None, study: optuna.Study) -> str:
             f" @ {with_interval(trial, 'prefill_ms', trial.values[1], '.1f')} ms ({speedup_text(trial, study)})")
 
 
-def studies_table(storage: str | optuna.storages.BaseStorage) -> Table:
+STUDIES_COLUMNS = (Column("study", "study", "study", "left"), Column("model", "model", "model", "left"),
+                   Column("tasks", "tasks", justify="left"), Column("device", "device", justify="left"),
+                   Column("complete", "complete", "done"), Column("failed", "failed", "failed"),
+                   Column("running", "running"), Column("baseline", "baseline", "baseline", "left"),
+                   Column("most_accurate", "most accurate (Pareto)", "most accurate", "left"),
+                   Column("fastest", "fastest (Pareto)", "fastest", "left"))
+
+
+def studies_sheet(storage: str | optuna.storages.BaseStorage) -> Sheet:
     """Every study in the storage with its trial counts, baseline and best points."""
-    table = Table(title="Studies")
-    for column in ("study", "model", "tasks", "device", "complete", "failed", "running", "baseline",
-                   "most accurate (Pareto)", "fastest (Pareto)"):
-        table.add_column(column)
+    sheet = Sheet("Studies", STUDIES_COLUMNS)
     rows = study_rows(storage)
     for row in rows:
         counts = row["counts"]
         baseline = (f"{row['baseline_accuracy']:.3f} @ {row['baseline_prefill_ms']:.1f} ms"
                     if row["baseline_accuracy"] is not None else "-")
-        table.add_row(row["study"], str(row["model"]), row["tasks"], str(row["device"]), str(counts["complete"]),
-                      str(counts["fail"]), str(counts["running"] + counts["waiting"]), baseline,
-                      _point(row["most_accurate"], row["study_obj"]), _point(row["fastest"], row["study_obj"]))
+        best, fastest = row["most_accurate"], row["fastest"]
+        sheet.add_row([row["study"], str(row["model"]), row["tasks"], str(row["device"]), str(counts["complete"]),
+                       str(counts["fail"]), str(counts["running"] + counts["waiting"]), baseline,
+                       _point(best, row["study_obj"]), _point(fastest, row["study_obj"])],
+                      {"counts": counts, "baseline_accuracy": row["baseline_accuracy"],
+                       "baseline_prefill_ms": row["baseline_prefill_ms"], "pareto_size": row["pareto_size"],
+                       "most_accurate_trial": None if best is None else best.number,
+                       "fastest_trial": None if fastest is None else fastest.number})
     shown = [t for row in rows for t in (row["most_accurate"], row["fastest"]) if t is not None]
-    table.caption = NOISY_FOOTNOTE if any(latency_noise(t) for t in shown) else None
-    return table
+    if any(latency_noise(t) for t in shown):
+        sheet.notes.append(NOISY_FOOTNOTE)
+    return sheet
+
+
+def studies_table(storage: str | optuna.storages.BaseStorage, *, wide: bool = True) -> Table:
+    """`studies_sheet` as a rich table (every column unless `wide` is False)."""
+    return studies_sheet(storage).table(wide)
