@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from tuner.results import stats
 
@@ -83,6 +85,9 @@ def test_non_binary_scores_get_a_seeded_bootstrap() -> None:
     first, again = stats.mean_interval(scores), stats.mean_interval(scores)
     assert first == again and first.method == "bootstrap"
     assert first.value == pytest.approx(0.5) and first.low < first.value < first.high
+    # the interval the hand-written percentile bootstrap stored before scipy did the resampling (seed 0, 2000
+    # resamples): a switch to BCa, another seed use or another quantile rule moves these ends
+    assert (first.low, first.high) == pytest.approx((0.375, 0.6166666666666667), abs=1e-12)
 
 
 def test_several_tasks_average_their_means() -> None:
@@ -137,3 +142,26 @@ def test_one_sided_lower_bound_is_the_low_end_of_a_wider_two_sided_interval() ->
     assert stats.lower_bound(scores, 0.5) == pytest.approx(0.8)
     with pytest.raises(ValueError, match="confidence"):
         stats.lower_bound(scores, 1.0)
+
+
+def test_agrees_with_independent_scipy_routes() -> None:
+    """The same numbers by scipy routes the module does not take: the median's order statistics as quantile_test
+    picks them; a task of one document (scipy refuses to resample it) as a constant shift of the other task's plain
+    one-sample bootstrap; Wilson from the 0/1 scores themselves."""
+    for n in range(6, 80):
+        samples = [float(v) for v in np.random.default_rng(n).permutation(n)]
+        low, high, _ = stats.median_interval(samples)
+        expected = scipy_stats.quantile_test(samples, q=float(np.median(samples))).confidence_interval(0.95)
+        assert (low, high) == (expected.low, expected.high), n
+    task = np.array([0.0, 0.25, 0.5, 1.0, 0.75, 0.5] * 4)
+    alone = scipy_stats.bootstrap((task,), np.mean, n_resamples=stats.BOOTSTRAP_RESAMPLES, method="percentile",
+                                  rng=np.random.default_rng(stats.BOOTSTRAP_SEED)).confidence_interval
+    grouped = stats.mean_interval([*task, 1.0], ["a"] * len(task) + ["b"])
+    assert (grouped.low, grouped.high) == pytest.approx(((alone.low + 1) / 2, (alone.high + 1) / 2), abs=1e-12)
+    scores = [1.0] * 37 + [0.0] * 13
+    wilson = scipy_stats.binomtest(37, 50).proportion_ci(0.95, method="wilson")
+    assert (stats.mean_interval(scores).low, stats.mean_interval(scores).high) == pytest.approx(
+        (wilson.low, wilson.high), abs=1e-12)
+    mcnemar = scipy_stats.binomtest(4, 4 + 15).pvalue  # two-sided, p = 1/2: the discordant pairs alone
+    assert stats.paired_difference([1.0] * 4 + [0.0] * 15 + [1.0] * 30, [0.0] * 4 + [1.0] * 15 + [1.0] * 30
+                                   ).p_value == pytest.approx(mcnemar, abs=1e-15)

@@ -1,12 +1,14 @@
 """How sure a trial's numbers are: intervals for accuracy, a paired comparison with the baseline, and the median.
 
-Torch-free and exact where the question allows it:
-- a mean of 0/1 scores gets a Wilson score interval; any other mean a seeded percentile bootstrap;
-- a paired difference of 0/1 scores gets Newcombe's score interval (method 10, 1998) and an exact McNemar p-value
-  (two-sided binomial test on the discordant pairs); other scores a seeded paired bootstrap;
-- a median gets the distribution-free order-statistic interval (binomial with p = 1/2), with its exact coverage.
+Torch-free and exact where the question allows it; scipy.stats does the arithmetic:
+- a mean of 0/1 scores gets a Wilson score interval (`binomtest(...).proportion_ci`); any other mean a seeded
+  percentile bootstrap (`bootstrap`);
+- a paired difference of 0/1 scores gets Newcombe's score interval (method 10, 1998; scipy has none, so it is
+  written here from two Wilson intervals) and an exact McNemar p-value (a two-sided `binomtest` on the discordant
+  pairs); other scores a seeded paired bootstrap;
+- a median gets the distribution-free order-statistic interval (`binom` with p = 1/2), with its exact coverage.
 Several tasks (groups) are averaged the way a trial's accuracy is: the mean of the per-task means, resampled within
-each task.
+each task (each task one sample of a multi-sample `bootstrap`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95  # two-sided coverage of the intervals stored with every trial
 BOOTSTRAP_RESAMPLES = 2000
@@ -46,11 +48,10 @@ class PairedDifference:
     worsened: int | None = None  # candidate wrong, baseline right
 
 
-def _z(confidence: float) -> float:
-    """The standard normal quantile of a two-sided `confidence`."""
+def _check_confidence(confidence: float) -> None:
+    """A two-sided confidence must lie strictly between 0 and 1 (one line naming it, before scipy's own message)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    return NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
 def is_binary(scores: Sequence[float]) -> bool:
@@ -62,12 +63,9 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> t
     """Wilson score interval of a binomial proportion (two-sided `confidence`)."""
     if n < 1 or not 0 <= successes <= n:
         raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
-    z = _z(confidence)
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    _check_confidence(confidence)
+    interval = scipy_stats.binomtest(successes, n).proportion_ci(confidence, method="wilson")
+    return max(0.0, float(interval.low)), min(1.0, float(interval.high))
 
 
 def _group_ids(n: int, groups: Sequence[str] | None) -> list[np.ndarray]:
@@ -86,15 +84,24 @@ def _grouped_mean(values: np.ndarray, ids: list[np.ndarray]) -> float:
 
 def _bootstrap(values: np.ndarray, ids: list[np.ndarray], confidence: float, seed: int,
                resamples: int) -> tuple[float, float]:
-    """Percentile interval of the mean of group means, resampling within each group (seeded)."""
-    rng = np.random.default_rng(seed)
-    stats = np.zeros(resamples)
-    for group in ids:
-        picks = rng.integers(0, len(group), size=(resamples, len(group)))
-        stats += values[group][picks].mean(axis=1)
-    stats /= len(ids)
-    alpha = (1 - confidence) / 2
-    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+    """Percentile interval of the mean of group means, resampling within each group (seeded).
+
+    Each group is one sample of scipy's multi-sample `bootstrap`, which resamples every sample on its own. The
+    percentile method, not scipy's default BCa: BCa's jackknife fails on the constant and near-constant scores
+    pruning often gives, and the percentile interval is the one stored with older trials. scipy refuses a sample of
+    one value; such a group's mean cannot change under resampling, so it enters the statistic as a constant."""
+    varying = [values[group] for group in ids if len(group) > 1]
+    fixed = sum(float(values[group[0]]) for group in ids if len(group) == 1)
+    if not varying:
+        point = fixed / len(ids)
+        return point, point
+
+    def mean_of_group_means(*samples: np.ndarray, axis: int = -1) -> np.ndarray:
+        return (sum(sample.mean(axis=axis) for sample in samples) + fixed) / len(ids)
+
+    result = scipy_stats.bootstrap(varying, mean_of_group_means, n_resamples=resamples, confidence_level=confidence,
+                                   method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def mean_interval(scores: Sequence[float], groups: Sequence[str] | None = None, confidence: float = CONFIDENCE, *,
@@ -108,7 +115,7 @@ def mean_interval(scores: Sequence[float], groups: Sequence[str] | None = None, 
     if len(ids) == 1 and is_binary(scores):
         low, high = wilson_interval(int(values.sum()), len(values), confidence)
         return Interval(point, low, high, "wilson")
-    _z(confidence)
+    _check_confidence(confidence)
     low, high = _bootstrap(values, ids, confidence, seed, resamples)
     return Interval(point, min(low, point), max(high, point), "bootstrap")
 
@@ -126,16 +133,15 @@ def mcnemar_exact_p(improved: int, worsened: int) -> float:
     """Exact two-sided McNemar p-value: a binomial test of the discordant pairs against p = 1/2."""
     if improved < 0 or worsened < 0:
         raise ValueError(f"discordant counts must be >= 0, got {improved} and {worsened}")
-    n = improved + worsened
-    if n == 0:
+    if improved + worsened == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(improved, worsened) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return float(scipy_stats.binomtest(min(improved, worsened), improved + worsened, 0.5).pvalue)
 
 
 def newcombe_paired_interval(both: int, improved: int, worsened: int, neither: int,
                              confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Newcombe's (1998, method 10) score interval for a difference of paired proportions, candidate - baseline.
+    scipy has no paired-proportion interval, so it is built here from scipy's two Wilson intervals.
 
     `both`: both right; `improved`: only the candidate right; `worsened`: only the baseline right; `neither`.
     """
@@ -171,23 +177,23 @@ def paired_difference(candidate: Sequence[float], baseline: Sequence[float], gro
         neither = len(cand) - both - improved - worsened
         low, high = newcombe_paired_interval(both, improved, worsened, neither, confidence)
         return PairedDifference(diff, low, high, "newcombe", mcnemar_exact_p(improved, worsened), improved, worsened)
-    _z(confidence)
+    _check_confidence(confidence)
     low, high = _bootstrap(cand - base, ids, confidence, seed, resamples)
     return PairedDifference(diff, min(low, diff), max(high, diff), "paired bootstrap", None)
 
 
 def median_coverage(n: int, rank: int) -> float:
     """P(x_(rank) <= median < x_(n - rank + 1)) for n draws of a continuous distribution (binomial, p = 1/2)."""
-    return 1 - 2 * sum(math.comb(n, j) for j in range(rank)) / 2 ** n
+    return float(1 - 2 * scipy_stats.binom.cdf(rank - 1, n, 0.5))
 
 
 def median_rank(n: int, confidence: float) -> int:
-    """The largest rank k whose order statistics x_(k), x_(n-k+1) hold the median with `confidence` (1 if none)."""
-    rank = 1
-    for k in range(1, (n + 1) // 2 + 1):
-        if median_coverage(n, k) >= confidence:
-            rank = k
-    return rank
+    """The largest rank k whose order statistics x_(k), x_(n-k+1) hold the median with `confidence` (1 if none).
+    (scipy's `quantile_test(...).confidence_interval` picks the same order statistics but gives no interval, only
+    NaN, when even min..max falls short; the fallback to min..max with its coverage is what latency rounds need.)"""
+    ranks = np.arange(1, (n + 1) // 2 + 1)
+    enough = ranks[1 - 2 * scipy_stats.binom.cdf(ranks - 1, n, 0.5) >= confidence]
+    return int(enough.max()) if enough.size else 1
 
 
 def median_interval(samples: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
