@@ -48,7 +48,9 @@ def run_confirmation(console: Console, tuner_: Any, *, repeats: int, fresh_limit
 @app.command("confirm")
 @interruptible
 def confirm_command(
-    space_path: Path = typer.Option(..., "--space", "-s", help="The search-space YAML the study was tuned with."),
+    space_path: Path = typer.Option(..., "--space", "-s", help="The search space the study was tuned with: a "
+                                                               "packaged name (see `dart-tuner spaces`) or a "
+                                                               "YAML file."),
     storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage."),
     study: str | None = typer.Option(None, help="Study name (default: the space's `study`, else its file name)."),
     repeats: int = typer.Option(20, min=1, help="Interleaved latency rounds of the front and the baseline."),

@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 @app.command("bench-search")
 @interruptible
 def bench_search(
-    space_path: Path = typer.Option(Path("search_spaces/bench_search.yaml"), "--space", "-s",
-                                    help="Search space whose grid is measured (lists, not ranges)."),
+    space_path: Path = typer.Option(Path("bench_search"), "--space", "-s",
+                                    help="Search space whose grid is measured (lists, not ranges): a packaged "
+                                         "name (see `dart-tuner spaces`) or a YAML file."),
     storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL holding the two measured grid studies."),
     samplers: str = typer.Option("grid,tpe,nsga2,gp,random", help="Comma-separated samplers to replay."),
     seeds: int = typer.Option(3, help="Seeds per sampler (0..N-1)."),

@@ -34,7 +34,8 @@ def _no_failed_trial_logs(record: logging.LogRecord) -> bool:
 @app.command("tune")
 @interruptible
 def tune(
-    space_path: Path = typer.Option(..., "--space", "-s", help="Search-space YAML (see search_spaces/)."),
+    space_path: Path = typer.Option(..., "--space", "-s", help="Search space: a packaged name "
+                                                               "(see `dart-tuner spaces`) or a YAML file."),
     model: str | None = typer.Option(None, help="Override the space's model (hub id or folder)."),
     task: list[str] = typer.Option([], help="Override the space's tasks (repeatable)."),
     trials: int | None = typer.Option(None, min=1, help="Complete trials the study should hold (all workers)."),

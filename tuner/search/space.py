@@ -46,6 +46,7 @@ from tuner.search.params import (
     refuses_layer_0,
     suggest_options,
 )
+from tuner.search.space_files import resolve_space
 
 # The samplers a space may name, each an Optuna class (`tuner.search.study.make_sampler` builds them).
 SAMPLER_CLASSES: dict[str, type[optuna.samplers.BaseSampler]] = {
@@ -382,6 +383,6 @@ def _check_option_combinations(r: Reader, space: SearchSpace) -> None:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a search-space YAML file."""
-    path = Path(path)
+    """Read and validate a search space: a YAML file, or the name of a packaged one (`dart-tuner spaces`)."""
+    path = resolve_space(path)
     return parse_space(read_yaml(path, kind="search space", error=SpaceError), str(path))
