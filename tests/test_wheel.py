@@ -38,6 +38,15 @@ def test_packaged_spaces_are_the_source_folder() -> None:
     assert model == "embedded:tiny-llava-shapes" and description.startswith("The embedded default: the tiny LLaVA")
 
 
+@pytest.mark.parametrize("name", sorted(packaged_spaces()))
+def test_packaged_spaces_reference_nothing_that_does_not_ship(name: str) -> None:
+    """Only the YAML files ship (package-data `*.yaml`): a packaged space whose include_paths or model is a path
+    relative to it would find nothing once installed. Its tasks are lmms-eval's or bundled in tuner.evaluation."""
+    space = load_space(name)
+    inside = [path for path in (*space.include_paths, space.model) if Path(path).is_relative_to(SOURCE_SPACES)]
+    assert not inside, f"{name} needs {inside}: add them to the tuner.spaces package-data in pyproject.toml"
+
+
 def test_a_space_by_name_from_any_folder_and_a_path_still_wins(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """'demo', 'demo.yaml' and the repository path 'search_spaces/demo.yaml' all mean the packaged demo from a
