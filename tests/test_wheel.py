@@ -3,6 +3,7 @@ built wheel, installed on its own, lists them, tunes the demo and serves the das
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -75,12 +76,17 @@ def test_an_unknown_space_is_one_line_listing_the_packaged_ones(tmp_path: Path,
 
 
 def test_spaces_command_lists_name_model_and_description() -> None:
-    result = CliRunner().invoke(app, ["spaces"], env={"COLUMNS": "200"})
+    """Every packaged space with its model and first comment line; the compact table fits 80 columns."""
+    result = CliRunner().invoke(app, ["spaces", "--json"])
     assert result.exit_code == 0, result.output
-    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") == 4}
+    rows = {row["name"]: row for row in json.loads(result.output)["rows"]}
     assert set(rows) == set(packaged_spaces())
-    assert "embedded:tiny-llava-shapes" in rows["demo"] and "The embedded default" in rows["demo"]
-    assert "google/gemma-3-4b-it" in rows["gemma3"] and "Default search space for" in rows["gemma3"]
+    assert rows["demo"]["model"] == "embedded:tiny-llava-shapes"
+    assert rows["demo"]["description"].startswith("The embedded default")
+    assert rows["gemma3"]["model"] == "google/gemma-3-4b-it" and rows["gemma3"]["path"].endswith("gemma3.yaml")
+    table = CliRunner().invoke(app, ["spaces"], env={"COLUMNS": "80"})
+    assert table.exit_code == 0 and max(len(line) for line in table.output.splitlines()) <= 80
+    assert "bench_search" in table.output and "qwen3_vl_moe" in table.output
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -133,8 +139,9 @@ def test_the_installed_wheel_lists_tunes_and_serves(installed: Path, tmp_path: P
     assert sorted(p.stem for p in Path(folder).glob("*.yaml")) == sorted(packaged_spaces())  # all of them ship
 
     cli = [sys.executable, "-m", "tuner.cli"]
-    listed = _run([*cli, "spaces"], tmp_path, env, 120).stdout
-    assert "│ demo " in listed and "│ bench_search " in listed and str(folder) in listed
+    listed = json.loads(_run([*cli, "spaces", "--json"], tmp_path, env, 120).stdout)["rows"]
+    assert {row["name"] for row in listed} == set(packaged_spaces())
+    assert all(Path(row["path"]).parent == Path(folder) for row in listed)
 
     storage = "sqlite:///x.db"  # relative: in the empty folder
     tuned = _run([*cli, "tune", "--space", "demo", "--trials", "2", "--limit", "2", "--no-confirm",
