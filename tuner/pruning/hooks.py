@@ -16,12 +16,16 @@ Rows keeping different counts are left-padded with masked slots, so the last slo
 A schedule repeats this at every stage layer K_0 < K_1 < ... (`tuner.pruning.stages`): stage j selects among
 the tokens stage j-1 kept, with what was captured at its own layer K_j - 1, and its layers get tables, masks and
 family state indexed by the composed ORIGINAL positions.
+
+A request is pruned once: a full forward that continues the last request (`generate(use_cache=False)`) reuses
+its choice, and a prompt whose attention mask hides every vision token passes through unpruned
+(`tuner.pruning.request`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,9 +34,10 @@ from tuner.config import PruningConfig, check_layers
 from tuner.models.compat import cache_from_kwargs, positions_from_mask
 from tuner.models.families import FamilyAdapter, PrunedPrefill
 from tuner.models.feature_cache import NEEDS_VISION_TOWER
-from tuner.pruning.base import PromptInputs, PruningMethod, SelectionContext
+from tuner.pruning.base import PromptInputs, PruningMethod, Selection, SelectionContext
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.registry import get_method_class
+from tuner.pruning.request import Prompt, RequestChoice, RequestStats, image_inputs, padding_from_prebuilt_mask
 from tuner.pruning.stages import (
     ForwardPlan,
     StageRunner,
@@ -45,49 +50,12 @@ from tuner.pruning.stages import (
 from tuner.pruning.vision_capture import VisionAttentionCapture
 
 
-@dataclass(frozen=True)
-class RequestStats:
-    """Token counts of one pruned prefill, per row (padding excluded).
-
-    `n_kept_vision` is what the last stage kept; `stage_kept_vision[j]` what stage j kept (one entry per stage).
-    """
-
-    n_tokens: list[int]
-    n_vision: list[int]
-    n_kept_vision: list[int]
-    stage_kept_vision: list[list[int]] = field(default_factory=list)
-    select_ms: float = 0.0  # wall time of the methods' selections in this prefill, all stages (device synchronised)
-
-    @property
-    def n_kept(self) -> list[int]:
-        """All tokens kept per row after the last stage: every non-vision token plus the kept vision tokens."""
-        return [t - v + k for t, v, k in zip(self.n_tokens, self.n_vision, self.n_kept_vision)]
-
-    @property
-    def stage_n_kept(self) -> list[list[int]]:
-        """All tokens each stage's layers hold per row: `n_kept` after every stage, first to last."""
-        return [[t - v + k for t, v, k in zip(self.n_tokens, self.n_vision, kept)] for kept in self.stage_kept_vision]
-
-
-@dataclass
-class _Prompt:
-    """What the top-level hook saw for the current prefill."""
-
-    input_ids: torch.Tensor  # [B, N]
-    vision: torch.Tensor  # [B, N] bool, padding excluded
-    attention: torch.Tensor  # [B, N] bool
-    n_vision: list[int]  # per row
-    state: Any = None  # the family's per-token extras (Family.prompt_state)
-    grids: Any = None  # the family's image grids (Family.image_grids), if the method needs them
-    embeddings: torch.Tensor | None = None  # [B, N, D] layer 0's input, if a method needs it
-
-
 class PruningHandle:
     """Hooks that prune one model according to one config; a context manager, removable with `remove()`.
 
     `last_kept[row]` holds the positions the last stage of the last prefill kept (all tokens, original order,
     padding excluded), and `last_stage_kept[j][row]` those stage j kept; `requests` holds a `RequestStats` for
-    every prefill since the hooks were attached.
+    every request since the hooks were attached (a continuing call adds none).
     """
 
     def __init__(self, model: torch.nn.Module, config: PruningConfig, adapter: FamilyAdapter) -> None:
@@ -102,7 +70,8 @@ class PruningHandle:
         self._layer_types = adapter.layer_types
         self._stages: list[StageRunner] = []
         self._stage_at: dict[int, StageRunner] = {}  # by first layer
-        self._prompt: _Prompt | None = None
+        self._prompt: Prompt | None = None
+        self._request: RequestChoice | None = None  # the last request, for the calls that continue it
         self._attention_2d: torch.Tensor | None = None
         self._prompt_length = 0
         self._view: TokenView | None = None  # the tokens the running stage's layers hold; None: the whole prompt
@@ -219,24 +188,42 @@ class PruningHandle:
         self._prompt_length = input_ids.shape[1]
         attention = self._attention_2d
         if attention is None:
-            attention = _padding_from_prebuilt_mask(mask, input_ids.shape[1])
+            attention = padding_from_prebuilt_mask(mask, input_ids.shape[1])
         if attention is None:
             attention = torch.ones_like(input_ids, dtype=torch.bool)
+        self._prompt = self._read_prompt(input_ids, attention, kwargs)
+        return substituted
+
+    def _read_prompt(self, input_ids: torch.Tensor, attention: torch.Tensor, kwargs: dict) -> Prompt | None:
+        """The prompt of a full forward (None: it passes through unpruned); one that continues the last request
+        carries that request's choice."""
+        request = self._request
+        if request is not None and request.continued_by(input_ids, attention, kwargs):
+            vision, n_vision = request.extend(input_ids, attention)
+            return Prompt(input_ids, vision, attention, n_vision, choice=request,
+                          state=self.adapter.spec.prompt_state(kwargs, input_ids),
+                          grids=self._grids(kwargs, input_ids, vision))
+        self._request = None
         vision = self.adapter.vision_mask(input_ids, attention)
         n_vision = vision.sum(1).tolist()
         if not any(n_vision):
+            if bool(self.adapter.vision_mask(input_ids, torch.ones_like(attention)).any()):
+                self._record_unpruned(attention)  # the mask hides every vision token: the model runs as it is
+                return None
             if self.config.require_vision:
                 raise ValueError(f"no vision tokens in the prompt (none of the token ids "
                                  f"{list(self.adapter.vision_token_ids)} appear in input_ids); set "
                                  "PruningConfig(require_vision=False) to let text-only prompts through")
-            self._prompt = None
-            return substituted
-        _check_vision_bounds(self._stages[0], n_vision)
-        grids = self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision) \
-            if self.method.needs_image_grids else None
-        self._prompt = _Prompt(input_ids, vision, attention, n_vision,
-                               state=self.adapter.spec.prompt_state(kwargs, input_ids), grids=grids)
-        return substituted
+            return None
+        self._request = RequestChoice(input_ids, attention, vision, image_inputs(kwargs))
+        return Prompt(input_ids, vision, attention, n_vision, state=self.adapter.spec.prompt_state(kwargs, input_ids),
+                      grids=self._grids(kwargs, input_ids, vision))
+
+    def _grids(self, kwargs: dict, input_ids: torch.Tensor, vision: torch.Tensor) -> Any:
+        """The family's image grids, if the first stage's method selects on them."""
+        if not self.method.needs_image_grids:
+            return None
+        return self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision)
 
     def _number_positions_per_row(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Give a left-padded call without `position_ids` the positions generate() would give it.
@@ -326,17 +313,13 @@ class PruningHandle:
         if attention.shape != hidden.shape[:2]:
             raise RuntimeError(f"layer {stage.start} received {tuple(hidden.shape[:2])} tokens but expected "
                                f"{tuple(attention.shape)}; inputs_embeds-only calls are unsupported")
-        n_vision = vision.sum(1).tolist()
-        if stage.index > 0:
-            _check_vision_bounds(stage, n_vision)
         started = time.perf_counter()
-        saliency, vision_keys, capture_ms = self._vision_saliency(vision) if stage.index == 0 else (None, None, 0.0)
-        selection = stage.select(SelectionContext(
-            hidden_states=hidden, vision_mask=vision, attention_mask=attention, input_ids=input_ids,
-            budgets=[stage.config.budget_for(n) for n in n_vision], final_norm=self.adapter.text_model.norm,
-            image_grids=prompt.grids if view is None else None,  # grids hold original positions
-            prompt=self._prompt_inputs(stage), positions=None if view is None else view.index,
-            vision_saliency=saliency, vision_keys=vision_keys))
+        positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(vision) if view is None \
+            else view.index
+        if prompt.choice is not None:  # a later step of the request: its choice stands
+            selection, capture_ms = self._reused_selection(stage, positions, vision), 0.0
+        else:
+            selection, capture_ms = self._select(stage, hidden, vision, attention, input_ids)
         if stage.index == len(self._stages) - 1:
             prompt.embeddings = None  # no later stage reads layer 0's input
         if hidden.is_cuda:  # the gather below waits for the selection anyway
@@ -348,7 +331,10 @@ class PruningHandle:
         width = valid.shape[1]
         row_kept = [kept[row, width - n:] for row, n in enumerate(kept_counts)]
         self.last_stage_kept = [*self.last_stage_kept[:stage.index], row_kept]
-        self._record(stage, [int(k.numel()) for k in selection.kept_vision], select_ms)
+        if prompt.choice is None:
+            self._request.remember(stage.index, [positions[row, k] for row, k in enumerate(selection.kept_vision)],
+                                   selection.new_states)
+            self._record(stage, [int(k.numel()) for k in selection.kept_vision], select_ms)
         if (view is None and width == hidden.shape[1] and kept_counts == attention.sum(1).tolist()
                 and selection.new_states is None):
             return None  # nothing removed, no padding to drop: the unmodified forward is exact
@@ -364,6 +350,27 @@ class PruningHandle:
         kept_state = None if prompt.state is None else self.adapter.spec.gather_state(prompt.state, pruned)
         return ForwardPlan(masks=self._masks(stage, gathered, valid, cache, kept_state), gather_index=kept,
                            hidden_states=gathered, pruned=pruned)
+
+    def _select(self, stage: StageRunner, hidden: torch.Tensor, vision: torch.Tensor, attention: torch.Tensor,
+                input_ids: torch.Tensor) -> tuple[Selection, float]:
+        """The stage method's selection on its input (and the ms spent capturing the vision tower's attention)."""
+        view = self._view
+        saliency, vision_keys, capture_ms = self._vision_saliency(vision) if stage.index == 0 else (None, None, 0.0)
+        selection = stage.select(SelectionContext(
+            hidden_states=hidden, vision_mask=vision, attention_mask=attention, input_ids=input_ids,
+            budgets=[stage.config.budget_for(n) for n in vision.sum(1).tolist()],
+            final_norm=self.adapter.text_model.norm,
+            image_grids=self._prompt.grids if view is None else None,  # grids hold original positions
+            prompt=self._prompt_inputs(stage), positions=None if view is None else view.index,
+            vision_saliency=saliency, vision_keys=vision_keys))
+        return selection, capture_ms
+
+    def _reused_selection(self, stage: StageRunner, positions: torch.Tensor, vision: torch.Tensor) -> Selection:
+        """The continued request's choice at `stage`, in this call's slots; what this call captured is dropped."""
+        stage.drop_capture()
+        if stage.index == 0 and self._vision is not None:
+            self._vision.clear()
+        return self._prompt.choice.selection(stage.index, positions, vision)
 
     def _vision_saliency(self, vision: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
         """(saliency [B, N], keys [B, N, d], capture ms) of the vision tower's run for this prefill, if the first
@@ -386,6 +393,12 @@ class PruningHandle:
             raise RuntimeError(f"method {stage.config.method!r} needs layer 0's input, which this prefill did not "
                                "pass through decoder layer 0")
         return PromptInputs(prompt.embeddings, prompt.vision, prompt.attention)
+
+    def _record_unpruned(self, attention: torch.Tensor) -> None:
+        """Count a request that passes through unpruned (its mask hides every vision token)."""
+        zeros = [0] * attention.shape[0]
+        self.requests.append(RequestStats(n_tokens=attention.sum(1).tolist(), n_vision=zeros, n_kept_vision=zeros,
+                                          stage_kept_vision=[zeros for _ in self._stages], pruned=False))
 
     def _record(self, stage: StageRunner, kept_vision: list[int], select_ms: float) -> None:
         """Note what `stage` kept: a new `RequestStats` at the first stage, the same one extended at later ones."""
@@ -432,34 +445,6 @@ class PruningHandle:
         """The pruning of the stage now running, in original positions, for the family's extra hooks (None in
         decode or unpruned)."""
         return None if self._plan is None else self._plan.pruned
-
-
-def _check_vision_bounds(stage: StageRunner, n_vision: list[int]) -> None:
-    """An option bounded by the vision tokens (`Option.vision_bound`: DART's image pivots must exist) may not
-    exceed any row that has vision tokens, at every stage (before any compute)."""
-    for name, spec in stage.method.option_specs.items():
-        value = stage.config.options.get(name)
-        if not spec.vision_bound or value is None:
-            continue
-        for row, n in enumerate(n_vision):
-            if 0 < n < value:
-                where = "" if stage.index == 0 else f" at stage {stage.index} (layer {stage.start})"
-                raise ValueError(f"{stage.method.name} option {name}={value} exceeds the {n} vision tokens of "
-                                 f"batch row {row}{where}")
-
-
-def _padding_from_prebuilt_mask(mask: Any, length: int) -> torch.Tensor | None:
-    """The [B, N] padding mask behind a prebuilt 4D prefill mask (generate builds one for static caches).
-
-    Under left padding the last query is a real token, and its causal row attends exactly to the
-    non-padding prompt tokens.
-    """
-    if isinstance(mask, dict):
-        mask = mask.get("full_attention", next(iter(mask.values()), None))
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        return None
-    last_row = mask[:, 0, -1, :length]
-    return last_row if last_row.dtype == torch.bool else last_row == 0
 
 
 def _bind_layer(hook, index: int):
