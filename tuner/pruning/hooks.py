@@ -25,17 +25,23 @@ its choice, and a prompt whose attention mask hides every vision token passes th
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
 
 from tuner.config import PruningConfig, check_layers
-from tuner.models.compat import cache_from_kwargs, positions_from_mask
+from tuner.models.compat import cache_from_kwargs
 from tuner.models.families import FamilyAdapter, PrunedPrefill
 from tuner.models.feature_cache import NEEDS_VISION_TOWER
 from tuner.pruning.base import PromptInputs, PruningMethod, Selection, SelectionContext
 from tuner.pruning.capture import AttentionCapture
+from tuner.pruning.layer_inputs import (
+    bind_layer,
+    continue_full_positions,
+    gather_rows,
+    layer_masks,
+    number_positions_per_row,
+)
 from tuner.pruning.registry import get_method_class
 from tuner.pruning.request import Prompt, RequestChoice, RequestStats, image_inputs, padding_from_prebuilt_mask
 from tuner.pruning.stages import (
@@ -114,7 +120,7 @@ class PruningHandle:
                     self._on_first_layer, with_kwargs=True))
             for index in range(self.config.layer, len(self.adapter.layers)):
                 self._hooks.append(self.adapter.layers[index].register_forward_pre_hook(
-                    _bind_layer(self._on_layer, index), with_kwargs=True))
+                    bind_layer(self._on_layer, index), with_kwargs=True))
             self._hooks.extend(self.adapter.spec.extra_hooks(self.adapter.text_model, self._current_prefill))
             self.model._dart_tuner_handle = self
         except BaseException:
@@ -169,12 +175,14 @@ class PruningHandle:
         self._plan = None  # a plan lives for one forward
         mask = kwargs.get("attention_mask")
         self._attention_2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        substituted = self._number_positions_per_row(args, kwargs)
+        substituted = number_positions_per_row(self.adapter, self._attention_2d, args, kwargs)
         cache = cache_from_kwargs(kwargs)
         if cache is not None and cache.get_seq_length(self.config.layer) > 0:  # decode / continuation
             if self.config.layer == 0:
                 args, kwargs = substituted or (args, kwargs)
-                self._continue_full_positions(args, kwargs, cache)
+                if self._decode_kept[0] is not None:
+                    n_seen = self._prompt_length + cache.get_seq_length(0) - self._decode_kept[0].shape[1]
+                    continue_full_positions(self.adapter, self.model, args, kwargs, n_seen, self._attention_2d)
                 return args, kwargs
             return substituted
         self._view = None
@@ -208,7 +216,7 @@ class PruningHandle:
         n_vision = vision.sum(1).tolist()
         if not any(n_vision):
             if bool(self.adapter.vision_mask(input_ids, torch.ones_like(attention)).any()):
-                self._record_unpruned(attention)  # the mask hides every vision token: the model runs as it is
+                self.requests.append(RequestStats.unpruned(attention, len(self._stages)))  # mask hides them
                 return None
             if self.config.require_vision:
                 raise ValueError(f"no vision tokens in the prompt (none of the token ids "
@@ -224,41 +232,6 @@ class PruningHandle:
         if not self.method.needs_image_grids:
             return None
         return self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision)
-
-    def _number_positions_per_row(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Give a left-padded call without `position_ids` the positions generate() would give it.
-
-        Left alone, transformers numbers 1-D positions from 0 across the padding. The unpruned model does not
-        care (RoPE attention sees relative positions only), but the selection does: the L1 norm of post-RoPE
-        keys, which ranks DART's pivots, depends on absolute position, so a padded row would keep another set
-        than the same row alone. Families that derive their positions from the mask themselves are left alone.
-        """
-        if (not self.adapter.positions_ignore_padding or kwargs.get("position_ids") is not None
-                or self._attention_2d is None or bool(self._attention_2d.all())):
-            return None
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        if tokens is None:
-            return None
-        kwargs["position_ids"] = positions_from_mask(self._attention_2d, tokens.shape[1])
-        return args, kwargs
-
-    def _continue_full_positions(self, args: tuple, kwargs: dict, cache: Any) -> None:
-        """After a prefill pruned at K = 0 every layer caches only the kept tokens, so a model that numbers new
-        tokens from its cache length would restart them too early: give them their full-sequence positions.
-        """
-        if kwargs.get("position_ids") is not None or self._decode_kept[0] is None:
-            return
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        batch, n_query = tokens.shape[:2]
-        seen = self._prompt_length + cache.get_seq_length(0) - self._decode_kept[0].shape[1]
-        full = self._attention_2d
-        if full is None:
-            full = torch.ones(batch, seen + n_query, dtype=torch.bool, device=tokens.device)
-        kwargs["position_ids"] = self.adapter.spec.continued_positions(self.model, positions_from_mask(full, n_query))
 
     def _on_first_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook of layer 0: keep the prompt's embeddings of a prefill for methods that read them."""
@@ -298,7 +271,7 @@ class PruningHandle:
         plan = self._plan
         key = id(rotary[0])
         if key not in plan.gathered_rotary:
-            plan.gathered_rotary[key] = tuple(_gather_rows(t, plan.gather_index) for t in rotary)
+            plan.gathered_rotary[key] = tuple(gather_rows(t, plan.gather_index) for t in rotary)
         return plan.gathered_rotary[key]
 
     # -- prefill selection -----------------------------------------------------------------------
@@ -334,7 +307,13 @@ class PruningHandle:
         if prompt.choice is None:
             self._request.remember(stage.index, [positions[row, k] for row, k in enumerate(selection.kept_vision)],
                                    selection.new_states)
-            self._record(stage, [int(k.numel()) for k in selection.kept_vision], select_ms)
+            kept_vision = [int(k.numel()) for k in selection.kept_vision]
+            if stage.index == 0:
+                self.requests.append(RequestStats(n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
+                                                  n_kept_vision=kept_vision, stage_kept_vision=[kept_vision],
+                                                  select_ms=select_ms))
+            else:
+                self.requests[-1] = self.requests[-1].with_stage(kept_vision, select_ms)
         if (view is None and width == hidden.shape[1] and kept_counts == attention.sum(1).tolist()
                 and selection.new_states is None):
             return None  # nothing removed, no padding to drop: the unmodified forward is exact
@@ -348,8 +327,8 @@ class PruningHandle:
         self._decode_kept[stage.index] = valid
         pruned = self._view.prefill(self._prompt_length)
         kept_state = None if prompt.state is None else self.adapter.spec.gather_state(prompt.state, pruned)
-        return ForwardPlan(masks=self._masks(stage, gathered, valid, cache, kept_state), gather_index=kept,
-                           hidden_states=gathered, pruned=pruned)
+        masks = layer_masks(self.adapter, self._layer_types, stage.start, stage.end, gathered, valid, cache, kept_state)
+        return ForwardPlan(masks=masks, gather_index=kept, hidden_states=gathered, pruned=pruned)
 
     def _select(self, stage: StageRunner, hidden: torch.Tensor, vision: torch.Tensor, attention: torch.Tensor,
                 input_ids: torch.Tensor) -> tuple[Selection, float]:
@@ -394,24 +373,6 @@ class PruningHandle:
                                "pass through decoder layer 0")
         return PromptInputs(prompt.embeddings, prompt.vision, prompt.attention)
 
-    def _record_unpruned(self, attention: torch.Tensor) -> None:
-        """Count a request that passes through unpruned (its mask hides every vision token)."""
-        zeros = [0] * attention.shape[0]
-        self.requests.append(RequestStats(n_tokens=attention.sum(1).tolist(), n_vision=zeros, n_kept_vision=zeros,
-                                          stage_kept_vision=[zeros for _ in self._stages], pruned=False))
-
-    def _record(self, stage: StageRunner, kept_vision: list[int], select_ms: float) -> None:
-        """Note what `stage` kept: a new `RequestStats` at the first stage, the same one extended at later ones."""
-        if stage.index == 0:
-            prompt = self._prompt
-            self.requests.append(RequestStats(n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
-                                              n_kept_vision=kept_vision, stage_kept_vision=[kept_vision],
-                                              select_ms=select_ms))
-        else:
-            last = self.requests[-1]
-            self.requests[-1] = replace(last, n_kept_vision=kept_vision, select_ms=last.select_ms + select_ms,
-                                        stage_kept_vision=[*last.stage_kept_vision, kept_vision])
-
     # -- decode ----------------------------------------------------------------------------------
     def _decode_plan(self, stage: StageRunner, hidden: torch.Tensor, cache: Any) -> ForwardPlan | None:
         kept_2d = self._decode_kept[stage.index] if self._decode_kept else None
@@ -427,36 +388,12 @@ class PruningHandle:
                                    f"pruned prompt of {prompt_length} tokens with {n_appended} new ones")
         else:
             tail = torch.ones(batch, n_appended, dtype=torch.bool, device=hidden.device)
-        return ForwardPlan(masks=self._masks(stage, hidden, torch.cat([kept_2d, tail], 1), cache))
-
-    def _masks(self, stage: StageRunner, hidden: torch.Tensor, mask_2d: torch.Tensor, cache: Any,
-               kept_state: Any = None) -> dict[str, Any]:
-        """One mask per attention type of the stage's layers, sized against its first layer of that type."""
-        mask_2d = None if bool(mask_2d.all()) else mask_2d  # lets sdpa take its is_causal fast path
-        masks = {}
-        for layer_type in dict.fromkeys(self._layer_types[stage.start:stage.end]):
-            first = self._layer_types.index(layer_type, stage.start)
-            masks[layer_type] = self.adapter.spec.layer_mask(
-                layer_type, config=self.adapter.text_model.config, hidden=hidden, mask_2d=mask_2d, cache=cache,
-                layer_idx=first, kept_state=kept_state)
-        return masks
+        mask_2d = torch.cat([kept_2d, tail], 1)
+        return ForwardPlan(masks=layer_masks(self.adapter, self._layer_types, stage.start, stage.end, hidden, mask_2d,
+                                             cache))
 
     def _current_prefill(self) -> PrunedPrefill | None:
         """The pruning of the stage now running, in original positions, for the family's extra hooks (None in
         decode or unpruned)."""
         return None if self._plan is None else self._plan.pruned
 
-
-def _bind_layer(hook, index: int):
-    """A pre-hook for decoder layer `index` that forwards to `hook(index, args, kwargs)`."""
-
-    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict):
-        return hook(index, args, kwargs)
-
-    return pre_hook
-
-
-def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather a [B or 1, N, d] table at per-row positions [B, P] -> [B, P, d]."""
-    table = table.expand(index.shape[0], *table.shape[1:])
-    return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))

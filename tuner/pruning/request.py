@@ -8,7 +8,7 @@ vision positions each stage kept, and any new states), so the answer is the one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,6 +34,18 @@ class RequestStats:
     stage_kept_vision: list[list[int]] = field(default_factory=list)
     select_ms: float = 0.0  # wall time of the methods' selections in this prefill, all stages (device synchronised)
     pruned: bool = True
+
+    @classmethod
+    def unpruned(cls, attention: torch.Tensor, n_stages: int) -> RequestStats:
+        """A request passed through unpruned (its mask [B, N] hides every vision token)."""
+        zeros = [0] * attention.shape[0]
+        return cls(n_tokens=attention.sum(1).tolist(), n_vision=zeros, n_kept_vision=zeros,
+                   stage_kept_vision=[zeros for _ in range(n_stages)], pruned=False)
+
+    def with_stage(self, kept_vision: list[int], select_ms: float) -> RequestStats:
+        """These stats extended by a later stage that kept `kept_vision` per row in `select_ms`."""
+        return replace(self, n_kept_vision=kept_vision, select_ms=self.select_ms + select_ms,
+                       stage_kept_vision=[*self.stage_kept_vision, kept_vision])
 
     @property
     def n_kept(self) -> list[int]:
