@@ -175,9 +175,9 @@ class PruningHandle:
         self._plan = None  # a plan lives for one forward
         mask = kwargs.get("attention_mask")
         self._attention_2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        substituted = number_positions_per_row(self.adapter, self._attention_2d, args, kwargs)
         cache = cache_from_kwargs(kwargs)
         if cache is not None and cache.get_seq_length(self.config.layer) > 0:  # decode / continuation
+            substituted = number_positions_per_row(self.adapter, self._attention_2d, args, kwargs)
             if self.config.layer == 0:
                 args, kwargs = substituted or (args, kwargs)
                 if self._decode_kept[0] is not None:
@@ -200,7 +200,9 @@ class PruningHandle:
         if attention is None:
             attention = torch.ones_like(input_ids, dtype=torch.bool)
         self._prompt = self._read_prompt(input_ids, attention, kwargs)
-        return substituted
+        # A prompt passing through runs exactly as it would unhooked.
+        return None if self._prompt is None else number_positions_per_row(self.adapter, self._attention_2d, args,
+                                                                          kwargs)
 
     def _read_prompt(self, input_ids: torch.Tensor, attention: torch.Tensor, kwargs: dict) -> Prompt | None:
         """The prompt of a full forward (None: it passes through unpruned); one that continues the last request
@@ -229,9 +231,8 @@ class PruningHandle:
 
     def _grids(self, kwargs: dict, input_ids: torch.Tensor, vision: torch.Tensor) -> Any:
         """The family's image grids, if the first stage's method selects on them."""
-        if not self.method.needs_image_grids:
-            return None
-        return self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision)
+        return self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision) \
+            if self.method.needs_image_grids else None
 
     def _on_first_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook of layer 0: keep the prompt's embeddings of a prefill for methods that read them."""
