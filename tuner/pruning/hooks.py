@@ -200,9 +200,8 @@ class PruningHandle:
         if attention is None:
             attention = torch.ones_like(input_ids, dtype=torch.bool)
         self._prompt = self._read_prompt(input_ids, attention, kwargs)
-        # A prompt passing through runs exactly as it would unhooked.
         return None if self._prompt is None else number_positions_per_row(self.adapter, self._attention_2d, args,
-                                                                          kwargs)
+                                                                          kwargs)  # passing through: as unhooked
 
     def _read_prompt(self, input_ids: torch.Tensor, attention: torch.Tensor, kwargs: dict) -> Prompt | None:
         """The prompt of a full forward (None: it passes through unpruned); one that continues the last request
