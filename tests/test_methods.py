@@ -223,12 +223,13 @@ def test_prompt_without_vision_tokens_fails_before_any_compute(loaded: Loader):
         probe.remove()
 
 
-def test_more_image_pivots_than_vision_tokens_is_rejected(loaded: Loader):
+def test_more_image_pivots_than_vision_tokens_are_clamped_to_the_row(loaded: Loader):
     model, processor = loaded("llava", "sdpa")
     inputs = tiny_vlms.make_inputs("llava", processor)
-    with tuner.apply_pruning(model, tuner.PruningConfig(keep_ratio=0.5, options={"n_image_pivots": 100})):
-        with pytest.raises(ValueError, match="dart option n_image_pivots=100 exceeds the 64 vision tokens"):
+    with tuner.apply_pruning(model, tuner.PruningConfig(keep_ratio=0.5, options={"n_image_pivots": 100})) as handle:
+        with pytest.warns(UserWarning, match="dart option n_image_pivots=100 exceeds the 64 vision tokens"):
             model(**inputs)
+    assert handle.requests[0].n_kept_vision == [32]
 
 
 def test_unsupported_model_class_is_named_with_the_supported_ones():

@@ -26,7 +26,8 @@ class Option:
     when it names the option without a range, written as in a space file: `{"low": 1, "high": 8}` (a float range
     may add `"log": True`) or a list of values; None: the option is searched only with an explicit range.
     `vision_bound`:
-    the value may not exceed a row's vision tokens (DART's image pivots), checked before any compute.
+    the value counts vision tokens (DART's image pivots): a search space may not exceed the latency prompt's, and
+    a row with fewer gets what it has (the method clamps it per row).
     """
 
     kind: type | None

@@ -16,23 +16,34 @@ Rows keeping different counts are left-padded with masked slots, so the last slo
 A schedule repeats this at every stage layer K_0 < K_1 < ... (`tuner.pruning.stages`): stage j selects among
 the tokens stage j-1 kept, with what was captured at its own layer K_j - 1, and its layers get tables, masks and
 family state indexed by the composed ORIGINAL positions.
+
+A request is pruned once: a full forward that continues the last request (`generate(use_cache=False)`) reuses
+its choice, and a prompt whose attention mask hides every vision token passes through unpruned
+(`tuner.pruning.request`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from tuner.config import PruningConfig, check_layers
-from tuner.models.compat import cache_from_kwargs, positions_from_mask
+from tuner.models.compat import cache_from_kwargs
 from tuner.models.families import FamilyAdapter, PrunedPrefill
 from tuner.models.feature_cache import NEEDS_VISION_TOWER
-from tuner.pruning.base import PromptInputs, PruningMethod, SelectionContext
+from tuner.pruning.base import PromptInputs, PruningMethod, Selection, SelectionContext
 from tuner.pruning.capture import AttentionCapture
+from tuner.pruning.layer_inputs import (
+    bind_layer,
+    continue_full_positions,
+    gather_rows,
+    layer_masks,
+    number_positions_per_row,
+)
 from tuner.pruning.registry import get_method_class
+from tuner.pruning.request import Prompt, RequestChoice, RequestStats, image_inputs, padding_from_prebuilt_mask
 from tuner.pruning.stages import (
     ForwardPlan,
     StageRunner,
@@ -45,49 +56,12 @@ from tuner.pruning.stages import (
 from tuner.pruning.vision_capture import VisionAttentionCapture
 
 
-@dataclass(frozen=True)
-class RequestStats:
-    """Token counts of one pruned prefill, per row (padding excluded).
-
-    `n_kept_vision` is what the last stage kept; `stage_kept_vision[j]` what stage j kept (one entry per stage).
-    """
-
-    n_tokens: list[int]
-    n_vision: list[int]
-    n_kept_vision: list[int]
-    stage_kept_vision: list[list[int]] = field(default_factory=list)
-    select_ms: float = 0.0  # wall time of the methods' selections in this prefill, all stages (device synchronised)
-
-    @property
-    def n_kept(self) -> list[int]:
-        """All tokens kept per row after the last stage: every non-vision token plus the kept vision tokens."""
-        return [t - v + k for t, v, k in zip(self.n_tokens, self.n_vision, self.n_kept_vision)]
-
-    @property
-    def stage_n_kept(self) -> list[list[int]]:
-        """All tokens each stage's layers hold per row: `n_kept` after every stage, first to last."""
-        return [[t - v + k for t, v, k in zip(self.n_tokens, self.n_vision, kept)] for kept in self.stage_kept_vision]
-
-
-@dataclass
-class _Prompt:
-    """What the top-level hook saw for the current prefill."""
-
-    input_ids: torch.Tensor  # [B, N]
-    vision: torch.Tensor  # [B, N] bool, padding excluded
-    attention: torch.Tensor  # [B, N] bool
-    n_vision: list[int]  # per row
-    state: Any = None  # the family's per-token extras (Family.prompt_state)
-    grids: Any = None  # the family's image grids (Family.image_grids), if the method needs them
-    embeddings: torch.Tensor | None = None  # [B, N, D] layer 0's input, if a method needs it
-
-
 class PruningHandle:
     """Hooks that prune one model according to one config; a context manager, removable with `remove()`.
 
     `last_kept[row]` holds the positions the last stage of the last prefill kept (all tokens, original order,
     padding excluded), and `last_stage_kept[j][row]` those stage j kept; `requests` holds a `RequestStats` for
-    every prefill since the hooks were attached.
+    every request since the hooks were attached (a continuing call adds none).
     """
 
     def __init__(self, model: torch.nn.Module, config: PruningConfig, adapter: FamilyAdapter) -> None:
@@ -102,7 +76,8 @@ class PruningHandle:
         self._layer_types = adapter.layer_types
         self._stages: list[StageRunner] = []
         self._stage_at: dict[int, StageRunner] = {}  # by first layer
-        self._prompt: _Prompt | None = None
+        self._prompt: Prompt | None = None
+        self._request: RequestChoice | None = None  # the last request, for the calls that continue it
         self._attention_2d: torch.Tensor | None = None
         self._prompt_length = 0
         self._view: TokenView | None = None  # the tokens the running stage's layers hold; None: the whole prompt
@@ -145,7 +120,7 @@ class PruningHandle:
                     self._on_first_layer, with_kwargs=True))
             for index in range(self.config.layer, len(self.adapter.layers)):
                 self._hooks.append(self.adapter.layers[index].register_forward_pre_hook(
-                    _bind_layer(self._on_layer, index), with_kwargs=True))
+                    bind_layer(self._on_layer, index), with_kwargs=True))
             self._hooks.extend(self.adapter.spec.extra_hooks(self.adapter.text_model, self._current_prefill))
             self.model._dart_tuner_handle = self
         except BaseException:
@@ -200,12 +175,14 @@ class PruningHandle:
         self._plan = None  # a plan lives for one forward
         mask = kwargs.get("attention_mask")
         self._attention_2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        substituted = self._number_positions_per_row(args, kwargs)
         cache = cache_from_kwargs(kwargs)
         if cache is not None and cache.get_seq_length(self.config.layer) > 0:  # decode / continuation
+            substituted = number_positions_per_row(self.adapter, self._attention_2d, args, kwargs)
             if self.config.layer == 0:
                 args, kwargs = substituted or (args, kwargs)
-                self._continue_full_positions(args, kwargs, cache)
+                if self._decode_kept[0] is not None:
+                    n_seen = self._prompt_length + cache.get_seq_length(0) - self._decode_kept[0].shape[1]
+                    continue_full_positions(self.adapter, self.model, args, kwargs, n_seen, self._attention_2d)
                 return args, kwargs
             return substituted
         self._view = None
@@ -219,59 +196,42 @@ class PruningHandle:
         self._prompt_length = input_ids.shape[1]
         attention = self._attention_2d
         if attention is None:
-            attention = _padding_from_prebuilt_mask(mask, input_ids.shape[1])
+            attention = padding_from_prebuilt_mask(mask, input_ids.shape[1])
         if attention is None:
             attention = torch.ones_like(input_ids, dtype=torch.bool)
+        self._prompt = self._read_prompt(input_ids, attention, kwargs)
+        return None if self._prompt is None else number_positions_per_row(self.adapter, self._attention_2d, args,
+                                                                          kwargs)  # passing through: as unhooked
+
+    def _read_prompt(self, input_ids: torch.Tensor, attention: torch.Tensor, kwargs: dict) -> Prompt | None:
+        """The prompt of a full forward (None: it passes through unpruned); one that continues the last request
+        carries that request's choice."""
+        request = self._request
+        if request is not None and request.continued_by(input_ids, attention, kwargs):
+            vision, n_vision = request.extend(input_ids, attention)
+            return Prompt(input_ids, vision, attention, n_vision, choice=request,
+                          state=self.adapter.spec.prompt_state(kwargs, input_ids),
+                          grids=self._grids(kwargs, input_ids, vision))
+        self._request = None
         vision = self.adapter.vision_mask(input_ids, attention)
         n_vision = vision.sum(1).tolist()
         if not any(n_vision):
+            if bool(self.adapter.vision_mask(input_ids, torch.ones_like(attention)).any()):
+                self.requests.append(RequestStats.unpruned(attention, len(self._stages)))  # mask hides them
+                return None
             if self.config.require_vision:
                 raise ValueError(f"no vision tokens in the prompt (none of the token ids "
                                  f"{list(self.adapter.vision_token_ids)} appear in input_ids); set "
                                  "PruningConfig(require_vision=False) to let text-only prompts through")
-            self._prompt = None
-            return substituted
-        _check_vision_bounds(self._stages[0], n_vision)
-        grids = self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision) \
+            return None
+        self._request = RequestChoice(input_ids, attention, vision, image_inputs(kwargs))
+        return Prompt(input_ids, vision, attention, n_vision, state=self.adapter.spec.prompt_state(kwargs, input_ids),
+                      grids=self._grids(kwargs, input_ids, vision))
+
+    def _grids(self, kwargs: dict, input_ids: torch.Tensor, vision: torch.Tensor) -> Any:
+        """The family's image grids, if the first stage's method selects on them."""
+        return self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision) \
             if self.method.needs_image_grids else None
-        self._prompt = _Prompt(input_ids, vision, attention, n_vision,
-                               state=self.adapter.spec.prompt_state(kwargs, input_ids), grids=grids)
-        return substituted
-
-    def _number_positions_per_row(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Give a left-padded call without `position_ids` the positions generate() would give it.
-
-        Left alone, transformers numbers 1-D positions from 0 across the padding. The unpruned model does not
-        care (RoPE attention sees relative positions only), but the selection does: the L1 norm of post-RoPE
-        keys, which ranks DART's pivots, depends on absolute position, so a padded row would keep another set
-        than the same row alone. Families that derive their positions from the mask themselves are left alone.
-        """
-        if (not self.adapter.positions_ignore_padding or kwargs.get("position_ids") is not None
-                or self._attention_2d is None or bool(self._attention_2d.all())):
-            return None
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        if tokens is None:
-            return None
-        kwargs["position_ids"] = positions_from_mask(self._attention_2d, tokens.shape[1])
-        return args, kwargs
-
-    def _continue_full_positions(self, args: tuple, kwargs: dict, cache: Any) -> None:
-        """After a prefill pruned at K = 0 every layer caches only the kept tokens, so a model that numbers new
-        tokens from its cache length would restart them too early: give them their full-sequence positions.
-        """
-        if kwargs.get("position_ids") is not None or self._decode_kept[0] is None:
-            return
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        batch, n_query = tokens.shape[:2]
-        seen = self._prompt_length + cache.get_seq_length(0) - self._decode_kept[0].shape[1]
-        full = self._attention_2d
-        if full is None:
-            full = torch.ones(batch, seen + n_query, dtype=torch.bool, device=tokens.device)
-        kwargs["position_ids"] = self.adapter.spec.continued_positions(self.model, positions_from_mask(full, n_query))
 
     def _on_first_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook of layer 0: keep the prompt's embeddings of a prefill for methods that read them."""
@@ -311,7 +271,7 @@ class PruningHandle:
         plan = self._plan
         key = id(rotary[0])
         if key not in plan.gathered_rotary:
-            plan.gathered_rotary[key] = tuple(_gather_rows(t, plan.gather_index) for t in rotary)
+            plan.gathered_rotary[key] = tuple(gather_rows(t, plan.gather_index) for t in rotary)
         return plan.gathered_rotary[key]
 
     # -- prefill selection -----------------------------------------------------------------------
@@ -326,17 +286,13 @@ class PruningHandle:
         if attention.shape != hidden.shape[:2]:
             raise RuntimeError(f"layer {stage.start} received {tuple(hidden.shape[:2])} tokens but expected "
                                f"{tuple(attention.shape)}; inputs_embeds-only calls are unsupported")
-        n_vision = vision.sum(1).tolist()
-        if stage.index > 0:
-            _check_vision_bounds(stage, n_vision)
         started = time.perf_counter()
-        saliency, vision_keys, capture_ms = self._vision_saliency(vision) if stage.index == 0 else (None, None, 0.0)
-        selection = stage.select(SelectionContext(
-            hidden_states=hidden, vision_mask=vision, attention_mask=attention, input_ids=input_ids,
-            budgets=[stage.config.budget_for(n) for n in n_vision], final_norm=self.adapter.text_model.norm,
-            image_grids=prompt.grids if view is None else None,  # grids hold original positions
-            prompt=self._prompt_inputs(stage), positions=None if view is None else view.index,
-            vision_saliency=saliency, vision_keys=vision_keys))
+        positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(vision) if view is None \
+            else view.index
+        if prompt.choice is not None:  # a later step of the request: its choice stands
+            selection, capture_ms = self._reused_selection(stage, positions, vision), 0.0
+        else:
+            selection, capture_ms = self._select(stage, hidden, vision, attention, input_ids)
         if stage.index == len(self._stages) - 1:
             prompt.embeddings = None  # no later stage reads layer 0's input
         if hidden.is_cuda:  # the gather below waits for the selection anyway
@@ -348,7 +304,16 @@ class PruningHandle:
         width = valid.shape[1]
         row_kept = [kept[row, width - n:] for row, n in enumerate(kept_counts)]
         self.last_stage_kept = [*self.last_stage_kept[:stage.index], row_kept]
-        self._record(stage, [int(k.numel()) for k in selection.kept_vision], select_ms)
+        if prompt.choice is None:
+            self._request.remember(stage.index, [positions[row, k] for row, k in enumerate(selection.kept_vision)],
+                                   selection.new_states)
+            kept_vision = [int(k.numel()) for k in selection.kept_vision]
+            if stage.index == 0:
+                self.requests.append(RequestStats(n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
+                                                  n_kept_vision=kept_vision, stage_kept_vision=[kept_vision],
+                                                  select_ms=select_ms))
+            else:
+                self.requests[-1] = self.requests[-1].with_stage(kept_vision, select_ms)
         if (view is None and width == hidden.shape[1] and kept_counts == attention.sum(1).tolist()
                 and selection.new_states is None):
             return None  # nothing removed, no padding to drop: the unmodified forward is exact
@@ -362,8 +327,29 @@ class PruningHandle:
         self._decode_kept[stage.index] = valid
         pruned = self._view.prefill(self._prompt_length)
         kept_state = None if prompt.state is None else self.adapter.spec.gather_state(prompt.state, pruned)
-        return ForwardPlan(masks=self._masks(stage, gathered, valid, cache, kept_state), gather_index=kept,
-                           hidden_states=gathered, pruned=pruned)
+        masks = layer_masks(self.adapter, self._layer_types, stage.start, stage.end, gathered, valid, cache, kept_state)
+        return ForwardPlan(masks=masks, gather_index=kept, hidden_states=gathered, pruned=pruned)
+
+    def _select(self, stage: StageRunner, hidden: torch.Tensor, vision: torch.Tensor, attention: torch.Tensor,
+                input_ids: torch.Tensor) -> tuple[Selection, float]:
+        """The stage method's selection on its input (and the ms spent capturing the vision tower's attention)."""
+        view = self._view
+        saliency, vision_keys, capture_ms = self._vision_saliency(vision) if stage.index == 0 else (None, None, 0.0)
+        selection = stage.select(SelectionContext(
+            hidden_states=hidden, vision_mask=vision, attention_mask=attention, input_ids=input_ids,
+            budgets=[stage.config.budget_for(n) for n in vision.sum(1).tolist()],
+            final_norm=self.adapter.text_model.norm,
+            image_grids=self._prompt.grids if view is None else None,  # grids hold original positions
+            prompt=self._prompt_inputs(stage), positions=None if view is None else view.index,
+            vision_saliency=saliency, vision_keys=vision_keys))
+        return selection, capture_ms
+
+    def _reused_selection(self, stage: StageRunner, positions: torch.Tensor, vision: torch.Tensor) -> Selection:
+        """The continued request's choice at `stage`, in this call's slots; what this call captured is dropped."""
+        stage.drop_capture()
+        if stage.index == 0 and self._vision is not None:
+            self._vision.clear()
+        return self._prompt.choice.selection(stage.index, positions, vision)
 
     def _vision_saliency(self, vision: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
         """(saliency [B, N], keys [B, N, d], capture ms) of the vision tower's run for this prefill, if the first
@@ -387,18 +373,6 @@ class PruningHandle:
                                "pass through decoder layer 0")
         return PromptInputs(prompt.embeddings, prompt.vision, prompt.attention)
 
-    def _record(self, stage: StageRunner, kept_vision: list[int], select_ms: float) -> None:
-        """Note what `stage` kept: a new `RequestStats` at the first stage, the same one extended at later ones."""
-        if stage.index == 0:
-            prompt = self._prompt
-            self.requests.append(RequestStats(n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
-                                              n_kept_vision=kept_vision, stage_kept_vision=[kept_vision],
-                                              select_ms=select_ms))
-        else:
-            last = self.requests[-1]
-            self.requests[-1] = replace(last, n_kept_vision=kept_vision, select_ms=last.select_ms + select_ms,
-                                        stage_kept_vision=[*last.stage_kept_vision, kept_vision])
-
     # -- decode ----------------------------------------------------------------------------------
     def _decode_plan(self, stage: StageRunner, hidden: torch.Tensor, cache: Any) -> ForwardPlan | None:
         kept_2d = self._decode_kept[stage.index] if self._decode_kept else None
@@ -414,64 +388,12 @@ class PruningHandle:
                                    f"pruned prompt of {prompt_length} tokens with {n_appended} new ones")
         else:
             tail = torch.ones(batch, n_appended, dtype=torch.bool, device=hidden.device)
-        return ForwardPlan(masks=self._masks(stage, hidden, torch.cat([kept_2d, tail], 1), cache))
-
-    def _masks(self, stage: StageRunner, hidden: torch.Tensor, mask_2d: torch.Tensor, cache: Any,
-               kept_state: Any = None) -> dict[str, Any]:
-        """One mask per attention type of the stage's layers, sized against its first layer of that type."""
-        mask_2d = None if bool(mask_2d.all()) else mask_2d  # lets sdpa take its is_causal fast path
-        masks = {}
-        for layer_type in dict.fromkeys(self._layer_types[stage.start:stage.end]):
-            first = self._layer_types.index(layer_type, stage.start)
-            masks[layer_type] = self.adapter.spec.layer_mask(
-                layer_type, config=self.adapter.text_model.config, hidden=hidden, mask_2d=mask_2d, cache=cache,
-                layer_idx=first, kept_state=kept_state)
-        return masks
+        mask_2d = torch.cat([kept_2d, tail], 1)
+        return ForwardPlan(masks=layer_masks(self.adapter, self._layer_types, stage.start, stage.end, hidden, mask_2d,
+                                             cache))
 
     def _current_prefill(self) -> PrunedPrefill | None:
         """The pruning of the stage now running, in original positions, for the family's extra hooks (None in
         decode or unpruned)."""
         return None if self._plan is None else self._plan.pruned
 
-
-def _check_vision_bounds(stage: StageRunner, n_vision: list[int]) -> None:
-    """An option bounded by the vision tokens (`Option.vision_bound`: DART's image pivots must exist) may not
-    exceed any row that has vision tokens, at every stage (before any compute)."""
-    for name, spec in stage.method.option_specs.items():
-        value = stage.config.options.get(name)
-        if not spec.vision_bound or value is None:
-            continue
-        for row, n in enumerate(n_vision):
-            if 0 < n < value:
-                where = "" if stage.index == 0 else f" at stage {stage.index} (layer {stage.start})"
-                raise ValueError(f"{stage.method.name} option {name}={value} exceeds the {n} vision tokens of "
-                                 f"batch row {row}{where}")
-
-
-def _padding_from_prebuilt_mask(mask: Any, length: int) -> torch.Tensor | None:
-    """The [B, N] padding mask behind a prebuilt 4D prefill mask (generate builds one for static caches).
-
-    Under left padding the last query is a real token, and its causal row attends exactly to the
-    non-padding prompt tokens.
-    """
-    if isinstance(mask, dict):
-        mask = mask.get("full_attention", next(iter(mask.values()), None))
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        return None
-    last_row = mask[:, 0, -1, :length]
-    return last_row if last_row.dtype == torch.bool else last_row == 0
-
-
-def _bind_layer(hook, index: int):
-    """A pre-hook for decoder layer `index` that forwards to `hook(index, args, kwargs)`."""
-
-    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict):
-        return hook(index, args, kwargs)
-
-    return pre_hook
-
-
-def _gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather a [B or 1, N, d] table at per-row positions [B, P] -> [B, P, d]."""
-    table = table.expand(index.shape[0], *table.shape[1:])
-    return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))

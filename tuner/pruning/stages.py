@@ -45,6 +45,11 @@ class StageRunner:
             if capture is not None:
                 capture.clear()
 
+    def drop_capture(self) -> None:
+        """Forget what was captured at layer start - 1 without selecting (a continued request reuses its choice)."""
+        if self.capture is not None:
+            self.capture.clear()
+
     def remove(self) -> None:
         """Restore the captured attention module (safe to call twice)."""
         if self.capture is not None:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tuner.config.options import Option
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
+from tuner.pruning.ties import earliest_best, row_cosine
 
 
 @register_method("cdpruner")
@@ -122,12 +123,11 @@ def relevance_weights(relevance: torch.Tensor, theta: float | None) -> torch.Ten
 def conditional_kernel(unit: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, V, V] L_ij = w_i cos(x_i, x_j) w_j from unit vectors [B, V, D]; rows and columns of padding are 0.
 
-    cos(x_i, x_i) is set to exactly 1, so equal weights tie exactly (and go to the earlier token) instead of by
-    rounding.
+    The cosines are computed row by row, exactly symmetric with cos(x_i, x_i) = 1 (`tuner.pruning.ties.row_cosine`),
+    so equal weights tie exactly and a row's kernel does not depend on the batch it is in.
     """
     weights = weights * valid
-    similarity = unit @ unit.transpose(1, 2)
-    similarity.diagonal(dim1=1, dim2=2).fill_(1.0)
+    similarity = row_cosine(unit, valid)
     return weights[:, :, None] * similarity * weights[:, None, :]
 
 
@@ -136,7 +136,9 @@ def greedy_map_order(kernel: torch.Tensor, valid: torch.Tensor, budgets: list[in
 
     Each step adds the token j of largest gain d_j^2 = L_jj - |c_j|^2, the factor by which det L_S grows, then
     updates every gain with the new pick's orthogonalised row e = (L_j - c_j . C) / d_j (Chen et al., 2018).
-    Ties go to the earlier token. Row r's first `budgets[r]` picks are its selection; rows are independent.
+    Ties, gains within rounding of the best (relative to the row's largest L_jj), go to the earlier token, so
+    exact duplicates are decided by position, not by rounding. Row r's first `budgets[r]` picks are its
+    selection; rows are independent.
     """
     batch, width = valid.shape
     steps = max(budgets, default=0)
@@ -144,10 +146,11 @@ def greedy_map_order(kernel: torch.Tensor, valid: torch.Tensor, budgets: list[in
         raise ValueError(f"budgets {budgets} exceed the {width} tokens of the widest row")
     rows = torch.arange(batch, device=valid.device)
     gains = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, -math.inf)
+    scale = gains.amax(1).clamp_min(torch.finfo(kernel.dtype).tiny)  # the row's largest gain: its score scale
     directions = kernel.new_zeros(steps, batch, width)  # c: each pick's orthogonalised kernel row
     picks = []
     for step in range(steps):
-        pick = gains.argmax(1)
+        pick = earliest_best(gains, scale)
         picks.append(pick)
         gain = gains[rows, pick]
         spanned = torch.einsum("tb,tbv->bv", directions[:step, rows, pick], directions[:step])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +33,8 @@ class DART(PruningMethod):
     pivot or a `quota_rule` (llava15 | llava_next | qwen, or `family`: the model family's own,
     `Family.reference_quota_rule`) with `max_num_trunction` and
     `retain_tokens` as in the reference. Without them, exactly the config's budget is kept.
+    A row with fewer vision tokens than `n_image_pivots` takes all of them as its image pivots (warned once per
+    method instance); its budget is still met.
     """
 
     needs_keys = True
@@ -80,6 +83,7 @@ class DART(PruningMethod):
     def __init__(self, config: PruningConfig) -> None:
         super().__init__(config)
         self.needs_keys = not _ranks_on_hidden_states(self.options)  # read by the hooks: no capture without keys
+        self._warned_pivots = False
 
     def bind_family(self, family: Any) -> None:
         """Resolve `quota_rule: family` to the family's reference rule (an error if it has none)."""
@@ -93,6 +97,7 @@ class DART(PruningMethod):
         self.options["quota_rule"] = rule
 
     def select(self, ctx: SelectionContext) -> Selection:
+        self._warn_short_rows(ctx.vision_mask.sum(1).tolist())
         with torch.no_grad():
             norm_states = ctx.final_norm(ctx.hidden_states)
         pivot_states = ctx.keys if self.needs_keys else ctx.hidden_states
@@ -108,11 +113,23 @@ class DART(PruningMethod):
                                 quota=quota, attention_mask=ctx.attention_mask[row:row + 1], **common)
         return Selection(kept)
 
+    def _warn_short_rows(self, n_vision: list[int]) -> None:
+        """Warn, once, that a row has fewer vision tokens than `n_image_pivots` (`dart_select` then takes them all)."""
+        wanted = self.options["n_image_pivots"]
+        short = [(row, n) for row, n in enumerate(n_vision) if 0 < n < wanted]
+        if short and not self._warned_pivots:
+            self._warned_pivots = True
+            row, n = short[0]
+            warnings.warn(f"dart option n_image_pivots={wanted} exceeds the {n} vision tokens of batch row {row}; "
+                          "such a row uses all its vision tokens as image pivots (warned once)", stacklevel=2)
+
     def _quota(self, n_vision: int) -> int:
         if self.options["quota"] is not None:
             return self.options["quota"]
+        if n_vision == 0:
+            return 0
         return max(0, reference_quota(
-            self.options["quota_rule"], n_vision, n_image_pivots=self.options["n_image_pivots"],
+            self.options["quota_rule"], n_vision, n_image_pivots=min(self.options["n_image_pivots"], n_vision),
             n_text_pivots=self.options["n_text_pivots"], keep_ratio=self.config.keep_ratio,
             max_num_trunction=self.options["max_num_trunction"], retain_tokens=self.options["retain_tokens"]))
 

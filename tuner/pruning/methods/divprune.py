@@ -5,7 +5,9 @@ casts pruning as a max-min diversity problem on the distance d(i, j) = 1 - cos(x
 and solves it greedily, as the official code does:
 - the first pick is the token whose nearest other token is farthest: argmax_j min_{i != j} d(i, j);
 - every next pick is the token farthest from the picks so far: argmax_j min_{s picked} d(s, j);
-- ties go to the earlier position (`argmax` takes the first maximum).
+- ties go to the earlier position, where a tie is any score within rounding of the best
+  (`tuner.pruning.ties`): distances are computed row by row and made exactly symmetric, so a row keeps the same
+  tokens alone and in a left-padded batch even among exact duplicates and mutual nearest neighbours.
 The official code runs on LLaVA's projected vision features before the language model; here it runs on the
 hidden states entering the stage's layer K, which at K = 0 are those projected features. Two details differ,
 neither on inputs without exact duplicates: a picked token is never picked again (the official loop can pick
@@ -18,10 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
+from tuner.pruning.ties import earliest_best, row_cosine
 
 
 @register_method("divprune")
@@ -49,15 +51,14 @@ def max_min_order(features: torch.Tensor, valid: torch.Tensor, budgets: list[int
     steps = max(budgets, default=0)
     if steps > width:
         raise ValueError(f"budgets {budgets} exceed the {width} tokens of the widest row")
-    unit = F.normalize(features.float(), dim=-1)
-    distance = 1.0 - unit @ unit.transpose(1, 2)  # [B, V, V]
+    distance = 1.0 - row_cosine(features, valid)  # [B, V, V], per row, exactly symmetric, 0 on the diagonal
     rows = torch.arange(batch, device=valid.device)
     others = valid[:, :, None] & valid[:, None, :] & ~torch.eye(width, dtype=torch.bool, device=valid.device)
     score = distance.masked_fill(~others, math.inf).amin(1)  # distance to the nearest other token
     taken = ~valid
     picks = []
     for _ in range(steps):
-        pick = score.masked_fill(taken, -math.inf).argmax(1)
+        pick = earliest_best(score.masked_fill(taken, -math.inf))
         picks.append(pick)
         taken = taken.clone()
         taken[rows, pick] = True

@@ -1,0 +1,141 @@
+"""Per-request state of the pruning hooks: what a prompt holds, what it kept, and whether a call continues it.
+
+A request is pruned once. `generate(use_cache=False)` (Idefics3 and SmolVLM configs ask for it) runs every step
+as a fresh prefill of the grown sequence; such a call continues the last request when it holds the same rows,
+the same prompt and padding as its first columns and the same image inputs. It reuses the request's choice (the
+vision positions each stage kept, and any new states), so the answer is the one a cached generate gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from tuner.pruning.base import Selection
+
+# Per-token (or cache) keyword arguments: they grow with the sequence, so they do not identify the images.
+SEQUENCE_KWARGS = frozenset({"input_ids", "attention_mask", "position_ids", "cache_position", "inputs_embeds",
+                             "token_type_ids", "mm_token_type_ids", "labels", "past_key_values", "cache"})
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """Token counts of one request, per row (padding excluded); later steps of the request add nothing.
+
+    `n_kept_vision` is what the last stage kept; `stage_kept_vision[j]` what stage j kept (one entry per stage).
+    `pruned` is False for a request passed through unpruned: its attention mask hides every vision token.
+    """
+
+    n_tokens: list[int]
+    n_vision: list[int]
+    n_kept_vision: list[int]
+    stage_kept_vision: list[list[int]] = field(default_factory=list)
+    select_ms: float = 0.0  # wall time of the methods' selections in this prefill, all stages (device synchronised)
+    pruned: bool = True
+
+    @classmethod
+    def unpruned(cls, attention: torch.Tensor, n_stages: int) -> RequestStats:
+        """A request passed through unpruned (its mask [B, N] hides every vision token)."""
+        zeros = [0] * attention.shape[0]
+        return cls(n_tokens=attention.sum(1).tolist(), n_vision=zeros, n_kept_vision=zeros,
+                   stage_kept_vision=[zeros for _ in range(n_stages)], pruned=False)
+
+    def with_stage(self, kept_vision: list[int], select_ms: float) -> RequestStats:
+        """These stats extended by a later stage that kept `kept_vision` per row in `select_ms`."""
+        return replace(self, n_kept_vision=kept_vision, select_ms=self.select_ms + select_ms,
+                       stage_kept_vision=[*self.stage_kept_vision, kept_vision])
+
+    @property
+    def n_kept(self) -> list[int]:
+        """All tokens kept per row after the last stage: every non-vision token plus the kept vision tokens."""
+        return [t - v + k for t, v, k in zip(self.n_tokens, self.n_vision, self.n_kept_vision)]
+
+    @property
+    def stage_n_kept(self) -> list[list[int]]:
+        """All tokens each stage's layers hold per row: `n_kept` after every stage, first to last."""
+        return [[t - v + k for t, v, k in zip(self.n_tokens, self.n_vision, kept)] for kept in self.stage_kept_vision]
+
+
+@dataclass
+class Prompt:
+    """What the top-level hook saw for the current prefill; `choice` is set when it continues a request."""
+
+    input_ids: torch.Tensor  # [B, N]
+    vision: torch.Tensor  # [B, N] bool, padding excluded
+    attention: torch.Tensor  # [B, N] bool
+    n_vision: list[int]  # per row
+    state: Any = None  # the family's per-token extras (Family.prompt_state)
+    grids: Any = None  # the family's image grids (Family.image_grids), if the method needs them
+    embeddings: torch.Tensor | None = None  # [B, N, D] layer 0's input, if a method needs it
+    choice: RequestChoice | None = None  # the request this call continues (None: a new request)
+
+
+@dataclass
+class RequestChoice:
+    """A request's prompt and what each stage kept, in original positions, for the calls that continue it."""
+
+    input_ids: torch.Tensor  # [B, P]
+    attention: torch.Tensor  # [B, P] bool
+    vision: torch.Tensor  # [B, P] bool
+    images: dict[str, torch.Tensor]
+    kept: list[list[torch.Tensor]] = field(default_factory=list)  # per stage, per row: kept vision positions
+    new_states: list[list[torch.Tensor] | None] = field(default_factory=list)  # per stage, aligned with `kept`
+
+    def continued_by(self, input_ids: torch.Tensor, attention: torch.Tensor, kwargs: dict) -> bool:
+        """Whether a full forward of `input_ids` is a later step of this request (its prompt grown at the end)."""
+        rows, length = self.input_ids.shape
+        if input_ids.shape[0] != rows or input_ids.shape[1] <= length or input_ids.device != self.input_ids.device:
+            return False
+        if not (torch.equal(input_ids[:, :length], self.input_ids) and torch.equal(attention[:, :length],
+                                                                                      self.attention)):
+            return False
+        images = image_inputs(kwargs)
+        return images.keys() == self.images.keys() and all(_same(images[k], self.images[k]) for k in images)
+
+    def remember(self, stage: int, kept: list[torch.Tensor], new_states: list[torch.Tensor] | None) -> None:
+        """Note what stage `stage` kept (original vision positions per row, ascending) and any new states."""
+        self.kept[stage:] = [kept]
+        self.new_states[stage:] = [new_states]
+
+    def selection(self, stage: int, positions: torch.Tensor, vision: torch.Tensor) -> Selection:
+        """Stage `stage`'s choice in the slots of this call: `positions` [B, W] the original position of each
+        slot, `vision` [B, W] its vision slots."""
+        kept = []
+        for row, original in enumerate(self.kept[stage]):
+            slots = (vision[row] & torch.isin(positions[row], original)).nonzero().squeeze(1)
+            if slots.numel() != original.numel():
+                raise RuntimeError(f"a continued request lost kept vision tokens of row {row} at stage {stage}")
+            kept.append(slots)
+        return Selection(kept, self.new_states[stage])
+
+    def extend(self, input_ids: torch.Tensor, attention: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(vision [B, N] of a continuing call: the prompt's, none among the new tokens; vision count per row)."""
+        vision = torch.zeros_like(attention)
+        vision[:, :self.vision.shape[1]] = self.vision
+        return vision, self.vision.sum(1).tolist()
+
+
+def image_inputs(kwargs: dict) -> dict[str, torch.Tensor]:
+    """The tensor keyword arguments of a model call that are not per token: its images (pixels, sizes, grids)."""
+    return {name: value for name, value in kwargs.items()
+            if isinstance(value, torch.Tensor) and name not in SEQUENCE_KWARGS}
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.device == b.device and torch.equal(a, b))
+
+
+def padding_from_prebuilt_mask(mask: Any, length: int) -> torch.Tensor | None:
+    """The [B, N] padding mask behind a prebuilt 4D prefill mask (generate builds one for static caches).
+
+    Under left padding the last query is a real token, and its causal row attends exactly to the
+    non-padding prompt tokens.
+    """
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return None
+    last_row = mask[:, 0, -1, :length]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
