@@ -53,6 +53,7 @@ from tuner.dashboard.studies import (
     storage_from_argv,
 )
 from tuner.results.storage import StorageError
+from tuner.results.trials import skipped_text, unreadable_trials
 
 __all__ = [
     "METHOD_COLORS", "PARAMETERS", "PARAMETER_TITLES", "STORAGE_ENV", "STUDY_COLORS", "TRIAL_COLUMNS", "X_AXES",
@@ -61,5 +62,5 @@ __all__ = [
     "is_running", "list_studies", "load_study", "method_color", "option_columns", "parameter_figure",
     "parameter_names", "parameter_title", "pareto_figure",
     "preset_file_name", "preset_yaml", "provenance_rows", "recommend", "reference_point", "related_studies",
-    "state_counts", "storage_from_argv", "table_of", "trial_frame",
+    "skipped_text", "state_counts", "storage_from_argv", "table_of", "trial_frame", "unreadable_trials",
 ]

@@ -107,6 +107,9 @@ for column, part in zip(st.columns(2), (rows[:half], rows[half:])):
     column.markdown("\n".join(["| provenance | |", "|---|---|"] + [f"| {key} | {value.replace('|', '/')} |"
                                                                    for key, value in part]))
 
+skipped = dd.skipped_text(name, dd.unreadable_trials(trials))
+if skipped:
+    st.warning(skipped + ": they are left out of every plot, table and recommendation.")
 frame = dd.trial_frame(study, trials)
 done = frame[frame["state"] == "complete"]
 if done.empty:
@@ -229,8 +232,12 @@ with compare_tab:
         relative = st.toggle("Relative to each study's baseline (speed-up, % of baseline accuracy)", value=True,
                              key="compare_relative")
         if picked:
-            st.plotly_chart(dd.compare_figure([study] + [study_for(url, n) for n in picked], relative=relative),
-                            key="compare_chart")
+            compared = [study_for(url, n) for n in picked]
+            st.plotly_chart(dd.compare_figure([study] + compared, relative=relative), key="compare_chart")
+            for other in compared:
+                unread = dd.unreadable_trials(other.get_trials(deepcopy=False))
+                if unread:
+                    st.caption(dd.skipped_text(other.study_name, unread) + ".")
 
 # -- the points meeting the bounds, and the export --------------------------------------------------------------
 

@@ -16,7 +16,14 @@ from tuner.results.evidence import (
     interval_text,
     versus_baseline_text,
 )
-from tuner.results.trials import accuracy_relative, config_of, is_baseline, pareto_trials
+from tuner.results.trials import (
+    accuracy_relative,
+    config_of,
+    is_baseline,
+    pareto_trials,
+    skipped_text,
+    unreadable_trials,
+)
 
 NOISY_MARK = "*"
 INTERVAL_FOOTNOTE = ("[95%]: accuracy Wilson (0/1 scores) or bootstrap; vs baseline: paired on the same samples, "
@@ -127,6 +134,9 @@ def pareto_table(study: optuna.Study) -> Table:
                  speedup_text(trial, study), indistinct]
         table.add_row(*cells, *([confirmed_text(study, trial)] if confirmation else []))
     notes = [INTERVAL_FOOTNOTE]
+    skipped = skipped_text(study.study_name, unreadable_trials(study.get_trials(deepcopy=False)))
+    if skipped:
+        notes.append(f"warning: {skipped}")
     if any(latency_noise(t) for t in front):
         notes.append(NOISY_FOOTNOTE)
     table.caption = "\n".join(notes)
@@ -136,20 +146,22 @@ def pareto_table(study: optuna.Study) -> Table:
 def study_rows(storage: str | optuna.storages.BaseStorage) -> list[dict]:
     """One summary per study: trial counts by state, baseline, most accurate and fastest feasible points."""
     rows = []
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    storage = optuna.storages.get_storage(storage)  # one trial cache: each study's trials are read once
+    for frozen in storage.get_all_studies():
+        study = optuna.load_study(study_name=frozen.study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
         baseline = study.user_attrs.get("baseline") or {}
-        front = pareto_trials(study) if len(study.directions) == 2 else []
+        front = pareto_trials(study, trials) if len(study.directions) == 2 else []
         best_acc = max(front, key=lambda t: t.values[0], default=None)
         fastest = min(front, key=lambda t: t.values[1], default=None)
         provenance = study.user_attrs.get("provenance") or {}
-        rows.append({"study": summary.study_name, "model": provenance.get("model_id"),
+        rows.append({"study": frozen.study_name, "model": provenance.get("model_id"),
                      "tasks": ",".join(t["name"] for t in provenance.get("tasks", [])),
                      "device": provenance.get("device"), "counts": counts,
                      "baseline_accuracy": baseline.get("accuracy"), "baseline_prefill_ms": baseline.get("prefill_ms"),
-                     "most_accurate": best_acc, "fastest": fastest, "pareto_size": len(front), "study_obj": study})
+                     "most_accurate": best_acc, "fastest": fastest, "pareto_size": len(front), "study_obj": study,
+                     "skipped": unreadable_trials(trials)})
     return rows
 
 
@@ -176,5 +188,7 @@ def studies_table(storage: str | optuna.storages.BaseStorage) -> Table:
                       str(counts["fail"]), str(counts["running"] + counts["waiting"]), baseline,
                       _point(row["most_accurate"], row["study_obj"]), _point(row["fastest"], row["study_obj"]))
     shown = [t for row in rows for t in (row["most_accurate"], row["fastest"]) if t is not None]
-    table.caption = NOISY_FOOTNOTE if any(latency_noise(t) for t in shown) else None
+    notes = [NOISY_FOOTNOTE] if any(latency_noise(t) for t in shown) else []
+    notes += [f"warning: {skipped_text(row['study'], row['skipped'])}" for row in rows if row["skipped"]]
+    table.caption = "\n".join(notes) or None
     return table
