@@ -18,6 +18,7 @@ from tuner.dashboard.choice import (
     recommend,
 )
 from tuner.dashboard.figures import (
+    IMPORTANCE_AUTO_TRIALS,
     PARAMETER_TITLES,
     PARAMETERS,
     STUDY_COLORS,
@@ -56,6 +57,7 @@ from tuner.results.storage import StorageError
 from tuner.results.trials import skipped_text, unreadable_trials
 
 __all__ = [
+    "IMPORTANCE_AUTO_TRIALS",
     "METHOD_COLORS", "PARAMETERS", "PARAMETER_TITLES", "STORAGE_ENV", "STUDY_COLORS", "TRIAL_COLUMNS", "X_AXES",
     "Recommendation", "StorageError", "StudyChoice", "candidate_numbers", "compare_figure", "constraints_text",
     "default_bounds", "export_rule_args", "hypervolume_figure", "importance_figure", "importance_params",

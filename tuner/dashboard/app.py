@@ -24,20 +24,21 @@ st.set_page_config(page_title="dart-tuner dashboard", layout="wide")
 
 
 @st.cache_resource(show_spinner=False)
-def storage_for(url: str) -> optuna.storages.RDBStorage:
-    """One storage (one connection pool) per URL for every session."""
-    return open_for_reading(url)
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    """One storage (one connection pool) per URL for every session, behind one Optuna trial cache: counting a
+    study's trials for the picker and loading it read its finished trials from the database once."""
+    return optuna.storages.get_storage(open_for_reading(url))
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def study_for(url: str, name: str) -> optuna.Study:
-    """One Study per (storage, name): Optuna's cached storage re-reads only unfinished trials on each run."""
+    """One Study per (storage, name): the cached storage re-reads only unfinished and new trials on each run."""
     return dd.load_study(storage_for(url), name)
 
 
 @st.cache_data(show_spinner=False, ttl=15, max_entries=32)
 def studies_in(url: str) -> list[dd.StudyChoice]:
-    """The picker's studies (counting trials reads them all, so at most every 15 s or on Refresh)."""
+    """The picker's studies (counting trials reads them into the cache, so at most every 15 s or on Refresh)."""
     return dd.list_studies(storage_for(url))
 
 
@@ -215,8 +216,12 @@ with params_tab:
     only = st.selectbox("Trials", ["all methods", *searched], key="importance_method",
                         format_func=lambda m: m if m == "all methods" else f"{m} only (adds its options)")
     params = dd.importance_params(frame, None if only == "all methods" else only)
+    estimate = st.toggle("Estimate parameter importance (fANOVA)", value=len(done) <= dd.IMPORTANCE_AUTO_TRIALS,
+                         key="importance_on", help=f"On by default up to {dd.IMPORTANCE_AUTO_TRIALS} complete trials: "
+                         "fitting its forests takes about a minute at 2,000.")
     try:
-        st.plotly_chart(importance_for(url, name, len(done), tuple(params)), key="importance")
+        if estimate:
+            st.plotly_chart(importance_for(url, name, len(done), tuple(params)), key="importance")
     except (ValueError, RuntimeError) as error:
         st.info(f"Parameter importance cannot be estimated from these trials yet: {error}")
     st.plotly_chart(dd.parameter_figure(frame), key="parameters")
