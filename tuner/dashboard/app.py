@@ -11,6 +11,7 @@ import math
 import sys
 
 import optuna
+import pandas as pd
 import streamlit as st
 
 from tuner import dashboard as dd
@@ -101,16 +102,16 @@ if auto:
 
     _watch_study()
 
-st.subheader(f"Study {name}")
+st.subheader(f"Study {dd.markdown_text(name)}")
 rows = dd.provenance_rows(study, trials)
 half = (len(rows) + 1) // 2
-for column, part in zip(st.columns(2), (rows[:half], rows[half:])):
-    column.markdown("\n".join(["| provenance | |", "|---|---|"] + [f"| {key} | {value.replace('|', '/')} |"
-                                                                   for key, value in part]))
+for index, (column, part) in enumerate(zip(st.columns(2), (rows[:half], rows[half:]))):
+    # stored text shown as text (a data grid renders no markdown: no remote image or link from a study's values)
+    column.dataframe(pd.DataFrame(part, columns=["provenance", "value"]), hide_index=True, key=f"provenance{index}")
 
 skipped = dd.skipped_text(name, dd.unreadable_trials(trials))
 if skipped:
-    st.warning(skipped + ": they are left out of every plot, table and recommendation.")
+    st.warning(dd.markdown_text(skipped) + ": they are left out of every plot, table and recommendation.")
 frame = dd.trial_frame(study, trials)
 done = frame[frame["state"] == "complete"]
 if done.empty:
@@ -242,7 +243,7 @@ with compare_tab:
             for other in compared:
                 unread = dd.unreadable_trials(other.get_trials(deepcopy=False))
                 if unread:
-                    st.caption(dd.skipped_text(other.study_name, unread) + ".")
+                    st.caption(dd.markdown_text(dd.skipped_text(other.study_name, unread)) + ".")
 
 # -- the points meeting the bounds, and the export --------------------------------------------------------------
 
