@@ -134,7 +134,11 @@ def raised_in_our_code(error: BaseException) -> bool:
 def storage_fail(url: str, error: Exception, code: int = 1) -> typer.Exit:
     """One line for a storage that failed while tuning (lost for longer than the worker waits, turned read-only,
     ...). The next worker re-queues the trial it was running."""
-    return fail(f"{storage_line(url, error)}; the trials stored so far are kept", code=code)
+    from tuner.results.storage import sqlite_file_gone
+
+    kept = "; the file is gone, and the trials it held with it" if sqlite_file_gone(url) else \
+        "; the trials stored so far are kept"
+    return fail(f"{storage_line(url, error)}{kept}", code=code)
 
 
 def interruptible(command: Callable[..., None]) -> Callable[..., None]:

@@ -86,6 +86,7 @@ def export(
     from tuner.results.export import Rule, choose_trial, preset_from_trial
     from tuner.results.storage import open_for_reading
     from tuner.results.tables import describe_trial, noise_warning, with_interval
+    from tuner.results.trials import skipped_text, unreadable_trials
 
     try:
         rule = Rule(trial=trial, min_accuracy=min_accuracy, min_relative_accuracy=min_relative_accuracy,
@@ -109,6 +110,9 @@ def export(
                     "output": str(output), "metrics": metrics, "warning": warning})
         return
     console = Console()
+    skipped = skipped_text(loaded_study.study_name, unreadable_trials(loaded_study.get_trials(deepcopy=False)))
+    if skipped:
+        console.print(f"[yellow]warning:[/] {escape(skipped)}", highlight=False, soft_wrap=True)
     console.print(f"{escape(rule.describe())}: trial {chosen.number} ({escape(describe_trial(chosen))}), "
                   f"accuracy {with_interval(chosen, 'accuracy', metrics['accuracy'], '.3f')} (baseline "
                   f"{metrics['baseline_accuracy']}; vs baseline {versus_baseline_text(chosen)}), prefill "

@@ -78,12 +78,15 @@ def preset_to_yaml(preset: Preset) -> str:
 
 def save_preset(preset: Preset, path: str | Path) -> Path:
     """Write `preset` as YAML and return the path. The file is replaced atomically: a stop or a full disk midway
-    leaves the previous file intact, never a truncated one. Failures are PresetErrors naming the path."""
+    leaves the previous file intact, never a truncated one. It keeps the permissions of the file it replaces; a
+    new file gets those the umask gives (the temporary file's private 0600 is not carried over). Failures are
+    PresetErrors naming the path."""
     path = Path(path)
     text = preset_to_yaml(preset)
     temporary = None
     try:
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(descriptor, _mode_for(path))
         with os.fdopen(descriptor, "w") as file:
             file.write(text)
             file.flush()
@@ -94,6 +97,16 @@ def save_preset(preset: Preset, path: str | Path) -> Path:
             Path(temporary).unlink(missing_ok=True)
         raise PresetError(f"cannot write preset {str(path)!r}: {error.strerror or error}") from None
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits `path` should have: those of the file there now, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def config_from_dict(data: Any, where: str, schema: int = SCHEMA_VERSION) -> PruningConfig:

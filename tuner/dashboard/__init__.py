@@ -18,6 +18,7 @@ from tuner.dashboard.choice import (
     recommend,
 )
 from tuner.dashboard.figures import (
+    IMPORTANCE_AUTO_TRIALS,
     PARAMETER_TITLES,
     PARAMETERS,
     STUDY_COLORS,
@@ -41,7 +42,7 @@ from tuner.dashboard.frame import (
     table_of,
     trial_frame,
 )
-from tuner.dashboard.provenance import constraints_text, provenance_rows
+from tuner.dashboard.provenance import constraints_text, markdown_text, provenance_rows
 from tuner.dashboard.studies import (
     STORAGE_ENV,
     StudyChoice,
@@ -53,13 +54,15 @@ from tuner.dashboard.studies import (
     storage_from_argv,
 )
 from tuner.results.storage import StorageError
+from tuner.results.trials import skipped_text, unreadable_trials
 
 __all__ = [
+    "IMPORTANCE_AUTO_TRIALS",
     "METHOD_COLORS", "PARAMETERS", "PARAMETER_TITLES", "STORAGE_ENV", "STUDY_COLORS", "TRIAL_COLUMNS", "X_AXES",
     "Recommendation", "StorageError", "StudyChoice", "candidate_numbers", "compare_figure", "constraints_text",
     "default_bounds", "export_rule_args", "hypervolume_figure", "importance_figure", "importance_params",
-    "is_running", "list_studies", "load_study", "method_color", "option_columns", "parameter_figure",
+    "is_running", "list_studies", "load_study", "markdown_text", "method_color", "option_columns", "parameter_figure",
     "parameter_names", "parameter_title", "pareto_figure",
     "preset_file_name", "preset_yaml", "provenance_rows", "recommend", "reference_point", "related_studies",
-    "state_counts", "storage_from_argv", "table_of", "trial_frame",
+    "skipped_text", "state_counts", "storage_from_argv", "table_of", "trial_frame", "unreadable_trials",
 ]

@@ -11,6 +11,7 @@ import math
 import sys
 
 import optuna
+import pandas as pd
 import streamlit as st
 
 from tuner import dashboard as dd
@@ -24,20 +25,21 @@ st.set_page_config(page_title="dart-tuner dashboard", layout="wide")
 
 
 @st.cache_resource(show_spinner=False)
-def storage_for(url: str) -> optuna.storages.RDBStorage:
-    """One storage (one connection pool) per URL for every session."""
-    return open_for_reading(url)
+def storage_for(url: str) -> optuna.storages.BaseStorage:
+    """One storage (one connection pool) per URL for every session, behind one Optuna trial cache: counting a
+    study's trials for the picker and loading it read its finished trials from the database once."""
+    return optuna.storages.get_storage(open_for_reading(url))
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def study_for(url: str, name: str) -> optuna.Study:
-    """One Study per (storage, name): Optuna's cached storage re-reads only unfinished trials on each run."""
+    """One Study per (storage, name): the cached storage re-reads only unfinished and new trials on each run."""
     return dd.load_study(storage_for(url), name)
 
 
 @st.cache_data(show_spinner=False, ttl=15, max_entries=32)
 def studies_in(url: str) -> list[dd.StudyChoice]:
-    """The picker's studies (counting trials reads them all, so at most every 15 s or on Refresh)."""
+    """The picker's studies (counting trials reads them into the cache, so at most every 15 s or on Refresh)."""
     return dd.list_studies(storage_for(url))
 
 
@@ -100,13 +102,16 @@ if auto:
 
     _watch_study()
 
-st.subheader(f"Study {name}")
+st.subheader(f"Study {dd.markdown_text(name)}")
 rows = dd.provenance_rows(study, trials)
 half = (len(rows) + 1) // 2
-for column, part in zip(st.columns(2), (rows[:half], rows[half:])):
-    column.markdown("\n".join(["| provenance | |", "|---|---|"] + [f"| {key} | {value.replace('|', '/')} |"
-                                                                   for key, value in part]))
+for index, (column, part) in enumerate(zip(st.columns(2), (rows[:half], rows[half:]))):
+    # stored text shown as text (a data grid renders no markdown: no remote image or link from a study's values)
+    column.dataframe(pd.DataFrame(part, columns=["provenance", "value"]), hide_index=True, key=f"provenance{index}")
 
+skipped = dd.skipped_text(name, dd.unreadable_trials(trials))
+if skipped:
+    st.warning(dd.markdown_text(skipped) + ": they are left out of every plot, table and recommendation.")
 frame = dd.trial_frame(study, trials)
 done = frame[frame["state"] == "complete"]
 if done.empty:
@@ -212,8 +217,12 @@ with params_tab:
     only = st.selectbox("Trials", ["all methods", *searched], key="importance_method",
                         format_func=lambda m: m if m == "all methods" else f"{m} only (adds its options)")
     params = dd.importance_params(frame, None if only == "all methods" else only)
+    estimate = st.toggle("Estimate parameter importance (fANOVA)", value=len(done) <= dd.IMPORTANCE_AUTO_TRIALS,
+                         key="importance_on", help=f"On by default up to {dd.IMPORTANCE_AUTO_TRIALS} complete trials: "
+                         "fitting its forests takes about a minute at 2,000.")
     try:
-        st.plotly_chart(importance_for(url, name, len(done), tuple(params)), key="importance")
+        if estimate:
+            st.plotly_chart(importance_for(url, name, len(done), tuple(params)), key="importance")
     except (ValueError, RuntimeError) as error:
         st.info(f"Parameter importance cannot be estimated from these trials yet: {error}")
     st.plotly_chart(dd.parameter_figure(frame), key="parameters")
@@ -229,8 +238,12 @@ with compare_tab:
         relative = st.toggle("Relative to each study's baseline (speed-up, % of baseline accuracy)", value=True,
                              key="compare_relative")
         if picked:
-            st.plotly_chart(dd.compare_figure([study] + [study_for(url, n) for n in picked], relative=relative),
-                            key="compare_chart")
+            compared = [study_for(url, n) for n in picked]
+            st.plotly_chart(dd.compare_figure([study] + compared, relative=relative), key="compare_chart")
+            for other in compared:
+                unread = dd.unreadable_trials(other.get_trials(deepcopy=False))
+                if unread:
+                    st.caption(dd.markdown_text(dd.skipped_text(other.study_name, unread)) + ".")
 
 # -- the points meeting the bounds, and the export --------------------------------------------------------------
 

@@ -20,6 +20,7 @@ X_AXES = {"prefill_ms": "measured prefill latency (ms, median)",
           "kept_vision_mean": "kept vision tokens (mean per sample)"}
 PARAMETERS = ("keep_ratio", "budget", "layer")  # shared by every method; each method's options follow
 PARAMETER_TITLES = {"keep_ratio": "keep ratio", "budget": "token budget", "layer": "K (pruning layer)"}
+IMPORTANCE_AUTO_TRIALS = 500  # above this many complete trials fANOVA waits to be asked for (a minute at 2,000)
 
 
 def parameter_names(frame: pd.DataFrame) -> list[str]:

@@ -15,6 +15,7 @@ from tuner.config.schema import legacy_param
 from tuner.results import STOPPED_ATTR, accuracy_relative, config_of, is_baseline
 from tuner.results.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.results.tables import describe_trial, latency_noise, speedup
+from tuner.results.trials import StudySnapshot, pareto_front, readable_trials
 
 METHOD_COLORS = {"dart": "#1f77b4", "random": "#ff7f0e", "pooling": "#2ca02c", "avgpool": "#9467bd",
                  "fastv": "#d62728", "keep_all": "#8c564b", "window_fastv": "#ff9896",
@@ -87,12 +88,14 @@ TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ra
 def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> pd.DataFrame:
     """One row per trial: configuration, objectives, kept tokens, cost, feasibility and Pareto membership; then
     one column per method option the study searched ('<method>.<option>', `option_columns`), set in that
-    method's trials only."""
-    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    method's trials only. Trials whose configuration this install cannot read are left out (the app names them,
+    `tuner.results.trials.unreadable_trials`)."""
+    trials = readable_trials(study.get_trials(deepcopy=False) if trials is None else trials)
+    study = StudySnapshot(study)  # its user attributes once, not once per trial
     options = option_columns(trials)
     complete = {t.number for t in trials if t.state == TrialState.COMPLETE and t.values is not None}
     feasible = {t.number for t in trials if t.number in complete and all(v <= 0 for v in t.constraints.values())}
-    front = study.best_trials if feasible else []  # Optuna's feasible Pareto set
+    front = pareto_front(trials)  # the feasible Pareto set, as Optuna's best_trials
     pareto = {t.number for t in front}
     rows = []
     for trial in trials:

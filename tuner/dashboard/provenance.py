@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,6 +10,14 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from tuner.dashboard.studies import state_counts
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:])")
+
+
+def markdown_text(text: str) -> str:
+    """`text` with every markdown character escaped, for stored text (study names, reasons) shown in a widget that
+    renders markdown: it reads as typed, and no image or link in it is loaded by the viewer's browser."""
+    return _MARKDOWN.sub(r"\\\1", str(text))
 
 
 def _task_line(task: Mapping[str, Any]) -> str:

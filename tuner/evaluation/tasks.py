@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -185,6 +186,9 @@ def prepare_task(name: str, task: Any, *, subset_size: int | None, seed: int,
     allowed = [i for i in range(len(all_categories)) if i not in excluded]
     if not allowed:
         raise TaskNotFoundError(f"task {name}: no documents left outside the {len(excluded)} excluded ones")
+    if subset_size is not None and subset_size > len(allowed):
+        logging.getLogger(__name__).warning("task %s: --limit %d is more than its %d documents; using all %d",
+                                            name, subset_size, len(allowed), len(allowed))
     indices = [allowed[i] for i in stratified_indices([all_categories[i] for i in allowed], subset_size, seed)]
     digest = subset_hash(name, indices, docs_no_media.select(indices).to_list())
     shared = task.dataset_no_image is task.dataset

@@ -21,7 +21,7 @@ from tuner.config.preset import SCHEMA_VERSION, Preset
 from tuner.errors import DartTunerError
 from tuner.results.evidence import accuracy_lower_bound, confirmed
 from tuner.results.tables import describe_trial
-from tuner.results.trials import STOPPED_ATTR, config_of, is_baseline
+from tuner.results.trials import STOPPED_ATTR, config_of, is_baseline, readable_trials, unreadable_reason
 
 # The uncertainty `tuner.results.evidence` stores with a trial, carried into the preset (None for older trials).
 EVIDENCE_METRICS = ("accuracy_low", "accuracy_high", "accuracy_interval", "accuracy_diff", "accuracy_diff_low",
@@ -85,8 +85,9 @@ class Rule:
 
 def candidates(study: optuna.Study) -> list[FrozenTrial]:
     """Complete, pruned (non-baseline) trials that scored their whole subset: what a preset can be made from (a
-    trial stopped early reports a bound, not an accuracy)."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    trial stopped early reports a bound, not an accuracy; one whose configuration this install cannot read is left
+    out, `tuner.results.trials.unreadable_trials`)."""
+    return [t for t in readable_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
             if not is_baseline(t) and config_of(t) is not None and not t.user_attrs.get(STOPPED_ATTR)]
 
 
@@ -137,11 +138,14 @@ def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
     """The trial `rule` selects, or NoTrialQualifies naming the closest trials."""
     pool = candidates(study)
     if rule.trial is not None:
-        matches = [t for t in study.get_trials(deepcopy=False) if t.number == rule.trial]
+        trials = study.get_trials(deepcopy=False)
+        matches = [t for t in trials if t.number == rule.trial]
         if not matches:
             raise NoTrialQualifies(f"study {study.study_name!r} has no trial {rule.trial} "
-                                   f"(trials 0..{len(study.trials) - 1})")
+                                   f"(trials 0..{len(trials) - 1})")
         trial = matches[0]
+        if unreadable_reason(trial) is not None:
+            raise NoTrialQualifies(f"trial {rule.trial} cannot be read by this install: {unreadable_reason(trial)}")
         if trial.state != TrialState.COMPLETE:
             raise NoTrialQualifies(f"trial {rule.trial} is {trial.state.name.lower()}, not complete"
                                    f"{': ' + trial.user_attrs['failure'] if 'failure' in trial.user_attrs else ''}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -95,6 +96,26 @@ def _check_sqlite_file(url: str, database: str | None, *, writing: bool) -> None
         raise StorageError(f"storage {url!r}: {str(target)!r} is read-only; tuning writes every trial there")
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file a SQLite URL names (None for other databases and for a URL that does not parse)."""
+    try:
+        parsed = make_url(url.strip())
+    except sqlalchemy.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    database = parsed.database
+    if parsed.query.get("uri") == "true" and database.startswith("file:"):
+        database = database.removeprefix("file:").partition("?")[0]
+    return Path(database)
+
+
+def sqlite_file_gone(url: str) -> bool:
+    """Whether the URL is a SQLite file that no longer exists (deleted or moved while a worker used it)."""
+    path = sqlite_path(url)
+    return path is not None and not path.exists()
+
+
 def engine_kwargs(url: str) -> dict[str, Any]:
     """SQLAlchemy engine options: SQLite waits on other workers' locks; server databases test pooled connections
     before use, so a restarted server costs a reconnect, not an error."""
@@ -119,6 +140,8 @@ def describe(url: str, error: BaseException, doing: str = "cannot use") -> str:
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     if isinstance(cause, ModuleNotFoundError):
         hint = " (install the database driver, e.g. pip install 'dart-tuner[postgres]')"
+    elif sqlite_file_gone(url) and any(word in text for word in ("readonly", "read-only", "unable to open", "i/o")):
+        hint = f" (the SQLite file {str(sqlite_path(url))!r} is gone: deleted or moved while in use)"
     elif "no such table" in text:
         hint = " (the file is not an Optuna storage: it has no Optuna tables)"
     elif "readonly" in text or "read-only" in text:
@@ -181,25 +204,31 @@ class ResilientRDBStorage(RDBStorage):
 
     def __init__(self, url: str, *, reconnect_s: float = RECONNECT_S, **kwargs: Any) -> None:
         self.reconnect_s = reconnect_s
+        self._outage = False  # an outage is under way: warned about once, whichever thread (heartbeat, trial) met it
+        self._outage_lock = threading.Lock()
         super().__init__(url, **kwargs)
 
     def _retrying(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        deadline, delay, warned = time.monotonic() + self.reconnect_s, 0.5, False
+        deadline, delay = time.monotonic() + self.reconnect_s, 0.5
         while True:
             try:
-                return call(*args, **kwargs)
+                result = call(*args, **kwargs)
             except (StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
                 if not is_transient(error):
                     raise
                 if time.monotonic() + delay > deadline:
                     raise StorageError(describe(self.url, error, f"gave up after {self.reconnect_s:.0f} s on")) \
                         from error
-                if not warned:
+                with self._outage_lock:
+                    first, self._outage = not self._outage, True
+                if first:
                     logger.warning("%s; retrying for up to %.0f s", describe(self.url, error, "lost"),
                                    self.reconnect_s)
-                    warned = True
                 time.sleep(delay)
                 delay = min(2 * delay, 8.0)
+            else:
+                self._outage = False  # the database answers again: the next outage is warned about anew
+                return result
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Any = None) -> bool:
@@ -259,6 +288,18 @@ def open_for_tuning(url: str, *, heartbeat_interval: int = 30, grace_period: int
     Workers started together on a new database race to create its schema; the loser retries and finds it made.
     """
     check_url(url, writing=True)
+    new_file = sqlite_path(url) if sqlite_file_gone(url) else None
+    try:
+        return _open_for_tuning(url, heartbeat_interval, grace_period, max_retry, reconnect_s)
+    except StorageError:
+        # SQLite creates the file before it can write a page: a full disk would leave an empty database behind
+        if new_file is not None and new_file.is_file() and new_file.stat().st_size == 0:
+            new_file.unlink(missing_ok=True)
+        raise
+
+
+def _open_for_tuning(url: str, heartbeat_interval: int, grace_period: int | None, max_retry: int,
+                     reconnect_s: float) -> ResilientRDBStorage:
     deadline, delay = time.monotonic() + min(reconnect_s, 10.0), 0.5
     while True:
         try:

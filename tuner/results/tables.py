@@ -26,7 +26,14 @@ from tuner.results.evidence import (
     interval_text,
     versus_baseline_text,
 )
-from tuner.results.trials import accuracy_relative, config_of, is_baseline, pareto_trials
+from tuner.results.trials import (
+    accuracy_relative,
+    config_of,
+    is_baseline,
+    pareto_trials,
+    skipped_text,
+    unreadable_trials,
+)
 
 NOISY_MARK = "*"
 INTERVAL_FOOTNOTE = ("[95%]: accuracy Wilson (0/1 scores) or bootstrap; vs baseline: paired on the same samples, "
@@ -198,6 +205,9 @@ def pareto_sheet(study: optuna.Study) -> Sheet:
             values["confirmed"] = confirmed(study, trial)
         sheet.add_row(cells, values)
     sheet.notes.append(INTERVAL_FOOTNOTE)
+    skipped = skipped_text(study.study_name, unreadable_trials(study.get_trials(deepcopy=False)))
+    if skipped:
+        sheet.notes.append(f"warning: {skipped}")
     if any(latency_noise(t) for t in front):
         sheet.notes.append(NOISY_FOOTNOTE)
     return sheet
@@ -215,20 +225,22 @@ def _finite(value: float | None) -> float | None:
 def study_rows(storage: str | optuna.storages.BaseStorage) -> list[dict]:
     """One summary per study: trial counts by state, baseline, most accurate and fastest feasible points."""
     rows = []
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    storage = optuna.storages.get_storage(storage)  # one trial cache: each study's trials are read once
+    for frozen in storage.get_all_studies():
+        study = optuna.load_study(study_name=frozen.study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
         baseline = study.user_attrs.get("baseline") or {}
-        front = pareto_trials(study) if len(study.directions) == 2 else []
+        front = pareto_trials(study, trials) if len(study.directions) == 2 else []
         best_acc = max(front, key=lambda t: t.values[0], default=None)
         fastest = min(front, key=lambda t: t.values[1], default=None)
         provenance = study.user_attrs.get("provenance") or {}
-        rows.append({"study": summary.study_name, "model": provenance.get("model_id"),
+        rows.append({"study": frozen.study_name, "model": provenance.get("model_id"),
                      "tasks": ",".join(t["name"] for t in provenance.get("tasks", [])),
                      "device": provenance.get("device"), "counts": counts,
                      "baseline_accuracy": baseline.get("accuracy"), "baseline_prefill_ms": baseline.get("prefill_ms"),
-                     "most_accurate": best_acc, "fastest": fastest, "pareto_size": len(front), "study_obj": study})
+                     "most_accurate": best_acc, "fastest": fastest, "pareto_size": len(front), "study_obj": study,
+                     "skipped": unreadable_trials(trials)})
     return rows
 
 
@@ -267,6 +279,7 @@ def studies_sheet(storage: str | optuna.storages.BaseStorage) -> Sheet:
     shown = [t for row in rows for t in (row["most_accurate"], row["fastest"]) if t is not None]
     if any(latency_noise(t) for t in shown):
         sheet.notes.append(NOISY_FOOTNOTE)
+    sheet.notes.extend(f"warning: {skipped_text(row['study'], row['skipped'])}" for row in rows if row["skipped"])
     return sheet
 
 

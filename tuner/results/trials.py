@@ -6,10 +6,14 @@ this module imports neither lmms-eval nor `tuner.evaluation`, and `tuner.search.
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
+from collections.abc import Sequence
+from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import PruningConfig
 from tuner.config.schema import CONFIG_SCHEMA_ATTR, config_from_data
@@ -33,11 +37,93 @@ def open_study(storage: str | optuna.storages.BaseStorage, name: str) -> optuna.
             from None
 
 
+# id(trial) -> (a weak reference to the trial, its config or the error reading it): a study's trials are parsed
+# once however many readers (front, table, hover text, export rule) ask, and a trial that is gone drops out.
+_READ: dict[int, tuple[weakref.ref, PruningConfig | None | Exception]] = {}
+
+
+def _read_config(trial: FrozenTrial) -> PruningConfig | None | Exception:
+    known = _READ.get(id(trial))
+    if known is not None and known[0]() is trial:
+        return known[1]
+    data = trial.user_attrs.get("config")
+    try:
+        result: PruningConfig | None | Exception = (
+            config_from_data(data, trial.user_attrs.get(CONFIG_SCHEMA_ATTR, 1)) if data else None)
+    except (ValueError, TypeError) as error:  # a method not installed here, a newer schema, a damaged value
+        result = error
+    key = id(trial)
+    _READ[key] = (weakref.ref(trial, lambda _, key=key: _READ.pop(key, None)), result)
+    return result
+
+
 def config_of(trial: FrozenTrial) -> PruningConfig | None:
     """The PruningConfig a finished trial ran (None for the unpruned baseline); trials stored before
-    `config_schema` existed hold schema 1, which is upgraded on read."""
-    data = trial.user_attrs.get("config")
-    return config_from_data(data, trial.user_attrs.get(CONFIG_SCHEMA_ATTR, 1)) if data else None
+    `config_schema` existed hold schema 1, which is upgraded on read. ValueError / TypeError when this install
+    cannot read it (`unreadable_reason`)."""
+    result = _read_config(trial)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def unreadable_reason(trial: FrozenTrial) -> str | None:
+    """Why this install cannot read the trial's stored configuration (a method from a plugin not installed here,
+    or from a newer dart-tuner), or None when it can."""
+    result = _read_config(trial)
+    return " ".join(str(result).split()) if isinstance(result, Exception) else None
+
+
+def readable_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials whose configuration this install can read: what every reader shows, ranks and exports."""
+    return [t for t in trials if unreadable_reason(t) is None]
+
+
+def unreadable_trials(trials: Sequence[FrozenTrial]) -> dict[int, str]:
+    """Trial number -> why it cannot be read here, for the trials `readable_trials` leaves out."""
+    return {t.number: reason for t in trials if (reason := unreadable_reason(t)) is not None}
+
+
+def skipped_text(study_name: str, skipped: dict[int, str]) -> str:
+    """One line naming the trials of a study that were skipped because they cannot be read here ('' for none)."""
+    if not skipped:
+        return ""
+    listed = "; ".join(f"trial {number}: {reason}" for number, reason in sorted(skipped.items())[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return (f"study {study_name!r}: skipped {len(skipped)} trial{'s' if len(skipped) > 1 else ''} this install "
+            f"cannot read (a plugin method not installed here, or a newer dart-tuner): {listed}{more}")
+
+
+class StudySnapshot:
+    """A study whose user attributes are read from the storage once.
+
+    Optuna queries the database on every `study.user_attrs`, and the per-trial readers (speed-up, relative
+    accuracy, confirmation) ask for them once per trial; everything else is the study's own.
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.user_attrs = study.user_attrs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.study, name)
+
+
+def pareto_front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The feasible Pareto set (accuracy up, prefill down) of `trials`, in trial order: the set Optuna's
+    `study.best_trials` gives, without its deep copy of every trial of the study on each call."""
+    feasible = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
+                and all(v <= 0 for v in t.constraints.values())]
+    best_faster = -math.inf  # the best accuracy of the trials strictly faster than the ones looked at
+    front: set[int] = set()
+    ordered = sorted(feasible, key=lambda t: (t.values[1], -t.values[0]))
+    for _, group in itertools.groupby(ordered, key=lambda t: t.values[1]):
+        same = list(group)
+        top = same[0].values[0]  # the most accurate at this latency; equal ones tie, neither dominates
+        if top > best_faster:
+            front |= {t.number for t in same if t.values[0] == top}
+            best_faster = top
+    return [t for t in feasible if t.number in front]
 
 
 def is_baseline(trial: FrozenTrial) -> bool:
@@ -45,9 +131,10 @@ def is_baseline(trial: FrozenTrial) -> bool:
     return trial.user_attrs.get(ROLE_ATTR) == "baseline"
 
 
-def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The feasible Pareto set (Optuna excludes infeasible trials), fastest first."""
-    return sorted(study.best_trials, key=lambda t: t.values[1])
+def pareto_trials(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> list[FrozenTrial]:
+    """The feasible Pareto set of the study's trials this install can read (`readable_trials`), fastest first."""
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    return sorted(pareto_front(readable_trials(trials)), key=lambda t: t.values[1])
 
 
 def accuracy_relative(trial: FrozenTrial, study: optuna.Study) -> float:
