@@ -11,7 +11,7 @@ from rich.console import Console
 from tuner.cli.common import app, fail, hide_library_progress_bars, interruptible, log_to, quiet_libraries, storage_fail
 from tuner.cli.confirming import run_confirmation
 from tuner.errors import DartTunerError
-from tuner.results import STOPPED_ATTR
+from tuner.results.record import TrialRecord
 from tuner.results.storage import DEFAULT_STORAGE
 
 
@@ -104,8 +104,9 @@ def tune(
             seconds = time.perf_counter() - started[0]
             started[0] = time.perf_counter()
             ran[0] += 1
-            if trial.state.name == "COMPLETE" and trial.user_attrs.get(STOPPED_ATTR):
-                reason = escape(trial.user_attrs.get("stop_reason", ""))
+            record = TrialRecord.from_trial(trial)
+            if trial.state.name == "COMPLETE" and record.stopped_early:
+                reason = escape(record.stop_reason or "")
                 line = f"trial {trial.number}: {describe_trial(trial)}: [yellow]{reason}[/] (stored as infeasible)"
             elif trial.state.name == "COMPLETE":
                 noise = latency_noise(trial)
@@ -113,11 +114,11 @@ def tune(
                         f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms "
                         f"({speedup_text(trial, tuner_.study)})"
                         + (f", [yellow]noisy latency[/]: {escape(noise)}" if noise else ""))
-            elif "duplicate_of" in trial.user_attrs:
-                line = (f"trial {trial.number} skipped: trial {trial.user_attrs['duplicate_of']} measured that "
+            elif record.duplicate_of is not None:
+                line = (f"trial {trial.number} skipped: trial {record.duplicate_of} measured that "
                         "configuration")
             else:
-                line = f"trial {trial.number} {trial.state.name.lower()}: {trial.user_attrs.get('failure', '')}"
+                line = f"trial {trial.number} {trial.state.name.lower()}: {record.failure or ''}"
             progress.console.print(f"{line}  [{seconds:.1f} s; Pareto set: {len(pareto_trials(tuner_.study))}]")
             progress.update(trials_bar, completed=tuner_.n_complete())
             progress.reset(requests_bar)

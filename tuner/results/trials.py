@@ -12,11 +12,11 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from tuner.config import PruningConfig
-from tuner.config.schema import CONFIG_SCHEMA_ATTR, config_from_data
 from tuner.errors import DartTunerError
+from tuner.results.record import BASELINE_ATTR, BASELINE_ROLE, ROLE_ATTR, STOPPED_ATTR, TrialRecord
 
-STOPPED_ATTR = "stopped_early"  # user attribute of a trial stopped by this rule (True), with `stop_reason`
-ROLE_ATTR = "role"  # user attribute of enqueued special trials: "baseline" or "paper_default"
+__all__ = ["ROLE_ATTR", "STOPPED_ATTR", "StudyNotFound", "accuracy_relative", "config_of", "is_baseline",
+           "open_study", "pareto_trials"]
 
 
 class StudyNotFound(DartTunerError, ValueError):
@@ -34,15 +34,14 @@ def open_study(storage: str | optuna.storages.BaseStorage, name: str) -> optuna.
 
 
 def config_of(trial: FrozenTrial) -> PruningConfig | None:
-    """The PruningConfig a finished trial ran (None for the unpruned baseline); trials stored before
-    `config_schema` existed hold schema 1, which is upgraded on read."""
-    data = trial.user_attrs.get("config")
-    return config_from_data(data, trial.user_attrs.get(CONFIG_SCHEMA_ATTR, 1)) if data else None
+    """The PruningConfig a finished trial ran (None for the unpruned baseline), read through its `TrialRecord`
+    (trials stored before `config_schema` existed hold schema 1, which is upgraded on read)."""
+    return TrialRecord.from_trial(trial).config
 
 
 def is_baseline(trial: FrozenTrial) -> bool:
     """Whether the trial measures the unpruned baseline."""
-    return trial.user_attrs.get(ROLE_ATTR) == "baseline"
+    return trial.user_attrs.get(ROLE_ATTR) == BASELINE_ROLE
 
 
 def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -52,7 +51,7 @@ def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def accuracy_relative(trial: FrozenTrial, study: optuna.Study) -> float:
     """The trial's accuracy as a fraction of the baseline's (NaN before the baseline completed)."""
-    baseline = study.user_attrs.get("baseline")
+    baseline = study.user_attrs.get(BASELINE_ATTR)
     if not baseline or not baseline.get("accuracy"):
         return math.nan
     return trial.values[0] / baseline["accuracy"]
