@@ -19,7 +19,7 @@ from tuner.evaluation.tasks import load_tasks
 from tuner.models.loading import load_model
 from tuner.results import is_baseline
 from tuner.search.space import parse_space
-from tuner.study import INTERRUPTED, REQUEUED_FROM_ATTR, Tuner
+from tuner.search.study import INTERRUPTED, REQUEUED_FROM_ATTR, Tuner
 
 DART_TUNER = str(Path(sys.executable).parent / "dart-tuner")
 optuna.logging.set_verbosity(optuna.logging.WARNING)

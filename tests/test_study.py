@@ -27,7 +27,7 @@ from tuner.results.storage import HEARTBEAT_FAILURE, open_for_tuning
 from tuner.results.tables import NOISY_FOOTNOTE
 from tuner.search.confirm import confirm, front_to_confirm
 from tuner.search.space import parse_space
-from tuner.study import ProvenanceMismatch, Tuner
+from tuner.search.study import ProvenanceMismatch, Tuner
 
 TASK = "dart_shapes"
 DART_TUNER = str(Path(sys.executable).parent / "dart-tuner")

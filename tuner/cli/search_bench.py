@@ -109,7 +109,7 @@ def _grid(console: Console, space: SearchSpace, storage: str, name: str, measure
     if not measure:
         raise ReplayError(f"study {name!r} is not a complete measured grid: {missing} (run without --no-measure "
                           "to measure it)")
-    from tuner.study import Tuner
+    from tuner.search.study import Tuner
 
     console.print(f"measuring the grid into study {name!r} ({len(wanted)} points; early stopping "
                   f"{space.early_stop_chunk or 'off'}, feature cache {space.feature_cache_mb} MiB)")
