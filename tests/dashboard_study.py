@@ -62,7 +62,7 @@ def schema_1_config(config: PruningConfig) -> dict[str, Any]:
 
 def trial_attrs(config: PruningConfig | None, accuracy: float, prefill_ms: float, base_ms: float,
                 task: str = "dart_shapes", legacy: bool = False) -> dict[str, Any]:
-    """The user attributes `Tuner.measure` writes for one trial (same keys, plausible values)."""
+    """The user attributes a measured trial stores (`TrialMeasurer.measure`; same keys, plausible values)."""
     keep = 1.0 if config is None else config.keep_ratio
     kept = float(max(1, round(keep * VISION)))
     flops = int(BASE_FLOPS * (0.2 + 0.8 * keep))

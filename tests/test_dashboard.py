@@ -23,11 +23,12 @@ from tuner.cli import app, dashboard_app_path
 from tuner.config.schema import config_attrs
 from tuner.evaluation.runner import EvalResult
 from tuner.measure.latency import Timing, speedup_spread
+from tuner.measure.trial import TrialMeasurer
 from tuner.results import config_of
 from tuner.results.export import Rule, choose_trial
+from tuner.results.record import RECORD_SCHEMA_ATTR, TrialRecord
 from tuner.results.storage import open_for_reading
 from tuner.results.tables import noise_warning
-from tuner.search.study import Tuner
 
 pytest.importorskip("streamlit")
 pytest.importorskip("plotly")
@@ -92,15 +93,22 @@ def _study(url: str) -> optuna.Study:
 
 
 def test_hand_built_trials_carry_the_tuners_attributes() -> None:
-    """The test study's trial attributes are exactly the keys `Tuner.measure` writes (checked on its source)."""
-    tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(Tuner.measure)))
-    attrs = next(node.value for node in ast.walk(tree)
-                 if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "attrs")
-    keys = {k.value for k in attrs.keys if isinstance(k, ast.Constant)}
+    """The test study's trial attributes are exactly the fields `TrialMeasurer.measure` sets on a completed, not
+    stopped trial's record (checked on its source), and they read back through the record unchanged."""
+    tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(TrialMeasurer.measure)))
+    call = next(node for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "TrialRecord")
+    stop_fields = {"stopped_early", "stop_reason", "accuracy_partial", "accuracy_upper_bound"}
+    keys = {k.arg for k in call.keywords if k.arg is not None} - stop_fields - {"config"}
     keys |= set(EvalResult(config=None, accuracy=0.0, metrics={}).kept_vision_stats())
     keys |= set(speedup_spread(Timing((1.0,)), Timing((1.0,))).to_attrs())
     keys |= set(config_attrs(None))
-    assert set(dashboard_study.trial_attrs(None, 0.5, 10.0, 20.0)) == keys
+    attrs = dashboard_study.trial_attrs(None, 0.5, 10.0, 20.0)
+    assert set(attrs) == keys
+    record = TrialRecord.from_attrs(attrs)
+    assert record.unknown == {}
+    stored = {key: value for key, value in record.to_attrs().items() if key != RECORD_SCHEMA_ATTR}
+    assert stored == {key: value for key, value in attrs.items() if value is not None or key == "config"}
 
 
 # -- choosing a point ------------------------------------------------------------------------------------------

@@ -153,7 +153,8 @@ def test_confirmation_stores_its_numbers_and_leaves_the_search_ones(saved_dirs, 
     pruned = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if not is_baseline(t)]
     front = [t.number for t in pruned]  # the whole front may be the baseline on 6 questions and 1 round: all of them
     assert {t.number for t in front_to_confirm(study)} <= set(front)
-    record = confirm(tuner_, repeats=3, fresh_size=4, fresh_seed=1, trials=pruned)
+    record = confirm(tuner_.measurer, tuner_.study, tuner_.space, repeats=3, fresh_size=4, fresh_seed=1,
+                     trials=pruned)
     reloaded = optuna.load_study(study_name="tiny", storage=storage)
     assert reloaded.user_attrs["confirmation"] == record
     assert {t.number: (t.values, dict(t.user_attrs)) for t in reloaded.get_trials()} == before

@@ -37,8 +37,8 @@ def run_confirmation(console: Console, tuner_: Any, *, repeats: int, fresh_limit
         return
     size = fresh_limit if fresh_limit is not None else min(t.subset.size for t in tuner_.tasks)
     with console.status("Confirming the front...") as status, hide_library_progress_bars():
-        confirm(tuner_, repeats=repeats, fresh_size=size or None, fresh_seed=fresh_seed,
-                on_step=lambda step: status.update(f"Confirming the front: {step}..."))
+        confirm(tuner_.measurer, tuner_.study, tuner_.space, repeats=repeats, fresh_size=size or None,
+                fresh_seed=fresh_seed, on_step=lambda step: status.update(f"Confirming the front: {step}..."))
     show_sheet(console, pareto_sheet(tuner_.study), wide=wide, as_json=as_json)
     console.print(f"confirmed: {repeats} interleaved rounds with the baseline"
                   + (f", accuracy on a fresh subset of {size} documents per task (seed {fresh_seed}), disjoint "

@@ -22,7 +22,7 @@ from tuner.cli.common import (
 )
 from tuner.cli.confirming import run_confirmation
 from tuner.errors import DartTunerError
-from tuner.results import STOPPED_ATTR
+from tuner.results.record import TrialRecord
 from tuner.results.storage import DEFAULT_STORAGE
 
 
@@ -118,8 +118,9 @@ def tune(
             seconds = time.perf_counter() - started[0]
             started[0] = time.perf_counter()
             ran[0] += 1
-            if trial.state.name == "COMPLETE" and trial.user_attrs.get(STOPPED_ATTR):
-                reason = escape(trial.user_attrs.get("stop_reason", ""))
+            record = TrialRecord.from_trial(trial)
+            if trial.state.name == "COMPLETE" and record.stopped_early:
+                reason = escape(record.stop_reason or "")
                 line = (f"trial {trial.number}: {escape(describe_trial(trial))}: [yellow]{reason}[/] (stored as "
                         "infeasible)")
             elif trial.state.name == "COMPLETE":
@@ -128,12 +129,11 @@ def tune(
                         f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms "
                         f"({speedup_text(trial, tuner_.study)})"
                         + (f", [yellow]noisy latency[/]: {escape(noise)}" if noise else ""))
-            elif "duplicate_of" in trial.user_attrs:
-                line = (f"trial {trial.number} skipped: trial {trial.user_attrs['duplicate_of']} measured that "
+            elif record.duplicate_of is not None:
+                line = (f"trial {trial.number} skipped: trial {record.duplicate_of} measured that "
                         "configuration")
             else:
-                failure = escape(str(trial.user_attrs.get("failure", "")))
-                line = f"trial {trial.number} {trial.state.name.lower()}: {failure}"
+                line = f"trial {trial.number} {trial.state.name.lower()}: {escape(str(record.failure or ''))}"
             progress.console.print(f"{line}  [{seconds:.1f} s; Pareto set: {len(pareto_trials(tuner_.study))}]")
             progress.update(trials_bar, completed=tuner_.n_complete())
             progress.reset(requests_bar)

@@ -12,10 +12,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import methods_text, schedule_text
 from tuner.config.schema import legacy_param
-from tuner.results import STOPPED_ATTR, accuracy_relative, config_of, is_baseline
+from tuner.results import accuracy_relative, config_of, is_baseline
 from tuner.results.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.results.tables import describe_trial, latency_noise, speedup
-from tuner.results.trials import StudySnapshot, pareto_front, readable_trials
+from tuner.results.trials import StudySnapshot, pareto_front, readable_trials, record_of
 
 METHOD_COLORS = {"dart": "#1f77b4", "random": "#ff7f0e", "pooling": "#2ca02c", "avgpool": "#9467bd",
                  "fastv": "#d62728", "keep_all": "#8c564b", "window_fastv": "#ff9896",
@@ -59,8 +59,9 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
                      f"ratio {row['keep_ratio_achieved']:.3f})")
         lines.append(f"prefill GFLOPs {row['prefill_gflops']:.3g} ({row['flops_ratio']:.0%} of baseline), "
                      f"KV cache {row['kv_cache_mb']:.3g} MB")
-        if trial.user_attrs.get(STOPPED_ATTR):
-            lines.append(f"stopped early: {trial.user_attrs.get('stop_reason', '')} (accuracy shown: that bound)")
+        record = record_of(trial)
+        if record.stopped_early:
+            lines.append(f"stopped early: {record.stop_reason or ''} (accuracy shown: that bound)")
         noise = latency_noise(trial)
         if noise:
             lines.append(f"noisy latency: {noise}")
@@ -75,6 +76,8 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
     return "<br>".join(lines)
 
 
+EVIDENCE_COLUMNS = ("accuracy_low", "accuracy_high", "prefill_ms_low", "prefill_ms_high", "accuracy_diff",
+                    "accuracy_diff_low", "accuracy_diff_high", "mcnemar_p")  # TrialRecord fields, shown as they are
 TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ratio", "budget", "accuracy",
                  "relative_accuracy", "prefill_ms", "prefill_iqr_ms", "speedup",
                  "decode_ms_per_token", "kept_vision_mean", "kept_vision_min", "kept_vision_max", "vision_mean",
@@ -99,11 +102,11 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
     pareto = {t.number for t in front}
     rows = []
     for trial in trials:
-        attrs = trial.user_attrs
-        config = config_of(trial)
+        record = record_of(trial)
+        config = record.config
         done = trial.number in complete
         row = {
-            "number": trial.number, "state": trial.state.name.lower(), "role": attrs.get("role", ""),
+            "number": trial.number, "state": trial.state.name.lower(), "role": record.role or "",
             "method": methods_text(config) if config else ("unpruned" if is_baseline(trial) else "?"),
             "label": describe_trial(trial),
             "layer": config.layer if config else math.nan,
@@ -112,23 +115,18 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
             "accuracy": trial.values[0] if done else math.nan,
             "relative_accuracy": accuracy_relative(trial, study) if done else math.nan,
             "prefill_ms": trial.values[1] if done else math.nan,
-            "prefill_iqr_ms": _num(attrs.get("prefill_iqr_ms")),
+            "prefill_iqr_ms": _num(record.prefill_iqr_ms),
             "speedup": speedup(trial, study) if done else math.nan,
-            "decode_ms_per_token": _num(attrs.get("decode_ms_per_token")),
-            "kept_vision_mean": _num(attrs.get("kept_vision_mean")),
-            "kept_vision_min": _num(attrs.get("kept_vision_min")),
-            "kept_vision_max": _num(attrs.get("kept_vision_max")),
-            "vision_mean": _num(attrs.get("vision_mean")),
-            "keep_ratio_achieved": _num(attrs.get("keep_ratio_achieved")),
-            "prefill_gflops": _num(attrs.get("prefill_flops")) / 1e9,
-            "flops_ratio": _num(attrs.get("flops_ratio")),
-            "kv_cache_mb": _num(attrs.get("kv_cache_bytes")) / 1e6,
-            "n_samples": _num(attrs.get("n_samples")),
+            "decode_ms_per_token": _num(record.decode_ms_per_token),
+            **{key: _num(getattr(record, key)) for key in ("kept_vision_mean", "kept_vision_min", "kept_vision_max",
+                                                           "vision_mean", "keep_ratio_achieved")},
+            "prefill_gflops": _num(record.prefill_flops) / 1e9,
+            "flops_ratio": _num(record.flops_ratio),
+            "kv_cache_mb": _num(record.kv_cache_bytes) / 1e6,
+            "n_samples": _num(record.n_samples),
             "feasible": trial.number in feasible, "violations": _violations(trial) if done else "",
-            "pareto": trial.number in pareto, "failure": str(attrs.get("failure") or ""),
-            **{key: _num(attrs.get(key)) for key in ("accuracy_low", "accuracy_high", "prefill_ms_low",
-                                                     "prefill_ms_high", "accuracy_diff", "accuracy_diff_low",
-                                                     "accuracy_diff_high", "mcnemar_p")},
+            "pareto": trial.number in pareto, "failure": str(record.failure or ""),
+            **{key: _num(getattr(record, key)) for key in EVIDENCE_COLUMNS},
             "indistinct": ", ".join(str(n) for n in indistinct_from(trial, front)) if trial.number in pareto else "",
             **_confirmed_columns(study, trial),
             **{column: _option_value(config, column) for column in options},

@@ -18,10 +18,12 @@ from typing import Any
 from optuna.trial import FrozenTrial
 
 from tuner.results import stats
-from tuner.results.trials import STOPPED_ATTR
+from tuner.results.record import CONFIRMATION_ATTR, SAMPLE_TASKS_ATTR, TrialRecord
+from tuner.results.trials import record_of
 
-CONFIRMATION_ATTR = "confirmation"  # study attribute written by `tuner.search.confirm`: {"trials": {"7": {...}}, ...}
-SAMPLE_TASKS_ATTR = "sample_tasks"  # [[task, count], ...]: the task of each entry of `samples`, in order
+__all__ = ["CONFIRMATION_ATTR", "SAMPLE_TASKS_ATTR", "accuracy_evidence", "accuracy_lower_bound", "confirmed",
+           "confirmed_text", "indistinct_from", "interval", "interval_text", "latency_evidence", "pair_text",
+           "stored_scores", "task_runs", "versus_baseline_text"]
 
 
 def task_runs(tasks: Sequence[str]) -> list[list[Any]]:
@@ -35,13 +37,14 @@ def task_runs(tasks: Sequence[str]) -> list[list[Any]]:
     return runs
 
 
-def stored_scores(attrs: Mapping[str, Any]) -> list[tuple[str, int, float]] | None:
-    """(task, doc index, score) of every scored sample a trial stored; None when unknown (no samples, or a task
-    that does not score documents one by one)."""
-    samples = attrs.get("samples")
+def stored_scores(record: TrialRecord | Mapping[str, Any]) -> list[tuple[str, int, float]] | None:
+    """(task, doc index, score) of every scored sample a trial stored (its record, or its user attributes); None
+    when unknown (no samples, or a task that does not score documents one by one)."""
+    record = record if isinstance(record, TrialRecord) else TrialRecord.from_attrs(record)
+    samples = record.samples
     if not samples or any(not isinstance(s, list | tuple) or len(s) < 2 or s[1] is None for s in samples):
         return None
-    runs = attrs.get(SAMPLE_TASKS_ATTR) or [["", len(samples)]]
+    runs = record.sample_tasks or [["", len(samples)]]
     tasks = [task for task, count in runs for _ in range(count)]
     if len(tasks) != len(samples):
         return None
@@ -96,9 +99,10 @@ def _finite(value: Any) -> float | None:
 def interval(trial: FrozenTrial, name: str) -> tuple[float, float] | None:
     """A stored (low, high) pair, e.g. 'accuracy', 'prefill_ms', 'accuracy_diff' or 'speedup'; None if unknown.
     A stopped trial's accuracy interval is of its partial scores, not of the bound it reports as accuracy: None."""
-    if name == "accuracy" and trial.user_attrs.get(STOPPED_ATTR):
+    record = record_of(trial)
+    if name == "accuracy" and record.stopped_early:
         return None
-    low, high = _finite(trial.user_attrs.get(f"{name}_low")), _finite(trial.user_attrs.get(f"{name}_high"))
+    low, high = (_finite(value) for value in record.interval(name))
     return None if low is None or high is None else (low, high)
 
 
@@ -117,9 +121,10 @@ def indistinct_from(trial: FrozenTrial, others: Sequence[FrozenTrial]) -> list[i
 def accuracy_lower_bound(trial: FrozenTrial, confidence: float) -> float | None:
     """One-sided lower confidence bound of the trial's accuracy from its stored per-sample scores (None if
     unknown). A stopped trial's partial scores are not its accuracy: None."""
-    if trial.user_attrs.get(STOPPED_ATTR):
+    record = record_of(trial)
+    if record.stopped_early:
         return None
-    scores = stored_scores(trial.user_attrs)
+    scores = stored_scores(record)
     if scores is None:
         return None
     tasks = [task for task, _, _ in scores]
@@ -139,11 +144,12 @@ def pair_text(low: float, high: float, spec: str) -> str:
 
 def versus_baseline_text(trial: FrozenTrial) -> str:
     """'-0.050 [-0.12,+0.02] p=0.38': the paired difference with the baseline ('-' when unknown)."""
-    diff = _finite(trial.user_attrs.get("accuracy_diff"))
+    record = record_of(trial)
+    diff = _finite(record.accuracy_diff)
     pair = interval(trial, "accuracy_diff")
     if diff is None or pair is None:
         return "-"
-    p_value = _finite(trial.user_attrs.get("mcnemar_p"))
+    p_value = _finite(record.mcnemar_p)
     return f"{diff:+.3f} [{pair[0]:+.2f},{pair[1]:+.2f}]" + (f" p={p_value:.2g}" if p_value is not None else "")
 
 

@@ -20,8 +20,9 @@ from tuner import __version__
 from tuner.config.preset import SCHEMA_VERSION, Preset
 from tuner.errors import DartTunerError
 from tuner.results.evidence import accuracy_lower_bound, confirmed
+from tuner.results.record import BASELINE_ATTR, PROVENANCE_ATTR
 from tuner.results.tables import describe_trial
-from tuner.results.trials import STOPPED_ATTR, config_of, is_baseline, readable_trials, unreadable_reason
+from tuner.results.trials import config_of, is_baseline, readable_trials, record_of, unreadable_reason
 
 # The uncertainty `tuner.results.evidence` stores with a trial, carried into the preset (None for older trials).
 EVIDENCE_METRICS = ("accuracy_low", "accuracy_high", "accuracy_interval", "accuracy_diff", "accuracy_diff_low",
@@ -88,7 +89,7 @@ def candidates(study: optuna.Study) -> list[FrozenTrial]:
     trial stopped early reports a bound, not an accuracy; one whose configuration this install cannot read is left
     out, `tuner.results.trials.unreadable_trials`)."""
     return [t for t in readable_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            if not is_baseline(t) and config_of(t) is not None and not t.user_attrs.get(STOPPED_ATTR)]
+            if not is_baseline(t) and config_of(t) is not None and not record_of(t).stopped_early]
 
 
 def floor_evidence(trial: FrozenTrial, rule: Rule) -> float | None:
@@ -100,7 +101,7 @@ def floor_evidence(trial: FrozenTrial, rule: Rule) -> float | None:
 
 
 def baseline_accuracy(study: optuna.Study) -> float:
-    baseline = study.user_attrs.get("baseline")
+    baseline = study.user_attrs.get(BASELINE_ATTR)
     if not baseline:
         raise NoTrialQualifies(f"study {study.study_name!r} has no completed baseline trial, so a relative "
                                "accuracy bound cannot be evaluated")
@@ -146,14 +147,15 @@ def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
         trial = matches[0]
         if unreadable_reason(trial) is not None:
             raise NoTrialQualifies(f"trial {rule.trial} cannot be read by this install: {unreadable_reason(trial)}")
+        record = record_of(trial)
         if trial.state != TrialState.COMPLETE:
             raise NoTrialQualifies(f"trial {rule.trial} is {trial.state.name.lower()}, not complete"
-                                   f"{': ' + trial.user_attrs['failure'] if 'failure' in trial.user_attrs else ''}")
-        if is_baseline(trial) or config_of(trial) is None:
+                                   f"{': ' + record.failure if record.failure is not None else ''}")
+        if is_baseline(trial) or record.config is None:
             raise NoTrialQualifies(f"trial {rule.trial} is the unpruned baseline; there is nothing to deploy")
-        if trial.user_attrs.get(STOPPED_ATTR):
+        if record.stopped_early:
             raise NoTrialQualifies(f"trial {rule.trial} was stopped early, so it has no accuracy to deploy on: "
-                                   f"{trial.user_attrs.get('stop_reason', 'it could not meet the accuracy floor')}")
+                                   f"{record.stop_reason or 'it could not meet the accuracy floor'}")
         return trial
     floor = accuracy_floor(study, rule)
     qualifying = qualifying_trials(study, rule)
@@ -188,26 +190,25 @@ def _bound_label(trial: FrozenTrial, rule: Rule) -> str:
 def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:
     """A preset holding the trial's config, its metrics next to the baseline's (with the speed-up's interval and
     noise flag; None for trials stored before them), and the study's provenance."""
-    config = config_of(trial)
+    record = record_of(trial)
+    config = record.config
     if config is None:
         raise NoTrialQualifies(f"trial {trial.number} is the unpruned baseline; there is nothing to deploy")
-    attrs = trial.user_attrs
-    baseline = study.user_attrs.get("baseline") or {}
-    metrics = {
+    baseline = study.user_attrs.get(BASELINE_ATTR) or {}
+    metrics = {  # the preset's own metric names, from the trial record's fields
         "accuracy": trial.values[0], "baseline_accuracy": baseline.get("accuracy"),
-        "prefill_ms_median": attrs.get("prefill_ms"), "prefill_ms_iqr": attrs.get("prefill_iqr_ms"),
-        "prefill_repeats": attrs.get("prefill_repeats"), "baseline_prefill_ms": baseline.get("prefill_ms"),
-        "speedup": attrs.get("speedup_same_run"), "speedup_low": attrs.get("speedup_low"),
-        "speedup_high": attrs.get("speedup_high"), "latency_noisy": attrs.get("latency_noisy"),
-        "latency_warning": attrs.get("latency_warning"), "decode_ms_per_token": attrs.get("decode_ms_per_token"),
-        "decode_ms_iqr": attrs.get("decode_iqr_ms"), "kept_vision_mean": attrs.get("kept_vision_mean"),
-        "vision_mean": attrs.get("vision_mean"), "keep_ratio_achieved": attrs.get("keep_ratio_achieved"),
-        "prefill_flops": attrs.get("prefill_flops"), "kv_cache_bytes": attrs.get("kv_cache_bytes"),
-        "n_samples": attrs.get("n_samples"),
-        **{key: attrs.get(key) for key in EVIDENCE_METRICS},
+        "prefill_ms_median": record.prefill_ms, "prefill_ms_iqr": record.prefill_iqr_ms,
+        "prefill_repeats": record.prefill_repeats, "baseline_prefill_ms": baseline.get("prefill_ms"),
+        "speedup": record.speedup_same_run, "speedup_low": record.speedup_low, "speedup_high": record.speedup_high,
+        "latency_noisy": record.latency_noisy, "latency_warning": record.latency_warning,
+        "decode_ms_per_token": record.decode_ms_per_token, "decode_ms_iqr": record.decode_iqr_ms,
+        "kept_vision_mean": record.kept_vision_mean, "vision_mean": record.vision_mean,
+        "keep_ratio_achieved": record.keep_ratio_achieved, "prefill_flops": record.prefill_flops,
+        "kv_cache_bytes": record.kv_cache_bytes, "n_samples": record.n_samples,
+        **{key: getattr(record, key) for key in EVIDENCE_METRICS},
         "confirmed": confirmed(study, trial),  # the confirmation run's numbers (`tuner.search.confirm`), if any
     }
-    stored = study.user_attrs.get("provenance") or {}
+    stored = study.user_attrs.get(PROVENANCE_ATTR) or {}
     versions = dict(stored.get("versions") or {})
     provenance = {key: stored.get(key) for key in ("model_id", "revision", "family", "dtype", "attn_implementation",
                                                     "device")}

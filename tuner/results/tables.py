@@ -26,11 +26,13 @@ from tuner.results.evidence import (
     interval_text,
     versus_baseline_text,
 )
+from tuner.results.record import BASELINE_ATTR, PROVENANCE_ATTR
 from tuner.results.trials import (
     accuracy_relative,
     config_of,
     is_baseline,
     pareto_trials,
+    record_of,
     skipped_text,
     unreadable_trials,
 )
@@ -129,19 +131,20 @@ def describe_trial(trial: FrozenTrial) -> str:
 def speedup(trial: FrozenTrial, study: optuna.Study) -> float:
     """Prefill speed-up over the baseline measured in the same trial (robust to machine drift), else the
     study's baseline."""
-    same_run = trial.user_attrs.get("speedup_same_run")
+    same_run = record_of(trial).speedup_same_run
     if same_run:
         return float(same_run)
-    baseline = study.user_attrs.get("baseline") or {}
+    baseline = study.user_attrs.get(BASELINE_ATTR) or {}
     return baseline.get("prefill_ms", math.nan) / trial.values[1] if trial.values else math.nan
 
 
 def latency_noise(trial: FrozenTrial) -> str | None:
     """Why the trial's speed-up is hidden by its latency spread; None when it is not, or was never judged (trials
     stored before `latency_noisy` existed)."""
-    if trial.user_attrs.get("latency_noisy") is not True:
+    record = record_of(trial)
+    if record.latency_noisy is not True:
         return None
-    return str(trial.user_attrs.get("latency_warning") or "its rounds spread too widely")
+    return str(record.latency_warning or "its rounds spread too widely")
 
 
 def speedup_text(trial: FrozenTrial, study: optuna.Study) -> str:
@@ -154,7 +157,7 @@ def noise_warning(trial: FrozenTrial, study: optuna.Study) -> str | None:
     reason = latency_noise(trial)
     if reason is None:
         return None
-    low, high = trial.user_attrs.get("speedup_low"), trial.user_attrs.get("speedup_high")
+    low, high = record_of(trial).interval("speedup")
     interval = f" (interval {low:.2f}-{high:.2f}x)" if low is not None and high is not None else ""
     return (f"trial {trial.number}'s prefill speed-up {speedup(trial, study):.2f}x{interval} is not distinguishable "
             f"from the latency spread: {reason}. Re-measure it with more repeats on an idle machine")
@@ -189,8 +192,8 @@ def pareto_sheet(study: optuna.Study) -> Sheet:
     front = pareto_trials(study)
     for trial in front:
         method, layer, options, amount = trial_label(trial)
-        kept = trial.user_attrs.get("kept_vision_mean")
-        vision = trial.user_attrs.get("vision_mean")
+        record = record_of(trial)
+        kept, vision = record.kept_vision_mean, record.vision_mean
         indistinct = indistinct_from(trial, front)
         cells = [str(trial.number), method, layer, options, amount, f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}",
                  with_interval(trial, "accuracy", trial.values[0], ".3f"), _fmt(accuracy_relative(trial, study), ".1%"),
@@ -230,11 +233,11 @@ def study_rows(storage: str | optuna.storages.BaseStorage) -> list[dict]:
         study = optuna.load_study(study_name=frozen.study_name, storage=storage)
         trials = study.get_trials(deepcopy=False)
         counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
-        baseline = study.user_attrs.get("baseline") or {}
+        baseline = study.user_attrs.get(BASELINE_ATTR) or {}
         front = pareto_trials(study, trials) if len(study.directions) == 2 else []
         best_acc = max(front, key=lambda t: t.values[0], default=None)
         fastest = min(front, key=lambda t: t.values[1], default=None)
-        provenance = study.user_attrs.get("provenance") or {}
+        provenance = study.user_attrs.get(PROVENANCE_ATTR) or {}
         rows.append({"study": frozen.study_name, "model": provenance.get("model_id"),
                      "tasks": ",".join(t["name"] for t in provenance.get("tasks", [])),
                      "device": provenance.get("device"), "counts": counts,

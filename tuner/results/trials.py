@@ -16,11 +16,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import PruningConfig
-from tuner.config.schema import CONFIG_SCHEMA_ATTR, config_from_data
 from tuner.errors import DartTunerError
+from tuner.results.record import BASELINE_ATTR, BASELINE_ROLE, ROLE_ATTR, STOPPED_ATTR, TrialRecord
 
-STOPPED_ATTR = "stopped_early"  # user attribute of a trial stopped by this rule (True), with `stop_reason`
-ROLE_ATTR = "role"  # user attribute of enqueued special trials: "baseline" or "paper_default"
+__all__ = ["ROLE_ATTR", "STOPPED_ATTR", "StudyNotFound", "accuracy_relative", "config_of", "is_baseline",
+           "open_study", "pareto_front", "pareto_trials", "readable_trials", "record_of", "skipped_text",
+           "unreadable_reason", "unreadable_trials"]
 
 
 class StudyNotFound(DartTunerError, ValueError):
@@ -37,19 +38,17 @@ def open_study(storage: str | optuna.storages.BaseStorage, name: str) -> optuna.
             from None
 
 
-# id(trial) -> (a weak reference to the trial, its config or the error reading it): a study's trials are parsed
+# id(trial) -> (a weak reference to the trial, its record or the error reading it): a study's trials are read
 # once however many readers (front, table, hover text, export rule) ask, and a trial that is gone drops out.
-_READ: dict[int, tuple[weakref.ref, PruningConfig | None | Exception]] = {}
+_READ: dict[int, tuple[weakref.ref, TrialRecord | Exception]] = {}
 
 
-def _read_config(trial: FrozenTrial) -> PruningConfig | None | Exception:
+def _read_record(trial: FrozenTrial) -> TrialRecord | Exception:
     known = _READ.get(id(trial))
     if known is not None and known[0]() is trial:
         return known[1]
-    data = trial.user_attrs.get("config")
     try:
-        result: PruningConfig | None | Exception = (
-            config_from_data(data, trial.user_attrs.get(CONFIG_SCHEMA_ATTR, 1)) if data else None)
+        result: TrialRecord | Exception = TrialRecord.from_trial(trial)
     except (ValueError, TypeError) as error:  # a method not installed here, a newer schema, a damaged value
         result = error
     key = id(trial)
@@ -57,20 +56,25 @@ def _read_config(trial: FrozenTrial) -> PruningConfig | None | Exception:
     return result
 
 
-def config_of(trial: FrozenTrial) -> PruningConfig | None:
-    """The PruningConfig a finished trial ran (None for the unpruned baseline); trials stored before
-    `config_schema` existed hold schema 1, which is upgraded on read. ValueError / TypeError when this install
-    cannot read it (`unreadable_reason`)."""
-    result = _read_config(trial)
+def record_of(trial: FrozenTrial) -> TrialRecord:
+    """The trial's `TrialRecord`, read once per trial object; the error reading it (`unreadable_reason`) raised."""
+    result = _read_record(trial)
     if isinstance(result, Exception):
         raise result
     return result
 
 
+def config_of(trial: FrozenTrial) -> PruningConfig | None:
+    """The PruningConfig a finished trial ran (None for the unpruned baseline); trials stored before
+    `config_schema` existed hold schema 1, which is upgraded on read. ValueError / TypeError when this install
+    cannot read it (`unreadable_reason`)."""
+    return record_of(trial).config
+
+
 def unreadable_reason(trial: FrozenTrial) -> str | None:
     """Why this install cannot read the trial's stored configuration (a method from a plugin not installed here,
     or from a newer dart-tuner), or None when it can."""
-    result = _read_config(trial)
+    result = _read_record(trial)
     return " ".join(str(result).split()) if isinstance(result, Exception) else None
 
 
@@ -128,7 +132,7 @@ def pareto_front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 def is_baseline(trial: FrozenTrial) -> bool:
     """Whether the trial measures the unpruned baseline."""
-    return trial.user_attrs.get(ROLE_ATTR) == "baseline"
+    return trial.user_attrs.get(ROLE_ATTR) == BASELINE_ROLE
 
 
 def pareto_trials(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> list[FrozenTrial]:
@@ -139,7 +143,7 @@ def pareto_trials(study: optuna.Study, trials: Sequence[FrozenTrial] | None = No
 
 def accuracy_relative(trial: FrozenTrial, study: optuna.Study) -> float:
     """The trial's accuracy as a fraction of the baseline's (NaN before the baseline completed)."""
-    baseline = study.user_attrs.get("baseline")
+    baseline = study.user_attrs.get(BASELINE_ATTR)
     if not baseline or not baseline.get("accuracy"):
         return math.nan
     return trial.values[0] / baseline["accuracy"]

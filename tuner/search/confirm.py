@@ -21,8 +21,10 @@ from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import load_tasks
 from tuner.measure.compare import BASELINE, measure_latency
 from tuner.measure.latency import speedup_spread
+from tuner.measure.trial import TrialMeasurer
 from tuner.results import config_of, is_baseline, pareto_trials
 from tuner.results.evidence import CONFIRMATION_ATTR, SAMPLE_TASKS_ATTR, accuracy_evidence, latency_evidence
+from tuner.search.space import SearchSpace
 
 
 def front_to_confirm(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -37,20 +39,20 @@ def _accuracy(result: EvalResult, baseline: EvalResult | None) -> dict[str, Any]
     return {"accuracy": result.accuracy, "n_samples": result.n_samples, **evidence}
 
 
-def confirm(tuner: Any, *, repeats: int = 20, warmup: int | None = None, fresh_size: int | None = None,
-            fresh_seed: int = 1, trials: Sequence[optuna.trial.FrozenTrial] | None = None,
+def confirm(measurer: TrialMeasurer, study: optuna.Study, space: SearchSpace, *, repeats: int = 20,
+            warmup: int | None = None, fresh_size: int | None = None, fresh_seed: int = 1,
+            trials: Sequence[optuna.trial.FrozenTrial] | None = None,
             on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Re-measure the study's front (or `trials`) with `tuner`'s loaded model (a `tuner.search.study.Tuner`) and store
-    the numbers as the study's `confirmation`; returns them. `fresh_size` documents per task (None: no accuracy
-    run)."""
-    study: optuna.Study = tuner.study
+    """Re-measure `study`'s front (or `trials`) with `measurer`'s loaded model and latency inputs, under `space`'s
+    latency, batch and task settings, and store the numbers as the study's `confirmation`; returns them.
+    `fresh_size` documents per task (None: no accuracy run)."""
     front = front_to_confirm(study) if trials is None else [t for t in trials if config_of(t) is not None]
-    lat = tuner.space.latency
+    lat = space.latency
     warmup = lat.warmup if warmup is None else warmup
     if on_step:
         on_step(f"latency: the baseline and {len(front)} front trials, {repeats} interleaved rounds")
     setups = {BASELINE: None, **{str(t.number): config_of(t) for t in front}}
-    measured = measure_latency(tuner.loaded, tuner.inputs, setups, new_tokens=lat.new_tokens, repeats=repeats,
+    measured = measure_latency(measurer.loaded, measurer.inputs, setups, new_tokens=lat.new_tokens, repeats=repeats,
                                warmup=warmup)
     base_timing = measured[BASELINE][0]
     record: dict[str, Any] = {
@@ -66,11 +68,9 @@ def confirm(tuner: Any, *, repeats: int = 20, warmup: int | None = None, fresh_s
             "prefill_ms": timing.prefill.median_ms, "prefill_iqr_ms": timing.prefill.iqr_ms,
             **latency_evidence(timing.prefill.samples_ms), "speedup": spread.speedup, **spread.to_attrs()}
     if fresh_size is not None:
-        fresh = load_tasks([t.name for t in tuner.tasks], subset_size=fresh_size, seed=fresh_seed,
-                           include_paths=tuner.space.include_paths,
-                           exclude={t.name: t.doc_indices for t in tuner.tasks})
-        evaluator = Evaluator(tuner.loaded, fresh, batch_size=tuner.space.batch_size,
-                              max_failures=tuner.space.max_failures)
+        fresh = load_tasks([t.name for t in measurer.tasks], subset_size=fresh_size, seed=fresh_seed,
+                           include_paths=space.include_paths, exclude={t.name: t.doc_indices for t in measurer.tasks})
+        evaluator = Evaluator(measurer.loaded, fresh, batch_size=space.batch_size, max_failures=space.max_failures)
         if on_step:
             on_step(f"accuracy: {len(front) + 1} configurations on a fresh subset of {fresh_size} per task")
         base_result = evaluator.evaluate(None)

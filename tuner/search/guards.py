@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.results import is_baseline
+from tuner.results.record import TrialRecord
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,11 @@ class FailureGuard:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state == TrialState.COMPLETE:
             self._streak.clear()
-        error_type = trial.user_attrs.get("failure_type")
+        record = TrialRecord.from_trial(trial)
+        error_type = record.failure_type
         if trial.state != TrialState.FAIL or error_type is None:
             return
-        failure = trial.user_attrs.get("failure", error_type)
+        failure = record.failure or error_type
         if is_baseline(trial):
             self.reason = (f"the unpruned baseline (trial {trial.number}) failed, so no trial can be scored: "
                            f"{failure}")
@@ -60,7 +62,8 @@ class RepeatGuard:
     _streak: int = 0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.PRUNED and "duplicate_of" in trial.user_attrs and not is_baseline(trial):
+        if (trial.state == TrialState.PRUNED and TrialRecord.from_trial(trial).duplicate_of is not None
+                and not is_baseline(trial)):
             self._streak += 1
         elif trial.state == TrialState.COMPLETE:
             self._streak = 0

@@ -21,14 +21,19 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig
 from tuner.config.options import param_name
-from tuner.config.schema import config_attrs
 from tuner.errors import DartTunerError
-from tuner.results import ROLE_ATTR, STOPPED_ATTR, config_of, is_baseline
+from tuner.results import config_of, is_baseline
+from tuner.results.record import (
+    BASELINE_ROLE,
+    DIRECTIONS,
+    DUPLICATE_OF_ATTR,
+    PAPER_DEFAULT_ROLE,
+    ROLE_ATTR,
+    TrialRecord,
+)
 from tuner.search.guards import RepeatGuard
 from tuner.search.samplers import make_sampler
 from tuner.search.space import SamplerSpec, SearchSpace
-
-DIRECTIONS = ("maximize", "minimize")  # as tuner.search.study.DIRECTIONS (that module loads the models)
 
 
 class ReplayError(DartTunerError, ValueError):
@@ -103,11 +108,11 @@ def grid_params(space: SearchSpace, config: PruningConfig) -> dict[str, Any]:
 
 def measured_of(trial: FrozenTrial) -> Measured:
     """A complete trial's stored numbers."""
+    record = TrialRecord.from_trial(trial)
     return Measured(accuracy=trial.values[0], prefill_ms=trial.values[1], constraints=dict(trial.constraints),
-                    stopped=bool(trial.user_attrs.get(STOPPED_ATTR)),
+                    stopped=record.stopped_early,
                     trial_seconds=trial.duration.total_seconds() if trial.duration else 0.0,
-                    eval_seconds=float(trial.user_attrs.get("eval_seconds", 0.0)),
-                    documents=int(trial.user_attrs.get("n_samples", 0)))
+                    eval_seconds=float(record.eval_seconds or 0.0), documents=int(record.n_samples or 0))
 
 
 def measured_grid(study: optuna.Study) -> MeasuredGrid:
@@ -140,27 +145,25 @@ def replay(space: SearchSpace, grid: MeasuredGrid, sampler: str, seed: int, *,
     space = dataclasses.replace(space.with_sampler(sampler), sampler=SamplerSpec(sampler, seed, {}))
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), directions=list(DIRECTIONS),
                                 sampler=make_sampler(space))
-    study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"})
+    study.enqueue_trial({}, user_attrs={ROLE_ATTR: BASELINE_ROLE})
     for paper in space.paper_defaults():
-        study.enqueue_trial(paper, user_attrs={ROLE_ATTR: "paper_default"})
+        study.enqueue_trial(paper, user_attrs={ROLE_ATTR: PAPER_DEFAULT_ROLE})
     seen: dict[str, int] = {}  # configuration key -> the complete trial that holds it
     steps: list[Step] = []
     spent = [0.0]
     points: list[tuple[float, float]] = []
 
     def objective(trial: Trial) -> tuple[float, float]:
-        config = None if trial.user_attrs.get(ROLE_ATTR) == "baseline" else space.suggest(trial)
+        config = None if trial.user_attrs.get(ROLE_ATTR) == BASELINE_ROLE else space.suggest(trial)
         key = None if config is None else config_key(config)
         if key in seen:  # Tuner._measure_trial: pruned as a duplicate, nothing measured, nothing charged
-            trial.set_user_attr("duplicate_of", seen[key])
+            trial.set_user_attr(DUPLICATE_OF_ATTR, seen[key])
             raise optuna.TrialPruned(f"trial {seen[key]} already measured this configuration")
         if key is not None and key not in grid.points:
             raise ReplayError(f"the measured grid has no trial for {config.to_dict()}; measure the grid again")
         measured = grid.baseline if key is None else grid.points[key]
-        for name, value in config_attrs(config).items():
+        for name, value in TrialRecord(config=config, stopped_early=measured.stopped).to_attrs().items():
             trial.set_user_attr(name, value)
-        if measured.stopped:
-            trial.set_user_attr(STOPPED_ATTR, True)
         for key, value in measured.constraints.items():
             trial.set_constraint(key, value)
         spent[0] += measured.trial_seconds

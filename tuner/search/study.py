@@ -17,8 +17,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
@@ -26,17 +24,28 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig, check_layer
 from tuner.config.catalog import method_class
-from tuner.config.schema import config_attrs
 from tuner.errors import DartTunerError
-from tuner.evaluation.runner import EvalResult, Evaluator
+from tuner.evaluation.runner import Evaluator
 from tuner.evaluation.tasks import PreparedTask, load_tasks
-from tuner.measure.compare import BASELINE, latency_inputs, measure_latency, vision_counts
-from tuner.measure.early_stop import best_reachable_accuracy, bound_applies, progress_of, stop_check_for
-from tuner.measure.latency import speedup_spread
+from tuner.measure.trial import TrialMeasurer
 from tuner.models.feature_cache import CacheStats, FeatureCache
 from tuner.models.loading import LoadedModel, load_model
-from tuner.results import ROLE_ATTR, STOPPED_ATTR, config_of, is_baseline
-from tuner.results.evidence import accuracy_evidence, latency_evidence, stored_scores
+from tuner.results import config_of, is_baseline
+from tuner.results.evidence import stored_scores
+from tuner.results.record import (
+    BASELINE_ATTR,
+    BASELINE_ROLE,
+    DIRECTIONS,
+    DUPLICATE_OF_ATTR,
+    FAILURE_ATTR,
+    FAILURE_TYPE_ATTR,
+    OBJECTIVES,
+    PAPER_DEFAULT_ROLE,
+    PROVENANCE_ATTR,
+    REQUEUED_FROM_ATTR,
+    ROLE_ATTR,
+    TrialRecord,
+)
 from tuner.results.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, open_for_tuning
 from tuner.search.guards import FailureGuard, RepeatGuard
 from tuner.search.params import PDROP
@@ -46,9 +55,9 @@ from tuner.search.space import SearchSpace, SpaceError
 
 logger = logging.getLogger(__name__)
 
-DIRECTIONS = ("maximize", "minimize")
-OBJECTIVES = ("accuracy", "prefill_ms")
-REQUEUED_FROM_ATTR = "requeued_from"  # user attribute of a trial queued again after an interrupt: the old number
+__all__ = ["DIRECTIONS", "INTERRUPTED", "OBJECTIVES", "REQUEUED_FROM_ATTR", "ProvenanceMismatch", "Tuner",
+           "TuningStopped"]
+
 INTERRUPTED = "interrupted (Ctrl-C); queued again for the next run"
 
 
@@ -56,18 +65,10 @@ class TuningStopped(DartTunerError, RuntimeError):
     """The study cannot make progress (its baseline failed, or every trial fails the same way); says why."""
 
 
-@dataclass
-class TrialOutcome:
-    """What one trial measured (also written to the trial's user attributes)."""
-
-    config: PruningConfig | None
-    accuracy: float
-    prefill_ms: float
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
 class Tuner:
-    """Runs trials of one search space against one study; the model and tasks are loaded once per worker."""
+    """Drives one study over one search space: creates or loads it (baseline first), runs the objective loop with
+    its races between workers and Ctrl-C; each configuration is measured by this worker's `TrialMeasurer`, on the
+    model and tasks it loaded once."""
 
     def __init__(self, space: SearchSpace, storage: str | RDBStorage = DEFAULT_STORAGE, *,
                  study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
@@ -87,20 +88,39 @@ class Tuner:
             raise SpaceError(f"{space.source}: {key}: the space allows up to {space.max_layer()}; {error}") from None
         self.tasks = tasks or load_tasks(space.tasks, subset_size=space.subset_size, seed=space.subset_seed,
                                          include_paths=space.include_paths)
-        self.feature_cache = FeatureCache.from_mb(space.feature_cache_mb)  # this worker's image features; None: off
-        self.evaluator = Evaluator(self.loaded, self.tasks, batch_size=space.batch_size,
-                                   max_failures=space.max_failures, feature_cache=self.feature_cache)
-        self.inputs = latency_inputs(self.loaded, self.tasks[0])
-        self._check_token_counts(min(vision_counts(self.loaded, self.inputs)))
+        self.measurer = TrialMeasurer(self.loaded, self.tasks, space.latency, batch_size=space.batch_size,
+                                      max_failures=space.max_failures, early_stop_chunk=space.early_stop_chunk,
+                                      feature_cache=FeatureCache.from_mb(space.feature_cache_mb))
+        self._check_token_counts(self.measurer.latency_vision_tokens())
         self.provenance = provenance_of(self.loaded, self.tasks, space)
         self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
                                          directions=list(DIRECTIONS), sampler=make_sampler(space),
                                          load_if_exists=True)
         self._check_provenance(allow_mixed)
-        self._local_baseline: EvalResult | None = None
         self._running: Trial | None = None  # the trial objective() runs now, to queue again on Ctrl-C
         self.requeued: int | None = None  # the trial queued again by the last interrupted run()
-        self.on_request: Callable[[int], None] | None = None  # progress of the running trial's evaluation
+
+    @property
+    def evaluator(self) -> Evaluator:
+        return self.measurer.evaluator
+
+    @property
+    def feature_cache(self) -> FeatureCache | None:
+        return self.measurer.feature_cache
+
+    @property
+    def inputs(self) -> object:
+        """The fixed latency inputs every trial is timed on."""
+        return self.measurer.inputs
+
+    @property
+    def on_request(self) -> Callable[[int], None] | None:
+        """Called with the documents scored so far in the running trial's evaluation (progress)."""
+        return self.measurer.on_request
+
+    @on_request.setter
+    def on_request(self, callback: Callable[[int], None] | None) -> None:
+        self.measurer.on_request = callback
 
     def _check_token_counts(self, n_vision: int) -> None:
         """Refuse, before any trial, a space whose budgets or image pivots exceed the vision tokens of the prompt
@@ -118,9 +138,9 @@ class Tuner:
                 raise SpaceError(f"{self.space.source}: {key}: the space allows up to {largest}, more than {where}")
 
     def _check_provenance(self, allow_mixed: bool) -> None:
-        stored = self.study.user_attrs.get("provenance")
+        stored = self.study.user_attrs.get(PROVENANCE_ATTR)
         if stored is None:
-            self.study.set_user_attr("provenance", self.provenance)
+            self.study.set_user_attr(PROVENANCE_ATTR, self.provenance)
             self.study.set_user_attr("objectives", list(OBJECTIVES))
             self.study.set_user_attr("space", self.space.source)
             self.study.set_user_attr("constraints", self.space.constraints.__dict__)
@@ -139,7 +159,7 @@ class Tuner:
         """Queue the baseline again when no trial holds or will hold it (it failed, or its worker was killed)."""
         alive = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
         if not any(is_baseline(t) for t in self.study.get_trials(deepcopy=False, states=alive)):
-            self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"}, skip_if_exists=False)
+            self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: BASELINE_ROLE}, skip_if_exists=False)
 
     def _enqueue_first_trials(self) -> None:
         """The unpruned baseline is trial 0; DART's paper setting (K=2, 4+4 pivots) follows when in the space."""
@@ -147,30 +167,29 @@ class Tuner:
             return
         # Two workers starting at once may both get here: skip_if_exists narrows the race and objective() prunes
         # a baseline that another worker already runs, so a study never holds two.
-        self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: "baseline"}, skip_if_exists=True)
+        self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: BASELINE_ROLE}, skip_if_exists=True)
         for paper in self.space.paper_defaults():
-            self.study.enqueue_trial(paper, user_attrs={ROLE_ATTR: "paper_default"}, skip_if_exists=True)
+            self.study.enqueue_trial(paper, user_attrs={ROLE_ATTR: PAPER_DEFAULT_ROLE}, skip_if_exists=True)
 
     # -- one trial ------------------------------------------------------------------------------------------
 
     def baseline_accuracy(self) -> float:
         """From the study once the baseline trial completed; before that, evaluated here (deterministic)."""
-        stored = self.study.user_attrs.get("baseline")
+        stored = self.study.user_attrs.get(BASELINE_ATTR)
         if stored:
             return float(stored["accuracy"])
-        if self._local_baseline is None:
-            self._local_baseline = self.evaluator.evaluate(None)
-        return self._local_baseline.accuracy
+        return self.measurer.baseline_result().accuracy
 
     def _baseline_scores(self) -> list[tuple[str, int, float]] | None:
         """The baseline's per-sample scores: from its stored trial, else this worker's own evaluation (None if
         neither exists yet)."""
-        stored = self.study.user_attrs.get("baseline")
+        stored = self.study.user_attrs.get(BASELINE_ATTR)
         if stored:
             for trial in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
                 if trial.number == stored.get("trial"):
-                    return stored_scores(trial.user_attrs)
-        return self._local_baseline.scores() if self._local_baseline is not None else None
+                    return stored_scores(TrialRecord.from_trial(trial))
+        local = self.measurer.baseline
+        return local.scores() if local is not None else None
 
     def _constraints(self, accuracy: float, prefill_ms: float) -> dict[str, float]:
         """Constraint values (feasible when <= 0) for the space's constraints."""
@@ -188,67 +207,16 @@ class Tuner:
         """The lowest accuracy the space's constraints allow (the higher of its absolute and relative floors)."""
         return self.space.constraints.accuracy_floor(self.baseline_accuracy)
 
-    def _evaluate(self, config: PruningConfig | None) -> EvalResult:
-        """Accuracy on the subset; with the space's `early_stopping`, in chunks, stopping a pruned configuration as
-        soon as even perfect scores on the rest cannot reach the accuracy floor (`tuner.measure.early_stop`)."""
-        chunk = self.space.early_stop_chunk
-        floor = self.accuracy_floor() if chunk is not None and config is not None else None
-        if floor is None or not all(bound_applies(task) for task in self.tasks):
-            return self.evaluator.evaluate(config, on_progress=self.on_request)
-        stop_check = stop_check_for({task.name: task.subset.size for task in self.tasks}, floor)
-        return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=chunk, stop_check=stop_check)
-
-    def measure(self, config: PruningConfig | None) -> TrialOutcome:
-        """Accuracy on the subset, then latency interleaved with the unpruned baseline on the fixed inputs (with the
-        speed-up's interval and noise flag, `tuner.measure.latency.speedup_spread`).
-
-        A trial stopped early reports as accuracy the best it could still have reached (below the floor, so the
-        constraint marks it infeasible and the sampler learns the region is bad), with its partial evidence.
-        """
-        cache_before = self.feature_cache_stats()
-        result = self._evaluate(config)
-        if config is None:  # the baseline trial: its constraints need this very accuracy, not a second run
-            self._local_baseline = result
-        cache_attrs = (self.feature_cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
-        lat = self.space.latency  # latency is measured outside the feature cache: it includes the vision tower
-        setups = {BASELINE: None} if config is None else {BASELINE: None, "candidate": config}
-        measured = measure_latency(self.loaded, self.inputs, setups, new_tokens=lat.new_tokens,
-                                   repeats=lat.repeats, warmup=lat.warmup)
-        timing, cost = measured["candidate" if config is not None else BASELINE]
-        base_timing, base_cost = measured[BASELINE]
-        spread = speedup_spread(base_timing.prefill, timing.prefill)
-        attrs: dict[str, Any] = {
-            **config_attrs(config),
-            "accuracy": result.accuracy, "metrics": result.metrics, "n_samples": result.n_samples,
-            "accuracy_by_category": result.accuracy_by_category(), **result.kept_vision_stats(),
-            "prefill_ms": timing.prefill.median_ms, "prefill_iqr_ms": timing.prefill.iqr_ms,
-            "prefill_repeats": timing.prefill.repeats, "decode_ms_per_token": timing.decode.median_ms,
-            "decode_iqr_ms": timing.decode.iqr_ms, "end_to_end_ms": timing.total.median_ms,
-            "peak_memory_bytes": timing.peak_memory_bytes,
-            "baseline_prefill_ms_same_run": base_timing.prefill.median_ms,
-            "speedup_same_run": spread.speedup, **spread.to_attrs(),
-            "prefill_flops": cost.prefill_flops, "kv_cache_bytes": cost.kv_cache_bytes,
-            "flops_ratio": cost.prefill_flops / base_cost.prefill_flops,
-            "latency_input_tokens": cost.n_tokens, "latency_input_kept_vision": cost.n_kept_vision,
-            "samples": [[s.doc_index, s.score, s.n_kept_vision] for s in result.samples],
-            "eval_seconds": result.seconds, **cache_attrs, **latency_evidence(timing.prefill.samples_ms),
-        }
-        scores = result.scores()
-        if scores is not None:
-            attrs.update(accuracy_evidence(scores, None if config is None else self._baseline_scores()))
-        accuracy = result.accuracy
-        if result.stopped:
-            by_task: dict[str, list[float]] = {}
-            for sample in result.samples:
-                by_task.setdefault(sample.task, []).append(float(sample.score))
-            accuracy = best_reachable_accuracy(progress_of(by_task, {t.name: t.subset.size for t in self.tasks}))
-            attrs.update({STOPPED_ATTR: True, "stop_reason": result.stopped, "accuracy_partial": result.accuracy,
-                          "accuracy": accuracy, "accuracy_upper_bound": accuracy})
-        return TrialOutcome(config=config, accuracy=accuracy, prefill_ms=timing.prefill.median_ms, attrs=attrs)
+    def measure(self, config: PruningConfig | None) -> TrialRecord:
+        """Measure `config` (None: the baseline) with this worker's measurer, under the space's accuracy floor
+        (for early stopping) and paired with the baseline's per-sample scores."""
+        pruned_and_stoppable = config is not None and self.space.early_stop_chunk is not None
+        return self.measurer.measure(config, accuracy_floor=self.accuracy_floor() if pruned_and_stoppable else None,
+                                     baseline_scores=None if config is None else self._baseline_scores())
 
     def feature_cache_stats(self) -> CacheStats:
         """This worker's feature-cache counters so far (all zero when the cache is off)."""
-        return self.feature_cache.stats() if self.feature_cache else CacheStats()
+        return self.measurer.cache_stats()
 
     def objective(self, trial: Trial) -> tuple[float, float]:
         """Optuna objective: (accuracy, prefill median ms); every number also goes into the trial's attributes.
@@ -259,39 +227,39 @@ class Tuner:
         try:
             return self._measure_trial(trial)
         except KeyboardInterrupt:
-            trial.set_user_attr("failure", INTERRUPTED)
+            trial.set_user_attr(FAILURE_ATTR, INTERRUPTED)
             raise
 
     def _measure_trial(self, trial: Trial) -> tuple[float, float]:
-        baseline = trial.user_attrs.get(ROLE_ATTR) == "baseline"
+        baseline = trial.user_attrs.get(ROLE_ATTR) == BASELINE_ROLE
         if baseline:
             earlier = self._earlier_baseline(trial.number)
             if earlier is not None:
-                trial.set_user_attr("duplicate_of", earlier)
+                trial.set_user_attr(DUPLICATE_OF_ATTR, earlier)
                 raise optuna.TrialPruned(f"trial {earlier} already measures the baseline")
         try:
             config = None if baseline else self.space.suggest(trial)
             if config is not None and not self.allow_repeats:
                 earlier = self._complete_with(config)
                 if earlier is not None:
-                    trial.set_user_attr("duplicate_of", earlier)
+                    trial.set_user_attr(DUPLICATE_OF_ATTR, earlier)
                     raise optuna.TrialPruned(f"trial {earlier} already measured this configuration")
-            outcome = self.measure(config)
+            record = self.measure(config)
         except optuna.TrialPruned:
             raise
         except Exception as error:
-            trial.set_user_attr("failure", f"{type(error).__name__}: {error}")
-            trial.set_user_attr("failure_type", type(error).__name__)
+            trial.set_user_attr(FAILURE_ATTR, f"{type(error).__name__}: {error}")
+            trial.set_user_attr(FAILURE_TYPE_ATTR, type(error).__name__)
             raise
-        for key, value in outcome.attrs.items():
+        for key, value in record.to_attrs().items():
             trial.set_user_attr(key, value)
-        for key, value in self._constraints(outcome.accuracy, outcome.prefill_ms).items():
+        for key, value in self._constraints(record.accuracy, record.prefill_ms).items():
             trial.set_constraint(key, value)
         if baseline:
-            self.study.set_user_attr("baseline", {"trial": trial.number, "accuracy": outcome.accuracy,
-                                                  "prefill_ms": outcome.prefill_ms,
-                                                  "decode_ms_per_token": outcome.attrs["decode_ms_per_token"]})
-        return outcome.accuracy, outcome.prefill_ms
+            self.study.set_user_attr(BASELINE_ATTR, {"trial": trial.number, "accuracy": record.accuracy,
+                                                     "prefill_ms": record.prefill_ms,
+                                                     "decode_ms_per_token": record.decode_ms_per_token})
+        return record.accuracy, record.prefill_ms
 
     def _complete_with(self, config: PruningConfig) -> int | None:
         """The first complete trial that ran exactly `config`, if any."""
@@ -364,7 +332,7 @@ class Tuner:
         if taken is None:
             return False
         trial, stored = taken
-        if stored.state != TrialState.FAIL or stored.user_attrs.get("failure") != HEARTBEAT_FAILURE:
+        if stored.state != TrialState.FAIL or stored.user_attrs.get(FAILURE_ATTR) != HEARTBEAT_FAILURE:
             return False
         logger.warning("trial %d was failed by another worker while this one could not reach the storage; its "
                        "measurement is dropped and the retry queued for it will measure it again", trial.number)
@@ -389,9 +357,9 @@ class Tuner:
             return None
         trial, stored = taken
         if stored.state == TrialState.RUNNING:  # interrupted inside Optuna's own bookkeeping, after the objective
-            trial.set_user_attr("failure", INTERRUPTED)
+            trial.set_user_attr(FAILURE_ATTR, INTERRUPTED)
             self.study.tell(trial, state=TrialState.FAIL)
-        elif stored.state != TrialState.FAIL or stored.user_attrs.get("failure") != INTERRUPTED:
+        elif stored.state != TrialState.FAIL or stored.user_attrs.get(FAILURE_ATTR) != INTERRUPTED:
             return None  # it finished before the interrupt: nothing was lost
         role = {ROLE_ATTR: stored.user_attrs[ROLE_ATTR]} if ROLE_ATTR in stored.user_attrs else {}
         self.study.enqueue_trial(stored.params, user_attrs={**role, REQUEUED_FROM_ATTR: trial.number},

@@ -1,0 +1,123 @@
+"""Measuring one configuration as a trial: accuracy on the subset (stopped early when it cannot reach a floor), then
+latency interleaved with the unpruned baseline on fixed inputs, returned as a `TrialRecord`.
+
+It knows nothing of Optuna or of studies: the caller (`tuner.search.study.Tuner`) gives it the accuracy floor and
+the baseline's per-sample scores, and stores the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from tuner.config import PruningConfig
+from tuner.evaluation.runner import EvalResult, Evaluator
+from tuner.evaluation.tasks import PreparedTask
+from tuner.measure.compare import BASELINE, latency_inputs, measure_latency, vision_counts
+from tuner.measure.early_stop import best_reachable_accuracy, bound_applies, progress_of, stop_check_for
+from tuner.measure.latency import speedup_spread
+from tuner.models.feature_cache import CacheStats, FeatureCache
+from tuner.models.loading import LoadedModel
+from tuner.results.evidence import accuracy_evidence, latency_evidence
+from tuner.results.record import TrialRecord
+
+CANDIDATE = "candidate"
+
+
+class LatencySettings(Protocol):
+    """How latency is timed (`tuner.search.space.LatencySpec` is one)."""
+
+    new_tokens: int
+    repeats: int
+    warmup: int
+
+
+class TrialMeasurer:
+    """Measures configurations with one loaded model on prepared task subsets; latency on the first document of the
+    first task. With `early_stop_chunk`, a pruned configuration is scored in chunks and stopped at a floor."""
+
+    def __init__(self, loaded: LoadedModel, tasks: Sequence[PreparedTask], latency: LatencySettings, *,
+                 batch_size: int = 1, max_failures: int = 0, feature_cache: FeatureCache | None = None,
+                 early_stop_chunk: int | None = None) -> None:
+        self.loaded = loaded
+        self.tasks = list(tasks)
+        self.latency = latency
+        self.early_stop_chunk = early_stop_chunk
+        self.feature_cache = feature_cache  # this worker's image features; None: off
+        self.evaluator = Evaluator(loaded, self.tasks, batch_size=batch_size, max_failures=max_failures,
+                                   feature_cache=feature_cache)
+        self.inputs = latency_inputs(loaded, self.tasks[0])
+        self.on_request: Callable[[int], None] | None = None  # progress of the running evaluation, in documents
+        self.baseline: EvalResult | None = None  # the unpruned evaluation, once this measurer ran it
+
+    def latency_vision_tokens(self) -> int:
+        """The fewest vision tokens of a latency-prompt row: what budgets and pivots must not exceed."""
+        return min(vision_counts(self.loaded, self.inputs))
+
+    def baseline_result(self) -> EvalResult:
+        """The unpruned model's evaluation on the subset (run once; deterministic)."""
+        if self.baseline is None:
+            self.baseline = self.evaluator.evaluate(None)
+        return self.baseline
+
+    def cache_stats(self) -> CacheStats:
+        """The feature cache's counters so far (all zero when the cache is off)."""
+        return self.feature_cache.stats() if self.feature_cache else CacheStats()
+
+    def _sizes(self) -> dict[str, int]:
+        return {task.name: task.subset.size for task in self.tasks}
+
+    def _evaluate(self, config: PruningConfig | None, floor: float | None) -> EvalResult:
+        """Accuracy on the subset; in chunks, stopping as soon as even perfect scores on the rest cannot reach
+        `floor`, when there is a floor, a chunk size and a pruned configuration (`tuner.measure.early_stop`)."""
+        if (floor is None or config is None or self.early_stop_chunk is None
+                or not all(bound_applies(task) for task in self.tasks)):
+            return self.evaluator.evaluate(config, on_progress=self.on_request)
+        return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=self.early_stop_chunk,
+                                       stop_check=stop_check_for(self._sizes(), floor))
+
+    def measure(self, config: PruningConfig | None, *, accuracy_floor: float | None = None,
+                baseline_scores: Sequence[tuple[str, int, float]] | None = None) -> TrialRecord:
+        """Accuracy (paired with `baseline_scores` for its evidence), then latency in the same interleaved rounds as
+        the baseline (with the speed-up's interval and noise flag, `tuner.measure.latency.speedup_spread`).
+
+        A configuration stopped early reports as accuracy the best it could still have reached (below the floor,
+        so a constraint marks it infeasible), with its partial evidence.
+        """
+        cache_before = self.cache_stats()
+        result = self._evaluate(config, accuracy_floor)
+        if config is None:  # the baseline: later floors and pairings need this very evaluation, not a second one
+            self.baseline = result
+        cache = (self.cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
+        lat = self.latency  # measured outside the feature cache: it includes the vision tower
+        setups = {BASELINE: None} if config is None else {BASELINE: None, CANDIDATE: config}
+        measured = measure_latency(self.loaded, self.inputs, setups, new_tokens=lat.new_tokens, repeats=lat.repeats,
+                                   warmup=lat.warmup)
+        timing, cost = measured[CANDIDATE if config is not None else BASELINE]
+        base_timing, base_cost = measured[BASELINE]
+        spread = speedup_spread(base_timing.prefill, timing.prefill)
+        scores = result.scores()
+        evidence = accuracy_evidence(scores, None if config is None else baseline_scores) if scores else {}
+        bound = self._reachable_accuracy(result) if result.stopped else None
+        return TrialRecord(
+            config=config, accuracy=result.accuracy if bound is None else bound, metrics=result.metrics,
+            n_samples=result.n_samples, accuracy_by_category=result.accuracy_by_category(),
+            **result.kept_vision_stats(), samples=[[s.doc_index, s.score, s.n_kept_vision] for s in result.samples],
+            eval_seconds=result.seconds, **evidence, stopped_early=bound is not None,
+            stop_reason=result.stopped or None, accuracy_partial=None if bound is None else result.accuracy,
+            accuracy_upper_bound=bound,
+            prefill_ms=timing.prefill.median_ms, prefill_iqr_ms=timing.prefill.iqr_ms,
+            prefill_repeats=timing.prefill.repeats, **latency_evidence(timing.prefill.samples_ms),
+            decode_ms_per_token=timing.decode.median_ms, decode_iqr_ms=timing.decode.iqr_ms,
+            end_to_end_ms=timing.total.median_ms, peak_memory_bytes=timing.peak_memory_bytes,
+            baseline_prefill_ms_same_run=base_timing.prefill.median_ms, speedup_same_run=spread.speedup,
+            **spread.to_attrs(), prefill_flops=cost.prefill_flops, kv_cache_bytes=cost.kv_cache_bytes,
+            flops_ratio=cost.prefill_flops / base_cost.prefill_flops, latency_input_tokens=cost.n_tokens,
+            latency_input_kept_vision=cost.n_kept_vision, **cache)
+
+    def _reachable_accuracy(self, result: EvalResult) -> float:
+        """The best accuracy a stopped evaluation could still have reached with perfect scores on the rest."""
+        by_task: dict[str, list[float]] = {}
+        for sample in result.samples:
+            by_task.setdefault(sample.task, []).append(float(sample.score))
+        return best_reachable_accuracy(progress_of(by_task, self._sizes()))
