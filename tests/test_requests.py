@@ -13,15 +13,14 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import tiny_vlms
 import tuner
-from conftest import Loader, bundled_methods
-from tuner.pruning import get_method_class
+from conftest import Loader
 from tuner.pruning.request import GenerateCalls, RequestChoice
-from tuner.search.params import refuses_layer_0
 
 NEW_TOKENS = 4
 ATOL = 1e-4
-K0_METHODS = tuple(m for m in bundled_methods() if m != "keep_all" and not refuses_layer_0(m)
-                   and not get_method_class(m).needs_vision_saliency)
+# The greedy selections whose picks among exact duplicates and near ties depend on float rounding
+# (`tuner.pruning.ties`); every K = 0 method's batch equals its rows alone on one draw in test_before_lm.py.
+TIE_METHODS = ("divprune", "cdpruner")
 
 
 def generate(model, inputs, **kwargs):
@@ -161,10 +160,11 @@ def test_dart_clamps_its_image_pivots_to_a_short_row_and_warns_once(loaded: Load
 @pytest.mark.parametrize("attn", ("eager", "sdpa"))
 @pytest.mark.parametrize("family", ("llava_next", "llava_onevision"))
 def test_k0_batch_equals_rows_alone_over_image_draws(family, attn, loaded: Loader):
-    """LLaVA-NeXT and OneVision repeat one `image_newline` vector per grid row: exact duplicates at K = 0."""
+    """LLaVA-NeXT and OneVision repeat one `image_newline` vector per grid row: exact duplicates at K = 0, where
+    DivPrune and CDPruner must break ties by position alike in a left-padded batch and alone."""
     model, processor = loaded(family, attn)
-    for seed in range(5):
+    for seed in range(1, 5):  # draw 0 is test_before_lm.py's test_k0_left_padded_batch_equals_rows_alone
         inputs = tiny_vlms.make_inputs(family, processor, batch=2, seed=seed)
-        for method in K0_METHODS:
+        for method in TIE_METHODS:
             cfg = tuner.PruningConfig(method=method, layer=0, keep_ratio=0.3)
             tiny_vlms.assert_batch_equals_rows_alone(model, family, inputs, cfg, 1, ATOL)  # the prefill: 1 token
