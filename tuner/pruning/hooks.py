@@ -17,9 +17,9 @@ A schedule repeats this at every stage layer K_0 < K_1 < ... (`tuner.pruning.sta
 the tokens stage j-1 kept, with what was captured at its own layer K_j - 1, and its layers get tables, masks and
 family state indexed by the composed ORIGINAL positions.
 
-A request is pruned once: a full forward that continues the last request (`generate(use_cache=False)`) reuses
-its choice, and a prompt whose attention mask hides every vision token passes through unpruned
-(`tuner.pruning.request`).
+A request (one generate call, or one forward outside generate) is pruned once: inside a generate call, a full
+forward continuing its request (`use_cache=False`) reuses its choice; a prompt whose attention mask hides every
+vision token passes through unpruned (`tuner.pruning.request`).
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.layer_inputs import (
     bind_layer,
     continue_full_positions,
+    decode_mask_2d,
     gather_rows,
     layer_masks,
     number_positions_per_row,
 )
 from tuner.pruning.registry import get_method_class
-from tuner.pruning.request import Prompt, RequestChoice, RequestStats, image_inputs, padding_from_prebuilt_mask
+from tuner.pruning.request import GenerateCalls, Prompt, RequestChoice, RequestStats, padding_from_prebuilt_mask
 from tuner.pruning.stages import (
     ForwardPlan,
     StageRunner,
@@ -61,7 +62,7 @@ class PruningHandle:
 
     `last_kept[row]` holds the positions the last stage of the last prefill kept (all tokens, original order,
     padding excluded), and `last_stage_kept[j][row]` those stage j kept; `requests` holds a `RequestStats` for
-    every request since the hooks were attached (a continuing call adds none).
+    every request since the hooks were attached: one per generate call, one per forward outside generate.
     """
 
     def __init__(self, model: torch.nn.Module, config: PruningConfig, adapter: FamilyAdapter) -> None:
@@ -78,6 +79,7 @@ class PruningHandle:
         self._stage_at: dict[int, StageRunner] = {}  # by first layer
         self._prompt: Prompt | None = None
         self._request: RequestChoice | None = None  # the last request, for the calls that continue it
+        self._generate_calls: GenerateCalls | None = None  # tells the model's generate() calls apart
         self._attention_2d: torch.Tensor | None = None
         self._prompt_length = 0
         self._view: TokenView | None = None  # the tokens the running stage's layers hold; None: the whole prompt
@@ -122,6 +124,7 @@ class PruningHandle:
                 self._hooks.append(self.adapter.layers[index].register_forward_pre_hook(
                     bind_layer(self._on_layer, index), with_kwargs=True))
             self._hooks.extend(self.adapter.spec.extra_hooks(self.adapter.text_model, self._current_prefill))
+            self._generate_calls = GenerateCalls(self.model)
             self.model._dart_tuner_handle = self
         except BaseException:
             self.remove()
@@ -146,6 +149,9 @@ class PruningHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._generate_calls is not None:
+            self._generate_calls.remove()
+            self._generate_calls = None
         for stage in self._stages:
             stage.remove()
         if self._vision is not None:
@@ -156,7 +162,7 @@ class PruningHandle:
                 delattr(owner, NEEDS_VISION_TOWER)
         if getattr(self.model, "_dart_tuner_handle", None) is self:
             del self.model._dart_tuner_handle
-        self._prompt = self._plan = self._view = None
+        self._prompt = self._plan = self._view = self._request = None
 
     @property
     def active(self) -> bool:
@@ -204,10 +210,10 @@ class PruningHandle:
                                                                           kwargs)  # passing through: as unhooked
 
     def _read_prompt(self, input_ids: torch.Tensor, attention: torch.Tensor, kwargs: dict) -> Prompt | None:
-        """The prompt of a full forward (None: it passes through unpruned); one that continues the last request
-        carries that request's choice."""
-        request = self._request
-        if request is not None and request.continued_by(input_ids, attention, kwargs):
+        """The prompt of a full forward (None: it passes through unpruned); one that continues its generate call's
+        request carries that request's choice."""
+        request, call = self._request, self._generate_calls.current
+        if request is not None and request.continued_by(input_ids, attention, kwargs, call):
             vision, n_vision = request.extend(input_ids, attention)
             return Prompt(input_ids, vision, attention, n_vision, choice=request,
                           state=self.adapter.spec.prompt_state(kwargs, input_ids),
@@ -224,7 +230,7 @@ class PruningHandle:
                                  f"{list(self.adapter.vision_token_ids)} appear in input_ids); set "
                                  "PruningConfig(require_vision=False) to let text-only prompts through")
             return None
-        self._request = RequestChoice(input_ids, attention, vision, image_inputs(kwargs))
+        self._request = RequestChoice.begin(input_ids, attention, vision, kwargs, call)
         return Prompt(input_ids, vision, attention, n_vision, state=self.adapter.spec.prompt_state(kwargs, input_ids),
                       grids=self._grids(kwargs, input_ids, vision))
 
@@ -378,17 +384,8 @@ class PruningHandle:
         kept_2d = self._decode_kept[stage.index] if self._decode_kept else None
         if kept_2d is None:
             return None  # this stage kept the whole prompt: its layers need nothing
-        prompt_length = self._prompt_length
-        batch, n_query = hidden.shape[:2]
-        n_appended = cache.get_seq_length(stage.start) + n_query - kept_2d.shape[1]
-        if self._attention_2d is not None:
-            tail = self._attention_2d[:, prompt_length:]
-            if tail.shape != (batch, n_appended) or kept_2d.shape[0] != batch:
-                raise RuntimeError(f"attention_mask {tuple(self._attention_2d.shape)} does not continue the "
-                                   f"pruned prompt of {prompt_length} tokens with {n_appended} new ones")
-        else:
-            tail = torch.ones(batch, n_appended, dtype=torch.bool, device=hidden.device)
-        mask_2d = torch.cat([kept_2d, tail], 1)
+        n_appended = cache.get_seq_length(stage.start) + hidden.shape[1] - kept_2d.shape[1]
+        mask_2d = decode_mask_2d(kept_2d, self._attention_2d, self._prompt_length, n_appended)
         return ForwardPlan(masks=layer_masks(self.adapter, self._layer_types, stage.start, stage.end, hidden, mask_2d,
                                              cache))
 

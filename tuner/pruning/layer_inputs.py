@@ -53,6 +53,21 @@ def continue_full_positions(adapter: FamilyAdapter, model: torch.nn.Module, args
     kwargs["position_ids"] = adapter.spec.continued_positions(model, positions_from_mask(full, n_query))
 
 
+def decode_mask_2d(kept_2d: torch.Tensor, attention_2d: torch.Tensor | None, prompt_length: int,
+                   n_appended: int) -> torch.Tensor:
+    """The [B, kept + appended] padding mask of a decode step against a pruned stage's shorter cache: the kept
+    prompt slots (`kept_2d`), then the tokens appended after the prompt's `prompt_length` (from `attention_2d`, the
+    call's full-length mask, if it has one)."""
+    batch = kept_2d.shape[0]
+    if attention_2d is None:
+        return torch.cat([kept_2d, kept_2d.new_ones(batch, n_appended)], 1)
+    tail = attention_2d[:, prompt_length:]
+    if tail.shape != (batch, n_appended):
+        raise RuntimeError(f"attention_mask {tuple(attention_2d.shape)} does not continue the pruned prompt of "
+                           f"{prompt_length} tokens with {n_appended} new ones")
+    return torch.cat([kept_2d, tail], 1)
+
+
 def layer_masks(adapter: FamilyAdapter, layer_types: list[str], start: int, end: int, hidden: torch.Tensor,
                 mask_2d: torch.Tensor, cache: Any, kept_state: Any = None) -> dict[str, Any]:
     """One mask per attention type of layers [start, end), sized against its first layer of that type."""

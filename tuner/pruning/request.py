@@ -1,13 +1,17 @@
 """Per-request state of the pruning hooks: what a prompt holds, what it kept, and whether a call continues it.
 
-A request is pruned once. `generate(use_cache=False)` (Idefics3 and SmolVLM configs ask for it) runs every step
-as a fresh prefill of the grown sequence; such a call continues the last request when it holds the same rows,
-the same prompt and padding as its first columns and the same image inputs. It reuses the request's choice (the
-vision positions each stage kept, and any new states), so the answer is the one a cached generate gives.
+A request is one `generate()` call, or one forward outside generate. `generate(use_cache=False)` (Idefics3 and
+SmolVLM configs ask for it) runs every step as a fresh prefill of the grown sequence; inside one generate call
+(`GenerateCalls`), such a forward continues the call's request when it holds the same rows, the same prompt and
+padding as its first columns and the same image inputs. It reuses the request's choice (the vision positions each
+stage kept, and any new states), so the answer is the one a cached generate gives. Outside generate nothing is
+reused: a forward whose prompt extends the last one's (a multiple-choice option, a hand-written recompute loop) is
+a new request, pruned on its own text.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -80,11 +84,23 @@ class RequestChoice:
     attention: torch.Tensor  # [B, P] bool
     vision: torch.Tensor  # [B, P] bool
     images: dict[str, torch.Tensor]
+    generate_call: int | None = None  # the generate() call it began in (None: a forward outside generate)
     kept: list[list[torch.Tensor]] = field(default_factory=list)  # per stage, per row: kept vision positions
     new_states: list[list[torch.Tensor] | None] = field(default_factory=list)  # per stage, aligned with `kept`
 
-    def continued_by(self, input_ids: torch.Tensor, attention: torch.Tensor, kwargs: dict) -> bool:
-        """Whether a full forward of `input_ids` is a later step of this request (its prompt grown at the end)."""
+    @classmethod
+    def begin(cls, input_ids: torch.Tensor, attention: torch.Tensor, vision: torch.Tensor, kwargs: dict,
+              generate_call: int | None) -> RequestChoice:
+        """A new request: the prompt of a full forward made with keyword arguments `kwargs`, in generate call
+        `generate_call` (None: outside generate); its stages' choices are noted as they select."""
+        return cls(input_ids, attention, vision, image_inputs(kwargs), generate_call)
+
+    def continued_by(self, input_ids: torch.Tensor, attention: torch.Tensor, kwargs: dict,
+                     generate_call: int | None) -> bool:
+        """Whether a full forward of `input_ids`, made in generate call `generate_call` (None: outside generate), is
+        a later step of this request: the same generate call, its prompt grown at the end, the same images."""
+        if self.generate_call is None or generate_call != self.generate_call:
+            return False
         rows, length = self.input_ids.shape
         if input_ids.shape[0] != rows or input_ids.shape[1] <= length or input_ids.device != self.input_ids.device:
             return False
@@ -115,6 +131,46 @@ class RequestChoice:
         vision = torch.zeros_like(attention)
         vision[:, :self.vision.shape[1]] = self.vision
         return vision, self.vision.sum(1).tolist()
+
+
+class GenerateCalls:
+    """Tells one `generate()` call of a model from another: while attached, the model instance's `generate` is this
+    object, which numbers each call and runs the model's own generate; `remove()` restores the instance as it was.
+
+    An instance attribute rather than a copied method, so the class and every other instance are untouched.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+        self._previous = vars(model).get("generate")  # an instance attribute someone set before us, if any
+        self._generate = getattr(model, "generate", None)
+        self._calls: list[int] = []  # the running calls, innermost last (a generate may nest another)
+        self._count = 0
+        if callable(self._generate):  # a bare module without generate: every forward is its own request
+            functools.update_wrapper(self, self._generate, updated=())  # its name, docs and signature
+            model.generate = self
+
+    @property
+    def current(self) -> int | None:
+        """The number of the innermost generate call now running (None: outside generate)."""
+        return self._calls[-1] if self._calls else None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._count += 1
+        self._calls.append(self._count)
+        try:
+            return self._generate(*args, **kwargs)
+        finally:
+            self._calls.pop()
+
+    def remove(self) -> None:
+        """Give the instance back its own `generate` (idempotent; a wrapper set over this one later stays)."""
+        if vars(self._model).get("generate") is not self:
+            return
+        if self._previous is None:
+            del self._model.generate
+        else:
+            self._model.generate = self._previous
 
 
 def image_inputs(kwargs: dict) -> dict[str, torch.Tensor]:
