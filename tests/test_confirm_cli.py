@@ -1,13 +1,17 @@
-"""`dart-tuner confirm` refuses what it cannot confirm with one line, before loading any model (no model here)."""
+"""`dart-tuner confirm` refuses what it cannot confirm with one line, before loading any model, and confirms a study
+tuned with `--limit` on the documents it was tuned on."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import optuna
+import yaml
 from typer.testing import CliRunner
 
 from tuner.cli import app
+from tuner.results.evidence import CONFIRMATION_ATTR
+from tuner.search.confirm import stored_subset
 
 DEMO_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "demo.yaml"
 
@@ -43,3 +47,38 @@ def test_a_front_without_pruned_trials_is_still_printed() -> None:
     run_confirmation(console, SimpleNamespace(study=study, tasks=[]), repeats=3, fresh_limit=None, fresh_seed=1)
     text = console.export_text()
     assert "Pareto front of only-baseline" in text and "nothing to confirm" in text
+
+
+def _tiny_space(tmp_path: Path, model: Path) -> Path:
+    data = {"study": "limited", "model": str(model), "tasks": ["dart_shapes"], "subset": {"size": 6, "seed": 0},
+            "methods": ["random"], "layer": [1], "keep_ratio": [0.25], "attn_implementation": "sdpa",
+            "dtype": "float32", "device": "cpu", "batch_size": 3, "sampler": {"name": "random", "seed": 0},
+            "latency": {"new_tokens": 2, "repeats": 1, "warmup": 0}}
+    path = tmp_path / "limited.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_confirm_uses_the_subset_a_limit_study_was_tuned_on(saved_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A study tuned with `--limit` and `--seed` is confirmed on the same documents without being told (it used to
+    be refused as "measured on another setup"); `confirm --limit` picks another size, which is refused unless
+    `--allow-mixed`, as on `tune`."""
+    runner = CliRunner()
+    storage = f"sqlite:///{tmp_path / 'l.db'}"
+    space = str(_tiny_space(tmp_path, saved_dirs["llava"]))
+    tuned = runner.invoke(app, ["tune", "--space", space, "--storage", storage, "--limit", "4", "--seed", "3",
+                                "--trials", "2", "--no-confirm"])
+    assert tuned.exit_code == 0, tuned.output
+    stored = optuna.load_study(study_name="limited", storage=storage)
+    assert stored_subset(stored) == (4, 3)
+    confirm = ["confirm", "--space", space, "--storage", storage, "--repeats", "1"]
+    result = runner.invoke(app, confirm)
+    assert result.exit_code == 0, result.output
+    record = optuna.load_study(study_name="limited", storage=storage).user_attrs[CONFIRMATION_ATTR]
+    assert record["trials"], result.output  # the pruned trial of the front was re-measured
+    # the fresh subset has the study's size (4) and is disjoint from the 4 documents it was tuned on
+    assert [s["size"] for s in record["fresh_subset"]] == [4]
+    other = runner.invoke(app, [*confirm, "--limit", "5"])
+    assert other.exit_code == 2 and "measured on another setup" in other.output, other.output
+    mixed = runner.invoke(app, [*confirm, "--limit", "5", "--allow-mixed", "--fresh-limit", "0"])
+    assert mixed.exit_code == 0, mixed.output

@@ -53,6 +53,9 @@ def confirm_command(
                                                                "YAML file."),
     storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage."),
     study: str | None = typer.Option(None, help="Study name (default: the space's `study`, else its file name)."),
+    limit: int | None = typer.Option(None, min=1, help="Override the subset size (documents per task; default: "
+                                                       "the size the study was tuned on, `tune --limit` included)."),
+    allow_mixed: bool = typer.Option(False, help="Confirm a study whose provenance differs from this run."),
     repeats: int = typer.Option(20, min=1, help="Interleaved latency rounds of the front and the baseline."),
     fresh_limit: int | None = typer.Option(None, min=0, help="Documents per task of the fresh accuracy subset, "
                                                              "disjoint from the search's (default: the same size; "
@@ -68,6 +71,7 @@ def confirm_command(
 
     from tuner.results import open_study
     from tuner.results.storage import open_for_reading
+    from tuner.search.confirm import stored_subset
     from tuner.search.space import load_space
     from tuner.search.study import Tuner
 
@@ -76,10 +80,12 @@ def confirm_command(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         space = load_space(space_path)
-        open_study(open_for_reading(storage), study or space.study)  # confirm never creates a study
+        stored = open_study(open_for_reading(storage), study or space.study)  # confirm never creates a study
+        size, seed = stored_subset(stored)  # the documents the study was tuned on, not the space's default
+        space = space.with_overrides(subset_size=limit if limit is not None else size, subset_seed=seed)
         with console.status(f"Loading {escape(space.model)} and {escape(', '.join(space.tasks))}..."), \
                 hide_library_progress_bars():
-            tuner_ = Tuner(space, storage, study_name=study)
+            tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed)
     except Exception as error:  # noqa: BLE001 - start_up_line raises a bug again
         raise fail(start_up_line(storage, error)) from None
     try:

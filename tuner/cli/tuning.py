@@ -80,7 +80,7 @@ def tune(
     from tuner.results import pareto_trials
     from tuner.results.tables import describe_trial, latency_noise, pareto_sheet, speedup_text
     from tuner.search.space import load_space
-    from tuner.search.study import Tuner, TuningStopped
+    from tuner.search.study import TrialLost, Tuner, TuningStopped
 
     console = Console(stderr=as_json)
     quiet_libraries()
@@ -148,7 +148,7 @@ def tune(
             console.print(f"[yellow]interrupted[/]: {tuner_.n_complete()} complete trials are stored in "
                           f"{escape(storage)}; {requeued}. Run the same command to resume.")
             raise typer.Exit(130) from None
-        except TuningStopped as error:
+        except (TuningStopped, TrialLost) as error:  # TrialLost: names the trial a later run must measure again
             progress.stop()
             raise fail(str(error), code=1) from None
         except Exception as error:

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_STORAGE = "sqlite:///dart_tuner.db"
 SQLITE_LOCK_TIMEOUT_S = 60  # how long a SQLite writer waits for another worker's lock
 RECONNECT_S = 60.0  # how long a worker waits out an unreachable database before giving up
+RECONNECT_ENV = "DART_TUNER_RECONNECT_S"  # overrides RECONNECT_S for every worker (seconds)
 HEARTBEAT_FAILURE = "worker stopped sending heartbeats (killed, or lost its machine); queued again"
 _EXAMPLE = "e.g. sqlite:///dart_tuner.db or postgresql+psycopg://user@host/db"
 # Messages of OperationalError that waiting will not cure.
@@ -45,6 +46,36 @@ _T = TypeVar("_T")
 
 class StorageError(DartTunerError, ValueError):
     """A storage that cannot be opened, read or written; the one-line message names the URL and the cause."""
+
+
+class StorageGaveUp(StorageError):
+    """A worker waited out an unreachable database for its whole reconnect time, and it did not come back."""
+
+
+def gave_up(error: BaseException) -> StorageGaveUp | None:
+    """The StorageGaveUp somewhere in `error`'s chain (explicit or implicit), if any."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StorageGaveUp):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def reconnect_seconds() -> float:
+    """How long a worker waits out an unreachable database: $DART_TUNER_RECONNECT_S, else 60 s."""
+    text = os.environ.get(RECONNECT_ENV, "").strip()
+    if not text:
+        return RECONNECT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise StorageError(f"${RECONNECT_ENV} must be a positive number of seconds, got {text!r}")
+    return seconds
 
 
 # -- URLs and messages ----------------------------------------------------------------------------------------
@@ -217,7 +248,7 @@ class ResilientRDBStorage(RDBStorage):
                 if not is_transient(error):
                     raise
                 if time.monotonic() + delay > deadline:
-                    raise StorageError(describe(self.url, error, f"gave up after {self.reconnect_s:.0f} s on")) \
+                    raise StorageGaveUp(describe(self.url, error, f"gave up after {self.reconnect_s:.0f} s on")) \
                         from error
                 with self._outage_lock:
                     first, self._outage = not self._outage, True
@@ -245,6 +276,14 @@ class ResilientRDBStorage(RDBStorage):
                 raise
 
         return self._retrying(attempt)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """A heartbeat that cannot reach the database for the whole reconnect time is skipped, not raised: the
+        heartbeat thread must go on beating for the trial once the database is back."""
+        try:
+            self._retrying(RDBStorage.record_heartbeat, self, trial_id)
+        except StorageGaveUp as error:
+            logger.warning("%s; the heartbeat tries again in %s s", error, self.heartbeat_interval)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = self._retrying(RDBStorage._get_stale_trial_ids, self, study_id)
@@ -275,19 +314,20 @@ for _name in ("_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_g
               "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
               "create_new_trial", "set_trial_param", "get_trial_param", "set_trial_intermediate_value",
               "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
-              "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat"):
+              "get_trial", "get_all_trials", "get_best_trial"):
     setattr(ResilientRDBStorage, _name, _retried(_name))
 
 
 def open_for_tuning(url: str, *, heartbeat_interval: int = 30, grace_period: int | None = None,
-                    max_retry: int = 2, reconnect_s: float = RECONNECT_S) -> ResilientRDBStorage:
+                    max_retry: int = 2, reconnect_s: float | None = None) -> ResilientRDBStorage:
     """The storage a tuning worker writes to: heartbeats, stale trials failed with a reason and queued again (at
-    most `max_retry` times), transient outages waited out for `reconnect_s` seconds. StorageError when it cannot
-    be opened.
+    most `max_retry` times), transient outages waited out for `reconnect_s` seconds (None: `reconnect_seconds()`).
+    StorageError when it cannot be opened.
 
     Workers started together on a new database race to create its schema; the loser retries and finds it made.
     """
     check_url(url, writing=True)
+    reconnect_s = reconnect_seconds() if reconnect_s is None else reconnect_s
     new_file = sqlite_path(url) if sqlite_file_gone(url) else None
     try:
         return _open_for_tuning(url, heartbeat_interval, grace_period, max_retry, reconnect_s)

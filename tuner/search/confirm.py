@@ -24,12 +24,26 @@ from tuner.measure.latency import speedup_spread
 from tuner.measure.trial import TrialMeasurer
 from tuner.results import config_of, is_baseline, pareto_trials
 from tuner.results.evidence import CONFIRMATION_ATTR, SAMPLE_TASKS_ATTR, accuracy_evidence, latency_evidence
+from tuner.results.record import PROVENANCE_ATTR
 from tuner.search.space import SearchSpace
 
 
 def front_to_confirm(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The feasible Pareto front's pruned trials, fastest first (the baseline is measured anyway)."""
     return [t for t in pareto_trials(study) if not is_baseline(t) and config_of(t) is not None]
+
+
+def stored_subset(study: optuna.Study) -> tuple[int | None, int | None]:
+    """The subset size and seed `study` was tuned on (a `tune --limit/--seed` included), from its provenance, so
+    that confirming it loads the same documents; (None, None) when it stored none.
+
+    The size is the largest task's: a task smaller than the requested size kept all its documents, and asking it
+    for more keeps them all again.
+    """
+    tasks = (study.user_attrs.get(PROVENANCE_ATTR) or {}).get("tasks") or []
+    sizes = [t["size"] for t in tasks if isinstance(t, dict) and isinstance(t.get("size"), int)]
+    seeds = [t["seed"] for t in tasks if isinstance(t, dict) and isinstance(t.get("seed"), int)]
+    return (max(sizes) if sizes else None), (seeds[0] if seeds else None)
 
 
 def _accuracy(result: EvalResult, baseline: EvalResult | None) -> dict[str, Any]:

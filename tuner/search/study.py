@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import optuna
 from optuna.storages import RDBStorage
@@ -46,17 +44,27 @@ from tuner.results.record import (
     ROLE_ATTR,
     TrialRecord,
 )
-from tuner.results.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, open_for_tuning
+from tuner.results.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, gave_up, open_for_tuning
 from tuner.search.guards import FailureGuard, RepeatGuard
 from tuner.search.params import PDROP
 from tuner.search.provenance import ProvenanceMismatch, provenance_differences, provenance_of
+from tuner.search.requeue import (
+    STORAGE_LOST,
+    TrialLost,
+    completed_by_another_worker,
+    fail_and_requeue,
+    lost_line,
+    requeue_stored_losses,
+    sigint_ignored,
+    stored_trial,
+)
 from tuner.search.samplers import make_sampler
 from tuner.search.space import SearchSpace, SpaceError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DIRECTIONS", "INTERRUPTED", "OBJECTIVES", "REQUEUED_FROM_ATTR", "ProvenanceMismatch", "Tuner",
-           "TuningStopped"]
+__all__ = ["DIRECTIONS", "INTERRUPTED", "OBJECTIVES", "REQUEUED_FROM_ATTR", "STORAGE_LOST", "ProvenanceMismatch",
+           "TrialLost", "Tuner", "TuningStopped"]
 
 INTERRUPTED = "interrupted (Ctrl-C); queued again for the next run"
 
@@ -69,6 +77,8 @@ class Tuner:
     """Drives one study over one search space: creates or loads it (baseline first), runs the objective loop with
     its races between workers and Ctrl-C; each configuration is measured by this worker's `TrialMeasurer`, on the
     model and tasks it loaded once."""
+
+    _lost: Trial | None = None  # the running trial whose result the storage gave up on, until it is queued again
 
     def __init__(self, space: SearchSpace, storage: str | RDBStorage = DEFAULT_STORAGE, *,
                  study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
@@ -229,6 +239,12 @@ class Tuner:
         except KeyboardInterrupt:
             trial.set_user_attr(FAILURE_ATTR, INTERRUPTED)
             raise
+        except Exception as error:
+            if gave_up(error) is not None:  # its result never reached the storage: `run` queues it again
+                self._lost = trial
+                with contextlib.suppress(Exception):  # waits for the storage once more; Optuna's tell waits too
+                    trial.set_user_attr(FAILURE_ATTR, STORAGE_LOST)
+            raise
 
     def _measure_trial(self, trial: Trial) -> tuple[float, float]:
         baseline = trial.user_attrs.get(ROLE_ATTR) == BASELINE_ROLE
@@ -248,6 +264,8 @@ class Tuner:
         except optuna.TrialPruned:
             raise
         except Exception as error:
+            if gave_up(error) is not None:
+                raise  # not the configuration's failure: objective() queues it again
             trial.set_user_attr(FAILURE_ATTR, f"{type(error).__name__}: {error}")
             trial.set_user_attr(FAILURE_TYPE_ATTR, type(error).__name__)
             raise
@@ -288,10 +306,13 @@ class Tuner:
         Raises TuningStopped when the baseline fails or `max_same_failures` trials in a row fail with the same
         exception type; the failed trials stay stored with their reasons, and the next run resumes the study.
         An interrupted trial (Ctrl-C) is queued again with its parameters before the interrupt propagates, so the
-        next run of the same command re-measures it.
+        next run of the same command re-measures it. A trial whose result the storage gave up on (an outage
+        longer than the worker waits) is queued again with its parameters and role once the storage answers; if
+        it stays away, TrialLost names the trial (its heartbeats stopped: the next worker queues it again).
         """
+        requeue_stored_losses(self.study)
         guard = FailureGuard(max_same_failures)
-        all_callbacks = [*callbacks, guard, RepeatGuard()]
+        all_callbacks = [self._recorded, *callbacks, guard, RepeatGuard()]
         if n_trials is not None:
             all_callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)))
             if self.n_complete() >= n_trials:
@@ -304,11 +325,14 @@ class Tuner:
                                     timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
                                     callbacks=all_callbacks, catch=(Exception,), gc_after_trial=False)
             except KeyboardInterrupt:
-                with _sigint_ignored():
+                with sigint_ignored():
                     self.requeued = self._requeue_interrupted()
                 raise
             except Exception as error:
-                if not (self._taken_over() or self._completed_by_another_worker(error)):
+                if gave_up(error) is not None and self._running is not None:
+                    self._requeue_lost_or_stop(error)  # the storage gave up while a trial's end was not stored
+                    continue
+                if not (self._taken_over() or completed_by_another_worker(error)):
                     raise
                 continue  # Optuna could not record a trial that another worker already recorded
             break
@@ -317,65 +341,58 @@ class Tuner:
                                 "command again to resume")
         return self.study
 
-    def _take_running(self) -> tuple[Trial, FrozenTrial] | None:
-        """The trial objective() last ran and its stored state, forgotten here so that it is looked at once."""
-        trial, self._running = self._running, None
-        if trial is None:
-            return None
-        return trial, next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
-
     def _taken_over(self) -> bool:
         """Whether the trial this worker ran was failed meanwhile by another worker that found its heartbeats stale
         (they could not reach a database that was away for longer than the grace period). Its retry is queued, so
-        this worker drops its measurement and goes on."""
-        taken = self._take_running()
-        if taken is None:
+        this worker drops its measurement and goes on. The trial is forgotten here, so that it is looked at once."""
+        trial, self._running, self._lost = self._running, None, None
+        if trial is None:
             return False
-        trial, stored = taken
+        stored = stored_trial(self.study, trial.number)
         if stored.state != TrialState.FAIL or stored.user_attrs.get(FAILURE_ATTR) != HEARTBEAT_FAILURE:
             return False
         logger.warning("trial %d was failed by another worker while this one could not reach the storage; its "
                        "measurement is dropped and the retry queued for it will measure it again", trial.number)
         return True
 
-    def _completed_by_another_worker(self, error: Exception) -> bool:
-        """Whether Optuna refused to record this worker's trial because another worker had already completed the
-        same trial: under load, SQLite can let two workers take one waiting trial. The stored result measured the
-        same configuration, so this worker drops its own and goes on."""
-        if not (isinstance(error, ValueError) and str(error).startswith("Cannot tell a COMPLETE trial")):
-            return False
-        logger.warning("a trial this worker ran was completed by another worker that took it too; this worker's "
-                       "measurement is dropped")
-        return True
+    # -- a storage that gave up while a trial ran -----------------------------------------------------------
+
+    def _recorded(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """First callback after each trial, once Optuna stored its end: a trial whose result the storage gave up
+        on (stored as failed when it came back) is queued again; then no trial is running."""
+        if self._lost is not None and self._lost.number == trial.number:
+            self._requeue_lost(self._lost)
+        self._running = self._lost = None
+
+    def _requeue_lost_or_stop(self, error: Exception) -> None:
+        """The storage gave up while the running trial's end was not stored (or not re-queued): wait for it once
+        more and queue the trial again; TrialLost, naming the trial, when it stays away."""
+        trial = self._running
+        assert trial is not None
+        try:
+            self._requeue_lost(trial)
+        except Exception as again:
+            outage = gave_up(again)
+            if outage is None:
+                raise
+            raise TrialLost(lost_line(trial.number, trial.params, trial.user_attrs.get(ROLE_ATTR), outage)) \
+                from error
+        self._running = self._lost = None
+
+    def _requeue_lost(self, trial: Trial) -> int | None:
+        """Fail `trial` if its end was never stored, and queue a copy with its parameters and role (naming it in
+        `requeued_from`) unless one exists; returns the copy's number (None when nothing was lost)."""
+        number = fail_and_requeue(self.study, trial, STORAGE_LOST, lambda stored: self._lost is trial)
+        if number is not None:
+            logger.warning("trial %d: %s as trial %d", trial.number, STORAGE_LOST, number)
+        return number
 
     def _requeue_interrupted(self) -> int | None:
         """Fail the trial this worker was running when interrupted, if Optuna had not yet, and queue it again with
         its parameters and role (the re-queued trial names it in `requeued_from`). Returns the new trial's number,
         or None when no trial was running (the interrupt came between trials)."""
-        taken = self._take_running()
-        if taken is None:
+        trial, self._running, self._lost = self._running, None, None
+        if trial is None:
             return None
-        trial, stored = taken
-        if stored.state == TrialState.RUNNING:  # interrupted inside Optuna's own bookkeeping, after the objective
-            trial.set_user_attr(FAILURE_ATTR, INTERRUPTED)
-            self.study.tell(trial, state=TrialState.FAIL)
-        elif stored.state != TrialState.FAIL or stored.user_attrs.get(FAILURE_ATTR) != INTERRUPTED:
-            return None  # it finished before the interrupt: nothing was lost
-        role = {ROLE_ATTR: stored.user_attrs[ROLE_ATTR]} if ROLE_ATTR in stored.user_attrs else {}
-        self.study.enqueue_trial(stored.params, user_attrs={**role, REQUEUED_FROM_ATTR: trial.number},
-                                 skip_if_exists=False)
-        return next(t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                    if t.user_attrs.get(REQUEUED_FROM_ATTR) == trial.number)
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Let a second Ctrl-C not cut short the re-queueing of an interrupted trial (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        return fail_and_requeue(self.study, trial, INTERRUPTED,
+                                lambda stored: stored.user_attrs.get(FAILURE_ATTR) == INTERRUPTED)
