@@ -52,7 +52,8 @@ def fail(message: str, code: int = 2, *, wrap: bool = False) -> typer.Exit:
     Exit code 2 means bad input (the command never started); 1 means it ran and failed. `wrap`: fold a message of
     several lines (a list of the closest trials) at the terminal's width instead of keeping each line whole.
     """
-    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=not wrap)
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False,
+                               soft_wrap=not (wrap and "\n" in message))  # one line stays one line
     return typer.Exit(code)
 
 
