@@ -30,10 +30,13 @@ def generate(model, inputs, **kwargs):
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1)
 
 
-@pytest.mark.parametrize("method, layer", [("random", 0), ("random", 2), ("fastv", 2), ("avgpool", 2)])
-def test_generate_without_cache_reuses_the_prefill_choice(method, layer, loaded: Loader):
-    model, processor = loaded("llava", "sdpa")
-    inputs = tiny_vlms.make_inputs("llava", processor, batch=2)
+@pytest.mark.parametrize("family, method, layer", [
+    ("llava", "random", 0), ("llava", "random", 2), ("llava", "fastv", 2), ("llava", "avgpool", 2),
+    ("idefics3", "fastv", 2), ("smolvlm", "fastv", 2),  # the families whose configs generate without a cache
+])
+def test_generate_without_cache_reuses_the_prefill_choice(family, method, layer, loaded: Loader):
+    model, processor = loaded(family, "sdpa")
+    inputs = tiny_vlms.make_inputs(family, processor, batch=2)
     cfg = tuner.PruningConfig(method=method, layer=layer, keep_ratio=0.3)
     with tuner.apply_pruning(model, cfg) as handle:
         cached_tokens, cached_logits = generate(model, inputs)
