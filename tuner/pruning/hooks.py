@@ -230,7 +230,8 @@ class PruningHandle:
                                  f"{list(self.adapter.vision_token_ids)} appear in input_ids); set "
                                  "PruningConfig(require_vision=False) to let text-only prompts through")
             return None
-        self._request = RequestChoice.begin(input_ids, attention, vision, kwargs, call)
+        # only a later forward of the same generate call can continue a request: outside generate nothing is kept
+        self._request = None if call is None else RequestChoice.begin(input_ids, attention, vision, kwargs, call)
         return Prompt(input_ids, vision, attention, n_vision, state=self.adapter.spec.prompt_state(kwargs, input_ids),
                       grids=self._grids(kwargs, input_ids, vision))
 
@@ -294,7 +295,7 @@ class PruningHandle:
                                f"{tuple(attention.shape)}; inputs_embeds-only calls are unsupported")
         started = time.perf_counter()
         positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(vision) if view is None \
-            else view.index
+            else view.index  # original position of each slot
         if prompt.choice is not None:  # a later step of the request: its choice stands
             selection, capture_ms = self._reused_selection(stage, positions, vision), 0.0
         else:
@@ -311,8 +312,9 @@ class PruningHandle:
         row_kept = [kept[row, width - n:] for row, n in enumerate(kept_counts)]
         self.last_stage_kept = [*self.last_stage_kept[:stage.index], row_kept]
         if prompt.choice is None:
-            self._request.remember(stage.index, [positions[row, k] for row, k in enumerate(selection.kept_vision)],
-                                   selection.new_states)
+            if self._request is not None:  # inside generate: later full forwards of the call reuse this choice
+                self._request.remember(stage.index, [positions[row, k] for row, k in enumerate(selection.kept_vision)],
+                                       selection.new_states)
             kept_vision = [int(k.numel()) for k in selection.kept_vision]
             if stage.index == 0:
                 self.requests.append(RequestStats(n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
