@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from tuner.errors import DartTunerError
+from tuner.results.record import FAILURE_ATTR, FAILURE_TYPE_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,16 @@ class StorageGaveUp(StorageError):
 
 def gave_up(error: BaseException) -> StorageGaveUp | None:
     """The StorageGaveUp somewhere in `error`'s chain (explicit or implicit), if any."""
+    return _in_chain(error, StorageGaveUp)
+
+
+def _in_chain(error: BaseException, kinds: type | tuple[type, ...]) -> Any:
+    """The first exception of type `kinds` in `error`'s chain, following causes and then contexts; None if none."""
     seen = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, StorageGaveUp):
+        if isinstance(current, kinds):
             return current
         current = current.__cause__ or current.__context__
     return None
@@ -103,10 +109,15 @@ def check_url(url: str, *, writing: bool) -> None:
         raise StorageError(f"storage {url!r}: the database driver is not installed ({error}); for PostgreSQL use "
                            "postgresql+psycopg://... with pip install 'dart-tuner[postgres]'") from None
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if database and parsed.query.get("uri") == "true" and database.startswith("file:"):
-            database = database.removeprefix("file:").partition("?")[0]  # sqlite:///file:x.db?mode=ro&uri=true
-        _check_sqlite_file(url, database, writing=writing)
+        _check_sqlite_file(url, _sqlite_database(parsed), writing=writing)
+
+
+def _sqlite_database(parsed: sqlalchemy.engine.URL) -> str | None:
+    """The file name of a parsed SQLite URL, also of a URI one (sqlite:///file:x.db?mode=ro&uri=true)."""
+    database = parsed.database
+    if database and parsed.query.get("uri") == "true" and database.startswith("file:"):
+        database = database.removeprefix("file:").partition("?")[0]
+    return database
 
 
 def _check_sqlite_file(url: str, database: str | None, *, writing: bool) -> None:
@@ -135,10 +146,7 @@ def sqlite_path(url: str) -> Path | None:
         return None
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return None
-    database = parsed.database
-    if parsed.query.get("uri") == "true" and database.startswith("file:"):
-        database = database.removeprefix("file:").partition("?")[0]
-    return Path(database)
+    return Path(_sqlite_database(parsed))
 
 
 def sqlite_file_gone(url: str) -> bool:
@@ -188,14 +196,7 @@ def storage_failure(error: BaseException) -> BaseException | None:
     Optuna can mask a storage error raised while it records a trial with an error of its own, so the whole chain
     is searched.
     """
-    seen = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (StorageError, StorageInternalError, sqlalchemy.exc.SQLAlchemyError)):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
+    return _in_chain(error, (StorageError, StorageInternalError, sqlalchemy.exc.SQLAlchemyError))
 
 
 def is_transient(error: BaseException) -> bool:
@@ -218,7 +219,7 @@ class RequeueStaleTrial(RetryHeartbeatStaleTrialCallback):
     failure reason over to the fresh copy."""
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("failure", "failure_type")}
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (FAILURE_ATTR, FAILURE_TYPE_ATTR)}
         super().__call__(study, trial)
 
 
@@ -289,7 +290,7 @@ class ResilientRDBStorage(RDBStorage):
         stale = self._retrying(RDBStorage._get_stale_trial_ids, self, study_id)
         for trial_id in stale:
             try:
-                self.set_trial_user_attr(trial_id, "failure", HEARTBEAT_FAILURE)
+                self.set_trial_user_attr(trial_id, FAILURE_ATTR, HEARTBEAT_FAILURE)
             except UpdateFinishedTrialError:  # another worker failed it first
                 pass
         return stale
