@@ -102,8 +102,8 @@ def test_the_baseline_trial_evaluates_the_baseline_once(saved_dirs, model_and_ta
     tuner = _tuner(saved_dirs, model_and_tasks, f"sqlite:///{tmp_path / 's.db'}",
                    constraints={"min_relative_accuracy": 0.5})
     calls = []
-    evaluate = tuner.evaluator.evaluate
-    tuner.evaluator.evaluate = lambda config, **kwargs: calls.append(config) or evaluate(config, **kwargs)
+    evaluate = tuner.measurer.evaluator.evaluate
+    tuner.measurer.evaluator.evaluate = lambda config, **kwargs: calls.append(config) or evaluate(config, **kwargs)
     study = tuner.run(1)
     assert calls == [None]
     (trial,) = study.get_trials(states=(TrialState.COMPLETE,))
@@ -175,14 +175,14 @@ def test_confirmation_stores_its_numbers_and_leaves_the_search_ones(saved_dirs, 
 def test_a_failing_trial_is_stored_with_its_reason(saved_dirs, model_and_tasks, tmp_path, monkeypatch) -> None:
     """A trial that raises (an out-of-memory, say) is kept as failed with the reason, and the study goes on."""
     tuner = _tuner(saved_dirs, model_and_tasks, f"sqlite:///{tmp_path / 's.db'}")
-    real = tuner.evaluator.evaluate
+    real = tuner.measurer.evaluator.evaluate
 
     def fail_for_dart(config, on_progress=None):
         if config is not None and config.method == "dart":
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(config, on_progress=on_progress)
 
-    monkeypatch.setattr(tuner.evaluator, "evaluate", fail_for_dart)
+    monkeypatch.setattr(tuner.measurer.evaluator, "evaluate", fail_for_dart)
     study = tuner.run(2)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert failed and failed[0].number == 1  # the paper default is a DART trial

@@ -108,11 +108,11 @@ def tune(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         trials_bar = progress.add_task("trials", total=target, completed=tuner_.n_complete())
-        requests_bar = progress.add_task("current trial", total=tuner_.evaluator.n_requests)
+        requests_bar = progress.add_task("current trial", total=tuner_.measurer.evaluator.n_requests)
         started = [time.perf_counter()]
         ran = [0]
         complete_before = tuner_.n_complete()
-        tuner_.on_request = lambda n: progress.advance(requests_bar, n)
+        tuner_.measurer.on_request = lambda n: progress.advance(requests_bar, n)
 
         def after_trial(study_: object, trial: object) -> None:
             seconds = time.perf_counter() - started[0]
@@ -157,7 +157,7 @@ def tune(
     if tuner_.n_complete() == complete_before and (ran[0] or not complete_before):
         raise fail(f"no trial completed in study {tuner_.study_name!r}: {ran[0]} ran and failed (their reasons "
                     "are printed above and stored in the study)", code=1)
-    cache = tuner_.feature_cache
+    cache = tuner_.measurer.feature_cache
     console.print(f"feature cache of this worker: {cache.stats().describe(cache.max_bytes)}" if cache else
                   "feature cache: off (--feature-cache-mb 0)")
     if confirm:

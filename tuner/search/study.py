@@ -23,10 +23,9 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from tuner.config import PruningConfig, check_layer
 from tuner.config.catalog import method_class
 from tuner.errors import DartTunerError
-from tuner.evaluation.runner import Evaluator
 from tuner.evaluation.tasks import PreparedTask, load_tasks
 from tuner.measure.trial import TrialMeasurer
-from tuner.models.feature_cache import CacheStats, FeatureCache
+from tuner.models.feature_cache import FeatureCache
 from tuner.models.loading import LoadedModel, load_model
 from tuner.results import config_of, is_baseline
 from tuner.results.evidence import stored_scores
@@ -109,28 +108,6 @@ class Tuner:
         self._check_provenance(allow_mixed)
         self._running: Trial | None = None  # the trial objective() runs now, to queue again on Ctrl-C
         self.requeued: int | None = None  # the trial queued again by the last interrupted run()
-
-    @property
-    def evaluator(self) -> Evaluator:
-        return self.measurer.evaluator
-
-    @property
-    def feature_cache(self) -> FeatureCache | None:
-        return self.measurer.feature_cache
-
-    @property
-    def inputs(self) -> object:
-        """The fixed latency inputs every trial is timed on."""
-        return self.measurer.inputs
-
-    @property
-    def on_request(self) -> Callable[[int], None] | None:
-        """Called with the documents scored so far in the running trial's evaluation (progress)."""
-        return self.measurer.on_request
-
-    @on_request.setter
-    def on_request(self, callback: Callable[[int], None] | None) -> None:
-        self.measurer.on_request = callback
 
     def _check_token_counts(self, n_vision: int) -> None:
         """Refuse, before any trial, a space whose budgets or image pivots exceed the vision tokens of the prompt
@@ -223,10 +200,6 @@ class Tuner:
         pruned_and_stoppable = config is not None and self.space.early_stop_chunk is not None
         return self.measurer.measure(config, accuracy_floor=self.accuracy_floor() if pruned_and_stoppable else None,
                                      baseline_scores=None if config is None else self._baseline_scores())
-
-    def feature_cache_stats(self) -> CacheStats:
-        """This worker's feature-cache counters so far (all zero when the cache is off)."""
-        return self.measurer.cache_stats()
 
     def objective(self, trial: Trial) -> tuple[float, float]:
         """Optuna objective: (accuracy, prefill median ms); every number also goes into the trial's attributes.
