@@ -158,6 +158,18 @@ def test_bench_pruning_fits_80_columns_and_json_goes_to_stdout() -> None:
     assert len(data["table"]["rows"][2]["text"]) == 9
 
 
+
+def test_bench_read_fits_80_columns_times_optunas_load_first_and_json_goes_to_stdout() -> None:
+    args = ["bench-read", "--trials", "6", "--repeats", "2", "--readers", "front,export"]
+    shown = _invoke(args)
+    assert shown.exit_code == 0, shown.output
+    _assert_fits_80(shown.output)
+    data = json.loads(_invoke([*args, "--json"]).stdout)
+    assert [row["text"]["reader"] for row in data["rows"]] == ["optuna load", "front", "export"]
+    assert data["rows"][0]["ratio"] == 1.0 and all(len(row["seconds"]) == 2 for row in data["rows"])
+    unknown = _invoke(["bench-read", "--readers", "front,nope"])
+    assert unknown.exit_code == 2 and "nope" in unknown.output and len(unknown.output.strip().splitlines()) == 1
+
 # -- the commands that load a model: eval's table, tune's JSON, start-up failures ---------------------------------
 
 
