@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from tuner.errors import DartTunerError
+from tuner.results.interrupts import sigint_deferred
 from tuner.results.record import FAILURE_ATTR, FAILURE_TYPE_ATTR
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,8 @@ class ResilientRDBStorage(RDBStorage):
         deadline, delay = time.monotonic() + self.reconnect_s, 0.5
         while True:
             try:
-                result = call(*args, **kwargs)
+                with sigint_deferred():  # a Ctrl-C mid-statement could leave a lock held: raised after it
+                    result = call(*args, **kwargs)
             except (StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
                 if not is_transient(error):
                     raise

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -97,19 +95,6 @@ def completed_by_another_worker(error: Exception) -> bool:
     logger.warning("a trial this worker ran was completed by another worker that took it too; this worker's "
                    "measurement is dropped")
     return True
-
-
-@contextlib.contextmanager
-def sigint_ignored() -> Iterator[None]:
-    """Let a second Ctrl-C not cut short the re-queueing of an interrupted trial (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def lost_line(number: int, params: dict[str, object], role: str | None, outage: BaseException) -> str:

@@ -29,6 +29,7 @@ from tuner.models.feature_cache import FeatureCache
 from tuner.models.loading import LoadedModel, load_model
 from tuner.results import config_of, is_baseline
 from tuner.results.evidence import stored_scores
+from tuner.results.interrupts import sigint_ignored
 from tuner.results.record import (
     BASELINE_ATTR,
     BASELINE_ROLE,
@@ -54,7 +55,6 @@ from tuner.search.requeue import (
     fail_and_requeue,
     lost_line,
     requeue_stored_losses,
-    sigint_ignored,
     stored_trial,
 )
 from tuner.search.samplers import make_sampler
@@ -78,6 +78,7 @@ class Tuner:
     model and tasks it loaded once."""
 
     _lost: Trial | None = None  # the running trial whose result the storage gave up on, until it is queued again
+    _interrupted = False  # a Ctrl-C reached the running trial (whether or not its reason could be stored)
 
     def __init__(self, space: SearchSpace, storage: str | RDBStorage = DEFAULT_STORAGE, *,
                  study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
@@ -210,7 +211,9 @@ class Tuner:
         try:
             return self._measure_trial(trial)
         except KeyboardInterrupt:
-            trial.set_user_attr(FAILURE_ATTR, INTERRUPTED)
+            self._interrupted = True
+            with contextlib.suppress(Exception):  # a storage that cannot take the reason must not swallow the Ctrl-C
+                trial.set_user_attr(FAILURE_ATTR, INTERRUPTED)
             raise
         except Exception as error:
             if gave_up(error) is not None:  # its result never reached the storage: `run` queues it again
@@ -302,6 +305,10 @@ class Tuner:
                     self.requeued = self._requeue_interrupted()
                 raise
             except Exception as error:
+                if self._interrupted:  # Optuna could not store the interrupted trial's end: still a Ctrl-C
+                    with sigint_ignored():
+                        self.requeued = self._requeue_interrupted()
+                    raise KeyboardInterrupt from error
                 if gave_up(error) is not None and self._running is not None:
                     self._requeue_lost_or_stop(error)  # the storage gave up while a trial's end was not stored
                     continue
@@ -365,7 +372,8 @@ class Tuner:
         its parameters and role (the re-queued trial names it in `requeued_from`). Returns the new trial's number,
         or None when no trial was running (the interrupt came between trials)."""
         trial, self._running, self._lost = self._running, None, None
+        interrupted, self._interrupted = self._interrupted, False
         if trial is None:
             return None
         return fail_and_requeue(self.study, trial, INTERRUPTED,
-                                lambda stored: stored.user_attrs.get(FAILURE_ATTR) == INTERRUPTED)
+                                lambda stored: interrupted or stored.user_attrs.get(FAILURE_ATTR) == INTERRUPTED)
