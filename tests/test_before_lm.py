@@ -21,7 +21,7 @@ ATOL = 1e-4
 # Every shipped method that can prune before the language model with its default options on every family
 # (visionzip reads a vision tower that only some families map; tests/test_visionzip.py covers it at K = 0).
 EMBEDDING_METHODS = tuple(m for m in bundled_methods() if m != "keep_all" and not refuses_layer_0(m)
-                          and not get_method_class(m).needs_vision_saliency)
+                          and not get_method_class(m).needs.vision_saliency)
 
 
 def config(method: str, **kwargs) -> tuner.PruningConfig:

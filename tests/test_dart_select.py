@@ -803,7 +803,7 @@ def test_hidden_metrics_rank_pivots_on_the_input_states_without_keys(metric, exp
     cfg = tuner.PruningConfig(method="dart", budget=2,
                               options={"n_image_pivots": 1, "n_text_pivots": 0, "pivot_metric": metric})
     method = get_method_class("dart")(cfg)
-    assert method.needs_keys is False
+    assert method.needs.keys is False
     ctx = _hidden_context(2)
     (kept,) = method.select(ctx).kept_vision
     assert kept.tolist() == [1 + i for i in expected]
@@ -818,8 +818,8 @@ def test_key_metrics_still_need_keys_and_bad_metrics_list_the_hidden_ones():
 
     for metric in ("l1", "l2", "l1_min", "l2_min"):
         cfg = tuner.PruningConfig(method="dart", budget=2, options={"pivot_metric": metric})
-        assert get_method_class("dart")(cfg).needs_keys is True
-    assert get_method_class("dart").needs_keys is True  # the class default is untouched by instances
+        assert get_method_class("dart")(cfg).needs.keys is True
+    assert get_method_class("dart").needs.keys is True  # the class default is untouched by instances
     with pytest.raises(ValueError, match="pivot_metric.*hidden_l1.*hidden_l2_min"):
         tuner.PruningConfig(method="dart", budget=2, options={"pivot_metric": "hidden_l3"})
 

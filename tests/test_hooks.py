@@ -21,7 +21,7 @@ ATOL = 1e-4
 # Every shipped method that removes tokens (keep_all keeps them all), a new one included; those that rank by the
 # vision tower's attention (visionzip: not every tiny family maps it) have their own tests.
 PRUNING_METHODS = tuple(m for m in bundled_methods()
-                        if get_method_class(m).needs_amount and not get_method_class(m).needs_vision_saliency)
+                        if get_method_class(m).needs_amount and not get_method_class(m).needs.vision_saliency)
 
 
 def config(method: str, **kwargs) -> tuner.PruningConfig:

@@ -11,7 +11,7 @@ import tuner
 from conftest import Loader
 from tuner.config import Stage, schedule_text
 from tuner.models.families import adapter_for
-from tuner.pruning import PruningMethod, Selection, SelectionContext, register_method
+from tuner.pruning import Needs, PruningMethod, Selection, SelectionContext, register_method
 
 ATTN = ("sdpa", "eager")
 NEW_TOKENS = 3
@@ -25,7 +25,7 @@ class StrideSelection(PruningMethod):
     longer sequence keeps the same set; asks for the last row's attention so that every stage layer captures."""
 
     needs_amount = False
-    needs_last_row_attention = True
+    needs = Needs(last_row_attention=True)
     option_defaults = {"stride": 2}
 
     def select(self, ctx: SelectionContext) -> Selection:

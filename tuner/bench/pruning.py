@@ -85,7 +85,7 @@ def default_methods() -> tuple[str, ...]:
     """Every registered method but keep_all, which is a row of its own, and those that rank by a vision tower's
     attention (`visionzip`): the bench model is a plain language model without one."""
     return tuple(name for name in available_methods()
-                 if name != "keep_all" and not get_method_class(name).needs_vision_saliency)
+                 if name != "keep_all" and not get_method_class(name).needs.vision_saliency)
 
 
 def run_benchmark(*, layer: int = 2, budgets: Sequence[int] = DEFAULT_BUDGETS, methods: Sequence[str] | None = None,

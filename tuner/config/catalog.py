@@ -1,20 +1,28 @@
 """The pruning methods by name: a torch-free catalog that `PruningConfig` validates its method against.
 
-`tuner.pruning.registry.register_method` adds each method class here, users' methods included, and
-`PruningConfig` looks its method up here to run the class's `validate`. The bundled methods are the module
-named `BUILTIN_METHODS`, imported by name on a lookup, so neither this module nor `tuner.config` imports the
-pruning package (and torch) when it is imported: `tuner.pruning` -> `tuner.config` -> this module is the only
-direction, and `tuner.pruning.registry` -> this module.
+Methods come from the `dart_tuner.methods` entry points of every installed package (the bundled ones are
+declared in pyproject.toml, a plugin declares its own), loaded on the first lookup, and from
+`tuner.pruning.registry.register_method`, which adds a class defined in a running program. So this module and
+`tuner.config` never import the pruning package (and torch) themselves: the dependency runs from `tuner.pruning`
+to `tuner.config` only.
 """
 
 from __future__ import annotations
 
-import importlib
+import threading
+import warnings
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-BUILTIN_METHODS = "tuner.pruning.methods"  # importing it registers the bundled methods
+ENTRY_POINTS = "dart_tuner.methods"  # name = "package.module:Class" per method
 
 _CLASSES: dict[str, type[Any]] = {}
+_loaded = False
+_loading = threading.RLock()
+
+
+class MethodsNotInstalled(RuntimeError):
+    """No installed package declares dart-tuner's bundled methods (a checkout used without being installed)."""
 
 
 def add_method(name: str, cls: type[Any]) -> None:
@@ -26,20 +34,46 @@ def add_method(name: str, cls: type[Any]) -> None:
 
 
 def method_names() -> tuple[str, ...]:
-    """Names of all methods, the bundled ones and any registered so far, sorted."""
-    _load_builtin_methods()
+    """Names of all methods, the installed ones and any registered so far, sorted."""
+    _load_entry_points()
     return tuple(sorted(_CLASSES))
 
 
 def method_class(name: str) -> type[Any]:
     """The class of the method called `name`, or a one-line ValueError listing the known ones."""
-    _load_builtin_methods()
+    _load_entry_points()
     try:
         return _CLASSES[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(sorted(_CLASSES))}") from None
 
 
-def _load_builtin_methods() -> None:
-    """Import the bundled methods so their `register_method` decorators run (once; imports are cached)."""
-    importlib.import_module(BUILTIN_METHODS)
+def _load_entry_points() -> None:
+    """Load every installed method (once). A plugin that fails to load is skipped with one warning naming it."""
+    global _loaded
+    with _loading:
+        if _loaded:
+            return
+        _loaded = True
+        points = list(entry_points(group=ENTRY_POINTS))
+        if not any(point.value.startswith("tuner.") for point in points):
+            _loaded = False
+            raise MethodsNotInstalled(f"no installed package declares the {ENTRY_POINTS!r} entry points of "
+                                      "dart-tuner's methods: install it (`pip install -e .` in a checkout)")
+        for point in points:
+            _load(point)
+
+
+def _load(point: EntryPoint) -> None:
+    try:
+        cls = point.load()
+    except Exception as error:  # a broken plugin must not take every other method down
+        warnings.warn(f"pruning method {point.name!r} ({point.value}) cannot be loaded, skipped: "
+                      f"{type(error).__name__}: {error}", stacklevel=3)
+        return
+    declared = getattr(cls, "name", None)
+    if declared != point.name:
+        warnings.warn(f"entry point {point.name!r} ({point.value}) names a method registered as {declared!r}; "
+                      "skipped", stacklevel=3)
+        return
+    add_method(point.name, cls)

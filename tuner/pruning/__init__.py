@@ -9,7 +9,7 @@ import torch
 
 from tuner.config import PruningConfig, Stage, as_pruning_config
 from tuner.models.families import adapter_for
-from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.base import Needs, PruningMethod, ScoredMethod, Selection, SelectionContext
 from tuner.pruning.hooks import PruningHandle, RequestStats
 from tuner.pruning.preset_check import check_family, warn_on_mismatch
 from tuner.pruning.registry import available_methods, get_method_class, register_method
@@ -29,5 +29,5 @@ def apply_pruning(model: torch.nn.Module, config: PruningConfig | Any, *,
     return PruningHandle(model, pruning_config, adapter_for(model, vision_token_ids))
 
 
-__all__ = ["PruningConfig", "PruningHandle", "PruningMethod", "RequestStats", "Selection", "SelectionContext",
-           "Stage", "apply_pruning", "available_methods", "get_method_class", "register_method"]
+__all__ = ["Needs", "PruningConfig", "PruningHandle", "PruningMethod", "RequestStats", "ScoredMethod", "Selection",
+           "SelectionContext", "Stage", "apply_pruning", "available_methods", "get_method_class", "register_method"]

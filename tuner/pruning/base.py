@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -73,6 +75,26 @@ class SelectionContext:
         return positions.masked_fill(~valid, 0), valid
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a method reads besides layer K-1's hidden states; the hooks capture exactly that, so a method that
+    asks for nothing keeps the model's fused attention kernels."""
+
+    keys: bool = False  # `SelectionContext.keys`: layer K-1 keys after RoPE
+    last_row_attention: bool = False  # `SelectionContext.last_row_attention`: the last token's layer K-1 attention
+    attention_rows: bool = False  # `SelectionContext.attention_rows`: any query rows' layer K-1 attention
+    prompt_inputs: bool = False  # `SelectionContext.prompt`: layer 0's input, whole prompt
+    image_grids: bool = False  # the family's 2-D layout of each image (`Family.image_grids`)
+    vision_saliency: bool = False  # vision-tower attention and keys (`Family.vision_saliency`)
+
+    def previous_layer(self) -> bool:
+        """Whether it reads layer K-1's keys or attention (which no layer provides at K = 0)."""
+        return self.keys or self.last_row_attention or self.attention_rows
+
+
+_LEGACY_NEEDS = {f"needs_{name}": name for name in Needs.__dataclass_fields__}
+
+
 @dataclass
 class Selection:
     """A method's answer: kept vision positions per row (ascending) and, optionally, new states for them.
@@ -86,7 +108,7 @@ class Selection:
 
 
 class PruningMethod:
-    """Base class: a method is a name, the layer K-1 states it needs, its options and one `select()`.
+    """Base class: a method is a name, what it reads (`needs`), its options and one `select()`.
 
     A method declares its options in `option_specs` (name -> `tuner.config.options.Option`: type, default, valid
     values, default search range); `PruningConfig` checks a configuration's options against them and fills in
@@ -96,12 +118,7 @@ class PruningMethod:
     """
 
     name: ClassVar[str]
-    needs_keys: ClassVar[bool] = False
-    needs_last_row_attention: ClassVar[bool] = False
-    needs_attention_rows: ClassVar[bool] = False  # `SelectionContext.attention_rows`: any query rows' attention
-    needs_prompt_inputs: ClassVar[bool] = False  # `SelectionContext.prompt`: layer 0's input, whole prompt
-    needs_image_grids: ClassVar[bool] = False  # the family's 2-D layout of each image (`Family.image_grids`)
-    needs_vision_saliency: ClassVar[bool] = False  # vision-tower attention and keys (`Family.vision_saliency`)
+    needs: Needs = Needs()  # a class declares it; an instance may narrow it for its options (DART without keys)
     needs_amount: ClassVar[bool] = True  # whether keep_ratio or budget must be given
     default_layer: ClassVar[int] = 2  # the K where the method naturally prunes (what `eval` uses without --layer)
     option_specs: ClassVar[dict[str, Option]] = {}
@@ -110,6 +127,11 @@ class PruningMethod:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        legacy = {field: cls.__dict__[flag] for flag, field in _LEGACY_NEEDS.items() if flag in cls.__dict__}
+        if legacy:  # a method written for the flags (`needs_keys = True`) before `needs` replaced them
+            warnings.warn(f"{cls.__name__}: the needs_* flags are deprecated; declare needs = Needs(...)",
+                          DeprecationWarning, stacklevel=2)
+            cls.needs = replace(cls.needs, **legacy)
         if "option_specs" in cls.__dict__:
             cls.option_defaults = {name: spec.default for name, spec in cls.option_specs.items()}
         elif "option_defaults" in cls.__dict__:
@@ -134,7 +156,7 @@ class PruningMethod:
     @classmethod
     def reads_previous_layer(cls, config: PruningConfig) -> bool:
         """Whether this config reads layer K-1's keys or attention, which no layer provides at K = 0."""
-        return cls.needs_keys or cls.needs_last_row_attention or cls.needs_attention_rows
+        return cls.needs.previous_layer()
 
     @classmethod
     def requires_amount(cls, config: PruningConfig) -> bool:
@@ -147,3 +169,27 @@ class PruningMethod:
     def select(self, ctx: SelectionContext) -> Selection:
         """Choose the vision tokens to keep in every row."""
         raise NotImplementedError
+
+
+class ScoredMethod(PruningMethod):
+    """A method that ranks: it scores every token (`scores`), and each row keeps its `budget` highest-scoring
+    vision tokens, ties to the earlier position, so that a method of this kind is its score function."""
+
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        """[B, N] a score per slot; higher is kept first (only vision slots are read)."""
+        raise NotImplementedError
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        return Selection(top_vision(self.scores(ctx), ctx))
+
+
+def top_vision(scores: torch.Tensor, ctx: SelectionContext) -> list[torch.Tensor]:
+    """Per row, the positions of its `ctx.budgets[row]` highest-scoring vision tokens (ties to the earlier
+    position), ascending; a budget above the row's vision count keeps them all."""
+    positions, valid = ctx.padded_vision_positions()
+    ranked = scores.float().gather(1, positions).masked_fill(~valid, -math.inf)
+    # Stable: equal scores keep position order; a row's padding slots come after its vision slots.
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    counts = valid.sum(1).tolist()
+    return [positions[row, order[row, :min(budget, counts[row])]].sort().values
+            for row, budget in enumerate(ctx.budgets)]

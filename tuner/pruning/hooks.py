@@ -104,20 +104,20 @@ class PruningHandle:
         try:
             self._stages = stage_runners(self.config, len(self.adapter.layers), self._build_method, self._capture_at)
             self._stage_at = {stage.start: stage for stage in self._stages}
-            if gridded := [stage for stage in self._stages[1:] if stage.method.needs_image_grids]:
+            if gridded := [stage for stage in self._stages[1:] if stage.method.needs.image_grids]:
                 raise ValueError(f"method {gridded[0].config.method!r} selects on image grids of original "
                                  "positions, which only the first stage sees; use it in the first stage only")
-            if towered := [stage for stage in self._stages[1:] if stage.method.needs_vision_saliency]:
+            if towered := [stage for stage in self._stages[1:] if stage.method.needs.vision_saliency]:
                 raise ValueError(f"method {towered[0].config.method!r} ranks on the vision tower's attention, which "
                                  "only the first stage sees; use it in the first stage only")
-            if self.method.needs_vision_saliency:
+            if self.method.needs.vision_saliency:
                 spec = self.adapter.spec
                 self._vision = VisionAttentionCapture(spec.vision_attention(self.model), spec.vision_saliency_query,
                                                       spec.vision_tower(self.model))
                 setattr(spec.image_features_owner(self.model), NEEDS_VISION_TOWER, True)  # a cached answer skips it
             self._decode_kept = [None] * len(self._stages)
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-            if any(stage.method.needs_prompt_inputs for stage in self._stages):  # ahead of a K = 0 stage's hook
+            if any(stage.method.needs.prompt_inputs for stage in self._stages):  # ahead of a K = 0 stage's hook
                 self._hooks.append(self.adapter.layers[0].register_forward_pre_hook(
                     self._on_first_layer, with_kwargs=True))
             for index in range(self.config.layer, len(self.adapter.layers)):
@@ -140,9 +140,9 @@ class PruningHandle:
         `PruningConfig` refuses at K = 0), else None (sdpa stays)."""
         if not method.reads_previous_layer(method.config):
             return None
-        return AttentionCapture(self.adapter.layers[layer].self_attn, keys=method.needs_keys,
-                                last_row_attention=method.needs_last_row_attention,
-                                query_rows=method.needs_attention_rows)
+        return AttentionCapture(self.adapter.layers[layer].self_attn, keys=method.needs.keys,
+                                last_row_attention=method.needs.last_row_attention,
+                                query_rows=method.needs.attention_rows)
 
     def remove(self) -> None:
         """Remove every hook and restore the captured attention modules; safe to call twice."""
@@ -238,7 +238,7 @@ class PruningHandle:
     def _grids(self, kwargs: dict, input_ids: torch.Tensor, vision: torch.Tensor) -> Any:
         """The family's image grids, if the first stage's method selects on them."""
         return self.adapter.spec.image_grids(self.model.config, kwargs, input_ids, vision) \
-            if self.method.needs_image_grids else None
+            if self.method.needs.image_grids else None
 
     def _on_first_layer(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook of layer 0: keep the prompt's embeddings of a prefill for methods that read them."""
@@ -374,7 +374,7 @@ class PruningHandle:
     def _prompt_inputs(self, stage: StageRunner) -> PromptInputs | None:
         """The whole prompt's layer 0 input for a method that reads it (None otherwise)."""
         prompt = self._prompt
-        if not stage.method.needs_prompt_inputs:
+        if not stage.method.needs.prompt_inputs:
             return None
         if prompt.embeddings is None or prompt.embeddings.shape[:2] != prompt.attention.shape:
             raise RuntimeError(f"method {stage.config.method!r} needs layer 0's input, which this prefill did not "

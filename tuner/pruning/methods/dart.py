@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tuner.config.options import Option, PaperSetting
-from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.base import Needs, PruningMethod, Selection, SelectionContext
 from tuner.pruning.dart import PIVOT_METRICS, PIVOT_ORDERS, QUOTA_RULES, dart_select, reference_quota
 from tuner.pruning.registry import register_method
 
@@ -37,7 +37,7 @@ class DART(PruningMethod):
     method instance); its budget is still met.
     """
 
-    needs_keys = True
+    needs = Needs(keys=True)
     option_specs = {
         "n_image_pivots": Option(int, 4, low=0, search={"low": 1, "high": 8},
                                  vision_bound=True, help="pivots chosen among the vision tokens (largest key norms)"),
@@ -82,7 +82,7 @@ class DART(PruningMethod):
 
     def __init__(self, config: PruningConfig) -> None:
         super().__init__(config)
-        self.needs_keys = not _ranks_on_hidden_states(self.options)  # read by the hooks: no capture without keys
+        self.needs = Needs(keys=not _ranks_on_hidden_states(self.options))  # the hooks capture no keys then
         self._warned_pivots = False
 
     def bind_family(self, family: Any) -> None:
@@ -100,7 +100,7 @@ class DART(PruningMethod):
         self._warn_short_rows(ctx.vision_mask.sum(1).tolist())
         with torch.no_grad():
             norm_states = ctx.final_norm(ctx.hidden_states)
-        pivot_states = ctx.keys if self.needs_keys else ctx.hidden_states
+        pivot_states = ctx.keys if self.needs.keys else ctx.hidden_states
         common = {key: self.options[key] for key in ("n_image_pivots", "n_text_pivots", "pivot_order")}
         common["pivot_metric"] = self.options["pivot_metric"].removeprefix(HIDDEN_PREFIX)
         if not _reference_mode(self.options):

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from tuner.config.options import Option
-from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.base import Needs, ScoredMethod, SelectionContext
 from tuner.pruning.registry import register_method
 
 
 @register_method("fastv")
-class FastV(PruningMethod):
+class FastV(ScoredMethod):
     """Top-`budget` vision tokens by layer K-1 attention from the last prompt token, averaged over heads.
 
     The attention row is captured for layer K-1 only, so the model keeps its sdpa / flash kernels. Option
@@ -25,24 +25,22 @@ class FastV(PruningMethod):
     layer K; 0 keeps the vision tokens least similar to the last token.
     """
 
-    needs_last_row_attention = True
+    needs = Needs(last_row_attention=True)
     option_specs = {"alpha": Option(float, 1.0, low=0.0, high=1.0, search={"low": 0.0, "high": 1.0},
                                     help="weight of importance against uniqueness (1: plain FastV)")}
 
-    def select(self, ctx: SelectionContext) -> Selection:
-        scores = attention_scores(ctx)
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        attention = attention_scores(ctx)
         alpha = float(self.options["alpha"])
-        kept = []
-        for row, budget in enumerate(ctx.budgets):
+        if alpha == 1.0:
+            return attention
+        mixed = torch.zeros_like(attention)
+        for row in range(attention.shape[0]):  # min-max scaling is over each row's own vision tokens
             vision = ctx.vision_positions(row)
-            if alpha == 1.0:
-                top = scores[row, vision].topk(budget).indices
-            else:
-                mixed = mix_scores(scores[row, vision], ctx.hidden_states[row, vision], ctx.hidden_states[row, -1],
-                                   alpha)
-                top = torch.sort(mixed, descending=True, stable=True).indices[:budget]
-            kept.append(vision[top].sort().values)
-        return Selection(kept)
+            if vision.numel():
+                mixed[row, vision] = mix_scores(attention[row, vision], ctx.hidden_states[row, vision],
+                                                ctx.hidden_states[row, -1], alpha)
+        return mixed
 
 
 def attention_scores(ctx: SelectionContext) -> torch.Tensor:

@@ -6,25 +6,26 @@ import hashlib
 
 import torch
 
-from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.base import ScoredMethod, SelectionContext
 from tuner.pruning.registry import register_method
 
 
 @register_method("random")
-class RandomPruning(PruningMethod):
+class RandomPruning(ScoredMethod):
     """Uniform random subset, seeded per row from the config seed and the row's own tokens.
 
     Seeding by content makes a request's subset reproducible and independent of the batch it is in.
     """
 
-    def select(self, ctx: SelectionContext) -> Selection:
-        kept = []
-        for row, budget in enumerate(ctx.budgets):
-            vision = ctx.vision_positions(row)
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        """Each row's vision tokens ranked by a seeded permutation: the first `budget` of it are kept."""
+        scores = torch.zeros(ctx.vision_mask.shape, dtype=torch.float32)
+        for row in range(ctx.vision_mask.shape[0]):
+            vision = ctx.vision_positions(row).cpu()
             generator = torch.Generator().manual_seed(self._row_seed(ctx, row))
-            order = torch.randperm(vision.numel(), generator=generator)[:budget]
-            kept.append(vision[order.to(vision.device)].sort().values)
-        return Selection(kept)
+            order = torch.randperm(vision.numel(), generator=generator)
+            scores[row, vision[order]] = torch.arange(vision.numel(), 0, -1, dtype=torch.float32)
+        return scores.to(ctx.vision_mask.device)
 
     def _row_seed(self, ctx: SelectionContext, row: int) -> int:
         tokens = ctx.input_ids[row][ctx.attention_mask[row]].cpu().numpy().tobytes()

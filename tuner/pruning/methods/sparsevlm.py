@@ -38,7 +38,7 @@ import torch
 
 from tuner.config import PruningConfig, Stage
 from tuner.config.options import Option
-from tuner.pruning.base import PromptInputs, PruningMethod, Selection, SelectionContext
+from tuner.pruning.base import Needs, PromptInputs, PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
 
 # The official v1.5 schedule for LLaVA-1.5-7B (576 vision tokens, 32 layers): it prunes after layers 2, 6 and 15
@@ -55,8 +55,7 @@ class SparseVLM(PruningMethod):
     a cap) and `recycle` (default true; false keeps only top-scored tokens). See the module docstring.
     """
 
-    needs_attention_rows = True
-    needs_prompt_inputs = True
+    needs = Needs(attention_rows=True, prompt_inputs=True)
     option_specs = {"rank_scale": Option(float, None, low=0.0, high=1.0, low_open=True, nullable=True,
                                          help="the paper's rank-based count (null: the amount decides)"),
                     "recycle": Option(bool, True, search=[True, False],

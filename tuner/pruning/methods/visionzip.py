@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tuner.config.options import Option
-from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.base import Needs, PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class VisionZip(PruningMethod):
     target is itself one of the tokens it summarises); the states it merges are those entering the stage's layer.
     """
 
-    needs_vision_saliency = True
+    needs = Needs(vision_saliency=True)
     default_layer = 0  # it prunes before the language model
     option_specs = {"contextual_share": Option(float, PAPER_CONTEXTUAL_SHARE, low=0.0, high=1.0, high_open=True,
                                                search={"low": 0.0, "high": 0.5},

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tuner.config.options import Option
-from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.base import Needs, PruningMethod, Selection, SelectionContext
 from tuner.pruning.methods.fastv import attention_scores
 from tuner.pruning.registry import register_method
 
@@ -38,8 +38,7 @@ class WindowFastV(PruningMethod):
     paper's windows were sized to its reduction (3 x 3 at 88.9 %, 2 x 2 at 75 %).
     """
 
-    needs_last_row_attention = True
-    needs_image_grids = True
+    needs = Needs(last_row_attention=True, image_grids=True)
     option_specs = {"window": Option(int, None, low=WINDOW_RANGE[0], high=WINDOW_RANGE[1], nullable=True,
                                      search={"low": 2, "high": 6},
                                      help="window side (null: about n_vision / budget tokens each)")}
