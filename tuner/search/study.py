@@ -7,6 +7,7 @@ SQLAlchemy storage, with the unpruned baseline first and nothing ever lost.
 - A trial that raises is stored as failed with its reason; the study goes on, unless the baseline failed (no
   trial can be scored without it) or several trials in a row failed the same way: then it stops, saying why.
 - Provenance (`tuner.search.provenance`) is stored on creation; a worker with another is refused unless told to mix.
+- A space that draws a parameter in a way the stored trials rule out is refused before the model is loaded.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ from tuner.search.requeue import (
 )
 from tuner.search.samplers import make_sampler
 from tuner.search.space import SearchSpace, SpaceError
+from tuner.search.space_changes import SpaceChanged, check_space_fits
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DIRECTIONS", "INTERRUPTED", "OBJECTIVES", "REQUEUED_FROM_ATTR", "STORAGE_LOST", "ProvenanceMismatch",
-           "TrialLost", "Tuner", "TuningStopped"]
+           "SpaceChanged", "TrialLost", "Tuner", "TuningStopped"]
 
 INTERRUPTED = "interrupted (Ctrl-C); queued again for the next run"
 
@@ -88,6 +90,7 @@ class Tuner:
         self.storage = storage if isinstance(storage, RDBStorage) else open_for_tuning(
             storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         self.study_name = study_name or space.study
+        check_space_fits(self.storage, self.study_name, space, self.storage.url)  # before anything is loaded
         self.loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
                                            attn_implementation=space.attn_implementation)
         try:
