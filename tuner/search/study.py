@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import optuna
-from optuna.storages import RDBStorage
+from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig, check_layer
@@ -285,8 +286,9 @@ class Tuner:
         next run of the same command re-measures it. A trial whose result the storage gave up on (an outage
         longer than the worker waits) is queued again with its parameters and role once the storage answers; if
         it stays away, TrialLost names the trial (its heartbeats stopped: the next worker queues it again).
+        Lost trials are failed and queued again first, also by a run that finds the target already met.
         """
-        requeue_stored_losses(self.study)
+        self.requeue_losses()
         guard = FailureGuard(max_same_failures)
         all_callbacks = [self._recorded, *callbacks, guard, RepeatGuard()]
         if n_trials is not None:
@@ -316,6 +318,15 @@ class Tuner:
             raise TuningStopped(f"study {self.study_name!r} stopped: {guard.reason}. Fix the cause and run the same "
                                 "command again to resume")
         return self.study
+
+    def requeue_losses(self) -> None:
+        """Fail the trials whose workers stopped sending heartbeats and queue them again (what Optuna does before
+        each trial, done here too so that a run with nothing left to measure still does it), then queue again the
+        trials stored as lost to the storage."""
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; they are the point here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(self.study)
+        requeue_stored_losses(self.study)
 
     def _taken_over(self) -> bool:
         """Whether the trial this worker ran was failed meanwhile by another worker that found its heartbeats stale
