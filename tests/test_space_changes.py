@@ -11,7 +11,9 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from tuner.cli import app
-from tuner.search.space import SearchSpace, parse_space
+from tuner.evaluation.tasks import load_tasks
+from tuner.models.loading import load_model
+from tuner.search.space import SearchSpace, load_space, parse_space
 from tuner.search.space_changes import (
     SpaceChanged,
     check_space_fits,
@@ -19,6 +21,7 @@ from tuner.search.space_changes import (
     space_changes,
     space_parameters,
 )
+from tuner.search.study import Tuner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 BASE = {"model": "m", "tasks": ["dart_shapes"], "methods": ["random", "pooling", "dart"],
@@ -164,3 +167,13 @@ def test_cli_tune_refuses_a_changed_space_before_loading_anything(saved_dirs, tm
         "study with --study tiny-2")
     after = optuna.load_study(study_name="tiny", storage=storage).trials
     assert [(t.number, t.state) for t in after] == [(t.number, t.state) for t in before]
+    # Confirming the front draws nothing from the space: a Tuner for it loads, and refuses only when asked to run.
+    changed = load_space(space)
+    loaded = load_model(changed.model, dtype="float32", device="cpu", attn_implementation="sdpa")
+    tasks = load_tasks(["dart_shapes"], subset_size=3, seed=0)
+    with pytest.raises(SpaceChanged):
+        Tuner(changed, storage, loaded=loaded, tasks=tasks)
+    confirming = Tuner(changed, storage, loaded=loaded, tasks=tasks, draws_trials=False)
+    with pytest.raises(SpaceChanged, match="methods: stored"):
+        confirming.run(4)
+    assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == len(before)

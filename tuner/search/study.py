@@ -78,20 +78,24 @@ class TuningStopped(DartTunerError, RuntimeError):
 class Tuner:
     """Drives one study over one search space: creates or loads it (baseline first), runs the objective loop with
     its races between workers and Ctrl-C; each configuration is measured by this worker's `TrialMeasurer`, on the
-    model and tasks it loaded once."""
+    model and tasks it loaded once. The space must fit the stored trials (`space_changes`), checked before the
+    model is loaded; `draws_trials=False` (confirming a front, which draws nothing) leaves that to `run`."""
 
     _lost: Trial | None = None  # the running trial whose result the storage gave up on, until it is queued again
 
     def __init__(self, space: SearchSpace, storage: str | RDBStorage = DEFAULT_STORAGE, *,
                  study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
                  grace_period: int | None = None, loaded: LoadedModel | None = None,
-                 tasks: list[PreparedTask] | None = None, allow_repeats: bool = False) -> None:
+                 tasks: list[PreparedTask] | None = None, allow_repeats: bool = False,
+                 draws_trials: bool = True) -> None:
         self.space = space
         self.allow_repeats = allow_repeats  # measure a configuration again although a complete trial holds it
         self.storage = storage if isinstance(storage, RDBStorage) else open_for_tuning(
             storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         self.study_name = study_name or space.study
-        check_space_fits(self.storage, self.study_name, space, self.storage.url)  # before anything is loaded
+        self._space_checked = draws_trials
+        if draws_trials:
+            check_space_fits(self.storage, self.study_name, space, self.storage.url)  # before anything is loaded
         self.loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
                                            attn_implementation=space.attn_implementation)
         try:
@@ -288,6 +292,9 @@ class Tuner:
         it stays away, TrialLost names the trial (its heartbeats stopped: the next worker queues it again).
         Lost trials are failed and queued again first, also by a run that finds the target already met.
         """
+        if not self._space_checked:
+            check_space_fits(self.storage, self.study_name, self.space, self.storage.url)
+            self._space_checked = True
         self.requeue_losses()
         guard = FailureGuard(max_same_failures)
         all_callbacks = [self._recorded, *callbacks, guard, RepeatGuard()]
