@@ -85,7 +85,7 @@ def confirm_command(
         space = space.with_overrides(subset_size=limit if limit is not None else size, subset_seed=seed)
         with console.status(f"Loading {escape(space.model)} and {escape(', '.join(space.tasks))}..."), \
                 hide_library_progress_bars():
-            tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed)
+            tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed, draws_trials=False)
     except Exception as error:  # noqa: BLE001 - start_up_line raises a bug again
         raise fail(start_up_line(storage, error)) from None
     try:

@@ -242,7 +242,10 @@ class ResilientRDBStorage(RDBStorage):
         super().__init__(url, **kwargs)
 
     def _retrying(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        deadline, delay = time.monotonic() + self.reconnect_s, 0.5
+        """`call`, tried again with back-off while its errors are transient; the last try comes at the deadline, so
+        the wait is `reconnect_s`, and StorageGaveUp says how long it actually waited."""
+        started = time.monotonic()
+        deadline, delay = started + self.reconnect_s, 0.5
         while True:
             try:
                 with sigint_deferred():  # a Ctrl-C mid-statement could leave a lock held: raised after it
@@ -250,15 +253,16 @@ class ResilientRDBStorage(RDBStorage):
             except (StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as error:
                 if not is_transient(error):
                     raise
-                if time.monotonic() + delay > deadline:
-                    raise StorageGaveUp(describe(self.url, error, f"gave up after {self.reconnect_s:.0f} s on")) \
-                        from error
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    waited = time.monotonic() - started
+                    raise StorageGaveUp(describe(self.url, error, f"gave up after {waited:.3g} s on")) from error
                 with self._outage_lock:
                     first, self._outage = not self._outage, True
                 if first:
-                    logger.warning("%s; retrying for up to %.0f s", describe(self.url, error, "lost"),
+                    logger.warning("%s; retrying for up to %.3g s", describe(self.url, error, "lost"),
                                    self.reconnect_s)
-                time.sleep(delay)
+                time.sleep(min(delay, left))
                 delay = min(2 * delay, 8.0)
             else:
                 self._outage = False  # the database answers again: the next outage is warned about anew

@@ -7,6 +7,7 @@ SQLAlchemy storage, with the unpruned baseline first and nothing ever lost.
 - A trial that raises is stored as failed with its reason; the study goes on, unless the baseline failed (no
   trial can be scored without it) or several trials in a row failed the same way: then it stops, saying why.
 - Provenance (`tuner.search.provenance`) is stored on creation; a worker with another is refused unless told to mix.
+- A space that draws a parameter in a way the stored trials rule out is refused before the model is loaded.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import optuna
-from optuna.storages import RDBStorage
+from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig, check_layer
@@ -59,11 +61,12 @@ from tuner.search.requeue import (
 )
 from tuner.search.samplers import make_sampler
 from tuner.search.space import SearchSpace, SpaceError
+from tuner.search.space_changes import SpaceChanged, check_space_fits
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DIRECTIONS", "INTERRUPTED", "OBJECTIVES", "REQUEUED_FROM_ATTR", "STORAGE_LOST", "ProvenanceMismatch",
-           "TrialLost", "Tuner", "TuningStopped"]
+           "SpaceChanged", "TrialLost", "Tuner", "TuningStopped"]
 
 INTERRUPTED = "interrupted (Ctrl-C); queued again for the next run"
 
@@ -75,7 +78,8 @@ class TuningStopped(DartTunerError, RuntimeError):
 class Tuner:
     """Drives one study over one search space: creates or loads it (baseline first), runs the objective loop with
     its races between workers and Ctrl-C; each configuration is measured by this worker's `TrialMeasurer`, on the
-    model and tasks it loaded once."""
+    model and tasks it loaded once. The space must fit the stored trials (`space_changes`), checked before the
+    model is loaded; `draws_trials=False` (confirming a front, which draws nothing) leaves that to `run`."""
 
     _lost: Trial | None = None  # the running trial whose result the storage gave up on, until it is queued again
     _interrupted = False  # a Ctrl-C reached the running trial (whether or not its reason could be stored)
@@ -83,12 +87,16 @@ class Tuner:
     def __init__(self, space: SearchSpace, storage: str | RDBStorage = DEFAULT_STORAGE, *,
                  study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
                  grace_period: int | None = None, loaded: LoadedModel | None = None,
-                 tasks: list[PreparedTask] | None = None, allow_repeats: bool = False) -> None:
+                 tasks: list[PreparedTask] | None = None, allow_repeats: bool = False,
+                 draws_trials: bool = True) -> None:
         self.space = space
         self.allow_repeats = allow_repeats  # measure a configuration again although a complete trial holds it
         self.storage = storage if isinstance(storage, RDBStorage) else open_for_tuning(
             storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         self.study_name = study_name or space.study
+        self._space_checked = draws_trials
+        if draws_trials:
+            check_space_fits(self.storage, self.study_name, space, self.storage.url)  # before anything is loaded
         self.loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
                                            attn_implementation=space.attn_implementation)
         try:
@@ -285,8 +293,12 @@ class Tuner:
         next run of the same command re-measures it. A trial whose result the storage gave up on (an outage
         longer than the worker waits) is queued again with its parameters and role once the storage answers; if
         it stays away, TrialLost names the trial (its heartbeats stopped: the next worker queues it again).
+        Lost trials are failed and queued again first, also by a run that finds the target already met.
         """
-        requeue_stored_losses(self.study)
+        if not self._space_checked:
+            check_space_fits(self.storage, self.study_name, self.space, self.storage.url)
+            self._space_checked = True
+        self.requeue_losses()
         guard = FailureGuard(max_same_failures)
         all_callbacks = [self._recorded, *callbacks, guard, RepeatGuard()]
         if n_trials is not None:
@@ -320,6 +332,15 @@ class Tuner:
             raise TuningStopped(f"study {self.study_name!r} stopped: {guard.reason}. Fix the cause and run the same "
                                 "command again to resume")
         return self.study
+
+    def requeue_losses(self) -> None:
+        """Fail the trials whose workers stopped sending heartbeats and queue them again (what Optuna does before
+        each trial, done here too so that a run with nothing left to measure still does it), then queue again the
+        trials stored as lost to the storage."""
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5; they are the point here
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(self.study)
+        requeue_stored_losses(self.study)
 
     def _taken_over(self) -> bool:
         """Whether the trial this worker ran was failed meanwhile by another worker that found its heartbeats stale
