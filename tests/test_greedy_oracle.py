@@ -3,9 +3,9 @@
 
 import pytest
 import torch
+from greedy_oracle import cdpruner_kept, divprune_kept
 
 import tuner
-from greedy_oracle import cdpruner_kept, divprune_kept
 from tuner.pruning import get_method_class
 from tuner.pruning.base import SelectionContext
 
