@@ -135,3 +135,39 @@ def cdpruner_kept(ctx: SelectionContext, theta: float | None = None, negate: boo
                              [b if b < n else 0 for b, n in zip(ctx.budgets, counts)])
     return [(positions[row, :n] if budget >= n else positions[row, order[row, :budget]].sort().values).tolist()
             for row, (budget, n) in enumerate(zip(ctx.budgets, counts))]
+
+
+def main() -> None:
+    """Interleaved selection timings of this oracle and the package on bench-pruning's small shape (576 vision
+    tokens, hidden 1024, 2 threads): `PYTHONPATH=. python tests/greedy_oracle.py` prints median ms per budget."""
+    import statistics
+    import time
+
+    import tuner
+    from tuner.bench.shapes import build_prompt, get_shape
+    from tuner.pruning import get_method_class
+
+    torch.set_num_threads(2)
+    shape = get_shape("small")
+    ids = build_prompt(shape, torch.device("cpu"))
+    hidden = torch.randn(1, ids.shape[1], shape.hidden, generator=torch.Generator().manual_seed(0))
+    vision = ids == shape.vision_token_id
+    for method, oracle in (("divprune", divprune_kept), ("cdpruner", cdpruner_kept)):
+        for budget in shape.budgets():
+            ctx = SelectionContext(hidden_states=hidden, vision_mask=vision, attention_mask=torch.ones_like(vision),
+                                   input_ids=ids, budgets=[budget], final_norm=torch.nn.Identity())
+            selector = get_method_class(method)(tuner.PruningConfig(method=method, budget=budget))
+            runs = {"before": lambda: oracle(ctx), "now": lambda: selector.select(ctx)}
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            for round_ in range(13):
+                for name, run in runs.items():
+                    started = time.perf_counter()
+                    run()
+                    if round_ >= 2:  # two warm-up rounds
+                        times[name].append((time.perf_counter() - started) * 1e3)
+            before, now = (statistics.median(times[name]) for name in runs)
+            print(f"{method} {budget}: before {before:.2f} ms, now {now:.2f} ms, {before / now:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
