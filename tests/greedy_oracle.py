@@ -140,6 +140,7 @@ def cdpruner_kept(ctx: SelectionContext, theta: float | None = None, negate: boo
 def main() -> None:
     """Interleaved selection timings of this oracle and the package on bench-pruning's small shape (576 vision
     tokens, hidden 1024, 2 threads): `PYTHONPATH=. python tests/greedy_oracle.py` prints median ms per budget."""
+    import functools
     import statistics
     import time
 
@@ -157,7 +158,7 @@ def main() -> None:
             ctx = SelectionContext(hidden_states=hidden, vision_mask=vision, attention_mask=torch.ones_like(vision),
                                    input_ids=ids, budgets=[budget], final_norm=torch.nn.Identity())
             selector = get_method_class(method)(tuner.PruningConfig(method=method, budget=budget))
-            runs = {"before": lambda: oracle(ctx), "now": lambda: selector.select(ctx)}
+            runs = {"before": functools.partial(oracle, ctx), "now": functools.partial(selector.select, ctx)}
             times: dict[str, list[float]] = {name: [] for name in runs}
             for round_ in range(13):
                 for name, run in runs.items():
