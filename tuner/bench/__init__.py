@@ -1,3 +1,3 @@
 """Benchmarks: commands that print numbers (prefill of the pruning hooks, the search's cost, the read side)."""
 
-__all__ = ["pruning", "read", "search"]  # one module per `dart-tuner bench-*` command
+__all__ = ["pruning", "read", "search", "shapes"]  # bench-* commands; the shapes of bench-pruning

@@ -33,13 +33,18 @@ def bench_pruning(
     layer: int = typer.Option(2, help="Prune before decoder layer K."),
     method: list[str] = typer.Option([], help="Method to time (repeatable; default: every registered method but "
                                               "keep_all, which always has its own row)."),
-    budget: list[int] = typer.Option([], min=1, help="Vision tokens kept of 576 (repeatable; default 64 128 192)."),
+    budget: list[int] = typer.Option([], min=1, help="Vision tokens kept (repeatable; default 1/9, 2/9 and 3/9 of the "
+                                                     "shape's: 64 128 192 of 576)."),
     repeats: int = typer.Option(7, min=1, help="Timed rounds; every configuration runs once per round."),
     warmup: int = typer.Option(2, min=0, help="Discarded rounds before timing."),
     threads: int = typer.Option(2, min=1, help="torch CPU threads."),
-    hidden: int = typer.Option(1024, help="Hidden size of the Llama-shaped text model."),
-    layers: int = typer.Option(8, help="Decoder layers."),
-    attn_implementation: str = typer.Option("sdpa", help="sdpa or eager."),
+    hidden: int | None = typer.Option(None, min=1, help="Hidden size (default: the shape's; smaller for a quick run)."),
+    layers: int | None = typer.Option(None, min=1, help="Decoder layers (default: the shape's)."),
+    attn_implementation: str = typer.Option("sdpa", help="sdpa, eager or flash_attention_2."),
+    shape: str = typer.Option("small", help="Text stack and prompt: small, llava-1.5-7b, llava-next-7b or "
+                                            "qwen2.5-vl-7b (random weights, nothing downloaded)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the rows here ('-': on stdout, with the "
                                                                "table's cells; messages go to stderr)."),
     wide: bool = wide_option(),
@@ -48,21 +53,27 @@ def bench_pruning(
     import torch
     from rich.markup import escape
 
-    from tuner.bench.pruning import DEFAULT_BUDGETS, bench_sheet, default_methods, rows_as_dicts, run_benchmark
+    from tuner.bench.pruning import bench_sheet, default_methods, rows_as_dicts, run_benchmark
+    from tuner.bench.shapes import get_shape
 
     torch.set_num_threads(threads)
     to_stdout = json_path == STDOUT
     console = Console(stderr=to_stdout)
-    methods, budgets = tuple(method) or default_methods(), tuple(budget) or DEFAULT_BUDGETS
+    try:
+        bench_shape = get_shape(shape)
+    except ValueError as error:
+        raise fail(str(error)) from None
+    methods, budgets = tuple(method) or default_methods(), tuple(budget) or bench_shape.budgets()
     n_configs = 2 + len([m for m in dict.fromkeys(methods) if m != "keep_all"]) * len(set(budgets))
     try:
         with console.status(f"Timing {repeats} interleaved rounds of {n_configs} configurations..."):
             result = run_benchmark(layer=layer, budgets=budgets, methods=methods, repeats=repeats, warmup=warmup,
-                                   hidden=hidden, layers=layers, attn_implementation=attn_implementation)
-    except ValueError as error:  # an unknown method, a layer K out of range
+                                   hidden=hidden, layers=layers, attn_implementation=attn_implementation,
+                                   shape=shape, device=device, dtype=dtype)
+    except ValueError as error:  # an unknown method, shape, device, dtype or attention; a layer K out of range
         raise fail(str(error)) from None
     sheet = bench_sheet(result, hidden=hidden, layers=layers, threads=threads, layer=layer, repeats=repeats,
-                        attn_implementation=attn_implementation)
+                        attn_implementation=attn_implementation, shape=shape, device=device, dtype=dtype)
     if not to_stdout:
         show_sheet(console, sheet, wide=wide)
     by_name = {row.name: row for row in result.rows}
@@ -73,7 +84,9 @@ def bench_pruning(
         console.print(f"[yellow]skipped {escape(name)}[/yellow]: {escape(reason)}", highlight=False)
     payload = {"rows": rows_as_dicts(result.rows), "skipped": result.skipped, "keep_all_overhead": overhead,
                "torch": torch.__version__, "threads": threads, "layer": layer, "repeats": repeats, "warmup": warmup,
-               "hidden": hidden, "layers": layers, "attn_implementation": attn_implementation}
+               "hidden": hidden or bench_shape.hidden, "layers": layers or bench_shape.layers,
+               "attn_implementation": attn_implementation, "shape": shape, "device": device, "dtype": dtype,
+               "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
     if to_stdout:
         print_json({**payload, "table": sheet.as_json()})
     elif json_path is not None:

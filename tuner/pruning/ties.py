@@ -10,6 +10,8 @@ lower position, alone and in a batch alike.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -18,25 +20,58 @@ import torch.nn.functional as F
 TIE_TOLERANCE = 1e-5
 
 
-def row_cosine(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[B, V, V] cosine similarity of each row's valid tokens (features [B, V, D], valid [B, V]), computed row by
-    row on the valid tokens alone, exactly symmetric, 1 on the diagonal; entries of padding slots are 0."""
-    batch, width = valid.shape
-    out = features.new_zeros(batch, width, width, dtype=torch.float32)
-    for row in range(batch):
-        index = valid[row].nonzero().squeeze(1)
+def row_similarities(features: torch.Tensor, valid: torch.Tensor) -> Iterator[tuple[int, slice | torch.Tensor,
+                                                                                     torch.Tensor]]:
+    """Per row: (row, its valid slots as a slice or an index, the [n, n] cosine similarity of those tokens).
+
+    Computed on the row's valid tokens alone, exactly symmetric, 1 on the diagonal. Rows whose valid slots are a
+    prefix (what `padded_vision_positions` gives) are addressed by slices, which are cheaper to write through.
+    """
+    width = valid.shape[1]
+    counts = valid.sum(1)
+    prefix = bool((valid == (torch.arange(width, device=valid.device) < counts[:, None])).all())
+    for row, count in enumerate(counts.tolist()):
+        index = slice(0, count) if prefix else valid[row].nonzero().squeeze(1)
         unit = F.normalize(features[row, index].float(), dim=-1)
         similarity = unit @ unit.T
         similarity = (similarity + similarity.T) / 2
         similarity.fill_diagonal_(1.0)
-        out[row, index[:, None], index[None, :]] = similarity
+        yield row, index, similarity
+
+
+def write_block(out: torch.Tensor, row: int, index: slice | torch.Tensor, block: torch.Tensor) -> None:
+    """out[row] at the rows and columns `index` (from `row_similarities`) = `block`."""
+    if isinstance(index, slice):
+        out[row, index, index] = block
+    else:
+        out[row, index[:, None], index[None, :]] = block
+
+
+def row_cosine(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, V, V] cosine similarity of each row's valid tokens (features [B, V, D], valid [B, V]), computed row by
+    row on the valid tokens alone, exactly symmetric, 1 on the diagonal; entries of padding slots are 0."""
+    batch, width = valid.shape
+    if batch == 1 and bool(valid.all()):
+        return next(row_similarities(features, valid))[2][None]
+    out = features.new_zeros(batch, width, width, dtype=torch.float32)
+    for row, index, similarity in row_similarities(features, valid):
+        write_block(out, row, index, similarity)
     return out
+
+
+def tie_tolerance(scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """[B, 1] or [1, 1]: how far below a row's best score a score still ties (`TIE_TOLERANCE * scale`)."""
+    return TIE_TOLERANCE * torch.as_tensor(scale, dtype=like.dtype, device=like.device).reshape(-1, 1)
+
+
+def earliest_near(scores: torch.Tensor, tolerance: torch.Tensor) -> torch.Tensor:
+    """Per row of `scores` [B, V], the lowest index whose score is within `tolerance` (`tie_tolerance`) of the
+    row's best; -inf entries are never picked unless all are."""
+    near = scores >= scores.amax(1, keepdim=True) - tolerance
+    return near.to(torch.int8).argmax(1)  # argmax returns the first maximum: the earliest near-best token
 
 
 def earliest_best(scores: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
     """Per row of `scores` [B, V], the lowest index whose score is within `TIE_TOLERANCE * scale` of the row's
     best (`scale` [B] or a number: the size of the row's scores); -inf entries are never picked unless all are."""
-    best = scores.amax(1, keepdim=True)
-    tolerance = TIE_TOLERANCE * torch.as_tensor(scale, dtype=scores.dtype, device=scores.device).reshape(-1, 1)
-    near = scores >= best - tolerance
-    return near.to(torch.int8).argmax(1)  # argmax returns the first maximum: the earliest near-best token
+    return earliest_near(scores, tie_tolerance(scale, scores))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tuner.config.options import Option
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
-from tuner.pruning.ties import earliest_best, row_cosine
+from tuner.pruning.ties import earliest_near, row_cosine, tie_tolerance
 
 
 @register_method("cdpruner")
@@ -124,11 +124,10 @@ def conditional_kernel(unit: torch.Tensor, weights: torch.Tensor, valid: torch.T
     """[B, V, V] L_ij = w_i cos(x_i, x_j) w_j from unit vectors [B, V, D]; rows and columns of padding are 0.
 
     The cosines are computed row by row, exactly symmetric with cos(x_i, x_i) = 1 (`tuner.pruning.ties.row_cosine`),
-    so equal weights tie exactly and a row's kernel does not depend on the batch it is in.
+    so equal weights tie exactly and a row's kernel does not depend on the batch it is in. Weighted in place.
     """
     weights = weights * valid
-    similarity = row_cosine(unit, valid)
-    return weights[:, :, None] * similarity * weights[:, None, :]
+    return row_cosine(unit, valid).mul_(weights[:, :, None]).mul_(weights[:, None, :])
 
 
 def greedy_map_order(kernel: torch.Tensor, valid: torch.Tensor, budgets: list[int]) -> torch.Tensor:
@@ -138,27 +137,35 @@ def greedy_map_order(kernel: torch.Tensor, valid: torch.Tensor, budgets: list[in
     updates every gain with the new pick's orthogonalised row e = (L_j - c_j . C) / d_j (Chen et al., 2018).
     Ties, gains within rounding of the best (relative to the row's largest L_jj), go to the earlier token, so
     exact duplicates are decided by position, not by rounding. Row r's first `budgets[r]` picks are its
-    selection; rows are independent.
+    selection; rows are independent. One loop over the picks with every row inside it; each step gathers the
+    picks' kernel rows and directions from flat views and updates the gains in place.
     """
     batch, width = valid.shape
     steps = max(budgets, default=0)
     if steps > width:
         raise ValueError(f"budgets {budgets} exceed the {width} tokens of the widest row")
-    rows = torch.arange(batch, device=valid.device)
+    if steps == 0:
+        return torch.zeros(batch, 0, dtype=torch.long, device=valid.device)
+    tiny = torch.finfo(kernel.dtype).tiny
     gains = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, -math.inf)
-    scale = gains.amax(1).clamp_min(torch.finfo(kernel.dtype).tiny)  # the row's largest gain: its score scale
+    tolerance = tie_tolerance(gains.amax(1).clamp_min(tiny), gains)  # relative to the row's largest gain
     directions = kernel.new_zeros(steps, batch, width)  # c: each pick's orthogonalised kernel row
+    by_row = directions.transpose(0, 1)  # [B, steps, V], a view
+    flat_directions = directions.view(steps, batch * width)
+    flat_kernel = kernel.reshape(batch * width, width)
+    offsets = torch.arange(batch, device=valid.device) * width
+    zero = kernel.new_zeros(())
     picks = []
     for step in range(steps):
-        pick = earliest_best(gains, scale)
+        pick = earliest_near(gains, tolerance)
         picks.append(pick)
-        gain = gains[rows, pick]
-        spanned = torch.einsum("tb,tbv->bv", directions[:step, rows, pick], directions[:step])
-        update = (kernel[rows, pick] - spanned) / gain.clamp_min(torch.finfo(gain.dtype).tiny).sqrt()[:, None]
-        update = torch.where((gain > 0)[:, None], update, 0.0)
-        directions[step] = update
-        gains = gains - update.square()
-        gains[rows, pick] = -math.inf
-    if not picks:
-        return torch.zeros(batch, 0, dtype=torch.long, device=valid.device)
+        at = offsets + pick if batch > 1 else pick
+        gain = gains.view(-1).index_select(0, at)
+        coefficients = flat_directions[:step].index_select(1, at).T[:, None, :]  # [B, 1, step]: c_t at the pick
+        spanned = torch.bmm(coefficients, by_row[:, :step])[:, 0]  # sum_t c_t[pick] c_t, bit for bit an einsum
+        update = (flat_kernel.index_select(0, at) - spanned) / gain.clamp_min(tiny).sqrt()[:, None]
+        direction = directions[step]
+        torch.where((gain > 0)[:, None], update, zero, out=direction)
+        gains.sub_(direction.square())
+        gains.view(-1).index_fill_(0, at, -math.inf)  # a picked token is never picked again
     return torch.stack(picks, 1)

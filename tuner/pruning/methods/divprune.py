@@ -23,7 +23,7 @@ import torch
 
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.registry import register_method
-from tuner.pruning.ties import earliest_best, row_cosine
+from tuner.pruning.ties import earliest_near, row_similarities, tie_tolerance, write_block
 
 
 @register_method("divprune")
@@ -45,25 +45,48 @@ def max_min_order(features: torch.Tensor, valid: torch.Tensor, budgets: list[int
     """DivPrune's picks, in pick order, per row: [B, T] indices into `features` [B, V, D] (T = the largest budget).
 
     `valid` [B, V] marks the real tokens of each row; row r's first `budgets[r]` picks are its selection (later
-    columns are filler). Rows are independent.
+    columns are filler). Rows are independent. One loop over the picks with every row inside it: each step is a
+    tie-aware argmax, one gathered distance row per batch row and an elementwise minimum.
     """
     batch, width = valid.shape
     steps = max(budgets, default=0)
     if steps > width:
         raise ValueError(f"budgets {budgets} exceed the {width} tokens of the widest row")
-    distance = 1.0 - row_cosine(features, valid)  # [B, V, V], per row, exactly symmetric, 0 on the diagonal
-    rows = torch.arange(batch, device=valid.device)
-    others = valid[:, :, None] & valid[:, None, :] & ~torch.eye(width, dtype=torch.bool, device=valid.device)
-    score = distance.masked_fill(~others, math.inf).amin(1)  # distance to the nearest other token
-    taken = ~valid
-    picks = []
-    for _ in range(steps):
-        pick = earliest_best(score.masked_fill(taken, -math.inf))
-        picks.append(pick)
-        taken = taken.clone()
-        taken[rows, pick] = True
-        nearest_pick = distance[rows, pick]  # [B, V]: every token's distance to the new pick
-        score = nearest_pick if len(picks) == 1 else torch.minimum(score, nearest_pick)
-    if not picks:
+    if steps == 0:
         return torch.zeros(batch, 0, dtype=torch.long, device=valid.device)
+    distance, score = cosine_distances(features, valid)
+    score.masked_fill_(~valid, -math.inf)  # padding is never picked
+    tolerance = tie_tolerance(1.0, score)
+    flat_distance = distance.view(batch * width, width)
+    offsets = torch.arange(batch, device=valid.device) * width
+    picks = []
+    for step in range(steps):
+        pick = earliest_near(score, tolerance)
+        picks.append(pick)
+        at = offsets + pick if batch > 1 else pick
+        nearest_pick = flat_distance.index_select(0, at)  # [B, V]: every token's distance to the new pick
+        if step == 0:
+            score = nearest_pick.masked_fill_(~valid, -math.inf)
+        else:
+            torch.minimum(score, nearest_pick, out=score)
+        score.view(-1).index_fill_(0, at, -math.inf)  # a picked token is never picked again
     return torch.stack(picks, 1)
+
+
+def cosine_distances(features: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, V, V] d = 1 - cos per row (`row_similarities`), [B, V] each token's distance to its nearest other).
+
+    The diagonal of `d` holds inf (a token is no other's nearest); entries of padding slots are 0.
+    """
+    batch, width = valid.shape
+    whole = batch == 1 and bool(valid.all())  # one row without padding: its own block is the whole matrix
+    distance = None if whole else features.new_zeros(batch, width, width, dtype=torch.float32)
+    nearest = features.new_empty(batch, width, dtype=torch.float32)
+    for row, index, similarity in row_similarities(features, valid):
+        block = similarity.neg_().add_(1.0).fill_diagonal_(math.inf)  # -s + 1 is 1 - s, bit for bit
+        if whole:
+            distance = block[None]
+        else:
+            write_block(distance, row, index, block)
+        nearest[row, index] = block.amin(0)
+    return distance, nearest
