@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from tuner.cli import app
+from tuner.results.storage import open_for_tuning
 from tuner.search.space import SearchSpace, load_space, parse_space
 from tuner.search.space_changes import (
     SpaceChanged,
@@ -18,6 +19,7 @@ from tuner.search.space_changes import (
     free_study_name,
     space_changes,
     space_parameters,
+    stored_distributions,
 )
 from tuner.search.study import Tuner
 
@@ -132,6 +134,19 @@ def test_the_refusal_names_the_file_the_study_the_change_and_a_free_name(tmp_pat
     widened = _space(methods=["random", "pooling"], options=None, layer={"low": 1, "high": 5})
     check_space_fits(storage, "tiny", widened, url)  # a range Optuna accepts
     check_space_fits(storage, "new", _space(methods=["dart"]), url)  # no such study yet: nothing to compare
+
+
+def test_a_tuning_storage_reads_each_parameter_s_distribution_in_one_query(tmp_path) -> None:
+    """The fast read `check_space_fits` uses on a tuning storage gives what a load of every trial gives."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    trials = _study_of(_space(), n=20).trials
+    for name, stored in (("s", trials), ("other", _study_of(_space(layer=[1, 2]), n=3).trials)):  # not read
+        optuna.create_study(storage=url, study_name=name, directions=["maximize", "minimize"]).add_trials(stored)
+    storage = open_for_tuning(url)
+    study_id = storage.get_study_id_from_name("s")
+    assert storage.param_distributions(study_id) == stored_distributions(trials)
+    with pytest.raises(SpaceChanged, match="layer: stored {low: 1, high: 3}, space has \\[1, 2\\]"):
+        check_space_fits(storage, "s", _space(layer=[1, 2]), url)
 
 
 def test_a_free_study_name() -> None:

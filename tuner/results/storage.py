@@ -23,8 +23,10 @@ from typing import Any, TypeVar
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
+from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb.models import TrialModel, TrialParamModel
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
@@ -291,6 +293,19 @@ class ResilientRDBStorage(RDBStorage):
             self._retrying(RDBStorage.record_heartbeat, self, trial_id)
         except StorageGaveUp as error:
             logger.warning("%s; the heartbeat tries again in %s s", error, self.heartbeat_interval)
+
+    def param_distributions(self, study_id: int) -> dict[str, BaseDistribution]:
+        """One stored distribution of each parameter of the study (every record of a parameter fits the first, which
+        Optuna checks a new draw against), in one query instead of a load of every trial."""
+        query = (sqlalchemy.select(TrialParamModel.param_name, sqlalchemy.func.min(TrialParamModel.distribution_json))
+                 .join(TrialModel, TrialParamModel.trial_id == TrialModel.trial_id)
+                 .where(TrialModel.study_id == study_id).group_by(TrialParamModel.param_name))
+
+        def read() -> dict[str, BaseDistribution]:
+            with self.engine.connect() as connection:
+                return {name: json_to_distribution(text) for name, text in connection.execute(query).all()}
+
+        return self._retrying(read)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = self._retrying(RDBStorage._get_stale_trial_ids, self, study_id)

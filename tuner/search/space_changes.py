@@ -30,8 +30,8 @@ from tuner.config.options import param_name
 from tuner.search.params import BEFORE_LM_PREFIX, PDROP, FloatParam, IntParam, OptionParam, SpaceError
 from tuner.search.space import SearchSpace
 
-__all__ = ["Drawn", "SpaceChanged", "check_space_fits", "describe", "distribution_of", "free_study_name",
-           "space_changes", "space_parameters", "stored_distributions"]
+__all__ = ["Drawn", "SpaceChanged", "check_space_fits", "describe", "distribution_changes", "distribution_of",
+           "free_study_name", "space_changes", "space_parameters", "stored_distributions"]
 
 MAX_QUEUED_LINES = 3  # queued trials named in the refusal (the rest are counted)
 
@@ -120,10 +120,16 @@ def space_changes(trials: Iterable[FrozenTrial], parameters: dict[str, Drawn]) -
     """One line per parameter whose stored distribution Optuna would not let `parameters` draw again, then one per
     queued trial (up to MAX_QUEUED_LINES) holding a value the space cannot take; empty when the space fits."""
     trials = list(trials)
-    changes = [line for name, distribution in stored_distributions(trials).items() if name in parameters
+    return distribution_changes(stored_distributions(trials), [t for t in trials if t.state == TrialState.WAITING],
+                                parameters)
+
+
+def distribution_changes(stored: dict[str, BaseDistribution], queued: Iterable[FrozenTrial],
+                         parameters: dict[str, Drawn]) -> list[str]:
+    """`space_changes` from each parameter's stored distribution and the queued trials."""
+    changes = [line for name, distribution in stored.items() if name in parameters
                if (line := _change(parameters[name].key, distribution, parameters[name].distribution))]
-    refused = [line for trial in trials if trial.state == TrialState.WAITING
-               if (line := _queued_misfit(trial, parameters))]
+    refused = [line for trial in queued if (line := _queued_misfit(trial, parameters))]
     changes += refused[:MAX_QUEUED_LINES]
     if len(refused) > MAX_QUEUED_LINES:
         changes.append(f"{len(refused) - MAX_QUEUED_LINES} more queued trials")
@@ -151,7 +157,12 @@ def check_space_fits(storage: BaseStorage, study_name: str, space: SearchSpace, 
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
         return
-    changes = space_changes(storage.get_all_trials(study_id, deepcopy=False), space_parameters(space))
+    parameters = space_parameters(space)
+    if hasattr(storage, "param_distributions"):  # tuning storages read the distributions in one query
+        queued = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+        changes = distribution_changes(storage.param_distributions(study_id), queued, parameters)
+    else:
+        changes = space_changes(storage.get_all_trials(study_id, deepcopy=False), parameters)
     if changes:
         free = free_study_name(study_name, (s.study_name for s in storage.get_all_studies()))
         raise SpaceChanged(f"{space.source}: study {study_name!r} in {url} was tuned over another search space: "
