@@ -35,8 +35,6 @@ def test_confirm_options_are_checked(tmp_path: Path) -> None:
 
 def test_a_front_without_pruned_trials_is_still_printed() -> None:
     """tune ends with the front even when confirmation has nothing to re-measure (only the baseline is on it)."""
-    from types import SimpleNamespace
-
     from rich.console import Console
 
     from tuner.cli.confirming import run_confirmation
@@ -44,7 +42,7 @@ def test_a_front_without_pruned_trials_is_still_printed() -> None:
     study = optuna.create_study(directions=["maximize", "minimize"], study_name="only-baseline")
     study.add_trial(optuna.create_trial(values=[0.8, 100.0], user_attrs={"role": "baseline", "config": None}))
     console = Console(record=True, width=200)
-    run_confirmation(console, SimpleNamespace(study=study, tasks=[]), repeats=3, fresh_limit=None, fresh_seed=1)
+    run_confirmation(console, study, None, repeats=3, fresh_limit=None, fresh_seed=1)
     text = console.export_text()
     assert "Pareto front of only-baseline" in text and "nothing to confirm" in text
 

@@ -11,8 +11,6 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from tuner.cli import app
-from tuner.evaluation.tasks import load_tasks
-from tuner.models.loading import load_model
 from tuner.results.storage import open_for_tuning
 from tuner.search.space import SearchSpace, load_space, parse_space
 from tuner.search.space_changes import (
@@ -182,13 +180,13 @@ def test_cli_tune_refuses_a_changed_space_before_loading_anything(saved_dirs, tm
         "study with --study tiny-2")
     after = optuna.load_study(study_name="tiny", storage=storage).trials
     assert [(t.number, t.state) for t in after] == [(t.number, t.state) for t in before]
-    # Confirming the front draws nothing from the space: a Tuner for it loads, and refuses only when asked to run.
-    changed = load_space(space)
-    loaded = load_model(changed.model, dtype="float32", device="cpu", attn_implementation="sdpa")
-    tasks = load_tasks(["dart_shapes"], subset_size=3, seed=0)
-    with pytest.raises(SpaceChanged):
-        Tuner(changed, storage, loaded=loaded, tasks=tasks)
-    confirming = Tuner(changed, storage, loaded=loaded, tasks=tasks, draws_trials=False)
+    # A driver for the changed space is refused before it loads anything (the model path does not exist) ...
+    changed = load_space(space).with_overrides(model=str(tmp_path / "no-such-model"))
     with pytest.raises(SpaceChanged, match="methods: stored"):
-        confirming.run(4)
+        Tuner(changed, storage)
+    # ... while confirming the front draws nothing from the space, so it needs no driver and goes ahead.
+    confirmed = CliRunner().invoke(app, ["confirm", "--space", str(space), "--storage", storage, "--repeats", "2",
+                                         "--fresh-limit", "0"])
+    assert confirmed.exit_code == 0, confirmed.output
+    assert "confirmed: 2 interleaved rounds" in confirmed.output or "nothing to confirm" in confirmed.output
     assert len(optuna.load_study(study_name="tiny", storage=storage).trials) == len(before)

@@ -23,23 +23,24 @@ from tuner.errors import DartTunerError
 from tuner.results.storage import DEFAULT_STORAGE
 
 
-def run_confirmation(console: Console, tuner_: Any, *, repeats: int, fresh_limit: int | None,
+def run_confirmation(console: Console, study: Any, setup: Any, *, repeats: int, fresh_limit: int | None,
                      fresh_seed: int, wide: bool = False, as_json: bool = False) -> None:
-    """Confirm `tuner_`'s front (`tuner.search.confirm.confirm`) with a spinner, then print the front with its confirmed
-    numbers (just the front when it holds no pruned trial), compact, `wide` or `as_json` on stdout. `fresh_limit`
-    None: the study's subset size; 0: latency only."""
+    """Confirm `study`'s front with `setup`'s measurer (a `tuner.search.setup.MeasuringSetup`;
+    `tuner.search.confirm.confirm`) with a spinner, then print the front with its confirmed numbers (just the front
+    when it holds no pruned trial), compact, `wide` or `as_json` on stdout. `fresh_limit` None: the study's subset
+    size; 0: latency only."""
     from tuner.results.tables import pareto_sheet
     from tuner.search.confirm import confirm, front_to_confirm
 
-    if not front_to_confirm(tuner_.study):
-        show_sheet(console, pareto_sheet(tuner_.study), wide=wide, as_json=as_json)
+    if not front_to_confirm(study):
+        show_sheet(console, pareto_sheet(study), wide=wide, as_json=as_json)
         console.print("nothing to confirm: the feasible Pareto front holds no pruned trial")
         return
-    size = fresh_limit if fresh_limit is not None else min(t.subset.size for t in tuner_.tasks)
+    size = fresh_limit if fresh_limit is not None else min(t.subset.size for t in setup.tasks)
     with console.status("Confirming the front...") as status, hide_library_progress_bars():
-        confirm(tuner_.measurer, tuner_.study, tuner_.space, repeats=repeats, fresh_size=size or None,
+        confirm(setup.measurer, study, setup.space, repeats=repeats, fresh_size=size or None,
                 fresh_seed=fresh_seed, on_step=lambda step: status.update(f"Confirming the front: {step}..."))
-    show_sheet(console, pareto_sheet(tuner_.study), wide=wide, as_json=as_json)
+    show_sheet(console, pareto_sheet(study), wide=wide, as_json=as_json)
     console.print(f"confirmed: {repeats} interleaved rounds with the baseline"
                   + (f", accuracy on a fresh subset of {size} documents per task (seed {fresh_seed}), disjoint "
                      "from the search's" if size else "") + "; the search-time numbers are unchanged")
@@ -70,26 +71,31 @@ def confirm_command(
     from rich.markup import escape
 
     from tuner.results import open_study
-    from tuner.results.storage import open_for_reading
+    from tuner.results.record import PROVENANCE_ATTR
+    from tuner.results.storage import open_for_reading, open_for_tuning
     from tuner.search.confirm import stored_subset
+    from tuner.search.provenance import check_same_setup
+    from tuner.search.setup import MeasuringSetup
     from tuner.search.space import load_space
-    from tuner.search.study import Tuner
 
     console = Console(stderr=as_json)
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         space = load_space(space_path)
-        stored = open_study(open_for_reading(storage), study or space.study)  # confirm never creates a study
+        name = study or space.study
+        stored = open_study(open_for_reading(storage), name)  # confirm never creates a study
         size, seed = stored_subset(stored)  # the documents the study was tuned on, not the space's default
         space = space.with_overrides(subset_size=limit if limit is not None else size, subset_seed=seed)
         with console.status(f"Loading {escape(space.model)} and {escape(', '.join(space.tasks))}..."), \
                 hide_library_progress_bars():
-            tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed, draws_trials=False)
+            setup = MeasuringSetup.load(space)  # it draws nothing, so a space changed since tuning still confirms
+        check_same_setup(stored.user_attrs.get(PROVENANCE_ATTR), setup.provenance, name, allow_mixed=allow_mixed)
+        writable = optuna.load_study(study_name=name, storage=open_for_tuning(storage))  # stores the confirmation
     except Exception as error:  # noqa: BLE001 - start_up_line raises a bug again
         raise fail(start_up_line(storage, error)) from None
     try:
-        run_confirmation(console, tuner_, repeats=repeats, fresh_limit=fresh_limit, fresh_seed=fresh_seed,
+        run_confirmation(console, writable, setup, repeats=repeats, fresh_limit=fresh_limit, fresh_seed=fresh_seed,
                          wide=wide, as_json=as_json)
     except (DartTunerError, ValueError) as error:
         raise fail(str(error), code=1) from None

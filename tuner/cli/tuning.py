@@ -162,8 +162,8 @@ def tune(
                   "feature cache: off (--feature-cache-mb 0)")
     if confirm:
         try:
-            run_confirmation(console, tuner_, repeats=confirm_repeats, fresh_limit=None, fresh_seed=1, wide=wide,
-                             as_json=as_json)
+            run_confirmation(console, tuner_.study, tuner_.setup, repeats=confirm_repeats, fresh_limit=None,
+                             fresh_seed=1, wide=wide, as_json=as_json)
         except (DartTunerError, ValueError) as error:
             raise fail(f"confirmation failed (the study is stored; run `dart-tuner confirm` to retry): {error}",
                        code=1) from None

@@ -34,3 +34,15 @@ def provenance_differences(stored: dict[str, Any], current: dict[str, Any]) -> l
     """One line per matched field that differs."""
     return [f"{key}: study has {stored.get(key)!r}, this run has {current.get(key)!r}"
             for key in MATCHED_PROVENANCE if stored.get(key) != current.get(key)]
+
+
+def check_same_setup(stored: dict[str, Any] | None, current: dict[str, Any], study_name: str, *,
+                     allow_mixed: bool) -> list[str]:
+    """The differences between a study's stored provenance and this worker's (none for a new study); a
+    ProvenanceMismatch listing them unless `allow_mixed`."""
+    differences = [] if stored is None else provenance_differences(stored, current)
+    if differences and not allow_mixed:
+        raise ProvenanceMismatch(f"study {study_name!r} was measured on another setup; refusing to mix its trials "
+                                 "with this run's (pass --allow-mixed to do it anyway, or use another --study):\n  "
+                                 + "\n  ".join(differences))
+    return differences

@@ -22,13 +22,10 @@ import optuna
 from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from tuner.config import PruningConfig, check_layer
-from tuner.config.catalog import method_class
+from tuner.config import PruningConfig
 from tuner.errors import DartTunerError
-from tuner.evaluation.tasks import PreparedTask, load_tasks
-from tuner.measure.trial import TrialMeasurer
-from tuner.models.feature_cache import FeatureCache
-from tuner.models.loading import LoadedModel, load_model
+from tuner.evaluation.tasks import PreparedTask
+from tuner.models.loading import LoadedModel
 from tuner.results import config_of, is_baseline
 from tuner.results.evidence import stored_scores
 from tuner.results.interrupts import sigint_ignored
@@ -48,8 +45,7 @@ from tuner.results.record import (
 )
 from tuner.results.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, gave_up, open_for_tuning
 from tuner.search.guards import FailureGuard, RepeatGuard
-from tuner.search.params import PDROP
-from tuner.search.provenance import ProvenanceMismatch, provenance_differences, provenance_of
+from tuner.search.provenance import ProvenanceMismatch, check_same_setup
 from tuner.search.requeue import (
     STORAGE_LOST,
     TrialLost,
@@ -60,7 +56,8 @@ from tuner.search.requeue import (
     stored_trial,
 )
 from tuner.search.samplers import make_sampler
-from tuner.search.space import SearchSpace, SpaceError
+from tuner.search.setup import MeasuringSetup
+from tuner.search.space import SearchSpace
 from tuner.search.space_changes import SpaceChanged, check_space_fits
 
 logger = logging.getLogger(__name__)
@@ -78,8 +75,8 @@ class TuningStopped(DartTunerError, RuntimeError):
 class Tuner:
     """Drives one study over one search space: creates or loads it (baseline first), runs the objective loop with
     its races between workers and Ctrl-C; each configuration is measured by this worker's `TrialMeasurer`, on the
-    model and tasks it loaded once. The space must fit the stored trials (`space_changes`), checked before the
-    model is loaded; `draws_trials=False` (confirming a front, which draws nothing) leaves that to `run`."""
+    `MeasuringSetup` built once (the model and tasks loaded). The space must fit the stored trials
+    (`space_changes`), checked before anything is loaded."""
 
     _lost: Trial | None = None  # the running trial whose result the storage gave up on, until it is queued again
     _interrupted = False  # a Ctrl-C reached the running trial (whether or not its reason could be stored)
@@ -88,50 +85,22 @@ class Tuner:
                  study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
                  grace_period: int | None = None, loaded: LoadedModel | None = None,
                  tasks: list[PreparedTask] | None = None, allow_repeats: bool = False,
-                 draws_trials: bool = True) -> None:
+                 setup: MeasuringSetup | None = None) -> None:
         self.space = space
         self.allow_repeats = allow_repeats  # measure a configuration again although a complete trial holds it
         self.storage = storage if isinstance(storage, RDBStorage) else open_for_tuning(
             storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
         self.study_name = study_name or space.study
-        self._space_checked = draws_trials
-        if draws_trials:
-            check_space_fits(self.storage, self.study_name, space, self.storage.url)  # before anything is loaded
-        self.loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
-                                           attn_implementation=space.attn_implementation)
-        try:
-            check_layer(space.max_layer(), len(self.loaded.adapter.layers))
-        except ValueError as error:
-            key = "layer" if space.max_layer() == max(space.layer.choices()) else "schedule"
-            raise SpaceError(f"{space.source}: {key}: the space allows up to {space.max_layer()}; {error}") from None
-        self.tasks = tasks or load_tasks(space.tasks, subset_size=space.subset_size, seed=space.subset_seed,
-                                         include_paths=space.include_paths)
-        self.measurer = TrialMeasurer(self.loaded, self.tasks, space.latency, batch_size=space.batch_size,
-                                      max_failures=space.max_failures, early_stop_chunk=space.early_stop_chunk,
-                                      feature_cache=FeatureCache.from_mb(space.feature_cache_mb))
-        self._check_token_counts(self.measurer.latency_vision_tokens())
-        self.provenance = provenance_of(self.loaded, self.tasks, space)
+        check_space_fits(self.storage, self.study_name, space, self.storage.url)  # before anything is loaded
+        self.setup = setup or MeasuringSetup.load(space, loaded=loaded, tasks=tasks)
+        self.loaded, self.tasks, self.measurer = self.setup.loaded, self.setup.tasks, self.setup.measurer
+        self.provenance = self.setup.provenance
         self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
                                          directions=list(DIRECTIONS), sampler=make_sampler(space),
                                          load_if_exists=True)
         self._check_provenance(allow_mixed)
         self._running: Trial | None = None  # the trial objective() runs now, to queue again on Ctrl-C
         self.requeued: int | None = None  # the trial queued again by the last interrupted run()
-
-    def _check_token_counts(self, n_vision: int) -> None:
-        """Refuse, before any trial, a space whose budgets or image pivots exceed the vision tokens of the prompt
-        every trial's latency is measured on: such trials keep every token (or cannot pick their pivots)."""
-        where = f"the {n_vision} vision tokens of the latency prompt ({self.tasks[0].name}, first document)"
-        checks = [("budget", max(self.space.budget.choices()))] if self.space.budget is not None else []
-        for method in self.space.methods:  # options bounded by the vision tokens (DART's image pivots)
-            specs = {} if method == PDROP else method_class(method).option_specs
-            for name, spec in specs.items():
-                values = [v for v in self.space.option_values(method, name) if v is not None]
-                if spec.vision_bound and values:
-                    checks.append((f"options.{method}.{name}", max(values)))
-        for key, largest in checks:
-            if largest > n_vision:
-                raise SpaceError(f"{self.space.source}: {key}: the space allows up to {largest}, more than {where}")
 
     def _check_provenance(self, allow_mixed: bool) -> None:
         stored = self.study.user_attrs.get(PROVENANCE_ATTR)
@@ -142,11 +111,7 @@ class Tuner:
             self.study.set_user_attr("constraints", self.space.constraints.__dict__)
             self._enqueue_first_trials()
             return
-        differences = provenance_differences(stored, self.provenance)
-        if differences and not allow_mixed:
-            raise ProvenanceMismatch(f"study {self.study_name!r} was measured on another setup; refusing to mix "
-                                     "its trials with this run's (pass --allow-mixed to do it anyway, or use "
-                                     "another --study):\n  " + "\n  ".join(differences))
+        differences = check_same_setup(stored, self.provenance, self.study_name, allow_mixed=allow_mixed)
         if differences:
             logger.warning("mixing trials from another setup into %s: %s", self.study_name, "; ".join(differences))
         self._ensure_baseline()
@@ -295,9 +260,6 @@ class Tuner:
         it stays away, TrialLost names the trial (its heartbeats stopped: the next worker queues it again).
         Lost trials are failed and queued again first, also by a run that finds the target already met.
         """
-        if not self._space_checked:
-            check_space_fits(self.storage, self.study_name, self.space, self.storage.url)
-            self._space_checked = True
         self.requeue_losses()
         guard = FailureGuard(max_same_failures)
         all_callbacks = [self._recorded, *callbacks, guard, RepeatGuard()]

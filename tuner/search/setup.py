@@ -1,0 +1,69 @@
+"""What a worker measures with, built once: the loaded model, the tasks' subsets, the `TrialMeasurer` over them,
+checked against the search space, and the provenance a study stores. The study driver (`Tuner`) and a
+confirmation (`dart-tuner confirm`) both take one, so confirming a front never builds a driver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tuner.config import check_layer
+from tuner.config.catalog import method_class
+from tuner.evaluation.tasks import PreparedTask, load_tasks
+from tuner.measure.trial import TrialMeasurer
+from tuner.models.feature_cache import FeatureCache
+from tuner.models.loading import LoadedModel, load_model
+from tuner.search.params import PDROP
+from tuner.search.provenance import provenance_of
+from tuner.search.space import SearchSpace, SpaceError
+
+
+@dataclass
+class MeasuringSetup:
+    """A space's model and tasks, loaded, with the measurer every trial of this worker uses."""
+
+    space: SearchSpace
+    loaded: LoadedModel
+    tasks: list[PreparedTask]
+    measurer: TrialMeasurer
+    provenance: dict[str, Any]
+
+    @classmethod
+    def load(cls, space: SearchSpace, *, loaded: LoadedModel | None = None,
+             tasks: list[PreparedTask] | None = None) -> MeasuringSetup:
+        """Load `space`'s model and tasks (or take those given) and refuse, in one line, a space the model cannot
+        run: a layer past its decoder, budgets or image pivots above the latency prompt's vision tokens."""
+        loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
+                                      attn_implementation=space.attn_implementation)
+        _check_layers(space, len(loaded.adapter.layers))
+        tasks = tasks or load_tasks(space.tasks, subset_size=space.subset_size, seed=space.subset_seed,
+                                    include_paths=space.include_paths)
+        measurer = TrialMeasurer(loaded, tasks, space.latency, batch_size=space.batch_size,
+                                 max_failures=space.max_failures, early_stop_chunk=space.early_stop_chunk,
+                                 feature_cache=FeatureCache.from_mb(space.feature_cache_mb))
+        _check_token_counts(space, measurer.latency_vision_tokens(), tasks[0].name)
+        return cls(space, loaded, tasks, measurer, provenance_of(loaded, tasks, space))
+
+
+def _check_layers(space: SearchSpace, n_layers: int) -> None:
+    try:
+        check_layer(space.max_layer(), n_layers)
+    except ValueError as error:
+        key = "layer" if space.max_layer() == max(space.layer.choices()) else "schedule"
+        raise SpaceError(f"{space.source}: {key}: the space allows up to {space.max_layer()}; {error}") from None
+
+
+def _check_token_counts(space: SearchSpace, n_vision: int, task: str) -> None:
+    """Refuse a space whose budgets or image pivots exceed the vision tokens of the prompt every trial's latency is
+    measured on: such trials keep every token (or cannot pick their pivots)."""
+    where = f"the {n_vision} vision tokens of the latency prompt ({task}, first document)"
+    checks = [("budget", max(space.budget.choices()))] if space.budget is not None else []
+    for method in space.methods:  # options bounded by the vision tokens (DART's image pivots)
+        specs = {} if method == PDROP else method_class(method).option_specs
+        for name, spec in specs.items():
+            values = [v for v in space.option_values(method, name) if v is not None]
+            if spec.vision_bound and values:
+                checks.append((f"options.{method}.{name}", max(values)))
+    for key, largest in checks:
+        if largest > n_vision:
+            raise SpaceError(f"{space.source}: {key}: the space allows up to {largest}, more than {where}")
