@@ -49,6 +49,14 @@ def tune(
     feature_cache_mb: int | None = typer.Option(None, min=0, help="MiB of host memory for image features kept "
                                                 "across trials (exact; never used while timing); 0 = off "
                                                 "(default: the space's `feature_cache_mb`, else 2048)."),
+    objective: str | None = typer.Option(None, help="The study's latency objective: prefill_ms (one request), "
+                                         "ttft_ms, e2e_ms or throughput (at --latency-batch requests with "
+                                         "--new-tokens each; default: the space's latency.objective, else "
+                                         "prefill_ms)."),
+    latency_batch: int | None = typer.Option(None, help="Requests timed together (default: the space's "
+                                                        "latency.batch_size, else 1)."),
+    new_tokens: int | None = typer.Option(None, help="Tokens each timed request decodes, forced (default: the "
+                                                     "space's latency.new_tokens, else 8)."),
     allow_mixed: bool = typer.Option(False, help="Add trials to a study whose provenance differs from this run."),
     allow_repeats: bool = typer.Option(False, help="Measure a configuration again although a complete trial of "
                                                    "the study already holds it (default: such trials are pruned)."),
@@ -94,6 +102,7 @@ def tune(
         space = space.with_overrides(model=model, tasks=tuple(task) or None, subset_size=limit, subset_seed=seed,
                                      trials=trials, timeout_s=timeout, feature_cache_mb=feature_cache_mb,
                                      early_stop_chunk=early_stop_chunk)
+        space = space.with_workload(objective=objective, batch_size=latency_batch, new_tokens=new_tokens)
         with console.status(f"Loading {escape(space.model)} and {escape(', '.join(space.tasks))}..."), \
                 hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
