@@ -12,10 +12,14 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 
 from tuner.config.schema import legacy_param
+from tuner.config.workload import OBJECTIVES
 from tuner.dashboard.frame import method_color, trial_frame
 
 STUDY_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 X_AXES = {"prefill_ms": "measured prefill latency (ms, median)",
+          "ttft_ms": "time to first token at the workload's batch (ms, median)",
+          "e2e_ms": "end-to-end latency per request at the workload (ms, median)",
+          "throughput": "output throughput at the workload's batch (tokens/s, median)",
           "prefill_gflops": "analytic prefill GFLOPs (text model)",
           "kept_vision_mean": "kept vision tokens (mean per sample)"}
 PARAMETERS = ("keep_ratio", "budget", "layer")  # shared by every method; each method's options follow
@@ -58,10 +62,11 @@ def error_bar(rows: pd.DataFrame, column: str) -> dict | None:
 
 def pareto_figure(frame: pd.DataFrame, *, x: str = "prefill_ms", show_dominated: bool = True,
                   show_infeasible: bool = True, floor: float | None = None, max_prefill_ms: float | None = None,
-                  recommended: int | None = None, qualifying: Sequence[int] = (), title: str | None = None
-                  ) -> go.Figure:
-    """Accuracy against `x` (prefill ms, GFLOPs or kept tokens): methods by colour with 95% error bars, baseline
-    as a star, infeasible trials as grey crosses, dominated ones faded, the deployer's bounds as dashed lines."""
+                  recommended: int | None = None, qualifying: Sequence[int] = (), title: str | None = None,
+                  objective: str = "prefill_ms") -> go.Figure:
+    """Accuracy against `x` (a latency objective, GFLOPs or kept tokens): methods by colour with 95% error bars,
+    baseline as a star, infeasible trials as grey crosses, dominated ones faded, the deployer's bounds as dashed
+    lines; the front's staircase when `x` is the study's `objective` (throughput: higher is better)."""
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     done = frame[frame["state"] == "complete"]
@@ -87,8 +92,8 @@ def pareto_figure(frame: pd.DataFrame, *, x: str = "prefill_ms", show_dominated:
             customdata=infeasible["number"],
             marker={"symbol": "x-thin-open", "size": 10, "color": "#888", "line": {"width": 2, "color": "#888"}}))
     front = done[done["pareto"]]
-    if x == "prefill_ms" and len(front) > 1:
-        xs, ys = _front_line(front, x, "accuracy")
+    if x == objective and len(front) > 1:
+        xs, ys = _front_line(front, x, "accuracy", x_lower_is_better=not OBJECTIVES[objective].maximize)
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="Pareto front (feasible)", hoverinfo="skip",
                                  line={"color": "#444", "width": 1, "dash": "dot"}))
     confirmed = done[done["confirmed_prefill_ms"].notna()] if x == "prefill_ms" else done.iloc[0:0]
