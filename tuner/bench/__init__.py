@@ -1,3 +1,3 @@
-"""Benchmarks: commands that print numbers (prefill of the pruning hooks, the search's cost, the read side)."""
+"""Benchmarks: commands that print numbers (prefill of the pruning hooks, the search's cost, the read side, serving)."""
 
-__all__ = ["pruning", "read", "search"]  # one module per `dart-tuner bench-*` command
+__all__ = ["pruning", "read", "search", "serving"]  # one module per `dart-tuner bench-*` command
