@@ -3,14 +3,17 @@ its direction (what it stores, its front, its refusal to resume at another objec
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from typer.testing import CliRunner
 
 from tuner.bench.serving import serving_runs, serving_sheet
+from tuner.cli import app
 from tuner.config import PruningConfig
 from tuner.config.preset import PresetMismatchWarning
 from tuner.config.workload import OBJECTIVES, Workload, WorkloadError, differences, objective_named
@@ -197,3 +200,19 @@ def test_serving_bench_times_every_objective_at_each_batch(model_and_tasks) -> N
     assert two.batch_cost.kv_cache_bytes > runs[0].results["unpruned"].batch_cost.kv_cache_bytes  # 2 rows of KV
     sheet = serving_sheet(runs, "serving")
     assert len(sheet.rows) == 4 and sheet.rows[0][2].count("x") == 0 and sheet.rows[1][2].endswith("x")
+
+
+def test_bench_serving_bad_input_is_one_line_before_loading() -> None:
+    result = CliRunner().invoke(app, ["bench-serving", "--keep-ratio", "1.5", "--model", "no/such-model"])
+    assert result.exit_code == 2 and "keep_ratio" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.slow
+def test_bench_serving_prints_every_objective_per_batch_as_json() -> None:
+    result = CliRunner().invoke(app, ["bench-serving", "--method", "random", "--batch", "2", "--repeats", "1",
+                                      "--warmup", "0", "--new-tokens", "2", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [(r["batch_size"], r["config"]) for r in rows] == [(2, "unpruned"), (2, "random 0.1")]
+    assert all(r["throughput"] == pytest.approx(2 * 2 * 1000 / r["e2e_ms"]) for r in rows)

@@ -39,11 +39,14 @@ def bench_serving(
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     attn_implementation: str = typer.Option("auto", "--attn", help="auto, sdpa, eager or flash_attention_2."),
+    threads: int | None = typer.Option(None, min=1, help="torch CPU threads (default: torch's own; 1 keeps a "
+                                                        "machine shared with other jobs from stalling its threads)."),
     wide: bool = wide_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON on stdout."),
 ) -> None:
     """Prefill (1 request), time to first token, end-to-end latency and throughput at each --batch, decode ms per
     token and memory: the unpruned baseline and each configuration, timed in the same interleaved rounds."""
+    import torch
     from rich.markup import escape
 
     from tuner.bench.serving import serving_runs, serving_sheet
@@ -52,6 +55,8 @@ def bench_serving(
     from tuner.evaluation.tasks import load_tasks
     from tuner.models import load_model
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     console = Console(stderr=as_json)
     quiet_libraries()
     batches = list(dict.fromkeys(batch))
@@ -74,5 +79,5 @@ def bench_serving(
     except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and the workload name the bad value
         raise fail(str(error)) from None
     title = (f"Serving: {loaded.model_id} ({loaded.family}, {loaded.provenance()['dtype']}, "
-             f"{loaded.provenance()['device']}), {task}, {new_tokens} new tokens")
+             f"{loaded.provenance()['device']}, {torch.get_num_threads()} threads), {task}, {new_tokens} new tokens")
     show_sheet(console, serving_sheet(runs, title), wide=wide, as_json=as_json)
