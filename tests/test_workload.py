@@ -16,8 +16,16 @@ from tuner.bench.serving import serving_runs, serving_sheet
 from tuner.cli import app
 from tuner.config import PruningConfig
 from tuner.config.preset import PresetMismatchWarning
-from tuner.config.workload import OBJECTIVES, Workload, WorkloadError, differences, objective_named
+from tuner.config.workload import (
+    OBJECTIVES,
+    Workload,
+    WorkloadError,
+    differences,
+    objective_named,
+    workload_warning,
+)
 from tuner.evaluation.tasks import load_tasks
+from tuner.measure.trial import TrialMeasurer
 from tuner.measure.workload import RECORD_FIELDS
 from tuner.models.loading import load_model
 from tuner.pruning import apply_pruning
@@ -84,6 +92,17 @@ def test_workload_differences_name_each_part() -> None:
     assert differences(tuned, Workload()) == ["batch_size 1 (tuned for 8)", "new_tokens 8 (tuned for 16)",
                                               "objective prefill_ms (tuned for throughput)"]
     assert differences(None, Workload()) == []
+
+
+def test_preset_workload_warning_names_each_difference_in_one_line() -> None:
+    provenance = {"study": "serve", "trial": 7, "workload": {"batch_size": 8, "new_tokens": 16,
+                                                             "objective": "throughput"}}
+    message = workload_warning(provenance, Workload(new_tokens=16), ("batch_size", "new_tokens"))
+    assert message is not None and "\n" not in message
+    assert "study 'serve' trial 7" in message and "batch_size 1 (tuned for 8)" in message
+    assert "new_tokens" not in message and "objective" not in message  # only the keys asked about
+    assert workload_warning(provenance, Workload(batch_size=8, new_tokens=16, objective="throughput")) is None
+    assert workload_warning({"study": "old"}, Workload()) is None  # a preset from before workloads says nothing
 
 
 def test_pareto_front_follows_the_direction() -> None:
@@ -216,3 +235,34 @@ def test_bench_serving_prints_every_objective_per_batch_as_json() -> None:
     rows = json.loads(result.stdout)["rows"]
     assert [(r["batch_size"], r["config"]) for r in rows] == [(2, "unpruned"), (2, "random 0.1")]
     assert all(r["throughput"] == pytest.approx(2 * 2 * 1000 / r["e2e_ms"]) for r in rows)
+
+
+@pytest.mark.parametrize(("flags", "culprit"), [(["--objective", "ttft"], "'ttft'"),
+                                                (["--latency-batch", "0"], "latency.batch_size"),
+                                                (["--new-tokens", "1"], "latency.new_tokens")])
+def test_tune_workload_options_fail_in_one_line_naming_the_value(tmp_path: Path, flags: list[str],
+                                                                 culprit: str) -> None:
+    """Refused before the model loads: the space names no real model."""
+    space = tmp_path / "serve.yaml"
+    space.write_text("model: no/such-model\ntasks: [dart_shapes]\nmethods: [random]\nlayer: 1\nkeep_ratio: 0.5\n")
+    result = CliRunner().invoke(app, ["tune", "--space", str(space), "--storage",
+                                      f"sqlite:///{tmp_path / 's.db'}", *flags])
+    assert result.exit_code == 2 and culprit in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_bench_search_refuses_a_throughput_space_before_measuring(tmp_path: Path) -> None:
+    """Its hypervolume is of a latency down: a maximised objective would be measured for nothing, then misread."""
+    space = tmp_path / "grid.yaml"
+    space.write_text("model: no/such-model\ntasks: [dart_shapes]\nmethods: [random]\nlayer: [1]\n"
+                     "keep_ratio: [0.5]\nsampler: {name: grid}\nlatency: {objective: throughput}\n")
+    result = CliRunner().invoke(app, ["bench-search", "--space", str(space), "--storage",
+                                      f"sqlite:///{tmp_path / 'g.db'}", "--samplers", "random", "--seeds", "1"])
+    assert result.exit_code != 0 and "latency.objective throughput is maximised" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_batch_larger_than_the_subset_names_the_setting(model_and_tasks) -> None:
+    loaded, tasks = model_and_tasks
+    with pytest.raises(ValueError, match="^latency.batch_size 9: task dart_shapes has 4 documents"):
+        TrialMeasurer(loaded, tasks, Workload(batch_size=9))

@@ -113,6 +113,9 @@ def _grid(console: Console, space: SearchSpace, storage: str, name: str, measure
     from tuner.config.workload import objective_named
     from tuner.search.replay import ReplayError
 
+    if space.latency.goal.maximize:  # before measuring anything
+        raise ReplayError(f"{space.source}: latency.objective {space.latency.objective} is maximised; bench-search's "
+                          "hypervolume needs a latency objective (prefill_ms, ttft_ms or e2e_ms)")
     grid = _measured_grid(console, space, storage, name, measure)
     if objective_named(grid.objective).maximize:
         raise ReplayError(f"study {name!r} maximises {grid.objective}; bench-search's hypervolume needs a latency "

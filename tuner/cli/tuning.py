@@ -76,9 +76,9 @@ def tune(
     as_json: bool = typer.Option(False, "--json", help="Print the final Pareto front as JSON on stdout; the "
                                                        "progress and messages go to stderr."),
 ) -> None:
-    """Create or resume an Optuna study over a search space: unpruned baseline first, then (accuracy, prefill ms)
-    trials; prints the Pareto front. Exits non-zero when the baseline fails, when trials keep failing the same
-    way, or when no trial completed."""
+    """Create or resume an Optuna study over a search space: unpruned baseline first, then (accuracy, latency
+    objective: prefill ms unless --objective says otherwise) trials; prints the Pareto front. Exits non-zero when
+    the baseline fails, when trials keep failing the same way, or when no trial completed."""
     import time
 
     import optuna
@@ -135,7 +135,7 @@ def tune(
             elif trial.state.name == "COMPLETE":
                 noise = latency_noise(trial)
                 line = (f"trial {trial.number}: {escape(describe_trial(trial))}: accuracy "
-                        f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms "
+                        f"{trial.values[0]:.3f}, {tuner_.goal.label} {trial.values[1]:.1f} {tuner_.goal.unit} "
                         f"({speedup_text(trial, tuner_.study)})"
                         + (f", [yellow]noisy latency[/]: {escape(noise)}" if noise else ""))
             elif record.duplicate_of is not None:

@@ -56,7 +56,10 @@ class TrialMeasurer:
                                    feature_cache=feature_cache)
         self.inputs = latency_inputs(loaded, self.tasks[0])
         batch = latency.batch_size  # the same B documents for every configuration; B == 1: the single request
-        self.batch_inputs = latency_inputs(loaded, self.tasks[0], batch) if batch > 1 else None
+        try:
+            self.batch_inputs = latency_inputs(loaded, self.tasks[0], batch) if batch > 1 else None
+        except ValueError as error:  # a subset smaller than the batch: name the setting
+            raise ValueError(f"latency.batch_size {batch}: {error}") from None
         self.on_request: Callable[[int], None] | None = None  # progress of the running evaluation, in documents
         self.baseline: EvalResult | None = None  # the unpruned evaluation, once this measurer ran it
 
