@@ -65,7 +65,8 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
         prefill_ci = interval_text(trial, "prefill_ms", ".1f")
         lines.append(f"prefill {row['prefill_ms']:.1f} ms{' 95% ' + prefill_ci if prefill_ci else ''} "
                      f"(IQR {row['prefill_iqr_ms']:.1f}), "
-                     f"speed-up {row['speedup']:.2f}x, decode {row['decode_ms_per_token']:.1f} ms/token")
+                     f"speed-up ({record_of(trial).objective or 'prefill_ms'}) {row['speedup']:.2f}x, decode "
+                     f"{row['decode_ms_per_token']:.1f} ms/token")
         workload = workload_text(row)
         if workload:
             lines.append(workload)
