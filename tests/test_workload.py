@@ -163,6 +163,13 @@ def test_throughput_study_stores_the_workload_and_maximises(saved_dirs, model_an
     sheet = pareto_sheet(study)
     assert "throughput tokens/s" in " ".join(c.header for c in sheet.columns) and "batch 3" in sheet.title
     pruned_trial = next(t for t in trials if not is_baseline(t))
+    frame = pytest.importorskip("tuner.dashboard.frame").trial_frame(study)
+    done = frame[frame["state"] == "complete"].set_index("number")
+    assert done.loc[pruned_trial.number, "objective"] == pruned.throughput  # the dashboard's x: the objective
+    assert done.loc[pruned_trial.number, "prefill_ms"] == pruned.prefill_ms  # prefill stays prefill
+    assert set(done.index[done["pareto"]]) == {t.number for t in pareto_trials(study)}
+    assert "throughput" in done.loc[pruned_trial.number, "hover"] and "batch 3" in done.loc[pruned_trial.number,
+                                                                                              "hover"]
     confirmation = confirm(tuner.measurer, study, tuner.space, repeats=2, warmup=0, trials=[pruned_trial])
     assert confirmation["objective"] == "throughput" and confirmation["batch_size"] == 3
     numbers = confirmation["trials"][str(pruned_trial.number)]
