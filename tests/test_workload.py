@@ -168,6 +168,10 @@ def test_throughput_study_stores_the_workload_and_maximises(saved_dirs, model_an
     assert done.loc[pruned_trial.number, "objective"] == pruned.throughput  # the dashboard's x: the objective
     assert done.loc[pruned_trial.number, "prefill_ms"] == pruned.prefill_ms  # prefill stays prefill
     assert set(done.index[done["pareto"]]) == {t.number for t in pareto_trials(study)}
+    figures = pytest.importorskip("tuner.dashboard.figures")
+    reference = figures.reference_point(study)  # below every throughput: Optuna's hypervolume needs it dominated
+    assert reference[1] < min(t.values[1] for t in trials)
+    assert "tokens/s" in figures.hypervolume_figure(study).layout.title.text
     assert "throughput" in done.loc[pruned_trial.number, "hover"] and "batch 3" in done.loc[pruned_trial.number,
                                                                                               "hover"]
     confirmation = confirm(tuner.measurer, study, tuner.space, repeats=2, warmup=0, trials=[pruned_trial])

@@ -14,6 +14,7 @@ from plotly.subplots import make_subplots
 from tuner.config.schema import legacy_param
 from tuner.config.workload import OBJECTIVES
 from tuner.dashboard.frame import method_color, trial_frame
+from tuner.results.trials import study_objective
 
 STUDY_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 X_AXES = {"prefill_ms": "measured prefill latency (ms, median)",
@@ -137,10 +138,13 @@ def pareto_figure(frame: pd.DataFrame, *, x: str = "prefill_ms", show_dominated:
 
 
 def reference_point(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> list[float]:
-    """Hypervolume reference: accuracy 0 and 10% above the slowest complete trial's prefill."""
+    """Hypervolume reference: accuracy 0 and 10% beyond the worst complete trial's latency objective (above the
+    slowest latency; below the lowest throughput, which is maximised)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if trials is None else trials
-    slowest = max((t.values[1] for t in trials if t.state == TrialState.COMPLETE and t.values), default=1.0)
-    return [0.0, 1.1 * slowest]
+    values = [t.values[1] for t in trials if t.state == TrialState.COMPLETE and t.values]
+    if study_objective(study).maximize:
+        return [0.0, 0.9 * min(values, default=1.0)]
+    return [0.0, 1.1 * max(values, default=1.0)]
 
 
 def hypervolume_figure(study: optuna.Study) -> go.Figure:
@@ -149,9 +153,10 @@ def hypervolume_figure(study: optuna.Study) -> go.Figure:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         fig = optuna.visualization.plot_hypervolume_history(study, reference)
-    fig.update_layout(title=f"Hypervolume of the feasible front (reference: accuracy 0, prefill "
-                            f"{reference[1]:.1f} ms)", xaxis_title="trial number",
-                      yaxis_title="hypervolume (accuracy x ms)", template="plotly_white", height=380)
+    goal = study_objective(study)
+    fig.update_layout(title=f"Hypervolume of the feasible front (reference: accuracy 0, {goal.label} "
+                            f"{reference[1]:.1f} {goal.unit})", xaxis_title="trial number",
+                      yaxis_title=f"hypervolume (accuracy x {goal.unit})", template="plotly_white", height=380)
     return fig
 
 
