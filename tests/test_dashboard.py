@@ -244,7 +244,7 @@ def test_progress_importance_and_parameter_plots(storage: str, tmp_path: Path, m
     values = _values(hypervolume["data"][0]["y"])
     assert len(values) == 12 and values == sorted(values) and values[-1] > values[0]  # the failed trial is skipped
     importance = _traces(_chart(at, "importance"))
-    assert set(importance) == {"accuracy", "prefill latency"}
+    assert set(importance) == {"accuracy", "prefill (ms)"}
     assert set(importance["accuracy"]["y"]) == {"method", "layer", "keep_ratio"}
     at.selectbox(key="importance_method").set_value("dart").run()
     importance = _traces(_chart(at, "importance"))

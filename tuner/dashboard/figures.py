@@ -172,7 +172,8 @@ def importance_params(frame: pd.DataFrame, method: str | None = None) -> list[st
 
 
 def importance_figure(study: optuna.Study, params: Sequence[str]) -> go.Figure:
-    """fANOVA importance of `params` for accuracy and for prefill latency (Optuna's own plot, seeded)."""
+    """fANOVA importance of `params` for accuracy and for the study's latency objective (Optuna's own plot,
+    seeded)."""
     from optuna.importance import FanovaImportanceEvaluator
 
     if not params:
@@ -183,7 +184,8 @@ def importance_figure(study: optuna.Study, params: Sequence[str]) -> go.Figure:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         fig = optuna.visualization.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
                                                           params=list(params))
-    names = iter(("accuracy", "prefill latency"))
+    goal = study_objective(study)  # the study's second objective: prefill by default
+    names = iter(("accuracy", f"{goal.label} ({goal.unit})"))
     fig.for_each_trace(lambda trace: trace.update(name=next(names, trace.name)))
     fig.update_layout(title="Parameter importance for each objective (fANOVA)", template="plotly_white",
                       height=120 + 60 * len(params), legend_title_text="objective")
