@@ -82,7 +82,20 @@ def trial_attrs(config: PruningConfig | None, accuracy: float, prefill_ms: float
         "latency_input_tokens": 130, "latency_input_kept_vision": int(kept),
         "samples": [[i, 1.0 if i < accuracy * 10 else 0.0, int(kept)] for i in range(10)],
         "eval_seconds": 3.5,
+        **workload_attrs(prefill_ms, base_ms, 1.0 if config is None else config.keep_ratio),
     }
+
+
+def workload_attrs(prefill_ms: float, base_ms: float, keep: float) -> dict[str, Any]:
+    """The workload fields of a prefill_ms study at batch 1 and 8 new tokens (`WorkloadResult.record_fields`)."""
+    e2e = prefill_ms + 36.0
+    return {"objective": "prefill_ms", "workload_batch_size": 1, "workload_new_tokens": 8, "ttft_ms": prefill_ms,
+            "ttft_iqr_ms": 0.04 * prefill_ms, "ttft_ms_low": 0.97 * prefill_ms, "ttft_ms_high": 1.03 * prefill_ms,
+            "e2e_ms": e2e, "e2e_iqr_ms": 0.04 * e2e, "e2e_ms_low": 0.97 * e2e, "e2e_ms_high": 1.03 * e2e,
+            "throughput": 8000.0 / e2e, "throughput_iqr": 0.3, "throughput_low": 7760.0 / e2e,
+            "throughput_high": 8240.0 / e2e, "decode_batch_ms_per_token": 12.0, "decode_batch_iqr_ms": 0.3,
+            "memory_bytes": int(BASE_KV * (0.2 + 0.8 * keep)), "memory_source": "analytic_kv_cache",
+            "baseline_objective_same_run": base_ms}
 
 
 def distributions(method: str, legacy: bool = False) -> dict[str, optuna.distributions.BaseDistribution]:

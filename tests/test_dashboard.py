@@ -24,6 +24,7 @@ from tuner.config.schema import config_attrs
 from tuner.evaluation.runner import EvalResult
 from tuner.measure.latency import Timing, speedup_spread
 from tuner.measure.trial import TrialMeasurer
+from tuner.measure.workload import RECORD_FIELDS
 from tuner.results import config_of
 from tuner.results.export import Rule, choose_trial
 from tuner.results.record import RECORD_SCHEMA_ATTR, TrialRecord
@@ -102,7 +103,7 @@ def test_hand_built_trials_carry_the_tuners_attributes() -> None:
     keys = {k.arg for k in call.keywords if k.arg is not None} - stop_fields - {"config"}
     keys |= set(EvalResult(config=None, accuracy=0.0, metrics={}).kept_vision_stats())
     keys |= set(speedup_spread(Timing((1.0,)), Timing((1.0,))).to_attrs())
-    keys |= set(config_attrs(None))
+    keys |= set(config_attrs(None)) | set(RECORD_FIELDS)
     attrs = dashboard_study.trial_attrs(None, 0.5, 10.0, 20.0)
     assert set(attrs) == keys
     record = TrialRecord.from_attrs(attrs)
@@ -243,7 +244,7 @@ def test_progress_importance_and_parameter_plots(storage: str, tmp_path: Path, m
     values = _values(hypervolume["data"][0]["y"])
     assert len(values) == 12 and values == sorted(values) and values[-1] > values[0]  # the failed trial is skipped
     importance = _traces(_chart(at, "importance"))
-    assert set(importance) == {"accuracy", "prefill latency"}
+    assert set(importance) == {"accuracy", "prefill (ms)"}
     assert set(importance["accuracy"]["y"]) == {"method", "layer", "keep_ratio"}
     at.selectbox(key="importance_method").set_value("dart").run()
     importance = _traces(_chart(at, "importance"))

@@ -140,6 +140,7 @@ def eval_command(
 
     from tuner.config import PruningConfig, parse_schedule
     from tuner.config.preset import load_preset
+    from tuner.config.workload import Workload, workload_warning
     from tuner.evaluation.lmms_model import GenerationFailure
     from tuner.evaluation.tasks import load_tasks
 
@@ -155,7 +156,14 @@ def eval_command(
         shorthands = {"dart.n_image_pivots": image_pivots, "dart.n_text_pivots": text_pivots}
         options = {**parse_options(option), **{k: v for k, v in shorthands.items() if v is not None}}
         if preset is not None:
-            configs = {"preset": load_preset(preset).config}
+            loaded_preset = load_preset(preset)
+            configs = {"preset": loaded_preset.config}
+            # eval times one request decoding --new-tokens: say so when the preset was tuned for another workload
+            mismatch = workload_warning(loaded_preset.provenance, Workload(new_tokens=new_tokens),
+                                        ("batch_size", "new_tokens"))
+            if mismatch:
+                console.print(f"[yellow]warning[/]: {escape(mismatch)} (eval times 1 request, {new_tokens} new "
+                              "tokens; `dart-tuner bench-serving --preset` times the workload)", highlight=False)
         elif schedule:
             configs = {text: with_stage_options(parse_schedule(text), options) for text in schedule}
         else:

@@ -108,6 +108,22 @@ def _floor(space: SearchSpace, baseline_accuracy: float) -> float:
 
 
 def _grid(console: Console, space: SearchSpace, storage: str, name: str, measure: bool) -> MeasuredGrid:
+    """The measured grid of study `name` (see `_measured_grid`); ReplayError for a study that maximises its latency
+    objective (throughput), since the hypervolume here is of a latency down."""
+    from tuner.config.workload import objective_named
+    from tuner.search.replay import ReplayError
+
+    if space.latency.goal.maximize:  # before measuring anything
+        raise ReplayError(f"{space.source}: latency.objective {space.latency.objective} is maximised; bench-search's "
+                          "hypervolume needs a latency objective (prefill_ms, ttft_ms or e2e_ms)")
+    grid = _measured_grid(console, space, storage, name, measure)
+    if objective_named(grid.objective).maximize:
+        raise ReplayError(f"study {name!r} maximises {grid.objective}; bench-search's hypervolume needs a latency "
+                          "objective (prefill_ms, ttft_ms or e2e_ms)")
+    return grid
+
+
+def _measured_grid(console: Console, space: SearchSpace, storage: str, name: str, measure: bool) -> MeasuredGrid:
     """The measured grid of study `name`, measuring (through `Tuner`) the points it lacks when `measure`."""
     from tuner.results import StudyNotFound, open_study
     from tuner.search.replay import ReplayError, config_key, grid_configs, grid_params, measured_grid

@@ -49,6 +49,14 @@ def tune(
     feature_cache_mb: int | None = typer.Option(None, min=0, help="MiB of host memory for image features kept "
                                                 "across trials (exact; never used while timing); 0 = off "
                                                 "(default: the space's `feature_cache_mb`, else 2048)."),
+    objective: str | None = typer.Option(None, help="The study's latency objective: prefill_ms (one request), "
+                                         "ttft_ms, e2e_ms or throughput (at --latency-batch requests with "
+                                         "--new-tokens each; default: the space's latency.objective, else "
+                                         "prefill_ms)."),
+    latency_batch: int | None = typer.Option(None, help="Requests timed together (default: the space's "
+                                                        "latency.batch_size, else 1)."),
+    new_tokens: int | None = typer.Option(None, help="Tokens each timed request decodes, forced (default: the "
+                                                     "space's latency.new_tokens, else 8)."),
     allow_mixed: bool = typer.Option(False, help="Add trials to a study whose provenance differs from this run."),
     allow_repeats: bool = typer.Option(False, help="Measure a configuration again although a complete trial of "
                                                    "the study already holds it (default: such trials are pruned)."),
@@ -68,9 +76,9 @@ def tune(
     as_json: bool = typer.Option(False, "--json", help="Print the final Pareto front as JSON on stdout; the "
                                                        "progress and messages go to stderr."),
 ) -> None:
-    """Create or resume an Optuna study over a search space: unpruned baseline first, then (accuracy, prefill ms)
-    trials; prints the Pareto front. Exits non-zero when the baseline fails, when trials keep failing the same
-    way, or when no trial completed."""
+    """Create or resume an Optuna study over a search space: unpruned baseline first, then (accuracy, latency
+    objective: prefill ms unless --objective says otherwise) trials; prints the Pareto front. Exits non-zero when
+    the baseline fails, when trials keep failing the same way, or when no trial completed."""
     import time
 
     import optuna
@@ -94,6 +102,7 @@ def tune(
         space = space.with_overrides(model=model, tasks=tuple(task) or None, subset_size=limit, subset_seed=seed,
                                      trials=trials, timeout_s=timeout, feature_cache_mb=feature_cache_mb,
                                      early_stop_chunk=early_stop_chunk)
+        space = space.with_workload(objective=objective, batch_size=latency_batch, new_tokens=new_tokens)
         with console.status(f"Loading {escape(space.model)} and {escape(', '.join(space.tasks))}..."), \
                 hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
@@ -126,7 +135,7 @@ def tune(
             elif trial.state.name == "COMPLETE":
                 noise = latency_noise(trial)
                 line = (f"trial {trial.number}: {escape(describe_trial(trial))}: accuracy "
-                        f"{trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms "
+                        f"{trial.values[0]:.3f}, {tuner_.goal.label} {trial.values[1]:.1f} {tuner_.goal.unit} "
                         f"({speedup_text(trial, tuner_.study)})"
                         + (f", [yellow]noisy latency[/]: {escape(noise)}" if noise else ""))
             elif record.duplicate_of is not None:

@@ -41,6 +41,7 @@ from tuner.dashboard.frame import (
     option_columns,
     table_of,
     trial_frame,
+    workload_text,
 )
 from tuner.dashboard.provenance import constraints_text, markdown_text, provenance_rows
 from tuner.dashboard.studies import (
@@ -65,4 +66,5 @@ __all__ = [
     "parameter_names", "parameter_title", "pareto_figure",
     "preset_file_name", "preset_yaml", "provenance_rows", "recommend", "reference_point", "related_studies",
     "skipped_text", "state_counts", "storage_from_argv", "table_of", "trial_frame", "unreadable_trials",
+    "workload_text",
 ]

@@ -15,6 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from tuner import dashboard as dd
+from tuner.results import study_objective
 from tuner.results.storage import StorageError, open_for_reading
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -113,6 +114,7 @@ skipped = dd.skipped_text(name, dd.unreadable_trials(trials))
 if skipped:
     st.warning(dd.markdown_text(skipped) + ": they are left out of every plot, table and recommendation.")
 frame = dd.trial_frame(study, trials)
+goal = study_objective(study)  # the study's latency objective: the front's x axis and the metric shown
 done = frame[frame["state"] == "complete"]
 if done.empty:
     st.info("No complete trial yet: the Pareto front appears when the first trial finishes"
@@ -168,8 +170,9 @@ if rec.trial is not None:
     cols[1].metric("Accuracy", f"{row['accuracy']:.3f}",
                    f"{100 * (row['relative_accuracy'] - 1):+.1f}% vs baseline"
                    if not math.isnan(row["relative_accuracy"]) else None)
-    cols[2].metric("Prefill (ms)", f"{row['prefill_ms']:.1f}", f"{row['speedup']:.2f}x faster",
-                   delta_color="off", delta_arrow="off")
+    cols[2].metric(f"{goal.label.capitalize()} ({goal.unit})", f"{row['objective']:.1f}",
+                   f"{row['speedup']:.2f}x {'more' if goal.maximize else 'faster'}", delta_color="off",
+                   delta_arrow="off", help=dd.workload_text(row) or None)
     cols[3].metric("Kept vision tokens", f"{row['kept_vision_mean']:.1f}", f"of {row['vision_mean']:.0f}",
                    delta_color="off", delta_arrow="off")
     cols[4].metric("Configuration", row["method"], row["label"].removeprefix(row["method"]).strip() or None,
@@ -194,7 +197,7 @@ with pareto_tab:
     c1, c2 = st.columns(2)
     show_dominated = c1.toggle("Show dominated trials", value=True, key="show_dominated")
     show_infeasible = c2.toggle("Show infeasible trials", value=True, key="show_infeasible")
-    st.plotly_chart(dd.pareto_figure(frame, x="prefill_ms", show_dominated=show_dominated,
+    st.plotly_chart(dd.pareto_figure(frame, x=goal.name, objective=goal.name, show_dominated=show_dominated,
                                      show_infeasible=show_infeasible, floor=rec.floor, max_prefill_ms=max_ms,
                                      recommended=recommended, qualifying=qualifying), key="pareto")
     st.caption("Filled markers: the feasible Pareto front; faded: dominated; grey crosses: trials that violate the "

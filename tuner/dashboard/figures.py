@@ -12,10 +12,15 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 
 from tuner.config.schema import legacy_param
+from tuner.config.workload import OBJECTIVES
 from tuner.dashboard.frame import method_color, trial_frame
+from tuner.results.trials import study_objective
 
 STUDY_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 X_AXES = {"prefill_ms": "measured prefill latency (ms, median)",
+          "ttft_ms": "time to first token at the workload's batch (ms, median)",
+          "e2e_ms": "end-to-end latency per request at the workload (ms, median)",
+          "throughput": "output throughput at the workload's batch (tokens/s, median)",
           "prefill_gflops": "analytic prefill GFLOPs (text model)",
           "kept_vision_mean": "kept vision tokens (mean per sample)"}
 PARAMETERS = ("keep_ratio", "budget", "layer")  # shared by every method; each method's options follow
@@ -58,10 +63,11 @@ def error_bar(rows: pd.DataFrame, column: str) -> dict | None:
 
 def pareto_figure(frame: pd.DataFrame, *, x: str = "prefill_ms", show_dominated: bool = True,
                   show_infeasible: bool = True, floor: float | None = None, max_prefill_ms: float | None = None,
-                  recommended: int | None = None, qualifying: Sequence[int] = (), title: str | None = None
-                  ) -> go.Figure:
-    """Accuracy against `x` (prefill ms, GFLOPs or kept tokens): methods by colour with 95% error bars, baseline
-    as a star, infeasible trials as grey crosses, dominated ones faded, the deployer's bounds as dashed lines."""
+                  recommended: int | None = None, qualifying: Sequence[int] = (), title: str | None = None,
+                  objective: str = "prefill_ms") -> go.Figure:
+    """Accuracy against `x` (a latency objective, GFLOPs or kept tokens): methods by colour with 95% error bars,
+    baseline as a star, infeasible trials as grey crosses, dominated ones faded, the deployer's bounds as dashed
+    lines; the front's staircase when `x` is the study's `objective` (throughput: higher is better)."""
     if x not in X_AXES:
         raise ValueError(f"x must be one of {', '.join(X_AXES)}, got {x!r}")
     done = frame[frame["state"] == "complete"]
@@ -87,8 +93,8 @@ def pareto_figure(frame: pd.DataFrame, *, x: str = "prefill_ms", show_dominated:
             customdata=infeasible["number"],
             marker={"symbol": "x-thin-open", "size": 10, "color": "#888", "line": {"width": 2, "color": "#888"}}))
     front = done[done["pareto"]]
-    if x == "prefill_ms" and len(front) > 1:
-        xs, ys = _front_line(front, x, "accuracy")
+    if x == objective and len(front) > 1:
+        xs, ys = _front_line(front, x, "accuracy", x_lower_is_better=not OBJECTIVES[objective].maximize)
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="Pareto front (feasible)", hoverinfo="skip",
                                  line={"color": "#444", "width": 1, "dash": "dot"}))
     confirmed = done[done["confirmed_prefill_ms"].notna()] if x == "prefill_ms" else done.iloc[0:0]
@@ -132,10 +138,13 @@ def pareto_figure(frame: pd.DataFrame, *, x: str = "prefill_ms", show_dominated:
 
 
 def reference_point(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> list[float]:
-    """Hypervolume reference: accuracy 0 and 10% above the slowest complete trial's prefill."""
+    """Hypervolume reference: accuracy 0 and 10% beyond the worst complete trial's latency objective (above the
+    slowest latency; below the lowest throughput, which is maximised)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if trials is None else trials
-    slowest = max((t.values[1] for t in trials if t.state == TrialState.COMPLETE and t.values), default=1.0)
-    return [0.0, 1.1 * slowest]
+    values = [t.values[1] for t in trials if t.state == TrialState.COMPLETE and t.values]
+    if study_objective(study).maximize:
+        return [0.0, 0.9 * min(values, default=1.0)]
+    return [0.0, 1.1 * max(values, default=1.0)]
 
 
 def hypervolume_figure(study: optuna.Study) -> go.Figure:
@@ -144,9 +153,10 @@ def hypervolume_figure(study: optuna.Study) -> go.Figure:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         fig = optuna.visualization.plot_hypervolume_history(study, reference)
-    fig.update_layout(title=f"Hypervolume of the feasible front (reference: accuracy 0, prefill "
-                            f"{reference[1]:.1f} ms)", xaxis_title="trial number",
-                      yaxis_title="hypervolume (accuracy x ms)", template="plotly_white", height=380)
+    goal = study_objective(study)
+    fig.update_layout(title=f"Hypervolume of the feasible front (reference: accuracy 0, {goal.label} "
+                            f"{reference[1]:.1f} {goal.unit})", xaxis_title="trial number",
+                      yaxis_title=f"hypervolume (accuracy x {goal.unit})", template="plotly_white", height=380)
     return fig
 
 
@@ -162,7 +172,8 @@ def importance_params(frame: pd.DataFrame, method: str | None = None) -> list[st
 
 
 def importance_figure(study: optuna.Study, params: Sequence[str]) -> go.Figure:
-    """fANOVA importance of `params` for accuracy and for prefill latency (Optuna's own plot, seeded)."""
+    """fANOVA importance of `params` for accuracy and for the study's latency objective (Optuna's own plot,
+    seeded)."""
     from optuna.importance import FanovaImportanceEvaluator
 
     if not params:
@@ -173,7 +184,8 @@ def importance_figure(study: optuna.Study, params: Sequence[str]) -> go.Figure:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         fig = optuna.visualization.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
                                                           params=list(params))
-    names = iter(("accuracy", "prefill latency"))
+    goal = study_objective(study)  # the study's second objective: prefill by default
+    names = iter(("accuracy", f"{goal.label} ({goal.unit})"))
     fig.for_each_trace(lambda trace: trace.update(name=next(names, trace.name)))
     fig.update_layout(title="Parameter importance for each objective (fANOVA)", template="plotly_white",
                       height=120 + 60 * len(params), legend_title_text="objective")

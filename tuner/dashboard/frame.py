@@ -15,7 +15,7 @@ from tuner.config.schema import legacy_param
 from tuner.results import accuracy_relative, config_of, is_baseline
 from tuner.results.evidence import confirmed, confirmed_text, indistinct_from, interval_text, versus_baseline_text
 from tuner.results.tables import describe_trial, latency_noise, speedup
-from tuner.results.trials import StudySnapshot, pareto_front, readable_trials, record_of
+from tuner.results.trials import StudySnapshot, pareto_front, readable_trials, record_of, study_objective
 
 METHOD_COLORS = {"dart": "#1f77b4", "random": "#ff7f0e", "pooling": "#2ca02c", "avgpool": "#9467bd",
                  "fastv": "#d62728", "keep_all": "#8c564b", "window_fastv": "#ff9896",
@@ -38,6 +38,18 @@ def _config_text(trial: FrozenTrial) -> str:
         f", schedule {schedule_text(config, exact=False)}" if config.stages else "")
 
 
+def workload_text(row: Mapping[str, Any]) -> str:
+    """The four objectives of a trial side by side ('' for a trial measured before workloads)."""
+    if math.isnan(row["ttft_ms"]):
+        return ""
+    source = "measured" if row["memory_source"] == "cuda_max_allocated" else "analytic KV cache"
+    memory = "" if math.isnan(row["memory_mb"]) else f", memory {row['memory_mb']:.3g} MB ({source})"
+    return (f"at batch {row['workload_batch_size']:.0f}, {row['workload_new_tokens']:.0f} new tokens: prefill "
+            f"{row['prefill_ms']:.1f} ms (1 request), time to first token {row['ttft_ms']:.1f} ms, end-to-end "
+            f"{row['e2e_ms']:.1f} ms, throughput {row['throughput']:.1f} tokens/s, decode "
+            f"{row['decode_batch_ms_per_token']:.1f} ms/token{memory}")
+
+
 def _violations(trial: FrozenTrial) -> str:
     return ", ".join(f"{name} by {value:.3g}" for name, value in trial.constraints.items() if value > 0)
 
@@ -53,7 +65,11 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
         prefill_ci = interval_text(trial, "prefill_ms", ".1f")
         lines.append(f"prefill {row['prefill_ms']:.1f} ms{' 95% ' + prefill_ci if prefill_ci else ''} "
                      f"(IQR {row['prefill_iqr_ms']:.1f}), "
-                     f"speed-up {row['speedup']:.2f}x, decode {row['decode_ms_per_token']:.1f} ms/token")
+                     f"speed-up ({record_of(trial).objective or 'prefill_ms'}) {row['speedup']:.2f}x, decode "
+                     f"{row['decode_ms_per_token']:.1f} ms/token")
+        workload = workload_text(row)
+        if workload:
+            lines.append(workload)
         lines.append(f"kept vision tokens {row['kept_vision_mean']:.1f} of {row['vision_mean']:.0f} "
                      f"(min {row['kept_vision_min']:.0f}, max {row['kept_vision_max']:.0f}; "
                      f"ratio {row['keep_ratio_achieved']:.3f})")
@@ -77,7 +93,12 @@ def _hover(row: Mapping[str, Any], trial: FrozenTrial) -> str:
 
 
 EVIDENCE_COLUMNS = ("accuracy_low", "accuracy_high", "prefill_ms_low", "prefill_ms_high", "accuracy_diff",
-                    "accuracy_diff_low", "accuracy_diff_high", "mcnemar_p")  # TrialRecord fields, shown as they are
+                    "accuracy_diff_low", "accuracy_diff_high", "mcnemar_p", "ttft_ms_low", "ttft_ms_high",
+                    "e2e_ms_low", "e2e_ms_high", "throughput_low",
+                    "throughput_high")  # TrialRecord fields, shown as they are
+# The workload's numbers (`tuner.measure.workload`): TrialRecord fields, NaN for trials from before workloads.
+WORKLOAD_COLUMNS = ("ttft_ms", "e2e_ms", "throughput", "decode_batch_ms_per_token", "workload_batch_size",
+                    "workload_new_tokens")
 TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ratio", "budget", "accuracy",
                  "relative_accuracy", "prefill_ms", "prefill_iqr_ms", "speedup",
                  "decode_ms_per_token", "kept_vision_mean", "kept_vision_min", "kept_vision_max", "vision_mean",
@@ -85,7 +106,8 @@ TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ra
                  "violations", "pareto", "failure", "accuracy_low", "accuracy_high", "prefill_ms_low",
                  "prefill_ms_high", "accuracy_diff", "accuracy_diff_low", "accuracy_diff_high", "mcnemar_p",
                  "indistinct", "confirmed_prefill_ms", "confirmed_speedup", "confirmed_accuracy", "confirmed_text",
-                 "hover")
+                 "objective", *WORKLOAD_COLUMNS, "memory_mb", "memory_source", "ttft_ms_low", "ttft_ms_high",
+                 "e2e_ms_low", "e2e_ms_high", "throughput_low", "throughput_high", "hover")
 
 
 def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> pd.DataFrame:
@@ -98,7 +120,8 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
     options = option_columns(trials)
     complete = {t.number for t in trials if t.state == TrialState.COMPLETE and t.values is not None}
     feasible = {t.number for t in trials if t.number in complete and all(v <= 0 for v in t.constraints.values())}
-    front = pareto_front(trials)  # the feasible Pareto set, as Optuna's best_trials
+    goal = study_objective(study)
+    front = pareto_front(trials, goal)  # the feasible Pareto set, as Optuna's best_trials
     pareto = {t.number for t in front}
     rows = []
     for trial in trials:
@@ -114,10 +137,14 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
             "budget": _num(config.budget) if config else math.nan,
             "accuracy": trial.values[0] if done else math.nan,
             "relative_accuracy": accuracy_relative(trial, study) if done else math.nan,
-            "prefill_ms": trial.values[1] if done else math.nan,
+            "objective": trial.values[1] if done else math.nan,  # the study's latency objective (`goal`)
+            "prefill_ms": _num(record.prefill_ms) if record.prefill_ms is not None else (
+                trial.values[1] if done else math.nan),  # trials before workloads: the objective was prefill_ms
             "prefill_iqr_ms": _num(record.prefill_iqr_ms),
             "speedup": speedup(trial, study) if done else math.nan,
             "decode_ms_per_token": _num(record.decode_ms_per_token),
+            **{key: _num(getattr(record, key)) for key in WORKLOAD_COLUMNS},
+            "memory_mb": _num(record.memory_bytes) / 1e6, "memory_source": str(record.memory_source or ""),
             **{key: _num(getattr(record, key)) for key in ("kept_vision_mean", "kept_vision_min", "kept_vision_max",
                                                            "vision_mean", "keep_ratio_achieved")},
             "prefill_gflops": _num(record.prefill_flops) / 1e9,
@@ -127,7 +154,8 @@ def trial_frame(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
             "feasible": trial.number in feasible, "violations": _violations(trial) if done else "",
             "pareto": trial.number in pareto, "failure": str(record.failure or ""),
             **{key: _num(getattr(record, key)) for key in EVIDENCE_COLUMNS},
-            "indistinct": ", ".join(str(n) for n in indistinct_from(trial, front)) if trial.number in pareto else "",
+            "indistinct": ", ".join(str(n) for n in indistinct_from(trial, front, goal.name))
+            if trial.number in pareto else "",
             **_confirmed_columns(study, trial),
             **{column: _option_value(config, column) for column in options},
         }
@@ -180,6 +208,8 @@ def table_of(frame: pd.DataFrame, numbers: Sequence[int]) -> pd.DataFrame:
         "trial": rows["number"], "configuration": rows["label"],
         "accuracy": rows["accuracy"].round(4), "% of baseline": (100 * rows["relative_accuracy"]).round(1),
         "prefill ms": rows["prefill_ms"].round(2), "speed-up": rows["speedup"].round(2),
+        "TTFT ms (batch)": rows["ttft_ms"].round(2), "e2e ms (batch)": rows["e2e_ms"].round(2),
+        "throughput tokens/s": rows["throughput"].round(1), "memory MB": rows["memory_mb"].round(2),
         "accuracy 95% low": rows["accuracy_low"].round(3), "accuracy 95% high": rows["accuracy_high"].round(3),
         "kept vision tokens": rows["kept_vision_mean"].round(1), "GFLOPs": rows["prefill_gflops"].round(4),
         "feasible": rows["feasible"], "Pareto": rows["pareto"],

@@ -26,6 +26,9 @@ def storage_from_argv(argv: Sequence[str], environ: Mapping[str, str] | None = N
     return known.storage or environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
+_OURS = (["MAXIMIZE", "MINIMIZE"], ["MAXIMIZE", "MAXIMIZE"])  # accuracy up; latency down or throughput up
+
+
 @dataclass(frozen=True)
 class StudyChoice:
     """One study of a storage, as the picker lists it."""
@@ -44,7 +47,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[StudyChoice]:
         provenance = study.user_attrs.get("provenance") or {}
         tasks = ",".join(t.get("name", "?") for t in provenance.get("tasks") or [])
         details = [str(v) for v in (provenance.get("model_id"), tasks, provenance.get("device")) if v]
-        ours = [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+        ours = [d.name for d in study.directions] in _OURS
         n_trials = storage.get_n_trials(storage.get_study_id_from_name(study.study_name))
         label = f"{study.study_name} ({', '.join(details + [f'{n_trials} trials'])})"
         choices.append(StudyChoice(study.study_name, n_trials, label, ours, provenance.get("model_id")))
@@ -57,9 +60,10 @@ def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
         study = open_study(storage, name)
     except StudyNotFound as error:
         raise StorageError(str(error)) from None
-    if [d.name for d in study.directions] != ["MAXIMIZE", "MINIMIZE"]:
+    if [d.name for d in study.directions] not in _OURS:
         raise StorageError(f"study {name!r} has directions {[d.name.lower() for d in study.directions]}, not "
-                             "(maximize accuracy, minimize prefill latency): it was not made by dart-tuner tune")
+                             "(maximize accuracy, minimize latency or maximize throughput): it was not made by "
+                             "dart-tuner tune")
     return study
 
 

@@ -1,4 +1,5 @@
 """Measuring configurations: latency (interleaved, synchronised rounds), the exact early stop, one trial's
-record (`trial.TrialMeasurer`) and `eval`'s comparison with the baseline (`compare`, printed by `table`)."""
+record (`trial.TrialMeasurer`), a serving workload (`workload`) and `eval`'s comparison with the baseline
+(`compare`, printed by `table`)."""
 
-__all__ = ["compare", "early_stop", "latency", "table", "trial"]
+__all__ = ["compare", "early_stop", "latency", "table", "trial", "workload"]

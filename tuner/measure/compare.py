@@ -82,9 +82,10 @@ def vision_counts(loaded: LoadedModel, inputs: BatchFeature) -> list[int]:
     return loaded.adapter.vision_mask(inputs["input_ids"], inputs["attention_mask"]).sum(1).tolist()
 
 
-def _cost(loaded: LoadedModel, inputs: BatchFeature, config: PruningConfig | None,
-          stage_kept: list[list[int]]) -> CostOnInputs:
-    """FLOPs and KV bytes per row, with layers in [K_i, K_{i+1}) seeing what stage i kept (`stage_kept[i][row]`)."""
+def cost_on_inputs(loaded: LoadedModel, inputs: BatchFeature, config: PruningConfig | None,
+          stage_kept: list[list[int]], decoded: int = 0) -> CostOnInputs:
+    """FLOPs and KV bytes per row, with layers in [K_i, K_{i+1}) seeing what stage i kept (`stage_kept[i][row]`);
+    the KV bytes include `decoded` tokens appended to every row after the prefill (FLOPs are the prefill's)."""
     dims = loaded.adapter.spec.text_dims(loaded.model.config)
     mask = inputs["attention_mask"].bool()
     layers = list(config.layers) if config else [0]
@@ -93,7 +94,7 @@ def _cost(loaded: LoadedModel, inputs: BatchFeature, config: PruningConfig | Non
         n_row = int(mask[row].sum())
         kept_tokens = [n_row - row_vision + kept[row] for kept in stage_kept]
         flops += prefill_flops(dims, n_row, kept_tokens, layers)
-        kv += kv_cache_bytes(dims, n_row, kept_tokens, layers, loaded.dtype)
+        kv += kv_cache_bytes(dims, n_row + decoded, [kept + decoded for kept in kept_tokens], layers, loaded.dtype)
         n_tokens += n_row
         n_vision += row_vision
     return CostOnInputs(n_tokens=n_tokens, n_vision=n_vision, n_kept_vision=sum(stage_kept[-1]), prefill_flops=flops,
@@ -105,7 +106,8 @@ class _RecordingSetup:
 
     def __init__(self, model: Any, config: PruningConfig | None) -> None:
         self.model, self.config = model, config
-        self.kept: list[list[int]] | None = None  # per stage, per row
+        self.kept: list[list[int]] | None = None  # per stage, per row, of the first request of a run
+        self.last_kept: list[list[int]] | None = None  # the same for the run's last request (a workload's batch)
         self.select_ms: list[float] = []  # the selection time of every prefill run under this setup
 
     def __call__(self) -> AbstractContextManager:
@@ -124,6 +126,7 @@ class _Recorder:
     def __exit__(self, *exc: object) -> None:
         if self.handle.requests:
             self.setup.kept = [list(kept) for kept in self.handle.requests[0].stage_kept_vision]
+            self.setup.last_kept = [list(kept) for kept in self.handle.requests[-1].stage_kept_vision]
             self.setup.select_ms.append(self.handle.requests[0].select_ms)
         self.handle.remove()
 
@@ -140,7 +143,7 @@ def measure_latency(loaded: LoadedModel, inputs: BatchFeature, configs: Mapping[
     for name, setup in setups.items():
         stages = len(setup.config.layers) if setup.config else 1
         kept = setup.kept if setup.kept is not None else [all_vision] * stages
-        cost = _cost(loaded, inputs, setup.config, kept)
+        cost = cost_on_inputs(loaded, inputs, setup.config, kept)
         if setup.select_ms:
             cost = replace(cost, select_ms=statistics.median(setup.select_ms))
         out[name] = (timings[name], cost)

@@ -73,14 +73,14 @@ class SpeedupSpread:
                 "latency_warning": self.warning}
 
 
-def speedup_spread(baseline: Timing, candidate: Timing) -> SpeedupSpread:
+def speedup_spread(baseline: Timing, candidate: Timing, what: str = "prefill") -> SpeedupSpread:
     """The speed-up of `candidate` over `baseline`, timed in the same interleaved rounds, and how sure it is.
 
     Interval: the order statistics x_(k), x_(n-k+1) of the per-round ratios baseline/candidate, a distribution-free
     interval holding their median with at least CONFIDENCE (min..max below MIN_ROUNDS rounds), widened to include
     the speed-up shown (the ratio of the medians) so it never excludes the number it qualifies. Noisy: fewer than
-    MIN_ROUNDS rounds, either prefill's IQR at least SPREAD_LIMIT of its median, or an interval that holds 1.0
-    although the speed-up is CLAIM_MARGIN or more away from it.
+    MIN_ROUNDS rounds, either timing's (`what`: prefill by default) IQR at least SPREAD_LIMIT of its median, or an
+    interval that holds 1.0 although the speed-up is CLAIM_MARGIN or more away from it.
     """
     if baseline.repeats != candidate.repeats or baseline.repeats < 1:
         raise ValueError(f"paired timings need the same number of rounds, got {baseline.repeats} and "
@@ -94,7 +94,7 @@ def speedup_spread(baseline: Timing, candidate: Timing) -> SpeedupSpread:
         reasons.append(f"only {n} timed round{'s' if n != 1 else ''} ({MIN_ROUNDS} are needed to bound the speed-up)")
     for name, timing in (("candidate", candidate), ("baseline", baseline)):
         if timing.iqr_ms >= SPREAD_LIMIT * timing.median_ms:
-            reasons.append(f"the {name}'s prefill IQR ({timing.iqr_ms:.1f} ms) is "
+            reasons.append(f"the {name}'s {what} IQR ({timing.iqr_ms:.1f} ms) is "
                            f"{timing.iqr_ms / timing.median_ms:.0%} of its median ({timing.median_ms:.1f} ms)")
     if low <= 1.0 <= high and not 1 / CLAIM_MARGIN < point < CLAIM_MARGIN:
         reasons.append(f"its interval {low:.2f}-{high:.2f}x holds 1.00x")

@@ -8,14 +8,15 @@ the baseline's per-sample scores, and stores the record.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 from tuner.config import PruningConfig
+from tuner.config.workload import Workload
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask
-from tuner.measure.compare import BASELINE, latency_inputs, measure_latency, vision_counts
+from tuner.measure.compare import BASELINE, latency_inputs, vision_counts
 from tuner.measure.early_stop import best_reachable_accuracy, bound_applies, progress_of, stop_check_for
-from tuner.measure.latency import speedup_spread
+from tuner.measure.latency import SpeedupSpread, Timing, speedup_spread
+from tuner.measure.workload import WorkloadResult, measure_workload
 from tuner.models.feature_cache import CacheStats, FeatureCache
 from tuner.models.loading import LoadedModel
 from tuner.results.evidence import accuracy_evidence, latency_evidence
@@ -24,19 +25,26 @@ from tuner.results.record import TrialRecord
 CANDIDATE = "candidate"
 
 
-class LatencySettings(Protocol):
-    """How latency is timed (`tuner.search.space.LatencySpec` is one)."""
+# The timing each objective's speed-up is judged on (throughput's is e2e's: every configuration decodes B * T).
+_SPEEDUP_TIMING = {"prefill_ms": ("single", "prefill"), "ttft_ms": ("batch", "prefill"),
+                   "e2e_ms": ("batch", "total"), "throughput": ("batch", "total")}
 
-    new_tokens: int
-    repeats: int
-    warmup: int
+
+def objective_spread(base: WorkloadResult, result: WorkloadResult, objective: str) -> SpeedupSpread:
+    """The speed-up of `objective` over the baseline timed in the same rounds, with its interval and noise flag."""
+    run, part = _SPEEDUP_TIMING[objective]
+
+    def timing(of: WorkloadResult) -> Timing:
+        return getattr(getattr(of, run), part)
+    return speedup_spread(timing(base), timing(result), objective.removesuffix("_ms").replace("_", " "))
 
 
 class TrialMeasurer:
     """Measures configurations with one loaded model on prepared task subsets; latency on the first document of the
-    first task. With `early_stop_chunk`, a pruned configuration is scored in chunks and stopped at a floor."""
+    first task (the first B documents for the workload's batch). With `early_stop_chunk`, a pruned configuration
+    is scored in chunks and stopped at a floor."""
 
-    def __init__(self, loaded: LoadedModel, tasks: Sequence[PreparedTask], latency: LatencySettings, *,
+    def __init__(self, loaded: LoadedModel, tasks: Sequence[PreparedTask], latency: Workload, *,
                  batch_size: int = 1, max_failures: int = 0, feature_cache: FeatureCache | None = None,
                  early_stop_chunk: int | None = None) -> None:
         self.loaded = loaded
@@ -47,6 +55,11 @@ class TrialMeasurer:
         self.evaluator = Evaluator(loaded, self.tasks, batch_size=batch_size, max_failures=max_failures,
                                    feature_cache=feature_cache)
         self.inputs = latency_inputs(loaded, self.tasks[0])
+        batch = latency.batch_size  # the same B documents for every configuration; B == 1: the single request
+        try:
+            self.batch_inputs = latency_inputs(loaded, self.tasks[0], batch) if batch > 1 else None
+        except ValueError as error:  # a subset smaller than the batch: name the setting
+            raise ValueError(f"latency.batch_size {batch}: {error}") from None
         self.on_request: Callable[[int], None] | None = None  # progress of the running evaluation, in documents
         self.baseline: EvalResult | None = None  # the unpruned evaluation, once this measurer ran it
 
@@ -79,7 +92,8 @@ class TrialMeasurer:
     def measure(self, config: PruningConfig | None, *, accuracy_floor: float | None = None,
                 baseline_scores: Sequence[tuple[str, int, float]] | None = None) -> TrialRecord:
         """Accuracy (paired with `baseline_scores` for its evidence), then latency in the same interleaved rounds as
-        the baseline (with the speed-up's interval and noise flag, `tuner.measure.latency.speedup_spread`).
+        the baseline, at the workload (`tuner.measure.workload`), with the speed-up of the workload's objective, its
+        interval and noise flag (`tuner.measure.latency.speedup_spread`).
 
         A configuration stopped early reports as accuracy the best it could still have reached (below the floor,
         so a constraint marks it infeasible), with its partial evidence.
@@ -91,11 +105,10 @@ class TrialMeasurer:
         cache = (self.cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
         lat = self.latency  # measured outside the feature cache: it includes the vision tower
         setups = {BASELINE: None} if config is None else {BASELINE: None, CANDIDATE: config}
-        measured = measure_latency(self.loaded, self.inputs, setups, new_tokens=lat.new_tokens, repeats=lat.repeats,
-                                   warmup=lat.warmup)
-        timing, cost = measured[CANDIDATE if config is not None else BASELINE]
-        base_timing, base_cost = measured[BASELINE]
-        spread = speedup_spread(base_timing.prefill, timing.prefill)
+        measured = measure_workload(self.loaded, self.inputs, self.batch_inputs, setups, lat)
+        timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
+        timing, cost, base_timing, base_cost = timed.single, timed.cost, base.single, base.cost
+        spread = objective_spread(base, timed, lat.objective)
         scores = result.scores()
         evidence = accuracy_evidence(scores, None if config is None else baseline_scores) if scores else {}
         bound = self._reachable_accuracy(result) if result.stopped else None
@@ -111,7 +124,9 @@ class TrialMeasurer:
             decode_ms_per_token=timing.decode.median_ms, decode_iqr_ms=timing.decode.iqr_ms,
             end_to_end_ms=timing.total.median_ms, peak_memory_bytes=timing.peak_memory_bytes,
             baseline_prefill_ms_same_run=base_timing.prefill.median_ms, speedup_same_run=spread.speedup,
-            **spread.to_attrs(), prefill_flops=cost.prefill_flops, kv_cache_bytes=cost.kv_cache_bytes,
+            **spread.to_attrs(), **timed.record_fields(lat),
+            baseline_objective_same_run=base.objectives()[lat.objective], prefill_flops=cost.prefill_flops,
+            kv_cache_bytes=cost.kv_cache_bytes,
             flops_ratio=cost.prefill_flops / base_cost.prefill_flops, latency_input_tokens=cost.n_tokens,
             latency_input_kept_vision=cost.n_kept_vision, **cache)
 

@@ -12,6 +12,7 @@ import torch
 
 from tuner.config.environment import environment
 from tuner.config.preset import Preset, PresetError, PresetMismatchWarning
+from tuner.config.workload import Workload, workload_warning
 from tuner.models.families import detect_family, family_names
 from tuner.models.loading import EMBEDDED_MODELS, device_name
 
@@ -74,3 +75,12 @@ def warn_on_mismatch(model: torch.nn.Module, preset: Preset) -> list[str]:
         warnings.warn(f"preset from {where} was measured on a different stack; its accuracy and speed-up may not "
                       "hold here:\n  " + "\n  ".join(lines), PresetMismatchWarning, stacklevel=3)
     return lines
+
+
+def warn_on_workload(preset: Preset, workload: Workload) -> str | None:
+    """Warn, in one line, when a preset is used at another workload (batch, new tokens, objective) than it was
+    tuned for; returns the warning (None when it matches or the preset does not record one)."""
+    message = workload_warning(preset.provenance, workload)
+    if message:
+        warnings.warn(message, PresetMismatchWarning, stacklevel=3)
+    return message

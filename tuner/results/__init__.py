@@ -9,7 +9,9 @@ from tuner.results.trials import (
     is_baseline,
     open_study,
     pareto_trials,
+    study_objective,
+    study_workload,
 )
 
 __all__ = ["ROLE_ATTR", "STOPPED_ATTR", "StudyNotFound", "accuracy_relative", "config_of", "is_baseline",
-           "open_study", "pareto_trials"]
+           "open_study", "pareto_trials", "study_objective", "study_workload"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial
 
+from tuner.config.workload import objective_named
 from tuner.results import stats
 from tuner.results.record import CONFIRMATION_ATTR, SAMPLE_TASKS_ATTR, TrialRecord
 from tuner.results.trials import record_of
@@ -110,12 +111,12 @@ def _overlap(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bo
     return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
 
 
-def indistinct_from(trial: FrozenTrial, others: Sequence[FrozenTrial]) -> list[int]:
+def indistinct_from(trial: FrozenTrial, others: Sequence[FrozenTrial], objective: str = "prefill_ms") -> list[int]:
     """Numbers of the other trials that `trial` cannot be told apart from: their 95% intervals overlap on both
-    accuracy and prefill median (a conservative reading; unknown intervals never count)."""
+    accuracy and the latency objective's median (a conservative reading; unknown intervals never count)."""
     return [other.number for other in others if other.number != trial.number
             and _overlap(interval(trial, "accuracy"), interval(other, "accuracy"))
-            and _overlap(interval(trial, "prefill_ms"), interval(other, "prefill_ms"))]
+            and _overlap(interval(trial, objective), interval(other, objective))]
 
 
 def accuracy_lower_bound(trial: FrozenTrial, confidence: float) -> float | None:
@@ -165,7 +166,9 @@ def confirmed_text(study: Any, trial: FrozenTrial) -> str:
     numbers = confirmed(study, trial)
     if not numbers:
         return "-"
-    text = f"{numbers['prefill_ms']:.1f} ms {numbers['speedup']:.2f}x" + ("*" if numbers.get("latency_noisy") else "")
+    goal = objective_named(numbers.get("objective"))  # confirmations from before workloads: prefill
+    text = f"{numbers.get(goal.name, numbers['prefill_ms']):.1f} {goal.unit} {numbers['speedup']:.2f}x" + (
+        "*" if numbers.get("latency_noisy") else "")
     if numbers.get("accuracy") is not None:
         low, high = numbers.get("accuracy_low"), numbers.get("accuracy_high")
         text += f", acc {numbers['accuracy']:.3f}" + (f" {pair_text(low, high, '.2f')}" if low is not None else "")

@@ -18,16 +18,28 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__
 from tuner.config.preset import SCHEMA_VERSION, Preset
+from tuner.config.workload import Objective
 from tuner.errors import DartTunerError
 from tuner.results.evidence import accuracy_lower_bound, confirmed
 from tuner.results.record import BASELINE_ATTR, PROVENANCE_ATTR
 from tuner.results.tables import describe_trial
-from tuner.results.trials import config_of, is_baseline, readable_trials, record_of, unreadable_reason
+from tuner.results.trials import (
+    config_of,
+    is_baseline,
+    readable_trials,
+    record_of,
+    study_objective,
+    study_workload,
+    unreadable_reason,
+)
 
 # The uncertainty `tuner.results.evidence` stores with a trial, carried into the preset (None for older trials).
 EVIDENCE_METRICS = ("accuracy_low", "accuracy_high", "accuracy_interval", "accuracy_diff", "accuracy_diff_low",
                     "accuracy_diff_high", "accuracy_diff_method", "mcnemar_p", "prefill_ms_low", "prefill_ms_high",
                     "prefill_ms_coverage")
+# The workload's numbers (`tuner.measure.workload`), carried into the preset (None for trials from before them).
+WORKLOAD_METRICS = ("ttft_ms", "ttft_iqr_ms", "e2e_ms", "e2e_iqr_ms", "throughput", "throughput_iqr",
+                    "decode_batch_ms_per_token", "memory_bytes", "memory_source")
 
 
 class NoTrialQualifies(DartTunerError, ValueError):
@@ -108,8 +120,15 @@ def baseline_accuracy(study: optuna.Study) -> float:
     return float(baseline["accuracy"])
 
 
-def _label(trial: FrozenTrial) -> str:
-    return f"#{trial.number} {describe_trial(trial)}: accuracy {trial.values[0]:.3f}, prefill {trial.values[1]:.1f} ms"
+def _label(trial: FrozenTrial, goal: Objective) -> str:
+    return (f"#{trial.number} {describe_trial(trial)}: accuracy {trial.values[0]:.3f}, {goal.label} "
+            f"{trial.values[1]:.1f} {goal.unit}")
+
+
+def prefill_of(trial: FrozenTrial) -> float:
+    """The trial's single-request prefill median, what --max-latency-ms bounds, whichever the study's objective."""
+    value = record_of(trial).prefill_ms
+    return trial.values[1] if value is None else float(value)
 
 
 def accuracy_floor(study: optuna.Study, rule: Rule) -> float | None:
@@ -122,17 +141,18 @@ def accuracy_floor(study: optuna.Study, rule: Rule) -> float | None:
 def qualifying_trials(study: optuna.Study, rule: Rule) -> list[FrozenTrial]:
     """The candidates meeting a bounds rule, best first (the first is what `choose_trial` picks).
 
-    With an accuracy floor the fastest comes first (ties: the more accurate); with only a latency ceiling the most
-    accurate comes first (ties: the faster).
+    With an accuracy floor the best at the study's latency objective comes first (ties: the more accurate); with
+    only a prefill ceiling the most accurate comes first (ties: the better objective).
     """
     if rule.trial is not None:
         raise ValueError("qualifying_trials takes accuracy/latency bounds, not a trial number")
     floor = accuracy_floor(study, rule)
     qualifying = [t for t in candidates(study) if (floor is None or (floor_evidence(t, rule) or -math.inf) >= floor)
-                  and (rule.max_prefill_ms is None or t.values[1] <= rule.max_prefill_ms)]
+                  and (rule.max_prefill_ms is None or prefill_of(t) <= rule.max_prefill_ms)]
+    cost = study_objective(study).cost
     if floor is None:
-        return sorted(qualifying, key=lambda t: (-t.values[0], t.values[1]))
-    return sorted(qualifying, key=lambda t: (t.values[1], -t.values[0]))
+        return sorted(qualifying, key=lambda t: (-t.values[0], cost(t.values[1])))
+    return sorted(qualifying, key=lambda t: (cost(t.values[1]), -t.values[0]))
 
 
 def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
@@ -168,14 +188,14 @@ def choose_trial(study: optuna.Study, rule: Rule) -> FrozenTrial:
         evidence = floor_evidence(t, rule)
         evidence = t.values[0] if evidence is None else evidence
         accuracy_gap = max(0.0, (floor - evidence) / max(abs(floor), 1e-9)) if floor is not None else 0.0
-        latency_gap = max(0.0, (t.values[1] - rule.max_prefill_ms) / rule.max_prefill_ms) \
+        latency_gap = max(0.0, (prefill_of(t) - rule.max_prefill_ms) / rule.max_prefill_ms) \
             if rule.max_prefill_ms is not None else 0.0
         return accuracy_gap + latency_gap
 
     closest = sorted(pool, key=shortfall)[:3]
     bound = f" (accuracy floor {floor:.3f})" if floor is not None else ""
     raise NoTrialQualifies(f"no trial of {study.study_name!r} meets: {rule.describe()}{bound}. Closest:\n  "
-                           + "\n  ".join(_label(t) + _bound_label(t, rule) for t in closest))
+                           + "\n  ".join(_label(t, study_objective(study)) + _bound_label(t, rule) for t in closest))
 
 
 def _bound_label(trial: FrozenTrial, rule: Rule) -> str:
@@ -195,6 +215,7 @@ def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:
     if config is None:
         raise NoTrialQualifies(f"trial {trial.number} is the unpruned baseline; there is nothing to deploy")
     baseline = study.user_attrs.get(BASELINE_ATTR) or {}
+    goal = study_objective(study)
     metrics = {  # the preset's own metric names, from the trial record's fields
         "accuracy": trial.values[0], "baseline_accuracy": baseline.get("accuracy"),
         "prefill_ms_median": record.prefill_ms, "prefill_ms_iqr": record.prefill_iqr_ms,
@@ -205,6 +226,9 @@ def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:
         "kept_vision_mean": record.kept_vision_mean, "vision_mean": record.vision_mean,
         "keep_ratio_achieved": record.keep_ratio_achieved, "prefill_flops": record.prefill_flops,
         "kv_cache_bytes": record.kv_cache_bytes, "n_samples": record.n_samples,
+        "objective": goal.name, "objective_unit": goal.unit, "objective_value": trial.values[1],
+        "baseline_objective_value": record.baseline_objective_same_run,
+        **{key: getattr(record, key) for key in WORKLOAD_METRICS},
         **{key: getattr(record, key) for key in EVIDENCE_METRICS},
         "confirmed": confirmed(study, trial),  # the confirmation run's numbers (`tuner.search.confirm`), if any
     }
@@ -218,4 +242,5 @@ def preset_from_trial(study: optuna.Study, trial: FrozenTrial) -> Preset:
         "tasks": stored.get("tasks"), "study": study.study_name, "trial": trial.number,
         "exported_by": f"dart-tuner {__version__}",
     })
+    provenance["workload"] = study_workload(study)  # what `apply` / `eval` compare their own workload with
     return Preset(config=config, metrics=metrics, provenance=provenance, schema_version=SCHEMA_VERSION)

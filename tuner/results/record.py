@@ -17,11 +17,12 @@ from optuna.trial import FrozenTrial
 
 from tuner.config import PruningConfig
 from tuner.config.schema import CONFIG_SCHEMA_ATTR, config_attrs, config_from_data
+from tuner.config.workload import Objective
 from tuner.errors import DartTunerError
 
 RECORD_SCHEMA = 1  # the record schema this dart-tuner writes; trials without RECORD_SCHEMA_ATTR are schema 0
-DIRECTIONS = ("maximize", "minimize")  # the study's objectives, in order: accuracy up, prefill ms down
-OBJECTIVES = ("accuracy", "prefill_ms")
+DIRECTIONS = ("maximize", "minimize")  # a default study's objectives, in order: accuracy up, prefill ms down
+OBJECTIVES = ("accuracy", "prefill_ms")  # the second follows the workload's (`tuner.config.workload`)
 
 # Trial user attributes that other modules name (every other one is a TrialRecord field of the same name).
 RECORD_SCHEMA_ATTR = "record_schema"
@@ -38,6 +39,8 @@ REQUEUED_FROM_ATTR = "requeued_from"  # a trial queued again after an interrupt:
 BASELINE_ATTR = "baseline"  # {"trial", "accuracy", "prefill_ms", "decode_ms_per_token"} of the baseline trial
 CONFIRMATION_ATTR = "confirmation"  # written by `tuner.search.confirm`: {"trials": {"7": {...}}, ...}
 PROVENANCE_ATTR = "provenance"
+OBJECTIVES_ATTR = "objectives"  # ["accuracy", the latency objective's name]; trial values are in this order
+WORKLOAD_ATTR = "workload"  # {"batch_size", "new_tokens", "objective"} the study is tuned for (none: prefill_ms)
 
 BASELINE_ROLE = "baseline"
 PAPER_DEFAULT_ROLE = "paper_default"
@@ -108,6 +111,27 @@ class TrialRecord:
     speedup_high: float | None = None
     latency_noisy: bool | None = None
     latency_warning: str | None = None
+    # the serving workload, timed in the same rounds (`tuner.measure.workload`); speedup_* above are of `objective`
+    objective: str | None = None  # the study's latency objective (None: prefill_ms, a trial from before workloads)
+    workload_batch_size: int | None = None
+    workload_new_tokens: int | None = None
+    ttft_ms: float | None = None  # B requests prefilled together: time to their first token
+    ttft_iqr_ms: float | None = None
+    ttft_ms_low: float | None = None
+    ttft_ms_high: float | None = None
+    e2e_ms: float | None = None  # B requests together, T tokens each: what each request waits
+    e2e_iqr_ms: float | None = None
+    e2e_ms_low: float | None = None
+    e2e_ms_high: float | None = None
+    throughput: float | None = None  # output tokens per second at batch B
+    throughput_iqr: float | None = None
+    throughput_low: float | None = None
+    throughput_high: float | None = None
+    decode_batch_ms_per_token: float | None = None  # ms per decode step at batch B (the KV cache pruning shrinks)
+    decode_batch_iqr_ms: float | None = None
+    baseline_objective_same_run: float | None = None  # the baseline's objective in the trial's rounds
+    memory_bytes: int | None = None  # prefill plus KV cache at the workload, of `memory_source`
+    memory_source: str | None = None  # "cuda_max_allocated" (measured) or "analytic_kv_cache"
     # analytic cost on the latency prompt (`tuner.models.cost`)
     prefill_flops: float | None = None
     kv_cache_bytes: int | None = None
@@ -169,8 +193,18 @@ class TrialRecord:
         return cls.from_attrs(trial.user_attrs, number=trial.number, confirmation=confirmation)
 
     def interval(self, name: str) -> tuple[Any, Any]:
-        """The stored (low, high) of 'accuracy', 'accuracy_diff', 'prefill_ms' or 'speedup' (None where unset)."""
+        """The stored (low, high) of 'accuracy', 'accuracy_diff', 'speedup' or a latency objective ('prefill_ms',
+        'ttft_ms', 'e2e_ms', 'throughput'); None where unset."""
         return getattr(self, f"{name}_low"), getattr(self, f"{name}_high")
+
+
+def objective_value(record: TrialRecord, goal: Objective) -> float:
+    """The record's value of a latency objective (its field of the same name); ValueError when it was not
+    measured (a trial stored before workloads, for an objective other than prefill_ms)."""
+    value = getattr(record, goal.name)
+    if value is None:
+        raise ValueError(f"the trial record holds no {goal.name} (measured before workloads existed)")
+    return float(value)
 
 
 _NOT_STORED = ("config", "confirmed", "unknown")

@@ -34,6 +34,8 @@ from tuner.results.trials import (
     pareto_trials,
     record_of,
     skipped_text,
+    study_objective,
+    study_workload,
     unreadable_trials,
 )
 
@@ -129,13 +131,16 @@ def describe_trial(trial: FrozenTrial) -> str:
 
 
 def speedup(trial: FrozenTrial, study: optuna.Study) -> float:
-    """Prefill speed-up over the baseline measured in the same trial (robust to machine drift), else the
-    study's baseline."""
+    """Gain of the study's latency objective over the baseline (prefill speed-up by default; for throughput, times
+    more tokens/s) measured in the same trial (robust to machine drift), else over the study's baseline."""
     same_run = record_of(trial).speedup_same_run
     if same_run:
         return float(same_run)
     baseline = study.user_attrs.get(BASELINE_ATTR) or {}
-    return baseline.get("prefill_ms", math.nan) / trial.values[1] if trial.values else math.nan
+    reference = baseline.get("objective_value", baseline.get("prefill_ms"))
+    if not trial.values or reference is None:
+        return math.nan
+    return study_objective(study).gain(reference, trial.values[1])
 
 
 def latency_noise(trial: FrozenTrial) -> str | None:
@@ -159,8 +164,9 @@ def noise_warning(trial: FrozenTrial, study: optuna.Study) -> str | None:
         return None
     low, high = record_of(trial).interval("speedup")
     interval = f" (interval {low:.2f}-{high:.2f}x)" if low is not None and high is not None else ""
-    return (f"trial {trial.number}'s prefill speed-up {speedup(trial, study):.2f}x{interval} is not distinguishable "
-            f"from the latency spread: {reason}. Re-measure it with more repeats on an idle machine")
+    return (f"trial {trial.number}'s {study_objective(study).label} speed-up {speedup(trial, study):.2f}x{interval} "
+            f"is not distinguishable from the latency spread: {reason}. Re-measure it with more repeats on an idle "
+            "machine")
 
 
 def with_interval(trial: FrozenTrial, name: str, value: float | None, spec: str) -> str:
@@ -169,14 +175,23 @@ def with_interval(trial: FrozenTrial, name: str, value: float | None, spec: str)
     return _fmt(value, spec) + (f" {text}" if text else "")
 
 
+_OBJECTIVE_COLUMN = Column("prefill_ms", "prefill ms [95%]", "prefill ms [95%]")  # named by the study's objective
 PARETO_COLUMNS = (Column("trial", "trial", "#"), Column("method", "method", "method", "left"),
                   Column("layer", "K", "K"), Column("options", "options", justify="left"),
                   Column("keep", "keep", "keep"), Column("kept_vision", "kept vision"),
                   Column("accuracy", "accuracy [95%]", "accuracy [95%]"), Column("relative_accuracy", "rel. acc"),
                   Column("versus_baseline", "vs baseline [95%] p"),
-                  Column("prefill_ms", "prefill ms [95%]", "prefill ms [95%]"),
+                  _OBJECTIVE_COLUMN,
                   Column("speedup", "speed-up", "speed-up"),
                   Column("indistinct", "not distinguishable from"))
+
+
+def _workload_text(study: optuna.Study) -> str:
+    """'; batch 8, 16 new tokens': the workload a batched objective was measured at ('' for prefill_ms)."""
+    shape = study_workload(study)
+    if shape.get("objective", "prefill_ms") == "prefill_ms":
+        return ""
+    return f"; batch {shape.get('batch_size')}, {shape.get('new_tokens')} new tokens"
 
 
 def pareto_sheet(study: optuna.Study) -> Sheet:
@@ -188,20 +203,26 @@ def pareto_sheet(study: optuna.Study) -> Sheet:
         fresh = ", fresh subset" if confirmation.get("fresh_subset") else ""
         rounds = f"{confirmation.get('repeats')} rounds{fresh}"
         columns.append(Column("confirmed", f"confirmed ({rounds})", "confirmed"))
-    sheet = Sheet(f"Pareto front of {study.study_name} (feasible trials; accuracy up, prefill down)", columns)
+    goal = study_objective(study)
+    columns[PARETO_COLUMNS.index(_OBJECTIVE_COLUMN)] = Column(goal.name, f"{goal.heading()} [95%]",
+                                                              f"{goal.heading()} [95%]")
+    arrow = "up" if goal.maximize else "down"
+    sheet = Sheet(f"Pareto front of {study.study_name} (feasible trials; accuracy up, {goal.label} {arrow}"
+                  f"{_workload_text(study)})", columns)
     front = pareto_trials(study)
     for trial in front:
         method, layer, options, amount = trial_label(trial)
         record = record_of(trial)
         kept, vision = record.kept_vision_mean, record.vision_mean
-        indistinct = indistinct_from(trial, front)
+        indistinct = indistinct_from(trial, front, goal.name)
         cells = [str(trial.number), method, layer, options, amount, f"{_fmt(kept, '.0f')}/{_fmt(vision, '.0f')}",
                  with_interval(trial, "accuracy", trial.values[0], ".3f"), _fmt(accuracy_relative(trial, study), ".1%"),
-                 versus_baseline_text(trial), with_interval(trial, "prefill_ms", trial.values[1], ".1f"),
+                 versus_baseline_text(trial), with_interval(trial, goal.name, trial.values[1], ".1f"),
                  speedup_text(trial, study), ", ".join(f"#{n}" for n in indistinct) or "-"]
         config = config_of(trial)
         values = {"number": trial.number, "config": None if config is None else config.to_dict(),
-                  "accuracy": trial.values[0], "prefill_ms": trial.values[1], "speedup": _finite(speedup(trial, study)),
+                  "accuracy": trial.values[0], goal.name: trial.values[1], "objective": goal.name,
+                  "objective_unit": goal.unit, "speedup": _finite(speedup(trial, study)),
                   "latency_noisy": latency_noise(trial) is not None, "indistinct_from": indistinct}
         if confirmation:
             cells.append(confirmed_text(study, trial))
@@ -236,7 +257,8 @@ def study_rows(storage: str | optuna.storages.BaseStorage) -> list[dict]:
         baseline = study.user_attrs.get(BASELINE_ATTR) or {}
         front = pareto_trials(study, trials) if len(study.directions) == 2 else []
         best_acc = max(front, key=lambda t: t.values[0], default=None)
-        fastest = min(front, key=lambda t: t.values[1], default=None)
+        goal = study_objective(study)
+        fastest = min(front, key=lambda t: goal.cost(t.values[1]), default=None)
         provenance = study.user_attrs.get(PROVENANCE_ATTR) or {}
         rows.append({"study": frozen.study_name, "model": provenance.get("model_id"),
                      "tasks": ",".join(t["name"] for t in provenance.get("tasks", [])),
@@ -251,8 +273,9 @@ def _point(trial: FrozenTrial | None, study: optuna.Study) -> str:
     if trial is None:
         return "-"
     method, layer, _options, amount = trial_label(trial)
+    goal = study_objective(study)
     return (f"#{trial.number} {method} K={layer} {amount}: {with_interval(trial, 'accuracy', trial.values[0], '.3f')}"
-            f" @ {with_interval(trial, 'prefill_ms', trial.values[1], '.1f')} ms ({speedup_text(trial, study)})")
+            f" @ {with_interval(trial, goal.name, trial.values[1], '.1f')} {goal.unit} ({speedup_text(trial, study)})")
 
 
 STUDIES_COLUMNS = (Column("study", "study", "study", "left"), Column("model", "model", "model", "left"),

@@ -16,11 +16,21 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import PruningConfig
+from tuner.config.workload import Objective, objective_named
 from tuner.errors import DartTunerError
-from tuner.results.record import BASELINE_ATTR, BASELINE_ROLE, ROLE_ATTR, STOPPED_ATTR, TrialRecord
+from tuner.results.record import (
+    BASELINE_ATTR,
+    BASELINE_ROLE,
+    OBJECTIVES_ATTR,
+    ROLE_ATTR,
+    STOPPED_ATTR,
+    WORKLOAD_ATTR,
+    TrialRecord,
+)
 
 __all__ = ["ROLE_ATTR", "STOPPED_ATTR", "StudyNotFound", "accuracy_relative", "config_of", "is_baseline",
            "open_study", "pareto_front", "pareto_trials", "readable_trials", "record_of", "skipped_text",
+           "study_objective", "study_workload",
            "unreadable_reason", "unreadable_trials"]
 
 
@@ -113,15 +123,33 @@ class StudySnapshot:
         return getattr(self.study, name)
 
 
-def pareto_front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The feasible Pareto set (accuracy up, prefill down) of `trials`, in trial order: the set Optuna's
-    `study.best_trials` gives, without its deep copy of every trial of the study on each call."""
+def study_objective(study: Any) -> Objective:
+    """The study's latency objective (its stored `objectives`; studies made before workloads: prefill_ms)."""
+    names = study.user_attrs.get(OBJECTIVES_ATTR) or []
+    return objective_named(names[1] if len(names) > 1 else None)
+
+
+def study_workload(study: Any) -> dict[str, Any]:
+    """The workload shape the study was tuned for ({"batch_size", "new_tokens", "objective"}; older studies:
+    one request at prefill_ms, new tokens from the provenance)."""
+    stored = study.user_attrs.get(WORKLOAD_ATTR)
+    if stored:
+        return dict(stored)
+    latency = (study.user_attrs.get("provenance") or {}).get("latency") or {}
+    return {"batch_size": 1, "new_tokens": latency.get("new_tokens", 8), "objective": study_objective(study).name}
+
+
+def pareto_front(trials: Sequence[FrozenTrial], goal: Objective | None = None) -> list[FrozenTrial]:
+    """The feasible Pareto set (accuracy up, the latency objective `goal` in its direction; default prefill ms
+    down) of `trials`, in trial order: the set Optuna's `study.best_trials` gives, without its deep copy of every
+    trial of the study on each call."""
+    cost = (goal or objective_named(None)).cost
     feasible = [t for t in trials if t.state == TrialState.COMPLETE and t.values is not None
                 and all(v <= 0 for v in t.constraints.values())]
     best_faster = -math.inf  # the best accuracy of the trials strictly faster than the ones looked at
     front: set[int] = set()
-    ordered = sorted(feasible, key=lambda t: (t.values[1], -t.values[0]))
-    for _, group in itertools.groupby(ordered, key=lambda t: t.values[1]):
+    ordered = sorted(feasible, key=lambda t: (cost(t.values[1]), -t.values[0]))
+    for _, group in itertools.groupby(ordered, key=lambda t: cost(t.values[1])):
         same = list(group)
         top = same[0].values[0]  # the most accurate at this latency; equal ones tie, neither dominates
         if top > best_faster:
@@ -136,9 +164,11 @@ def is_baseline(trial: FrozenTrial) -> bool:
 
 
 def pareto_trials(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> list[FrozenTrial]:
-    """The feasible Pareto set of the study's trials this install can read (`readable_trials`), fastest first."""
+    """The feasible Pareto set of the study's trials this install can read (`readable_trials`), best latency
+    objective first."""
     trials = study.get_trials(deepcopy=False) if trials is None else trials
-    return sorted(pareto_front(readable_trials(trials)), key=lambda t: t.values[1])
+    goal = study_objective(study)
+    return sorted(pareto_front(readable_trials(trials), goal), key=lambda t: goal.cost(t.values[1]))
 
 
 def accuracy_relative(trial: FrozenTrial, study: optuna.Study) -> float:

@@ -1,7 +1,7 @@
 """A confirmation run at the end of a study: the front measured again, away from the search's own noise.
 
-- Latency: the front's trials and the unpruned baseline in ONE interleaved run with more repeats than the search
-  used, so every confirmed speed-up comes from the same rounds.
+- Latency: the front's trials and the unpruned baseline in ONE interleaved run at the study's workload with more
+  repeats than the search used, so every confirmed speed-up (of the study's objective) comes from the same rounds.
 - Accuracy (optional): the baseline and the front's trials scored on a fresh seeded subset, disjoint from the one
   the search chose on, which removes the winner's curse of picking the best-looking trials on the same questions.
 
@@ -11,6 +11,7 @@ attributes change), keyed by trial number, next to the search-time numbers, whic
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,9 +20,9 @@ import optuna
 
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import load_tasks
-from tuner.measure.compare import BASELINE, measure_latency
-from tuner.measure.latency import speedup_spread
-from tuner.measure.trial import TrialMeasurer
+from tuner.measure.compare import BASELINE
+from tuner.measure.trial import TrialMeasurer, objective_spread
+from tuner.measure.workload import measure_workload
 from tuner.results import config_of, is_baseline, pareto_trials
 from tuner.results.evidence import CONFIRMATION_ATTR, SAMPLE_TASKS_ATTR, accuracy_evidence, latency_evidence
 from tuner.results.record import PROVENANCE_ATTR
@@ -66,21 +67,25 @@ def confirm(measurer: TrialMeasurer, study: optuna.Study, space: SearchSpace, *,
     if on_step:
         on_step(f"latency: the baseline and {len(front)} front trials, {repeats} interleaved rounds")
     setups = {BASELINE: None, **{str(t.number): config_of(t) for t in front}}
-    measured = measure_latency(measurer.loaded, measurer.inputs, setups, new_tokens=lat.new_tokens, repeats=repeats,
-                               warmup=warmup)
-    base_timing = measured[BASELINE][0]
+    # the study's own workload, with the confirmation's rounds: its objective is what the speed-up is of
+    measured = measure_workload(measurer.loaded, measurer.inputs, measurer.batch_inputs, setups,
+                                dataclasses.replace(lat, repeats=repeats, warmup=warmup))
+    base = measured[BASELINE]
+    base_timing = base.single
     record: dict[str, Any] = {
         "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "repeats": repeats,
-        "warmup": warmup, "new_tokens": lat.new_tokens,
+        "warmup": warmup, "new_tokens": lat.new_tokens, **lat.shape(),
         "baseline": {"prefill_ms": base_timing.prefill.median_ms, "prefill_iqr_ms": base_timing.prefill.iqr_ms,
-                     **latency_evidence(base_timing.prefill.samples_ms)},
+                     **latency_evidence(base_timing.prefill.samples_ms), **base.objectives()},
         "trials": {}, "fresh_subset": None}
     for trial in front:
-        timing = measured[str(trial.number)][0]
-        spread = speedup_spread(base_timing.prefill, timing.prefill)
+        timed = measured[str(trial.number)]
+        timing = timed.single
+        spread = objective_spread(base, timed, lat.objective)
         record["trials"][str(trial.number)] = {
             "prefill_ms": timing.prefill.median_ms, "prefill_iqr_ms": timing.prefill.iqr_ms,
-            **latency_evidence(timing.prefill.samples_ms), "speedup": spread.speedup, **spread.to_attrs()}
+            **latency_evidence(timing.prefill.samples_ms), **timed.objectives(), "objective": lat.objective,
+            "speedup": spread.speedup, **spread.to_attrs()}
     if fresh_size is not None:
         fresh = load_tasks([t.name for t in measurer.tasks], subset_size=fresh_size, seed=fresh_seed,
                            include_paths=space.include_paths, exclude={t.name: t.doc_indices for t in measurer.tasks})

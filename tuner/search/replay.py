@@ -21,11 +21,11 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from tuner.config import PruningConfig
 from tuner.config.options import param_name
+from tuner.config.workload import DEFAULT_OBJECTIVE, objective_named
 from tuner.errors import DartTunerError
-from tuner.results import config_of, is_baseline
+from tuner.results import config_of, is_baseline, study_objective
 from tuner.results.record import (
     BASELINE_ROLE,
-    DIRECTIONS,
     DUPLICATE_OF_ATTR,
     PAPER_DEFAULT_ROLE,
     ROLE_ATTR,
@@ -45,7 +45,7 @@ class Measured:
     """One measured trial: its objectives, constraint values (feasible when all <= 0) and what it cost."""
 
     accuracy: float
-    prefill_ms: float
+    prefill_ms: float  # the study's second objective value: prefill ms unless the grid's `objective` says otherwise
     constraints: Mapping[str, float]
     stopped: bool
     trial_seconds: float  # start to end of the trial: evaluation, latency and bookkeeping
@@ -64,6 +64,7 @@ class MeasuredGrid:
 
     baseline: Measured
     points: Mapping[str, Measured]  # by `config_key`
+    objective: str = DEFAULT_OBJECTIVE  # the measured study's latency objective: the replay's second direction
 
     def seconds(self) -> tuple[float, float]:
         """(trial seconds, accuracy-evaluation seconds) of the whole grid, baseline included."""
@@ -126,7 +127,7 @@ def measured_grid(study: optuna.Study) -> MeasuredGrid:
             points.setdefault(config_key(config_of(trial)), measured_of(trial))
     if baseline is None:
         raise ReplayError(f"study {study.study_name!r} holds no complete baseline trial")
-    return MeasuredGrid(baseline, points)
+    return MeasuredGrid(baseline, points, study_objective(study).name)
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ def replay(space: SearchSpace, grid: MeasuredGrid, sampler: str, seed: int, *,
     """Run `sampler` (seeded `seed`) over `space` as `Tuner.run` would, answered from `grid`, until every grid
     point is complete or `RepeatGuard` ends it. Step 0 is the baseline (its seconds charged, not a configuration)."""
     space = dataclasses.replace(space.with_sampler(sampler), sampler=SamplerSpec(sampler, seed, {}))
-    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), directions=list(DIRECTIONS),
+    directions = ["maximize", objective_named(grid.objective).direction]  # the measured study's, not a default
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), directions=directions,
                                 sampler=make_sampler(space))
     study.enqueue_trial({}, user_attrs={ROLE_ATTR: BASELINE_ROLE})
     for paper in space.paper_defaults():

@@ -24,6 +24,7 @@ from tuner.config import PruningConfig
 from tuner.config.catalog import method_class
 from tuner.config.options import param_name
 from tuner.config.schema import LEGACY_METHOD, LEGACY_PARAMS
+from tuner.config.workload import OBJECTIVES, Workload, WorkloadError
 from tuner.config.yaml_files import read_yaml
 from tuner.models.attention import ATTN_IMPLEMENTATIONS
 from tuner.models.feature_cache import DEFAULT_FEATURE_CACHE_MB
@@ -85,11 +86,7 @@ class SamplerSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class LatencySpec:
-    new_tokens: int = 8
-    repeats: int = 5
-    warmup: int = 1
+LatencySpec = Workload  # the space's `latency` section: timing protocol and serving workload
 
 
 @dataclass(frozen=True)
@@ -214,6 +211,15 @@ class SearchSpace:
         """A copy with command-line overrides (None values are ignored)."""
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def with_workload(self, **overrides: Any) -> SearchSpace:
+        """A copy whose `latency` workload takes the given values (`tune --objective ...`; None values ignored);
+        SpaceError naming a bad one."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return dataclasses.replace(self, latency=dataclasses.replace(self.latency, **given))
+        except WorkloadError as error:
+            raise SpaceError(f"{self.source}: {error}") from None
+
     def with_sampler(self, name: str) -> SearchSpace:
         """A copy that uses another sampler (`--sampler`): same seed, and the space's sampler options only when
         the name is the same. SpaceError for an unknown name, or a space the grid sampler cannot enumerate."""
@@ -290,10 +296,12 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
     options = sampler.get("options") or {}
     if not isinstance(options, dict):
         raise r.fail("sampler.options", f"must be a mapping of sampler keyword arguments, got {options!r}")
-    latency = r.mapping("latency", data.get("latency"), {"new_tokens", "repeats", "warmup"})
-    for key, low in (("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
+    latency = r.mapping("latency", data.get("latency"), {"batch_size", "new_tokens", "objective", "repeats", "warmup"})
+    for key, low in (("batch_size", 1), ("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
         if key in latency:
             r.number(f"latency.{key}", latency[key], integer=True, low=low)
+    if "objective" in latency:
+        r.choice("latency.objective", latency["objective"], tuple(OBJECTIVES))
     early = r.mapping("early_stopping", data.get("early_stopping"), {"chunk_size"})
     if "chunk_size" in early:
         r.number("early_stopping.chunk_size", early["chunk_size"], integer=True, low=1)

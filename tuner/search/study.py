@@ -37,13 +37,17 @@ from tuner.results.record import (
     FAILURE_ATTR,
     FAILURE_TYPE_ATTR,
     OBJECTIVES,
+    OBJECTIVES_ATTR,
     PAPER_DEFAULT_ROLE,
     PROVENANCE_ATTR,
     REQUEUED_FROM_ATTR,
     ROLE_ATTR,
+    WORKLOAD_ATTR,
     TrialRecord,
+    objective_value,
 )
 from tuner.results.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, gave_up, open_for_tuning
+from tuner.results.trials import study_objective
 from tuner.search.guards import FailureGuard, RepeatGuard
 from tuner.search.provenance import ProvenanceMismatch, check_same_setup
 from tuner.search.requeue import (
@@ -63,9 +67,13 @@ from tuner.search.space_changes import SpaceChanged, check_space_fits
 logger = logging.getLogger(__name__)
 
 __all__ = ["DIRECTIONS", "INTERRUPTED", "OBJECTIVES", "REQUEUED_FROM_ATTR", "STORAGE_LOST", "ProvenanceMismatch",
-           "SpaceChanged", "TrialLost", "Tuner", "TuningStopped"]
+           "SpaceChanged", "TrialLost", "Tuner", "TuningStopped", "WorkloadMismatch"]
 
 INTERRUPTED = "interrupted (Ctrl-C); queued again for the next run"
+
+
+class WorkloadMismatch(DartTunerError, ValueError):
+    """A study resumed at another latency objective or batch than it was tuned for."""
 
 
 class TuningStopped(DartTunerError, RuntimeError):
@@ -95,18 +103,36 @@ class Tuner:
         self.setup = setup or MeasuringSetup.load(space, loaded=loaded, tasks=tasks)
         self.loaded, self.tasks, self.measurer = self.setup.loaded, self.setup.tasks, self.setup.measurer
         self.provenance = self.setup.provenance
+        self.goal = space.latency.goal  # the study's second objective, in its direction
         self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
-                                         directions=list(DIRECTIONS), sampler=make_sampler(space),
+                                         directions=["maximize", self.goal.direction], sampler=make_sampler(space),
                                          load_if_exists=True)
+        self._check_workload()
         self._check_provenance(allow_mixed)
         self._running: Trial | None = None  # the trial objective() runs now, to queue again on Ctrl-C
         self.requeued: int | None = None  # the trial queued again by the last interrupted run()
+
+    def _check_workload(self) -> None:
+        """Refuse, in one line, to resume a study at another objective (its directions and stored values would
+        mean something else) or, for a batched objective, at another batch size."""
+        attrs = self.study.user_attrs
+        if PROVENANCE_ATTR not in attrs:
+            return  # a new study: this run sets its workload
+        stored = study_objective(self.study)
+        tuned = attrs.get(WORKLOAD_ATTR) or {}
+        batch = tuned.get("batch_size", 1)
+        wanted = self.space.latency
+        if stored.name != wanted.objective or (stored.name != "prefill_ms" and batch != wanted.batch_size):
+            raise WorkloadMismatch(f"study {self.study_name!r} was tuned for {stored.name} at batch {batch}; this "
+                                   f"run asks for {wanted.objective} at batch {wanted.batch_size}: use another "
+                                   "--study, or the study's own --objective and --latency-batch")
 
     def _check_provenance(self, allow_mixed: bool) -> None:
         stored = self.study.user_attrs.get(PROVENANCE_ATTR)
         if stored is None:
             self.study.set_user_attr(PROVENANCE_ATTR, self.provenance)
-            self.study.set_user_attr("objectives", list(OBJECTIVES))
+            self.study.set_user_attr(OBJECTIVES_ATTR, ["accuracy", self.goal.name])
+            self.study.set_user_attr(WORKLOAD_ATTR, self.space.latency.shape())
             self.study.set_user_attr("space", self.space.source)
             self.study.set_user_attr("constraints", self.space.constraints.__dict__)
             self._enqueue_first_trials()
@@ -176,7 +202,8 @@ class Tuner:
                                      baseline_scores=None if config is None else self._baseline_scores())
 
     def objective(self, trial: Trial) -> tuple[float, float]:
-        """Optuna objective: (accuracy, prefill median ms); every number also goes into the trial's attributes.
+        """Optuna objective: (accuracy, the workload's objective, prefill median ms by default); every number also
+        goes into the trial's attributes.
 
         A Ctrl-C anywhere in it marks the trial as interrupted, so `run` queues it again.
         """
@@ -222,11 +249,13 @@ class Tuner:
             trial.set_user_attr(key, value)
         for key, value in self._constraints(record.accuracy, record.prefill_ms).items():
             trial.set_constraint(key, value)
+        value = objective_value(record, self.goal)
         if baseline:
             self.study.set_user_attr(BASELINE_ATTR, {"trial": trial.number, "accuracy": record.accuracy,
                                                      "prefill_ms": record.prefill_ms,
-                                                     "decode_ms_per_token": record.decode_ms_per_token})
-        return record.accuracy, record.prefill_ms
+                                                     "decode_ms_per_token": record.decode_ms_per_token,
+                                                     "objective": self.goal.name, "objective_value": value})
+        return record.accuracy, value
 
     def _complete_with(self, config: PruningConfig) -> int | None:
         """The first complete trial that ran exactly `config`, if any."""
