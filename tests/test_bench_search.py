@@ -101,3 +101,11 @@ def test_a_range_space_or_a_missing_grid_is_one_line(tmp_path):
                                       "--storage", f"sqlite:///{tmp_path}/b.db"])
     assert result.exit_code == 2
     assert "study 'b-grid' is not a complete measured grid: no study 'b-grid' in this storage" in result.output
+
+
+def test_a_grid_sums_its_latency_seconds_and_rounds():
+    point = Measured(accuracy=0.9, prefill_ms=10.0, constraints={}, stopped=False, trial_seconds=5.0,
+                     eval_seconds=3.0, documents=12, latency_seconds=1.5, latency_rounds=10)
+    old = Measured(accuracy=0.9, prefill_ms=10.0, constraints={}, stopped=False, trial_seconds=5.0, eval_seconds=3.0)
+    grid = MeasuredGrid(point, {"a": point, "b": old})  # "b": a trial stored before latency seconds were
+    assert grid.latency() == (3.0, 20) and grid.seconds() == (15.0, 9.0) and grid.documents() == 24

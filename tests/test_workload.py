@@ -36,6 +36,7 @@ from tuner.results.record import TrialRecord
 from tuner.results.tables import pareto_sheet
 from tuner.results.trials import pareto_front
 from tuner.search.confirm import confirm
+from tuner.search.replay import measured_of
 from tuner.search.space import SpaceError, parse_space
 from tuner.search.study import Tuner, WorkloadMismatch
 
@@ -155,6 +156,10 @@ def test_throughput_study_stores_the_workload_and_maximises(saved_dirs, model_an
         assert record.memory_source == "analytic_kv_cache" and record.memory_bytes > 0
         assert record.baseline_objective_same_run > 0
         assert {key for key in RECORD_FIELDS if getattr(record, key) is None} == set()  # every field stored
+        # where the trial's seconds went (bench-search's columns): the latency rounds are a timed part of it
+        assert 0 < record.latency_seconds < trial.duration.total_seconds()
+        measured = measured_of(trial)
+        assert measured.latency_seconds == record.latency_seconds and measured.latency_rounds == record.prefill_repeats
     base = next(TrialRecord.from_trial(t) for t in trials if is_baseline(t))
     pruned = next(TrialRecord.from_trial(t) for t in trials if not is_baseline(t))
     assert pruned.memory_bytes < base.memory_bytes  # pruning 75% of the vision tokens shrinks the batch's KV cache

@@ -195,7 +195,8 @@ def _report(console: Console, space: SearchSpace, grids: dict[str, MeasuredGrid]
                     "and seconds measured once per point; a repeated proposal is pruned at no cost, as in tune",
             "reference": {"accuracy": reference[0], "prefill_ms": reference[1]},
             "grids": {v: {"points": len(g.points), "trial_seconds": g.seconds()[0], "eval_seconds": g.seconds()[1],
-                          "documents": g.documents(),
+                          "documents": g.documents(), "latency_seconds": g.latency()[0],
+                          "latency_rounds": g.latency()[1],
                           "hypervolume": full[v], "feasible": sorted(k for k, m in g.points.items() if m.feasible),
                           "stopped": sum(m.stopped for m in g.points.values())} for v, g in grids.items()},
             "checkpoints": checkpoints, "second_marks": second_marks,
@@ -211,7 +212,8 @@ def _print_targets(console: Console, report: dict) -> None:
         at = tpe["fraction_at"][quarter]
         console.print(f"target 1, TPE >= 95% of the grid's hypervolume within {quarter} configurations (a quarter): "
                       f"{100 * at:.1f}% (mean of seeds) -> {'met' if at >= 0.95 else 'missed'}")
-    for kind, unit in (("trial_seconds", " s"), ("eval_seconds", " s"), ("documents", "")):
+    for kind, unit in (("trial_seconds", " s"), ("eval_seconds", " s"), ("latency_seconds", " s"),
+                       ("latency_rounds", ""), ("documents", "")):
         change = fast[kind] / plain[kind] - 1
         console.print(f"{kind.replace('_', ' ')}: plain grid {plain[kind]:.0f}{unit}, with early stopping + feature "
                       f"cache {fast[kind]:.0f}{unit}: {100 * abs(change):.1f}% {'fewer' if change < 0 else 'more'}")

@@ -7,6 +7,7 @@ the baseline's per-sample scores, and stores the record.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 from tuner.config import PruningConfig
@@ -105,7 +106,9 @@ class TrialMeasurer:
         cache = (self.cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
         lat = self.latency  # measured outside the feature cache: it includes the vision tower
         setups = {BASELINE: None} if config is None else {BASELINE: None, CANDIDATE: config}
+        started = time.perf_counter()
         measured = measure_workload(self.loaded, self.inputs, self.batch_inputs, setups, lat)
+        latency_seconds = time.perf_counter() - started
         timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
         timing, cost, base_timing, base_cost = timed.single, timed.cost, base.single, base.cost
         spread = objective_spread(base, timed, lat.objective)
@@ -120,7 +123,8 @@ class TrialMeasurer:
             stop_reason=result.stopped or None, accuracy_partial=None if bound is None else result.accuracy,
             accuracy_upper_bound=bound,
             prefill_ms=timing.prefill.median_ms, prefill_iqr_ms=timing.prefill.iqr_ms,
-            prefill_repeats=timing.prefill.repeats, **latency_evidence(timing.prefill.samples_ms),
+            prefill_repeats=timing.prefill.repeats, latency_seconds=latency_seconds,
+            **latency_evidence(timing.prefill.samples_ms),
             decode_ms_per_token=timing.decode.median_ms, decode_iqr_ms=timing.decode.iqr_ms,
             end_to_end_ms=timing.total.median_ms, peak_memory_bytes=timing.peak_memory_bytes,
             baseline_prefill_ms_same_run=base_timing.prefill.median_ms, speedup_same_run=spread.speedup,

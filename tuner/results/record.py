@@ -97,7 +97,8 @@ class TrialRecord:
     # latency, interleaved with the baseline in the same rounds (`tuner.measure.latency`)
     prefill_ms: float | None = None
     prefill_iqr_ms: float | None = None
-    prefill_repeats: int | None = None
+    prefill_repeats: int | None = None  # interleaved latency rounds
+    latency_seconds: float | None = None  # wall time of the latency rounds (the baseline's own, in them, included)
     prefill_ms_low: float | None = None
     prefill_ms_high: float | None = None
     prefill_ms_coverage: float | None = None

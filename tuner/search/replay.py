@@ -51,6 +51,8 @@ class Measured:
     trial_seconds: float  # start to end of the trial: evaluation, latency and bookkeeping
     eval_seconds: float  # the accuracy evaluation alone
     documents: int = 0  # documents scored (fewer than the subset when stopped early)
+    latency_seconds: float = 0.0  # the interleaved latency rounds (0: a trial stored before this was recorded)
+    latency_rounds: int = 0
 
     @property
     def feasible(self) -> bool:
@@ -70,6 +72,11 @@ class MeasuredGrid:
         """(trial seconds, accuracy-evaluation seconds) of the whole grid, baseline included."""
         rows = [self.baseline, *self.points.values()]
         return sum(m.trial_seconds for m in rows), sum(m.eval_seconds for m in rows)
+
+    def latency(self) -> tuple[float, int]:
+        """(latency seconds, latency rounds) of the whole grid, baseline included: where the rest of the time goes."""
+        rows = [self.baseline, *self.points.values()]
+        return sum(m.latency_seconds for m in rows), sum(m.latency_rounds for m in rows)
 
     def documents(self) -> int:
         """Documents scored over the whole grid, baseline included (independent of the machine's load)."""
@@ -113,7 +120,9 @@ def measured_of(trial: FrozenTrial) -> Measured:
     return Measured(accuracy=trial.values[0], prefill_ms=trial.values[1], constraints=dict(trial.constraints),
                     stopped=record.stopped_early,
                     trial_seconds=trial.duration.total_seconds() if trial.duration else 0.0,
-                    eval_seconds=float(record.eval_seconds or 0.0), documents=int(record.n_samples or 0))
+                    eval_seconds=float(record.eval_seconds or 0.0), documents=int(record.n_samples or 0),
+                    latency_seconds=float(record.latency_seconds or 0.0),
+                    latency_rounds=int(record.prefill_repeats or 0))
 
 
 def measured_grid(study: optuna.Study) -> MeasuredGrid:
