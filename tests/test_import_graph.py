@@ -37,9 +37,14 @@ def _is_type_checking(node: ast.AST) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imported_names(source: str) -> set[str]:
-    """Every module an import statement in `source` names, function bodies included, `if TYPE_CHECKING:` not."""
-    names: set[str] = set()
+_MODULE_NAME = re.compile(r"tuner(\.\w+)+(:\w+)?")
+
+
+def _named_modules(source: str) -> list[tuple[str, int, bool]]:
+    """(module, line, by_string) for every import (function bodies included, `if TYPE_CHECKING:` not; a
+    `from m import n` names both `m` and `m.n`) and every string that is exactly a tuner module's name
+    (`"tuner.pruning.methods"`, `"pkg.mod:Class"`: an import by name)."""
+    found: list[tuple[str, int, bool]] = []
     todo: list[ast.AST] = [ast.parse(source)]
     while todo:
         node = todo.pop()
@@ -47,13 +52,20 @@ def _imported_names(source: str) -> set[str]:
             todo.extend(node.orelse)
             continue
         if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
+            found += [(alias.name, node.lineno, False) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative import"
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+            found.append((node.module, node.lineno, False))
+            found += [(f"{node.module}.{alias.name}", node.lineno, False) for alias in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_NAME.fullmatch(node.value):
+            found.append((node.value.split(":")[0], node.lineno, True))
         todo.extend(ast.iter_child_nodes(node))
-    return names
+    return found
+
+
+def _imported_names(source: str) -> set[str]:
+    """Every module an import statement in `source` names, function bodies included, `if TYPE_CHECKING:` not."""
+    return {name for name, _, by_string in _named_modules(source) if not by_string}
 
 
 def _static_closure(module: str) -> set[str]:
@@ -132,28 +144,6 @@ print(PruningConfig(method="dart", keep_ratio=0.5).method)
     assert result.returncode == 0 and result.stdout.strip() == "dart", result.stderr
 
 
-_MODULE_NAME = re.compile(r"tuner(\.\w+)+(:\w+)?")
-
-
-def _named_modules(source: str) -> list[tuple[str, int]]:
-    """(module, line) for every import (function bodies included, `if TYPE_CHECKING:` not) and every string that
-    is exactly a tuner module's name (`"tuner.pruning.methods"`, `"pkg.mod:Class"`: an import by name)."""
-    found = []
-    todo: list[ast.AST] = [ast.parse(source)]
-    while todo:
-        node = todo.pop()
-        if _is_type_checking(node):
-            todo.extend(node.orelse)
-            continue
-        if isinstance(node, ast.Import):
-            found += [(alias.name, node.lineno) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            found.append((node.module, node.lineno))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_NAME.fullmatch(node.value):
-            found.append((node.value.split(":")[0], node.lineno))
-        todo.extend(ast.iter_child_nodes(node))
-    return found
-
 
 def _part(module: str) -> str | None:
     """tuner's top-level part a module belongs to (`tuner.search.study` -> `search`); None outside tuner."""
@@ -169,7 +159,7 @@ def _part_graph() -> dict[tuple[str, str], str]:
         source_part = _part(module)
         if module == "tuner":
             continue  # the package's face re-exports every part; it is no part itself
-        for name, line in _named_modules(path.read_text()):
+        for name, line, _ in _named_modules(path.read_text()):
             target = _part(name)
             if target is not None and target not in (source_part, "tuner"):
                 edges.setdefault((source_part, target), f"{path.relative_to(PACKAGE_ROOT)}:{line}")
@@ -207,8 +197,9 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _a_cycle(edges) == ["a", "b", "c", "a"]
     assert _a_cycle({("a", "b"): "x", ("b", "c"): "y"}) is None
     lazy = 'def f():\n    import importlib\n    importlib.import_module("tuner.pruning.methods")'
-    assert sorted(m for m, _ in _named_modules(lazy)) == ["importlib", "tuner.pruning.methods"]
-    assert [m for m, _ in _named_modules('X = "tuner.pruning.methods:DART"\nY = "not tuner.x"')] == [
+    assert sorted((m, by_string) for m, _, by_string in _named_modules(lazy)) == [
+        ("importlib", False), ("tuner.pruning.methods", True)]
+    assert [m for m, _, _ in _named_modules('X = "tuner.pruning.methods:DART"\nY = "not tuner.x"')] == [
         "tuner.pruning.methods"]
 
 
