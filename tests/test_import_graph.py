@@ -146,9 +146,12 @@ print(PruningConfig(method="dart", keep_ratio=0.5).method)
 
 
 def _part(module: str) -> str | None:
-    """tuner's top-level part a module belongs to (`tuner.search.study` -> `search`); None outside tuner."""
+    """tuner's top-level part a module belongs to (`tuner.search.study` -> `search`); None outside tuner.
+    A name imported from the package itself (`from tuner import __version__`) belongs to the package, "tuner"."""
     bits = module.split(".")
-    return (bits[1] if len(bits) > 1 else "tuner") if bits[0] == "tuner" else None
+    if bits[0] != "tuner":
+        return None
+    return bits[1] if len(bits) > 1 and _source(f"tuner.{bits[1]}") is not None else "tuner"
 
 
 def _part_graph() -> dict[tuple[str, str], str]:
