@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from tuner.config import PruningConfig
 from tuner.config.workload import OBJECTIVES, Workload
 from tuner.evaluation.tasks import PreparedTask
+from tuner.measure.capacity import MEASURED, Capacity, budget_bytes, max_concurrent_requests
 from tuner.measure.compare import BASELINE, latency_inputs
 from tuner.measure.latency import Timing
 from tuner.measure.workload import CUDA_MEMORY, WorkloadResult, measure_workload
@@ -32,19 +33,27 @@ class ServingRun:
     new_tokens: int
     repeats: int
     results: Mapping[str, WorkloadResult]
+    capacity: Mapping[str, Capacity] | None = None  # with a memory budget: the requests each one fits
 
 
 def serving_runs(loaded: LoadedModel, task: PreparedTask, configs: Mapping[str, PruningConfig | None],
                  batch_sizes: Sequence[int], *, new_tokens: int = 16, repeats: int = 5,
-                 warmup: int = 1) -> list[ServingRun]:
-    """One interleaved run per batch size of the baseline and `configs`, on the task's first B documents."""
+                 warmup: int = 1, memory_budget_gb: float | None = None) -> list[ServingRun]:
+    """One interleaved run per batch size of the baseline and `configs`, on the task's first B documents; with
+    `memory_budget_gb`, each configuration's capacity in that memory at the run's workload
+    (`tuner.measure.capacity`)."""
     ordered: dict[str, PruningConfig | None] = {BASELINE: None, **{k: v for k, v in configs.items() if k != BASELINE}}
     single = latency_inputs(loaded, task)
     runs = []
     for batch in batch_sizes:
         workload = Workload(batch_size=batch, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
         inputs = latency_inputs(loaded, task, batch) if batch > 1 else None
-        runs.append(ServingRun(batch, new_tokens, repeats, measure_workload(loaded, single, inputs, ordered, workload)))
+        results = measure_workload(loaded, single, inputs, ordered, workload)
+        capacity = None if memory_budget_gb is None else {
+            name: max_concurrent_requests(loaded, task, ordered[name], workload, budget_bytes(memory_budget_gb),
+                                          result.batch_cost.kv_cache_bytes / result.batch_size)
+            for name, result in results.items()}
+        runs.append(ServingRun(batch, new_tokens, repeats, results, capacity))
     return runs
 
 
@@ -70,6 +79,9 @@ def serving_sheet(runs: Sequence[ServingRun], title: str) -> Sheet:
                *(Column(name, o.heading(), o.heading().replace("time to first token", "TTFT"))
                  for name, o in OBJECTIVES.items()),
                Column("decode_ms_per_token", "decode ms/token"), Column("memory_mb", "memory MB")]
+    budgeted = any(run.capacity for run in runs)
+    if budgeted:
+        columns.append(Column("max_concurrent_requests", "max requests", "max req"))
     sheet = Sheet(title, columns)
     for run in runs:
         base = _series(run.results[BASELINE])
@@ -85,6 +97,10 @@ def serving_sheet(runs: Sequence[ServingRun], title: str) -> Sheet:
                       **{f"{key}_iqr": Timing(tuple(series[key])).iqr_ms for key in OBJECTIVES},
                       "decode_ms_per_token": result.batch.decode.median_ms, "memory_bytes": memory,
                       "memory_source": source}
+            if budgeted:
+                fit = run.capacity[name]
+                cells.append(f"{fit.requests}{'' if fit.source == MEASURED else ' kv'}")
+                values.update(fit.record_fields())
             sheet.add_row(cells, values)
     first = runs[0] if runs else None
     if first is not None:
@@ -94,4 +110,9 @@ def serving_sheet(runs: Sequence[ServingRun], title: str) -> Sheet:
                            "end-to-end, throughput and decode: B requests together, left-padded")
         sheet.notes.append("memory: CUDA's peak allocated bytes of the batch's generate; 'kv': analytic KV-cache "
                            "bytes after the T tokens (off CUDA)")
+        if budgeted:
+            budget = next(run.capacity for run in runs if run.capacity)[BASELINE].budget_bytes
+            sheet.notes.append(f"max requests: the largest batch that fits in {budget / (1 << 30):g} GiB at this "
+                               "workload, measured on CUDA; 'kv': weights + analytic KV cache, activations not "
+                               "counted (off CUDA)")
     return sheet

@@ -36,6 +36,9 @@ def bench_serving(
     new_tokens: int = typer.Option(16, min=2, help="Tokens each request decodes (forced)."),
     repeats: int = typer.Option(5, min=1, help="Timed interleaved rounds per batch size."),
     warmup: int = typer.Option(1, min=0, help="Discarded rounds per batch size."),
+    memory_budget_gb: float | None = typer.Option(None, help="GiB of accelerator memory: add each configuration's "
+                                                  "max concurrent requests in it (measured on CUDA, analytic "
+                                                  "weights + KV cache elsewhere)."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     attn_implementation: str = typer.Option("auto", "--attn", help="auto, sdpa, eager or flash_attention_2."),
@@ -75,7 +78,7 @@ def bench_serving(
         with console.status(f"Timing {len(configs) + 1} configurations x {warmup + repeats} rounds at batch "
                             f"{', '.join(map(str, batches))}..."):
             runs = serving_runs(loaded, tasks[0], configs, batches, new_tokens=new_tokens, repeats=repeats,
-                                warmup=warmup)
+                                warmup=warmup, memory_budget_gb=memory_budget_gb)
     except (DartTunerError, ValueError) as error:  # ValueError: PruningConfig and the workload name the bad value
         raise fail(str(error)) from None
     title = (f"Serving: {loaded.model_id} ({loaded.family}, {loaded.provenance()['dtype']}, "

@@ -57,6 +57,10 @@ def tune(
                                                         "latency.batch_size, else 1)."),
     new_tokens: int | None = typer.Option(None, help="Tokens each timed request decodes, forced (default: the "
                                                      "space's latency.new_tokens, else 8)."),
+    memory_budget_gb: float | None = typer.Option(None, help="GiB of accelerator memory a deployment has: each "
+                                                  "trial also stores how many requests fit in it at the workload "
+                                                  "(measured on CUDA, analytic weights + KV cache elsewhere; "
+                                                  "default: the space's latency.memory_budget_gb, else off)."),
     allow_mixed: bool = typer.Option(False, help="Add trials to a study whose provenance differs from this run."),
     allow_repeats: bool = typer.Option(False, help="Measure a configuration again although a complete trial of "
                                                    "the study already holds it (default: such trials are pruned)."),
@@ -102,7 +106,8 @@ def tune(
         space = space.with_overrides(model=model, tasks=tuple(task) or None, subset_size=limit, subset_seed=seed,
                                      trials=trials, timeout_s=timeout, feature_cache_mb=feature_cache_mb,
                                      early_stop_chunk=early_stop_chunk)
-        space = space.with_workload(objective=objective, batch_size=latency_batch, new_tokens=new_tokens)
+        space = space.with_workload(objective=objective, batch_size=latency_batch, new_tokens=new_tokens,
+                                    memory_budget_gb=memory_budget_gb)
         with console.status(f"Loading {escape(space.model)} and {escape(', '.join(space.tasks))}..."), \
                 hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,

@@ -53,7 +53,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("throughput", "maximize", "tokens/s", "throughput"),
 )}
 DEFAULT_OBJECTIVE = "prefill_ms"
-_KEYS = ("batch_size", "new_tokens", "objective", "repeats", "warmup")
+_KEYS = ("batch_size", "new_tokens", "objective", "repeats", "warmup", "memory_budget_gb")
 
 
 def objective_named(name: str | None) -> Objective:
@@ -68,13 +68,15 @@ def objective_named(name: str | None) -> Objective:
 class Workload:
     """Timing protocol and deployment shape: `batch_size` requests together, `new_tokens` decoded by each (forced),
     `repeats` timed interleaved rounds after `warmup` discarded ones; `objective` names the study's second
-    objective."""
+    objective. With `memory_budget_gb` (GiB), every trial also stores how many requests fit in that memory
+    (`tuner.measure.capacity`)."""
 
     batch_size: int = 1
     new_tokens: int = 8
     objective: str = DEFAULT_OBJECTIVE
     repeats: int = 5
     warmup: int = 1
+    memory_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
         for key, low in (("batch_size", 1), ("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
@@ -83,6 +85,9 @@ class Workload:
                 why = " (the first token is the prefill; decode needs one more)" if key == "new_tokens" else ""
                 raise WorkloadError(f"latency.{key} must be an integer >= {low}{why}, got {value!r}")
         objective_named(self.objective)
+        budget = self.memory_budget_gb
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0):
+            raise WorkloadError(f"latency.memory_budget_gb must be a positive number of GiB, got {budget!r}")
 
     @property
     def goal(self) -> Objective:

@@ -98,7 +98,7 @@ EVIDENCE_COLUMNS = ("accuracy_low", "accuracy_high", "prefill_ms_low", "prefill_
                     "throughput_high")  # TrialRecord fields, shown as they are
 # The workload's numbers (`tuner.measure.workload`): TrialRecord fields, NaN for trials from before workloads.
 WORKLOAD_COLUMNS = ("ttft_ms", "e2e_ms", "throughput", "decode_batch_ms_per_token", "workload_batch_size",
-                    "workload_new_tokens")
+                    "workload_new_tokens", "max_concurrent_requests")
 TRIAL_COLUMNS = ("number", "state", "role", "method", "label", "layer", "keep_ratio", "budget", "accuracy",
                  "relative_accuracy", "prefill_ms", "prefill_iqr_ms", "speedup",
                  "decode_ms_per_token", "kept_vision_mean", "kept_vision_min", "kept_vision_max", "vision_mean",

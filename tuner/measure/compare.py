@@ -59,13 +59,14 @@ class ConfigReport:
                 "latency": self.latency.to_dict(), "cost": self.cost.__dict__.copy()}
 
 
-def latency_inputs(loaded: LoadedModel, task: PreparedTask, n_docs: int = 1) -> BatchFeature:
-    """The fixed inputs every configuration is timed on: the first `n_docs` documents of the task's subset."""
+def latency_inputs(loaded: LoadedModel, task: PreparedTask, n_docs: int = 1, *, repeat: bool = False) -> BatchFeature:
+    """The fixed inputs every configuration is timed on: the first `n_docs` documents of the task's subset (with
+    `repeat`, the subset again from its start past its end: a batch larger than the subset, for memory probes)."""
     docs = task.task.eval_docs
-    if len(docs) < n_docs:
+    if len(docs) < n_docs and not (repeat and len(docs)):
         raise ValueError(f"task {task.name} has {len(docs)} documents in its subset, fewer than {n_docs}")
     texts, images = [], []
-    for position in range(n_docs):
+    for position in (index % len(docs) for index in range(n_docs)):
         doc = docs[position]
         try:
             text, visuals = task.task.doc_to_text(doc), task.task.doc_to_visual(doc)

@@ -14,6 +14,7 @@ from tuner.config import PruningConfig
 from tuner.config.workload import Workload
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask
+from tuner.measure.capacity import budget_bytes, max_concurrent_requests
 from tuner.measure.compare import BASELINE, latency_inputs, vision_counts
 from tuner.measure.early_stop import best_reachable_accuracy, bound_applies, progress_of, stop_check_for
 from tuner.measure.latency import SpeedupSpread, Timing, speedup_spread
@@ -112,6 +113,7 @@ class TrialMeasurer:
         timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
         timing, cost, base_timing, base_cost = timed.single, timed.cost, base.single, base.cost
         spread = objective_spread(base, timed, lat.objective)
+        capacity = self._capacity(config, timed) if lat.memory_budget_gb is not None else {}
         scores = result.scores()
         evidence = accuracy_evidence(scores, None if config is None else baseline_scores) if scores else {}
         bound = self._reachable_accuracy(result) if result.stopped else None
@@ -132,7 +134,13 @@ class TrialMeasurer:
             baseline_objective_same_run=base.objectives()[lat.objective], prefill_flops=cost.prefill_flops,
             kv_cache_bytes=cost.kv_cache_bytes,
             flops_ratio=cost.prefill_flops / base_cost.prefill_flops, latency_input_tokens=cost.n_tokens,
-            latency_input_kept_vision=cost.n_kept_vision, **cache)
+            latency_input_kept_vision=cost.n_kept_vision, **capacity, **cache)
+
+    def _capacity(self, config: PruningConfig | None, timed: WorkloadResult) -> dict[str, object]:
+        """The record fields of the most requests `config` serves within the workload's memory budget."""
+        kv_per_request = timed.batch_cost.kv_cache_bytes / timed.batch_size
+        return max_concurrent_requests(self.loaded, self.tasks[0], config, self.latency,
+                                       budget_bytes(self.latency.memory_budget_gb), kv_per_request).record_fields()
 
     def _reachable_accuracy(self, result: EvalResult) -> float:
         """The best accuracy a stopped evaluation could still have reached with perfect scores on the rest."""

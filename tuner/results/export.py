@@ -39,7 +39,8 @@ EVIDENCE_METRICS = ("accuracy_low", "accuracy_high", "accuracy_interval", "accur
                     "prefill_ms_coverage")
 # The workload's numbers (`tuner.measure.workload`), carried into the preset (None for trials from before them).
 WORKLOAD_METRICS = ("ttft_ms", "ttft_iqr_ms", "e2e_ms", "e2e_iqr_ms", "throughput", "throughput_iqr",
-                    "decode_batch_ms_per_token", "memory_bytes", "memory_source")
+                    "decode_batch_ms_per_token", "memory_bytes", "memory_source", "max_concurrent_requests",
+                    "max_concurrent_source", "memory_budget_bytes")
 
 
 class NoTrialQualifies(DartTunerError, ValueError):

@@ -133,6 +133,9 @@ class TrialRecord:
     baseline_objective_same_run: float | None = None  # the baseline's objective in the trial's rounds
     memory_bytes: int | None = None  # prefill plus KV cache at the workload, of `memory_source`
     memory_source: str | None = None  # "cuda_max_allocated" (measured) or "analytic_kv_cache"
+    max_concurrent_requests: int | None = None  # requests served at once within the memory budget
+    max_concurrent_source: str | None = None  # "cuda_measured" or "analytic_weights_kv" (`tuner.measure.capacity`)
+    memory_budget_bytes: int | None = None  # the budget it was found for (`latency.memory_budget_gb`)
     # analytic cost on the latency prompt (`tuner.models.cost`)
     prefill_flops: float | None = None
     kv_cache_bytes: int | None = None
