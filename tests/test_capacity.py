@@ -140,3 +140,12 @@ def test_measured_capacity_on_cuda_grows_with_pruning_and_budget(saved_dirs: dic
                                      workload, small, 1.0)
     more = max_concurrent_requests(loaded, tasks[0], None, workload, large, 1.0)
     assert base.source == MEASURED and pruned.requests >= base.requests and more.requests >= base.requests
+
+
+def test_the_dashboard_names_a_points_capacity_next_to_its_four_numbers() -> None:
+    from tuner.dashboard import workload_text
+    row = {"ttft_ms": 20.0, "memory_source": "analytic_kv_cache", "memory_mb": 3.3, "workload_batch_size": 8,
+           "workload_new_tokens": 16, "prefill_ms": 10.0, "e2e_ms": 50.0, "throughput": 80.0,
+           "decode_batch_ms_per_token": 2.0, "max_concurrent_requests": 105.0}
+    assert workload_text(row).endswith("105 requests fit in the memory budget")
+    assert "requests fit" not in workload_text({**row, "max_concurrent_requests": math.nan})

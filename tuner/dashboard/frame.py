@@ -44,6 +44,8 @@ def workload_text(row: Mapping[str, Any]) -> str:
         return ""
     source = "measured" if row["memory_source"] == "cuda_max_allocated" else "analytic KV cache"
     memory = "" if math.isnan(row["memory_mb"]) else f", memory {row['memory_mb']:.3g} MB ({source})"
+    if not math.isnan(row["max_concurrent_requests"]):
+        memory += f", {row['max_concurrent_requests']:.0f} requests fit in the memory budget"
     return (f"at batch {row['workload_batch_size']:.0f}, {row['workload_new_tokens']:.0f} new tokens: prefill "
             f"{row['prefill_ms']:.1f} ms (1 request), time to first token {row['ttft_ms']:.1f} ms, end-to-end "
             f"{row['e2e_ms']:.1f} ms, throughput {row['throughput']:.1f} tokens/s, decode "
@@ -210,6 +212,7 @@ def table_of(frame: pd.DataFrame, numbers: Sequence[int]) -> pd.DataFrame:
         "prefill ms": rows["prefill_ms"].round(2), "speed-up": rows["speedup"].round(2),
         "TTFT ms (batch)": rows["ttft_ms"].round(2), "e2e ms (batch)": rows["e2e_ms"].round(2),
         "throughput tokens/s": rows["throughput"].round(1), "memory MB": rows["memory_mb"].round(2),
+        "max requests (budget)": rows["max_concurrent_requests"],
         "accuracy 95% low": rows["accuracy_low"].round(3), "accuracy 95% high": rows["accuracy_high"].round(3),
         "kept vision tokens": rows["kept_vision_mean"].round(1), "GFLOPs": rows["prefill_gflops"].round(4),
         "feasible": rows["feasible"], "Pareto": rows["pareto"],
