@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +18,7 @@ import torch
 import transformers
 from transformers import BatchFeature, PretrainedConfig, PreTrainedModel, ProcessorMixin
 
+from tuner.errors import DartTunerError
 from tuner.models.compat import build_mask
 from tuner.models.cost import TextDims
 from tuner.models.families.grids import ImageGrids, grids_from_runs
@@ -28,6 +29,10 @@ VISION_ID_FIELDS = ("image_token_id", "image_token_index", "video_token_id", "vi
 def chatml_user_turn(content: str) -> str:
     """One ChatML user turn holding `content`, ending where the assistant's answer starts (Qwen2-based models)."""
     return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
+class ProcessorSettingError(DartTunerError, ValueError):
+    """A processor setting the model's family does not have, or a value it cannot take; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,15 @@ class Family:
     """The checkpoint users would pick."""
     search_space: ClassVar[str] = ""
     """Its default search space, a file in `search_spaces/` (for `hub_id`)."""
+    processor_settings: ClassVar[Mapping[str, str]] = {}
+    """The processor's own settings that set how many vision tokens an image becomes, by the processor's names
+    (`tuner.models.processor_budget`): name -> what it sets, in a few words."""
+
+    def set_processor(self, processor: ProcessorMixin, model: torch.nn.Module,
+                      settings: Mapping[str, int]) -> Callable[[], None]:
+        """Apply checked `processor_settings` to the processor (and the model, where it must follow) and return
+        what undoes it; ProcessorSettingError naming a value the model cannot take."""
+        raise ProcessorSettingError(f"family {self.name} has no processor settings")
 
     # -- the loaded model ---------------------------------------------------------------------------
     def transformers_class(self) -> type[PreTrainedModel]:

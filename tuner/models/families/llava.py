@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProces
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.base import Family, VisionTowerRun, scatter_to_vision
+from tuner.models.families.base import Family, ProcessorSettingError, VisionTowerRun, scatter_to_vision
 
 # CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-1.5 and LLaVA-NeXT (their config.json "vision_config").
 CLIP_L336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
@@ -34,6 +35,29 @@ class Llava(Family):
     def grid_tokens(self, config: Any) -> int:
         """One square crop per image: `image_seq_length` (576 = 24 x 24 at 336 px)."""
         return config.image_seq_length
+
+    processor_settings = {"image_size": "the square crop's side in pixels: (side / patch)^2 vision tokens"}
+
+    def set_processor(self, processor: ProcessorMixin, model: torch.nn.Module,
+                      settings: Mapping[str, int]) -> Callable[[], None]:
+        """Resize and crop every image to `image_size` px; away from the tower's own size, CLIP interpolates its
+        position embeddings (`interpolate_pos_encoding`), as transformers does for other resolutions."""
+        side, vision = settings["image_size"], model.config.vision_config
+        if side % vision.patch_size:
+            raise ProcessorSettingError(f"processor.image_size {side} is not a multiple of the vision tower's patch "
+                                        f"size {vision.patch_size}")
+        images = processor.image_processor
+        saved = images.size, images.crop_size
+        images.size, images.crop_size = {"shortest_edge": side}, {"height": side, "width": side}
+        hook = None
+        if side != vision.image_size:
+            hook = model.model.vision_tower.register_forward_pre_hook(_interpolating, with_kwargs=True)
+
+        def undo() -> None:
+            images.size, images.crop_size = saved
+            if hook is not None:
+                hook.remove()
+        return undo
 
     vision_saliency_query = "cls"
 
@@ -90,3 +114,8 @@ class Llava(Family):
         """One 336 px center crop (shortest edge resized to 336)."""
         image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
         return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, **CLIP_L336_PROCESSOR)
+
+
+def _interpolating(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A vision tower call that interpolates its position embeddings to the image's size."""
+    return args, {**kwargs, "interpolate_pos_encoding": True}

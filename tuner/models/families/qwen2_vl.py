@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -15,7 +16,13 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.base import Family, VisionTowerRun, chatml_user_turn, scatter_to_vision
+from tuner.models.families.base import (
+    Family,
+    ProcessorSettingError,
+    VisionTowerRun,
+    chatml_user_turn,
+    scatter_to_vision,
+)
 from tuner.models.families.grids import ImageGrids, Layout, merge_grids, place_layouts
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -61,6 +68,25 @@ class QwenFamily(Family):
 
     def fallback_prompt(self, text: str, n_images: int) -> str:
         return chatml_user_turn(QWEN_IMAGE * n_images + text)
+
+    processor_settings = {"max_pixels": "the most pixels an image is resized to (28 x 28 px per vision token at "
+                                        "the 7B sizes)", "min_pixels": "the fewest pixels an image is resized to"}
+
+    def set_processor(self, processor: ProcessorMixin, model: torch.nn.Module,
+                      settings: Mapping[str, int]) -> Callable[[], None]:
+        """Resize every image to between `min_pixels` and `max_pixels` pixels (the image processor's
+        `size` shortest and longest edge, in pixels), each unset one kept as loaded."""
+        images = processor.image_processor
+        saved = images.size
+        low = settings.get("min_pixels", saved["shortest_edge"])
+        high = settings.get("max_pixels", saved["longest_edge"])
+        if low > high:
+            raise ProcessorSettingError(f"processor.min_pixels {low} is above processor.max_pixels {high}")
+        images.size = {"shortest_edge": low, "longest_edge": high}
+
+        def undo() -> None:
+            images.size = saved
+        return undo
 
     def continued_positions(self, model: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:
         """M-RoPE: text after the prompt has equal t/h/w positions, offset by the prompt's `rope_deltas`."""

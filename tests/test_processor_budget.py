@@ -1,0 +1,106 @@
+"""The processor's own vision-token budget: each family's settings change how many vision tokens an image becomes,
+the model still runs on them, they are undone after, and a bad setting is one line naming it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tuner.evaluation.inputs import build_inputs
+from tuner.measure.compare import vision_counts
+from tuner.models import load_model
+from tuner.models.families import get_family, registered_families
+from tuner.models.processor_budget import ProcessorSettingError, check_processor_settings, processor_settings
+
+IMAGE = [[Image.new("RGB", (224, 160), "red")]]
+
+
+@pytest.fixture(scope="module")
+def llava(saved_dirs: dict[str, Path]):
+    return load_model(str(saved_dirs["llava"]), dtype="float32", device="cpu", attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="module")
+def qwen(saved_dirs: dict[str, Path]):
+    return load_model(str(saved_dirs["qwen2_vl"]), dtype="float32", device="cpu", attn_implementation="sdpa")
+
+
+def _generate(loaded, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return loaded.model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+
+
+def test_llava_image_size_sets_the_vision_tokens_and_the_tower_follows(llava) -> None:
+    """Catches a size the processor ignores, a tower that refuses the new size (no interpolation), and a setting
+    left behind after the block."""
+    vision = llava.model.config.vision_config
+    before = vision_counts(llava, build_inputs(llava, ["q"], IMAGE))
+    side = vision.image_size - 2 * vision.patch_size
+    with processor_settings(llava, {"image_size": side}):
+        inputs = build_inputs(llava, ["q"], IMAGE)
+        assert vision_counts(llava, inputs) == [(side // vision.patch_size) ** 2]
+        assert _generate(llava, inputs).shape[1] == inputs["input_ids"].shape[1] + 2
+    after = build_inputs(llava, ["q"], IMAGE)
+    assert vision_counts(llava, after) == before
+    assert not llava.model.model.vision_tower._forward_pre_hooks  # the interpolation hook is gone
+
+
+def test_llava_at_its_own_size_is_the_model_as_loaded(llava) -> None:
+    plain = build_inputs(llava, ["q"], IMAGE)
+    with processor_settings(llava, {"image_size": llava.model.config.vision_config.image_size}):
+        same = build_inputs(llava, ["q"], IMAGE)
+        assert not llava.model.model.vision_tower._forward_pre_hooks
+    assert torch.equal(plain["pixel_values"], same["pixel_values"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_max_pixels_caps_the_vision_tokens(saved_dirs: dict[str, Path], family: str) -> None:
+    qwen = load_model(str(saved_dirs[family]), dtype="float32", device="cpu", attn_implementation="sdpa")
+    before = vision_counts(qwen, build_inputs(qwen, ["q"], IMAGE))[0]
+    with processor_settings(qwen, {"max_pixels": 64 * 64}):
+        inputs = build_inputs(qwen, ["q"], IMAGE)
+        fewer = vision_counts(qwen, inputs)[0]
+        assert _generate(qwen, inputs).shape[1] == inputs["input_ids"].shape[1] + 2
+    assert 0 < fewer < before
+    assert vision_counts(qwen, build_inputs(qwen, ["q"], IMAGE))[0] == before
+
+
+def test_settings_are_undone_after_an_error(qwen) -> None:
+    saved = dict(qwen.processor.image_processor.size)
+    with pytest.raises(RuntimeError, match="inside"), processor_settings(qwen, {"max_pixels": 64 * 64}):
+        raise RuntimeError("inside")
+    assert dict(qwen.processor.image_processor.size) == saved
+
+
+@pytest.mark.parametrize(("family", "settings", "culprit"), [
+    ("llava", {"max_pixels": 1000}, "processor.max_pixels is not a processor setting of family llava (its "
+                                    "settings: image_size)"),
+    ("qwen2_vl", {"image_size": 224}, "processor.image_size is not a processor setting of family qwen2_vl"),
+    ("qwen2_vl", {"max_pixels": 0}, "processor.max_pixels must be a positive integer"),
+    ("qwen2_vl", {"max_pixels": True}, "processor.max_pixels must be a positive integer"),
+])
+def test_a_bad_setting_is_one_line_naming_it(family: str, settings: dict, culprit: str) -> None:
+    with pytest.raises(ProcessorSettingError) as caught:
+        check_processor_settings(get_family(family), settings)
+    assert str(caught.value).startswith(culprit) and "\n" not in str(caught.value)
+
+
+def test_a_value_the_model_cannot_take_is_refused_before_anything_changes(llava, qwen) -> None:
+    patch = llava.model.config.vision_config.patch_size
+    with pytest.raises(ProcessorSettingError, match="not a multiple of the vision tower's patch size"):
+        with processor_settings(llava, {"image_size": 3 * patch + 1}):
+            pass
+    with pytest.raises(ProcessorSettingError, match="min_pixels 5000 is above processor.max_pixels 4000"):
+        with processor_settings(qwen, {"min_pixels": 5000, "max_pixels": 4000}):
+            pass
+    assert vision_counts(llava, build_inputs(llava, ["q"], IMAGE)) == [llava.model.config.image_seq_length]
+
+
+def test_every_family_without_settings_says_so() -> None:
+    for family in registered_families():
+        if not family.processor_settings:
+            with pytest.raises(ProcessorSettingError, match=f"family {family.name} .*its settings: none"):
+                check_processor_settings(family, {"max_pixels": 1})
