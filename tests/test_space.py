@@ -89,7 +89,7 @@ BAD = [
     ({"constraints": {"max_prefill_ms": -1}}, "constraints.max_prefill_ms: must be > 0"),
     ({"sampler": {"name": "cmaes"}}, "sampler.name: must be one of"),
     ({"sampler": {"name": "grid"}}, "keep_ratio: the grid sampler needs a list of values"),
-    ({"latency": {"new_tokens": 1}}, "latency.new_tokens: must be >= 2"),
+    ({"latency": {"new_tokens": 1}}, "latency.new_tokens must be an integer >= 2"),
     ({"trials": 0}, "trials: must be >= 1"),
     ({"early_stopping": {"chunk_size": 0}}, "early_stopping.chunk_size: must be >= 1"),
     ({"early_stopping": {"chunk": 5}}, "early_stopping: unknown key(s) ['chunk']"),

@@ -14,9 +14,10 @@ from tuner.config.pruning_config import (
     methods_text,
     options_text,
     parse_schedule,
+    processor_text,
     schedule_text,
     stack,
 )
 
 __all__ = ["STAGE_KEYS", "PruningConfig", "Stage", "as_pruning_config", "check_layer", "check_layers",
-           "methods_text", "options_text", "parse_schedule", "schedule_text", "stack"]
+           "methods_text", "options_text", "parse_schedule", "processor_text", "schedule_text", "stack"]

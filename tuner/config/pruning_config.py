@@ -46,6 +46,9 @@ class PruningConfig:
     names and values its `option_specs` declare; construction checks them and fills in every default, so
     `config.options` always holds all of the method's options.
     `require_vision=False` lets prompts without any vision token pass through unpruned.
+    `processor` holds the processor's own settings that set how many vision tokens an image becomes before any
+    pruning (`max_pixels`, `image_size`, ...: `tuner.models.processor_budget`, checked against the model's family
+    when it is loaded); `method="keep_all"` with them is plain downsampling.
     `stages` are later stages at strictly increasing layers above K; a stage's `keep_ratio` is a share of the
     vision tokens the previous stage kept. The seed is shared by every stage; a stage without a method of its
     own inherits this configuration's options (see `stage_config`).
@@ -60,6 +63,7 @@ class PruningConfig:
     options: dict[str, Any] = field(default_factory=dict)
     require_vision: bool = True
     stages: tuple[Stage, ...] = ()
+    processor: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         method_cls = method_class(self.method)
@@ -83,6 +87,7 @@ class PruningConfig:
             raise ValueError(f"method {self.method!r} reads layer K-1's keys or attention, which do not exist before "
                              "the language model: use layer >= 1 with it, or a method that reads the embeddings at K=0")
         object.__setattr__(self, "stages", _as_stages(self.stages))
+        object.__setattr__(self, "processor", _as_processor(self.processor))
         previous = self.layer
         for index, stage in enumerate(self.stages):
             if isinstance(stage.layer, bool) or not isinstance(stage.layer, int) or stage.layer <= previous:
@@ -97,12 +102,15 @@ class PruningConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (YAML / JSON / Optuna attributes); `PruningConfig(**d)` reverses it.
 
-        A one-stage configuration has no `stages` key, so it reads exactly as before schedules existed.
+        A one-stage configuration has no `stages` key and one at the default processor no `processor` key, so they
+        read exactly as before schedules and processor settings existed.
         """
         data = asdict(self)
         data.pop("stages")
         if self.stages:
             data["stages"] = [stage.to_dict() for stage in self.stages]
+        if not self.processor:
+            data.pop("processor")
         return data
 
     @property
@@ -277,6 +285,24 @@ def check_layers(config: PruningConfig, n_layers: int) -> None:
             check_layer(layer, n_layers)
         except ValueError as error:
             raise ValueError(f"{'layer' if index == 0 else f'stages[{index - 1}]'}: {error}") from None
+
+
+def processor_text(config: PruningConfig) -> str:
+    """'image_size=96' (settings joined by ', '): the processor settings of a configuration, '' when none."""
+    return ", ".join(f"{name}={value}" for name, value in config.processor.items())
+
+
+def _as_processor(settings: Any) -> dict[str, int]:
+    """Processor settings as a dict sorted by name; one-line errors for what cannot be a setting (whether the
+    family has it is checked when the model is loaded)."""
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"processor must be a mapping of processor settings, got {type(settings).__name__}")
+    for name, value in settings.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"processor setting names must be non-empty strings, got {name!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"processor.{name} must be a positive integer, got {value!r}")
+    return dict(sorted(settings.items()))
 
 
 def _as_stages(stages: Any) -> tuple[Stage, ...]:

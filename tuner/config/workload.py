@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "Objective", "Workload", "WorkloadError", "differences",
-           "objective_named", "workload_from_dict", "workload_warning"]
+__all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "WORKLOAD_KEYS", "Objective", "Workload", "WorkloadError",
+           "differences", "objective_named", "workload_from_dict", "workload_warning"]
 
 
 class WorkloadError(ValueError):
@@ -53,14 +53,14 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("throughput", "maximize", "tokens/s", "throughput"),
 )}
 DEFAULT_OBJECTIVE = "prefill_ms"
-_KEYS = ("batch_size", "new_tokens", "objective", "repeats", "warmup", "memory_budget_gb")
+WORKLOAD_KEYS = ("batch_size", "new_tokens", "objective", "repeats", "warmup", "memory_budget_gb")
 
 
 def objective_named(name: str | None) -> Objective:
     """The objective of that name (None: the default); WorkloadError naming it and the allowed ones otherwise."""
     name = DEFAULT_OBJECTIVE if name is None else name
     if name not in OBJECTIVES:
-        raise WorkloadError(f"latency objective {name!r} is not one of {', '.join(OBJECTIVES)}")
+        raise WorkloadError(f"latency.objective {name!r} is not one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name]
 
 
@@ -106,9 +106,9 @@ def workload_from_dict(data: Mapping[str, Any] | None, where: str = "latency") -
     """A workload from a mapping (a space's `latency` section, a stored shape); one-line WorkloadError naming a
     key it does not know or a bad value."""
     data = dict(data or {})
-    unknown = sorted(set(data) - set(_KEYS))
+    unknown = sorted(set(data) - set(WORKLOAD_KEYS))
     if unknown:
-        raise WorkloadError(f"{where}.{unknown[0]} is not a workload key (allowed: {', '.join(_KEYS)})")
+        raise WorkloadError(f"{where}.{unknown[0]} is not a workload key (allowed: {', '.join(WORKLOAD_KEYS)})")
     return Workload(**data)
 
 

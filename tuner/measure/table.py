@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from tuner.config import options_text, schedule_text
+from tuner.config import options_text, processor_text, schedule_text
 from tuner.measure.compare import ConfigReport
 from tuner.results.tables import Column, Sheet
 
@@ -17,8 +17,8 @@ def describe(report: ConfigReport) -> str:
     config = report.config
     if config is None:
         return report.name
-    options = options_text(config)
-    options = f" {options}" if options else ""
+    options, processor = options_text(config), processor_text(config)
+    options = (f" {options}" if options else "") + (f" [{processor}]" if processor else "")
     if config.stages:
         return schedule_text(config, exact=False) + options
     amount = f"r={config.keep_ratio:g}" if config.keep_ratio is not None else (

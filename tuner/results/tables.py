@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 from rich.text import Text
 
-from tuner.config import methods_text, options_text, schedule_text
+from tuner.config import methods_text, options_text, processor_text, schedule_text
 from tuner.results.evidence import (
     CONFIRMATION_ATTR,
     confirmed,
@@ -119,15 +119,16 @@ def describe_trial(trial: FrozenTrial) -> str:
     config = config_of(trial)
     if config is None:
         return "unpruned baseline" if is_baseline(trial) else "no configuration"
-    options = options_text(config)
+    options, processor = options_text(config), processor_text(config)
+    settings = f" [{processor}]" if processor else ""  # the processor's own budget: 'keep_all K=2 [image_size=96]'
     if config.stages:
-        return schedule_text(config, exact=False) + (f" {options}" if options else "")
+        return schedule_text(config, exact=False) + (f" {options}" if options else "") + settings
     parts = [config.method, f"K={config.layer}", *([options] if options else [])]
     if config.keep_ratio is not None:
         parts.append(f"keep {config.keep_ratio:.3g}")
     elif config.budget is not None:
         parts.append(f"budget {config.budget}")
-    return " ".join(parts)
+    return " ".join(parts) + settings
 
 
 def speedup(trial: FrozenTrial, study: optuna.Study) -> float:

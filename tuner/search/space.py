@@ -24,7 +24,7 @@ from tuner.config import PruningConfig
 from tuner.config.catalog import method_class
 from tuner.config.options import param_name
 from tuner.config.schema import LEGACY_METHOD, LEGACY_PARAMS
-from tuner.config.workload import OBJECTIVES, Workload, WorkloadError
+from tuner.config.workload import WORKLOAD_KEYS, Workload, WorkloadError, workload_from_dict
 from tuner.config.yaml_files import read_yaml
 from tuner.models.attention import ATTN_IMPLEMENTATIONS
 from tuner.models.feature_cache import DEFAULT_FEATURE_CACHE_MB
@@ -47,6 +47,7 @@ from tuner.search.params import (
     refuses_layer_0,
     suggest_options,
 )
+from tuner.search.processor_space import ProcessorSpec, parse_processor
 from tuner.search.space_files import resolve_space
 
 # The samplers a space may name, each an Optuna class (`tuner.search.study.make_sampler` builds them).
@@ -58,7 +59,7 @@ LEGACY_OPTION_KEYS = tuple(LEGACY_PARAMS)  # top-level keys of spaces written be
 _TOP_LEVEL = {"study", "model", "tasks", "include_paths", "subset", "methods", "layer", "options", "keep_ratio",
               "budget", "attn_implementation", "dtype", "device", "batch_size", "constraints", "sampler", "trials",
               "timeout_s", "latency", "max_failures", "feature_cache_mb", "early_stopping", "schedule", "before_lm",
-              *LEGACY_OPTION_KEYS}
+              "processor", *LEGACY_OPTION_KEYS}
 MAX_OPTION_CHECKS = 256  # option combinations a space check tries per method (every listed value / range end)
 
 
@@ -119,15 +120,16 @@ class SearchSpace:
     source: str | None = None
     schedule: ScheduleSpec | None = None
     before_lm: BeforeLMSpec | None = None  # an optional K = 0 stage stacked under each trial's configuration
+    processor: ProcessorSpec | None = None  # the processor's own vision-token settings, searched with pruning
 
     def suggest(self, trial: Any) -> PruningConfig:
         """The configuration for one trial. A method's options are only suggested for that method's trials, a
         schedule's parameters for `pdrop` trials and a before-LM stage's share when it has a method (conditional
         parameters), except under the grid sampler, which needs every parameter in every trial."""
         config = self._suggest_in_lm(trial)
-        if self.before_lm is None:
-            return config
-        return self.before_lm.suggest(trial, config, grid=self.sampler.name == "grid")
+        if self.before_lm is not None:
+            config = self.before_lm.suggest(trial, config, grid=self.sampler.name == "grid")
+        return config if self.processor is None else self.processor.suggest(trial, config)
 
     def _suggest_in_lm(self, trial: Any) -> PruningConfig:
         """The in-LM part of a trial's configuration: a method at layer K, or a `pdrop` schedule."""
@@ -151,7 +153,8 @@ class SearchSpace:
         """The full grid for Optuna's GridSampler (every parameter must be a list or an integer range)."""
         if set(self.methods) == {PDROP}:
             grid = {"method": [PDROP], **self.schedule.grid(self.source)}
-            return grid | (self.before_lm.grid(self.source) if self.before_lm is not None else {})
+            grid |= self.before_lm.grid(self.source) if self.before_lm is not None else {}
+            return grid | (self.processor.grid(self.source) if self.processor is not None else {})
         grid: dict[str, list] = {"method": list(self.methods), "layer": self.layer.choices()}
         grid.update(options_grid(self.options, f"{self.source}: options"))
         if self.keep_ratio is not None:
@@ -165,7 +168,7 @@ class SearchSpace:
             grid.update(self.schedule.grid(self.source))
         if self.before_lm is not None:
             grid.update(self.before_lm.grid(self.source))
-        return grid
+        return grid | (self.processor.grid(self.source) if self.processor is not None else {})
 
     def max_layer(self) -> int:
         """The deepest layer a trial can prune at (a schedule's last stage included)."""
@@ -296,12 +299,10 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
     options = sampler.get("options") or {}
     if not isinstance(options, dict):
         raise r.fail("sampler.options", f"must be a mapping of sampler keyword arguments, got {options!r}")
-    latency = r.mapping("latency", data.get("latency"), {"batch_size", "new_tokens", "objective", "repeats", "warmup"})
-    for key, low in (("batch_size", 1), ("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
-        if key in latency:
-            r.number(f"latency.{key}", latency[key], integer=True, low=low)
-    if "objective" in latency:
-        r.choice("latency.objective", latency["objective"], tuple(OBJECTIVES))
+    try:
+        latency = workload_from_dict(r.mapping("latency", data.get("latency"), set(WORKLOAD_KEYS)))
+    except WorkloadError as error:
+        raise SpaceError(f"{source}: {error}") from None
     early = r.mapping("early_stopping", data.get("early_stopping"), {"chunk_size"})
     if "chunk_size" in early:
         r.number("early_stopping.chunk_size", early["chunk_size"], integer=True, low=1)
@@ -336,8 +337,9 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         batch_size=int(data.get("batch_size", 1)), max_failures=int(data.get("max_failures", 0)),
         feature_cache_mb=int(data.get("feature_cache_mb", DEFAULT_FEATURE_CACHE_MB)),
         constraints=Constraints(**constraints), sampler=SamplerSpec(sampler_name, sampler.get("seed", 0), options),
-        trials=trials, timeout_s=timeout, latency=LatencySpec(**latency), early_stop_chunk=early.get("chunk_size"),
-        source=source, schedule=schedule, before_lm=before_lm)
+        trials=trials, timeout_s=timeout, latency=latency, early_stop_chunk=early.get("chunk_size"),
+        source=source, schedule=schedule, before_lm=before_lm,
+        processor=parse_processor(r, data["processor"]) if "processor" in data else None)
     _check_option_combinations(r, space)
     if sampler_name == "grid":
         space.grid()  # fails now, naming the parameter, if a range cannot be gridded
