@@ -16,7 +16,7 @@ from tuner.config import PruningConfig
 from tuner.config.workload import OBJECTIVES, Workload
 from tuner.evaluation.tasks import PreparedTask
 from tuner.measure.capacity import MEASURED, Capacity, budget_bytes, max_concurrent_requests
-from tuner.measure.compare import BASELINE, latency_inputs
+from tuner.measure.compare import BASELINE, InputsUnderSettings, latency_inputs
 from tuner.measure.latency import Timing
 from tuner.measure.workload import CUDA_MEMORY, WorkloadResult, measure_workload
 from tuner.models.loading import LoadedModel
@@ -48,7 +48,8 @@ def serving_runs(loaded: LoadedModel, task: PreparedTask, configs: Mapping[str, 
     for batch in batch_sizes:
         workload = Workload(batch_size=batch, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
         inputs = latency_inputs(loaded, task, batch) if batch > 1 else None
-        results = measure_workload(loaded, single, inputs, ordered, workload)
+        results = measure_workload(loaded, single, inputs, ordered, workload,
+                                   inputs_of=InputsUnderSettings(loaded, task, batch))
         capacity = None if memory_budget_gb is None else {
             name: max_concurrent_requests(loaded, task, ordered[name], workload, budget_bytes(memory_budget_gb),
                                           result.batch_cost.kv_cache_bytes / result.batch_size)

@@ -34,6 +34,7 @@ from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.lmms_compat import import_lmms_eval
 from tuner.models.feature_cache import FeatureCache
 from tuner.models.loading import LoadedModel, load_model
+from tuner.models.processor_budget import processor_settings
 from tuner.pruning import apply_pruning
 
 _lmms_eval = import_lmms_eval("api.model")
@@ -132,10 +133,13 @@ class DartTunerLMM(lmms):
 
     @contextmanager
     def _pruning(self) -> Iterator[Any]:
+        """The configuration applied while requests are answered: its processor settings (how many vision tokens
+        an image becomes) and its pruning."""
         if self._config is None:
             yield None
             return
-        with apply_pruning(self.loaded.model, self._config) as handle:
+        with processor_settings(self.loaded, self._config.processor), \
+                apply_pruning(self.loaded.model, self._config) as handle:
             yield handle
 
     def _cached_features(self) -> AbstractContextManager:

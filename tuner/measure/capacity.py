@@ -21,6 +21,7 @@ from tuner.evaluation.tasks import PreparedTask
 from tuner.measure.compare import _RecordingSetup, latency_inputs
 from tuner.measure.latency import _timed_generate
 from tuner.models.loading import LoadedModel
+from tuner.models.processor_budget import processor_settings
 
 __all__ = ["ANALYTIC", "MAX_REQUESTS", "MEASURED", "Capacity", "analytic_capacity", "budget_bytes",
            "largest_fitting", "max_concurrent_requests", "weight_bytes"]
@@ -95,9 +96,10 @@ def _measured_fit(loaded: LoadedModel, task: PreparedTask, config: PruningConfig
 
     def fits(n: int) -> bool:
         try:
-            inputs = latency_inputs(loaded, task, n, repeat=True)
-            with setup():
-                run = _timed_generate(loaded.model, inputs, workload.new_tokens, loaded.device)
+            with processor_settings(loaded, config.processor if config else None):
+                inputs = latency_inputs(loaded, task, n, repeat=True)
+                with setup():
+                    run = _timed_generate(loaded.model, inputs, workload.new_tokens, loaded.device)
             return run.peak_memory_bytes is not None and run.peak_memory_bytes <= budget
         except torch.cuda.OutOfMemoryError:  # too big: give its blocks back before the next, smaller probe
             torch.cuda.empty_cache()

@@ -7,21 +7,22 @@ and KV bytes from `tuner.models.cost` for those same inputs and the kept-token c
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import BatchFeature
 
 from tuner.config import PruningConfig, check_layers
+from tuner.config.workload import Workload
 from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask, TaskFailed
-from tuner.measure.latency import GenerationTiming, measure_generation_interleaved
+from tuner.measure.latency import GenerationTiming
 from tuner.models.cost import kv_cache_bytes, prefill_flops
 from tuner.models.loading import LoadedModel
+from tuner.models.processor_budget import processor_settings
 from tuner.pruning import apply_pruning
 
 BASELINE = "unpruned"
@@ -76,6 +77,24 @@ def latency_inputs(loaded: LoadedModel, task: PreparedTask, n_docs: int = 1, *, 
         texts.append(text)
         images.append(as_images(visuals, f"task {task.name}, doc {position}"))
     return build_inputs(loaded, texts, images)
+
+
+class InputsUnderSettings:
+    """The latency documents (the task's first `single_docs`, and its first `batch_size`) processed under a
+    configuration's processor settings, once per distinct setting (`measure_workload`'s `inputs_of`)."""
+
+    def __init__(self, loaded: LoadedModel, task: PreparedTask, batch_size: int, *, single_docs: int = 1) -> None:
+        self.loaded, self.task, self.batch_size, self.single_docs = loaded, task, batch_size, single_docs
+        self._cache: dict[tuple, tuple[BatchFeature, BatchFeature | None]] = {}
+
+    def __call__(self, config: PruningConfig) -> tuple[BatchFeature, BatchFeature | None]:
+        key = tuple(config.processor.items())
+        if key not in self._cache:
+            with processor_settings(self.loaded, config.processor):
+                single = latency_inputs(self.loaded, self.task, self.single_docs)
+                batch = latency_inputs(self.loaded, self.task, self.batch_size) if self.batch_size > 1 else None
+            self._cache[key] = single, batch
+        return self._cache[key]
 
 
 def vision_counts(loaded: LoadedModel, inputs: BatchFeature) -> list[int]:
@@ -133,22 +152,16 @@ class _Recorder:
 
 
 def measure_latency(loaded: LoadedModel, inputs: BatchFeature, configs: Mapping[str, PruningConfig | None], *,
-                    new_tokens: int = 8, repeats: int = 5, warmup: int = 1
+                    new_tokens: int = 8, repeats: int = 5, warmup: int = 1,
+                    inputs_of: Callable[[PruningConfig], tuple[BatchFeature, None]] | None = None
                     ) -> dict[str, tuple[GenerationTiming, CostOnInputs]]:
-    """Interleaved prefill/decode timing of every configuration on the same inputs, with its analytic cost."""
-    setups = {name: _RecordingSetup(loaded.model, config) for name, config in configs.items()}
-    timings = measure_generation_interleaved(loaded.model, inputs, setups, new_tokens=new_tokens, repeats=repeats,
-                                             warmup=warmup, device=loaded.device)
-    all_vision = vision_counts(loaded, inputs)
-    out = {}
-    for name, setup in setups.items():
-        stages = len(setup.config.layers) if setup.config else 1
-        kept = setup.kept if setup.kept is not None else [all_vision] * stages
-        cost = cost_on_inputs(loaded, inputs, setup.config, kept)
-        if setup.select_ms:
-            cost = replace(cost, select_ms=statistics.median(setup.select_ms))
-        out[name] = (timings[name], cost)
-    return out
+    """Interleaved prefill/decode timing of every configuration on the same documents (`inputs`, or processed under
+    a configuration's processor settings by `inputs_of`), with its analytic cost: a workload of one request."""
+    from tuner.measure.workload import measure_workload  # it builds on this module's setups and costs
+
+    workload = Workload(new_tokens=new_tokens, repeats=repeats, warmup=warmup)
+    measured = measure_workload(loaded, inputs, None, configs, workload, inputs_of=inputs_of)
+    return {name: (result.single, result.cost) for name, result in measured.items()}
 
 
 def compare_configs(loaded: LoadedModel, tasks: list[PreparedTask], configs: Mapping[str, PruningConfig | None], *,
@@ -175,6 +188,7 @@ def compare_configs(loaded: LoadedModel, tasks: list[PreparedTask], configs: Map
     if on_progress:
         on_progress("latency", 0)
     inputs = latency_inputs(loaded, tasks[0], latency_docs)
-    measured = measure_latency(loaded, inputs, ordered, new_tokens=new_tokens, repeats=repeats, warmup=warmup)
+    measured = measure_latency(loaded, inputs, ordered, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                               inputs_of=InputsUnderSettings(loaded, tasks[0], 1, single_docs=latency_docs))
     return [ConfigReport(name=name, config=config, accuracy=accuracy[name], latency=measured[name][0],
                          cost=measured[name][1]) for name, config in ordered.items()]

@@ -15,7 +15,7 @@ from tuner.config.workload import Workload
 from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask
 from tuner.measure.capacity import budget_bytes, max_concurrent_requests
-from tuner.measure.compare import BASELINE, latency_inputs, vision_counts
+from tuner.measure.compare import BASELINE, InputsUnderSettings, latency_inputs, vision_counts
 from tuner.measure.early_stop import best_reachable_accuracy, bound_applies, progress_of, stop_check_for
 from tuner.measure.latency import SpeedupSpread, Timing, speedup_spread
 from tuner.measure.workload import WorkloadResult, measure_workload
@@ -62,6 +62,7 @@ class TrialMeasurer:
             self.batch_inputs = latency_inputs(loaded, self.tasks[0], batch) if batch > 1 else None
         except ValueError as error:  # a subset smaller than the batch: name the setting
             raise ValueError(f"latency.batch_size {batch}: {error}") from None
+        self.inputs_of = InputsUnderSettings(loaded, self.tasks[0], batch)  # a configuration's processor settings
         self.on_request: Callable[[int], None] | None = None  # progress of the running evaluation, in documents
         self.baseline: EvalResult | None = None  # the unpruned evaluation, once this measurer ran it
 
@@ -108,7 +109,8 @@ class TrialMeasurer:
         lat = self.latency  # measured outside the feature cache: it includes the vision tower
         setups = {BASELINE: None} if config is None else {BASELINE: None, CANDIDATE: config}
         started = time.perf_counter()
-        measured = measure_workload(self.loaded, self.inputs, self.batch_inputs, setups, lat)
+        measured = measure_workload(self.loaded, self.inputs, self.batch_inputs, setups, lat,
+                                    inputs_of=self.inputs_of)
         latency_seconds = time.perf_counter() - started
         timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
         timing, cost, base_timing, base_cost = timed.single, timed.cost, base.single, base.cost

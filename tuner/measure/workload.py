@@ -9,7 +9,8 @@ cache at the workload: CUDA's `max_memory_allocated` on CUDA, else analytic KV-c
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,9 +21,10 @@ from tuner.config.workload import Workload
 from tuner.measure.compare import CostOnInputs, _RecordingSetup, cost_on_inputs, vision_counts
 from tuner.measure.latency import GenerationTiming, Timing, _run_interleaved, _summarise, _timed_generate
 from tuner.models.loading import LoadedModel
+from tuner.models.processor_budget import processor_settings
 from tuner.results.stats import median_interval
 
-__all__ = ["CUDA_MEMORY", "KV_MEMORY", "RECORD_FIELDS", "WorkloadResult", "measure_workload"]
+__all__ = ["CUDA_MEMORY", "KV_MEMORY", "RECORD_FIELDS", "Inputs", "InputsOf", "WorkloadResult", "measure_workload"]
 
 CUDA_MEMORY = "cuda_max_allocated"  # measured: peak allocated bytes over the batch's generate (weights included)
 KV_MEMORY = "analytic_kv_cache"  # analytic: KV-cache bytes of the batch after its T tokens (weights excluded)
@@ -78,23 +80,41 @@ class WorkloadResult:
         return fields
 
 
+Inputs = tuple[BatchFeature, BatchFeature | None]  # (the single request, the batch; None when B == 1)
+InputsOf = Callable[[PruningConfig], Inputs]  # the same documents processed under a configuration's processor settings
+
+
 def measure_workload(loaded: LoadedModel, single: BatchFeature, batch: BatchFeature | None,
-                     configs: Mapping[str, PruningConfig | None], workload: Workload) -> dict[str, WorkloadResult]:
-    """Every configuration on the same inputs, interleaved: each round runs, under each configuration in turn, one
-    greedy generate of exactly T tokens on `single` and then one on `batch` (skipped when None: B == 1, where the
-    single request is the batch). Warm-up rounds are discarded; every run is synchronised."""
+                     configs: Mapping[str, PruningConfig | None], workload: Workload, *,
+                     inputs_of: InputsOf | None = None) -> dict[str, WorkloadResult]:
+    """Every configuration on the same documents, interleaved: each round runs, under each configuration in turn,
+    one greedy generate of exactly T tokens on `single` and then one on `batch` (skipped when None: B == 1, where
+    the single request is the batch). A configuration with processor settings runs on the same documents
+    processed under them (`inputs_of`). Warm-up rounds are discarded; every run is synchronised."""
     setups = {name: _RecordingSetup(loaded.model, config) for name, config in configs.items()}
+    inputs = {name: _inputs_for(config, (single, batch), inputs_of, name) for name, config in configs.items()}
     device, tokens = loaded.device, workload.new_tokens
+    active: list[Inputs] = []
+
+    @contextmanager
+    def running(name: str) -> Iterator[None]:  # LLaVA's tower follows its image size only while the settings hold
+        active[:] = [inputs[name]]
+        config = setups[name].config
+        with processor_settings(loaded, config.processor if config else None), setups[name]():
+            yield
 
     def one_round() -> tuple[Any, Any]:
-        first = _timed_generate(loaded.model, single, tokens, device)
-        return first, first if batch is None else _timed_generate(loaded.model, batch, tokens, device)
+        one, many = active[0]
+        first = _timed_generate(loaded.model, one, tokens, device)
+        return first, first if many is None else _timed_generate(loaded.model, many, tokens, device)
 
-    runs = _run_interleaved(setups, one_round, repeats=workload.repeats, warmup=workload.warmup)
-    batch_inputs = single if batch is None else batch
-    all_single, all_batch = vision_counts(loaded, single), vision_counts(loaded, batch_inputs)
+    factories = {name: (lambda name=name: running(name)) for name in setups}
+    runs = _run_interleaved(factories, one_round, repeats=workload.repeats, warmup=workload.warmup)
     out = {}
     for name, setup in setups.items():
+        single, batch = inputs[name]
+        batch_inputs = single if batch is None else batch
+        all_single, all_batch = vision_counts(loaded, single), vision_counts(loaded, batch_inputs)
         stages = len(setup.config.layers) if setup.config else 1
         kept = setup.kept if setup.kept is not None else [all_single] * stages
         last = setup.last_kept if setup.last_kept is not None else [all_batch] * stages
@@ -108,3 +128,13 @@ def measure_workload(loaded: LoadedModel, single: BatchFeature, batch: BatchFeat
                                    batch=_summarise([p[1] for p in pairs], tokens), batch_cost=batch_cost,
                                    batch_size=int(batch_inputs["input_ids"].shape[0]))
     return out
+
+
+def _inputs_for(config: PruningConfig | None, default: Inputs, inputs_of: InputsOf | None, name: str) -> Inputs:
+    """The inputs `config` is timed on: the default ones, or the documents under its processor settings."""
+    if config is None or not config.processor:
+        return default
+    if inputs_of is None:
+        raise ValueError(f"configuration {name!r} sets processor settings ({config.processor}); timing it needs the "
+                         "documents processed under them (inputs_of)")
+    return inputs_of(config)

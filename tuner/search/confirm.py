@@ -69,7 +69,7 @@ def confirm(measurer: TrialMeasurer, study: optuna.Study, space: SearchSpace, *,
     setups = {BASELINE: None, **{str(t.number): config_of(t) for t in front}}
     # the study's own workload, with the confirmation's rounds: its objective is what the speed-up is of
     measured = measure_workload(measurer.loaded, measurer.inputs, measurer.batch_inputs, setups,
-                                dataclasses.replace(lat, repeats=repeats, warmup=warmup))
+                                dataclasses.replace(lat, repeats=repeats, warmup=warmup), inputs_of=measurer.inputs_of)
     base = measured[BASELINE]
     base_timing = base.single
     record: dict[str, Any] = {

@@ -14,6 +14,7 @@ from tuner.measure.trial import TrialMeasurer
 from tuner.models.feature_cache import FeatureCache
 from tuner.models.loading import LoadedModel, load_model
 from tuner.search.params import PDROP
+from tuner.search.processor_space import check_processor_space
 from tuner.search.provenance import provenance_of
 from tuner.search.space import SearchSpace, SpaceError
 
@@ -36,6 +37,8 @@ class MeasuringSetup:
         loaded = loaded or load_model(space.model, dtype=space.dtype, device=space.device,
                                       attn_implementation=space.attn_implementation)
         _check_layers(space, len(loaded.adapter.layers))
+        if space.processor is not None:  # every searched setting is the family's, with values the model takes
+            check_processor_space(space.processor, loaded, space.source)
         tasks = tasks or load_tasks(space.tasks, subset_size=space.subset_size, seed=space.subset_seed,
                                     include_paths=space.include_paths)
         measurer = TrialMeasurer(loaded, tasks, space.latency, batch_size=space.batch_size,

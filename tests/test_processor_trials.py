@@ -1,0 +1,78 @@
+"""A configuration with processor settings, measured as a trial: evaluated and timed on the documents processed
+under its settings (fewer vision tokens), and a space's processor section drawn, checked and refused in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tuner.config import PruningConfig
+from tuner.config.workload import Workload
+from tuner.evaluation.tasks import load_tasks
+from tuner.measure.trial import TrialMeasurer
+from tuner.models.loading import load_model
+from tuner.search.processor_space import check_processor_space
+from tuner.search.space import SpaceError, parse_space
+
+TASK = "dart_shapes"
+
+
+@pytest.fixture(scope="module")
+def model_and_tasks(saved_dirs: dict[str, Path]) -> tuple:
+    loaded = load_model(str(saved_dirs["llava"]), dtype="float32", device="cpu", attn_implementation="sdpa")
+    return loaded, load_tasks([TASK], subset_size=4, seed=0)
+
+
+def test_a_downsampled_trial_sees_fewer_vision_tokens_everywhere(model_and_tasks) -> None:
+    """Catches processor settings ignored by evaluation or by the timed inputs (a 'downsample' point that is the
+    baseline in disguise), and settings left on the processor after the trial."""
+    loaded, tasks = model_and_tasks
+    vision = loaded.model.config.vision_config
+    side = vision.image_size - 2 * vision.patch_size
+    measurer = TrialMeasurer(loaded, tasks, Workload(batch_size=2, new_tokens=2, repeats=1, warmup=0))
+    base = measurer.measure(None)
+    small = measurer.measure(PruningConfig(method="keep_all", processor={"image_size": side}))
+    per_image = (side // vision.patch_size) ** 2
+    assert small.vision_mean == per_image and small.kept_vision_mean == per_image
+    assert base.vision_mean == loaded.model.config.image_seq_length
+    assert small.latency_input_kept_vision == per_image < base.latency_input_kept_vision
+    assert small.flops_ratio < 1.0
+    assert measurer.measure(None).vision_mean == base.vision_mean  # nothing left behind
+
+
+def _space(processor: dict) -> dict:
+    return {"model": "m", "tasks": [TASK], "methods": ["keep_all", "random"], "layer": 1, "keep_ratio": [0.5],
+            "processor": processor}
+
+
+def test_a_space_draws_processor_settings_into_each_configuration() -> None:
+    space = parse_space({**_space({"image_size": [96, 112]}), "sampler": {"name": "grid"}}, "s.yaml")
+    assert space.grid()["processor.image_size"] == [96, 112]
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {space.suggest(study.ask()).processor["image_size"] for _ in range(20)}
+    assert seen == {96, 112}
+
+
+@pytest.mark.parametrize(("processor", "culprit"), [
+    ({"image_size": []}, "s.yaml: processor.image_size: the list of values is empty"),
+    ({"image_size": {"low": 64}}, "s.yaml: processor.image_size: a range needs both low and high"),
+    ({"image_size": {"low": 64, "high": 128, "step": 8, "log": True}}, "s.yaml: processor.image_size: give step or"),
+    ({"image_size": 0}, "s.yaml: processor.image_size"),
+])
+def test_a_bad_processor_section_is_one_line_naming_it(processor: dict, culprit: str) -> None:
+    with pytest.raises(SpaceError) as caught:
+        parse_space(_space(processor), "s.yaml")
+    assert str(caught.value).startswith(culprit) and "\n" not in str(caught.value)
+
+
+def test_a_setting_the_family_lacks_is_refused_before_any_trial(model_and_tasks) -> None:
+    loaded, _ = model_and_tasks
+    with pytest.raises(SpaceError, match="^s.yaml: processor.max_pixels is not a processor setting of family llava"):
+        check_processor_space(parse_space(_space({"max_pixels": [1000]}), "s.yaml").processor, loaded, "s.yaml")
+    patch = loaded.model.config.vision_config.patch_size
+    with pytest.raises(SpaceError, match="not a multiple of the vision tower's patch size"):
+        space = parse_space(_space({"image_size": {"low": 4 * patch, "high": 6 * patch, "step": patch // 2}}),
+                            "s.yaml")
+        check_processor_space(space.processor, loaded, "s.yaml")
