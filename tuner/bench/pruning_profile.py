@@ -149,15 +149,15 @@ def run_profile(*, layer: int = 2, budgets: Sequence[int] | None = None, methods
     short = {n: build_prompt(replace(bench_shape, n_vision=n), torch_device) for n in set(kept.values())}
 
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in [*configs, *(f"unhooked {n}" for n in short)]}
-    for _ in range(rounds):
-        for name, config in configs.items():
+    runs = [*((name, config, ids) for name, config in configs.items()),
+            *((f"unhooked {n}", None, prompt) for n, prompt in short.items())]
+    for round_index in range(rounds):  # the order rotates by one per round, as in measure_interleaved
+        for name, config, prompt in runs[round_index % len(runs):] + runs[:round_index % len(runs)]:
             if config is None:
-                samples[name].append(profiled_ranges(model, ids, torch_device))
+                samples[name].append(profiled_ranges(model, prompt, torch_device))
                 continue
             with apply_pruning(model, config, vision_token_ids=vision_ids):
-                samples[name].append(profiled_ranges(model, ids, torch_device))
-        for n, prompt in short.items():
-            samples[f"unhooked {n}"].append(profiled_ranges(model, prompt, torch_device))
+                samples[name].append(profiled_ranges(model, prompt, torch_device))
 
     text = bench_shape.n_tokens - bench_shape.n_vision
     base_ms = _median(samples["no hooks"], "prefill")
