@@ -47,6 +47,9 @@ def bench_pruning(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the rows here ('-': on stdout, with the "
                                                                "table's cells; messages go to stderr)."),
+    profile: bool = typer.Option(False, "--profile", help="Instead of the timing table, split each prefill with "
+                                                          "torch.profiler: layers, capture, selection, the hooks' "
+                                                          "steps, against the unhooked model at the kept length."),
     wide: bool = wide_option(),
 ) -> None:
     """Prefill time and selection cost of no hooks, keep_all and every method at each budget, interleaved."""
@@ -65,6 +68,10 @@ def bench_pruning(
         raise fail(str(error)) from None
     methods, budgets = tuple(method) or default_methods(), tuple(budget) or bench_shape.budgets()
     n_configs = 2 + len([m for m in dict.fromkeys(methods) if m != "keep_all"]) * len(set(budgets))
+    if profile:
+        return _profile_pruning(console, methods=methods, budgets=budgets, layer=layer, repeats=repeats, hidden=hidden,
+                                layers=layers, attn_implementation=attn_implementation, shape=shape, device=device,
+                                dtype=dtype, threads=threads, json_path=json_path, wide=wide)
     try:
         with console.status(f"Timing {repeats} interleaved rounds of {n_configs} configurations..."):
             result = run_benchmark(layer=layer, budgets=budgets, methods=methods, repeats=repeats, warmup=warmup,
@@ -90,6 +97,40 @@ def bench_pruning(
     if to_stdout:
         print_json({**payload, "table": sheet.as_json()})
     elif json_path is not None:
+        json_path.write_text(json.dumps(payload, indent=1))
+
+
+def _profile_pruning(console: Console, *, methods: tuple[str, ...], budgets: tuple[int, ...], layer: int, repeats: int,
+                     hidden: int | None, layers: int | None, attn_implementation: str, shape: str, device: str,
+                     dtype: str, threads: int, json_path: Path | None, wide: bool) -> None:
+    """`bench-pruning --profile`: the split of each prefill (tuner.bench.pruning_profile), a table and --json."""
+    import torch
+
+    from tuner.bench.pruning_profile import profile_dicts, profile_sheet, run_profile
+    from tuner.bench.shapes import get_shape
+
+    bench_shape = get_shape(shape)
+    try:
+        with console.status(f"Profiling {repeats} interleaved rounds..."):
+            rows = run_profile(layer=layer, budgets=budgets, methods=methods, rounds=repeats, hidden=hidden,
+                               layers=layers, attn_implementation=attn_implementation, shape=shape, device=device,
+                               dtype=dtype)
+    except ValueError as error:
+        raise fail(str(error)) from None
+    title = (f"Prefill split, {shape}: hidden {hidden or bench_shape.hidden} x {layers or bench_shape.layers} layers, "
+             f"{dtype}, {threads if device == 'cpu' else device} threads, {attn_implementation}, K={layer}; "
+             f"ms per prefill, medians of {repeats} interleaved profiled rounds")
+    sheet = profile_sheet(rows, title=title.replace(f"{device} threads", device))
+    payload = {"profile": profile_dicts(rows), "torch": torch.__version__, "threads": threads, "layer": layer,
+               "repeats": repeats, "shape": shape, "device": device, "dtype": dtype,
+               "attn_implementation": attn_implementation}
+    if json_path == STDOUT:
+        print_json({**payload, "table": sheet.as_json()})
+        return
+    show_sheet(console, sheet, wide=wide)
+    console.print("mechanics: capture + hook steps + (layers >= K - the unhooked layers >= K at the kept length P), "
+                  "as a share of the prefill; 'w/o': the share of the bound without them", highlight=False)
+    if json_path is not None:
         json_path.write_text(json.dumps(payload, indent=1))
 
 

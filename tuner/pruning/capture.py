@@ -16,6 +16,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from tuner.pruning.profiling import step
+
 CAPTURE_IMPLEMENTATION = "dart_tuner_capture"
 
 
@@ -125,7 +127,8 @@ def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if capture is not None and q_len > 1:
         # Prefill: the cache held nothing before, so the first q_len key slots are the prompt's keys
         # (a static cache returns its whole buffer here).
-        capture.record(query, key[:, :, :q_len], attention_mask, scaling)
+        with step("capture"):
+            capture.record(query, key[:, :, :q_len], attention_mask, scaling)
     inner = module._dart_tuner_inner
     if inner == "eager":
         implementation = sys.modules[type(module).__module__].eager_attention_forward

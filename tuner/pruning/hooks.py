@@ -33,18 +33,25 @@ from tuner.config import PruningConfig, check_layers
 from tuner.models.compat import cache_from_kwargs
 from tuner.models.families import FamilyAdapter, PrunedPrefill
 from tuner.models.feature_cache import NEEDS_VISION_TOWER
-from tuner.pruning.base import PromptInputs, PruningMethod, Selection, SelectionContext
+from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.capture import AttentionCapture
 from tuner.pruning.layer_inputs import (
     bind_layer,
     continue_full_positions,
     decode_mask_2d,
-    gather_rows,
     layer_masks,
     number_positions_per_row,
 )
+from tuner.pruning.profiling import step
 from tuner.pruning.registry import get_method_class
-from tuner.pruning.request import GenerateCalls, Prompt, RequestChoice, RequestStats, padding_from_prebuilt_mask
+from tuner.pruning.request import (
+    GenerateCalls,
+    Prompt,
+    RequestChoice,
+    RequestStats,
+    note_stage,
+    padding_from_prebuilt_mask,
+)
 from tuner.pruning.stages import (
     ForwardPlan,
     StageRunner,
@@ -178,6 +185,11 @@ class PruningHandle:
     # -- hooks -----------------------------------------------------------------------------------
     def _on_model_call(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Top-level pre-hook: find the vision tokens of a new prompt, validate, before any compute."""
+        with step("model_call"):
+            return self._read_call(args, kwargs)
+
+    def _read_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """What `_on_model_call` does, inside its profiler step."""
         self._plan = None  # a plan lives for one forward
         mask = kwargs.get("attention_mask")
         self._attention_2d = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
@@ -265,21 +277,12 @@ class PruningHandle:
 
     def _substitute(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         plan = self._plan
-        kwargs["attention_mask"] = plan.masks[self._layer_types[index]]
-        if plan.gather_index is not None:
-            kwargs["position_embeddings"] = self._gathered_rotary(kwargs.get("position_embeddings"))
-            kwargs["position_ids"] = None  # rotary is applied already; gapped ids would look "packed"
+        with step("substitute"):
+            kwargs["attention_mask"] = plan.masks[self._layer_types[index]]
+            if plan.gather_index is not None:
+                kwargs["position_embeddings"] = plan.rotary_at_kept(kwargs.get("position_embeddings"))
+                kwargs["position_ids"] = None  # rotary is applied already; gapped ids would look "packed"
         return args, kwargs
-
-    def _gathered_rotary(self, rotary: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
-        """(cos, sin) at the kept original positions, gathered once per stage per forward per distinct table."""
-        if rotary is None:
-            return None
-        plan = self._plan
-        key = id(rotary[0])
-        if key not in plan.gathered_rotary:
-            plan.gathered_rotary[key] = tuple(gather_rows(t, plan.gather_index) for t in rotary)
-        return plan.gathered_rotary[key]
 
     # -- prefill selection -----------------------------------------------------------------------
     def _prune(self, stage: StageRunner, hidden: torch.Tensor, cache: Any) -> ForwardPlan | None:
@@ -296,47 +299,52 @@ class PruningHandle:
         started = time.perf_counter()
         positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(vision) if view is None \
             else view.index  # original position of each slot
-        if prompt.choice is not None:  # a later step of the request: its choice stands
-            selection, capture_ms = self._reused_selection(stage, positions, vision), 0.0
-        else:
-            selection, capture_ms = self._select(stage, hidden, vision, attention, input_ids)
+        with step("select"):
+            if prompt.choice is not None:  # a later step of the request: its choice stands
+                selection, capture_ms = self._reused_selection(stage, positions, vision), 0.0
+            else:
+                selection, capture_ms = self._select(stage, hidden, vision, attention, input_ids)
         if stage.index == len(self._stages) - 1:
             prompt.embeddings = None  # no later stage reads layer 0's input
         if hidden.is_cuda:  # the gather below waits for the selection anyway
             torch.cuda.synchronize(hidden.device)
         select_ms = (time.perf_counter() - started) * 1e3 + capture_ms
-        keep = keep_flags(selection, vision, attention, stage.config.method)
-        local, valid, kept_counts = left_padded_gather(keep)
-        kept = local if view is None else view.index.gather(1, local)  # original positions
-        width = valid.shape[1]
-        row_kept = [kept[row, width - n:] for row, n in enumerate(kept_counts)]
-        self.last_stage_kept = [*self.last_stage_kept[:stage.index], row_kept]
-        if prompt.choice is None:
-            if self._request is not None:  # inside generate: later full forwards of the call reuse this choice
-                self._request.remember(stage.index, [positions[row, k] for row, k in enumerate(selection.kept_vision)],
-                                       selection.new_states)
-            kept_vision = [int(k.numel()) for k in selection.kept_vision]
-            if stage.index == 0:
-                self.requests.append(RequestStats(n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
-                                                  n_kept_vision=kept_vision, stage_kept_vision=[kept_vision],
-                                                  select_ms=select_ms))
-            else:
-                self.requests[-1] = self.requests[-1].with_stage(kept_vision, select_ms)
-        if (view is None and width == hidden.shape[1] and kept_counts == attention.sum(1).tolist()
+        with step("gather"):
+            keep = keep_flags(selection, vision, attention, stage.config.method)
+            local, valid, kept_counts = left_padded_gather(keep)
+            kept = local if view is None else view.index.gather(1, local)  # original positions
+        with step("bookkeeping"):
+            self._record(stage, selection, positions, kept, kept_counts, select_ms)
+        if (view is None and valid.shape[1] == hidden.shape[1] and kept_counts == attention.sum(1).tolist()
                 and selection.new_states is None):
             return None  # nothing removed, no padding to drop: the unmodified forward is exact
-
-        if selection.new_states is not None:
-            rows, cols = selected_slots(selection, hidden.device)
-            hidden = hidden.clone()
-            hidden[rows, cols] = torch.cat(list(selection.new_states)).to(hidden.dtype)
-        gathered = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
-        self._view = TokenView(kept, valid)
-        self._decode_kept[stage.index] = valid
-        pruned = self._view.prefill(self._prompt_length)
-        kept_state = None if prompt.state is None else self.adapter.spec.gather_state(prompt.state, pruned)
-        masks = layer_masks(self.adapter, self._layer_types, stage.start, stage.end, gathered, valid, cache, kept_state)
+        with step("gather"):
+            if selection.new_states is not None:
+                rows, cols = selected_slots(selection, hidden.device)
+                hidden = hidden.clone()
+                hidden[rows, cols] = torch.cat(list(selection.new_states)).to(hidden.dtype)
+            gathered = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+        with step("masks"):
+            self._view = TokenView(kept, valid)
+            self._decode_kept[stage.index] = valid
+            pruned = self._view.prefill(self._prompt_length)
+            kept_state = None if prompt.state is None else self.adapter.spec.gather_state(prompt.state, pruned)
+            masks = layer_masks(self.adapter, self._layer_types, stage.start, stage.end, gathered, valid, cache,
+                                kept_state)
         return ForwardPlan(masks=masks, gather_index=kept, hidden_states=gathered, pruned=pruned)
+
+    def _record(self, stage: StageRunner, selection: Selection, positions: torch.Tensor, kept: torch.Tensor,
+                kept_counts: list[int], select_ms: float) -> None:
+        """Note what `stage` kept (`last_stage_kept`, the request's choice inside generate, its `RequestStats`)."""
+        prompt, width = self._prompt, kept.shape[1]
+        self.last_stage_kept = [*self.last_stage_kept[:stage.index],
+                                [kept[row, width - n:] for row, n in enumerate(kept_counts)]]
+        if prompt.choice is not None:
+            return
+        if self._request is not None:  # inside generate: later full forwards of the call reuse this choice
+            self._request.remember(stage.index, [positions[row, k] for row, k in enumerate(selection.kept_vision)],
+                                   selection.new_states)
+        note_stage(self.requests, stage.index, prompt, [int(k.numel()) for k in selection.kept_vision], select_ms)
 
     def _select(self, stage: StageRunner, hidden: torch.Tensor, vision: torch.Tensor, attention: torch.Tensor,
                 input_ids: torch.Tensor) -> tuple[Selection, float]:
@@ -348,7 +356,7 @@ class PruningHandle:
             budgets=[stage.config.budget_for(n) for n in vision.sum(1).tolist()],
             final_norm=self.adapter.text_model.norm,
             image_grids=self._prompt.grids if view is None else None,  # grids hold original positions
-            prompt=self._prompt_inputs(stage), positions=None if view is None else view.index,
+            prompt=self._prompt.inputs_for(stage.method), positions=None if view is None else view.index,
             vision_saliency=saliency, vision_keys=vision_keys))
         return selection, capture_ms
 
@@ -370,16 +378,6 @@ class PruningHandle:
                                "not run for this prefill (image features passed in precomputed?)")
         saliency, keys = self.adapter.spec.vision_saliency(self.model.config, run, self._prompt.input_ids, vision)
         return saliency, keys, capture_ms
-
-    def _prompt_inputs(self, stage: StageRunner) -> PromptInputs | None:
-        """The whole prompt's layer 0 input for a method that reads it (None otherwise)."""
-        prompt = self._prompt
-        if not stage.method.needs.prompt_inputs:
-            return None
-        if prompt.embeddings is None or prompt.embeddings.shape[:2] != prompt.attention.shape:
-            raise RuntimeError(f"method {stage.config.method!r} needs layer 0's input, which this prefill did not "
-                               "pass through decoder layer 0")
-        return PromptInputs(prompt.embeddings, prompt.vision, prompt.attention)
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode_plan(self, stage: StageRunner, hidden: torch.Tensor, cache: Any) -> ForwardPlan | None:

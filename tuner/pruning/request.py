@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tuner.pruning.base import Selection
+from tuner.pruning.base import PromptInputs, PruningMethod, Selection
 
 # Per-token (or cache) keyword arguments: they grow with the sequence, so they do not identify the images.
 SEQUENCE_KWARGS = frozenset({"input_ids", "attention_mask", "position_ids", "cache_position", "inputs_embeds",
@@ -75,6 +75,15 @@ class Prompt:
     embeddings: torch.Tensor | None = None  # [B, N, D] layer 0's input, if a method needs it
     choice: RequestChoice | None = None  # the request this call continues (None: a new request)
 
+    def inputs_for(self, method: PruningMethod) -> PromptInputs | None:
+        """The whole prompt's layer 0 input for a method that reads it (None otherwise)."""
+        if not method.needs.prompt_inputs:
+            return None
+        if self.embeddings is None or self.embeddings.shape[:2] != self.attention.shape:
+            raise RuntimeError(f"method {method.config.method!r} needs layer 0's input, which this prefill did not "
+                               "pass through decoder layer 0")
+        return PromptInputs(self.embeddings, self.vision, self.attention)
+
 
 @dataclass
 class RequestChoice:
@@ -131,6 +140,17 @@ class RequestChoice:
         vision = torch.zeros_like(attention)
         vision[:, :self.vision.shape[1]] = self.vision
         return vision, self.vision.sum(1).tolist()
+
+
+def note_stage(requests: list[RequestStats], stage: int, prompt: Prompt, kept_vision: list[int],
+               select_ms: float) -> None:
+    """Record a new request's stage `stage` (kept vision tokens per row): stage 0 appends its stats, a later stage
+    extends the last ones."""
+    if stage == 0:
+        requests.append(RequestStats(n_tokens=prompt.attention.sum(1).tolist(), n_vision=prompt.n_vision,
+                                     n_kept_vision=kept_vision, stage_kept_vision=[kept_vision], select_ms=select_ms))
+    else:
+        requests[-1] = requests[-1].with_stage(kept_vision, select_ms)
 
 
 class GenerateCalls:

@@ -17,6 +17,7 @@ from tuner.config import PruningConfig
 from tuner.models.families import PrunedPrefill
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
 from tuner.pruning.capture import AttentionCapture
+from tuner.pruning.layer_inputs import gather_rows
 
 
 @dataclass
@@ -86,6 +87,15 @@ class ForwardPlan:
     hidden_states: torch.Tensor | None = None  # [B, P, D] prefill only
     gathered_rotary: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     pruned: PrunedPrefill | None = None  # prefill only
+
+    def rotary_at_kept(self, rotary: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+        """(cos, sin) at the kept original positions, gathered once per stage per forward per distinct table."""
+        if rotary is None:
+            return None
+        key = id(rotary[0])
+        if key not in self.gathered_rotary:
+            self.gathered_rotary[key] = tuple(gather_rows(t, self.gather_index) for t in rotary)
+        return self.gathered_rotary[key]
 
 
 def selected_slots(selection: Selection, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
