@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "Objective", "Workload", "WorkloadError", "differences",
-           "objective_named", "workload_from_dict", "workload_warning"]
+__all__ = ["DEFAULT_OBJECTIVE", "OBJECTIVES", "WORKLOAD_KEYS", "Objective", "Workload", "WorkloadError",
+           "differences", "objective_named", "workload_from_dict", "workload_warning"]
 
 
 class WorkloadError(ValueError):
@@ -53,7 +53,9 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("throughput", "maximize", "tokens/s", "throughput"),
 )}
 DEFAULT_OBJECTIVE = "prefill_ms"
-_KEYS = ("batch_size", "new_tokens", "objective", "repeats", "warmup")
+WORKLOAD_KEYS = ("batch_size", "new_tokens", "objective", "repeats", "warmup", "tolerance", "min_repeats")
+DEFAULT_TOLERANCE = 0.05  # adaptive rounds stop once the speed-up's interval is within 5% of it
+DEFAULT_MIN_REPEATS = 3  # the fewest timed rounds before adaptive rounds may stop (capped at `repeats`)
 
 
 def objective_named(name: str | None) -> Objective:
@@ -67,14 +69,17 @@ def objective_named(name: str | None) -> Objective:
 @dataclass(frozen=True)
 class Workload:
     """Timing protocol and deployment shape: `batch_size` requests together, `new_tokens` decoded by each (forced),
-    `repeats` timed interleaved rounds after `warmup` discarded ones; `objective` names the study's second
-    objective."""
+    at most `repeats` timed interleaved rounds after `warmup` discarded ones (adaptive: stopped from `min_repeats` on
+    once the objective's speed-up interval is within `tolerance` of it, `tuner.results.sequential`; tolerance 0 or
+    min_repeats == repeats: always `repeats`); `objective` names the study's second objective."""
 
     batch_size: int = 1
     new_tokens: int = 8
     objective: str = DEFAULT_OBJECTIVE
     repeats: int = 5
     warmup: int = 1
+    tolerance: float = DEFAULT_TOLERANCE
+    min_repeats: int | None = None  # None: DEFAULT_MIN_REPEATS, or `repeats` when that is fewer
 
     def __post_init__(self) -> None:
         for key, low in (("batch_size", 1), ("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
@@ -83,6 +88,24 @@ class Workload:
                 why = " (the first token is the prefill; decode needs one more)" if key == "new_tokens" else ""
                 raise WorkloadError(f"latency.{key} must be an integer >= {low}{why}, got {value!r}")
         objective_named(self.objective)
+        tolerance = self.tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+            raise WorkloadError(f"latency.tolerance must be a number in [0, 1) (0: fixed rounds), got {tolerance!r}")
+        least = self.min_repeats
+        if least is not None and (not isinstance(least, int) or isinstance(least, bool)
+                                  or not 1 <= least <= self.repeats):
+            raise WorkloadError(f"latency.min_repeats must be an integer from 1 to latency.repeats ({self.repeats}), "
+                                f"got {least!r}")
+
+    @property
+    def min_rounds(self) -> int:
+        """The fewest timed rounds of adaptive rounds: `min_repeats`, else DEFAULT_MIN_REPEATS capped at `repeats`."""
+        return self.min_repeats if self.min_repeats is not None else min(DEFAULT_MIN_REPEATS, self.repeats)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether rounds may stop before `repeats` (a tolerance, and room between the minimum and `repeats`)."""
+        return self.tolerance > 0 and self.min_rounds < self.repeats
 
     @property
     def goal(self) -> Objective:
@@ -101,9 +124,9 @@ def workload_from_dict(data: Mapping[str, Any] | None, where: str = "latency") -
     """A workload from a mapping (a space's `latency` section, a stored shape); one-line WorkloadError naming a
     key it does not know or a bad value."""
     data = dict(data or {})
-    unknown = sorted(set(data) - set(_KEYS))
+    unknown = sorted(set(data) - set(WORKLOAD_KEYS))
     if unknown:
-        raise WorkloadError(f"{where}.{unknown[0]} is not a workload key (allowed: {', '.join(_KEYS)})")
+        raise WorkloadError(f"{where}.{unknown[0]} is not a workload key (allowed: {', '.join(WORKLOAD_KEYS)})")
     return Workload(**data)
 
 

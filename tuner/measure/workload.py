@@ -9,7 +9,7 @@ cache at the workload: CUDA's `max_memory_allocated` on CUDA, else analytic KV-c
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,7 +22,13 @@ from tuner.measure.latency import GenerationTiming, Timing, _run_interleaved, _s
 from tuner.models.loading import LoadedModel
 from tuner.results.stats import median_interval
 
-__all__ = ["CUDA_MEMORY", "KV_MEMORY", "RECORD_FIELDS", "WorkloadResult", "measure_workload"]
+__all__ = ["CUDA_MEMORY", "KV_MEMORY", "RECORD_FIELDS", "SPEEDUP_TIMING", "WorkloadResult", "measure_workload"]
+
+# The timing each objective's speed-up is judged on (throughput's is e2e's: every configuration decodes B * T):
+# (the single request's or the batch's run, its prefill or its total).
+SPEEDUP_TIMING = {"prefill_ms": ("single", "prefill"), "ttft_ms": ("batch", "prefill"),
+                  "e2e_ms": ("batch", "total"), "throughput": ("batch", "total")}
+_RUN_FIELD = {"prefill": "prefill_ms", "total": "total_ms"}
 
 CUDA_MEMORY = "cuda_max_allocated"  # measured: peak allocated bytes over the batch's generate (weights included)
 KV_MEMORY = "analytic_kv_cache"  # analytic: KV-cache bytes of the batch after its T tokens (weights excluded)
@@ -79,10 +85,13 @@ class WorkloadResult:
 
 
 def measure_workload(loaded: LoadedModel, single: BatchFeature, batch: BatchFeature | None,
-                     configs: Mapping[str, PruningConfig | None], workload: Workload) -> dict[str, WorkloadResult]:
+                     configs: Mapping[str, PruningConfig | None], workload: Workload, *,
+                     until: Callable[[Mapping[str, Sequence[float]]], bool] | None = None) -> dict[str, WorkloadResult]:
     """Every configuration on the same inputs, interleaved: each round runs, under each configuration in turn, one
     greedy generate of exactly T tokens on `single` and then one on `batch` (skipped when None: B == 1, where the
-    single request is the batch). Warm-up rounds are discarded; every run is synchronised."""
+    single request is the batch). Warm-up rounds are discarded; every run is synchronised. `until`, given each
+    configuration's ms of the objective's timing (`SPEEDUP_TIMING`) after every timed round, ends them when True
+    (at most `workload.repeats`)."""
     setups = {name: _RecordingSetup(loaded.model, config) for name, config in configs.items()}
     device, tokens = loaded.device, workload.new_tokens
 
@@ -90,7 +99,15 @@ def measure_workload(loaded: LoadedModel, single: BatchFeature, batch: BatchFeat
         first = _timed_generate(loaded.model, single, tokens, device)
         return first, first if batch is None else _timed_generate(loaded.model, batch, tokens, device)
 
-    runs = _run_interleaved(setups, one_round, repeats=workload.repeats, warmup=workload.warmup)
+    run, part = SPEEDUP_TIMING[workload.objective]
+    index, field = (0 if run == "single" else 1), _RUN_FIELD[part]
+
+    def enough(timed: Mapping[str, list[Any]]) -> bool:
+        return until is not None and until({name: [getattr(p[index], field) for p in pairs]
+                                            for name, pairs in timed.items()})
+
+    runs = _run_interleaved(setups, one_round, repeats=workload.repeats, warmup=workload.warmup,
+                            until=enough if until is not None else None)
     batch_inputs = single if batch is None else batch
     all_single, all_batch = vision_counts(loaded, single), vision_counts(loaded, batch_inputs)
     out = {}

@@ -24,7 +24,7 @@ from tuner.config import PruningConfig
 from tuner.config.catalog import method_class
 from tuner.config.options import param_name
 from tuner.config.schema import LEGACY_METHOD, LEGACY_PARAMS
-from tuner.config.workload import OBJECTIVES, Workload, WorkloadError
+from tuner.config.workload import OBJECTIVES, WORKLOAD_KEYS, Workload, WorkloadError
 from tuner.config.yaml_files import read_yaml
 from tuner.models.attention import ATTN_IMPLEMENTATIONS
 from tuner.models.feature_cache import DEFAULT_FEATURE_CACHE_MB
@@ -296,10 +296,11 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
     options = sampler.get("options") or {}
     if not isinstance(options, dict):
         raise r.fail("sampler.options", f"must be a mapping of sampler keyword arguments, got {options!r}")
-    latency = r.mapping("latency", data.get("latency"), {"batch_size", "new_tokens", "objective", "repeats", "warmup"})
-    for key, low in (("batch_size", 1), ("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
+    latency = r.mapping("latency", data.get("latency"), set(WORKLOAD_KEYS))
+    for key, low, high in (("batch_size", 1, None), ("new_tokens", 2, None), ("repeats", 1, None), ("warmup", 0, None),
+                           ("min_repeats", 1, latency.get("repeats", Workload.repeats)), ("tolerance", 0, 0.99)):
         if key in latency:
-            r.number(f"latency.{key}", latency[key], integer=True, low=low)
+            r.number(f"latency.{key}", latency[key], integer=key != "tolerance", low=low, high=high)
     if "objective" in latency:
         r.choice("latency.objective", latency["objective"], tuple(OBJECTIVES))
     early = r.mapping("early_stopping", data.get("early_stopping"), {"chunk_size"})
