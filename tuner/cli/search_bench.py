@@ -79,15 +79,8 @@ def bench_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         base = load_space(space_path).with_sampler("grid")
-        fixed = dataclasses.replace(base.latency, tolerance=0.0)
-        spaces = {"plain": dataclasses.replace(base, early_stop_chunk=None, feature_cache_mb=0, latency=fixed),
-                  "fast": dataclasses.replace(base, early_stop_chunk=early_stop_chunk,
-                                              feature_cache_mb=feature_cache_mb,
-                                              latency=base.latency if adaptive_rounds else fixed)}
-        studies = {"plain": f"{base.study}-grid",
-                   "fast": f"{base.study}-grid-fast{'' if adaptive_rounds else '-fixed-rounds'}"}
-        grids = {variant: _grid(console, space, storage, studies[variant], measure)
-                 for variant, space in spaces.items()}
+        grids = {variant: _grid(console, space, storage, study, measure) for variant, (space, study) in
+                 grid_variants(base, early_stop_chunk, feature_cache_mb, adaptive_rounds).items()}
         reference = reference_point(grids["plain"], _floor(base, grids["plain"].baseline.accuracy))
         full = {variant: grid_hypervolume(grid, reference) for variant, grid in grids.items()}
         if full["plain"] <= 0:
@@ -109,6 +102,18 @@ def bench_search(
             writer = csv.DictWriter(handle, fieldnames=list(report["curves"][0]))
             writer.writeheader()
             writer.writerows(report["curves"])
+
+
+def grid_variants(base: SearchSpace, early_stop_chunk: int, feature_cache_mb: int,
+                  adaptive_rounds: bool) -> dict[str, tuple[SearchSpace, str]]:
+    """The two grids' spaces and study names: plain (no early stop, no cache, all latency rounds) and fast (early
+    stop, cache, and adaptive rounds unless switched off, then in a study of its own)."""
+    fixed = dataclasses.replace(base.latency, tolerance=0.0)
+    plain = dataclasses.replace(base, early_stop_chunk=None, feature_cache_mb=0, latency=fixed)
+    fast = dataclasses.replace(base, early_stop_chunk=early_stop_chunk, feature_cache_mb=feature_cache_mb,
+                               latency=base.latency if adaptive_rounds else fixed)
+    return {"plain": (plain, f"{base.study}-grid"),
+            "fast": (fast, f"{base.study}-grid-fast{'' if adaptive_rounds else '-fixed-rounds'}")}
 
 
 def _floor(space: SearchSpace, baseline_accuracy: float) -> float:
