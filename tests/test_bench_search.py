@@ -1,10 +1,13 @@
 """The search benchmark: 2-D hypervolume by hand, replay charging against a hand-built grid, and bad CLI input."""
 
+import dataclasses
+
 import pytest
 from typer.testing import CliRunner
 
 from tuner.bench.search import Curve, grid_hypervolume, hypervolume_2d
 from tuner.cli import app
+from tuner.config.workload import Workload
 from tuner.search.replay import Measured, MeasuredGrid, ReplayError, config_key, grid_configs, replay
 from tuner.search.space import parse_space
 
@@ -109,3 +112,17 @@ def test_a_grid_sums_its_latency_seconds_and_rounds():
     old = Measured(accuracy=0.9, prefill_ms=10.0, constraints={}, stopped=False, trial_seconds=5.0, eval_seconds=3.0)
     grid = MeasuredGrid(point, {"a": point, "b": old})  # "b": a trial stored before latency seconds were
     assert grid.latency() == (3.0, 20) and grid.seconds() == (15.0, 9.0) and grid.documents() == 24
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_only_the_fast_grid_runs_adaptive_rounds_and_off_has_its_own_study(adaptive):
+    """Catches a plain grid that stops its rounds early (its rounds are the yardstick), or a fixed-rounds fast grid
+    replayed from the adaptive one's study."""
+    from tuner.cli.search_bench import grid_variants
+
+    base = dataclasses.replace(SPACE, latency=Workload(repeats=10))
+    variants = grid_variants(base, 8, 64, adaptive)
+    (plain, plain_study), (fast, fast_study) = variants["plain"], variants["fast"]
+    assert not plain.latency.adaptive and plain.early_stop_chunk is None and plain_study == f"{SPACE.study}-grid"
+    assert fast.latency.adaptive is adaptive and fast.early_stop_chunk == 8 and fast.feature_cache_mb == 64
+    assert fast_study == f"{SPACE.study}-grid-fast" + ("" if adaptive else "-fixed-rounds")

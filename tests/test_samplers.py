@@ -60,3 +60,16 @@ def test_the_model_view_leaves_out_parameterless_trials_however_a_sampler_reads_
     for trials in (view.trials, view.get_trials(), view._get_trials(deepcopy=False)):
         assert [t.number for t in trials] == [1, 2, 3, 4]
     assert view.directions == study.directions  # everything else is the study's own
+
+
+@pytest.mark.parametrize(("trials", "options", "startup"), [
+    (20, {}, 4), (100, {}, 10), (8, {}, 3), (None, {}, 10), (20, {"n_startup_trials": 7}, 7)])
+def test_tpe_start_up_follows_the_budget_unless_the_space_sets_it(trials, options, startup):
+    """Catches a 20-trial study spending half its budget at random, or a user's n_startup_trials overridden."""
+    from tuner.search.samplers import make_sampler
+    from tuner.search.space import parse_space
+
+    data = {"model": "m", "tasks": ["dart_shapes"], "methods": ["dart"], "layer": [2, 4], "keep_ratio": [0.1, 0.5],
+            "trials": trials, "sampler": {"name": "tpe", "seed": 0, "options": options}}
+    sampler = make_sampler(parse_space(data, "s.yaml"))
+    assert sampler._first._n_startup_trials == startup

@@ -1,5 +1,6 @@
-"""The `bench-search` command: measure a small grid twice (plain; early stopping and feature cache on), then replay
-every sampler against each measured grid and report hypervolume against trials and seconds."""
+"""The `bench-search` command: measure a small grid twice (plain: fixed latency rounds; fast: early stopping, feature
+cache and adaptive latency rounds on, each switchable), then replay every sampler against each measured grid and
+report hypervolume against trials and seconds."""
 
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def bench_search(
     seeds: int = typer.Option(3, help="Seeds per sampler (0..N-1)."),
     early_stop_chunk: int = typer.Option(8, help="Chunk size of the early-stopping grid."),
     feature_cache_mb: int = typer.Option(2048, help="Feature cache of the early-stopping grid (MiB)."),
+    adaptive_rounds: bool = typer.Option(True, help="Adaptive latency rounds in the fast grid (the space's "
+                                                    "latency.tolerance, 5% by default); the plain grid always runs "
+                                                    "all of latency.repeats. Off: its own stored grid, "
+                                                    "'<study>-grid-fast-fixed-rounds'."),
     measure: bool = typer.Option(True, help="Measure the grids that are not stored complete yet (else only "
                                             "replay stored ones)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write summaries and every curve here ('-': on "
@@ -74,11 +79,8 @@ def bench_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         base = load_space(space_path).with_sampler("grid")
-        spaces = {"plain": dataclasses.replace(base, early_stop_chunk=None, feature_cache_mb=0),
-                  "fast": dataclasses.replace(base, early_stop_chunk=early_stop_chunk,
-                                              feature_cache_mb=feature_cache_mb)}
-        grids = {variant: _grid(console, space, storage, f"{base.study}-grid{'' if variant == 'plain' else '-fast'}",
-                                measure) for variant, space in spaces.items()}
+        grids = {variant: _grid(console, space, storage, study, measure) for variant, (space, study) in
+                 grid_variants(base, early_stop_chunk, feature_cache_mb, adaptive_rounds).items()}
         reference = reference_point(grids["plain"], _floor(base, grids["plain"].baseline.accuracy))
         full = {variant: grid_hypervolume(grid, reference) for variant, grid in grids.items()}
         if full["plain"] <= 0:
@@ -89,6 +91,7 @@ def bench_search(
     plain_latency = {key: (m.accuracy, grids["plain"].points[key].prefill_ms)
                      for key, m in grids["fast"].points.items() if m.feasible}
     report["fast_hypervolume_with_plain_latency"] = hypervolume_2d(plain_latency.values(), reference)
+    report["adaptive_rounds"] = adaptive_rounds
     _print_targets(console, report)
     if to_stdout:
         print_json(report)
@@ -99,6 +102,18 @@ def bench_search(
             writer = csv.DictWriter(handle, fieldnames=list(report["curves"][0]))
             writer.writeheader()
             writer.writerows(report["curves"])
+
+
+def grid_variants(base: SearchSpace, early_stop_chunk: int, feature_cache_mb: int,
+                  adaptive_rounds: bool) -> dict[str, tuple[SearchSpace, str]]:
+    """The two grids' spaces and study names: plain (no early stop, no cache, all latency rounds) and fast (early
+    stop, cache, and adaptive rounds unless switched off, then in a study of its own)."""
+    fixed = dataclasses.replace(base.latency, tolerance=0.0)
+    plain = dataclasses.replace(base, early_stop_chunk=None, feature_cache_mb=0, latency=fixed)
+    fast = dataclasses.replace(base, early_stop_chunk=early_stop_chunk, feature_cache_mb=feature_cache_mb,
+                               latency=base.latency if adaptive_rounds else fixed)
+    return {"plain": (plain, f"{base.study}-grid"),
+            "fast": (fast, f"{base.study}-grid-fast{'' if adaptive_rounds else '-fixed-rounds'}")}
 
 
 def _floor(space: SearchSpace, baseline_accuracy: float) -> float:
@@ -142,8 +157,11 @@ def _measured_grid(console: Console, space: SearchSpace, storage: str, name: str
                           "to measure it)")
     from tuner.search.study import Tuner
 
+    rounds = (f"adaptive {space.latency.min_rounds}-{space.latency.repeats} (tolerance {space.latency.tolerance:g})"
+              if space.latency.adaptive else f"{space.latency.repeats} fixed")
     console.print(f"measuring the grid into study {escape(repr(name))} ({len(wanted)} points; early stopping "
-                  f"{space.early_stop_chunk or 'off'}, feature cache {space.feature_cache_mb} MiB)")
+                  f"{space.early_stop_chunk or 'off'}, feature cache {space.feature_cache_mb} MiB, latency rounds "
+                  f"{rounds})")
     with hide_library_progress_bars():
         tuner = Tuner(space, storage, study_name=name)
         for config in _unmeasured(tuner.study, grid_configs(space)):  # grid: no retries
@@ -212,11 +230,12 @@ def _print_targets(console: Console, report: dict) -> None:
         at = tpe["fraction_at"][quarter]
         console.print(f"target 1, TPE >= 95% of the grid's hypervolume within {quarter} configurations (a quarter): "
                       f"{100 * at:.1f}% (mean of seeds) -> {'met' if at >= 0.95 else 'missed'}")
+    levers = f"early stopping, feature cache{', adaptive rounds' if report['adaptive_rounds'] else ''}"
     for kind, unit in (("trial_seconds", " s"), ("eval_seconds", " s"), ("latency_seconds", " s"),
                        ("latency_rounds", ""), ("documents", "")):
         change = fast[kind] / plain[kind] - 1
-        console.print(f"{kind.replace('_', ' ')}: plain grid {plain[kind]:.0f}{unit}, with early stopping + feature "
-                      f"cache {fast[kind]:.0f}{unit}: {100 * abs(change):.1f}% {'fewer' if change < 0 else 'more'}")
+        console.print(f"{kind.replace('_', ' ')}: plain grid {plain[kind]:.0f}{unit}, fast grid ({levers}) "
+                      f"{fast[kind]:.0f}{unit}: {100 * abs(change):.1f}% {'fewer' if change < 0 else 'more'}")
     change = fast["hypervolume"] / plain["hypervolume"] - 1
     same = plain["feasible"] == fast["feasible"]
     like_for_like = report["fast_hypervolume_with_plain_latency"] / plain["hypervolume"] - 1

@@ -53,7 +53,10 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective("throughput", "maximize", "tokens/s", "throughput"),
 )}
 DEFAULT_OBJECTIVE = "prefill_ms"
-WORKLOAD_KEYS = ("batch_size", "new_tokens", "objective", "repeats", "warmup", "memory_budget_gb")
+WORKLOAD_KEYS = ("batch_size", "new_tokens", "objective", "repeats", "warmup", "tolerance", "min_repeats",
+                 "memory_budget_gb")
+DEFAULT_TOLERANCE = 0.05  # adaptive rounds stop once the speed-up's interval is within 5% of it
+DEFAULT_MIN_REPEATS = 3  # the fewest timed rounds before adaptive rounds may stop (capped at `repeats`)
 
 
 def objective_named(name: str | None) -> Objective:
@@ -67,8 +70,10 @@ def objective_named(name: str | None) -> Objective:
 @dataclass(frozen=True)
 class Workload:
     """Timing protocol and deployment shape: `batch_size` requests together, `new_tokens` decoded by each (forced),
-    `repeats` timed interleaved rounds after `warmup` discarded ones; `objective` names the study's second
-    objective. With `memory_budget_gb` (GiB), every trial also stores how many requests fit in that memory
+    at most `repeats` timed interleaved rounds after `warmup` discarded ones (adaptive: stopped from `min_repeats` on
+    once the objective's speed-up interval is within `tolerance` of it, `tuner.results.sequential`; tolerance 0 or
+    min_repeats == repeats: always `repeats`); `objective` names the study's second objective.
+    With `memory_budget_gb` (GiB), every trial also stores how many requests fit in that memory
     (`tuner.measure.capacity`)."""
 
     batch_size: int = 1
@@ -76,6 +81,8 @@ class Workload:
     objective: str = DEFAULT_OBJECTIVE
     repeats: int = 5
     warmup: int = 1
+    tolerance: float = DEFAULT_TOLERANCE
+    min_repeats: int | None = None  # None: DEFAULT_MIN_REPEATS, or `repeats` when that is fewer
     memory_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
@@ -88,6 +95,24 @@ class Workload:
         budget = self.memory_budget_gb
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0):
             raise WorkloadError(f"latency.memory_budget_gb must be a positive number of GiB, got {budget!r}")
+        tolerance = self.tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
+            raise WorkloadError(f"latency.tolerance must be a number in [0, 1) (0: fixed rounds), got {tolerance!r}")
+        least = self.min_repeats
+        if least is not None and (not isinstance(least, int) or isinstance(least, bool)
+                                  or not 1 <= least <= self.repeats):
+            raise WorkloadError(f"latency.min_repeats must be an integer from 1 to latency.repeats ({self.repeats}), "
+                                f"got {least!r}")
+
+    @property
+    def min_rounds(self) -> int:
+        """The fewest timed rounds of adaptive rounds: `min_repeats`, else DEFAULT_MIN_REPEATS capped at `repeats`."""
+        return self.min_repeats if self.min_repeats is not None else min(DEFAULT_MIN_REPEATS, self.repeats)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether rounds may stop before `repeats` (a tolerance, and room between the minimum and `repeats`)."""
+        return self.tolerance > 0 and self.min_rounds < self.repeats
 
     @property
     def goal(self) -> Objective:

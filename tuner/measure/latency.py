@@ -73,20 +73,23 @@ class SpeedupSpread:
                 "latency_warning": self.warning}
 
 
-def speedup_spread(baseline: Timing, candidate: Timing, what: str = "prefill") -> SpeedupSpread:
+def speedup_spread(baseline: Timing, candidate: Timing, what: str = "prefill", *,
+                   rank: int | None = None) -> SpeedupSpread:
     """The speed-up of `candidate` over `baseline`, timed in the same interleaved rounds, and how sure it is.
 
     Interval: the order statistics x_(k), x_(n-k+1) of the per-round ratios baseline/candidate, a distribution-free
     interval holding their median with at least CONFIDENCE (min..max below MIN_ROUNDS rounds), widened to include
-    the speed-up shown (the ratio of the medians) so it never excludes the number it qualifies. Noisy: fewer than
-    MIN_ROUNDS rounds, either timing's (`what`: prefill by default) IQR at least SPREAD_LIMIT of its median, or an
-    interval that holds 1.0 although the speed-up is CLAIM_MARGIN or more away from it.
+    the speed-up shown (the ratio of the medians) so it never excludes the number it qualifies; with `rank`, the
+    order statistics of that rank instead (adaptive rounds' planned look, `tuner.results.sequential`). Noisy: fewer
+    than MIN_ROUNDS rounds, either timing's (`what`: prefill by default) IQR at least SPREAD_LIMIT of its median, or
+    an interval that holds 1.0 although the speed-up is CLAIM_MARGIN or more away from it.
     """
     if baseline.repeats != candidate.repeats or baseline.repeats < 1:
         raise ValueError(f"paired timings need the same number of rounds, got {baseline.repeats} and "
                          f"{candidate.repeats}")
     ratios = sorted(b / c for b, c in zip(baseline.samples_ms, candidate.samples_ms))
-    n, rank = len(ratios), median_rank(len(ratios), CONFIDENCE)
+    n = len(ratios)
+    rank = median_rank(n, CONFIDENCE) if rank is None else rank
     point = baseline.median_ms / candidate.median_ms
     low, high = min(ratios[rank - 1], point), max(ratios[n - rank], point)
     reasons = []
@@ -134,8 +137,10 @@ def measure_interleaved(
 
 
 def _run_interleaved(setups: Mapping[str, Callable[[], AbstractContextManager] | None], measure: Callable[[], _T],
-                     *, repeats: int, warmup: int) -> dict[str, list[_T]]:
-    """`measure()` under each named setup once per round, the order rotated per round; warm-up rounds dropped."""
+                     *, repeats: int, warmup: int,
+                     until: Callable[[Mapping[str, list[_T]]], bool] | None = None) -> dict[str, list[_T]]:
+    """`measure()` under each named setup once per round, the order rotated per round; warm-up rounds dropped.
+    `until`, given the timed results so far after each complete timed round, ends the rounds early when True."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
@@ -150,6 +155,9 @@ def _run_interleaved(setups: Mapping[str, Callable[[], AbstractContextManager] |
             value = measure()
         if round_index >= warmup:
             results[name].append(value)
+            complete = all(len(values) == round_index - warmup + 1 for values in results.values())
+            if complete and until is not None and until(results):
+                break
     return results
 
 

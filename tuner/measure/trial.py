@@ -7,8 +7,9 @@ the baseline's per-sample scores, and stores the record.
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from tuner.config import PruningConfig
 from tuner.config.workload import Workload
@@ -18,27 +19,34 @@ from tuner.measure.capacity import budget_bytes, max_concurrent_requests
 from tuner.measure.compare import BASELINE, InputsUnderSettings, latency_inputs, vision_counts
 from tuner.measure.early_stop import best_reachable_accuracy, bound_applies, progress_of, stop_check_for
 from tuner.measure.latency import SpeedupSpread, Timing, speedup_spread
-from tuner.measure.workload import WorkloadResult, measure_workload
+from tuner.measure.workload import SPEEDUP_TIMING, WorkloadResult, measure_workload
 from tuner.models.feature_cache import CacheStats, FeatureCache
 from tuner.models.loading import LoadedModel
 from tuner.results.evidence import accuracy_evidence, latency_evidence
 from tuner.results.record import TrialRecord
+from tuner.results.sequential import STOP_MAX, SequentialSpeedup
 
 CANDIDATE = "candidate"
 
 
-# The timing each objective's speed-up is judged on (throughput's is e2e's: every configuration decodes B * T).
-_SPEEDUP_TIMING = {"prefill_ms": ("single", "prefill"), "ttft_ms": ("batch", "prefill"),
-                   "e2e_ms": ("batch", "total"), "throughput": ("batch", "total")}
-
-
-def objective_spread(base: WorkloadResult, result: WorkloadResult, objective: str) -> SpeedupSpread:
-    """The speed-up of `objective` over the baseline timed in the same rounds, with its interval and noise flag."""
-    run, part = _SPEEDUP_TIMING[objective]
+def objective_spread(base: WorkloadResult, result: WorkloadResult, objective: str,
+                     rule: SequentialSpeedup | None = None) -> SpeedupSpread:
+    """The speed-up of `objective` over the baseline timed in the same rounds, with its interval and noise flag;
+    with adaptive rounds' `rule`, the interval of its planned look at the rounds run."""
+    run, part = SPEEDUP_TIMING[objective]
 
     def timing(of: WorkloadResult) -> Timing:
         return getattr(getattr(of, run), part)
-    return speedup_spread(timing(base), timing(result), objective.removesuffix("_ms").replace("_", " "))
+    rounds = timing(result).repeats
+    rank = rule.looks[rounds].rank if rule is not None and rounds in rule.looks else None
+    return speedup_spread(timing(base), timing(result), objective.removesuffix("_ms").replace("_", " "), rank=rank)
+
+
+def adaptive_rule(workload: Workload) -> SequentialSpeedup | None:
+    """The stopping rule of the workload's adaptive rounds; None for fixed rounds."""
+    if not workload.adaptive:
+        return None
+    return SequentialSpeedup(workload.min_rounds, workload.repeats, workload.tolerance)
 
 
 class TrialMeasurer:
@@ -92,11 +100,39 @@ class TrialMeasurer:
         return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=self.early_stop_chunk,
                                        stop_check=stop_check_for(self._sizes(), floor))
 
+    def _time(self, config: PruningConfig | None, to_beat: float | None
+              ) -> tuple[dict[str, WorkloadResult], SequentialSpeedup | None, dict[str, object]]:
+        """The candidate and the baseline in interleaved rounds: all of `repeats` for fixed rounds (or the baseline
+        alone), else until adaptive rounds' rule stops them; with the record fields saying how many and why."""
+        rule = adaptive_rule(self.latency) if config is not None else None
+        setups = {BASELINE: None} if config is None else {BASELINE: None, CANDIDATE: config}
+        stop: list[str] = []
+
+        def until(timed: Mapping[str, Sequence[float]]) -> bool:
+            assert rule is not None
+            base, cand = timed[BASELINE], timed[CANDIDATE]
+            point = statistics.median(base) / statistics.median(cand)
+            reason = rule.decide([b / c for b, c in zip(base, cand)], point, to_beat)
+            stop[:] = [reason] if reason else []
+            return reason is not None
+
+        started = time.perf_counter()
+        measured = measure_workload(self.loaded, self.inputs, self.batch_inputs, setups, self.latency,
+                                    until=until if rule is not None else None, inputs_of=self.inputs_of)
+        fields: dict[str, object] = {"latency_seconds": time.perf_counter() - started}
+        if rule is not None:
+            fields.update(latency_stop=stop[0] if stop else STOP_MAX, latency_confidence=rule.confidence,
+                          latency_speedup_to_beat=to_beat)
+        return measured, rule, fields
+
     def measure(self, config: PruningConfig | None, *, accuracy_floor: float | None = None,
-                baseline_scores: Sequence[tuple[str, int, float]] | None = None) -> TrialRecord:
+                baseline_scores: Sequence[tuple[str, int, float]] | None = None,
+                best_speedup: Callable[[float], float | None] | None = None) -> TrialRecord:
         """Accuracy (paired with `baseline_scores` for its evidence), then latency in the same interleaved rounds as
         the baseline, at the workload (`tuner.measure.workload`), with the speed-up of the workload's objective, its
-        interval and noise flag (`tuner.measure.latency.speedup_spread`).
+        interval and noise flag (`tuner.measure.latency.speedup_spread`). With adaptive rounds
+        (`Workload.adaptive`), the rounds stop once that interval is tight, or once its upper end is below
+        `best_speedup(accuracy)`: the best speed-up stored at no lower accuracy (the candidate is dominated).
 
         A configuration stopped early reports as accuracy the best it could still have reached (below the floor,
         so a constraint marks it infeasible), with its partial evidence.
@@ -107,27 +143,25 @@ class TrialMeasurer:
             self.baseline = result
         cache = (self.cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
         lat = self.latency  # measured outside the feature cache: it includes the vision tower
-        setups = {BASELINE: None} if config is None else {BASELINE: None, CANDIDATE: config}
-        started = time.perf_counter()
-        measured = measure_workload(self.loaded, self.inputs, self.batch_inputs, setups, lat,
-                                    inputs_of=self.inputs_of)
-        latency_seconds = time.perf_counter() - started
+        bound = self._reachable_accuracy(result) if result.stopped else None
+        accuracy = result.accuracy if bound is None else bound
+        to_beat = best_speedup(accuracy) if best_speedup is not None and config is not None else None
+        measured, rule, rounds = self._time(config, to_beat)
         timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
         timing, cost, base_timing, base_cost = timed.single, timed.cost, base.single, base.cost
-        spread = objective_spread(base, timed, lat.objective)
+        spread = objective_spread(base, timed, lat.objective, rule)
         capacity = self._capacity(config, timed) if lat.memory_budget_gb is not None else {}
         scores = result.scores()
         evidence = accuracy_evidence(scores, None if config is None else baseline_scores) if scores else {}
-        bound = self._reachable_accuracy(result) if result.stopped else None
         return TrialRecord(
-            config=config, accuracy=result.accuracy if bound is None else bound, metrics=result.metrics,
+            config=config, accuracy=accuracy, metrics=result.metrics,
             n_samples=result.n_samples, accuracy_by_category=result.accuracy_by_category(),
             **result.kept_vision_stats(), samples=[[s.doc_index, s.score, s.n_kept_vision] for s in result.samples],
             eval_seconds=result.seconds, **evidence, stopped_early=bound is not None,
             stop_reason=result.stopped or None, accuracy_partial=None if bound is None else result.accuracy,
             accuracy_upper_bound=bound,
             prefill_ms=timing.prefill.median_ms, prefill_iqr_ms=timing.prefill.iqr_ms,
-            prefill_repeats=timing.prefill.repeats, latency_seconds=latency_seconds,
+            prefill_repeats=timing.prefill.repeats, **rounds,
             **latency_evidence(timing.prefill.samples_ms),
             decode_ms_per_token=timing.decode.median_ms, decode_iqr_ms=timing.decode.iqr_ms,
             end_to_end_ms=timing.total.median_ms, peak_memory_bytes=timing.peak_memory_bytes,

@@ -9,7 +9,7 @@ cache at the workload: CUDA's `max_memory_allocated` on CUDA, else analytic KV-c
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,7 +24,14 @@ from tuner.models.loading import LoadedModel
 from tuner.models.processor_budget import processor_settings
 from tuner.results.stats import median_interval
 
-__all__ = ["CUDA_MEMORY", "KV_MEMORY", "RECORD_FIELDS", "Inputs", "InputsOf", "WorkloadResult", "measure_workload"]
+__all__ = ["CUDA_MEMORY", "KV_MEMORY", "RECORD_FIELDS", "SPEEDUP_TIMING", "Inputs", "InputsOf", "WorkloadResult",
+           "measure_workload"]
+
+# The timing each objective's speed-up is judged on (throughput's is e2e's: every configuration decodes B * T):
+# (the single request's or the batch's run, its prefill or its total).
+SPEEDUP_TIMING = {"prefill_ms": ("single", "prefill"), "ttft_ms": ("batch", "prefill"),
+                  "e2e_ms": ("batch", "total"), "throughput": ("batch", "total")}
+_RUN_FIELD = {"prefill": "prefill_ms", "total": "total_ms"}
 
 CUDA_MEMORY = "cuda_max_allocated"  # measured: peak allocated bytes over the batch's generate (weights included)
 KV_MEMORY = "analytic_kv_cache"  # analytic: KV-cache bytes of the batch after its T tokens (weights excluded)
@@ -86,11 +93,14 @@ InputsOf = Callable[[PruningConfig], Inputs]  # the same documents processed und
 
 def measure_workload(loaded: LoadedModel, single: BatchFeature, batch: BatchFeature | None,
                      configs: Mapping[str, PruningConfig | None], workload: Workload, *,
-                     inputs_of: InputsOf | None = None) -> dict[str, WorkloadResult]:
+                     inputs_of: InputsOf | None = None,
+                     until: Callable[[Mapping[str, Sequence[float]]], bool] | None = None) -> dict[str, WorkloadResult]:
     """Every configuration on the same documents, interleaved: each round runs, under each configuration in turn,
     one greedy generate of exactly T tokens on `single` and then one on `batch` (skipped when None: B == 1, where
     the single request is the batch). A configuration with processor settings runs on the same documents
-    processed under them (`inputs_of`). Warm-up rounds are discarded; every run is synchronised."""
+    processed under them (`inputs_of`). Warm-up rounds are discarded; every run is synchronised. `until`, given
+    each configuration's ms of the objective's timing (`SPEEDUP_TIMING`) after every timed round, ends them when
+    True (at most `workload.repeats`)."""
     setups = {name: _RecordingSetup(loaded.model, config) for name, config in configs.items()}
     inputs = {name: _inputs_for(config, (single, batch), inputs_of, name) for name, config in configs.items()}
     device, tokens = loaded.device, workload.new_tokens
@@ -108,8 +118,16 @@ def measure_workload(loaded: LoadedModel, single: BatchFeature, batch: BatchFeat
         first = _timed_generate(loaded.model, one, tokens, device)
         return first, first if many is None else _timed_generate(loaded.model, many, tokens, device)
 
+    run, part = SPEEDUP_TIMING[workload.objective]
+    index, field = (0 if run == "single" else 1), _RUN_FIELD[part]
+
+    def enough(timed: Mapping[str, list[Any]]) -> bool:
+        return until is not None and until({name: [getattr(p[index], field) for p in pairs]
+                                            for name, pairs in timed.items()})
+
     factories = {name: (lambda name=name: running(name)) for name in setups}
-    runs = _run_interleaved(factories, one_round, repeats=workload.repeats, warmup=workload.warmup)
+    runs = _run_interleaved(factories, one_round, repeats=workload.repeats, warmup=workload.warmup,
+                            until=enough if until is not None else None)
     out = {}
     for name, setup in setups.items():
         single, batch = inputs[name]

@@ -99,6 +99,10 @@ class TrialRecord:
     prefill_iqr_ms: float | None = None
     prefill_repeats: int | None = None  # interleaved latency rounds
     latency_seconds: float | None = None  # wall time of the latency rounds (the baseline's own, in them, included)
+    # adaptive rounds (`tuner.results.sequential`; None: fixed rounds): why they stopped after `prefill_repeats`
+    latency_stop: str | None = None  # "tolerance", "dominated" (below latency_speedup_to_beat) or "max"
+    latency_confidence: float | None = None  # simultaneous coverage of speedup_low..high at any stopping round
+    latency_speedup_to_beat: float | None = None  # the best stored speed-up at no lower accuracy, when one was
     prefill_ms_low: float | None = None
     prefill_ms_high: float | None = None
     prefill_ms_coverage: float | None = None

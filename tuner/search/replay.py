@@ -152,7 +152,8 @@ def replay(space: SearchSpace, grid: MeasuredGrid, sampler: str, seed: int, *,
            on_step: Callable[[Step], None] | None = None) -> list[Step]:
     """Run `sampler` (seeded `seed`) over `space` as `Tuner.run` would, answered from `grid`, until every grid
     point is complete or `RepeatGuard` ends it. Step 0 is the baseline (its seconds charged, not a configuration)."""
-    space = dataclasses.replace(space.with_sampler(sampler), sampler=SamplerSpec(sampler, seed, {}))
+    options = space.sampler.options if space.sampler.name == sampler else {}  # a space's own, for its sampler
+    space = dataclasses.replace(space.with_sampler(sampler), sampler=SamplerSpec(sampler, seed, options))
     directions = ["maximize", objective_named(grid.objective).direction]  # the measured study's, not a default
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), directions=directions,
                                 sampler=make_sampler(space))
