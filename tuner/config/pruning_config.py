@@ -87,7 +87,7 @@ class PruningConfig:
             raise ValueError(f"method {self.method!r} reads layer K-1's keys or attention, which do not exist before "
                              "the language model: use layer >= 1 with it, or a method that reads the embeddings at K=0")
         object.__setattr__(self, "stages", _as_stages(self.stages))
-        object.__setattr__(self, "processor", _as_processor(self.processor))
+        object.__setattr__(self, "processor", as_processor_settings(self.processor))
         previous = self.layer
         for index, stage in enumerate(self.stages):
             if isinstance(stage.layer, bool) or not isinstance(stage.layer, int) or stage.layer <= previous:
@@ -292,7 +292,7 @@ def processor_text(config: PruningConfig) -> str:
     return ", ".join(f"{name}={value}" for name, value in config.processor.items())
 
 
-def _as_processor(settings: Any) -> dict[str, int]:
+def as_processor_settings(settings: Any) -> dict[str, int]:
     """Processor settings as a dict sorted by name; one-line errors for what cannot be a setting (whether the
     family has it is checked when the model is loaded)."""
     if not isinstance(settings, Mapping):

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from tuner.config.pruning_config import as_processor_settings
 from tuner.models.families import get_family
 from tuner.models.families.base import Family, ProcessorSettingError
 from tuner.models.loading import LoadedModel
@@ -21,15 +22,18 @@ __all__ = ["ProcessorSettingError", "check_processor_settings", "processor_setti
 
 
 def check_processor_settings(family: Family, settings: Mapping[str, Any]) -> dict[str, int]:
-    """`settings` checked against the family's: known names, positive integers; sorted by name."""
-    for name, value in settings.items():
+    """`settings` checked against the family's: positive integers (`PruningConfig`'s own check), known names;
+    sorted by name."""
+    try:
+        checked = as_processor_settings(settings)
+    except ValueError as error:
+        raise ProcessorSettingError(str(error)) from None
+    for name in checked:
         if name not in family.processor_settings:
             allowed = ", ".join(family.processor_settings) or "none"
             raise ProcessorSettingError(f"processor.{name} is not a processor setting of family {family.name} "
                                         f"(its settings: {allowed})")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ProcessorSettingError(f"processor.{name} must be a positive integer, got {value!r}")
-    return dict(sorted(settings.items()))
+    return checked
 
 
 @contextmanager
