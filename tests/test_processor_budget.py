@@ -104,3 +104,44 @@ def test_every_family_without_settings_says_so() -> None:
         if not family.processor_settings:
             with pytest.raises(ProcessorSettingError, match=f"family {family.name} .*its settings: none"):
                 check_processor_settings(family, {"max_pixels": 1})
+
+
+def _preset_with(settings: dict, tmp_path: Path):
+    from tuner import PruningConfig, load_preset, save_preset
+    from tuner.config.preset import Preset
+
+    path = save_preset(Preset(PruningConfig(method="dart", layer=1, keep_ratio=0.5, processor=settings)),
+                       tmp_path / "preset.yaml")
+    return load_preset(path)
+
+
+def test_apply_pruning_applies_a_presets_processor_settings_and_undoes_them(llava, tmp_path: Path) -> None:
+    """Catches a preset whose processor settings are lost on the way from the file to the processor, or left
+    behind when the hooks go."""
+    from tuner import apply_pruning
+
+    vision = llava.model.config.vision_config
+    side = vision.image_size - 2 * vision.patch_size
+    preset = _preset_with({"image_size": side}, tmp_path)
+    with apply_pruning(llava.model, preset, processor=llava.processor) as handle:
+        inputs = build_inputs(llava, ["q"], IMAGE)
+        assert vision_counts(llava, inputs) == [(side // vision.patch_size) ** 2]
+        _generate(llava, inputs)
+        assert handle.requests[0].stage_kept_vision[-1] == [(side // vision.patch_size) ** 2 // 2]
+    assert vision_counts(llava, build_inputs(llava, ["q"], IMAGE)) == [llava.model.config.image_seq_length]
+    assert not llava.model.model.vision_tower._forward_pre_hooks
+
+
+def test_apply_pruning_without_the_processor_is_one_line_naming_the_settings(qwen, tmp_path: Path) -> None:
+    from tuner import apply_pruning
+
+    preset = _preset_with({"max_pixels": 64 * 64}, tmp_path)
+    with pytest.raises(ValueError, match=r"settings \(max_pixels=4096\): pass the model's processor") as caught:
+        apply_pruning(qwen.model, preset)
+    assert "\n" not in str(caught.value)
+    assert not getattr(qwen.model, "_dart_tuner_handle", None)  # nothing was attached
+    with processor_settings(qwen, {"max_pixels": 64 * 64}):  # applied by the caller: the hooks take them as they are
+        apply_pruning(qwen.model, preset).remove()
+    with pytest.raises(ProcessorSettingError, match="max_pixels=4096 are already applied"):
+        with processor_settings(qwen, {"max_pixels": 64 * 64}):
+            apply_pruning(qwen.model, _preset_with({"max_pixels": 80 * 80}, tmp_path), processor=qwen.processor)

@@ -34,7 +34,6 @@ from tuner.evaluation.inputs import as_images, build_inputs
 from tuner.evaluation.lmms_compat import import_lmms_eval
 from tuner.models.feature_cache import FeatureCache
 from tuner.models.loading import LoadedModel, load_model
-from tuner.models.processor_budget import processor_settings
 from tuner.pruning import apply_pruning
 
 _lmms_eval = import_lmms_eval("api.model")
@@ -138,8 +137,7 @@ class DartTunerLMM(lmms):
         if self._config is None:
             yield None
             return
-        with processor_settings(self.loaded, self._config.processor), \
-                apply_pruning(self.loaded.model, self._config) as handle:
+        with apply_pruning(self.loaded.model, self._config, processor=self.loaded.processor) as handle:
             yield handle
 
     def _cached_features(self) -> AbstractContextManager:

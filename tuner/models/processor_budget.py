@@ -9,16 +9,24 @@ Names are the processor's own, so a chosen point ports to a serving engine's pro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import ProcessorMixin
 
 from tuner.config.pruning_config import as_processor_settings
 from tuner.models.families import get_family
 from tuner.models.families.base import Family, ProcessorSettingError
-from tuner.models.loading import LoadedModel
 
-__all__ = ["ProcessorSettingError", "check_processor_settings", "processor_settings"]
+if TYPE_CHECKING:
+    from tuner.models.loading import LoadedModel
+
+__all__ = ["ProcessorSettingError", "applied_settings", "apply_processor_settings", "check_processor_settings",
+           "processor_settings"]
+
+_APPLIED = "_dart_tuner_processor_settings"  # on the model: the settings applied to it and its processor now
 
 
 def check_processor_settings(family: Family, settings: Mapping[str, Any]) -> dict[str, int]:
@@ -36,16 +44,39 @@ def check_processor_settings(family: Family, settings: Mapping[str, Any]) -> dic
     return checked
 
 
+def applied_settings(model: torch.nn.Module) -> dict[str, int]:
+    """The processor settings applied to `model` (and its processor) now; empty when none are."""
+    return dict(getattr(model, _APPLIED, {}))
+
+
+def apply_processor_settings(family: Family, processor: ProcessorMixin, model: torch.nn.Module,
+                             settings: Mapping[str, Any]) -> Callable[[], None]:
+    """Apply `settings` to `processor` (and `model`, where it must follow) and return the undo; the model remembers
+    them (`applied_settings`) until the undo, so pruning can tell that its configuration's inputs are in place."""
+    checked = check_processor_settings(family, settings)
+    if not checked:
+        return lambda: None
+    applied = applied_settings(model)
+    if applied == checked:  # applied by the caller already (an evaluation around its pruning): nothing to do
+        return lambda: None
+    if applied:
+        now = ", ".join(f"{name}={value}" for name, value in applied.items())
+        raise ProcessorSettingError(f"processor settings {now} are already applied to this model; undo them first")
+    undo_family = family.set_processor(processor, model, checked)
+    setattr(model, _APPLIED, checked)
+
+    def undo() -> None:
+        if hasattr(model, _APPLIED):
+            delattr(model, _APPLIED)
+            undo_family()
+    return undo
+
+
 @contextmanager
 def processor_settings(loaded: LoadedModel, settings: Mapping[str, Any] | None) -> Iterator[None]:
     """Inputs built inside use the processor with `settings` (None or empty: as loaded); undone on exit, also on
     an error. The model follows where it must (LLaVA interpolates its vision tower's position embeddings)."""
-    family = get_family(loaded.family)
-    checked = check_processor_settings(family, settings or {})
-    if not checked:
-        yield
-        return
-    undo = family.set_processor(loaded.processor, loaded.model, checked)
+    undo = apply_processor_settings(get_family(loaded.family), loaded.processor, loaded.model, settings or {})
     try:
         yield
     finally:

@@ -25,6 +25,7 @@ vision token passes through unpruned (`tuner.pruning.request`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,6 +95,7 @@ class PruningHandle:
         self._plan: ForwardPlan | None = None
         self._vision: VisionAttentionCapture | None = None  # the vision tower's attention, for the first stage
         self._hooks: list[Any] = []
+        self._on_remove: list[Callable[[], None]] = []
         self._attach()
 
     @property
@@ -151,11 +153,17 @@ class PruningHandle:
                                 last_row_attention=method.needs.last_row_attention,
                                 query_rows=method.needs.attention_rows)
 
+    def on_remove(self, undo: Callable[[], None]) -> None:
+        """Call `undo` when the hooks are removed (the processor settings applied with them)."""
+        self._on_remove.append(undo)
+
     def remove(self) -> None:
         """Remove every hook and restore the captured attention modules; safe to call twice."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        while self._on_remove:
+            self._on_remove.pop()()
         if self._generate_calls is not None:
             self._generate_calls.remove()
             self._generate_calls = None
