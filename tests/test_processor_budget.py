@@ -56,16 +56,26 @@ def test_llava_at_its_own_size_is_the_model_as_loaded(llava) -> None:
     assert torch.equal(plain["pixel_values"], same["pixel_values"])
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
-def test_qwen_max_pixels_caps_the_vision_tokens(saved_dirs: dict[str, Path], family: str) -> None:
-    qwen = load_model(str(saved_dirs[family]), dtype="float32", device="cpu", attn_implementation="sdpa")
-    before = vision_counts(qwen, build_inputs(qwen, ["q"], IMAGE))[0]
-    with processor_settings(qwen, {"max_pixels": 64 * 64}):
-        inputs = build_inputs(qwen, ["q"], IMAGE)
-        fewer = vision_counts(qwen, inputs)[0]
-        assert _generate(qwen, inputs).shape[1] == inputs["input_ids"].shape[1] + 2
+@pytest.mark.parametrize(("family", "settings", "expected"), [
+    ("qwen2_vl", {"max_pixels": 64 * 64}, None), ("qwen2_5_vl", {"max_pixels": 64 * 64}, None),
+    ("qwen3_vl", {"max_pixels": 64 * 64}, None),
+    ("internvl", {"max_patches": 1}, 16),  # one 64 px tile of 16 tokens, no thumbnail (4 tiles + thumbnail: 80)
+    ("idefics3", {"longest_edge": 64}, 16),  # one 64 px sub-image (2 x 2 and the global image: 80)
+    ("smolvlm", {"longest_edge": 64}, 16),
+])
+def test_a_smaller_budget_gives_fewer_vision_tokens(saved_dirs: dict[str, Path], family: str, settings: dict,
+                                                    expected: int | None) -> None:
+    """Catches a setting the processor ignores (its attribute read elsewhere), a model that cannot run on the
+    smaller input, and a setting left behind after the block."""
+    loaded = load_model(str(saved_dirs[family]), dtype="float32", device="cpu", attn_implementation="sdpa")
+    before = vision_counts(loaded, build_inputs(loaded, ["q"], IMAGE))[0]
+    with processor_settings(loaded, settings):
+        inputs = build_inputs(loaded, ["q"], IMAGE)
+        fewer = vision_counts(loaded, inputs)[0]
+        assert _generate(loaded, inputs).shape[1] == inputs["input_ids"].shape[1] + 2
     assert 0 < fewer < before
-    assert vision_counts(qwen, build_inputs(qwen, ["q"], IMAGE))[0] == before
+    assert expected is None or fewer == expected
+    assert vision_counts(loaded, build_inputs(loaded, ["q"], IMAGE))[0] == before
 
 
 def test_settings_are_undone_after_an_error(qwen) -> None:
@@ -96,6 +106,11 @@ def test_a_value_the_model_cannot_take_is_refused_before_anything_changes(llava,
     with pytest.raises(ProcessorSettingError, match="min_pixels 5000 is above processor.max_pixels 4000"):
         with processor_settings(qwen, {"min_pixels": 5000, "max_pixels": 4000}):
             pass
+    images = qwen.processor.image_processor
+    with pytest.raises(ProcessorSettingError, match="min_pixels .* is above processor.max_pixels 16"):
+        with processor_settings(qwen, {"max_pixels": 16}):  # the loaded min_pixels is above it
+            pass
+    assert images.size["longest_edge"] != 16
     assert vision_counts(llava, build_inputs(llava, ["q"], IMAGE)) == [llava.model.config.image_seq_length]
 
 

@@ -35,6 +35,29 @@ class ProcessorSettingError(DartTunerError, ValueError):
     """A processor setting the model's family does not have, or a value it cannot take; the message names it."""
 
 
+def set_image_processor(processor: ProcessorMixin, **values: Any) -> Callable[[], None]:
+    """Set attributes of `processor`'s image processor (the settings it reads on every call) and return the undo,
+    which restores the values as loaded."""
+    images = processor.image_processor
+    saved = {name: getattr(images, name) for name in values}
+    for name, value in values.items():
+        setattr(images, name, value)
+
+    def undo() -> None:
+        for name, value in saved.items():
+            setattr(images, name, value)
+    return undo
+
+
+def check_range(settings: Mapping[str, int], low_name: str, high_name: str, loaded: tuple[int, int]
+                ) -> tuple[int, int]:
+    """The (low, high) pair of two settings, each unset one as loaded (`loaded`); low above high is one line."""
+    low, high = settings.get(low_name, loaded[0]), settings.get(high_name, loaded[1])
+    if low > high:
+        raise ProcessorSettingError(f"processor.{low_name} {low} is above processor.{high_name} {high}")
+    return low, high
+
+
 @dataclass(frozen=True)
 class PrunedPrefill:
     """How the current prefill was pruned, as the extra hooks of a family need it.

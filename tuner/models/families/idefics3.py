@@ -11,6 +11,7 @@ the runs of all sub-images form one pool.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from transformers import Idefics3Config, Idefics3Processor, PreTrainedModel, Pro
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.base import Family
+from tuner.models.families.base import Family, set_image_processor
 
 # Tiny sub-images: 64 px, patch 8 -> 8x8 patches, shuffled by 2 -> 16 `<image>` tokens; images up to 128 px (2x2).
 TINY_TILE, TINY_PATCH, TINY_SCALE = 64, 8, 2
@@ -44,6 +45,16 @@ class Idefics3(Family):
     processor_class: type[ProcessorMixin] = Idefics3Processor
     image_processor_class: type = Idefics3ImageProcessorPil
     published_sub_image, published_image_seq_len = 364, 169
+
+    processor_settings = {"longest_edge": "the longest edge in pixels an image is resized to before it is split "
+                                          "into `max_image_size` sub-images (`image_seq_len` tokens each, plus the "
+                                          "global image)"}
+
+    def set_processor(self, processor: ProcessorMixin, model: torch.nn.Module,
+                      settings: Mapping[str, int]) -> Callable[[], None]:
+        """Resize every image to at most `longest_edge` px on its longest edge (the image processor's `size`), so
+        it splits into fewer or more sub-images; a tile's own size (`max_image_size`) is the model's and stays."""
+        return set_image_processor(processor, size={"longest_edge": settings["longest_edge"]})
 
     def fallback_prompt(self, text: str, n_images: int) -> str:
         """The checkpoints' chat format: `User:` images and question `<end_of_utterance>`, then `Assistant:`."""

@@ -8,6 +8,7 @@ config's `image_token_id`) carries image features, so the tiles of one image for
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from transformers import (
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from tuner.models.families import register_family, tiny
-from tuner.models.families.base import Family, chatml_user_turn
+from tuner.models.families.base import Family, chatml_user_turn, check_range, set_image_processor
 from tuner.models.families.qwen2_vl import ImageOnlyProcessorMixin
 
 # The named tokens InternVLProcessor reads from its tokenizer (`tokenizer.start_image_token`, ...).
@@ -69,6 +70,18 @@ class InternVL(Family):
     search_space = "internvl.yaml"
     # Row 0: a 2:1 image -> 2x1 tiles + thumbnail (48 tokens); row 1: square -> one tile (16 tokens).
     tiny_image_sizes = ((192, 96), (96, 96))
+
+    processor_settings = {"max_patches": "the most tiles an image is cut into (each `image_seq_length` vision "
+                                         "tokens; a thumbnail tile too when there are several)",
+                          "min_patches": "the fewest tiles an image is cut into"}
+
+    def set_processor(self, processor: ProcessorMixin, model: torch.nn.Module,
+                      settings: Mapping[str, int]) -> Callable[[], None]:
+        """Cut every image into between `min_patches` and `max_patches` tiles on the grid nearest its aspect ratio
+        (the GotOcr2 image processor's own attributes), each unset one kept as loaded."""
+        images = processor.image_processor
+        low, high = check_range(settings, "min_patches", "max_patches", (images.min_patches, images.max_patches))
+        return set_image_processor(processor, min_patches=low, max_patches=high)
 
     def fallback_prompt(self, text: str, n_images: int) -> str:
         """The `-hf` chat template's user turn: one `<IMG_CONTEXT>` line per image, ChatML."""

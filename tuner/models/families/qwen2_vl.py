@@ -18,10 +18,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from tuner.models.families import register_family, tiny
 from tuner.models.families.base import (
     Family,
-    ProcessorSettingError,
     VisionTowerRun,
     chatml_user_turn,
+    check_range,
     scatter_to_vision,
+    set_image_processor,
 )
 from tuner.models.families.grids import ImageGrids, Layout, merge_grids, place_layouts
 
@@ -76,17 +77,9 @@ class QwenFamily(Family):
                       settings: Mapping[str, int]) -> Callable[[], None]:
         """Resize every image to between `min_pixels` and `max_pixels` pixels (the image processor's
         `size` shortest and longest edge, in pixels), each unset one kept as loaded."""
-        images = processor.image_processor
-        saved = images.size
-        low = settings.get("min_pixels", saved["shortest_edge"])
-        high = settings.get("max_pixels", saved["longest_edge"])
-        if low > high:
-            raise ProcessorSettingError(f"processor.min_pixels {low} is above processor.max_pixels {high}")
-        images.size = {"shortest_edge": low, "longest_edge": high}
-
-        def undo() -> None:
-            images.size = saved
-        return undo
+        size = processor.image_processor.size
+        low, high = check_range(settings, "min_pixels", "max_pixels", (size["shortest_edge"], size["longest_edge"]))
+        return set_image_processor(processor, size={"shortest_edge": low, "longest_edge": high})
 
     def continued_positions(self, model: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:
         """M-RoPE: text after the prompt has equal t/h/w positions, offset by the prompt's `rope_deltas`."""
