@@ -14,6 +14,7 @@ from tuner.models.families import (
     get_family,
     registered_families,
 )
+from tuner.models.processor_budget import check_processor_settings
 from tuner.search.space import load_space
 
 ROOT = Path(__file__).parents[1]
@@ -55,3 +56,20 @@ def test_unknown_family_names_fail_with_the_known_ones():
         get_family("nope")
     assert family_for_model_type("llama") is None
     assert len(set(family_names())) == len(FAMILIES)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+def test_the_default_space_offers_the_familys_processor_budget(family, tmp_path):
+    """A family with processor settings has its knob in its default space, commented, and uncommenting it gives a
+    space whose settings are the family's own (a knob in another family's names would fail at load)."""
+    text = (ROOT / "search_spaces" / family.search_space).read_text()
+    knob = [line for line in text.splitlines() if line.startswith("# processor:")]
+    if not family.processor_settings:
+        assert not knob and "# No processor budget setting for this family" in text
+        return
+    assert len(knob) == 1, family.search_space
+    edited = tmp_path / family.search_space
+    edited.write_text(text.replace(knob[0], knob[0].removeprefix("# ")))
+    space = load_space(edited)
+    assert space.processor is not None and set(space.processor.settings) <= set(family.processor_settings)
+    check_processor_settings(family, {name: param.choices()[0] for name, param in space.processor.settings.items()})
