@@ -38,6 +38,9 @@ def test_a_downsampled_trial_sees_fewer_vision_tokens_everywhere(model_and_tasks
     assert small.vision_mean == per_image and small.kept_vision_mean == per_image
     assert base.vision_mean == loaded.model.config.image_seq_length
     assert small.latency_input_kept_vision == per_image < base.latency_input_kept_vision
+    assert small.latency_input_vision == per_image and base.latency_input_vision == base.latency_input_kept_vision
+    pruned = measurer.measure(PruningConfig(method="random", layer=1, keep_ratio=0.5, processor={"image_size": side}))
+    assert pruned.latency_input_vision == per_image and pruned.latency_input_kept_vision == per_image // 2
     assert small.flops_ratio < 1.0
     assert measurer.measure(None).vision_mean == base.vision_mean  # nothing left behind
 
@@ -76,3 +79,18 @@ def test_a_setting_the_family_lacks_is_refused_before_any_trial(model_and_tasks)
         space = parse_space(_space({"image_size": {"low": 4 * patch, "high": 6 * patch, "step": patch // 2}}),
                             "s.yaml")
         check_processor_space(space.processor, loaded, "s.yaml")
+
+
+def test_the_feature_cache_never_serves_one_settings_features_to_another(model_and_tasks) -> None:
+    """Catches a cache key that misses the processor settings: the default processor's trial would then answer
+    from the downsampled images' features (or the reverse)."""
+    from tuner.models.feature_cache import FeatureCache
+
+    loaded, tasks = model_and_tasks
+    side = loaded.model.config.vision_config.image_size - 2 * loaded.model.config.vision_config.patch_size
+    workload = Workload(batch_size=1, new_tokens=2, repeats=1, warmup=0)
+    plain = TrialMeasurer(loaded, tasks, workload).measure(None)
+    cached = TrialMeasurer(loaded, tasks, workload, feature_cache=FeatureCache.from_mb(64))
+    cached.measure(PruningConfig(method="keep_all", processor={"image_size": side}))
+    again = cached.measure(None)
+    assert again.samples == plain.samples and again.vision_mean == plain.vision_mean

@@ -170,7 +170,7 @@ class TrialMeasurer:
             baseline_objective_same_run=base.objectives()[lat.objective], prefill_flops=cost.prefill_flops,
             kv_cache_bytes=cost.kv_cache_bytes,
             flops_ratio=cost.prefill_flops / base_cost.prefill_flops, latency_input_tokens=cost.n_tokens,
-            latency_input_kept_vision=cost.n_kept_vision, **capacity, **cache)
+            latency_input_vision=cost.n_vision, latency_input_kept_vision=cost.n_kept_vision, **capacity, **cache)
 
     def _capacity(self, config: PruningConfig | None, timed: WorkloadResult) -> dict[str, object]:
         """The record fields of the most requests `config` serves within the workload's memory budget."""

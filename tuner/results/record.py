@@ -73,7 +73,7 @@ class TrialRecord:
     kept_vision_mean: float | None = None
     kept_vision_min: float | None = None
     kept_vision_max: float | None = None
-    vision_mean: float | None = None
+    vision_mean: float | None = None  # vision tokens the processor made of a document, before pruning
     keep_ratio_achieved: float | None = None
     stage_kept_vision_mean: list[float] | None = None
     # its uncertainty (`tuner.results.evidence`)
@@ -145,6 +145,7 @@ class TrialRecord:
     kv_cache_bytes: int | None = None
     flops_ratio: float | None = None
     latency_input_tokens: int | None = None
+    latency_input_vision: int | None = None  # the processor's vision tokens on it, before pruning
     latency_input_kept_vision: int | None = None
     # this worker's feature cache during the trial (`tuner.models.feature_cache.CacheStats`)
     feature_cache_hits: int | None = None
