@@ -79,7 +79,7 @@ def trial_attrs(config: PruningConfig | None, accuracy: float, prefill_ms: float
         "speedup_low": 0.95 * base_ms / prefill_ms, "speedup_high": 1.05 * base_ms / prefill_ms, "latency_noisy": False,
         "latency_warning": "",
         "prefill_flops": flops, "kv_cache_bytes": int(BASE_KV * (0.2 + 0.8 * keep)), "flops_ratio": flops / BASE_FLOPS,
-        "latency_input_tokens": 130, "latency_input_kept_vision": int(kept),
+        "latency_input_tokens": 130, "latency_input_vision": VISION, "latency_input_kept_vision": int(kept),
         "samples": [[i, 1.0 if i < accuracy * 10 else 0.0, int(kept)] for i in range(10)],
         "eval_seconds": 3.5,
         **workload_attrs(prefill_ms, base_ms, 1.0 if config is None else config.keep_ratio),
