@@ -94,3 +94,25 @@ def test_the_feature_cache_never_serves_one_settings_features_to_another(model_a
     cached.measure(PruningConfig(method="keep_all", processor={"image_size": side}))
     again = cached.measure(None)
     assert again.samples == plain.samples and again.vision_mean == plain.vision_mean
+
+
+def test_a_budget_above_the_fewest_tokens_a_processor_setting_gives_is_refused(model_and_tasks) -> None:
+    """Catches budgets checked at the default processor only: at the smaller image size such a budget keeps
+    every token, so those trials would be plain downsampling labelled as pruning."""
+    from tuner.search.setup import MeasuringSetup
+
+    loaded, tasks = model_and_tasks
+    vision = loaded.model.config.vision_config
+    side = vision.image_size - 2 * vision.patch_size
+    per_image = (side // vision.patch_size) ** 2
+    data = {**_space({"image_size": [side, vision.image_size]}), "keep_ratio": None, "budget": [per_image + 1],
+            "latency": {"repeats": 1, "warmup": 0, "new_tokens": 2}}
+    space = parse_space({k: v for k, v in data.items() if v is not None}, "s.yaml")
+    with pytest.raises(SpaceError) as caught:
+        MeasuringSetup.load(space, loaded=loaded, tasks=tasks)
+    assert str(caught.value) == (f"s.yaml: budget: the space allows up to {per_image + 1}, more than the {per_image} "
+                                 f"vision tokens of the latency prompt ({TASK}, first document at processor.image_size "
+                                 f"{side})")
+    data["budget"] = [per_image]
+    MeasuringSetup.load(parse_space({k: v for k, v in data.items() if v is not None}, "s.yaml"), loaded=loaded,
+                        tasks=tasks)

@@ -74,9 +74,11 @@ class TrialMeasurer:
         self.on_request: Callable[[int], None] | None = None  # progress of the running evaluation, in documents
         self.baseline: EvalResult | None = None  # the unpruned evaluation, once this measurer ran it
 
-    def latency_vision_tokens(self) -> int:
-        """The fewest vision tokens of a latency-prompt row: what budgets and pivots must not exceed."""
-        return min(vision_counts(self.loaded, self.inputs))
+    def latency_vision_tokens(self, processor: Mapping[str, int] | None = None) -> int:
+        """The fewest vision tokens of a latency-prompt row (under `processor` settings, if any): what budgets and
+        pivots must not exceed."""
+        inputs = self.inputs_of(PruningConfig(method="keep_all", processor=processor))[0] if processor else self.inputs
+        return min(vision_counts(self.loaded, inputs))
 
     def baseline_result(self) -> EvalResult:
         """The unpruned model's evaluation on the subset (run once; deterministic)."""

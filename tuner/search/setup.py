@@ -44,7 +44,7 @@ class MeasuringSetup:
         measurer = TrialMeasurer(loaded, tasks, space.latency, batch_size=space.batch_size,
                                  max_failures=space.max_failures, early_stop_chunk=space.early_stop_chunk,
                                  feature_cache=FeatureCache.from_mb(space.feature_cache_mb))
-        _check_token_counts(space, measurer.latency_vision_tokens(), tasks[0].name)
+        _check_token_counts(space, *_fewest_vision_tokens(space, measurer), tasks[0].name)
         return cls(space, loaded, tasks, measurer, provenance_of(loaded, tasks, space))
 
 
@@ -56,10 +56,23 @@ def _check_layers(space: SearchSpace, n_layers: int) -> None:
         raise SpaceError(f"{space.source}: {key}: the space allows up to {space.max_layer()}; {error}") from None
 
 
-def _check_token_counts(space: SearchSpace, n_vision: int, task: str) -> None:
+def _fewest_vision_tokens(space: SearchSpace, measurer: TrialMeasurer) -> tuple[int, str]:
+    """The fewest vision tokens the latency prompt becomes under the space's processor settings (each checked
+    value alone; the default processor without a processor section), and the setting that gives them."""
+    fewest, under = measurer.latency_vision_tokens(), ""
+    for name, param in (space.processor.settings.items() if space.processor is not None else ()):
+        for value in param.checked_values():
+            n_vision = measurer.latency_vision_tokens({name: value})
+            if n_vision < fewest:
+                fewest, under = n_vision, f" at processor.{name} {value}"
+    return fewest, under
+
+
+def _check_token_counts(space: SearchSpace, n_vision: int, under: str, task: str) -> None:
     """Refuse a space whose budgets or image pivots exceed the vision tokens of the prompt every trial's latency is
-    measured on: such trials keep every token (or cannot pick their pivots)."""
-    where = f"the {n_vision} vision tokens of the latency prompt ({task}, first document)"
+    measured on (at the processor setting giving the fewest): such trials keep every token (or cannot pick their
+    pivots)."""
+    where = f"the {n_vision} vision tokens of the latency prompt ({task}, first document{under})"
     checks = [("budget", max(space.budget.choices()))] if space.budget is not None else []
     for method in space.methods:  # options bounded by the vision tokens (DART's image pivots)
         specs = {} if method == PDROP else method_class(method).option_specs
