@@ -63,7 +63,7 @@ def schema_1_config(config: PruningConfig) -> dict[str, Any]:
 def trial_attrs(config: PruningConfig | None, accuracy: float, prefill_ms: float, base_ms: float,
                 task: str = "dart_shapes", legacy: bool = False) -> dict[str, Any]:
     """The user attributes a measured trial stores (`TrialMeasurer.measure`; same keys, plausible values)."""
-    keep = 1.0 if config is None else config.keep_ratio
+    keep = 1.0 if config is None or config.keep_ratio is None else config.keep_ratio
     kept = float(max(1, round(keep * VISION)))
     flops = int(BASE_FLOPS * (0.2 + 0.8 * keep))
     stored = {"config": schema_1_config(config) if config else None} if legacy else config_attrs(config)
@@ -82,7 +82,7 @@ def trial_attrs(config: PruningConfig | None, accuracy: float, prefill_ms: float
         "latency_input_tokens": 130, "latency_input_vision": VISION, "latency_input_kept_vision": int(kept),
         "samples": [[i, 1.0 if i < accuracy * 10 else 0.0, int(kept)] for i in range(10)],
         "eval_seconds": 3.5,
-        **workload_attrs(prefill_ms, base_ms, 1.0 if config is None else config.keep_ratio),
+        **workload_attrs(prefill_ms, base_ms, keep),
     }
 
 

@@ -81,6 +81,18 @@ def show_sheet(console: Console, sheet: Sheet, *, wide: bool = False, as_json: b
         console.print(sheet.table(wide))
 
 
+def show_fronts(console: Console, study: Any, *, wide: bool = False, as_json: bool = False,
+                default_processor: bool = False) -> None:
+    """The study's Pareto front (`default_processor`: the front at the processor as loaded only); a study that
+    searched processor settings also shows the front without them, to compare (tables only: JSON is one front)."""
+    from tuner.results.tables import pareto_sheet
+    from tuner.results.trials import searched_processor
+
+    show_sheet(console, pareto_sheet(study, default_processor=default_processor), wide=wide, as_json=as_json)
+    if not as_json and not default_processor and searched_processor(study.get_trials(deepcopy=False)):
+        show_sheet(console, pareto_sheet(study, default_processor=True), wide=wide)
+
+
 def log_to(console: Console, name: str) -> None:
     """Print the warnings of logger `name` on `console` as one yellow line each."""
     import logging

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.console import Console
 
-from tuner.cli.common import app, fail, json_option, print_json, show_sheet, storage_line, wide_option
+from tuner.cli.common import app, fail, json_option, print_json, show_fronts, show_sheet, storage_line, wide_option
 from tuner.errors import DartTunerError
 from tuner.results.storage import DEFAULT_STORAGE
 
@@ -35,8 +35,11 @@ def studies(storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of
 @app.command("front")
 def front(study: str = typer.Option(..., help="Study name (see `dart-tuner studies`)."),
           storage: str = typer.Option(DEFAULT_STORAGE, help="SQLAlchemy URL of the Optuna storage."),
+          default_processor: bool = typer.Option(False, help="Only the trials at the processor as loaded: the "
+                                                              "front a search without the processor knob finds."),
           wide: bool = wide_option(), as_json: bool = json_option()) -> None:
-    """A study's feasible Pareto front with its confirmed numbers: the table `tune` prints at its end."""
+    """A study's feasible Pareto front with its confirmed numbers: the table `tune` prints at its end (a study
+    that searched processor settings also shows the front at the default processor)."""
     from rich.markup import escape
 
     from tuner.results import open_study
@@ -46,14 +49,14 @@ def front(study: str = typer.Option(..., help="Study name (see `dart-tuner studi
 
     try:
         loaded_study = open_study(open_for_reading(storage), study)
-        sheet = pareto_sheet(loaded_study)
+        pareto_sheet(loaded_study, default_processor=default_processor)  # a storage error surfaces here
     except DartTunerError as error:
         raise fail(str(error)) from None
     except Exception as error:  # a storage error while reading the study; anything else keeps its traceback
         raise fail(storage_line(storage, error, "cannot read")) from None
     confirmation = loaded_study.user_attrs.get(CONFIRMATION_ATTR)
     console = Console(stderr=as_json)
-    show_sheet(console, sheet, wide=wide, as_json=as_json)
+    show_fronts(console, loaded_study, wide=wide, as_json=as_json, default_processor=default_processor)
     if not confirmation:
         console.print(f"not confirmed yet: dart-tuner confirm --space SPACE --study {escape(study)} --storage "
                       f"{escape(storage)} re-measures the front", highlight=False)

@@ -15,7 +15,7 @@ from tuner.cli.common import (
     interruptible,
     log_to,
     quiet_libraries,
-    show_sheet,
+    show_fronts,
     start_up_line,
     storage_fail,
     wide_option,
@@ -90,7 +90,7 @@ def tune(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tuner.results import pareto_trials
-    from tuner.results.tables import describe_trial, latency_noise, pareto_sheet, speedup_text
+    from tuner.results.tables import describe_trial, latency_noise, speedup_text
     from tuner.search.space import load_space
     from tuner.search.study import TrialLost, Tuner, TuningStopped
 
@@ -182,7 +182,7 @@ def tune(
             raise fail(f"confirmation failed (the study is stored; run `dart-tuner confirm` to retry): {error}",
                        code=1) from None
     else:
-        show_sheet(console, pareto_sheet(tuner_.study), wide=wide, as_json=as_json)
+        show_fronts(console, tuner_.study, wide=wide, as_json=as_json)
     console.print(f"{tuner_.n_complete()} complete trials in {escape(storage)}, study "
                   f"{escape(repr(tuner_.study_name))}. List studies: dart-tuner studies --storage {escape(storage)}",
                   highlight=False)

@@ -29,6 +29,7 @@ from tuner.results.evidence import (
 from tuner.results.record import BASELINE_ATTR, PROVENANCE_ATTR
 from tuner.results.trials import (
     accuracy_relative,
+    at_default_processor,
     config_of,
     is_baseline,
     pareto_trials,
@@ -195,9 +196,10 @@ def _workload_text(study: optuna.Study) -> str:
     return f"; batch {shape.get('batch_size')}, {shape.get('new_tokens')} new tokens"
 
 
-def pareto_sheet(study: optuna.Study) -> Sheet:
+def pareto_sheet(study: optuna.Study, *, default_processor: bool = False) -> Sheet:
     """The feasible Pareto front, fastest first, with 95% intervals, the paired comparison with the baseline, the
-    front's trials each one cannot be told apart from, and the confirmed numbers once the front was confirmed."""
+    front's trials each one cannot be told apart from, and the confirmed numbers once the front was confirmed.
+    With `default_processor`, the front of the trials at the processor as loaded: the search without that knob."""
     confirmation = study.user_attrs.get(CONFIRMATION_ATTR)
     columns = list(PARETO_COLUMNS)
     if confirmation:
@@ -208,9 +210,11 @@ def pareto_sheet(study: optuna.Study) -> Sheet:
     columns[PARETO_COLUMNS.index(_OBJECTIVE_COLUMN)] = Column(goal.name, f"{goal.heading()} [95%]",
                                                               f"{goal.heading()} [95%]")
     arrow = "up" if goal.maximize else "down"
-    sheet = Sheet(f"Pareto front of {study.study_name} (feasible trials; accuracy up, {goal.label} {arrow}"
+    which = "feasible trials at the default processor" if default_processor else "feasible trials"
+    sheet = Sheet(f"Pareto front of {study.study_name} ({which}; accuracy up, {goal.label} {arrow}"
                   f"{_workload_text(study)})", columns)
-    front = pareto_trials(study)
+    front = pareto_trials(study, at_default_processor(study.get_trials(deepcopy=False)) if default_processor
+                          else None)
     for trial in front:
         method, layer, options, amount = trial_label(trial)
         record = record_of(trial)

@@ -171,6 +171,17 @@ def pareto_trials(study: optuna.Study, trials: Sequence[FrozenTrial] | None = No
     return sorted(pareto_front(readable_trials(trials), goal), key=lambda t: goal.cost(t.values[1]))
 
 
+def at_default_processor(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The readable trials that ran the processor as loaded (no `processor` settings; the baseline among them):
+    what a search without the processor knob could have found."""
+    return [t for t in readable_trials(trials) if (config := config_of(t)) is None or not config.processor]
+
+
+def searched_processor(trials: Sequence[FrozenTrial]) -> bool:
+    """Whether any readable trial ran with processor settings (the study searched the processor's budget)."""
+    return any((config := config_of(t)) is not None and config.processor for t in readable_trials(trials))
+
+
 def accuracy_relative(trial: FrozenTrial, study: optuna.Study) -> float:
     """The trial's accuracy as a fraction of the baseline's (NaN before the baseline completed)."""
     baseline = study.user_attrs.get(BASELINE_ATTR)
