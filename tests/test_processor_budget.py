@@ -160,3 +160,28 @@ def test_apply_pruning_without_the_processor_is_one_line_naming_the_settings(qwe
     with pytest.raises(ProcessorSettingError, match="max_pixels=4096 are already applied"):
         with processor_settings(qwen, {"max_pixels": 64 * 64}):
             apply_pruning(qwen.model, _preset_with({"max_pixels": 80 * 80}, tmp_path), processor=qwen.processor)
+
+
+@pytest.mark.parametrize(("family", "settings"), [
+    ("llava", {"image_size": "crop"}), ("qwen2_vl", {"max_pixels": "longest", "min_pixels": 100}),
+    ("internvl", {"max_patches": "loaded"}), ("idefics3", {"longest_edge": "loaded"}),
+])
+def test_a_setting_at_its_loaded_value_is_the_default_processor(saved_dirs: dict[str, Path], family: str,
+                                                                settings: dict) -> None:
+    """Catches a drawn value equal to the processor's own being kept as a choice: that trial would be labelled and
+    fronted as a processor point although its inputs are the default's (and export would refuse a point that
+    ports)."""
+    from tuner import PruningConfig
+    from tuner.models.processor_budget import without_loaded_values
+
+    loaded = load_model(str(saved_dirs[family]), dtype="float32", device="cpu", attn_implementation="sdpa")
+    as_loaded = get_family(loaded.family).loaded_processor_settings(loaded.processor)
+    assert set(as_loaded) == set(get_family(loaded.family).processor_settings)
+    drawn = {name: as_loaded[name] if isinstance(value, str) else value for name, value in settings.items()}
+    config = without_loaded_values(loaded, PruningConfig(method="keep_all", processor=drawn))
+    assert config.processor == {name: value for name, value in settings.items() if not isinstance(value, str)}
+    plain = build_inputs(loaded, ["q"], IMAGE)
+    with processor_settings(loaded, {name: as_loaded[name] for name in as_loaded}):
+        same = build_inputs(loaded, ["q"], IMAGE)  # every setting at its loaded value: the default's inputs
+    assert torch.equal(plain["input_ids"], same["input_ids"])
+    assert torch.equal(plain["pixel_values"], same["pixel_values"])

@@ -9,6 +9,7 @@ Names are the processor's own, so a chosen point ports to a serving engine's pro
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import ProcessorMixin
 
-from tuner.config.pruning_config import as_processor_settings
+from tuner.config.pruning_config import PruningConfig, as_processor_settings
 from tuner.models.families import get_family
 from tuner.models.families.base import Family, ProcessorSettingError
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from tuner.models.loading import LoadedModel
 
 __all__ = ["ProcessorSettingError", "applied_settings", "apply_processor_settings", "check_processor_settings",
-           "processor_settings"]
+           "processor_settings", "without_loaded_values"]
 
 _APPLIED = "_dart_tuner_processor_settings"  # on the model: the settings applied to it and its processor now
 
@@ -42,6 +43,14 @@ def check_processor_settings(family: Family, settings: Mapping[str, Any]) -> dic
             raise ProcessorSettingError(f"processor.{name} is not a processor setting of family {family.name} "
                                         f"(its settings: {allowed})")
     return checked
+
+
+def without_loaded_values(loaded: LoadedModel, config: PruningConfig) -> PruningConfig:
+    """`config` without the processor settings that equal the processor's as loaded: the same inputs, so the same
+    configuration as one that names none (one label, one duplicate check, one front at the default processor)."""
+    as_loaded = get_family(loaded.family).loaded_processor_settings(loaded.processor)
+    kept = {name: value for name, value in config.processor.items() if as_loaded.get(name) != value}
+    return config if kept == config.processor else dataclasses.replace(config, processor=kept)
 
 
 def applied_settings(model: torch.nn.Module) -> dict[str, int]:

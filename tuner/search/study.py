@@ -26,6 +26,7 @@ from tuner.config import PruningConfig
 from tuner.errors import DartTunerError
 from tuner.evaluation.tasks import PreparedTask
 from tuner.models.loading import LoadedModel
+from tuner.models.processor_budget import without_loaded_values
 from tuner.results import config_of, is_baseline
 from tuner.results.evidence import stored_scores
 from tuner.results.interrupts import sigint_ignored
@@ -233,7 +234,7 @@ class Tuner:
                 trial.set_user_attr(DUPLICATE_OF_ATTR, earlier)
                 raise optuna.TrialPruned(f"trial {earlier} already measures the baseline")
         try:
-            config = None if baseline else self.space.suggest(trial)
+            config = None if baseline else without_loaded_values(self.loaded, self.space.suggest(trial))
             if config is not None and not self.allow_repeats:
                 earlier = self._complete_with(config)
                 if earlier is not None:

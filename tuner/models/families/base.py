@@ -157,6 +157,11 @@ class Family:
         what undoes it; ProcessorSettingError naming a value the model cannot take."""
         raise ProcessorSettingError(f"family {self.name} has no processor settings")
 
+    def loaded_processor_settings(self, processor: ProcessorMixin) -> dict[str, int]:
+        """The values of `processor_settings` the processor has as loaded (a setting at its loaded value is the
+        default processor, not a choice)."""
+        return {}
+
     # -- the loaded model ---------------------------------------------------------------------------
     def transformers_class(self) -> type[PreTrainedModel]:
         """The transformers class of `class_names[0]` (what `AutoModelForImageTextToText` loads)."""

@@ -56,6 +56,9 @@ class Idefics3(Family):
         it splits into fewer or more sub-images; a tile's own size (`max_image_size`) is the model's and stays."""
         return set_image_processor(processor, size={"longest_edge": settings["longest_edge"]})
 
+    def loaded_processor_settings(self, processor: ProcessorMixin) -> dict[str, int]:
+        return {"longest_edge": processor.image_processor.size["longest_edge"]}
+
     def fallback_prompt(self, text: str, n_images: int) -> str:
         """The checkpoints' chat format: `User:` images and question `<end_of_utterance>`, then `Assistant:`."""
         return f"User:{self.image_placeholder * n_images}{text}<end_of_utterance>\nAssistant:"

@@ -83,6 +83,10 @@ class InternVL(Family):
         low, high = check_range(settings, "min_patches", "max_patches", (images.min_patches, images.max_patches))
         return set_image_processor(processor, min_patches=low, max_patches=high)
 
+    def loaded_processor_settings(self, processor: ProcessorMixin) -> dict[str, int]:
+        images = processor.image_processor
+        return {"min_patches": images.min_patches, "max_patches": images.max_patches}
+
     def fallback_prompt(self, text: str, n_images: int) -> str:
         """The `-hf` chat template's user turn: one `<IMG_CONTEXT>` line per image, ChatML."""
         return chatml_user_turn(f"{self.image_placeholder}\n" * n_images + text)

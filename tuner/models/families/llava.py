@@ -59,6 +59,9 @@ class Llava(Family):
                 hook.remove()
         return undo
 
+    def loaded_processor_settings(self, processor: ProcessorMixin) -> dict[str, int]:
+        return {"image_size": processor.image_processor.crop_size["height"]}
+
     vision_saliency_query = "cls"
 
     def vision_attention(self, model: torch.nn.Module) -> torch.nn.Module:

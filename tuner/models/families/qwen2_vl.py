@@ -81,6 +81,10 @@ class QwenFamily(Family):
         low, high = check_range(settings, "min_pixels", "max_pixels", (size["shortest_edge"], size["longest_edge"]))
         return set_image_processor(processor, size={"shortest_edge": low, "longest_edge": high})
 
+    def loaded_processor_settings(self, processor: ProcessorMixin) -> dict[str, int]:
+        size = processor.image_processor.size
+        return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+
     def continued_positions(self, model: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:
         """M-RoPE: text after the prompt has equal t/h/w positions, offset by the prompt's `rope_deltas`."""
         deltas = model.model.rope_deltas
