@@ -96,11 +96,14 @@ def _study(url: str) -> optuna.Study:
 def test_hand_built_trials_carry_the_tuners_attributes() -> None:
     """The test study's trial attributes are exactly the fields `TrialMeasurer.measure` sets on a completed, not
     stopped trial's record (checked on its source), and they read back through the record unchanged."""
-    tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(TrialMeasurer.measure)))
-    call = next(node for node in ast.walk(tree)
-                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "TrialRecord")
+    def keywords(method: object, callee: str) -> set[str]:
+        tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(method)))
+        call = next(node for node in ast.walk(tree)
+                    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == callee)
+        return {k.arg for k in call.keywords if k.arg is not None}
     stop_fields = {"stopped_early", "stop_reason", "accuracy_partial", "accuracy_upper_bound"}
-    keys = {k.arg for k in call.keywords if k.arg is not None} - stop_fields - {"config"}
+    keys = keywords(TrialMeasurer.measure, "TrialRecord") - stop_fields - {"config"}
+    keys |= keywords(TrialMeasurer._latency_fields, "dict")  # a trial that timed itself (none reused)
     keys |= set(EvalResult(config=None, accuracy=0.0, metrics={}).kept_vision_stats())
     keys |= set(speedup_spread(Timing((1.0,)), Timing((1.0,))).to_attrs())
     keys |= set(config_attrs(None)) | set(RECORD_FIELDS)

@@ -54,7 +54,8 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
 )}
 DEFAULT_OBJECTIVE = "prefill_ms"
 WORKLOAD_KEYS = ("batch_size", "new_tokens", "objective", "repeats", "warmup", "tolerance", "min_repeats",
-                 "memory_budget_gb")
+                 "memory_budget_gb", "share_timings", "kept_quantum")
+SHARING = ("off", "study", "storage")  # where configurations of one latency signature share a timing
 DEFAULT_TOLERANCE = 0.05  # adaptive rounds stop once the speed-up's interval is within 5% of it
 DEFAULT_MIN_REPEATS = 3  # the fewest timed rounds before adaptive rounds may stop (capped at `repeats`)
 
@@ -84,6 +85,8 @@ class Workload:
     tolerance: float = DEFAULT_TOLERANCE
     min_repeats: int | None = None  # None: DEFAULT_MIN_REPEATS, or `repeats` when that is fewer
     memory_budget_gb: float | None = None
+    share_timings: str = "study"  # `SHARING` (`tuner.measure.shared_timing`)
+    kept_quantum: int = 1  # kept counts within this many tokens share a timing (1: only equal ones)
 
     def __post_init__(self) -> None:
         for key, low in (("batch_size", 1), ("new_tokens", 2), ("repeats", 1), ("warmup", 0)):
@@ -98,6 +101,12 @@ class Workload:
         tolerance = self.tolerance
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
             raise WorkloadError(f"latency.tolerance must be a number in [0, 1) (0: fixed rounds), got {tolerance!r}")
+        if self.share_timings not in SHARING:
+            raise WorkloadError(f"latency.share_timings {self.share_timings!r} is not one of {', '.join(SHARING)}")
+        quantum = self.kept_quantum
+        if not isinstance(quantum, int) or isinstance(quantum, bool) or quantum < 1:
+            raise WorkloadError(f"latency.kept_quantum must be an integer >= 1 (1: only equal kept counts share a "
+                                f"timing), got {quantum!r}")
         least = self.min_repeats
         if least is not None and (not isinstance(least, int) or isinstance(least, bool)
                                   or not 1 <= least <= self.repeats):

@@ -19,6 +19,7 @@ from tuner.measure.capacity import budget_bytes, max_concurrent_requests
 from tuner.measure.compare import BASELINE, InputsUnderSettings, latency_inputs, vision_counts
 from tuner.measure.early_stop import best_reachable_accuracy, bound_applies, progress_of, stop_check_for
 from tuner.measure.latency import SpeedupSpread, Timing, speedup_spread
+from tuner.measure.shared_timing import TimingLookup, latency_signature, probe, reusable, timing_fields
 from tuner.measure.workload import SPEEDUP_TIMING, WorkloadResult, measure_workload
 from tuner.models.feature_cache import CacheStats, FeatureCache
 from tuner.models.loading import LoadedModel
@@ -129,12 +130,15 @@ class TrialMeasurer:
 
     def measure(self, config: PruningConfig | None, *, accuracy_floor: float | None = None,
                 baseline_scores: Sequence[tuple[str, int, float]] | None = None,
-                best_speedup: Callable[[float], float | None] | None = None) -> TrialRecord:
+                best_speedup: Callable[[float], float | None] | None = None,
+                stored_timing: TimingLookup | None = None) -> TrialRecord:
         """Accuracy (paired with `baseline_scores` for its evidence), then latency in the same interleaved rounds as
         the baseline, at the workload (`tuner.measure.workload`), with the speed-up of the workload's objective, its
         interval and noise flag (`tuner.measure.latency.speedup_spread`). With adaptive rounds
         (`Workload.adaptive`), the rounds stop once that interval is tight, or once its upper end is below
         `best_speedup(accuracy)`: the best speed-up stored at no lower accuracy (the candidate is dominated).
+        With `stored_timing` (and `latency.share_timings` on), a configuration whose prefill does the same work as a
+        stored trial's takes over that trial's timing (`tuner.measure.shared_timing`).
 
         A configuration stopped early reports as accuracy the best it could still have reached (below the floor,
         so a constraint marks it infeasible), with its partial evidence.
@@ -144,15 +148,11 @@ class TrialMeasurer:
         if config is None:  # the baseline: later floors and pairings need this very evaluation, not a second one
             self.baseline = result
         cache = (self.cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
-        lat = self.latency  # measured outside the feature cache: it includes the vision tower
         bound = self._reachable_accuracy(result) if result.stopped else None
         accuracy = result.accuracy if bound is None else bound
         to_beat = best_speedup(accuracy) if best_speedup is not None and config is not None else None
-        measured, rule, rounds = self._time(config, to_beat)
-        timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
-        timing, cost, base_timing, base_cost = timed.single, timed.cost, base.single, base.cost
-        spread = objective_spread(base, timed, lat.objective, rule)
-        capacity = self._capacity(config, timed) if lat.memory_budget_gb is not None else {}
+        shared, signature = self._shared_timing(config, stored_timing)
+        latency = shared or self._latency_fields(config, to_beat, signature)
         scores = result.scores()
         evidence = accuracy_evidence(scores, None if config is None else baseline_scores) if scores else {}
         return TrialRecord(
@@ -161,7 +161,37 @@ class TrialMeasurer:
             **result.kept_vision_stats(), samples=[[s.doc_index, s.score, s.n_kept_vision] for s in result.samples],
             eval_seconds=result.seconds, **evidence, stopped_early=bound is not None,
             stop_reason=result.stopped or None, accuracy_partial=None if bound is None else result.accuracy,
-            accuracy_upper_bound=bound,
+            accuracy_upper_bound=bound, **latency, **cache)
+
+    def _shared_timing(self, config: PruningConfig | None, stored_timing: TimingLookup | None
+                       ) -> tuple[dict[str, object] | None, str | None]:
+        """A stored trial's timing fields when `config`'s prefill does the same work and its selection costs the
+        same (else None), and `config`'s latency signature (None for the baseline, or with sharing off)."""
+        if config is None or stored_timing is None or self.latency.share_timings == "off":
+            return None, None
+        started = time.perf_counter()
+        single, batch = self.inputs_of(config)
+        shape = probe(self.loaded, config, single, batch)
+        signature = latency_signature(self.loaded, config, shape, self.latency, single, batch,
+                                      kept_quantum=self.latency.kept_quantum)
+        found = stored_timing(signature)
+        if found is None or not reusable(found[0], shape.select_ms):
+            return None, signature
+        earlier, source = found
+        return {**timing_fields(earlier), "latency_seconds": time.perf_counter() - started,
+                "latency_signature": signature, "latency_reused_from": source, "select_ms": shape.select_ms}, signature
+
+    def _latency_fields(self, config: PruningConfig | None, to_beat: float | None, signature: str | None
+                        ) -> dict[str, object]:
+        """The record fields of `config`'s own timing, interleaved with the baseline (`_time`), stored under its
+        latency `signature` for later configurations to share."""
+        lat = self.latency  # measured outside the feature cache: it includes the vision tower
+        measured, rule, rounds = self._time(config, to_beat)
+        timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
+        timing, cost, base_timing, base_cost = timed.single, timed.cost, base.single, base.cost
+        spread = objective_spread(base, timed, lat.objective, rule)
+        capacity = self._capacity(config, timed) if lat.memory_budget_gb is not None else {}
+        return dict(
             prefill_ms=timing.prefill.median_ms, prefill_iqr_ms=timing.prefill.iqr_ms,
             prefill_repeats=timing.prefill.repeats, **rounds,
             **latency_evidence(timing.prefill.samples_ms),
@@ -172,7 +202,8 @@ class TrialMeasurer:
             baseline_objective_same_run=base.objectives()[lat.objective], prefill_flops=cost.prefill_flops,
             kv_cache_bytes=cost.kv_cache_bytes,
             flops_ratio=cost.prefill_flops / base_cost.prefill_flops, latency_input_tokens=cost.n_tokens,
-            latency_input_vision=cost.n_vision, latency_input_kept_vision=cost.n_kept_vision, **capacity, **cache)
+            latency_input_vision=cost.n_vision, latency_input_kept_vision=cost.n_kept_vision, **capacity,
+            select_ms=cost.select_ms, latency_signature=signature)
 
     def _capacity(self, config: PruningConfig | None, timed: WorkloadResult) -> dict[str, object]:
         """The record fields of the most requests `config` serves within the workload's memory budget."""

@@ -99,6 +99,10 @@ class TrialRecord:
     prefill_iqr_ms: float | None = None
     prefill_repeats: int | None = None  # interleaved latency rounds
     latency_seconds: float | None = None  # wall time of the latency rounds (the baseline's own, in them, included)
+    # shared latency measurements (`tuner.measure.shared_timing`)
+    latency_signature: str | None = None  # digest of what the timing depends on but the selection
+    latency_reused_from: str | None = None  # "trial 12" / "study s, trial 12": whose timing this trial took over
+    select_ms: float | None = None  # the selection's own time in the single request's prefill (median when timed)
     # adaptive rounds (`tuner.results.sequential`; None: fixed rounds): why they stopped after `prefill_repeats`
     latency_stop: str | None = None  # "tolerance", "dominated" (below latency_speedup_to_beat) or "max"
     latency_confidence: float | None = None  # simultaneous coverage of speedup_low..high at any stopping round

@@ -65,6 +65,7 @@ from tuner.search.samplers import make_sampler
 from tuner.search.setup import MeasuringSetup
 from tuner.search.space import SearchSpace
 from tuner.search.space_changes import SpaceChanged, check_space_fits
+from tuner.search.stored_timings import StoredTimings
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class Tuner:
                                          load_if_exists=True)
         self._check_workload()
         self._check_provenance(allow_mixed)
+        across = space.latency.share_timings == "storage"  # the same hardware and stack: the signature says so
+        self.stored_timings = StoredTimings(self.study, storage=self.storage if across else None)
         self._running: Trial | None = None  # the trial objective() runs now, to queue again on Ctrl-C
         self.requeued: int | None = None  # the trial queued again by the last interrupted run()
 
@@ -203,7 +206,8 @@ class Tuner:
         pruned_and_stoppable = config is not None and self.space.early_stop_chunk is not None
         return self.measurer.measure(config, accuracy_floor=self.accuracy_floor() if pruned_and_stoppable else None,
                                      baseline_scores=None if config is None else self._baseline_scores(),
-                                     best_speedup=lambda accuracy: best_speedup_at(self.study, accuracy))
+                                     best_speedup=lambda accuracy: best_speedup_at(self.study, accuracy),
+                                     stored_timing=self.stored_timings)
 
     def objective(self, trial: Trial) -> tuple[float, float]:
         """Optuna objective: (accuracy, the workload's objective, prefill median ms by default); every number also
