@@ -56,6 +56,7 @@ def test_the_front_with_the_knob_and_at_the_default_processor(storage: str) -> N
     assert result.exit_code == 0, result.output
     assert _front_numbers(result.output) == [[str(n) for n in with_knob], [str(n) for n in without]]
     assert "feasible trials at the default processor" in " ".join(result.output.split())
+    assert "image_size=84" in result.output  # the processor point says so
     only = CliRunner().invoke(app, ["front", "--study", "proc", "--storage", storage, "--default-processor",
                                     "--json"])
     assert [row["number"] for row in json.loads(only.stdout)["rows"]] == without

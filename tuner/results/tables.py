@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 from rich.text import Text
 
-from tuner.config import methods_text, options_text, processor_text, schedule_text
+from tuner.config import PruningConfig, methods_text, options_text, processor_text, schedule_text
 from tuner.results.evidence import (
     CONFIRMATION_ATTR,
     confirmed,
@@ -99,10 +99,17 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def trial_label(trial: FrozenTrial) -> tuple[str, str, str, str]:
     """(method, K, options, amount) of a stored trial; the baseline reads 'unpruned', a schedule '2>4' and
-    '0.5>0.5'; options as `options_text` writes them ('-' for none)."""
+    '0.5>0.5'; options as `options_text` writes them ('-' for none); processor settings follow the method
+    ('keep_all image_size=96'), as a downsampled point is another point than the default processor's."""
     config = config_of(trial)
     if config is None:
         return ("unpruned" if is_baseline(trial) else "?", "-", "-", "all")
+    method, layer, options, amount = _pruning_label(config)
+    processor = processor_text(config)
+    return (f"{method} {processor}" if processor else method), layer, options, amount
+
+
+def _pruning_label(config: PruningConfig) -> tuple[str, str, str, str]:
     options = options_text(config) or "-"
     amount = f"{config.keep_ratio:.3g}" if config.keep_ratio is not None else (
         f"{config.budget} tok" if config.budget is not None else "all")
