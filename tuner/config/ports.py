@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuner.config.pruning_config import PruningConfig
+from tuner.errors import DartTunerError
 
 __all__ = ["ENGINE_VERSIONS", "TARGETS", "Part", "PortError", "Verdict", "check_target", "engine_settings",
            "launch_settings", "launch_text", "portable_processor_settings", "verdict"]
@@ -70,8 +71,8 @@ _SETTINGS: dict[str, dict[str, dict[str, str | Blocked]]] = {
 SGLANG_MAX_PIXELS_ENV = "SGLANG_IMAGE_MAX_PIXELS"
 
 
-class PortError(ValueError):
-    """A target name that is not one of `TARGETS`."""
+class PortError(DartTunerError, ValueError):
+    """A target that is not one of `TARGETS`, or a configuration asked to launch where it does not run."""
 
 
 def check_target(target: str) -> str:
