@@ -50,6 +50,7 @@ from tuner.results.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, gave_up, o
 from tuner.results.trials import study_objective
 from tuner.search.dominance import best_speedup_at
 from tuner.search.guards import FailureGuard, RepeatGuard
+from tuner.search.portable import check_family, record_target
 from tuner.search.provenance import ProvenanceMismatch, check_same_setup
 from tuner.search.requeue import (
     STORAGE_LOST,
@@ -94,7 +95,7 @@ class Tuner:
                  study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
                  grace_period: int | None = None, loaded: LoadedModel | None = None,
                  tasks: list[PreparedTask] | None = None, allow_repeats: bool = False,
-                 setup: MeasuringSetup | None = None) -> None:
+                 setup: MeasuringSetup | None = None, target: str = "transformers") -> None:
         self.space = space
         self.allow_repeats = allow_repeats  # measure a configuration again although a complete trial holds it
         self.storage = storage if isinstance(storage, RDBStorage) else open_for_tuning(
@@ -102,12 +103,14 @@ class Tuner:
         self.study_name = study_name or space.study
         check_space_fits(self.storage, self.study_name, space, self.storage.url)  # before anything is loaded
         self.setup = setup or MeasuringSetup.load(space, loaded=loaded, tasks=tasks)
+        check_family(space, target, self.setup.loaded.family)  # `tune --portable`: the family's own settings
         self.loaded, self.tasks, self.measurer = self.setup.loaded, self.setup.tasks, self.setup.measurer
         self.provenance = self.setup.provenance
         self.goal = space.latency.goal  # the study's second objective, in its direction
         self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
                                          directions=["maximize", self.goal.direction], sampler=make_sampler(space),
                                          load_if_exists=True)
+        record_target(self.study, target)  # before the provenance, which marks the study as not new
         self._check_workload()
         self._check_provenance(allow_mixed)
         self._running: Trial | None = None  # the trial objective() runs now, to queue again on Ctrl-C
