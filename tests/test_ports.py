@@ -281,16 +281,14 @@ def test_portable_processor_settings_are_per_family() -> None:
     assert set(TARGETS) == {"transformers", "vllm", "sglang"}
 
 
-def test_a_study_records_its_target_and_refuses_another(tmp_path: Path) -> None:
+def test_a_new_study_records_its_target_and_a_resumed_one_keeps_it(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 's.db'}"
     study = optuna.create_study(directions=["maximize", "minimize"], storage=storage, study_name="new")
     record_target(study, "vllm")
     study.set_user_attr("provenance", {"family": "qwen2_vl"})  # what the Tuner stores next, marking it not new
     assert study_target(optuna.load_study(study_name="new", storage=storage)) == "vllm"
-    record_target(study, "vllm")  # resuming for the same target
-    with pytest.raises(SpaceError, match="was tuned for target vllm; this run asks for transformers: use another "
-                                         "--study, or --portable vllm$"):
-        record_target(study, "transformers")
+    record_target(study, "transformers")  # resumed (its space unchanged, `space_changes`): the target stays
+    assert study_target(optuna.load_study(study_name="new", storage=storage)) == "vllm"
     plain = optuna.create_study(directions=["maximize", "minimize"], storage=storage, study_name="plain")
     record_target(plain, "transformers")
     assert TARGET_ATTR not in plain.user_attrs and study_target(plain) == "transformers"

@@ -3,7 +3,7 @@
 The engines run no pruning, so the restricted space searches `keep_all` only, at one layer, over the processor
 settings the engine takes; the rest of the space (model, tasks, constraints, sampler, workload) is kept. A space
 left with nothing to search fails in one line before anything is loaded; once the model is loaded, its family's
-settings are checked again (`check_family`). The study records its target (`tuner.results.ports.TARGET_ATTR`).
+settings are checked again (`check_family`). A new study records its target (`tuner.results.ports.TARGET_ATTR`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 import optuna
 
 from tuner.config.ports import PortError, check_target, engine_settings, portable_processor_settings
-from tuner.results.ports import TARGET_ATTR, study_target
+from tuner.results.ports import TARGET_ATTR
 from tuner.results.record import PROVENANCE_ATTR
 from tuner.search.params import IntParam, SpaceError
 from tuner.search.processor_space import ProcessorSpec
@@ -58,13 +58,8 @@ def check_family(space: SearchSpace, target: str, family: str) -> None:
 
 
 def record_target(study: optuna.Study, target: str) -> None:
-    """Store the study's target when it is new; refuse, in one line, to resume it for another target."""
-    if PROVENANCE_ATTR not in study.user_attrs:
-        if target != "transformers":
-            study.set_user_attr(TARGET_ATTR, target)
-        return
-    stored = study_target(study)
-    if stored != target:
-        same = "no --portable" if stored == "transformers" else f"--portable {stored}"
-        raise SpaceError(f"study {study.study_name!r} was tuned for target {stored}; this run asks for {target}: "
-                         f"use another --study, or {same}")
+    """Store a new study's target (`transformers` is the default and is not stored). A resumed study keeps the
+    one it has: a search other than the one it was tuned with is already refused (`tuner.search.space_changes`),
+    and the same search under another name changes nothing it stores."""
+    if PROVENANCE_ATTR not in study.user_attrs and target != "transformers":
+        study.set_user_attr(TARGET_ATTR, target)
