@@ -29,7 +29,7 @@ from tuner.config.ports import (
 )
 from tuner.models.families import get_family, registered_families
 from tuner.results.export import Rule, choose_trial
-from tuner.results.ports import TARGET_ATTR, nearest_portable, study_target
+from tuner.results.ports import TARGET_ATTR, NotPortable, nearest_portable, study_target, trial_verdict
 from tuner.search.params import SpaceError
 from tuner.search.portable import check_family, portable_space, record_target
 from tuner.search.space import parse_space
@@ -292,3 +292,20 @@ def test_a_new_study_records_its_target_and_a_resumed_one_keeps_it(tmp_path: Pat
     plain = optuna.create_study(directions=["maximize", "minimize"], storage=storage, study_name="plain")
     record_target(plain, "transformers")
     assert TARGET_ATTR not in plain.user_attrs and study_target(plain) == "transformers"
+
+
+def test_the_docs_table_cites_the_versions_the_facts_were_checked_against() -> None:
+    """The port table in docs/serving.md must be updated with the facts: it names each engine's checked version."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text(encoding="utf-8")
+    table = text[text.index("## Where a point runs"):]
+    assert f"vLLM {ENGINE_VERSIONS['vllm'].split()[0]}" in table
+    assert ENGINE_VERSIONS["sglang"].split(" (")[0].removeprefix("main at ") in table  # 'commit 02065f0'
+
+
+def test_transformers_needs_no_family(tmp_path: Path) -> None:
+    """A study without a recorded family still runs everything on transformers (the dashboard's default view)."""
+    study = _study(f"sqlite:///{tmp_path / 's.db'}")
+    study.set_user_attr("provenance", {})
+    assert all(trial_verdict(study, t, "transformers").ports for t in study.trials)
+    with pytest.raises(NotPortable, match="records no model family"):
+        trial_verdict(study, study.trials[1], "vllm")

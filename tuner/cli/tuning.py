@@ -114,6 +114,9 @@ def tune(
                                     memory_budget_gb=memory_budget_gb)
         if portable is not None:
             space = portable_space(space, portable)
+        if portable not in (None, "transformers"):  # transformers runs every point: nothing restricted
+            console.print(f"--portable {escape(portable)}: keep_all over processor "
+                          f"{escape(', '.join(space.processor.settings))}", highlight=False)
         with console.status(f"Loading {escape(space.model)} and {escape(', '.join(space.tasks))}..."), \
                 hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,

@@ -8,7 +8,7 @@ request and in-LM pruning requests were closed. What they do take is the process
 ports, when the engine forwards those settings for the model's family.
 
 This module is the one owner of these facts; each names its source and the engine version it was checked against
-(`ENGINE_VERSIONS`). docs/serving.md renders them as a table.
+(`ENGINE_VERSIONS`). docs/serving.md shows them as a table, which tests/test_ports.py holds to these versions.
 """
 
 from __future__ import annotations
@@ -42,10 +42,8 @@ BEFORE_LM = ("no serving engine prunes images before the language model yet (vLL
              "EVS; vLLM's image pruning is the open PR #38888)")
 
 _QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-_LLAVA_SIZE = ("vLLM's LLaVA processor has no such setting: the image-token count comes from the vision config's "
-               "fixed image_size (the CLIP position embeddings are not interpolated)")
-_SGLANG_LLAVA_SIZE = ("SGLang's LLaVA processor has no such setting: the image-token count comes from the vision "
-                      "config's fixed image_size (the CLIP position embeddings are not interpolated)")
+_FIXED_SIZE = ("{engine}'s LLaVA processor has no such setting: the image-token count comes from the vision "
+               "config's fixed image_size (the CLIP position embeddings are not interpolated)")
 
 # engine -> family -> dart-tuner setting -> the engine's name for it (a str), or why it does not port (a Blocked).
 # vLLM forwards `--mm-processor-kwargs` to the Hugging Face processor it loads (`get_hf_processor(**kwargs)`),
@@ -62,9 +60,9 @@ class Blocked:
 
 _SETTINGS: dict[str, dict[str, dict[str, str | Blocked]]] = {
     "vllm": {**{family: {"max_pixels": "max_pixels", "min_pixels": "min_pixels"} for family in _QWEN},
-             "llava": {"image_size": Blocked(_LLAVA_SIZE)}},
+             "llava": {"image_size": Blocked(_FIXED_SIZE.format(engine="vLLM"))}},
     "sglang": {**{family: {"max_pixels": "max_pixels", "min_pixels": "min_pixels"} for family in _QWEN},
-               "llava": {"image_size": Blocked(_SGLANG_LLAVA_SIZE)}},
+               "llava": {"image_size": Blocked(_FIXED_SIZE.format(engine="SGLang"))}},
 }
 # SGLang resizes Qwen-VL images itself before its processor, to at most this environment variable's pixels
 # (default 16384 x 28 x 28): a launch sets it to the configuration's max_pixels, so both resizes share the bound.

@@ -86,7 +86,7 @@ class Tuner:
     """Drives one study over one search space: creates or loads it (baseline first), runs the objective loop with
     its races between workers and Ctrl-C; each configuration is measured by this worker's `TrialMeasurer`, on the
     `MeasuringSetup` built once (the model and tasks loaded). The space must fit the stored trials
-    (`space_changes`), checked before anything is loaded."""
+    (`space_changes`), checked before anything is loaded. `target`: the engine a `--portable` space runs on."""
 
     _lost: Trial | None = None  # the running trial whose result the storage gave up on, until it is queued again
     _interrupted = False  # a Ctrl-C reached the running trial (whether or not its reason could be stored)
