@@ -84,7 +84,7 @@ def test_keep_all_with_qwen_pixel_budgets_ports(target: str, family: str) -> Non
 def test_llava_image_size_does_not_port_and_says_why(target: str) -> None:
     found = verdict(PruningConfig(method="keep_all", processor={"image_size": 96}), "llava", target)
     assert not found.ports
-    assert found.first_blocker().startswith("processor.image_size: ") and "position embeddings" in \
+    assert found.first_blocker().startswith("processor.image_size=96: ") and "position embeddings" in \
         found.first_blocker()
 
 
@@ -229,7 +229,8 @@ def test_export_target_refuses_image_size_on_llava(tmp_path: Path) -> None:
     _study(storage, points=[(PruningConfig(method="keep_all", processor={"image_size": 96}), 0.7, 50.0)],
            family="llava")
     code, output = _export(storage, "--trial", "1", "--target", "vllm")
-    assert code == 2 and "processor.image_size: vLLM's LLaVA processor has no such setting" in " ".join(output.split())
+    assert code == 2 and "processor.image_size=96: vLLM's LLaVA processor has no such setting" in \
+        " ".join(output.split())
 
 
 # -- tune --portable -------------------------------------------------------------------------------------------------

@@ -121,8 +121,8 @@ def engine_settings(target: str, family: str) -> Mapping[str, str | Blocked]:
     return _SETTINGS.get(check_target(target), {}).get(family, {})
 
 
-def _processor_part(target: str, family: str, name: str) -> Part:
-    label = f"processor.{name}"
+def _processor_part(target: str, family: str, name: str, value: int) -> Part:
+    label = f"processor.{name}={value}"
     if target == "transformers":
         return Part(label)
     fact = engine_settings(target, family).get(name)
@@ -149,8 +149,9 @@ def verdict(config: PruningConfig, family: str, target: str) -> Verdict:
     if target == "transformers":
         stages = [Part(f"{stage.method} at layer {stage.layer}") for stage in config.stage_configs()
                   if stage.method != "keep_all"]
-        return Verdict(target, family, (*stages, *(Part(f"processor.{n}") for n in config.processor)))
-    parts = _stage_parts(config) + [_processor_part(target, family, name) for name in config.processor]
+        return Verdict(target, family, (*stages, *(Part(f"processor.{n}={v}") for n, v in config.processor.items())))
+    parts = _stage_parts(config) + [_processor_part(target, family, name, value)
+                                    for name, value in config.processor.items()]
     return Verdict(target, family, tuple(parts))
 
 
