@@ -22,11 +22,10 @@ from typing import Any
 from tuner.config.pruning_config import PruningConfig
 from tuner.errors import DartTunerError
 
-__all__ = ["ENGINE_VERSIONS", "TARGETS", "Part", "PortError", "Verdict", "check_target", "engine_settings",
+__all__ = ["ENGINE_VERSIONS", "TARGETS", "Blocked", "Part", "PortError", "Verdict", "check_target", "engine_settings",
            "launch_settings", "launch_text", "portable_processor_settings", "verdict"]
 
 TARGETS = ("transformers", "vllm", "sglang")
-ENGINES = TARGETS[1:]
 
 # The version each engine fact below was read from (source and docs), so a reader knows how old a verdict is.
 ENGINE_VERSIONS = {
