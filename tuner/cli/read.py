@@ -76,6 +76,10 @@ def export(
                                                        "confidence bound at this level (0.9 = 90%) instead of its "
                                                        "measured accuracy."),
     output: Path = typer.Option(Path("preset.yaml"), "--output", "-o", help="Preset file to write."),
+    target: str = typer.Option("transformers", help="Where the preset runs: transformers (tuner.apply_pruning), "
+                                                    "vllm or sglang (also writes the engine's launch line next to "
+                                                    "the preset, <output>.<target>.sh; refuses a trial that does "
+                                                    "not run there, naming the nearest that does)."),
     as_json: bool = typer.Option(False, "--json", help="Print the chosen trial and its metrics as JSON on stdout; "
                                                        "messages go to stderr."),
 ) -> None:
@@ -87,6 +91,7 @@ def export(
     from tuner.results import open_study
     from tuner.results.evidence import versus_baseline_text
     from tuner.results.export import Rule, choose_trial, preset_from_trial
+    from tuner.results.ports import launch_file_text, ported_preset
     from tuner.results.storage import open_for_reading
     from tuner.results.tables import describe_trial, noise_warning, with_interval
     from tuner.results.trials import skipped_text, unreadable_trials
@@ -96,21 +101,28 @@ def export(
                     max_prefill_ms=max_latency_ms, confidence=confidence)
         loaded_study = open_study(open_for_reading(storage), study)
         chosen = choose_trial(loaded_study, rule)
-        preset = preset_from_trial(loaded_study, chosen)
+        preset = ported_preset(loaded_study, rule, chosen, preset_from_trial(loaded_study, chosen), target)
     except (DartTunerError, ValueError) as error:  # ValueError: Rule names the conflicting options
         raise fail(str(error), wrap=True) from None  # wrapped: the closest trials, one per line
     except Exception as error:  # a storage error while reading the study; anything else keeps its traceback
         raise fail(storage_line(storage, error, "cannot read")) from None
+    launch_path = output.with_name(f"{output.stem}.{target}.sh") if target != "transformers" else None
     try:
         save_preset(preset, output)
+        if launch_path is not None:
+            launch_path.write_text(launch_file_text(preset))
     except DartTunerError as error:
         raise fail(str(error)) from None
+    except OSError as error:
+        raise fail(f"cannot write launch file {str(launch_path)!r}: {error.strerror or error}") from None
     metrics = preset.metrics
     warning = noise_warning(chosen, loaded_study)
     warning = warning and warning + _remeasure_command(preset, output)
     if as_json:
+        ported = {} if launch_path is None else {"target": target, "launch": preset.provenance["launch"],
+                                                 "launch_file": str(launch_path)}
         print_json({"rule": rule.describe(), "trial": chosen.number, "config": preset.config.to_dict(),
-                    "output": str(output), "metrics": metrics, "warning": warning})
+                    "output": str(output), "metrics": metrics, "warning": warning, **ported})
         return
     console = Console()
     skipped = skipped_text(loaded_study.study_name, unreadable_trials(loaded_study.get_trials(deepcopy=False)))
@@ -121,6 +133,10 @@ def export(
                   f"{metrics['baseline_accuracy']}; vs baseline {versus_baseline_text(chosen)}), prefill "
                   f"{with_interval(chosen, 'prefill_ms', metrics['prefill_ms_median'], '.1f')} ms "
                   f"({metrics['speedup'] or float('nan'):.2f}x) -> {escape(str(output))}", highlight=False)
+    if launch_path is not None:
+        checked = preset.provenance["launch"]["engine_version_checked"]
+        console.print(f"{target} launch (checked against {escape(checked)}) -> {escape(str(launch_path))}",
+                      highlight=False, soft_wrap=True)
     if warning:
         console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 

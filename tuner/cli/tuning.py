@@ -61,6 +61,9 @@ def tune(
                                                   "trial also stores how many requests fit in it at the workload "
                                                   "(measured on CUDA, analytic weights + KV cache elsewhere; "
                                                   "default: the space's latency.memory_budget_gb, else off)."),
+    portable: str | None = typer.Option(None, help="Search only what this serving engine runs (vllm or sglang): "
+                                        "keep_all over the processor settings it takes; the study records the "
+                                        "target (see docs/serving.md)."),
     allow_mixed: bool = typer.Option(False, help="Add trials to a study whose provenance differs from this run."),
     allow_repeats: bool = typer.Option(False, help="Measure a configuration again although a complete trial of "
                                                    "the study already holds it (default: such trials are pruned)."),
@@ -91,6 +94,7 @@ def tune(
 
     from tuner.results import pareto_trials
     from tuner.results.tables import describe_trial, latency_noise, speedup_text
+    from tuner.search.portable import portable_space
     from tuner.search.space import load_space
     from tuner.search.study import TrialLost, Tuner, TuningStopped
 
@@ -108,10 +112,16 @@ def tune(
                                      early_stop_chunk=early_stop_chunk)
         space = space.with_workload(objective=objective, batch_size=latency_batch, new_tokens=new_tokens,
                                     memory_budget_gb=memory_budget_gb)
+        if portable is not None:
+            space = portable_space(space, portable)
+        if portable not in (None, "transformers"):  # transformers runs every point: nothing restricted
+            console.print(f"--portable {escape(portable)}: keep_all over processor "
+                          f"{escape(', '.join(space.processor.settings))}", highlight=False)
         with console.status(f"Loading {escape(space.model)} and {escape(', '.join(space.tasks))}..."), \
                 hide_library_progress_bars():
             tuner_ = Tuner(space, storage, study_name=study, allow_mixed=allow_mixed,
-                           heartbeat_interval=heartbeat_interval, allow_repeats=allow_repeats)
+                           heartbeat_interval=heartbeat_interval, allow_repeats=allow_repeats,
+                           target=portable or "transformers")
     except Exception as error:  # noqa: BLE001 - start_up_line raises a bug again
         raise fail(start_up_line(storage, error)) from None
     target = space.trials

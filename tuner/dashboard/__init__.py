@@ -6,7 +6,8 @@ downloads through `preset_from_trial` + `preset_to_yaml`, so the dashboard and `
 the chosen trial and the file's bytes.
 
 One module per job: `studies` (storage URL, picker, loading), `provenance` (what a study's numbers depend on),
-`frame` (one row per trial), `choice` (choosing a point and its preset) and `figures`.
+`frame` (one row per trial), `choice` (choosing a point and its preset), `targets` (the points a serving engine
+runs) and `figures`.
 """
 
 from tuner.dashboard.choice import (
@@ -54,12 +55,14 @@ from tuner.dashboard.studies import (
     state_counts,
     storage_from_argv,
 )
+from tuner.dashboard.targets import TARGET_CHOICES, default_target, recommend_on, target_preset_yaml, trials_on
 from tuner.results.storage import StorageError
 from tuner.results.trials import skipped_text, unreadable_trials
 
 __all__ = [
     "IMPORTANCE_AUTO_TRIALS",
-    "METHOD_COLORS", "PARAMETERS", "PARAMETER_TITLES", "STORAGE_ENV", "STUDY_COLORS", "TRIAL_COLUMNS", "X_AXES",
+    "METHOD_COLORS", "PARAMETERS", "PARAMETER_TITLES", "STORAGE_ENV", "STUDY_COLORS", "TARGET_CHOICES", "TRIAL_COLUMNS",
+    "X_AXES", "default_target", "recommend_on", "target_preset_yaml", "trials_on",
     "Recommendation", "StorageError", "StudyChoice", "candidate_numbers", "compare_figure", "constraints_text",
     "default_bounds", "export_rule_args", "hypervolume_figure", "importance_figure", "importance_params",
     "is_running", "list_studies", "load_study", "markdown_text", "method_color", "option_columns", "parameter_figure",

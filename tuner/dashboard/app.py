@@ -86,6 +86,10 @@ with st.sidebar:
         st.error(str(problem))
         st.stop()
     trials = study.get_trials(deepcopy=False)
+    target = st.selectbox("Runs on", dd.TARGET_CHOICES, index=dd.TARGET_CHOICES.index(dd.default_target(study)),
+                          key=f"target_{name}", help="Hide the points whose configuration does not run on this "
+                          "target: vllm and sglang run no pruning, only the processor settings they take "
+                          "(docs/serving.md); transformers runs every point.")
     running = dd.is_running(trials)
     auto = st.toggle("Refresh every 10 s while trials run", value=running, key="auto_refresh")
     if running:
@@ -113,7 +117,10 @@ for index, (column, part) in enumerate(zip(st.columns(2), (rows[:half], rows[hal
 skipped = dd.skipped_text(name, dd.unreadable_trials(trials))
 if skipped:
     st.warning(dd.markdown_text(skipped) + ": they are left out of every plot, table and recommendation.")
-frame = dd.trial_frame(study, trials)
+shown = dd.trials_on(study, trials, target)
+frame = dd.trial_frame(study, shown)  # the front of what the target runs
+if len(shown) < len(trials):
+    st.caption(f"{len(trials) - len(shown)} trial(s) hidden: they do not run on {target}.")
 goal = study_objective(study)  # the study's latency objective: the front's x axis and the metric shown
 done = frame[frame["state"] == "complete"]
 if done.empty:
@@ -160,8 +167,8 @@ with col_lat:
                            value=float(min(max(start, lat_low), lat_high)),
                            step=0.1 if lat_high - lat_low < 50 else 1.0, key="max_ms")
 
-rec = dd.recommend(study, min_accuracy=min_abs, min_relative_accuracy=min_rel, max_prefill_ms=max_ms,
-                   confidence=confidence)
+rec = dd.recommend_on(study, dd.recommend(study, min_accuracy=min_abs, min_relative_accuracy=min_rel,
+                                          max_prefill_ms=max_ms, confidence=confidence), target)
 by_number = frame.set_index("number")
 if rec.trial is not None:
     row = by_number.loc[rec.trial.number]
@@ -177,8 +184,9 @@ if rec.trial is not None:
                    delta_color="off", delta_arrow="off")
     cols[4].metric("Configuration", row["method"], row["label"].removeprefix(row["method"]).strip() or None,
                    delta_color="off", delta_arrow="off")
-    st.caption(f"{rec.message}. Same choice on the command line: `dart-tuner export --storage {url} --study {name} "
-               f"{dd.export_rule_args(rec)} -o preset.yaml`")
+    on = "" if target == "all" else f" --target {target}"
+    st.caption(f"{rec.message}. Same choice on the command line: `dart-tuner export --storage "
+               f"{url} --study {name} {dd.export_rule_args(rec)}{on} -o preset.yaml`")
     if rec.latency_warning:
         st.warning(f"{rec.latency_warning}.")
     if row["indistinct"]:
@@ -274,11 +282,13 @@ chosen = st.selectbox("Trial to export", options, key="export_trial", format_fun
     f"accuracy {by_number.loc[o, 'accuracy']:.3f}, prefill {by_number.loc[o, 'prefill_ms']:.1f} ms"
     + ("" if by_number.loc[o, "feasible"] else " (infeasible)")))
 number = recommended if chosen == "recommended" else int(chosen)
-text = dd.preset_yaml(study, number)
+text = dd.target_preset_yaml(study, number, target)
 st.download_button(f"Download the preset of trial {number} (YAML)", data=text,
                    file_name=dd.preset_file_name(name, number), mime="application/x-yaml", on_click="ignore",
                    key="download", type="primary")
-st.caption(f"The same file as `dart-tuner export --storage {url} --study {name} --trial {number} -o preset.yaml`. "
-           "Apply it with `tuner.load_preset(path)` and `tuner.apply_pruning(model, preset)`.")
+on = "" if target == "all" else f" --target {target}"
+st.caption(f"The same file as `dart-tuner export --storage {url} --study {name} --trial {number}{on} -o "
+           "preset.yaml`. Apply it with `tuner.load_preset(path)` and `tuner.apply_pruning(model, preset)`"
+           + ("." if target in ("all", "transformers") else f", or launch {target} with its `launch` line."))
 with st.expander("Preset file"):
     st.code(text, language="yaml")

@@ -25,12 +25,13 @@ def _measured(trials: list[FrozenTrial]) -> dict[str, FrozenTrial]:
 
 
 class StoredTimings:
-    """A `TimingLookup` over one study (read afresh at every call: other workers add trials) and, given its
-    `storage`, that storage's other studies (read once: a finished study's timings do not change)."""
+    """A `TimingLookup` over one study (read afresh at every call: other workers add trials) and, with `across`,
+    its storage's other studies (read once: a finished study's timings do not change; the signature holds the
+    stack, so only the same hardware and libraries match)."""
 
-    def __init__(self, study: optuna.Study, *, storage: optuna.storages.BaseStorage | None = None) -> None:
+    def __init__(self, study: optuna.Study, *, across: bool = False) -> None:
         self.study = study
-        self.storage = storage
+        self.storage = study._storage if across else None  # Optuna keeps no public handle on a study's storage
         self._others: dict[str, tuple[FrozenTrial, str]] | None = None
 
     def __call__(self, signature: str) -> tuple[TrialRecord, str] | None:

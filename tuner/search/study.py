@@ -51,6 +51,7 @@ from tuner.results.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, gave_up, o
 from tuner.results.trials import study_objective
 from tuner.search.dominance import best_speedup_at
 from tuner.search.guards import FailureGuard, RepeatGuard
+from tuner.search.portable import check_family, record_target
 from tuner.search.provenance import ProvenanceMismatch, check_same_setup
 from tuner.search.requeue import (
     STORAGE_LOST,
@@ -84,10 +85,10 @@ class TuningStopped(DartTunerError, RuntimeError):
 
 
 class Tuner:
-    """Drives one study over one search space: creates or loads it (baseline first), runs the objective loop with
-    its races between workers and Ctrl-C; each configuration is measured by this worker's `TrialMeasurer`, on the
-    `MeasuringSetup` built once (the model and tasks loaded). The space must fit the stored trials
-    (`space_changes`), checked before anything is loaded."""
+    """Drives one study over one search space: creates or loads it (baseline first) and runs the objective loop with
+    its races between workers and Ctrl-C, measuring each configuration on this worker's `MeasuringSetup` (built
+    once). The space must fit the stored trials (`space_changes`), checked before anything is loaded; `target`:
+    the engine a `--portable` space runs on."""
 
     _lost: Trial | None = None  # the running trial whose result the storage gave up on, until it is queued again
     _interrupted = False  # a Ctrl-C reached the running trial (whether or not its reason could be stored)
@@ -96,7 +97,7 @@ class Tuner:
                  study_name: str | None = None, allow_mixed: bool = False, heartbeat_interval: int = 30,
                  grace_period: int | None = None, loaded: LoadedModel | None = None,
                  tasks: list[PreparedTask] | None = None, allow_repeats: bool = False,
-                 setup: MeasuringSetup | None = None) -> None:
+                 setup: MeasuringSetup | None = None, target: str = "transformers") -> None:
         self.space = space
         self.allow_repeats = allow_repeats  # measure a configuration again although a complete trial holds it
         self.storage = storage if isinstance(storage, RDBStorage) else open_for_tuning(
@@ -104,16 +105,17 @@ class Tuner:
         self.study_name = study_name or space.study
         check_space_fits(self.storage, self.study_name, space, self.storage.url)  # before anything is loaded
         self.setup = setup or MeasuringSetup.load(space, loaded=loaded, tasks=tasks)
+        check_family(space, target, self.setup.loaded.family)  # `tune --portable`: the family's own settings
         self.loaded, self.tasks, self.measurer = self.setup.loaded, self.setup.tasks, self.setup.measurer
         self.provenance = self.setup.provenance
         self.goal = space.latency.goal  # the study's second objective, in its direction
         self.study = optuna.create_study(storage=self.storage, study_name=self.study_name,
                                          directions=["maximize", self.goal.direction], sampler=make_sampler(space),
                                          load_if_exists=True)
+        record_target(self.study, target)  # before the provenance, which marks the study as not new
         self._check_workload()
         self._check_provenance(allow_mixed)
-        across = space.latency.share_timings == "storage"  # the same hardware and stack: the signature says so
-        self.stored_timings = StoredTimings(self.study, storage=self.storage if across else None)
+        self.stored_timings = StoredTimings(self.study, across=space.latency.share_timings == "storage")
         self._running: Trial | None = None  # the trial objective() runs now, to queue again on Ctrl-C
         self.requeued: int | None = None  # the trial queued again by the last interrupted run()
 
