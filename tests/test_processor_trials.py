@@ -116,3 +116,30 @@ def test_a_budget_above_the_fewest_tokens_a_processor_setting_gives_is_refused(m
     data["budget"] = [per_image]
     MeasuringSetup.load(parse_space({k: v for k, v in data.items() if v is not None}, "s.yaml"), loaded=loaded,
                         tasks=tasks)
+
+
+def test_eval_runs_every_configuration_under_the_processor_settings(saved_dirs: dict[str, Path], tmp_path) -> None:
+    """`dart-tuner eval --method keep_all --processor image_size=N` is the plain-downsampling point next to the
+    baseline. Catches settings dropped on the way (the point would be the baseline again) and a setting the family
+    lacks passing silently."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tuner.cli import app
+    from tuner.models.families.tiny import CLIP_IMAGE_SIZE, CLIP_PATCH
+
+    side = CLIP_IMAGE_SIZE - 2 * CLIP_PATCH
+    out = tmp_path / "out.json"
+    common = ["eval", "--model", str(saved_dirs["llava"]), "--task", TASK, "--limit", "2", "--repeats", "1",
+              "--warmup", "0", "--new-tokens", "2", "--max-failures", "4", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*common, "--method", "keep_all", "--processor", f"image_size={side}",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    base, small = json.loads(out.read_text())["rows"]
+    assert small["name"] == f"keep_all [image_size={side}]" and small["config"]["processor"] == {
+        "image_size": side}
+    assert small["cost"]["n_vision"] == (side // CLIP_PATCH) ** 2 < base["cost"]["n_vision"]
+    wrong = CliRunner().invoke(app, [*common, "--method", "keep_all", "--processor", "max_pixels=4096"])
+    assert wrong.exit_code == 2 and "processor.max_pixels is not a processor setting of family llava" in " ".join(
+        wrong.output.split())

@@ -199,14 +199,15 @@ def with_stage_options(config: Any, options: dict[str, object]) -> Any:
     return replace(config, options=options_for(config.method, options, methods), stages=stages)
 
 
-def parse_options(pairs: list[str]) -> dict[str, object]:
-    """`--option key=value` pairs as a dict; values parsed as YAML scalars (numbers, booleans, strings)."""
+def parse_options(pairs: list[str], flag: str = "--option") -> dict[str, object]:
+    """`--option key=value` pairs (or another `flag`'s) as a dict; values parsed as YAML scalars (numbers,
+    booleans, strings)."""
     import yaml
 
     options: dict[str, object] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--option expects key=value, got {pair!r}")
+            raise ValueError(f"{flag} expects key=value, got {pair!r}")
         options[key] = yaml.safe_load(value)
     return options

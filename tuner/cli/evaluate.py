@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -156,6 +157,9 @@ def eval_command(
     text_pivots: int | None = typer.Option(None, help="Shorthand for --option dart.n_text_pivots=N."),
     option: list[str] = typer.Option([], help="Method option key=value (repeatable): set for every --method that "
                                               "has it, or method.key=value for one method."),
+    processor: list[str] = typer.Option([], help="Processor setting name=value (repeatable), e.g. image_size=224 "
+                                                 "or max_pixels=401408: every configuration runs on the images "
+                                                 "processed so (--method keep_all: plain downsampling)."),
     limit: int | None = typer.Option(None, min=1, help="Documents per task: a seeded subset, stratified by "
                                                        "category (not a prefix)."),
     seed: int = typer.Option(0, help="Seed of the subset."),
@@ -196,6 +200,9 @@ def eval_command(
             raise ValueError("--schedule sets every stage's layer and amount; drop --layer, --keep-ratio and --budget")
         shorthands = {"dart.n_image_pivots": image_pivots, "dart.n_text_pivots": text_pivots}
         options = {**parse_options(option), **{k: v for k, v in shorthands.items() if v is not None}}
+        settings = parse_options(processor, "--processor")
+        if preset is not None and settings:
+            raise ValueError("a preset carries its own processor settings; drop --processor")
         if preset is not None:
             loaded_preset = load_preset(preset)
             configs = {"preset": loaded_preset.config}
@@ -209,10 +216,14 @@ def eval_command(
             configs = {text: with_stage_options(parse_schedule(text), options) for text in schedule}
         else:
             ratios: list[float | None] = list(keep_ratio) or [None]
-            configs = {f"{name} {ratio}": PruningConfig(method=name, layer=_method_layer(name, layer),
+            amounts = {ratio: f" {ratio}" if ratio is not None else f" {budget}t" if budget else "" for ratio in ratios}
+            configs = {f"{name}{amounts[ratio]}": PruningConfig(method=name, layer=_method_layer(name, layer),
                                                         keep_ratio=ratio, budget=budget,
                                                         options=options_for(name, options, method))
                        for name in method for ratio in ratios}
+        if settings:  # stacked under every configuration's pruning (checked against the family once loaded)
+            configs = {f"{name} [{', '.join(f'{k}={v}' for k, v in settings.items())}]":
+                       dataclasses.replace(config, processor=settings) for name, config in configs.items()}
         from tuner.measure.compare import BASELINE, compare_configs
         from tuner.models import load_model
 
