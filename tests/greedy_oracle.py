@@ -1,5 +1,5 @@
-"""The greedy selections of DivPrune and CDPruner as they were before they were vectorised: the oracle that
-`test_greedy_oracle.py` holds the package's selections to (same kept sets, ties included). Not in the package."""
+"""The slow reference for the greedy selections of DivPrune and CDPruner: step by step, in tensor operations, as
+they were before they were vectorised; `test_greedy_oracle.py` holds the package to its kept sets (not in it)."""
 
 from __future__ import annotations
 

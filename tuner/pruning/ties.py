@@ -45,7 +45,7 @@ def symmetric_gram(unit: torch.Tensor) -> torch.Tensor:
 
     The panels are the same bits: the BLAS computes a panel's entries as it computes them in the whole product,
     and the whole product is already exactly symmetric, so `(S + S.T) / 2 == S` (both hold for MKL's sgemm on
-    panels of at least `PANEL_ROWS` rows, and `tests/test_selection_speed.py` checks them on the installed one).
+    panels of at least `PANEL_ROWS` rows, and `tests/test_selection_ties.py` checks them on the installed one).
     """
     count = unit.shape[0]
     if unit.device.type != "cpu" or count < 2 * PANEL_ROWS:
