@@ -196,23 +196,24 @@ def _map_steps_numpy(similarity: np.ndarray, weights: np.ndarray, gains: np.ndar
     coefficients = torch.zeros(steps, batch)  # c_t at the pick, as the tensor loop lays them out
     coefficient_array, spanned = coefficients.numpy(), torch.zeros(batch, 1, width)
     spanned_array = spanned.numpy()[:, 0]
-    for step in range(steps):
-        pick = np.argmax(current >= current.max(1, keepdims=True) - tolerance, 1)  # the earliest near-best token
-        picks[:, step] = pick
-        gain = current[rows, pick]
-        positive = gain > 0
-        if positive.any():  # else every direction stays 0 and no gain changes
-            update = similarity[rows, pick] * weights[rows, pick][:, None]
-            np.multiply(update, weights, out=update)
-            if step:
-                coefficient_array[:step] = direction_array[:step, rows, pick]
-                torch.bmm(coefficients[:step].T[:, None, :], by_row[:, :step], out=spanned)
-                np.subtract(update, spanned_array, out=update)
-            norm = torch.from_numpy(np.maximum(gain, tiny)).sqrt_().numpy()  # torch's float32 sqrt: its bits
-            with np.errstate(over="ignore", invalid="ignore"):  # rows without a positive gain are discarded
+    with np.errstate(over="ignore", invalid="ignore"):  # rows without a positive gain are discarded
+        for step in range(steps):
+            pick = np.argmax(current >= current.max(1, keepdims=True) - tolerance, 1)  # the earliest near-best
+            picks[:, step] = pick
+            gain = current[rows, pick]
+            positive = gain > 0
+            if positive.any():  # else every direction stays 0 and no gain changes
+                update = similarity[rows, pick]
+                np.multiply(update, weights[rows, pick][:, None], out=update)
+                np.multiply(update, weights, out=update)
+                if step:
+                    coefficient_array[:step] = direction_array[:step, rows, pick]
+                    torch.bmm(coefficients[:step].T[:, None, :], by_row[:, :step], out=spanned)
+                    np.subtract(update, spanned_array, out=update)
+                norm = torch.from_numpy(np.maximum(gain, tiny)).sqrt_().numpy()  # torch's float32 sqrt: its bits
                 np.divide(update, norm[:, None], out=update)
-            direction = direction_array[step]
-            np.copyto(direction, update, where=positive[:, None])
-            np.subtract(current, np.square(direction), out=current)
-        current[rows, pick] = -np.inf  # a picked token is never picked again
+                direction = direction_array[step]
+                np.copyto(direction, update, where=positive[:, None])
+                np.subtract(current, np.square(direction), out=current)
+            current[rows, pick] = -np.inf  # a picked token is never picked again
     return picks
