@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from tuner.config.options import Option
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.layer_inputs import gather_rows
 from tuner.pruning.registry import register_method
 from tuner.pruning.ties import earliest_near, row_cosine, tie_tolerance
 
@@ -72,7 +73,7 @@ class CDPruner(PruningMethod):
 
     def select(self, ctx: SelectionContext) -> Selection:
         positions, valid = ctx.padded_vision_positions()
-        states = ctx.hidden_states.gather(1, positions[..., None].expand(-1, -1, ctx.hidden_states.shape[-1]))
+        states = gather_rows(ctx.hidden_states, positions)
         unit = F.normalize(states.float(), dim=-1)
         instruction = instruction_mask(ctx.vision_mask.bool(), ctx.attention_mask.bool())
         relevance = instruction_relevance(unit, ctx.hidden_states, instruction)
