@@ -1,5 +1,5 @@
-"""The greedy selections of DivPrune and CDPruner as they were before they were vectorised: the oracle that
-`test_greedy_oracle.py` holds the package's selections to (same kept sets, ties included). Not in the package."""
+"""The slow reference for the greedy selections of DivPrune and CDPruner: step by step, in tensor operations, as
+they were before they were vectorised; `test_greedy_oracle.py` holds the package to its kept sets (not in it)."""
 
 from __future__ import annotations
 
@@ -139,16 +139,18 @@ def cdpruner_kept(ctx: SelectionContext, theta: float | None = None, negate: boo
 
 def main() -> None:
     """Interleaved selection timings of this oracle and the package on bench-pruning's small shape (576 vision
-    tokens, hidden 1024, 2 threads): `PYTHONPATH=. python tests/greedy_oracle.py` prints median ms per budget."""
+    tokens, hidden 1024): `PYTHONPATH=. python tests/greedy_oracle.py [threads]` (default 2) prints median ms per
+    budget."""
     import functools
     import statistics
+    import sys
     import time
 
     import tuner
     from tuner.bench.shapes import build_prompt, get_shape
     from tuner.pruning import get_method_class
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
     shape = get_shape("small")
     ids = build_prompt(shape, torch.device("cpu"))
     hidden = torch.randn(1, ids.shape[1], shape.hidden, generator=torch.Generator().manual_seed(0))

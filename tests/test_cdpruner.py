@@ -86,7 +86,7 @@ def test_greedy_map_on_a_six_token_kernel_is_brute_force_log_det_maximisation(se
     instruction = torch.randn(3, 8, generator=generator)
     kernel = restated_kernel(vision, instruction, theta=0.5)
     expected = brute_force_greedy(kernel, 6)
-    order = greedy_map_order(kernel[None].float(), torch.ones(1, 6, dtype=torch.bool), [6])
+    order = greedy_map_order(kernel[None].float(), torch.ones(1, 6), torch.ones(1, 6, dtype=torch.bool), [6])
     assert order[0].tolist() == expected
 
 

@@ -9,7 +9,7 @@ import tuner
 from tuner.pruning import get_method_class
 from tuner.pruning.base import SelectionContext
 from tuner.pruning.methods.divprune import max_min_order
-from tuner.pruning.ties import earliest_best, row_cosine
+from tuner.pruning.ties import PANEL_ROWS, earliest_best, row_cosine, symmetric_gram
 
 WIDTH = 256  # wide enough for float32 matmuls to round differently by shape
 PREFIX, SUFFIX = 2, 3  # text tokens around each row's image
@@ -84,3 +84,13 @@ def test_exact_duplicates_are_picked_in_position_order():
     tokens = torch.stack([newline, -newline, newline, newline])  # 0, 2, 3 identical; 1 opposite
     order = max_min_order(tokens[None], torch.ones(1, 4, dtype=torch.bool), [4])
     assert order[0].tolist()[:2] in ([0, 1], [1, 0]) and order[0].tolist()[2:] == [2, 3]
+
+
+@pytest.mark.parametrize("count, width", [(2 * PANEL_ROWS, 8), (2 * PANEL_ROWS + 1, 48), (576, 1024), (729, 64)])
+def test_panel_gram_has_the_bits_of_the_whole_symmetrised_product(count, width):
+    """On CPU `symmetric_gram` mirrors row panels of the upper triangle: that is today's `(S + S.T) / 2` only while
+    the BLAS computes a panel's entries as it computes them in the whole product, and that product is symmetric."""
+    unit = torch.nn.functional.normalize(torch.randn(count, width, generator=torch.Generator().manual_seed(count)),
+                                         dim=-1)
+    whole = unit @ unit.T
+    assert torch.equal(symmetric_gram(unit), (whole + whole.T) / 2)

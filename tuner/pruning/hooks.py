@@ -40,6 +40,7 @@ from tuner.pruning.layer_inputs import (
     bind_layer,
     continue_full_positions,
     decode_mask_2d,
+    gather_rows,
     layer_masks,
     number_positions_per_row,
 )
@@ -331,7 +332,7 @@ class PruningHandle:
                 rows, cols = selected_slots(selection, hidden.device)
                 hidden = hidden.clone()
                 hidden[rows, cols] = torch.cat(list(selection.new_states)).to(hidden.dtype)
-            gathered = hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
+            gathered = gather_rows(hidden, local)
         with step("masks"):
             self._view = TokenView(kept, valid)
             self._decode_kept[stage.index] = valid

@@ -91,6 +91,7 @@ def bind_layer(hook, index: int):
 
 
 def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Gather a [B or 1, N, d] table at per-row positions [B, P] -> [B, P, d]."""
+    """Gather a [B or 1, N, d] table at per-row positions [B, P] -> [B, P, d] (rows copied whole: on CPU several
+    times faster than `gather` with an index expanded over d)."""
     table = table.expand(index.shape[0], *table.shape[1:])
-    return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
+    return table[torch.arange(index.shape[0], device=index.device)[:, None], index]

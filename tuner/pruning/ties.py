@@ -18,6 +18,9 @@ import torch.nn.functional as F
 # Scores closer than this (relative to the row's score scale) are ties. float32 rounding of a cosine over a few
 # thousand dimensions is ~1e-6, and a row's states differ by about that much between a batch and alone.
 TIE_TOLERANCE = 1e-5
+# On CPU a row's Gram matrix is computed in row panels of at least PANEL_ROWS rows (`symmetric_gram`), at most
+# MAX_PANELS of them: more panels skip more of the product but run smaller, less efficient matrix products.
+PANEL_ROWS, MAX_PANELS = 128, 4
 
 
 def row_similarities(features: torch.Tensor, valid: torch.Tensor) -> Iterator[tuple[int, slice | torch.Tensor,
@@ -33,10 +36,28 @@ def row_similarities(features: torch.Tensor, valid: torch.Tensor) -> Iterator[tu
     for row, count in enumerate(counts.tolist()):
         index = slice(0, count) if prefix else valid[row].nonzero().squeeze(1)
         unit = F.normalize(features[row, index].float(), dim=-1)
+        yield row, index, symmetric_gram(unit).fill_diagonal_(1.0)
+
+
+def symmetric_gram(unit: torch.Tensor) -> torch.Tensor:
+    """[n, n] `unit @ unit.T` made exactly symmetric, as `(S + S.T) / 2`; on CPU for n >= 2 * `PANEL_ROWS` by
+    row panels of the upper triangle, mirrored, which skips about 40% of the product and the transposed sum.
+
+    The panels are the same bits: the BLAS computes a panel's entries as it computes them in the whole product,
+    and the whole product is already exactly symmetric, so `(S + S.T) / 2 == S` (both hold for MKL's sgemm on
+    panels of at least `PANEL_ROWS` rows, and `tests/test_selection_ties.py` checks them on the installed one).
+    """
+    count = unit.shape[0]
+    if unit.device.type != "cpu" or count < 2 * PANEL_ROWS:
         similarity = unit @ unit.T
-        similarity = (similarity + similarity.T) / 2
-        similarity.fill_diagonal_(1.0)
-        yield row, index, similarity
+        return (similarity + similarity.T) / 2
+    out = unit.new_empty(count, count)
+    panels = min(MAX_PANELS, count // PANEL_ROWS)
+    edges = [count * i // panels for i in range(panels + 1)]
+    for start, end in zip(edges, edges[1:]):
+        out[start:end, start:] = unit[start:end] @ unit[start:].T
+        out[end:, start:end] = out[start:end, end:].T
+    return out
 
 
 def write_block(out: torch.Tensor, row: int, index: slice | torch.Tensor, block: torch.Tensor) -> None:

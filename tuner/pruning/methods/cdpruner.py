@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tuner.config.options import Option
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.layer_inputs import gather_rows
 from tuner.pruning.registry import register_method
 from tuner.pruning.ties import earliest_near, row_cosine, tie_tolerance
 
@@ -71,7 +73,7 @@ class CDPruner(PruningMethod):
 
     def select(self, ctx: SelectionContext) -> Selection:
         positions, valid = ctx.padded_vision_positions()
-        states = ctx.hidden_states.gather(1, positions[..., None].expand(-1, -1, ctx.hidden_states.shape[-1]))
+        states = gather_rows(ctx.hidden_states, positions)
         unit = F.normalize(states.float(), dim=-1)
         instruction = instruction_mask(ctx.vision_mask.bool(), ctx.attention_mask.bool())
         relevance = instruction_relevance(unit, ctx.hidden_states, instruction)
@@ -79,7 +81,7 @@ class CDPruner(PruningMethod):
             relevance = -relevance
         weights = relevance_weights(min_max(relevance, valid), self.options["theta"])
         counts = valid.sum(1).tolist()
-        order = greedy_map_order(conditional_kernel(unit, weights, valid), valid,
+        order = greedy_map_order(row_cosine(unit, valid), weights, valid,
                                  [b if b < n else 0 for b, n in zip(ctx.budgets, counts)])
         return Selection([positions[row, :n] if budget >= n else positions[row, order[row, :budget]].sort().values
                           for row, (budget, n) in enumerate(zip(ctx.budgets, counts))])
@@ -120,25 +122,21 @@ def relevance_weights(relevance: torch.Tensor, theta: float | None) -> torch.Ten
     return torch.exp(theta / (2 * (1 - theta)) * relevance)
 
 
-def conditional_kernel(unit: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[B, V, V] L_ij = w_i cos(x_i, x_j) w_j from unit vectors [B, V, D]; rows and columns of padding are 0.
+def greedy_map_order(similarity: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
+                     budgets: list[int]) -> torch.Tensor:
+    """Greedy MAP picks of the DPP with kernel L_ij = w_i S_ij w_j, in pick order: [B, T] (T = the largest budget).
 
-    The cosines are computed row by row, exactly symmetric with cos(x_i, x_i) = 1 (`tuner.pruning.ties.row_cosine`),
-    so equal weights tie exactly and a row's kernel does not depend on the batch it is in. Weighted in place.
-    """
-    weights = weights * valid
-    return row_cosine(unit, valid).mul_(weights[:, :, None]).mul_(weights[:, None, :])
+    `similarity` [B, V, V] is each row's cosine matrix (`tuner.pruning.ties.row_cosine`: exactly symmetric, 1 on
+    the diagonal, 0 at padding), `weights` [B, V] the tokens' weights. Each step adds the token j of largest gain
+    d_j^2 = L_jj - |c_j|^2, the factor by which det L_S grows, then updates every gain with the new pick's
+    orthogonalised row e = (L_j - c_j . C) / d_j (Chen et al., 2018). Ties, gains within rounding of the best
+    (relative to the row's largest L_jj), go to the earlier token, so exact duplicates are decided by position,
+    not by rounding. Row r's first `budgets[r]` picks are its selection; rows are independent.
 
-
-def greedy_map_order(kernel: torch.Tensor, valid: torch.Tensor, budgets: list[int]) -> torch.Tensor:
-    """Greedy MAP picks of the DPP with kernel [B, V, V], in pick order: [B, T] (T = the largest budget).
-
-    Each step adds the token j of largest gain d_j^2 = L_jj - |c_j|^2, the factor by which det L_S grows, then
-    updates every gain with the new pick's orthogonalised row e = (L_j - c_j . C) / d_j (Chen et al., 2018).
-    Ties, gains within rounding of the best (relative to the row's largest L_jj), go to the earlier token, so
-    exact duplicates are decided by position, not by rounding. Row r's first `budgets[r]` picks are its
-    selection; rows are independent. One loop over the picks with every row inside it; each step gathers the
-    picks' kernel rows and directions from flat views and updates the gains in place.
+    Only the picks' kernel rows are formed, (S_j * w_j) * w with the rounding of the whole kernel's: the same
+    float32 operations on the same values as over the whole kernel, so the same picks. The step loop runs in
+    numpy on CPU and in tensor operations elsewhere; both compute c_j . C with the same `torch.bmm` (its bits
+    depend on its shapes, so it keeps them).
     """
     batch, width = valid.shape
     steps = max(budgets, default=0)
@@ -146,15 +144,26 @@ def greedy_map_order(kernel: torch.Tensor, valid: torch.Tensor, budgets: list[in
         raise ValueError(f"budgets {budgets} exceed the {width} tokens of the widest row")
     if steps == 0:
         return torch.zeros(batch, 0, dtype=torch.long, device=valid.device)
-    tiny = torch.finfo(kernel.dtype).tiny
-    gains = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, -math.inf)
-    tolerance = tie_tolerance(gains.amax(1).clamp_min(tiny), gains)  # relative to the row's largest gain
-    directions = kernel.new_zeros(steps, batch, width)  # c: each pick's orthogonalised kernel row
+    weights = (weights * valid).float()
+    gains = (torch.diagonal(similarity, dim1=1, dim2=2) * weights * weights).masked_fill(~valid, -math.inf)
+    tolerance = tie_tolerance(gains.amax(1).clamp_min(torch.finfo(gains.dtype).tiny), gains)  # the row's scale
+    if similarity.device.type == "cpu":
+        return torch.from_numpy(_map_steps_numpy(similarity.numpy(), weights.numpy(), gains.numpy(),
+                                                 tolerance.numpy()[:, 0], steps))
+    return _map_steps_torch(similarity, weights, gains, tolerance, steps)
+
+
+def _map_steps_torch(similarity: torch.Tensor, weights: torch.Tensor, gains: torch.Tensor, tolerance: torch.Tensor,
+                     steps: int) -> torch.Tensor:
+    """The greedy loop in tensor operations, every row in each step: no host synchronisation."""
+    batch, width = gains.shape
+    tiny = torch.finfo(gains.dtype).tiny
+    directions = gains.new_zeros(steps, batch, width)  # c: each pick's orthogonalised kernel row
     by_row = directions.transpose(0, 1)  # [B, steps, V], a view
     flat_directions = directions.view(steps, batch * width)
-    flat_kernel = kernel.reshape(batch * width, width)
-    offsets = torch.arange(batch, device=valid.device) * width
-    zero = kernel.new_zeros(())
+    flat_similarity, flat_weights = similarity.reshape(batch * width, width), weights.view(-1)
+    offsets = torch.arange(batch, device=gains.device) * width
+    zero = gains.new_zeros(())
     picks = []
     for step in range(steps):
         pick = earliest_near(gains, tolerance)
@@ -162,10 +171,50 @@ def greedy_map_order(kernel: torch.Tensor, valid: torch.Tensor, budgets: list[in
         at = offsets + pick if batch > 1 else pick
         gain = gains.view(-1).index_select(0, at)
         coefficients = flat_directions[:step].index_select(1, at).T[:, None, :]  # [B, 1, step]: c_t at the pick
-        spanned = torch.bmm(coefficients, by_row[:, :step])[:, 0]  # sum_t c_t[pick] c_t, bit for bit an einsum
-        update = (flat_kernel.index_select(0, at) - spanned) / gain.clamp_min(tiny).sqrt()[:, None]
+        spanned = torch.bmm(coefficients, by_row[:, :step])[:, 0]  # sum_t c_t[pick] c_t
+        row = flat_similarity.index_select(0, at).mul_(flat_weights.index_select(0, at)[:, None]).mul_(weights)
+        update = row.sub_(spanned).div_(gain.clamp_min(tiny).sqrt()[:, None])
         direction = directions[step]
         torch.where((gain > 0)[:, None], update, zero, out=direction)
         gains.sub_(direction.square())
         gains.view(-1).index_fill_(0, at, -math.inf)  # a picked token is never picked again
     return torch.stack(picks, 1)
+
+
+def _map_steps_numpy(similarity: np.ndarray, weights: np.ndarray, gains: np.ndarray, tolerance: np.ndarray,
+                     steps: int) -> np.ndarray:
+    """The same loop on CPU in numpy, every row in each step: the same float32 operations, so the same picks, bit
+    for bit. Two steps stay in torch, whose bits numpy does not share: c_j . C is the tensor loop's own
+    `torch.bmm` call on directions shared with numpy (its rounding depends on its shapes, the batch's included),
+    and sqrt d_j^2 is torch's float32 sqrt (not always correctly rounded on CPU)."""
+    batch, width = gains.shape
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    rows = np.arange(batch)
+    current, tolerance = gains.copy(), tolerance[:, None]
+    picks = np.zeros((batch, steps), dtype=np.int64)
+    directions = torch.zeros(steps, batch, width)  # c: each pick's orthogonalised kernel row
+    by_row, direction_array = directions.transpose(0, 1), directions.numpy()
+    coefficients = torch.zeros(steps, batch)  # c_t at the pick, as the tensor loop lays them out
+    coefficient_array, spanned = coefficients.numpy(), torch.zeros(batch, 1, width)
+    spanned_array = spanned.numpy()[:, 0]
+    with np.errstate(over="ignore", invalid="ignore"):  # rows without a positive gain are discarded
+        for step in range(steps):
+            pick = np.argmax(current >= current.max(1, keepdims=True) - tolerance, 1)  # the earliest near-best
+            picks[:, step] = pick
+            gain = current[rows, pick]
+            positive = gain > 0
+            if positive.any():  # else every direction stays 0 and no gain changes
+                update = similarity[rows, pick]
+                np.multiply(update, weights[rows, pick][:, None], out=update)
+                np.multiply(update, weights, out=update)
+                if step:
+                    coefficient_array[:step] = direction_array[:step, rows, pick]
+                    torch.bmm(coefficients[:step].T[:, None, :], by_row[:, :step], out=spanned)
+                    np.subtract(update, spanned_array, out=update)
+                norm = torch.from_numpy(np.maximum(gain, tiny)).sqrt_().numpy()  # torch's float32 sqrt: its bits
+                np.divide(update, norm[:, None], out=update)
+                direction = direction_array[step]
+                np.copyto(direction, update, where=positive[:, None])
+                np.subtract(current, np.square(direction), out=current)
+            current[rows, pick] = -np.inf  # a picked token is never picked again
+    return picks

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tuner.pruning.base import PruningMethod, Selection, SelectionContext
+from tuner.pruning.layer_inputs import gather_rows
 from tuner.pruning.registry import register_method
 from tuner.pruning.ties import earliest_near, row_similarities, tie_tolerance, write_block
 
@@ -35,7 +36,7 @@ class DivPrune(PruningMethod):
 
     def select(self, ctx: SelectionContext) -> Selection:
         positions, valid = ctx.padded_vision_positions()
-        states = ctx.hidden_states.gather(1, positions[..., None].expand(-1, -1, ctx.hidden_states.shape[-1]))
+        states = gather_rows(ctx.hidden_states, positions)
         counts = valid.sum(1).tolist()
         order = max_min_order(states, valid, [b if b < n else 0 for b, n in zip(ctx.budgets, counts)])
         return Selection([positions[row, :n] if budget >= n else positions[row, order[row, :budget]].sort().values
