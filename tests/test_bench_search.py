@@ -116,13 +116,18 @@ def test_a_grid_sums_its_latency_seconds_and_rounds():
 
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_only_the_fast_grid_runs_adaptive_rounds_and_off_has_its_own_study(adaptive):
-    """Catches a plain grid that stops its rounds early (its rounds are the yardstick), or a fixed-rounds fast grid
-    replayed from the adaptive one's study."""
+    """Catches a plain grid that stops its rounds early (its rounds are the yardstick), or a fast grid replayed
+    from another setting's study (fixed rounds, another rule, level or dominance)."""
     from tuner.cli.search_bench import grid_variants
+    from tuner.measure.early_stop import EarlyStopping
 
     base = dataclasses.replace(SPACE, latency=Workload(repeats=10))
-    variants = grid_variants(base, 8, 64, adaptive)
+    policy = EarlyStopping(8, "confident", 0.95, True)
+    variants = grid_variants(base, policy, 64, adaptive)
     (plain, plain_study), (fast, fast_study) = variants["plain"], variants["fast"]
-    assert not plain.latency.adaptive and plain.early_stop_chunk is None and plain_study == f"{SPACE.study}-grid"
-    assert fast.latency.adaptive is adaptive and fast.early_stop_chunk == 8 and fast.feature_cache_mb == 64
-    assert fast_study == f"{SPACE.study}-grid-fast" + ("" if adaptive else "-fixed-rounds")
+    assert not plain.latency.adaptive and plain.early_stopping is None and plain_study == f"{SPACE.study}-grid"
+    assert fast.latency.adaptive is adaptive and fast.early_stopping == policy and fast.feature_cache_mb == 64
+    assert fast_study == f"{SPACE.study}-grid-fast-confident0.95-dominance" + ("" if adaptive else "-fixed-rounds")
+    names = {grid_variants(base, other, 64, adaptive)["fast"][1] for other in (
+        policy, EarlyStopping(8), EarlyStopping(8, "confident", 0.9, True), EarlyStopping(8, "confident", 0.95))}
+    assert len(names) == 4

@@ -1,5 +1,6 @@
 """Measuring one configuration as a trial: accuracy on the subset (stopped early when it cannot reach a floor), then
-latency interleaved with the unpruned baseline on fixed inputs, returned as a `TrialRecord`.
+latency interleaved with the unpruned baseline on fixed inputs, returned as a `TrialRecord`. With early stopping's
+`dominance`, latency comes first, so that a trial a stored faster point beats on accuracy stops early too.
 
 It knows nothing of Optuna or of studies: the caller (`tuner.search.study.Tuner`) gives it the accuracy floor and
 the baseline's per-sample scores, and stores the record.
@@ -17,7 +18,7 @@ from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask
 from tuner.measure.capacity import budget_bytes, max_concurrent_requests
 from tuner.measure.compare import BASELINE, InputsUnderSettings, latency_inputs, vision_counts
-from tuner.measure.early_stop import best_reachable_accuracy, bound_applies, progress_of, stop_check_for
+from tuner.measure.early_stop import EarlyStopping, StopCheck, bound_applies
 from tuner.measure.latency import SpeedupSpread, Timing, speedup_spread
 from tuner.measure.workload import SPEEDUP_TIMING, WorkloadResult, measure_workload
 from tuner.models.feature_cache import CacheStats, FeatureCache
@@ -51,16 +52,16 @@ def adaptive_rule(workload: Workload) -> SequentialSpeedup | None:
 
 class TrialMeasurer:
     """Measures configurations with one loaded model on prepared task subsets; latency on the first document of the
-    first task (the first B documents for the workload's batch). With `early_stop_chunk`, a pruned configuration
-    is scored in chunks and stopped at a floor."""
+    first task (the first B documents for the workload's batch). With `early_stopping`, a pruned configuration
+    is scored in chunks and stopped at a floor (or, with its dominance, below a faster stored point)."""
 
     def __init__(self, loaded: LoadedModel, tasks: Sequence[PreparedTask], latency: Workload, *,
                  batch_size: int = 1, max_failures: int = 0, feature_cache: FeatureCache | None = None,
-                 early_stop_chunk: int | None = None) -> None:
+                 early_stopping: EarlyStopping | None = None) -> None:
         self.loaded = loaded
         self.tasks = list(tasks)
         self.latency = latency
-        self.early_stop_chunk = early_stop_chunk
+        self.early_stopping = early_stopping
         self.feature_cache = feature_cache  # this worker's image features; None: off
         self.evaluator = Evaluator(loaded, self.tasks, batch_size=batch_size, max_failures=max_failures,
                                    feature_cache=feature_cache)
@@ -91,14 +92,18 @@ class TrialMeasurer:
     def _sizes(self) -> dict[str, int]:
         return {task.name: task.subset.size for task in self.tasks}
 
-    def _evaluate(self, config: PruningConfig | None, floor: float | None) -> EvalResult:
-        """Accuracy on the subset; in chunks, stopping as soon as even perfect scores on the rest cannot reach
-        `floor`, when there is a floor, a chunk size and a pruned configuration (`tuner.measure.early_stop`)."""
-        if (floor is None or config is None or self.early_stop_chunk is None
-                or not all(bound_applies(task) for task in self.tasks)):
+    def _stoppable(self, config: PruningConfig | None) -> bool:
+        """Whether `config`'s evaluation may stop early: a pruned configuration, early stopping on, and every task's
+        accuracy a mean of per-document scores (`tuner.measure.early_stop.bound_applies`)."""
+        return (config is not None and self.early_stopping is not None
+                and all(bound_applies(task) for task in self.tasks))
+
+    def _evaluate(self, config: PruningConfig | None, check: StopCheck | None) -> EvalResult:
+        """Accuracy on the subset; with a `check`, in chunks, stopping as soon as it says so."""
+        if check is None:
             return self.evaluator.evaluate(config, on_progress=self.on_request)
-        return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=self.early_stop_chunk,
-                                       stop_check=stop_check_for(self._sizes(), floor))
+        return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=check.policy.chunk_size,
+                                       stop_check=check)
 
     def _time(self, config: PruningConfig | None, to_beat: float | None
               ) -> tuple[dict[str, WorkloadResult], SequentialSpeedup | None, dict[str, object]]:
@@ -127,29 +132,48 @@ class TrialMeasurer:
 
     def measure(self, config: PruningConfig | None, *, accuracy_floor: float | None = None,
                 baseline_scores: Sequence[tuple[str, int, float]] | None = None,
-                best_speedup: Callable[[float], float | None] | None = None) -> TrialRecord:
+                best_speedup: Callable[[float], float | None] | None = None,
+                best_accuracy: Callable[[float], float | None] | None = None) -> TrialRecord:
         """Accuracy (paired with `baseline_scores` for its evidence), then latency in the same interleaved rounds as
         the baseline, at the workload (`tuner.measure.workload`), with the speed-up of the workload's objective, its
         interval and noise flag (`tuner.measure.latency.speedup_spread`). With adaptive rounds
         (`Workload.adaptive`), the rounds stop once that interval is tight, or once its upper end is below
         `best_speedup(accuracy)`: the best speed-up stored at no lower accuracy (the candidate is dominated).
 
-        A configuration stopped early reports as accuracy the best it could still have reached (below the floor,
-        so a constraint marks it infeasible), with its partial evidence.
+        With early stopping's dominance and `best_accuracy(speed-up)` (the best stored accuracy at that speed-up or
+        more), latency comes first, without a speed-up to beat, and the evaluation also stops once its accuracy's
+        bound is below `best_accuracy` at the upper end of the candidate's speed-up interval.
+
+        A configuration stopped early reports as accuracy its rule's bound: the best it could still have reached
+        (exact) or its upper confidence bound (confident), with its partial evidence; below the floor, a constraint
+        marks it infeasible.
         """
         cache_before = self.cache_stats()
-        result = self._evaluate(config, accuracy_floor)
+        lat = self.latency  # measured outside the feature cache: it includes the vision tower
+        stoppable = self._stoppable(config)
+        latency_first = stoppable and self.early_stopping.dominance and best_accuracy is not None
+        beaten_by = None
+        if latency_first:
+            measured, rule, rounds = self._time(config, None)
+            beaten_by = best_accuracy(objective_spread(measured[BASELINE], measured[CANDIDATE], lat.objective,
+                                                       rule).high)
+        check = (StopCheck(self._sizes(), self.early_stopping, accuracy_floor, beaten_by)
+                 if stoppable and (accuracy_floor is not None or beaten_by is not None) else None)
+        result = self._evaluate(config, check)
         if config is None:  # the baseline: later floors and pairings need this very evaluation, not a second one
             self.baseline = result
         cache = (self.cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
-        lat = self.latency  # measured outside the feature cache: it includes the vision tower
-        bound = self._reachable_accuracy(result) if result.stopped else None
+        bound = check.bound if check is not None and result.stopped else None
         accuracy = result.accuracy if bound is None else bound
-        to_beat = best_speedup(accuracy) if best_speedup is not None and config is not None else None
-        measured, rule, rounds = self._time(config, to_beat)
+        if not latency_first:
+            to_beat = best_speedup(accuracy) if best_speedup is not None and config is not None else None
+            measured, rule, rounds = self._time(config, to_beat)
         timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
         timing, cost, base_timing, base_cost = timed.single, timed.cost, base.single, base.cost
         spread = objective_spread(base, timed, lat.objective, rule)
+        stop = {"stopped_early": bound is not None, "stop_reason": result.stopped or None,
+                "accuracy_partial": None if bound is None else result.accuracy, "accuracy_upper_bound": bound,
+                "stop_rule": check.rule if bound is not None else None}
         capacity = self._capacity(config, timed) if lat.memory_budget_gb is not None else {}
         scores = result.scores()
         evidence = accuracy_evidence(scores, None if config is None else baseline_scores) if scores else {}
@@ -157,9 +181,7 @@ class TrialMeasurer:
             config=config, accuracy=accuracy, metrics=result.metrics,
             n_samples=result.n_samples, accuracy_by_category=result.accuracy_by_category(),
             **result.kept_vision_stats(), samples=[[s.doc_index, s.score, s.n_kept_vision] for s in result.samples],
-            eval_seconds=result.seconds, **evidence, stopped_early=bound is not None,
-            stop_reason=result.stopped or None, accuracy_partial=None if bound is None else result.accuracy,
-            accuracy_upper_bound=bound,
+            eval_seconds=result.seconds, **evidence, **stop,
             prefill_ms=timing.prefill.median_ms, prefill_iqr_ms=timing.prefill.iqr_ms,
             prefill_repeats=timing.prefill.repeats, **rounds,
             **latency_evidence(timing.prefill.samples_ms),
@@ -177,10 +199,3 @@ class TrialMeasurer:
         kv_per_request = timed.batch_cost.kv_cache_bytes / timed.batch_size
         return max_concurrent_requests(self.loaded, self.tasks[0], config, self.latency,
                                        budget_bytes(self.latency.memory_budget_gb), kv_per_request).record_fields()
-
-    def _reachable_accuracy(self, result: EvalResult) -> float:
-        """The best accuracy a stopped evaluation could still have reached with perfect scores on the rest."""
-        by_task: dict[str, list[float]] = {}
-        for sample in result.samples:
-            by_task.setdefault(sample.task, []).append(float(sample.score))
-        return best_reachable_accuracy(progress_of(by_task, self._sizes()))

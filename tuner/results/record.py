@@ -94,6 +94,7 @@ class TrialRecord:
     stop_reason: str | None = None
     accuracy_partial: float | None = None
     accuracy_upper_bound: float | None = None
+    stop_rule: str | None = None  # what stopped it: "exact", "confident", or either + "-dominated" (a faster point)
     # latency, interleaved with the baseline in the same rounds (`tuner.measure.latency`)
     prefill_ms: float | None = None
     prefill_iqr_ms: float | None = None
