@@ -28,6 +28,7 @@ from tuner.results.record import TrialRecord
 from tuner.results.sequential import STOP_MAX, SequentialSpeedup
 
 CANDIDATE = "candidate"
+STOP_ACCURACY = "stopped"  # latency_stop of a trial whose accuracy stopped early: one round, it decides nothing
 
 
 def objective_spread(base: WorkloadResult, result: WorkloadResult, objective: str,
@@ -105,15 +106,19 @@ class TrialMeasurer:
         return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=check.policy.chunk_size,
                                        stop_check=check)
 
-    def _time(self, config: PruningConfig | None, to_beat: float | None
+    def _time(self, config: PruningConfig | None, to_beat: float | None, *, one_round: bool = False
               ) -> tuple[dict[str, WorkloadResult], SequentialSpeedup | None, dict[str, object]]:
         """The candidate and the baseline in interleaved rounds: all of `repeats` for fixed rounds (or the baseline
-        alone), else until adaptive rounds' rule stops them; with the record fields saying how many and why."""
+        alone), else until adaptive rounds' rule stops them, or a single round (`one_round`: a trial stopped early
+        below the floor, infeasible whatever its latency); with the record fields saying how many and why."""
         rule = adaptive_rule(self.latency) if config is not None else None
         setups = {BASELINE: None} if config is None else {BASELINE: None, CANDIDATE: config}
         stop: list[str] = []
 
         def until(timed: Mapping[str, Sequence[float]]) -> bool:
+            if one_round:
+                stop[:] = [STOP_ACCURACY]
+                return True
             assert rule is not None
             base, cand = timed[BASELINE], timed[CANDIDATE]
             point = statistics.median(base) / statistics.median(cand)
@@ -123,9 +128,11 @@ class TrialMeasurer:
 
         started = time.perf_counter()
         measured = measure_workload(self.loaded, self.inputs, self.batch_inputs, setups, self.latency,
-                                    until=until if rule is not None else None, inputs_of=self.inputs_of)
+                                    until=until if rule is not None or one_round else None, inputs_of=self.inputs_of)
         fields: dict[str, object] = {"latency_seconds": time.perf_counter() - started}
-        if rule is not None:
+        if one_round:
+            fields.update(latency_stop=STOP_ACCURACY)
+        elif rule is not None:
             fields.update(latency_stop=stop[0] if stop else STOP_MAX, latency_confidence=rule.confidence,
                           latency_speedup_to_beat=to_beat)
         return measured, rule, fields
@@ -146,7 +153,7 @@ class TrialMeasurer:
 
         A configuration stopped early reports as accuracy its rule's bound: the best it could still have reached
         (exact) or its upper confidence bound (confident), with its partial evidence; below the floor, a constraint
-        marks it infeasible.
+        marks it infeasible, and its latency is then one round (`latency_stop` "stopped").
         """
         cache_before = self.cache_stats()
         lat = self.latency  # measured outside the feature cache: it includes the vision tower
@@ -167,7 +174,7 @@ class TrialMeasurer:
         accuracy = result.accuracy if bound is None else bound
         if not latency_first:
             to_beat = best_speedup(accuracy) if best_speedup is not None and config is not None else None
-            measured, rule, rounds = self._time(config, to_beat)
+            measured, rule, rounds = self._time(config, to_beat, one_round=bound is not None)
         timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
         timing, cost, base_timing, base_cost = timed.single, timed.cost, base.single, base.cost
         spread = objective_spread(base, timed, lat.objective, rule)

@@ -101,7 +101,8 @@ class TrialRecord:
     prefill_repeats: int | None = None  # interleaved latency rounds
     latency_seconds: float | None = None  # wall time of the latency rounds (the baseline's own, in them, included)
     # adaptive rounds (`tuner.results.sequential`; None: fixed rounds): why they stopped after `prefill_repeats`
-    latency_stop: str | None = None  # "tolerance", "dominated" (below latency_speedup_to_beat) or "max"
+    latency_stop: str | None = None  # "tolerance", "dominated" (below latency_speedup_to_beat), "max", or "stopped"
+    # (the accuracy stopped early below the floor: one round)
     latency_confidence: float | None = None  # simultaneous coverage of speedup_low..high at any stopping round
     latency_speedup_to_beat: float | None = None  # the best stored speed-up at no lower accuracy, when one was
     prefill_ms_low: float | None = None
