@@ -1,8 +1,11 @@
 """The order of a trial's measurements under early stopping, on the embedded model: accuracy first (so adaptive
-rounds can stop a dominated trial's latency), except with dominance, where latency comes first so that the
-evaluation can stop below a faster stored point; and a trial stopped below the floor is timed in one round."""
+rounds can stop a dominated trial's latency), except with dominance, where a trial the floor does not stop at its
+first look is timed there, so that the evaluation can stop below a faster stored point; and a trial stopped below
+the floor is timed in one round."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -36,9 +39,9 @@ def _measurer(setup: tuple, dominance: bool) -> tuple[TrialMeasurer, list[int]]:
     return measurer, done
 
 
-def test_dominance_measures_latency_first_and_stops_below_a_faster_point(setup: tuple) -> None:
-    """The best stored accuracy is asked for before any document is scored, at the candidate's speed-up, and a
-    stored point above any bound (1.01) stops the evaluation after its first chunk, with full latency rounds."""
+def test_dominance_measures_latency_at_the_first_look_and_stops_below_a_faster_point(setup: tuple) -> None:
+    """The best stored accuracy is asked for after the first chunk, at the candidate's speed-up, and a stored point
+    above any bound (1.01) stops the evaluation there, with full latency rounds kept out of its eval seconds."""
     measurer, done = _measurer(setup, dominance=True)
     asked: list[tuple[str, int]] = []
 
@@ -46,12 +49,19 @@ def test_dominance_measures_latency_first_and_stops_below_a_faster_point(setup: 
         asked.append(("accuracy", done[0]))
         return 1.01
 
+    started = time.perf_counter()
     record = measurer.measure(CONFIG, accuracy_floor=0.0, best_accuracy=best_accuracy,
                               best_speedup=lambda accuracy: asked.append(("speedup", done[0])))
-    assert asked == [("accuracy", 0)]  # latency first, so no speed-up to beat
+    wall = time.perf_counter() - started
+    assert asked == [("accuracy", 4)]  # latency before the rest of the evaluation, so no speed-up to beat
     assert record.stopped_early and record.stop_rule == "confident-dominated" and record.n_samples == 4
     assert record.prefill_repeats >= 3 and record.latency_stop != STOP_ACCURACY
     assert "of a stored, faster trial" in record.stop_reason
+    assert 0 < record.eval_seconds and record.eval_seconds + record.latency_seconds <= wall  # no second counted twice
+    floor_first = _measurer(setup, dominance=True)[0].measure(CONFIG, accuracy_floor=1.01,
+                                                              best_accuracy=best_accuracy)
+    assert floor_first.stop_rule == "confident" and floor_first.prefill_repeats == 1  # stopped before any latency
+    assert asked == [("accuracy", 4)]
 
 
 def test_without_dominance_accuracy_comes_first_and_a_floor_stop_gets_one_round(setup: tuple) -> None:

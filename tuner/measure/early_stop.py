@@ -12,7 +12,7 @@ also stop a trial that a stored, faster point beats on accuracy (`dominance`). T
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,15 +97,23 @@ class StopCheck:
 
     The confident rule spends its risk 1 - level evenly over the planned looks (a union bound), so the chance that
     a trial whose full accuracy meets the floor is ever stopped stays below 1 - level, however many chunks it has.
-    `beaten_by`: the best stored accuracy of a point faster than this trial (dominance), if any.
+    `beaten_by`: the best stored accuracy of a point faster than this trial (dominance), if any; or a function that
+    finds it, called once, at the first look the floor does not stop (it may measure the trial's latency first).
     """
 
     def __init__(self, sizes: Mapping[str, int], policy: EarlyStopping, floor: float | None,
-                 beaten_by: float | None = None) -> None:
-        self.sizes, self.policy, self.floor, self.beaten_by = dict(sizes), policy, floor, beaten_by
+                 beaten_by: float | Callable[[], float | None] | None = None) -> None:
+        self.sizes, self.policy, self.floor = dict(sizes), policy, floor
+        self._beaten_by = beaten_by
         self.delta = (1 - policy.level) / planned_looks(self.sizes, policy.chunk_size)
         self.bound: float | None = None
         self.rule: str | None = None
+
+    def beaten_by(self) -> float | None:
+        """The accuracy a faster stored point holds (found on the first call), or None."""
+        if callable(self._beaten_by):
+            self._beaten_by = self._beaten_by()
+        return self._beaten_by
 
     def upper_bound(self, scores: Mapping[str, Sequence[float]]) -> float:
         """The accuracy this trial can still finish with: exact, or at the policy's confidence."""
@@ -123,8 +131,8 @@ class StopCheck:
         if self.floor is not None and bound < self.floor:
             target = f"the accuracy floor {self.floor:.3f}"
             self.rule = self.policy.rule
-        elif self.policy.dominance and self.beaten_by is not None and bound < self.beaten_by:
-            target = f"the accuracy {self.beaten_by:.3f} of a stored, faster trial"
+        elif self.policy.dominance and (beaten_by := self.beaten_by()) is not None and bound < beaten_by:
+            target = f"the accuracy {beaten_by:.3f} of a stored, faster trial"
             self.rule = f"{self.policy.rule}-dominated"
         else:
             return None

@@ -148,8 +148,9 @@ class TrialMeasurer:
         `best_speedup(accuracy)`: the best speed-up stored at no lower accuracy (the candidate is dominated).
 
         With early stopping's dominance and `best_accuracy(speed-up)` (the best stored accuracy at that speed-up or
-        more), latency comes first, without a speed-up to beat, and the evaluation also stops once its accuracy's
-        bound is below `best_accuracy` at the upper end of the candidate's speed-up interval.
+        more), a trial that the floor does not stop at its first look has its latency measured there, between two
+        chunks, without a speed-up to beat; the evaluation then also stops once its accuracy's bound is below
+        `best_accuracy` at the upper end of its speed-up interval. `eval_seconds` leaves those rounds out.
 
         A configuration stopped early reports as accuracy its rule's bound: the best it could still have reached
         (exact) or its upper confidence bound (confident), with its partial evidence; below the floor, a constraint
@@ -158,21 +159,27 @@ class TrialMeasurer:
         cache_before = self.cache_stats()
         lat = self.latency  # measured outside the feature cache: it includes the vision tower
         stoppable = self._stoppable(config)
-        latency_first = stoppable and self.early_stopping.dominance and best_accuracy is not None
-        beaten_by = None
-        if latency_first:
-            measured, rule, rounds = self._time(config, None)
-            beaten_by = best_accuracy(objective_spread(measured[BASELINE], measured[CANDIDATE], lat.objective,
-                                                       rule).high)
-        check = (StopCheck(self._sizes(), self.early_stopping, accuracy_floor, beaten_by)
-                 if stoppable and (accuracy_floor is not None or beaten_by is not None) else None)
+        timed_early: list[tuple[dict[str, WorkloadResult], SequentialSpeedup | None, dict[str, object]]] = []
+
+        def beaten_by() -> float | None:  # dominance: latency now, mid-evaluation, then the best faster accuracy
+            timed_early.append(self._time(config, None))
+            measured_now, rule_now, _ = timed_early[0]
+            return best_accuracy(objective_spread(measured_now[BASELINE], measured_now[CANDIDATE], lat.objective,
+                                                  rule_now).high)
+        dominance = stoppable and self.early_stopping.dominance and best_accuracy is not None
+        check = (StopCheck(self._sizes(), self.early_stopping, accuracy_floor, beaten_by if dominance else None)
+                 if stoppable and (accuracy_floor is not None or dominance) else None)
         result = self._evaluate(config, check)
+        if timed_early:
+            result.seconds -= float(timed_early[0][2]["latency_seconds"])
         if config is None:  # the baseline: later floors and pairings need this very evaluation, not a second one
             self.baseline = result
         cache = (self.cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
         bound = check.bound if check is not None and result.stopped else None
         accuracy = result.accuracy if bound is None else bound
-        if not latency_first:
+        if timed_early:
+            measured, rule, rounds = timed_early[0]
+        else:
             to_beat = best_speedup(accuracy) if best_speedup is not None and config is not None else None
             measured, rule, rounds = self._time(config, to_beat, one_round=bound is not None)
         timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
