@@ -1,6 +1,7 @@
 """Measuring one configuration as a trial: accuracy on the subset (stopped early when it cannot reach a floor), then
 latency interleaved with the unpruned baseline on fixed inputs, returned as a `TrialRecord`. With early stopping's
-`dominance`, latency comes first, so that a trial a stored faster point beats on accuracy stops early too.
+`dominance`, a trial still running at its first look is timed there, so that a trial a stored faster point beats
+on accuracy stops early too.
 
 It knows nothing of Optuna or of studies: the caller (`tuner.search.study.Tuner`) gives it the accuracy floor and
 the baseline's per-sample scores, and stores the record.
