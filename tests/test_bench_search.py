@@ -131,3 +131,26 @@ def test_only_the_fast_grid_runs_adaptive_rounds_and_off_has_its_own_study(adapt
     names = {grid_variants(base, other, 64, adaptive)["fast"][1] for other in (
         policy, EarlyStopping(8), EarlyStopping(8, "confident", 0.9, True), EarlyStopping(8, "confident", 0.95))}
     assert len(names) == 4
+
+
+def test_the_targets_are_judged_from_the_report():
+    """A report where the fast grid took 40% of the seconds, 60% of the rounds, kept 98% of the hypervolume like for
+    like and TPE reached 96% within a quarter of the seconds: targets 1 missed (rounds), 2 and 3 met."""
+    from rich.console import Console
+
+    from tuner.cli.search_bench import _print_targets
+
+    grid = {"trial_seconds": 100.0, "eval_seconds": 50.0, "latency_seconds": 40.0, "latency_rounds": 100,
+            "documents": 1000, "hypervolume": 10.0, "feasible": ["a"], "points": 32, "stopped": 0}
+    fast = {**grid, "trial_seconds": 40.0, "latency_rounds": 60, "documents": 700, "hypervolume": 9.0, "stopped": 9}
+    report = {"grids": {"plain": grid, "fast": fast}, "fast_hypervolume_with_plain_latency": 9.8,
+              "adaptive_rounds": True, "second_marks": [25.0, 50.0, 100.0],
+              "early_stopping": {"chunk_size": 8, "rule": "confident", "level": 0.95, "dominance": True},
+              "summaries": [{"variant": "fast", "sampler": "tpe", "fraction_at_seconds": {25.0: 0.96}}]}
+    console = Console(record=True, width=400)
+    _print_targets(console, report)
+    text = console.export_text()
+    assert "40.0% of the seconds, 60.0% of the rounds -> missed" in text
+    assert "like for like (its feasible points at the plain run's latencies): 98.0% -> met" in text
+    assert "quarter of its seconds (25 s): 96.0% (mean of seeds) -> met" in text
+    assert "confident at 0.95 in chunks of 8, with dominance" in text

@@ -259,6 +259,8 @@ def _policy_text(policy: EarlyStopping | None) -> str:
 
 def _print_targets(console: Console, report: dict) -> None:
     """The issue's targets, met or not, with what was measured."""
+    from tuner.measure.early_stop import EarlyStopping
+
     plain, fast = report["grids"]["plain"], report["grids"]["fast"]
     levers = (f"early stopping ({_policy_text(EarlyStopping(**report['early_stopping']))}), feature cache"
               f"{', adaptive rounds' if report['adaptive_rounds'] else ''}")
