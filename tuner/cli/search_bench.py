@@ -110,6 +110,9 @@ def bench_search(
     plain_latency = {key: (m.accuracy, grids["plain"].points[key].prefill_ms)
                      for key, m in grids["fast"].points.items() if m.feasible}
     report["fast_hypervolume_with_plain_latency"] = hypervolume_2d(plain_latency.values(), reference)
+    if "tpe" in names:
+        report["fast_tpe_with_plain_latency"] = _tpe_like_for_like(base, grids, reference, full["plain"], seeds,
+                                                                   report["second_marks"][0])
     report["adaptive_rounds"] = adaptive_rounds
     report["early_stopping"] = dataclasses.asdict(policy)
     if false_stop_orders:
@@ -249,6 +252,20 @@ def _report(console: Console, space: SearchSpace, grids: dict[str, MeasuredGrid]
             "summaries": [dataclasses.asdict(s) for s in summaries], "curves": curves, "table": sheet.as_json()}
 
 
+def _tpe_like_for_like(space: SearchSpace, grids: dict[str, MeasuredGrid], reference: tuple[float, float],
+                       full: float, seeds: int, budget: float) -> float:
+    """TPE replayed on the fast grid with the plain grid's latencies (its own accuracies, stops and seconds): the
+    mean fraction of the plain grid's hypervolume within `budget` seconds, free of the two runs' latency noise."""
+    from tuner.bench.search import run_replays
+
+    plain, fast = grids["plain"], grids["fast"]
+    points = {key: dataclasses.replace(m, prefill_ms=plain.points[key].prefill_ms) for key, m in fast.points.items()}
+    like = dataclasses.replace(fast, points=points, baseline=dataclasses.replace(
+        fast.baseline, prefill_ms=plain.baseline.prefill_ms))
+    curves = run_replays(space, like, reference, ["tpe"], range(seeds))
+    return sum(c.at_seconds(budget) for c in curves) / len(curves) / full
+
+
 def _policy_text(policy: EarlyStopping | None) -> str:
     """An early-stopping policy in a few words, for the progress line."""
     if policy is None:
@@ -285,6 +302,8 @@ def _print_targets(console: Console, report: dict) -> None:
     tpe = next((s for s in report["summaries"] if s["variant"] == "fast" and s["sampler"] == "tpe"), None)
     if tpe is not None:
         at = tpe["fraction_at_seconds"][quarter]
+        like = report.get("fast_tpe_with_plain_latency")
         console.print(f"target 3, TPE on the fast grid >= 95% of the plain grid's hypervolume within a quarter of its "
                       f"seconds ({quarter:.0f} s): {100 * at:.1f}% (mean of seeds) -> "
-                      f"{'met' if at >= 0.95 else 'missed'}")
+                      f"{'met' if at >= 0.95 else 'missed'}"
+                      + ("" if like is None else f" (at the plain run's latencies: {100 * like:.1f}%)"))
