@@ -155,3 +155,18 @@ def test_the_targets_are_judged_from_the_report():
     assert "like for like (its feasible points at the plain run's latencies): 98.0% -> met" in text
     assert "quarter of its seconds (25 s): 96.0% (mean of seeds) -> met (at the plain run's latencies: 99.0%)" in text
     assert "confident at 0.95 in chunks of 8, with dominance" in text
+
+
+def test_tpe_like_for_like_takes_the_plain_latencies_and_the_fast_seconds():
+    """A fast grid timed 10x slower (every point outside the reference) and 2x cheaper: with its own latencies it
+    has no hypervolume, at the plain run's it has all of it, within half the plain grid's seconds."""
+    from tuner.cli.search_bench import _tpe_like_for_like
+
+    plain = _four_point_grid()
+    slow = {key: dataclasses.replace(m, prefill_ms=m.prefill_ms * 10, trial_seconds=m.trial_seconds / 2)
+            for key, m in plain.points.items()}
+    fast = MeasuredGrid(dataclasses.replace(plain.baseline, prefill_ms=200.0, trial_seconds=0.5), slow)
+    assert grid_hypervolume(fast, REF) == 0.0
+    full = grid_hypervolume(plain, REF)
+    assert _tpe_like_for_like(SPACE, {"plain": plain, "fast": fast}, REF, full, 2, 31 / 2) == pytest.approx(1.0)
+    assert _tpe_like_for_like(SPACE, {"plain": plain, "fast": fast}, REF, full, 2, 0.4) == 0.0  # not even the baseline
