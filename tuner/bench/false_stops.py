@@ -68,7 +68,7 @@ class FalseStopRate:
         return (f"false stops of the {rule} rule (chunks of {self.chunk_size}, floor {self.floor:.3f}), replayed on "
                 f"the plain grid's scores in {self.orders} random orders: {self.false_stops} of {replays} replays of "
                 f"the {self.trials_meeting_floor} trials meeting the floor ({100 * self.rate:.2f}%; allowed "
-                f"{100 * (1 - self.level):g}%{'' if self.rule == 'confident' else ', the exact rule: 0'}); stopped "
+                f"{f'{100 * (1 - self.level):g}%' if self.rule == 'confident' else 'none'}); stopped "
                 f"{self.true_stops} of {below} replays of the {self.trials_below_floor} below it; "
                 f"{100 * saved:.0f}% of documents skipped; in the evaluation's own order {self.own_order_false_stops} "
                 f"false and {self.own_order_true_stops} true stops")
