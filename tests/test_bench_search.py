@@ -87,6 +87,9 @@ def test_curve_lookups():
     (["--samplers", "tpe,cmaes"], "--samplers must be a comma-separated list of grid, tpe, nsga2, gp, random"),
     (["--seeds", "0"], "--seeds must be at least 1, got 0"),
     (["--space", "nope.yaml"], "nope.yaml"),
+    (["--stop-rule", "bayes"], "--stop-rule must be one of exact, confident, got 'bayes'"),
+    (["--stop-level", "1.5"], "--stop-level must be a number in [0.5, 1), got 1.5"),
+    (["--false-stop-orders", "-1"], "--false-stop-orders must be at least 0, got -1"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path):
     result = CliRunner().invoke(app, ["bench-search", "--storage", f"sqlite:///{tmp_path}/b.db", *args])
