@@ -87,6 +87,9 @@ def test_curve_lookups():
     (["--samplers", "tpe,cmaes"], "--samplers must be a comma-separated list of grid, tpe, nsga2, gp, random"),
     (["--seeds", "0"], "--seeds must be at least 1, got 0"),
     (["--space", "nope.yaml"], "nope.yaml"),
+    (["--stop-rule", "bayes"], "--stop-rule must be one of exact, confident, got 'bayes'"),
+    (["--stop-level", "1.5"], "--stop-level must be a number in [0.5, 1), got 1.5"),
+    (["--false-stop-orders", "-1"], "--false-stop-orders must be at least 0, got -1"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path):
     result = CliRunner().invoke(app, ["bench-search", "--storage", f"sqlite:///{tmp_path}/b.db", *args])
@@ -116,13 +119,60 @@ def test_a_grid_sums_its_latency_seconds_and_rounds():
 
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_only_the_fast_grid_runs_adaptive_rounds_and_off_has_its_own_study(adaptive):
-    """Catches a plain grid that stops its rounds early (its rounds are the yardstick), or a fixed-rounds fast grid
-    replayed from the adaptive one's study."""
+    """Catches a plain grid that stops its rounds early (its rounds are the yardstick), or a fast grid replayed
+    from another setting's study (fixed rounds, another rule, level or dominance)."""
     from tuner.cli.search_bench import grid_variants
+    from tuner.measure.early_stop import EarlyStopping
 
     base = dataclasses.replace(SPACE, latency=Workload(repeats=10))
-    variants = grid_variants(base, 8, 64, adaptive)
+    policy = EarlyStopping(8, "confident", 0.95, True)
+    variants = grid_variants(base, policy, 64, adaptive)
     (plain, plain_study), (fast, fast_study) = variants["plain"], variants["fast"]
-    assert not plain.latency.adaptive and plain.early_stop_chunk is None and plain_study == f"{SPACE.study}-grid"
-    assert fast.latency.adaptive is adaptive and fast.early_stop_chunk == 8 and fast.feature_cache_mb == 64
-    assert fast_study == f"{SPACE.study}-grid-fast" + ("" if adaptive else "-fixed-rounds")
+    assert not plain.latency.adaptive and plain.early_stopping is None and plain_study == f"{SPACE.study}-grid"
+    assert fast.latency.adaptive is adaptive and fast.early_stopping == policy and fast.feature_cache_mb == 64
+    assert fast_study == f"{SPACE.study}-grid-fast-confident0.95-dominance" + ("" if adaptive else "-fixed-rounds")
+    names = {grid_variants(base, other, 64, adaptive)["fast"][1] for other in (
+        policy, EarlyStopping(8), EarlyStopping(8, "confident", 0.9, True), EarlyStopping(8, "confident", 0.95))}
+    assert len(names) == 4
+    assert plain.latency.share_timings == "off" and fast.latency.share_timings == "study"
+    unshared, unshared_study = grid_variants(base, policy, 64, adaptive, shared_timings=False)["fast"]
+    assert unshared.latency.share_timings == "off" and unshared_study == fast_study + "-unshared"
+
+
+def test_the_targets_are_judged_from_the_report():
+    """A report where the fast grid took 40% of the seconds, 60% of the rounds, kept 98% of the hypervolume like for
+    like and TPE reached 96% within a quarter of the seconds: targets 1 missed (rounds), 2 and 3 met."""
+    from rich.console import Console
+
+    from tuner.cli.search_bench import _print_targets
+
+    grid = {"trial_seconds": 100.0, "eval_seconds": 50.0, "latency_seconds": 40.0, "latency_rounds": 100,
+            "documents": 1000, "hypervolume": 10.0, "feasible": ["a"], "points": 32, "stopped": 0}
+    fast = {**grid, "trial_seconds": 40.0, "latency_rounds": 60, "documents": 700, "hypervolume": 9.0, "stopped": 9}
+    report = {"grids": {"plain": grid, "fast": fast}, "fast_hypervolume_with_plain_latency": 9.8,
+              "adaptive_rounds": True, "second_marks": [25.0, 50.0, 100.0],
+              "early_stopping": {"chunk_size": 8, "rule": "confident", "level": 0.95, "dominance": True},
+              "summaries": [{"variant": "fast", "sampler": "tpe", "fraction_at_seconds": {25.0: 0.96}}],
+              "fast_tpe_with_plain_latency": 0.99}
+    console = Console(record=True, width=400)
+    _print_targets(console, report)
+    text = console.export_text()
+    assert "40.0% of the seconds, 60.0% of the rounds -> missed" in text
+    assert "like for like (its feasible points at the plain run's latencies): 98.0% -> met" in text
+    assert "quarter of its seconds (25 s): 96.0% (mean of seeds) -> met (at the plain run's latencies: 99.0%)" in text
+    assert "confident at 0.95 in chunks of 8, with dominance" in text
+
+
+def test_tpe_like_for_like_takes_the_plain_latencies_and_the_fast_seconds():
+    """A fast grid timed 10x slower (every point outside the reference) and 2x cheaper: with its own latencies it
+    has no hypervolume, at the plain run's it has all of it, within half the plain grid's seconds."""
+    from tuner.cli.search_bench import _tpe_like_for_like
+
+    plain = _four_point_grid()
+    slow = {key: dataclasses.replace(m, prefill_ms=m.prefill_ms * 10, trial_seconds=m.trial_seconds / 2)
+            for key, m in plain.points.items()}
+    fast = MeasuredGrid(dataclasses.replace(plain.baseline, prefill_ms=200.0, trial_seconds=0.5), slow)
+    assert grid_hypervolume(fast, REF) == 0.0
+    full = grid_hypervolume(plain, REF)
+    assert _tpe_like_for_like(SPACE, {"plain": plain, "fast": fast}, REF, full, 2, 31 / 2) == pytest.approx(1.0)
+    assert _tpe_like_for_like(SPACE, {"plain": plain, "fast": fast}, REF, full, 2, 0.4) == 0.0  # not even the baseline

@@ -30,6 +30,7 @@ OWN_FIELDS = {
     "accuracy_low", "accuracy_high", "accuracy_interval", "accuracy_confidence", "accuracy_diff",
     "accuracy_diff_low", "accuracy_diff_high", "accuracy_diff_method", "mcnemar_p", "discordant_improved",
     "discordant_worsened", "n_paired", "stopped_early", "stop_reason", "accuracy_partial", "accuracy_upper_bound",
+    "stop_rule",
     "latency_seconds", "latency_signature", "latency_reused_from", "select_ms", "feature_cache_hits",
     "feature_cache_misses", "feature_cache_evictions", "feature_cache_bypassed", "feature_cache_entries",
     "feature_cache_bytes", "confirmed", "unknown",

@@ -93,6 +93,12 @@ BAD = [
     ({"trials": 0}, "trials: must be >= 1"),
     ({"early_stopping": {"chunk_size": 0}}, "early_stopping.chunk_size: must be >= 1"),
     ({"early_stopping": {"chunk": 5}}, "early_stopping: unknown key(s) ['chunk']"),
+    ({"early_stopping": {"rule": "confident"}}, "early_stopping: needs chunk_size"),
+    ({"early_stopping": {"chunk_size": 8, "rule": "bayes"}}, "early_stopping.rule: must be one of exact, confident"),
+    ({"early_stopping": {"chunk_size": 8, "level": 0.4}}, "early_stopping.level: must be >= 0.5"),
+    ({"early_stopping": {"chunk_size": 8, "level": 1}}, "early_stopping.level: must be < 1"),
+    ({"early_stopping": {"chunk_size": 8, "level": "high"}}, "early_stopping.level: must be a number"),
+    ({"early_stopping": {"chunk_size": 8, "dominance": "yes"}}, "early_stopping.dominance: must be true or false"),
     ({"batch_size": "8"}, "batch_size: must be an integer"),
     ({"attn_implementation": "flash"}, "attn_implementation: must be one of"),
     ({"subset": {"size": 0}}, "subset.size: must be >= 1"),
@@ -391,3 +397,14 @@ def test_before_lm_searches_its_methods_options_only_in_their_trials() -> None:
     with pytest.raises(SpaceError, match=r"before_lm.options.cdpruner: unknown option\(s\) \['thet'\]"):
         _space(methods=["random"], before_lm={"methods": ["cdpruner"], "keep_ratio": 0.5,
                                               "options": {"cdpruner": ["thet"]}})
+
+
+def test_early_stopping_parses_into_the_measurers_policy() -> None:
+    """The section's keys reach the policy unchanged, defaults fill the rest, and no section means off."""
+    from tuner.measure.early_stop import EarlyStopping
+
+    space = parse_space({**MINIMAL, "early_stopping": {"chunk_size": 8, "rule": "confident", "level": 0.9,
+                                                       "dominance": True}})
+    assert space.early_stopping == EarlyStopping(8, "confident", 0.9, True)
+    assert parse_space({**MINIMAL, "early_stopping": {"chunk_size": 4}}).early_stopping == EarlyStopping(4)
+    assert parse_space(MINIMAL).early_stopping is None

@@ -94,6 +94,7 @@ def tune(
 
     from tuner.results import pareto_trials
     from tuner.results.tables import describe_trial, latency_noise, speedup_text
+    from tuner.search.early_stopping import with_chunk_size
     from tuner.search.portable import portable_space
     from tuner.search.space import load_space
     from tuner.search.study import TrialLost, Tuner, TuningStopped
@@ -109,7 +110,7 @@ def tune(
             space = space.with_sampler(sampler)
         space = space.with_overrides(model=model, tasks=tuple(task) or None, subset_size=limit, subset_seed=seed,
                                      trials=trials, timeout_s=timeout, feature_cache_mb=feature_cache_mb,
-                                     early_stop_chunk=early_stop_chunk)
+                                     early_stopping=with_chunk_size(space.early_stopping, early_stop_chunk))
         space = space.with_workload(objective=objective, batch_size=latency_batch, new_tokens=new_tokens,
                                     memory_budget_gb=memory_budget_gb)
         if portable is not None:

@@ -226,6 +226,12 @@ class DartTunerLMM(lmms):
                                     f"{' ...' if len(empty) > 10 else ''}")
         return [a or "" for a in answers]
 
+    def clean(self) -> None:
+        """Nothing to free after an evaluation: lmms-eval's default, meant to make room for an LLM judge, runs two
+        full `gc.collect()` and drops the wrapper's modules, costing about a second per evaluation (per chunk of an
+        early-stopped trial); here the model lives on in `self.loaded` for the next evaluation, and no task of ours
+        loads a judge."""
+
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
         raise NotImplementedError("dart_tuner evaluates generate_until tasks; this task asks for loglikelihood "
                                   "(multiple-choice scoring), which pruning at prefill does not define")

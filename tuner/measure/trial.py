@@ -1,5 +1,7 @@
 """Measuring one configuration as a trial: accuracy on the subset (stopped early when it cannot reach a floor), then
-latency interleaved with the unpruned baseline on fixed inputs, returned as a `TrialRecord`.
+latency interleaved with the unpruned baseline on fixed inputs, returned as a `TrialRecord`. With early stopping's
+`dominance`, a trial still running at its first look is timed there, so that a trial a stored faster point beats
+on accuracy stops early too.
 
 It knows nothing of Optuna or of studies: the caller (`tuner.search.study.Tuner`) gives it the accuracy floor and
 the baseline's per-sample scores, and stores the record.
@@ -17,7 +19,7 @@ from tuner.evaluation.runner import EvalResult, Evaluator
 from tuner.evaluation.tasks import PreparedTask
 from tuner.measure.capacity import budget_bytes, max_concurrent_requests
 from tuner.measure.compare import BASELINE, InputsUnderSettings, latency_inputs, vision_counts
-from tuner.measure.early_stop import best_reachable_accuracy, bound_applies, progress_of, stop_check_for
+from tuner.measure.early_stop import EarlyStopping, StopCheck, bound_applies
 from tuner.measure.latency import SpeedupSpread, Timing, speedup_spread
 from tuner.measure.shared_timing import TimingLookup, latency_signature, probe, reusable, timing_fields
 from tuner.measure.workload import SPEEDUP_TIMING, WorkloadResult, measure_workload
@@ -28,6 +30,7 @@ from tuner.results.record import TrialRecord
 from tuner.results.sequential import STOP_MAX, SequentialSpeedup
 
 CANDIDATE = "candidate"
+STOP_ACCURACY = "stopped"  # latency_stop of a trial whose accuracy stopped early: one round, it decides nothing
 
 
 def objective_spread(base: WorkloadResult, result: WorkloadResult, objective: str,
@@ -52,16 +55,16 @@ def adaptive_rule(workload: Workload) -> SequentialSpeedup | None:
 
 class TrialMeasurer:
     """Measures configurations with one loaded model on prepared task subsets; latency on the first document of the
-    first task (the first B documents for the workload's batch). With `early_stop_chunk`, a pruned configuration
-    is scored in chunks and stopped at a floor."""
+    first task (the first B documents for the workload's batch). With `early_stopping`, a pruned configuration
+    is scored in chunks and stopped at a floor (or, with its dominance, below a faster stored point)."""
 
     def __init__(self, loaded: LoadedModel, tasks: Sequence[PreparedTask], latency: Workload, *,
                  batch_size: int = 1, max_failures: int = 0, feature_cache: FeatureCache | None = None,
-                 early_stop_chunk: int | None = None) -> None:
+                 early_stopping: EarlyStopping | None = None) -> None:
         self.loaded = loaded
         self.tasks = list(tasks)
         self.latency = latency
-        self.early_stop_chunk = early_stop_chunk
+        self.early_stopping = early_stopping
         self.feature_cache = feature_cache  # this worker's image features; None: off
         self.evaluator = Evaluator(loaded, self.tasks, batch_size=batch_size, max_failures=max_failures,
                                    feature_cache=feature_cache)
@@ -94,24 +97,32 @@ class TrialMeasurer:
     def _sizes(self) -> dict[str, int]:
         return {task.name: task.subset.size for task in self.tasks}
 
-    def _evaluate(self, config: PruningConfig | None, floor: float | None) -> EvalResult:
-        """Accuracy on the subset; in chunks, stopping as soon as even perfect scores on the rest cannot reach
-        `floor`, when there is a floor, a chunk size and a pruned configuration (`tuner.measure.early_stop`)."""
-        if (floor is None or config is None or self.early_stop_chunk is None
-                or not all(bound_applies(task) for task in self.tasks)):
-            return self.evaluator.evaluate(config, on_progress=self.on_request)
-        return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=self.early_stop_chunk,
-                                       stop_check=stop_check_for(self._sizes(), floor))
+    def _stoppable(self, config: PruningConfig | None) -> bool:
+        """Whether `config`'s evaluation may stop early: a pruned configuration, early stopping on, and every task's
+        accuracy a mean of per-document scores (`tuner.measure.early_stop.bound_applies`)."""
+        return (config is not None and self.early_stopping is not None
+                and all(bound_applies(task) for task in self.tasks))
 
-    def _time(self, config: PruningConfig | None, to_beat: float | None
+    def _evaluate(self, config: PruningConfig | None, check: StopCheck | None) -> EvalResult:
+        """Accuracy on the subset; with a `check`, in chunks, stopping as soon as it says so."""
+        if check is None:
+            return self.evaluator.evaluate(config, on_progress=self.on_request)
+        return self.evaluator.evaluate(config, on_progress=self.on_request, chunk_size=check.policy.chunk_size,
+                                       stop_check=check)
+
+    def _time(self, config: PruningConfig | None, to_beat: float | None, *, one_round: bool = False
               ) -> tuple[dict[str, WorkloadResult], SequentialSpeedup | None, dict[str, object]]:
         """The candidate and the baseline in interleaved rounds: all of `repeats` for fixed rounds (or the baseline
-        alone), else until adaptive rounds' rule stops them; with the record fields saying how many and why."""
+        alone), else until adaptive rounds' rule stops them, or a single round (`one_round`: a trial stopped early
+        below the floor, infeasible whatever its latency); with the record fields saying how many and why."""
         rule = adaptive_rule(self.latency) if config is not None else None
         setups = {BASELINE: None} if config is None else {BASELINE: None, CANDIDATE: config}
         stop: list[str] = []
 
         def until(timed: Mapping[str, Sequence[float]]) -> bool:
+            if one_round:
+                stop[:] = [STOP_ACCURACY]
+                return True
             assert rule is not None
             base, cand = timed[BASELINE], timed[CANDIDATE]
             point = statistics.median(base) / statistics.median(cand)
@@ -121,9 +132,11 @@ class TrialMeasurer:
 
         started = time.perf_counter()
         measured = measure_workload(self.loaded, self.inputs, self.batch_inputs, setups, self.latency,
-                                    until=until if rule is not None else None, inputs_of=self.inputs_of)
+                                    until=until if rule is not None or one_round else None, inputs_of=self.inputs_of)
         fields: dict[str, object] = {"latency_seconds": time.perf_counter() - started}
-        if rule is not None:
+        if one_round:
+            fields.update(latency_stop=STOP_ACCURACY)
+        elif rule is not None:
             fields.update(latency_stop=stop[0] if stop else STOP_MAX, latency_confidence=rule.confidence,
                           latency_speedup_to_beat=to_beat)
         return measured, rule, fields
@@ -131,6 +144,7 @@ class TrialMeasurer:
     def measure(self, config: PruningConfig | None, *, accuracy_floor: float | None = None,
                 baseline_scores: Sequence[tuple[str, int, float]] | None = None,
                 best_speedup: Callable[[float], float | None] | None = None,
+                best_accuracy: Callable[[float], float | None] | None = None,
                 stored_timing: TimingLookup | None = None) -> TrialRecord:
         """Accuracy (paired with `baseline_scores` for its evidence), then latency in the same interleaved rounds as
         the baseline, at the workload (`tuner.measure.workload`), with the speed-up of the workload's objective, its
@@ -140,28 +154,53 @@ class TrialMeasurer:
         With `stored_timing` (and `latency.share_timings` on), a configuration whose prefill does the same work as a
         stored trial's takes over that trial's timing (`tuner.measure.shared_timing`).
 
-        A configuration stopped early reports as accuracy the best it could still have reached (below the floor,
-        so a constraint marks it infeasible), with its partial evidence.
+        With early stopping's dominance and `best_accuracy(speed-up)` (the best stored accuracy at that speed-up or
+        more), a trial that the floor does not stop at its first look has its latency measured there, between two
+        chunks, without a speed-up to beat; the evaluation then also stops once its accuracy's bound is below
+        `best_accuracy` at the upper end of its speed-up interval. `eval_seconds` leaves those rounds out.
+
+        A configuration stopped early reports as accuracy its rule's bound: the best it could still have reached
+        (exact) or its upper confidence bound (confident), with its partial evidence; below the floor, a constraint
+        marks it infeasible, and its latency is then one round (`latency_stop` "stopped").
         """
         cache_before = self.cache_stats()
-        result = self._evaluate(config, accuracy_floor)
+        lat = self.latency  # measured outside the feature cache: it includes the vision tower
+        stoppable = self._stoppable(config)
+        timed_early: list[tuple[dict[str, WorkloadResult], SequentialSpeedup | None, dict[str, object]]] = []
+
+        def beaten_by() -> float | None:  # dominance: latency now, mid-evaluation, then the best faster accuracy
+            timed_early.append(self._time(config, None))
+            measured_now, rule_now, _ = timed_early[0]
+            return best_accuracy(objective_spread(measured_now[BASELINE], measured_now[CANDIDATE], lat.objective,
+                                                  rule_now).high)
+        dominance = stoppable and self.early_stopping.dominance and best_accuracy is not None
+        check = (StopCheck(self._sizes(), self.early_stopping, accuracy_floor, beaten_by if dominance else None)
+                 if stoppable and (accuracy_floor is not None or dominance) else None)
+        result = self._evaluate(config, check)
+        if timed_early:
+            result.seconds -= float(timed_early[0][2]["latency_seconds"])
         if config is None:  # the baseline: later floors and pairings need this very evaluation, not a second one
             self.baseline = result
         cache = (self.cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
-        bound = self._reachable_accuracy(result) if result.stopped else None
+        bound = check.bound if check is not None and result.stopped else None
         accuracy = result.accuracy if bound is None else bound
-        to_beat = best_speedup(accuracy) if best_speedup is not None and config is not None else None
-        shared, signature = self._shared_timing(config, stored_timing)
-        latency = shared or self._latency_fields(config, to_beat, signature)
+        stop = {"stopped_early": bound is not None, "stop_reason": result.stopped or None,
+                "accuracy_partial": None if bound is None else result.accuracy, "accuracy_upper_bound": bound,
+                "stop_rule": check.rule if bound is not None else None}
+        if timed_early:  # dominance timed it mid-evaluation: those rounds are its latency
+            latency = self._latency_fields(config, timed_early[0], None)
+        else:  # a trial stopped below the floor is infeasible whatever its latency: one round, never shared
+            shared, signature = self._shared_timing(config, stored_timing) if bound is None else (None, None)
+            to_beat = best_speedup(accuracy) if best_speedup is not None and config is not None else None
+            latency = shared or self._latency_fields(
+                config, self._time(config, to_beat, one_round=bound is not None), signature)
         scores = result.scores()
         evidence = accuracy_evidence(scores, None if config is None else baseline_scores) if scores else {}
         return TrialRecord(
             config=config, accuracy=accuracy, metrics=result.metrics,
             n_samples=result.n_samples, accuracy_by_category=result.accuracy_by_category(),
             **result.kept_vision_stats(), samples=[[s.doc_index, s.score, s.n_kept_vision] for s in result.samples],
-            eval_seconds=result.seconds, **evidence, stopped_early=bound is not None,
-            stop_reason=result.stopped or None, accuracy_partial=None if bound is None else result.accuracy,
-            accuracy_upper_bound=bound, **latency, **cache)
+            eval_seconds=result.seconds, **evidence, **stop, **latency, **cache)
 
     def _shared_timing(self, config: PruningConfig | None, stored_timing: TimingLookup | None
                        ) -> tuple[dict[str, object] | None, str | None]:
@@ -181,12 +220,13 @@ class TrialMeasurer:
         return {**timing_fields(earlier), "latency_seconds": time.perf_counter() - started,
                 "latency_signature": signature, "latency_reused_from": source, "select_ms": shape.select_ms}, signature
 
-    def _latency_fields(self, config: PruningConfig | None, to_beat: float | None, signature: str | None
-                        ) -> dict[str, object]:
-        """The record fields of `config`'s own timing, interleaved with the baseline (`_time`), stored under its
-        latency `signature` for later configurations to share."""
+    def _latency_fields(self, config: PruningConfig | None,
+                        time_result: tuple[dict[str, WorkloadResult], SequentialSpeedup | None, dict[str, object]],
+                        signature: str | None) -> dict[str, object]:
+        """The record fields of `config`'s own timing (`_time`'s result, interleaved with the baseline), stored
+        under its latency `signature` for later configurations to share."""
         lat = self.latency  # measured outside the feature cache: it includes the vision tower
-        measured, rule, rounds = self._time(config, to_beat)
+        measured, rule, rounds = time_result
         timed, base = measured[CANDIDATE if config is not None else BASELINE], measured[BASELINE]
         timing, cost, base_timing, base_cost = timed.single, timed.cost, base.single, base.cost
         spread = objective_spread(base, timed, lat.objective, rule)
@@ -210,10 +250,3 @@ class TrialMeasurer:
         kv_per_request = timed.batch_cost.kv_cache_bytes / timed.batch_size
         return max_concurrent_requests(self.loaded, self.tasks[0], config, self.latency,
                                        budget_bytes(self.latency.memory_budget_gb), kv_per_request).record_fields()
-
-    def _reachable_accuracy(self, result: EvalResult) -> float:
-        """The best accuracy a stopped evaluation could still have reached with perfect scores on the rest."""
-        by_task: dict[str, list[float]] = {}
-        for sample in result.samples:
-            by_task.setdefault(sample.task, []).append(float(sample.score))
-        return best_reachable_accuracy(progress_of(by_task, self._sizes()))

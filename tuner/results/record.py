@@ -94,6 +94,7 @@ class TrialRecord:
     stop_reason: str | None = None
     accuracy_partial: float | None = None
     accuracy_upper_bound: float | None = None
+    stop_rule: str | None = None  # what stopped it: "exact", "confident", or either + "-dominated" (a faster point)
     # latency, interleaved with the baseline in the same rounds (`tuner.measure.latency`)
     prefill_ms: float | None = None
     prefill_iqr_ms: float | None = None
@@ -104,7 +105,8 @@ class TrialRecord:
     latency_reused_from: str | None = None  # "trial 12" / "study s, trial 12": whose timing this trial took over
     select_ms: float | None = None  # the selection's own time in the single request's prefill (median when timed)
     # adaptive rounds (`tuner.results.sequential`; None: fixed rounds): why they stopped after `prefill_repeats`
-    latency_stop: str | None = None  # "tolerance", "dominated" (below latency_speedup_to_beat) or "max"
+    latency_stop: str | None = None  # "tolerance", "dominated" (below latency_speedup_to_beat), "max", or "stopped"
+    # (the accuracy stopped early below the floor: one round)
     latency_confidence: float | None = None  # simultaneous coverage of speedup_low..high at any stopping round
     latency_speedup_to_beat: float | None = None  # the best stored speed-up at no lower accuracy, when one was
     prefill_ms_low: float | None = None

@@ -24,6 +24,7 @@ from tuner.config.options import param_name
 from tuner.config.workload import DEFAULT_OBJECTIVE, objective_named
 from tuner.errors import DartTunerError
 from tuner.results import config_of, is_baseline, study_objective
+from tuner.results.evidence import stored_scores
 from tuner.results.record import (
     BASELINE_ROLE,
     DUPLICATE_OF_ATTR,
@@ -53,6 +54,7 @@ class Measured:
     documents: int = 0  # documents scored (fewer than the subset when stopped early)
     latency_seconds: float = 0.0  # the interleaved latency rounds (0: a trial stored before this was recorded)
     latency_rounds: int = 0
+    scores: tuple[tuple[str, int, float], ...] = ()  # (task, doc index, score) per document, in evaluation order
 
     @property
     def feasible(self) -> bool:
@@ -122,7 +124,7 @@ def measured_of(trial: FrozenTrial) -> Measured:
                     trial_seconds=trial.duration.total_seconds() if trial.duration else 0.0,
                     eval_seconds=float(record.eval_seconds or 0.0), documents=int(record.n_samples or 0),
                     latency_seconds=float(record.latency_seconds or 0.0),
-                    latency_rounds=int(record.prefill_repeats or 0))
+                    latency_rounds=int(record.prefill_repeats or 0), scores=tuple(stored_scores(record) or ()))
 
 
 def measured_grid(study: optuna.Study) -> MeasuredGrid:

@@ -42,7 +42,7 @@ class MeasuringSetup:
         tasks = tasks or load_tasks(space.tasks, subset_size=space.subset_size, seed=space.subset_seed,
                                     include_paths=space.include_paths)
         measurer = TrialMeasurer(loaded, tasks, space.latency, batch_size=space.batch_size,
-                                 max_failures=space.max_failures, early_stop_chunk=space.early_stop_chunk,
+                                 max_failures=space.max_failures, early_stopping=space.early_stopping,
                                  feature_cache=FeatureCache.from_mb(space.feature_cache_mb))
         _check_token_counts(space, *_fewest_vision_tokens(space, measurer), tasks[0].name)
         return cls(space, loaded, tasks, measurer, provenance_of(loaded, tasks, space))

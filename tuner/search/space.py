@@ -26,10 +26,12 @@ from tuner.config.options import param_name
 from tuner.config.schema import LEGACY_METHOD, LEGACY_PARAMS
 from tuner.config.workload import WORKLOAD_KEYS, Workload, WorkloadError, workload_from_dict
 from tuner.config.yaml_files import read_yaml
+from tuner.measure.early_stop import EarlyStopping
 from tuner.models.attention import ATTN_IMPLEMENTATIONS
 from tuner.models.feature_cache import DEFAULT_FEATURE_CACHE_MB
 from tuner.models.loading import DTYPES
 from tuner.pruning.registry import available_methods
+from tuner.search.early_stopping import parse_early_stopping
 from tuner.search.params import (
     NO_STAGE,
     PDROP,
@@ -116,7 +118,7 @@ class SearchSpace:
     trials: int | None = 20
     timeout_s: float | None = None
     latency: LatencySpec = LatencySpec()
-    early_stop_chunk: int | None = None  # score in chunks of this many documents, stopping hopeless trials
+    early_stopping: EarlyStopping | None = None  # score in chunks, stopping hopeless trials (None: off)
     source: str | None = None
     schedule: ScheduleSpec | None = None
     before_lm: BeforeLMSpec | None = None  # an optional K = 0 stage stacked under each trial's configuration
@@ -303,9 +305,7 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         latency = workload_from_dict(r.mapping("latency", data.get("latency"), set(WORKLOAD_KEYS)))
     except WorkloadError as error:
         raise SpaceError(f"{source}: {error}") from None
-    early = r.mapping("early_stopping", data.get("early_stopping"), {"chunk_size"})
-    if "chunk_size" in early:
-        r.number("early_stopping.chunk_size", early["chunk_size"], integer=True, low=1)
+    early = parse_early_stopping(r, data.get("early_stopping"))
     trials = data.get("trials", 20)
     if trials is not None:
         r.number("trials", trials, integer=True, low=1)
@@ -337,7 +337,7 @@ def parse_space(data: Any, source: str = "<search space>") -> SearchSpace:
         batch_size=int(data.get("batch_size", 1)), max_failures=int(data.get("max_failures", 0)),
         feature_cache_mb=int(data.get("feature_cache_mb", DEFAULT_FEATURE_CACHE_MB)),
         constraints=Constraints(**constraints), sampler=SamplerSpec(sampler_name, sampler.get("seed", 0), options),
-        trials=trials, timeout_s=timeout, latency=latency, early_stop_chunk=early.get("chunk_size"),
+        trials=trials, timeout_s=timeout, latency=latency, early_stopping=early,
         source=source, schedule=schedule, before_lm=before_lm,
         processor=parse_processor(r, data["processor"]) if "processor" in data else None)
     _check_option_combinations(r, space)

@@ -49,7 +49,7 @@ from tuner.results.record import (
 )
 from tuner.results.storage import DEFAULT_STORAGE, HEARTBEAT_FAILURE, gave_up, open_for_tuning
 from tuner.results.trials import study_objective
-from tuner.search.dominance import best_speedup_at
+from tuner.search.dominance import best_accuracy_at, best_speedup_at
 from tuner.search.guards import FailureGuard, RepeatGuard
 from tuner.search.portable import check_family, record_target
 from tuner.search.provenance import ProvenanceMismatch, check_same_setup
@@ -204,11 +204,13 @@ class Tuner:
     def measure(self, config: PruningConfig | None) -> TrialRecord:
         """Measure `config` (None: the baseline) with this worker's measurer, under the space's accuracy floor
         (for early stopping), paired with the baseline's per-sample scores, and against the best stored speed-up at
-        its accuracy (adaptive rounds' dominated stop)."""
-        pruned_and_stoppable = config is not None and self.space.early_stop_chunk is not None
+        its accuracy (adaptive rounds' dominated stop); with early stopping's dominance, the best stored accuracy at
+        its speed-up or more."""
+        pruned_and_stoppable = config is not None and self.space.early_stopping is not None
         return self.measurer.measure(config, accuracy_floor=self.accuracy_floor() if pruned_and_stoppable else None,
                                      baseline_scores=None if config is None else self._baseline_scores(),
                                      best_speedup=lambda accuracy: best_speedup_at(self.study, accuracy),
+                                     best_accuracy=lambda speedup: best_accuracy_at(self.study, speedup),
                                      stored_timing=self.stored_timings)
 
     def objective(self, trial: Trial) -> tuple[float, float]:
