@@ -88,6 +88,10 @@ def test_the_same_work_shares_one_timing_and_other_work_is_timed(model_and_tasks
     assert {name: getattr(same, name) for name in TIMING_FIELDS} == {name: getattr(first, name)
                                                                      for name in TIMING_FIELDS}
     assert same.samples != first.samples or same.config != first.config  # its own accuracy, not the first's
+    everything = ledger.measure(measurer, PruningConfig(method="keep_all", layer=1))
+    assert ledger.measure(measurer, PruningConfig(method="keep_all", layer=3)).latency_reused_from == (
+        f"trial {len(ledger.records) - 2}")  # keeping everything is the same work at any layer
+    assert everything.latency_signature != first.latency_signature
     side = loaded.model.config.vision_config.image_size - 2 * loaded.model.config.vision_config.patch_size
     for other in (PruningConfig(method="random", layer=3, keep_ratio=0.5),
                   PruningConfig(method="random", layer=2, keep_ratio=0.25),

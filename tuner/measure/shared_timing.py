@@ -2,7 +2,8 @@
 
 Two configurations time the same when the latency inputs (processor settings included), the workload, the stack
 (model, device, dtype, attention, library versions) and the pruning's shape are the same: the layer of every stage
-and the vision tokens it keeps in each row. Their prefills then differ only by the selection's own cost, which
+that drops tokens and the vision tokens it keeps in each row (a stage that keeps all it got, `keep_all` at any
+layer, does the unpruned work). Their prefills then differ only by the selection's own cost, which
 is measured separately on one untimed prefill (`probe`) and must agree with the stored one within
 `SELECT_AGREEMENT` of its prefill, or the configuration is timed itself. The signature is a digest of all of it;
 a trial stores its own and, when it reused one, which trial it came from (`latency_reused_from`).
@@ -61,25 +62,30 @@ class Probe:
     kept_single: tuple[tuple[int, ...], ...]
     kept_batch: tuple[tuple[int, ...], ...]
     select_ms: float
+    vision_single: tuple[int, ...] = ()  # the vision tokens of each row before pruning
+    vision_batch: tuple[int, ...] = ()
 
 
 def probe(loaded: LoadedModel, config: PruningConfig, single: BatchFeature, batch: BatchFeature | None) -> Probe:
     """Prefill `config` once on each latency input under its processor settings (no timing), reading its shape."""
     kept: list[tuple[tuple[int, ...], ...]] = []
+    vision: list[tuple[int, ...]] = []
     select_ms = 0.0
     with torch.no_grad(), processor_settings(loaded, config.processor):
         for inputs in (single, batch):
             if inputs is None:
                 kept.append(())
+                vision.append(())
                 continue
             with apply_pruning(loaded.model, config) as handle:
                 loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False)
             request = handle.requests[0]
             kept.append(tuple(tuple(stage) for stage in request.stage_kept_vision))
+            vision.append(tuple(request.n_vision))
             if inputs is single:
                 select_ms = request.select_ms
     layers = (config.layer, *(stage.layer for stage in config.stages))
-    return Probe(layers, kept[0], kept[1], select_ms)
+    return Probe(layers, kept[0], kept[1], select_ms, vision[0], vision[1])
 
 
 def _digest(inputs: BatchFeature | None) -> str | None:
@@ -98,14 +104,21 @@ def latency_signature(loaded: LoadedModel, config: PruningConfig, shape: Probe, 
     """The digest of everything a configuration's timing depends on but its selection (module docstring)."""
     versions = environment()
 
-    def quantised(kept: tuple[tuple[int, ...], ...]) -> list[list[int]]:
-        return [[kept_quantum * round(n / kept_quantum) for n in stage] for stage in kept]
+    def pruning(kept: tuple[tuple[int, ...], ...], vision: tuple[int, ...]) -> list[list]:
+        """[layer, kept per row] of the stages that drop tokens (one keeping all it got does the unpruned work)."""
+        stages, before = [], tuple(vision)
+        for layer, stage in zip(shape.layers, kept):
+            if tuple(stage) != before:
+                stages.append([layer, [kept_quantum * round(n / kept_quantum) for n in stage]])
+            before = tuple(stage)
+        return stages
     described = {"stack": {**loaded.provenance(), "revision": loaded.revision,
                            **{key: versions.get(key) for key in ("torch", "transformers", "cuda", "cpu_threads")}},
                  "workload": {key: value for key, value in dataclasses.asdict(workload).items()
                               if key != "share_timings"}, "inputs": [_digest(single), _digest(batch)],
-                 "processor": config.processor, "layers": list(shape.layers),
-                 "kept": [quantised(shape.kept_single), quantised(shape.kept_batch)], "quantum": kept_quantum}
+                 "processor": config.processor, "quantum": kept_quantum,
+                 "stages": [pruning(shape.kept_single, shape.vision_single),
+                            pruning(shape.kept_batch, shape.vision_batch)]}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
