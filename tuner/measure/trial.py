@@ -164,21 +164,19 @@ class TrialMeasurer:
         marks it infeasible, and its latency is then one round (`latency_stop` "stopped").
         """
         cache_before = self.cache_stats()
-        lat = self.latency  # measured outside the feature cache: it includes the vision tower
         stoppable = self._stoppable(config)
-        timed_early: list[tuple[dict[str, WorkloadResult], SequentialSpeedup | None, dict[str, object]]] = []
+        shared, signature = self._shared_timing(config, stored_timing)  # before: dominance may time it mid-way
+        timed_early: list[dict[str, object]] = []
 
         def beaten_by() -> float | None:  # dominance: latency now, mid-evaluation, then the best faster accuracy
-            timed_early.append(self._time(config, None))
-            measured_now, rule_now, _ = timed_early[0]
-            return best_accuracy(objective_spread(measured_now[BASELINE], measured_now[CANDIDATE], lat.objective,
-                                                  rule_now).high)
+            timed_early.append(shared or self._latency_fields(config, self._time(config, None), signature))
+            return best_accuracy(float(timed_early[0]["speedup_high"]))
         dominance = stoppable and self.early_stopping.dominance and best_accuracy is not None
         check = (StopCheck(self._sizes(), self.early_stopping, accuracy_floor, beaten_by if dominance else None)
                  if stoppable and (accuracy_floor is not None or dominance) else None)
         result = self._evaluate(config, check)
         if timed_early:
-            result.seconds -= float(timed_early[0][2]["latency_seconds"])
+            result.seconds -= float(timed_early[0]["latency_seconds"])
         if config is None:  # the baseline: later floors and pairings need this very evaluation, not a second one
             self.baseline = result
         cache = (self.cache_stats() - cache_before).to_attrs() if self.feature_cache else {}
@@ -187,13 +185,12 @@ class TrialMeasurer:
         stop = {"stopped_early": bound is not None, "stop_reason": result.stopped or None,
                 "accuracy_partial": None if bound is None else result.accuracy, "accuracy_upper_bound": bound,
                 "stop_rule": check.rule if bound is not None else None}
-        if timed_early:  # dominance timed it mid-evaluation: those rounds are its latency
-            latency = self._latency_fields(config, timed_early[0], None)
+        if timed_early or shared:  # dominance timed it mid-evaluation, or a stored trial's timing stands for it
+            latency = timed_early[0] if timed_early else shared
         else:  # a trial stopped below the floor is infeasible whatever its latency: one round, never shared
-            shared, signature = self._shared_timing(config, stored_timing) if bound is None else (None, None)
             to_beat = best_speedup(accuracy) if best_speedup is not None and config is not None else None
-            latency = shared or self._latency_fields(
-                config, self._time(config, to_beat, one_round=bound is not None), signature)
+            latency = self._latency_fields(config, self._time(config, to_beat, one_round=bound is not None),
+                                           signature if bound is None else None)
         scores = result.scores()
         evidence = accuracy_evidence(scores, None if config is None else baseline_scores) if scores else {}
         return TrialRecord(
