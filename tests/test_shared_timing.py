@@ -148,6 +148,8 @@ def test_a_study_stores_whose_timing_a_trial_took_and_storage_sharing_crosses_st
     first = Tuner(parse_space(_space("a", "study"), "a.yaml"), storage, loaded=loaded, tasks=tasks).run(3)
     pruned = [t for t in first.get_trials() if t.params.get("method")]
     assert sorted(t.user_attrs.get("latency_reused_from") is not None for t in pruned) == [False, True]
+    from tuner.search.replay import measured_of
+    assert sorted(measured_of(t).latency_rounds for t in pruned)[0] == 0  # bench-search counts no rounds for it
     second = Tuner(parse_space(_space("b", "storage"), "b.yaml"), storage, loaded=loaded, tasks=tasks).run(3)
     reused = [t.user_attrs.get("latency_reused_from") for t in second.get_trials() if t.params.get("method")]
     assert all(source is not None and source.startswith("study a, trial ") for source in reused), reused

@@ -124,7 +124,8 @@ def measured_of(trial: FrozenTrial) -> Measured:
                     trial_seconds=trial.duration.total_seconds() if trial.duration else 0.0,
                     eval_seconds=float(record.eval_seconds or 0.0), documents=int(record.n_samples or 0),
                     latency_seconds=float(record.latency_seconds or 0.0),
-                    latency_rounds=int(record.prefill_repeats or 0), scores=tuple(stored_scores(record) or ()))
+                    latency_rounds=0 if record.latency_reused_from else int(record.prefill_repeats or 0),
+                    scores=tuple(stored_scores(record) or ()))  # a shared timing ran no rounds of its own
 
 
 def measured_grid(study: optuna.Study) -> MeasuredGrid:
