@@ -143,3 +143,14 @@ def test_eval_runs_every_configuration_under_the_processor_settings(saved_dirs: 
     wrong = CliRunner().invoke(app, [*common, "--method", "keep_all", "--processor", "max_pixels=4096"])
     assert wrong.exit_code == 2 and "processor.max_pixels is not a processor setting of family llava" in " ".join(
         wrong.output.split())
+
+
+def test_settings_that_cannot_go_together_are_refused_before_any_trial(saved_dirs: dict[str, Path]) -> None:
+    """Catches a min_pixels range reaching above a max_pixels range passing the check: every trial drawing such a
+    pair would fail, one by one, instead of the space in one line."""
+    qwen = load_model(str(saved_dirs["qwen2_vl"]), dtype="float32", device="cpu", attn_implementation="sdpa")
+    data = {**_space({"min_pixels": [3136, 40000], "max_pixels": [20000, 80000]}), "methods": ["keep_all"]}
+    with pytest.raises(SpaceError, match="^s.yaml: processor.min_pixels 40000 is above processor.max_pixels 20000"):
+        check_processor_space(parse_space(data, "s.yaml").processor, qwen, "s.yaml")
+    data["processor"] = {"min_pixels": [3136, 10000], "max_pixels": [20000, 80000]}
+    check_processor_space(parse_space(data, "s.yaml").processor, qwen, "s.yaml")

@@ -12,6 +12,7 @@ checked once the model is loaded (`check_processor_space`), where every value is
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -111,11 +112,16 @@ def parse_processor(r: Reader, section: Any) -> ProcessorSpec:
 
 def check_processor_space(spec: ProcessorSpec, loaded: LoadedModel, source: str | None) -> None:
     """Every searched setting is one the model's family has, and the model takes its values (each applied once,
-    at most `_MAX_CHECKED` per setting): a SpaceError naming the first that is not, before any trial."""
-    for name, param in spec.settings.items():
-        for value in param.checked_values():
-            try:
-                with processor_settings(loaded, {name: value}):
-                    pass
-            except ValueError as error:
-                raise SpaceError(f"{source}: {error}") from None
+    at most `_MAX_CHECKED` per setting), also together (every combination of the settings' smallest and largest
+    values: Qwen's min_pixels above a drawn max_pixels): a SpaceError naming the first that is not, before any
+    trial."""
+    names = list(spec.settings)
+    alone = [{name: value} for name in names for value in spec.settings[name].checked_values()]
+    ends = [(min(values), max(values)) for values in (spec.settings[name].checked_values() for name in names)]
+    together = [dict(zip(names, combination)) for combination in itertools.product(*ends)] if len(names) > 1 else []
+    for settings in alone + together:
+        try:
+            with processor_settings(loaded, settings):
+                pass
+        except ValueError as error:
+            raise SpaceError(f"{source}: {error}") from None

@@ -159,8 +159,7 @@ class Tuner:
         """The unpruned baseline is trial 0; DART's paper setting (K=2, 4+4 pivots) follows when in the space."""
         if self.study.trials:
             return
-        # Two workers starting at once may both get here: skip_if_exists narrows the race and objective() prunes
-        # a baseline that another worker already runs, so a study never holds two.
+        # Two workers at once may both get here: skip_if_exists narrows the race, objective() prunes a second baseline.
         self.study.enqueue_trial({}, user_attrs={ROLE_ATTR: BASELINE_ROLE}, skip_if_exists=True)
         for paper in self.space.paper_defaults():
             self.study.enqueue_trial(paper, user_attrs={ROLE_ATTR: PAPER_DEFAULT_ROLE}, skip_if_exists=True)
@@ -202,10 +201,8 @@ class Tuner:
         return self.space.constraints.accuracy_floor(self.baseline_accuracy)
 
     def measure(self, config: PruningConfig | None) -> TrialRecord:
-        """Measure `config` (None: the baseline) with this worker's measurer, under the space's accuracy floor
-        (for early stopping), paired with the baseline's per-sample scores, and against the best stored speed-up at
-        its accuracy (adaptive rounds' dominated stop); with early stopping's dominance, the best stored accuracy at
-        its speed-up or more."""
+        """Measure `config` (None: the baseline) with this worker's measurer, given what the study holds: the
+        accuracy floor, the baseline's scores, the best stored speed-up or accuracy (dominance), stored timings."""
         pruned_and_stoppable = config is not None and self.space.early_stopping is not None
         return self.measurer.measure(config, accuracy_floor=self.accuracy_floor() if pruned_and_stoppable else None,
                                      baseline_scores=None if config is None else self._baseline_scores(),
