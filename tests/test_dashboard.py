@@ -34,7 +34,6 @@ from tuner.results.tables import noise_warning
 pytest.importorskip("streamlit")
 pytest.importorskip("plotly")
 
-from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from tuner import dashboard as dd  # noqa: E402
@@ -169,20 +168,6 @@ def test_no_qualifying_trial_names_the_closest(storage: str, monkeypatch: pytest
 
 
 # -- export ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def downloads(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
-    """What the app's download buttons serve, by file name (AppTest keeps no media files after a run)."""
-    served: dict[str, bytes] = {}
-    original = MemoryMediaFileStorage.load_and_get_id
-
-    def record(self, path_or_data, mimetype, kind, filename=None):  # noqa: ANN001, ANN202
-        served[filename] = path_or_data.encode() if isinstance(path_or_data, str) else path_or_data
-        return original(self, path_or_data, mimetype, kind, filename)
-
-    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
-    return served
 
 
 def test_download_is_the_cli_export_and_loads(storage: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,

@@ -22,7 +22,6 @@ from tuner.results.ports import TARGET_ATTR
 pytest.importorskip("streamlit")
 pytest.importorskip("plotly")
 
-from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from tuner import dashboard as dd  # noqa: E402
@@ -47,19 +46,6 @@ def storage(tmp_path: Path) -> str:
             user_attrs=attrs, constraints={"min_relative_accuracy": dashboard_study.FLOOR - accuracy}))
     assert [t.number for t in study.trials][-2:] == list(PROCESSOR_POINTS)
     return url
-
-
-@pytest.fixture
-def downloads(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
-    served: dict[str, bytes] = {}
-    original = MemoryMediaFileStorage.load_and_get_id
-
-    def record(self, path_or_data, mimetype, kind, filename=None):  # noqa: ANN001, ANN202
-        served[filename] = path_or_data.encode() if isinstance(path_or_data, str) else path_or_data
-        return original(self, path_or_data, mimetype, kind, filename)
-
-    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
-    return served
 
 
 def _app(url: str, monkeypatch: pytest.MonkeyPatch) -> AppTest:
