@@ -32,9 +32,10 @@ from tuner.models.loading import LoadedModel
 from tuner.models.processor_budget import processor_settings
 from tuner.pruning import apply_pruning
 from tuner.results.record import TrialRecord
+from tuner.results.sequential import STOP_MAX, STOP_TOLERANCE
 
 SELECT_AGREEMENT = 0.01  # selection costs within 1% of the stored prefill: the reused timing stands
-REUSABLE_STOPS = (None, "tolerance", "max")  # rounds that ended on their own interval (not "dominated")
+REUSABLE_STOPS = (None, STOP_TOLERANCE, STOP_MAX)  # rounds that ended on their own (None: fixed rounds)
 # The record fields one timing of a configuration gives (the latency, its spread and the cost on the latency
 # inputs); everything else in a record is the configuration's own (accuracy, its evidence, the cache, ...).
 TIMING_FIELDS = (
@@ -122,10 +123,16 @@ def latency_signature(loaded: LoadedModel, config: PruningConfig, shape: Probe, 
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def ended_on_its_own(latency_stop: str | None) -> bool:
+    """Whether a trial's rounds ended on their own interval or count (`REUSABLE_STOPS`), not because its accuracy or
+    another trial decided them: only such a timing stands for another configuration."""
+    return latency_stop in REUSABLE_STOPS
+
+
 def reusable(earlier: TrialRecord, own_select_ms: float) -> bool:
     """Whether a stored timing stands for this configuration: its rounds ended on their own interval, and the two
     selections cost the same within `SELECT_AGREEMENT` of its prefill."""
-    if earlier.prefill_ms is None or earlier.latency_stop not in REUSABLE_STOPS:
+    if earlier.prefill_ms is None or not ended_on_its_own(earlier.latency_stop):
         return False
     earlier_select = earlier.select_ms if earlier.select_ms is not None else 0.0
     return abs(own_select_ms - earlier_select) <= SELECT_AGREEMENT * earlier.prefill_ms

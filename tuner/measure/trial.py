@@ -165,10 +165,16 @@ class TrialMeasurer:
         """
         cache_before = self.cache_stats()
         stoppable = self._stoppable(config)
-        shared, signature = self._shared_timing(config, stored_timing)  # before: dominance may time it mid-way
         timed_early: list[dict[str, object]] = []
+        looked_up: list[tuple[dict[str, object] | None, str | None]] = []
+
+        def shared_timing() -> tuple[dict[str, object] | None, str | None]:  # probed once, and only when timed
+            if not looked_up:
+                looked_up.append(self._shared_timing(config, stored_timing))
+            return looked_up[0]
 
         def beaten_by() -> float | None:  # dominance: latency now, mid-evaluation, then the best faster accuracy
+            shared, signature = shared_timing()
             timed_early.append(shared or self._latency_fields(config, self._time(config, None), signature))
             return best_accuracy(float(timed_early[0]["speedup_high"]))
         dominance = stoppable and self.early_stopping.dominance and best_accuracy is not None
@@ -185,12 +191,14 @@ class TrialMeasurer:
         stop = {"stopped_early": bound is not None, "stop_reason": result.stopped or None,
                 "accuracy_partial": None if bound is None else result.accuracy, "accuracy_upper_bound": bound,
                 "stop_rule": check.rule if bound is not None else None}
-        if timed_early or shared:  # dominance timed it mid-evaluation, or a stored trial's timing stands for it
-            latency = timed_early[0] if timed_early else shared
-        else:  # a trial stopped below the floor is infeasible whatever its latency: one round, never shared
+        if timed_early:  # dominance timed it mid-evaluation: those rounds (or the shared timing) are its latency
+            latency = timed_early[0]
+        elif bound is not None:  # stopped below the floor: infeasible whatever its latency, one round, never shared
+            latency = self._latency_fields(config, self._time(config, None, one_round=True), None)
+        else:
+            shared, signature = shared_timing()
             to_beat = best_speedup(accuracy) if best_speedup is not None and config is not None else None
-            latency = self._latency_fields(config, self._time(config, to_beat, one_round=bound is not None),
-                                           signature if bound is None else None)
+            latency = shared or self._latency_fields(config, self._time(config, to_beat), signature)
         scores = result.scores()
         evidence = accuracy_evidence(scores, None if config is None else baseline_scores) if scores else {}
         return TrialRecord(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.measure.shared_timing import REUSABLE_STOPS
+from tuner.measure.shared_timing import ended_on_its_own
 from tuner.results.record import TrialRecord
 from tuner.results.trials import record_of
 
@@ -16,14 +16,14 @@ REUSED_ATTR = "latency_reused_from"
 
 
 def _measured(trials: list[FrozenTrial]) -> dict[str, FrozenTrial]:
-    """Each signature's first complete trial that timed itself to a reusable end (`REUSABLE_STOPS`; a trial that
+    """Each signature's first complete trial that timed itself to a reusable end (`ended_on_its_own`; a trial that
     reused one points to it anyway)."""
     found: dict[str, FrozenTrial] = {}
     for trial in trials:
         attrs = trial.user_attrs
         signature = attrs.get(SIGNATURE_ATTR)
         if (trial.state == TrialState.COMPLETE and signature and not attrs.get(REUSED_ATTR)
-                and attrs.get("latency_stop") in REUSABLE_STOPS):
+                and ended_on_its_own(attrs.get("latency_stop"))):
             found.setdefault(signature, trial)
     return found
 
