@@ -49,13 +49,11 @@ def study_target(study: optuna.Study) -> str:
 def trial_verdict(study: optuna.Study, trial: FrozenTrial, target: str) -> Verdict:
     """Whether a trial's configuration runs on `target`, part by part (the baseline keeps everything: it ports)."""
     config = record_of(trial).config
-    if check_target(target) == "transformers":  # runs everything, whatever the family
+    if check_target(target) == "transformers":  # runs everything, whatever the family: none needed
         family = str((study.user_attrs.get(PROVENANCE_ATTR) or {}).get("family") or "")
-        return verdict(config, family, target) if config is not None else Verdict(target, family, ())
-    family = study_family(study)
-    if config is None:
-        return Verdict(check_target(target), family, ())
-    return verdict(config, family, target)
+    else:
+        family = study_family(study)
+    return verdict(config, family, target) if config is not None else Verdict(target, family, ())
 
 
 def portable_trials(study: optuna.Study, target: str) -> list[FrozenTrial]:
