@@ -9,7 +9,7 @@ from optuna.distributions import CategoricalDistribution
 
 from tuner import PruningConfig
 from tuner.evaluation.runner import Evaluator, SampleResult
-from tuner.measure.early_stop import Progress, best_reachable_accuracy, progress_of, stop_reason
+from tuner.measure.early_stop import EarlyStopping, Progress, StopCheck, best_reachable_accuracy, progress_of
 from tuner.results import pareto_trials
 from tuner.results.export import NoTrialQualifies, Rule, candidates, choose_trial
 
@@ -25,8 +25,9 @@ def test_bound_is_exact_arithmetic() -> None:
     progress = [Progress(score_sum=3, n_scored=4, size=10), Progress(score_sum=0, n_scored=0, size=5)]
     assert best_reachable_accuracy(progress) == pytest.approx(((3 + 6) / 10 + 1.0) / 2)
     assert progress_of({"a": [1.0, 0.0]}, {"a": 4, "b": 2}) == [Progress(1.0, 2, 4), Progress(0.0, 0, 2)]
-    assert stop_reason(progress, None) is None
-    assert stop_reason([Progress(12, 20, 20)], FLOOR) is None  # a finished trial exactly at the floor is feasible
+    assert StopCheck({"a": 10, "b": 5}, EarlyStopping(5), None)({"a": [1.0, 1.0, 1.0, 0.0]}) is None
+    finished = {"t": [1.0] * 12 + [0.0] * 8}  # a finished trial exactly at the floor is feasible
+    assert StopCheck({"t": 20}, EarlyStopping(5), FLOOR)(finished) is None
 
 
 class _Task:
@@ -56,13 +57,13 @@ def test_chunks_stop_at_the_first_chunk_the_bound_allows_and_not_before() -> Non
     """Catches a rule that stops at the floor itself (chunk 2), one that waits for the end, or one that scores a
     chunk more than needed."""
     evaluator, calls = _evaluator(CHUNKS)
-    metrics, samples, stopped = evaluator._score_in_chunks(5, lambda s: stop_reason(progress_of(s, {"t": 20}), FLOOR))
+    metrics, samples, stopped = evaluator._score_in_chunks(5, StopCheck({"t": 20}, EarlyStopping(5), FLOOR))
     assert calls == [(0, 5), (5, 5), (10, 5)]
     assert len(samples) == 15 and stopped.startswith("stopped after 15 of 20 documents")
     assert "at most 0.350" in stopped and "floor 0.600" in stopped
     assert metrics["t"]["exact_match"] == pytest.approx(2 / 15)  # document-weighted over the scored chunks
     evaluator, calls = _evaluator(CHUNKS)
-    _, samples, stopped = evaluator._score_in_chunks(5, lambda s: stop_reason(progress_of(s, {"t": 20}), 0.35))
+    _, samples, stopped = evaluator._score_in_chunks(5, StopCheck({"t": 20}, EarlyStopping(5), 0.35))
     assert stopped is None and len(calls) == 4 and len(samples) == 20  # a floor it can still reach: never stopped
 
 
@@ -71,7 +72,7 @@ def test_a_trial_that_misses_the_floor_only_in_its_last_chunk_is_complete_not_st
     trial), so it must not be stored as stopped with a bound."""
     chunks = [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 0, 1, 0, 0]]  # 11 of 20 < 12 only at the end
     evaluator, calls = _evaluator(chunks)
-    _, samples, stopped = evaluator._score_in_chunks(5, lambda s: stop_reason(progress_of(s, {"t": 20}), FLOOR))
+    _, samples, stopped = evaluator._score_in_chunks(5, StopCheck({"t": 20}, EarlyStopping(5), FLOOR))
     assert stopped is None and len(calls) == 4 and len(samples) == 20
 
 

@@ -37,20 +37,6 @@ def best_reachable_accuracy(progress: Sequence[Progress], max_score: float = 1.0
     return sum((p.score_sum + (p.size - p.n_scored) * max_score) / p.size for p in progress) / len(progress)
 
 
-def stop_reason(progress: Sequence[Progress], floor: float | None, max_score: float = 1.0) -> str | None:
-    """Why the trial cannot meet `floor` whatever the remaining documents score, or None while it still can (or
-    when there is no floor)."""
-    if floor is None:
-        return None
-    best = best_reachable_accuracy(progress, max_score)
-    if best >= floor:
-        return None
-    scored = sum(p.n_scored for p in progress)
-    total = sum(p.size for p in progress)
-    return (f"stopped after {scored} of {total} documents: even a perfect score on the other {total - scored} "
-            f"reaches at most {best:.3f}, below the accuracy floor {floor:.3f}")
-
-
 def progress_of(scores: Mapping[str, Sequence[float]], sizes: Mapping[str, int]) -> list[Progress]:
     """Per-task progress from the scores seen so far (tasks not started yet count as unscored)."""
     return [Progress(float(sum(scores.get(task, ()))), len(scores.get(task, ())), size)
