@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -95,8 +96,7 @@ class PruningHandle:
         self._decode_kept: list[torch.Tensor | None] = []  # per stage: its kept 2D mask [B, P], None if unpruned
         self._plan: ForwardPlan | None = None
         self._vision: VisionAttentionCapture | None = None  # the vision tower's attention, for the first stage
-        self._hooks: list[Any] = []
-        self._on_remove: list[Callable[[], None]] = []
+        self._hooks: list[Any] = []  # everything with a remove(): torch hook handles, undos (`on_remove`)
         self._attach()
 
     @property
@@ -156,15 +156,13 @@ class PruningHandle:
 
     def on_remove(self, undo: Callable[[], None]) -> None:
         """Call `undo` when the hooks are removed (the processor settings applied with them)."""
-        self._on_remove.append(undo)
+        self._hooks.append(SimpleNamespace(remove=undo))
 
     def remove(self) -> None:
         """Remove every hook and restore the captured attention modules; safe to call twice."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        while self._on_remove:
-            self._on_remove.pop()()
         if self._generate_calls is not None:
             self._generate_calls.remove()
             self._generate_calls = None
