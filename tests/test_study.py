@@ -236,8 +236,8 @@ def _worker(space: Path, storage: str, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def _running_trial(storage: str, study: str, deadline: float) -> int:
-    while time.monotonic() < deadline:
+def _running_trial(storage: str, study: str, deadline: float, worker: subprocess.Popen | None = None) -> int:
+    while time.monotonic() < deadline and (worker is None or worker.poll() is None):
         try:
             trials = optuna.load_study(study_name=study, storage=storage).get_trials(states=(TrialState.RUNNING,))
         except KeyError:  # the worker has not created the study yet
@@ -245,7 +245,8 @@ def _running_trial(storage: str, study: str, deadline: float) -> int:
         if trials:
             return trials[0].number
         time.sleep(0.2)
-    raise AssertionError("no trial started within the deadline")
+    ended = "" if worker is None or worker.poll() is None else f" (the worker exited {worker.returncode})"
+    raise AssertionError(f"no trial started within the deadline{ended}")
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -254,8 +255,11 @@ def test_a_killed_worker_s_trial_is_failed_and_retried(saved_dirs, model_and_tas
     next worker, keeping its role (a killed baseline is retried as the baseline)."""
     storage = f"sqlite:///{tmp_path / 's.db'}"
     worker = _worker(_write_space(tmp_path, saved_dirs["llava"]), storage, "--heartbeat-interval", "1")
-    try:
-        killed = _running_trial(storage, "tiny", time.monotonic() + 120)
+    try:  # a cold start imports torch, transformers and lmms-eval: on a busy 2-core runner that can take minutes
+        killed = _running_trial(storage, "tiny", time.monotonic() + 300, worker)
+    except AssertionError as error:  # say what the worker printed, so a failure here can be told apart
+        worker.kill()
+        raise AssertionError(f"{error}; the worker printed: {worker.communicate()[0][-2000:]}") from None
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
