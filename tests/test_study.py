@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -236,13 +237,21 @@ def _worker(space: Path, storage: str, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
+def _has_heartbeat(storage: str, trial_id: int) -> bool:
+    """Whether the worker's heartbeat thread has recorded the trial yet: a trial killed before its first heartbeat
+    is never found stale (Optuna only fails trials whose heartbeats stopped)."""
+    with sqlite3.connect(storage.removeprefix("sqlite:///")) as connection:
+        return connection.execute("SELECT 1 FROM trial_heartbeats WHERE trial_id = ?", (trial_id,)).fetchone() \
+            is not None
+
+
 def _running_trial(storage: str, study: str, deadline: float, worker: subprocess.Popen | None = None) -> int:
     while time.monotonic() < deadline and (worker is None or worker.poll() is None):
         try:
             trials = optuna.load_study(study_name=study, storage=storage).get_trials(states=(TrialState.RUNNING,))
         except KeyError:  # the worker has not created the study yet
             trials = []
-        if trials:
+        if trials and (worker is None or _has_heartbeat(storage, trials[0]._trial_id)):
             return trials[0].number
         time.sleep(0.2)
     ended = "" if worker is None or worker.poll() is None else f" (the worker exited {worker.returncode})"
